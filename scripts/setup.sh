@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything vhostorch and its tests need on Debian 12, as root. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config iproute2
+  busybox-static cpio kmod strace python3 python3-venv python3-dev gcc
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+stamp=.venv/.installed
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+# Reinstall only when the project's declared dependencies change.
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  echo "setup: installing vhostorch into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+# Byte-compile: start-up time is part of every hook run, and some environments
+# forbid Python to write .pyc files itself.
+.venv/bin/python -m compileall -q vhostorch >/dev/null

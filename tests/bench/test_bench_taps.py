@@ -1,0 +1,155 @@
+"""Tap provisioning speed, each figure a ratio against iproute2 doing the same work in the same run.
+
+Run alone with `.venv/bin/pytest -m bench -s`. The asserted bounds are looser
+than the targets so that a loaded CI machine does not fail them by noise; the
+printed ratios are what the README reports.
+"""
+
+from __future__ import annotations
+
+import compileall
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests import kernel
+from vhostorch import taps
+from vhostorch.model import TapSpec
+
+pytestmark = [pytest.mark.bench, pytest.mark.kernel]
+
+COUNT = 1000
+
+
+def _timed(work: object) -> float:
+    start = time.perf_counter()
+    work()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def _ip_batch(ns: str, lines: list[str]) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".ip", delete=False) as batch:
+        batch.write("\n".join(lines) + "\n")
+    try:
+        return _timed(lambda: kernel.run("ip", "-n", ns, "-batch", batch.name))
+    finally:
+        os.unlink(batch.name)
+
+
+def _create_both(names: list[str]) -> tuple[float, float, str, str]:
+    """Create and attach ``names`` with ip -batch in one namespace and vhostorch in another."""
+    ns_ip = kernel.unique("vho-b-")
+    ns_vho = kernel.unique("vho-b-")
+    for ns in (ns_ip, ns_vho):
+        kernel.run("ip", "netns", "add", ns)
+        kernel.run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
+    ip_create = _ip_batch(
+        ns_ip,
+        [f"tuntap add dev {n} mode tap vnet_hdr" for n in names]
+        + [f"link set {n} master br0 up" for n in names],
+    )
+    specs = [TapSpec(n, bridge="br0", netns=ns_vho) for n in names]
+    vho_create = _timed(lambda: taps.ensure(specs))
+    for ns in (ns_ip, ns_vho):
+        got = kernel.links(ns)
+        assert len(got) == COUNT + 2
+        assert all(got[n].get("master") == "br0" and "UP" in got[n]["flags"] for n in names)
+    return ip_create, vho_create, ns_ip, ns_vho
+
+
+def test_bench_1000_taps_on_a_bridge() -> None:
+    """Create is measured three times (best of each); delete, ~17 s a side, once."""
+    names = [f"b{i}" for i in range(COUNT)]
+    ip_creates, vho_creates = [], []
+    ip_create, vho_create, ns_ip, ns_vho = _create_both(names)
+    try:
+        ip_delete = _ip_batch(ns_ip, [f"link del {n}" for n in names])
+        vho_delete = _timed(lambda: taps.delete(names, netns=ns_vho))
+        assert set(kernel.links(ns_vho)) == set(kernel.links(ns_ip)) == {"lo", "br0"}
+    finally:
+        kernel.run("ip", "netns", "del", ns_ip, check=False)
+        kernel.run("ip", "netns", "del", ns_vho, check=False)
+    ip_creates.append(ip_create)
+    vho_creates.append(vho_create)
+    for _ in range(2):
+        ip_create, vho_create, ns_ip, ns_vho = _create_both(names)
+        # Deleting a namespace unregisters its links in one batch: a quick teardown.
+        kernel.run("ip", "netns", "del", ns_ip, check=False)
+        kernel.run("ip", "netns", "del", ns_vho, check=False)
+        ip_creates.append(ip_create)
+        vho_creates.append(vho_create)
+
+    create_ratio = min(vho_creates) / min(ip_creates)
+    delete_ratio = vho_delete / ip_delete
+    print(
+        f"\nbench 1000 taps create+attach: vhostorch {min(vho_creates):.3f} s, ip -batch "
+        f"{min(ip_creates):.3f} s (best of 3), ratio {create_ratio:.2f}x (target 1.5x)"
+    )
+    print(
+        f"bench 1000 taps delete: vhostorch {vho_delete:.2f} s, ip -batch "
+        f"{ip_delete:.2f} s, ratio {delete_ratio:.2f}x (target 1.1x)"
+    )
+    assert create_ratio < 2.5
+    assert delete_ratio < 1.5
+
+
+SHELL = """#!/bin/sh
+set -e
+for t in v0 v1 v2 v3; do
+  ip -n "$1" tuntap add dev $t mode tap vnet_hdr multi_queue user 0
+  ip -n "$1" link set $t master br0 up
+done
+"""
+
+
+def test_bench_one_vm_of_4_taps_as_a_fresh_process() -> None:
+    """What a libvirt hook pays on every VM start: process start, imports and the work."""
+    exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+    # As installed: byte-compiled (this environment may forbid writing .pyc files).
+    compileall.compile_dir(os.path.dirname(taps.__file__), quiet=1)
+    runs = 15
+    with kernel.namespace() as ns, tempfile.NamedTemporaryFile("w", suffix=".sh") as script:
+        script.write(SHELL)
+        script.flush()
+        kernel.run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
+        names = ["v0", "v1", "v2", "v3"]
+        shell, vho = [], []
+        for _ in range(runs):
+            shell.append(_timed(lambda: subprocess.run(["sh", script.name, ns], check=True)))
+            taps.delete(names, netns=ns, force=True)
+            vho.append(
+                _timed(
+                    lambda: subprocess.run(
+                        [
+                            exe,
+                            "tap",
+                            "create",
+                            *names,
+                            "--queues",
+                            "4",
+                            "--owner",
+                            "0",
+                            "--bridge",
+                            "br0",
+                            "--netns",
+                            ns,
+                        ],
+                        check=True,
+                        stdout=subprocess.DEVNULL,
+                    )
+                )
+            )
+            assert all(kernel.link(ns, n)["master"] == "br0" for n in names)
+            taps.delete(names, netns=ns)
+    ratio = statistics.median(vho) / statistics.median(shell)
+    vho_ms, shell_ms = statistics.median(vho) * 1000, statistics.median(shell) * 1000
+    print(
+        f"\nbench one VM, 4 multi-queue taps, fresh process: vhostorch {vho_ms:.1f} ms, "
+        f"ip script {shell_ms:.1f} ms (medians of {runs}), ratio {ratio:.2f}x (target 2x)"
+    )
+    assert ratio < 3

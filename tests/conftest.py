@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests import kernel
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    """A throwaway network namespace; tests that use it need root, as CI has."""
+    if os.geteuid() != 0:
+        pytest.fail("kernel tests need root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to make namespaces")
+    with kernel.namespace() as name:
+        yield name
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[str]:
+    """qemu:///system served by a libvirtd (started here if none runs, and then stopped)."""
+    from tests import daemons
+
+    started = daemons.start()
+    try:
+        yield "qemu:///system"
+    finally:
+        daemons.stop(started)

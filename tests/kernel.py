@@ -1,0 +1,132 @@
+"""Test-side tools that look at the kernel with something other than vhostorch's own code.
+
+Links are read back with iproute2 (`ip -j -d link`) and sysfs; taps are opened
+the way QEMU opens them by a separate process that issues TUNSETIFF itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_PERSIST = 0x0800
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
+# A QEMU stand-in: open /dev/net/tun once per queue as net/tap-linux.c does
+# (IFF_TAP|IFF_NO_PI, IFF_VNET_HDR when it can, IFF_MULTI_QUEUE when queues > 1),
+# report "ok" or the errno of the first failure, and hold the fds until stdin closes.
+_OPENER = r"""
+import fcntl, os, struct, sys
+name, queues, vnet = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+flags = 0x0002 | 0x1000 | (0x4000 if vnet else 0) | (0x0100 if queues > 1 else 0)
+fds = []
+try:
+    for _ in range(queues):
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        fds.append(fd)
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", name.encode(), flags))
+except OSError as err:
+    print(f"errno {err.errno}", flush=True)
+    sys.exit(1)
+print("ok", flush=True)
+sys.stdin.read()
+"""
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+@contextmanager
+def namespace() -> Iterator[str]:
+    """A fresh network namespace with a unique name, always deleted."""
+    name = unique("vho-t-")
+    run("ip", "netns", "add", name)
+    try:
+        yield name
+    finally:
+        run("ip", "netns", "del", name, check=False)
+
+
+def links(ns: str) -> dict[str, dict[str, Any]]:
+    out = run("ip", "-n", ns, "-j", "-d", "link", "show").stdout
+    return {link["ifname"]: link for link in json.loads(out)}
+
+
+def link(ns: str, name: str) -> dict[str, Any]:
+    found = links(ns)
+    assert name in found, f"{name} not in namespace {ns}: {sorted(found)}"
+    return found[name]
+
+
+def sysfs(ns: str, dev: str, attr: str) -> str:
+    return run("ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/{attr}").stdout.strip()
+
+
+def tun_flags(ns: str, dev: str) -> int:
+    return int(sysfs(ns, dev, "tun_flags"), 16)
+
+
+class Opener:
+    """A process in ``ns`` holding ``queues`` queues of tap ``name`` open, QEMU's way."""
+
+    def __init__(self, ns: str, name: str, queues: int, vnet_hdr: bool = True) -> None:
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-c",
+            _OPENER,
+            name,
+            str(queues),
+            "1" if vnet_hdr else "0",
+        ]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.answer = self.proc.stdout.readline().strip()
+
+    @property
+    def ok(self) -> bool:
+        return self.answer == "ok"
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # our own child, by its pid
+            self.proc.wait()
+
+    def __enter__(self) -> Opener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def qemu_can_open(ns: str, name: str, queues: int, vnet_hdr: bool = True) -> str:
+    """'ok', or 'errno N' for the first queue the kernel refused."""
+    with Opener(ns, name, queues, vnet_hdr) as opener:
+        return opener.answer
+
+
+def vhostorch(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the installed command line as a user would."""
+    exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+    return subprocess.run([exe, *args], capture_output=True, text=True, check=check)

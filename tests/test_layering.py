@@ -1,0 +1,48 @@
+"""The package's shape: one-way dependencies, and a start-up path free of slow imports."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
+# Each module may import only modules listed before it (and the stdlib).
+ORDER = ["errors", "record", "model", "argv", "rtnl", "tun", "netns", "taps", "cli", "__main__"]
+THIRD_PARTY = {"pyroute2", "libvirt", "qemu"}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "vhostorch":
+                found |= {f"vhostorch.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_dependencies_point_one_way() -> None:
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules <= set(ORDER), f"place new modules in ORDER: {modules - set(ORDER)}"
+    for name in modules:
+        allowed = set(ORDER[: ORDER.index(name)])
+        for imported in _imports(PACKAGE / f"{name}.py"):
+            top, _, rest = imported.partition(".")
+            if top == "vhostorch" and rest:
+                assert rest.split(".")[0] in allowed, f"{name} imports {imported}"
+            assert top not in THIRD_PARTY, f"{name} imports {imported}"
+
+
+def test_provisioning_path_imports_nothing_slow() -> None:
+    """What the hook and `tap create` load: no dataclasses/typing/socket/inspect/pyroute2."""
+    code = (
+        "import sys, vhostorch.cli, vhostorch.taps;"
+        "print(' '.join(sorted(m for m in ('dataclasses', 'typing', 'socket', 'inspect',"
+        " 'pyroute2', 'contextlib', 'json', 'argparse', 're') if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -1,0 +1,3 @@
+from vhostorch.cli import main
+
+raise SystemExit(main())

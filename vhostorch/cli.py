@@ -1,0 +1,231 @@
+"""The `vhostorch` command: argument parsing and output only; the work is in the library.
+
+Start-up cost matters (a libvirt hook runs this on every VM start), so modules
+are imported inside the command that needs them, and parsing is vhostorch.argv.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vhostorch.argv import (
+    APPEND,
+    FLAG,
+    INT,
+    NEGATE,
+    VALUE,
+    Command,
+    HelpRequested,
+    Option,
+    Parsed,
+    parse,
+)
+from vhostorch.errors import EXIT_FAILED, EXIT_OK, InvalidSpec, VhostorchError
+from vhostorch.record import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+EXIT_CODES = """exit codes:
+  0  done, or nothing to do
+  1  the operation failed (the host refused it, or its state forbids it)
+  2  bad usage or invalid input (nothing was touched)"""
+
+
+NETNS = Option("--netns", VALUE, "named network namespace (as in `ip netns`)")
+JSON = Option("--json", FLAG, "print JSON")
+COMMANDS = (
+    Command(
+        ("tap", "create"),
+        "create or update taps (idempotent; all or nothing)",
+        "NAME",
+        "+",
+        (
+            Option("--queues", INT, "queue pairs QEMU will open (default 1)"),
+            Option("--no-vnet-hdr", NEGATE, "create the tap without IFF_VNET_HDR", "vnet_hdr"),
+            Option("--owner", VALUE, "user (name or uid) allowed to open it, e.g. libvirt-qemu"),
+            Option("--group", VALUE, "group (name or gid) allowed to open it"),
+            Option("--mtu", INT, "MTU of the tap"),
+            Option("--mac", VALUE, "MAC address of the tap itself (the host side)"),
+            Option("--bridge", VALUE, "bridge to attach to; it must exist unless --create-bridge"),
+            Option("--create-bridge", FLAG, "create the bridge if it is missing"),
+            Option("--down", NEGATE, "leave the tap down", "up"),
+            Option(
+                "--recreate",
+                FLAG,
+                "recreate a tap vhostorch made whose queue mode differs (never one held open)",
+            ),
+            NETNS,
+            JSON,
+        ),
+        EXIT_CODES,
+    ),
+    Command(
+        ("tap", "delete"),
+        "delete taps vhostorch created",
+        "NAME",
+        "+",
+        (
+            Option(
+                "--bridge", APPEND, "also delete this bridge if vhostorch made it and it is empty"
+            ),
+            Option(
+                "--force", FLAG, "delete taps vhostorch did not create too (never one held open)"
+            ),
+            NETNS,
+            JSON,
+        ),
+        EXIT_CODES,
+    ),
+    Command(("tap", "show"), "show one tap, or every tap", "NAME", "?", (NETNS, JSON), EXIT_CODES),
+)
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    if as_json:
+        import json
+
+        print(json.dumps(data, indent=2))
+    elif text:
+        print(text)
+
+
+def _results_text(results: Sequence[Any]) -> str:
+    lines = []
+    for r in results:
+        detail = f" ({', '.join(r.changes)})" if r.changes else ""
+        lines.append(f"{r.name}: {r.action}{detail}")
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _cmd_tap(args: Parsed) -> int:
+    from vhostorch import taps
+    from vhostorch.model import TapSpec
+
+    verb = args.command.path[1]
+    names = args.texts("NAME")
+    netns = args.text("netns")
+    if verb == "create":
+        mac = args.text("mac")
+        if mac and len(names) > 1:
+            raise InvalidSpec("--mac names one address, so give one tap with it")
+        queues = args.number("queues")
+        specs = [
+            TapSpec(
+                name,
+                queues=1 if queues is None else queues,
+                vnet_hdr=args.flag("vnet_hdr"),
+                owner=args.text("owner"),
+                group=args.text("group"),
+                mtu=args.number("mtu"),
+                mac=mac,
+                bridge=args.text("bridge"),
+                netns=netns,
+                up=args.flag("up"),
+                create_bridge=args.flag("create_bridge"),
+            )
+            for name in names
+        ]
+        results = taps.ensure(specs, recreate=args.flag("recreate"))
+        _emit(
+            {"ok": True, "taps": [r.asdict() for r in results]},
+            args.flag("json"),
+            _results_text(results),
+        )
+    elif verb == "delete":
+        results = taps.delete(
+            names, netns=netns, bridges=args.texts("bridge"), force=args.flag("force")
+        )
+        _emit(
+            {"ok": True, "taps": [r.asdict() for r in results]},
+            args.flag("json"),
+            _results_text(results),
+        )
+    else:
+        states = taps.show(names[0] if names else None, netns=netns)
+        rows = [
+            [
+                "NAME",
+                "QUEUES",
+                "VNET_HDR",
+                "OWNER",
+                "GROUP",
+                "MTU",
+                "MAC",
+                "BRIDGE",
+                "STATE",
+                "ATTACHED",
+                "MANAGED",
+            ]
+        ]
+        for s in states:
+            state = ("up" if s.up else "down") + ("" if s.carrier else ",no-carrier")
+            rows.append(
+                [
+                    s.name,
+                    s.queue_mode,
+                    "on" if s.vnet_hdr else "off",
+                    "-" if s.owner is None else str(s.owner),
+                    "-" if s.group is None else str(s.group),
+                    str(s.mtu),
+                    s.mac or "-",
+                    s.bridge or "-",
+                    state,
+                    str(s.attached_queues),
+                    "yes" if s.managed else "no",
+                ]
+            )
+        _emit(
+            {"ok": True, "taps": [s.asdict() for s in states]},
+            args.flag("json"),
+            _table(rows) if states else "no taps",
+        )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return its exit code (errors go to stderr as one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    try:
+        return _cmd_tap(parse(COMMANDS, argv, EXIT_CODES))
+    except HelpRequested as text:
+        print(text)
+        return EXIT_OK
+    except VhostorchError as err:
+        return _fail(str(err), err.exit_code, as_json)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, as_json)
+    except Exception as err:
+        if os.environ.get("VHOSTORCH_DEBUG"):
+            raise
+        return _fail(
+            f"internal error: {type(err).__name__}: {err} (VHOSTORCH_DEBUG=1 shows the traceback)",
+            EXIT_FAILED,
+            as_json,
+        )
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    line = " ".join(message.split())
+    print(f"vhostorch: error: {line}", file=sys.stderr)
+    if as_json:
+        import json
+
+        print(json.dumps({"ok": False, "error": line, "exit_code": code}))
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+__all__ = ["COMMANDS", "main"]

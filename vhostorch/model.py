@@ -1,0 +1,200 @@
+"""What the user asks for: frozen specs, validated when they are made (stdlib only).
+
+A field left as ``None`` is not managed: vhostorch neither sets nor resets it, so
+`ensure` never undoes what an operator configured by hand and did not ask about.
+"""
+
+from __future__ import annotations
+
+from vhostorch.errors import InvalidSpec
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+IFNAMSIZ = 16  # kernel buffer size, NUL included
+MAX_TAP_QUEUES = 256  # drivers/net/tun.c
+MIN_MTU = 68  # tun's min_mtu (ETH_MIN_MTU)
+MAX_MTU = 65521  # a tap's max_mtu: 65535 less its 14-byte Ethernet header
+MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no owner" to tun, so it is not a valid id
+_HEX = frozenset("0123456789abcdefABCDEF")
+_NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_NAME_REST = _NAME_START | frozenset("0123456789.-")
+
+
+def check_ifname(name: object, what: str = "interface name") -> str:
+    """Return ``name`` if the kernel's dev_valid_name() would accept it, else raise InvalidSpec.
+
+    '%' is refused too: TUNSETIFF treats a name with '%d' as a template and
+    would create some other device (tap0, tap1, ...) than the one asked for.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidSpec(f"{what} must be a non-empty string")
+    size = len(name.encode())
+    if size >= IFNAMSIZ:
+        raise InvalidSpec(f"{what} {name!r} is {size} bytes long; the kernel allows at most 15")
+    if name in (".", ".."):
+        raise InvalidSpec(f"{what} {name!r} is not allowed")
+    for ch in name:
+        if ch in "/:%" or ch.isspace() or not ch.isprintable():
+            raise InvalidSpec(f"{what} {name!r} contains {ch!r}, which is not allowed")
+    return name
+
+
+def check_netns(name: object) -> str:
+    """Return a valid named-namespace name (a file name under /run/netns)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidSpec("network namespace name must be a non-empty string")
+    if name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > 255:
+        raise InvalidSpec(f"network namespace name {name!r} is not a valid file name")
+    return name
+
+
+def parse_mac(value: object) -> str:
+    """Normalise a unicast MAC address to lower-case colon form."""
+    parts: list[str] = []
+    if isinstance(value, str) and len(value) == 17:
+        sep = value[2]
+        parts = value.split(sep) if sep in ":-" else []
+    if len(parts) != 6 or not all(len(p) == 2 and set(p) <= _HEX for p in parts):
+        raise InvalidSpec(f"MAC address {value!r} is not six hex octets separated by ':' or '-'")
+    octets = [int(part, 16) for part in parts]
+    if octets[0] & 1:
+        raise InvalidSpec(f"MAC address {value!r} is a multicast address; a NIC needs unicast")
+    if not any(octets):
+        raise InvalidSpec(f"MAC address {value!r} is all zeros")
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def parse_account(value: object, what: str) -> str | int | None:
+    """An owner or group: ``None``, a numeric id, or a user/group name."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidSpec(f"{what} must be a name or a numeric id, not {value!r}")
+    if isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdigit()):
+        number = int(value)
+        if not 0 <= number <= MAX_ID:
+            raise InvalidSpec(f"{what} id {number} is out of range 0..{MAX_ID}")
+        return number
+    if isinstance(value, str) and _valid_account(value):
+        return value
+    raise InvalidSpec(f"{what} {value!r} is neither a numeric id nor a valid name")
+
+
+def _valid_account(name: str) -> bool:
+    """The portable user/group name form useradd accepts (with Samba's trailing '$')."""
+    core = name[:-1] if name.endswith("$") else name
+    return (
+        0 < len(core) <= 32 and core[0] in _NAME_START and all(ch in _NAME_REST for ch in core[1:])
+    )
+
+
+def _check_int(value: object, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSpec(f"{what} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise InvalidSpec(f"{what} {value} is out of range {low}..{high}")
+    return value
+
+
+class TapSpec(Record):
+    """One tap device as QEMU will open it.
+
+    ``queues`` is how many times QEMU opens the tap; the kernel needs
+    IFF_MULTI_QUEUE on the device exactly when that is more than one.
+    ``create_bridge`` says the bridge may be created when it is missing.
+    """
+
+    __slots__ = (
+        "name",
+        "queues",
+        "vnet_hdr",
+        "owner",
+        "group",
+        "mtu",
+        "mac",
+        "bridge",
+        "netns",
+        "up",
+        "create_bridge",
+    )
+    name: str
+    queues: int
+    vnet_hdr: bool
+    owner: str | int | None
+    group: str | int | None
+    mtu: int | None
+    mac: str | None
+    bridge: str | None
+    netns: str | None
+    up: bool
+    create_bridge: bool
+
+    def __init__(
+        self,
+        name: str,
+        queues: int = 1,
+        vnet_hdr: bool = True,
+        owner: str | int | None = None,
+        group: str | int | None = None,
+        mtu: int | None = None,
+        mac: str | None = None,
+        bridge: str | None = None,
+        netns: str | None = None,
+        up: bool = True,
+        create_bridge: bool = False,
+    ) -> None:
+        check_ifname(name, "tap name")
+        _check_int(queues, "queues", 1, MAX_TAP_QUEUES)
+        for flag in (vnet_hdr, up, create_bridge):
+            if not isinstance(flag, bool):
+                raise InvalidSpec(f"tap {name}: vnet_hdr, up and create_bridge are true or false")
+        if mtu is not None:
+            _check_int(mtu, "MTU", MIN_MTU, MAX_MTU)
+        if bridge is not None:
+            check_ifname(bridge, "bridge name")
+            if bridge == name:
+                raise InvalidSpec(f"tap {name!r} cannot be its own bridge")
+        elif create_bridge:
+            raise InvalidSpec(f"tap {name}: creating a bridge needs a bridge name")
+        if netns is not None:
+            check_netns(netns)
+        self._init(
+            name=name,
+            queues=queues,
+            vnet_hdr=vnet_hdr,
+            owner=parse_account(owner, "owner"),
+            group=parse_account(group, "group"),
+            mtu=mtu,
+            mac=None if mac is None else parse_mac(mac),
+            bridge=bridge,
+            netns=netns,
+            up=up,
+            create_bridge=create_bridge,
+        )
+
+    @property
+    def multi_queue(self) -> bool:
+        return self.queues > 1
+
+
+def check_batch(specs: Sequence[TapSpec]) -> str | None:
+    """Validate the taps of one VM together; return their common namespace.
+
+    One batch lives in one namespace because QEMU opens all its taps from its own.
+    """
+    if not specs:
+        raise InvalidSpec("no tap given")
+    names: set[str] = set()
+    for spec in specs:
+        if spec.name in names:
+            raise InvalidSpec(f"tap {spec.name!r} is given more than once")
+        names.add(spec.name)
+    spaces = {s.netns for s in specs}
+    if len(spaces) > 1:
+        raise InvalidSpec("the taps of one batch must all be in the same network namespace")
+    clash = {s.bridge for s in specs if s.bridge} & names
+    if clash:
+        raise InvalidSpec(f"{sorted(clash)[0]!r} is named both as a tap and as a bridge")
+    return specs[0].netns

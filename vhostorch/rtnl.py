@@ -1,0 +1,398 @@
+"""Link-level rtnetlink: read, change, create and delete links in the caller's namespace.
+
+A small typed codec over a raw NETLINK_ROUTE socket (stdlib only). It exists
+because provisioning runs in a fresh process on every VM start, where importing
+a general netlink library costs more than the whole job (README, "Design").
+Every call is one request and one acknowledgement; nothing is looked up twice.
+"""
+
+from __future__ import annotations
+
+import _socket  # not `socket`: its enum set-up costs ~14 ms at import
+import errno as errno_mod
+import os
+import struct
+
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from types import TracebackType
+
+# linux/netlink.h
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLM_F_DUMP = 0x300
+NLM_F_CAPPED = 0x100
+NLM_F_ACK_TLVS = 0x200
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+NLMSGERR_ATTR_MSG = 1
+SOL_NETLINK = 270
+# linux/rtnetlink.h, linux/if_link.h
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_GETLINK = 18
+IFLA_ADDRESS = 1
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_MASTER = 10
+IFLA_LINKINFO = 18
+IFLA_IFALIAS = 20
+IFLA_EXT_MASK = 29
+IFLA_CARRIER = 33
+IFLA_INFO_KIND = 1
+IFLA_INFO_DATA = 2
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+IFLA_TUN_OWNER = 1
+IFLA_TUN_GROUP = 2
+IFLA_TUN_TYPE = 3
+IFLA_TUN_PI = 4
+IFLA_TUN_VNET_HDR = 5
+IFLA_TUN_PERSIST = 6
+IFLA_TUN_MULTI_QUEUE = 7
+IFLA_TUN_NUM_QUEUES = 8
+IFLA_TUN_NUM_DISABLED_QUEUES = 9
+IFF_UP = 0x1
+AF_UNSPEC = 0
+TUN_TYPE_TUN = 1  # IFF_TUN as reported in IFLA_TUN_TYPE
+TUN_TYPE_TAP = 2
+NO_ID = 0xFFFFFFFF  # (uid_t)-1: no owner/group set on the tap
+
+_NLMSG = struct.Struct("=IHHII")
+_IFINFO = struct.Struct("=BxHiII")
+_NLA = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_ERR = struct.Struct("=i")
+_RECV = 1 << 16
+
+
+class TunInfo(Record):
+    """What the tun driver reports about a tun/tap device (IFLA_INFO_DATA)."""
+
+    __slots__ = (
+        "tap",
+        "pi",
+        "vnet_hdr",
+        "multi_queue",
+        "persist",
+        "owner",
+        "group",
+        "attached_queues",
+        "disabled_queues",
+    )
+    tap: bool
+    pi: bool
+    vnet_hdr: bool
+    multi_queue: bool
+    persist: bool
+    owner: int | None
+    group: int | None
+    attached_queues: int
+    disabled_queues: int
+
+    def __init__(
+        self,
+        tap: bool,
+        pi: bool,
+        vnet_hdr: bool,
+        multi_queue: bool,
+        persist: bool,
+        owner: int | None,
+        group: int | None,
+        attached_queues: int,
+        disabled_queues: int,
+    ) -> None:
+        self._init(
+            tap=tap,
+            pi=pi,
+            vnet_hdr=vnet_hdr,
+            multi_queue=multi_queue,
+            persist=persist,
+            owner=owner,
+            group=group,
+            attached_queues=attached_queues,
+            disabled_queues=disabled_queues,
+        )
+
+
+class Link(Record):
+    """One network device as RTM_NEWLINK describes it; ``master`` is an ifindex."""
+
+    __slots__ = ("index", "name", "kind", "up", "mtu", "mac", "master", "alias", "carrier", "tun")
+    index: int
+    name: str
+    kind: str | None
+    up: bool
+    mtu: int
+    mac: str | None
+    master: int | None
+    alias: str | None
+    carrier: bool | None
+    tun: TunInfo | None
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        kind: str | None,
+        up: bool,
+        mtu: int,
+        mac: str | None,
+        master: int | None,
+        alias: str | None,
+        carrier: bool | None,
+        tun: TunInfo | None,
+    ) -> None:
+        self._init(
+            index=index,
+            name=name,
+            kind=kind,
+            up=up,
+            mtu=mtu,
+            mac=mac,
+            master=master,
+            alias=alias,
+            carrier=carrier,
+            tun=tun,
+        )
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = _NLA.size + len(payload)
+    return _NLA.pack(size, kind) + payload + b"\0" * (-size % 4)
+
+
+def _str(kind: int, value: str) -> bytes:
+    return _attr(kind, value.encode() + b"\0")
+
+
+def _u32(kind: int, value: int) -> bytes:
+    return _attr(kind, _U32.pack(value))
+
+
+def _attrs(data: bytes | memoryview, start: int = 0) -> Iterator[tuple[int, memoryview]]:
+    view = memoryview(data)
+    pos = start
+    while pos + _NLA.size <= len(view):
+        size, kind = _NLA.unpack_from(view, pos)
+        if size < _NLA.size:
+            return
+        yield kind & NLA_TYPE_MASK, view[pos + _NLA.size : pos + size]
+        pos += (size + 3) & ~3
+
+
+def _cstr(raw: memoryview) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _u32v(raw: memoryview) -> int:
+    return int(_U32.unpack_from(raw)[0])
+
+
+def _tun_info(data: memoryview) -> TunInfo:
+    a = {k: v for k, v in _attrs(data)}
+
+    def flag(kind: int) -> bool:
+        return kind in a and a[kind][0] != 0
+
+    def ident(kind: int) -> int | None:
+        value = _u32v(a[kind]) if kind in a else NO_ID
+        return None if value == NO_ID else value
+
+    return TunInfo(
+        tap=IFLA_TUN_TYPE in a and a[IFLA_TUN_TYPE][0] == TUN_TYPE_TAP,
+        pi=flag(IFLA_TUN_PI),
+        vnet_hdr=flag(IFLA_TUN_VNET_HDR),
+        multi_queue=flag(IFLA_TUN_MULTI_QUEUE),
+        persist=flag(IFLA_TUN_PERSIST),
+        owner=ident(IFLA_TUN_OWNER),
+        group=ident(IFLA_TUN_GROUP),
+        attached_queues=_u32v(a[IFLA_TUN_NUM_QUEUES]) if IFLA_TUN_NUM_QUEUES in a else 0,
+        disabled_queues=(
+            _u32v(a[IFLA_TUN_NUM_DISABLED_QUEUES]) if IFLA_TUN_NUM_DISABLED_QUEUES in a else 0
+        ),
+    )
+
+
+def parse_link(body: memoryview) -> Link:
+    """Decode one RTM_NEWLINK message body (ifinfomsg and attributes)."""
+    _family, _type, index, flags, _change = _IFINFO.unpack_from(body)
+    name, kind, mtu, mac, master, alias, carrier, tun = "", None, 0, None, None, None, None, None
+    for attr, raw in _attrs(body, _IFINFO.size):
+        if attr == IFLA_IFNAME:
+            name = _cstr(raw)
+        elif attr == IFLA_MTU:
+            mtu = _u32v(raw)
+        elif attr == IFLA_ADDRESS:
+            mac = ":".join(f"{b:02x}" for b in bytes(raw))
+        elif attr == IFLA_MASTER:
+            master = _u32v(raw) or None
+        elif attr == IFLA_IFALIAS:
+            alias = _cstr(raw) or None
+        elif attr == IFLA_CARRIER:
+            carrier = raw[0] != 0
+        elif attr == IFLA_LINKINFO:
+            info = {k: v for k, v in _attrs(raw)}
+            if IFLA_INFO_KIND in info:
+                kind = _cstr(info[IFLA_INFO_KIND])
+            if kind == "tun" and IFLA_INFO_DATA in info:
+                tun = _tun_info(info[IFLA_INFO_DATA])
+    if tun is not None and not tun.multi_queue:
+        # tun reports IFLA_TUN_NUM_QUEUES only for multi-queue devices; a
+        # single-queue tap has carrier exactly while its one queue is attached.
+        tun = tun.replace(attached_queues=1 if carrier else 0)  # type: ignore[assignment]
+    return Link(index, name, kind, bool(flags & IFF_UP), mtu, mac, master, alias, carrier, tun)
+
+
+class NetlinkError(OSError):
+    """The kernel refused a request; ``extack`` is its own explanation when it gave one."""
+
+    def __init__(self, code: int, extack: str | None) -> None:
+        super().__init__(code, os.strerror(code))
+        self.extack = extack
+
+    def __str__(self) -> str:
+        text = self.strerror or errno_mod.errorcode.get(self.errno or 0, "error")
+        return f"{text} ({self.extack})" if self.extack else text
+
+
+class Rtnl:
+    """One NETLINK_ROUTE socket, bound to the namespace it was opened in."""
+
+    def __init__(self) -> None:
+        self._sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, _socket.NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+        # Extended acks carry the kernel's reason ("Invalid MTU"...) and capped
+        # acks keep it from echoing each request back.
+        for opt in (NETLINK_EXT_ACK, NETLINK_CAP_ACK):
+            try:
+                self._sock.setsockopt(SOL_NETLINK, opt, 1)
+            except OSError:
+                pass
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Rtnl:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _send(self, msgtype: int, flags: int, body: bytes) -> int:
+        self._seq += 1
+        head = _NLMSG.pack(_NLMSG.size + len(body), msgtype, flags | NLM_F_REQUEST, self._seq, 0)
+        self._sock.send(head + body)
+        return self._seq
+
+    def _replies(self, seq: int) -> Iterator[tuple[int, memoryview]]:
+        """Yield (type, body) of each reply to ``seq`` until the ack or the end of a dump."""
+        while True:
+            data = memoryview(self._sock.recv(_RECV))
+            pos = 0
+            while pos + _NLMSG.size <= len(data):
+                size, msgtype, flags, mseq, _pid = _NLMSG.unpack_from(data, pos)
+                body = data[pos + _NLMSG.size : pos + size]
+                pos += (size + 3) & ~3
+                if mseq != seq:
+                    continue
+                if msgtype == NLMSG_DONE:
+                    return
+                if msgtype == NLMSG_ERROR:
+                    code = -_ERR.unpack_from(body)[0]
+                    if code:
+                        raise NetlinkError(code, _extack(body, flags))
+                    return
+                yield msgtype, body
+                if not flags & NLM_F_MULTI:
+                    return
+
+    def _call(self, msgtype: int, flags: int, body: bytes) -> None:
+        for _ in self._replies(self._send(msgtype, flags | NLM_F_ACK, body)):
+            pass
+
+    def links(self) -> dict[str, Link]:
+        """Every link in this namespace, by name."""
+        body = _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0)
+        body += _u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+        found: dict[str, Link] = {}
+        for msgtype, reply in self._replies(self._send(RTM_GETLINK, NLM_F_DUMP, body)):
+            if msgtype == RTM_NEWLINK:
+                link = parse_link(reply)
+                found[link.name] = link
+        return found
+
+    def link(self, name: str) -> Link | None:
+        """The link called ``name``, or None when there is none."""
+        body = _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0) + _str(IFLA_IFNAME, name)
+        body += _u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+        try:
+            for msgtype, reply in self._replies(self._send(RTM_GETLINK, 0, body)):
+                if msgtype == RTM_NEWLINK:
+                    return parse_link(reply)
+        except NetlinkError as err:
+            if err.errno == errno_mod.ENODEV:
+                return None
+            raise
+        return None
+
+    def set_link(
+        self,
+        name: str,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        mac: str | None = None,
+        master: int | None = None,
+        alias: str | None = None,
+    ) -> None:
+        """Change a link in one request; ``master=0`` detaches it, None leaves a field alone."""
+        flags = change = 0
+        if up is not None:
+            change = IFF_UP
+            flags = IFF_UP if up else 0
+        body = _IFINFO.pack(AF_UNSPEC, 0, 0, flags, change) + _str(IFLA_IFNAME, name)
+        if mtu is not None:
+            body += _u32(IFLA_MTU, mtu)
+        if mac is not None:
+            body += _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
+        if master is not None:
+            body += _u32(IFLA_MASTER, master)
+        if alias is not None:
+            body += _str(IFLA_IFALIAS, alias)
+        self._call(RTM_NEWLINK, 0, body)
+
+    def add_link(self, name: str, kind: str, *, up: bool = True) -> None:
+        """Create a link of a netlink-creatable kind (a bridge); fails if the name is taken."""
+        info = _attr(IFLA_LINKINFO | NLA_F_NESTED, _str(IFLA_INFO_KIND, kind))
+        body = _IFINFO.pack(AF_UNSPEC, 0, 0, IFF_UP if up else 0, IFF_UP)
+        body += _str(IFLA_IFNAME, name) + info
+        self._call(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+    def delete(self, name: str) -> None:
+        body = _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0) + _str(IFLA_IFNAME, name)
+        self._call(RTM_DELLINK, 0, body)
+
+
+def _extack(body: memoryview, flags: int) -> str | None:
+    if not flags & NLM_F_ACK_TLVS:
+        return None
+    # nlmsgerr is the error code and the request's header, plus its body unless capped.
+    start = _ERR.size + _NLMSG.size
+    if not flags & NLM_F_CAPPED:
+        start = _ERR.size + _NLMSG.unpack_from(body, _ERR.size)[0]
+    for kind, raw in _attrs(body, (start + 3) & ~3):
+        if kind == NLMSGERR_ATTR_MSG:
+            return _cstr(raw) or None
+    return None

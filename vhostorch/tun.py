@@ -1,0 +1,107 @@
+"""The /dev/net/tun ioctls: make a persistent tap, and re-tune one nobody holds open.
+
+Taps cannot be created over rtnetlink (tun's rtnl ops refuse it), so this is how
+iproute2 and QEMU do it too. The device is made in the namespace of the calling
+thread at the moment /dev/net/tun is opened.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from vhostorch.model import IFNAMSIZ
+from vhostorch.record import Record
+
+TUN_DEVICE = "/dev/net/tun"
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOWNER = 0x400454CC
+TUNSETGROUP = 0x400454CE
+IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_TUN_EXCL = 0x8000  # fail with EBUSY instead of attaching to an existing device
+_IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")
+
+
+class TapFlags(Record):
+    """What QEMU asks for when it opens the tap: the device must have been made the same way."""
+
+    __slots__ = ("multi_queue", "vnet_hdr")
+    multi_queue: bool
+    vnet_hdr: bool
+
+    def __init__(self, multi_queue: bool, vnet_hdr: bool) -> None:
+        self._init(multi_queue=multi_queue, vnet_hdr=vnet_hdr)
+
+    def ifr_flags(self) -> int:
+        flags = IFF_TAP | IFF_NO_PI
+        if self.multi_queue:
+            flags |= IFF_MULTI_QUEUE
+        if self.vnet_hdr:
+            flags |= IFF_VNET_HDR
+        return flags
+
+
+def _attach(name: str, flags: int) -> int:
+    fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), flags))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _own(fd: int, owner: int | None, group: int | None) -> None:
+    if owner is not None:
+        fcntl.ioctl(fd, TUNSETOWNER, owner)
+    if group is not None:
+        fcntl.ioctl(fd, TUNSETGROUP, group)
+
+
+def create_tap(name: str, flags: TapFlags, owner: int | None, group: int | None) -> None:
+    """Create a persistent tap; raises OSError(EBUSY) if the name is taken."""
+    fd = _attach(name, flags.ifr_flags() | IFF_TUN_EXCL)
+    try:
+        _own(fd, owner, group)
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
+
+
+def retune_tap(name: str, flags: TapFlags, owner: int | None, group: int | None) -> None:
+    """Attach to an existing persistent tap to change vnet_hdr, owner or group.
+
+    TUNSETIFF on an existing device replaces its feature flags (vnet_hdr, no_pi)
+    with the caller's, which is what makes vnet_hdr changeable in place. The
+    queue mode must match the device's, else the kernel answers EINVAL.
+    """
+    fd = _attach(name, flags.ifr_flags())
+    try:
+        _own(fd, owner, group)
+    finally:
+        os.close(fd)
+
+
+def holders(name: str, proc: str = "/proc") -> list[tuple[int, str]]:
+    """(pid, command) of processes holding a tun fd attached to ``name`` (any namespace)."""
+    found: list[tuple[int, str]] = []
+    wanted = f"iff:\t{name}\n"
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in os.scandir(f"{entry.path}/fdinfo"):
+                with open(fd.path) as info:
+                    if wanted in info.read():
+                        with open(f"{entry.path}/comm") as comm:
+                            found.append((int(entry.name), comm.read().strip()))
+                        break
+        except OSError:
+            continue  # the process ended or is not ours to read
+    return found
