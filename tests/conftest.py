@@ -7,6 +7,8 @@ import pytest
 
 from tests import kernel
 
+pytest_plugins = ["tests.testhost"]
+
 
 @pytest.fixture
 def ns() -> Iterator[str]:

@@ -9,7 +9,20 @@ import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # Each module may import only modules listed before it (and the stdlib).
-ORDER = ["errors", "record", "model", "argv", "rtnl", "tun", "netns", "taps", "cli", "__main__"]
+ORDER = [
+    "errors",
+    "record",
+    "model",
+    "argv",
+    "rtnl",
+    "tun",
+    "netns",
+    "taps",
+    "labimage",
+    "lab",
+    "cli",
+    "__main__",
+]
 THIRD_PARTY = {"pyroute2", "libvirt", "qemu"}
 
 

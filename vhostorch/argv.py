@@ -32,7 +32,8 @@ class Option(Record):
 class Command(Record):
     """A command path (``("tap", "create")``) with its positional and options.
 
-    ``arity`` of the positional is "1", "?" or "+" (as argparse's nargs).
+    ``arity`` of the positional is "0" (none), "1", "?" or "+" (as argparse's nargs), or "..." for a
+    command line of its own: everything from its first word on is taken as it is.
     """
 
     __slots__ = ("path", "summary", "positional", "arity", "options", "epilog")
@@ -62,9 +63,14 @@ class Command(Record):
         )
 
     def usage(self) -> str:
-        shown = {"?": f"[{self.positional}]", "+": f"{self.positional} [{self.positional} ...]"}
+        shown = {
+            "?": f"[{self.positional}]",
+            "+": f"{self.positional} [{self.positional} ...]",
+            "...": f"[--] {self.positional} [ARG ...]",
+            "0": "",
+        }
         operand = shown.get(self.arity, self.positional)
-        return f"usage: vhostorch {' '.join(self.path)} [options] {operand}"
+        return f"usage: vhostorch {' '.join(self.path)} [options] {operand}".rstrip()
 
     def help(self) -> str:
         lines = [self.usage(), "", self.summary, "", "options:"]
@@ -150,6 +156,9 @@ def parse(commands: Sequence[Command], argv: Sequence[str], epilog: str) -> Pars
     name = " ".join(command.path)
     while rest:
         arg = rest.pop(0)
+        if command.arity == "..." and positionals:
+            positionals += [arg, *rest]
+            break
         if arg in ("-h", "--help"):
             raise HelpRequested(command.help())
         if arg == "--":
@@ -187,9 +196,10 @@ def parse(commands: Sequence[Command], argv: Sequence[str], epilog: str) -> Pars
         else:
             values[opt.dest] = inline
     count = len(positionals)
-    if (command.arity == "+" and count < 1) or (command.arity == "1" and count != 1):
+    if (command.arity in ("+", "...") and count < 1) or (command.arity == "1" and count != 1):
         raise InvalidSpec(f"{name}: {command.positional} is required")
-    if command.arity in ("?", "1") and count > 1:
-        raise InvalidSpec(f"{name}: unexpected argument {positionals[1]!r}")
+    most = {"0": 0, "?": 1, "1": 1}.get(command.arity)
+    if most is not None and count > most:
+        raise InvalidSpec(f"{name}: unexpected argument {positionals[most]!r}")
     values[command.positional] = positionals
     return Parsed(command, values)

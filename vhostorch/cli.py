@@ -33,6 +33,15 @@ EXIT_CODES = """exit codes:
   1  the operation failed (the host refused it, or its state forbids it)
   2  bad usage or invalid input (nothing was touched)"""
 
+LAB_EXIT_CODES = """COMMAND runs as root in the same working directory, on a copy-on-write
+view of this machine's root; the test host has no network device. Its output
+is streamed here.
+
+exit codes:
+  N    COMMAND's own exit status
+  2    bad usage
+  124  the timeout ran out (the test host was stopped)
+  125  the test host could not be built or booted, or did not reach COMMAND"""
 
 NETNS = Option("--netns", VALUE, "named network namespace (as in `ip netns`)")
 JSON = Option("--json", FLAG, "print JSON")
@@ -80,6 +89,28 @@ COMMANDS = (
         EXIT_CODES,
     ),
     Command(("tap", "show"), "show one tap, or every tap", "NAME", "?", (NETNS, JSON), EXIT_CODES),
+    Command(
+        ("lab", "build"),
+        "fetch the test host's kernel and build its boot files (cached; rebuilt on change)",
+        "",
+        "0",
+        (JSON,),
+        LAB_EXIT_CODES,
+    ),
+    Command(
+        ("lab", "run"),
+        "boot the disposable test host (real vhost-net and KVM), run COMMAND in it, power off",
+        "COMMAND",
+        "...",
+        (
+            Option("--timeout", INT, "seconds before everything is stopped (default 900)"),
+            Option("--memory", INT, "MiB of memory for the test host (default 3072)"),
+            Option("--cpus", INT, "virtual CPUs of the test host (default 2)"),
+            Option("--env", APPEND, "KEY=VALUE to set for COMMAND (repeatable)"),
+            Option("--results", VALUE, "directory shared back read-write (default: a new one)"),
+        ),
+        LAB_EXIT_CODES,
+    ),
 )
 
 
@@ -192,12 +223,57 @@ def _cmd_tap(args: Parsed) -> int:
     return EXIT_OK
 
 
+def _cmd_lab(args: Parsed) -> int:
+    from vhostorch import lab, labimage
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if args.command.path[1] == "build":
+        image = labimage.ensure_image(log=log)
+        _emit(
+            {"ok": True, "image": image.asdict()},
+            args.flag("json"),
+            "\n".join(f"{k}: {v}" for k, v in image.asdict().items()),
+        )
+        return EXIT_OK
+    env = {}
+    for item in args.texts("env"):
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise InvalidSpec(f"lab run: --env needs KEY=VALUE, not {item!r}")
+        env[key] = value
+    for dest in ("timeout", "memory", "cpus"):
+        given = args.number(dest)
+        if given is not None and given < 1:
+            raise InvalidSpec(f"lab run: --{dest} must be at least 1")
+    outcome = lab.run(
+        args.texts("COMMAND"),
+        env=env,
+        timeout=args.number("timeout") or 900,
+        memory_mib=args.number("memory") or 3072,
+        cpus=args.number("cpus") or 2,
+        results=args.text("results"),
+        log=log,
+    )
+    boot = "?" if outcome.boot_seconds is None else f"{outcome.boot_seconds:.1f}"
+    log(
+        f"vhostorch lab: exit {outcome.status}; booted in {boot} s, {outcome.seconds:.1f} s in "
+        f"all; results in {outcome.results}"
+    )
+    return outcome.status
+
+
+HANDLERS = {"tap": _cmd_tap, "lab": _cmd_lab}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return its exit code (errors go to stderr as one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     try:
-        return _cmd_tap(parse(COMMANDS, argv, EXIT_CODES))
+        args = parse(COMMANDS, argv, EXIT_CODES)
+        return HANDLERS[args.command.path[0]](args)
     except HelpRequested as text:
         print(text)
         return EXIT_OK

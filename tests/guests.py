@@ -1,0 +1,145 @@
+"""Inner guests for tests in the test host: QEMU/KVM with the lab kernel and guest initramfs.
+
+The guest prints ``VHOSTORCH-GUEST: ...`` markers on its serial console (a
+file here); tests wait for them. Processes are ended by the pid started here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from vhostorch.labimage import GUEST_APPEND, Image, ensure_image
+
+_IMAGE: list[Image] = []
+
+
+def image() -> Image:
+    if not _IMAGE:
+        _IMAGE.append(ensure_image())
+    return _IMAGE[0]
+
+
+class Guest:
+    def __init__(self, proc: subprocess.Popen[bytes], console: str, workdir: str) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.console = console
+        self.workdir = workdir
+
+    def text(self) -> str:
+        try:
+            with open(self.console, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        """Wait for a console line matching ``pattern``; fail with the console's tail."""
+        regex = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = regex.search(self.text())
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"QEMU exited ({self.proc.returncode}) before {pattern!r}: {self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} within {timeout:.0f} s: {self.tail()}")
+            time.sleep(0.1)
+
+    def tail(self, lines: int = 15) -> str:
+        return " | ".join(self.text().strip().splitlines()[-lines:])
+
+
+def qemu_argv(
+    console: str, append: str, extra: Sequence[str], memory: int = 256, cpus: int = 1
+) -> list[str]:
+    img = image()
+    # i440fx ("pc"): fewer built-in devices to probe than q35, 4 s less under nested KVM.
+    # debug-threads names threads ("CPU 0/KVM", ...) as libvirt does, so tests can tell them apart.
+    fixed = "qemu-system-x86_64 -accel kvm -cpu host -M pc -display none -nodefaults"
+    fixed += " -no-user-config -no-reboot -name guest,debug-threads=on"
+    return [
+        *fixed.split(),
+        *("-m", str(memory), "-smp", str(cpus), "-serial", f"file:{console}"),
+        *("-kernel", img.kernel, "-initrd", img.guest_initrd),
+        *("-append", f"{GUEST_APPEND} {append}".strip()),
+        *extra,
+    ]
+
+
+@contextmanager
+def guest(extra: Sequence[str], append: str = "", cpus: int = 1) -> Iterator[Guest]:
+    """QEMU/KVM running the guest initramfs with ``extra`` arguments (NICs); always stopped."""
+    workdir = tempfile.mkdtemp(prefix="vho-guest-")
+    console = os.path.join(workdir, "console.log")
+    with open(os.path.join(workdir, "qemu.log"), "wb") as log:
+        proc = subprocess.Popen(
+            qemu_argv(console, append, extra, cpus=cpus),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield Guest(proc, console, workdir)
+    finally:
+        stop(proc)
+        subprocess.run(["rm", "-rf", workdir], check=False)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def qemu_log(g: Guest) -> str:
+    with open(os.path.join(g.workdir, "qemu.log"), errors="replace") as f:
+        return f.read()
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    """fd number -> readlink of /proc/PID/fd/N."""
+    found = {}
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            found[int(name)] = os.readlink(f"{base}/{name}")
+        except OSError:
+            continue
+    return found
+
+
+def vhost_workers(pid: int) -> list[int]:
+    """Tids of ``vhost-PID`` workers: kernel threads (< 6.4) or QEMU's own threads (>= 6.4)."""
+    comm = f"vhost-{pid}"[:15]
+    found = []
+    candidates = [f"/proc/{p}" for p in os.listdir("/proc") if p.isdigit()]
+    candidates += [f"/proc/{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task")]
+    for path in candidates:
+        try:
+            with open(f"{path}/comm") as f:
+                if f.read().strip() == comm:
+                    found.append(int(path.rsplit("/", 1)[1]))
+        except OSError:
+            continue
+    return sorted(set(found))
+
+
+def runtime_ns(tid: int) -> int:
+    """Time ``tid`` has spent on a CPU, in nanoseconds (schedstat's first field)."""
+    with open(f"/proc/{tid}/schedstat") as f:
+        return int(f.read().split()[0])

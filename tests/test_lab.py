@@ -1,0 +1,163 @@
+"""`vhostorch lab`: building, booting, running a command, and the errors a user can meet."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.kernel import vhostorch
+from vhostorch import lab, labimage
+
+VHOSTORCH = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "vhostorch")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.testhost(outside=True)
+def test_boot_reaches_the_command_in_under_15_s(testhost_boot: lab.Outcome) -> None:
+    assert testhost_boot.boot_seconds is not None
+    print(f"test host reached its command in {testhost_boot.boot_seconds:.1f} s")
+    assert testhost_boot.boot_seconds < 15
+
+
+@pytest.mark.testhost(outside=True)
+def test_lab_run_streams_output_returns_status_and_shares_results(tmp_path: Path) -> None:
+    script = (
+        "echo out-$((6*7)); pwd; ls /sys/class/net; test -c /dev/vhost-net && echo vhost-ok; "
+        'echo kept > "$VHOSTORCH_LAB_RESULTS/kept"; echo "$GREETING"; '
+        "touch /usr/share/vhostorch-lab-scratch; exit 3"
+    )
+    done = vhostorch(
+        "lab",
+        "run",
+        "--results",
+        str(tmp_path),
+        "--env",
+        "GREETING=hello there",
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
+    assert done.returncode == 3, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "out-42"
+    assert lines[1] == os.getcwd()
+    assert lines[2] == "lo"  # the test host has no network device of its own
+    assert "vhost-ok" in lines and "hello there" in lines
+    assert (tmp_path / "kept").read_text() == "kept\n"
+    # Writes elsewhere went to the throwaway overlay, not to this machine.
+    assert not os.path.exists("/usr/share/vhostorch-lab-scratch")
+    assert re.search(r"exit 3; booted in [\d.]+ s", done.stderr)
+
+
+@pytest.mark.testhost(outside=True)
+def test_lab_run_timeout_stops_the_test_host_by_pid() -> None:
+    done = vhostorch("lab", "run", "--timeout", "12", "--", "sleep", "600")
+    assert done.returncode == 124, done.stderr
+    found = re.search(r"within 12 s; stopped it \(QEMU pid (\d+)\)", done.stderr)
+    assert found, done.stderr
+    assert not _alive(int(found.group(1)))
+
+
+@pytest.mark.testhost(outside=True)
+def test_a_test_host_that_cannot_reach_its_command_says_why(tmp_path: Path) -> None:
+    image = labimage.ensure_image()
+    # A real initramfs without the 9p modules: it boots, cannot mount the root, powers off.
+    broken = labimage.initramfs(
+        image.root, image.kver, "host-init", ("virtio_pci",), str(tmp_path), "broken", None
+    )
+    with pytest.raises(
+        labimage.LabError, match=r"did not reach its command.*cannot mount the host"
+    ):
+        lab.run(
+            ["true"],
+            image=image.replace(host_initrd=broken),
+            results=str(tmp_path / "r"),
+            timeout=120,
+        )
+
+
+def test_missing_qemu_is_a_clear_error() -> None:
+    done = subprocess.run(
+        [VHOSTORCH, "lab", "run", "--", "true"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": "/nonexistent"},
+        check=False,
+    )
+    assert done.returncode == 125
+    assert done.stderr.strip() == (
+        "vhostorch: error: QEMU is missing: qemu-system-x86_64 not found "
+        "(install the Debian package qemu-system-x86)"
+    )
+
+
+def test_not_enough_memory_is_a_clear_error() -> None:
+    done = vhostorch("lab", "run", "--memory", "100000000", "--", "true")
+    assert done.returncode == 125
+    assert re.fullmatch(
+        r"vhostorch: error: not enough memory: the test host needs 100000256 MiB, \d+ MiB are "
+        r"available\n",
+        done.stderr,
+    )
+
+
+def test_kernel_package_not_obtainable_is_a_clear_error(tmp_path: Path) -> None:
+    # A real apt with no package sources and an empty cache: nothing can be fetched.
+    for d in ("lists/partial", "cache/archives/partial"):
+        (tmp_path / d).mkdir(parents=True)
+    conf = tmp_path / "apt.conf"
+    conf.write_text(
+        f'Dir::Etc::sourcelist "/dev/null"; Dir::Etc::sourceparts "{tmp_path}/none";\n'
+        f'Dir::State::lists "{tmp_path}/lists"; Dir::Cache "{tmp_path}/cache";\n'
+    )
+    env = {**os.environ, "APT_CONFIG": str(conf), "VHOSTORCH_CACHE": str(tmp_path / "vc")}
+    done = subprocess.run(
+        [VHOSTORCH, "lab", "build"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 125, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "vhostorch: error: kernel package not obtainable: apt knows no linux-image-amd64"
+    )
+
+
+def test_lab_build_is_cached_and_reports_its_files() -> None:
+    first = vhostorch("lab", "build", "--json")
+    assert first.returncode == 0, first.stderr
+    again = vhostorch("lab", "build", "--json")
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert "building" not in again.stderr and "fetching" not in again.stderr
+    import json
+
+    image = json.loads(first.stdout)["image"]
+    for key in ("kernel", "host_initrd", "guest_initrd"):
+        assert os.path.getsize(image[key]) > 0
+    with open(image["kernel"], "rb") as f:
+        assert f.read(4) == b"\x7fELF"  # booted through PVH, not decompressed under TCG
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["lab", "run"], "lab run: COMMAND is required"),
+        (["lab", "run", "--env", "NOEQUALS", "--", "true"], "--env needs KEY=VALUE"),
+        (["lab", "run", "--timeout", "0", "--", "true"], "--timeout must be at least 1"),
+        (["lab", "run", "--memory", "lots", "true"], "--memory needs a whole number"),
+        (["lab", "build", "extra"], "unexpected argument 'extra'"),
+    ],
+)
+def test_lab_bad_usage_exits_2(argv: list[str], message: str) -> None:
+    done = vhostorch(*argv)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.splitlines()) == 1

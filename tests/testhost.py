@@ -1,0 +1,201 @@
+"""pytest plugin: tests marked ``testhost`` run inside one boot of the test host per session.
+
+Outside, each such test is replaced by a stand-in whose result is read from
+that boot's report, so it passes or fails here with the inner failure text and
+output. Inside (VHOSTORCH_IN_TESTHOST=1), the same tests run for real and this
+plugin writes the report. ``@pytest.mark.testhost(outside=True)`` marks a slow
+test that runs here and may use the ``testhost_boot`` fixture (the boot's
+outcome) or boot the test host itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+INSIDE = os.environ.get("VHOSTORCH_IN_TESTHOST") == "1"
+TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "900"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--testhost-report", default=None, help="(inside) write results here")
+
+
+def _outside_only(item: pytest.Item) -> bool:
+    marker = item.get_closest_marker("testhost")
+    return marker is not None and bool(marker.kwargs.get("outside"))
+
+
+class Boot:
+    """The session's one boot: which tests it runs and, once run, their results."""
+
+    def __init__(self, config: pytest.Config, nodeids: list[str]) -> None:
+        self.config = config
+        self.nodeids = nodeids
+        self.outcome: Any = None
+        self.error: str | None = None
+        self.report: dict[str, dict[str, Any]] = {}
+        self.results = ""
+
+    def run(self) -> None:
+        if self.outcome is not None or self.error is not None:
+            return
+        from vhostorch import lab
+        from vhostorch.errors import VhostorchError
+
+        self.results = tempfile.mkdtemp(prefix="vhostorch-testhost-", dir="/tmp")
+        report = os.path.join(self.results, "report.json")
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "--color=no",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=--strict-markers",
+            f"--testhost-report={report}",
+            *self.nodeids,
+        ]
+        if self.config.getoption("capture") == "no":
+            command.insert(3, "-s")  # -s here: stream the tests' own output from in there too
+        if not self.nodeids:
+            command = ["true"]
+        print(f"\n[test host] booting for {len(self.nodeids)} test(s)", flush=True)
+        try:
+            self.outcome = lab.run(
+                command,
+                cwd=str(self.config.rootpath),
+                timeout=TIMEOUT,
+                results=self.results,
+                log=print,
+            )
+        except VhostorchError as err:
+            self.error = f"the test host failed: {err}"
+            return
+        print(
+            f"[test host] exit {self.outcome.status}, booted in "
+            f"{self.outcome.boot_seconds:.1f} s, {self.outcome.seconds:.1f} s in all",
+            flush=True,
+        )
+        try:
+            with open(report) as f:
+                self.report = json.load(f)
+        except (OSError, ValueError) as err:
+            self.error = f"the test host gave no report ({err}); exit {self.outcome.status}"
+
+    def cleanup(self) -> None:
+        if self.results:
+            shutil.rmtree(self.results, ignore_errors=True)
+
+
+BOOT = pytest.StashKey[Boot]()
+
+
+class RemoteFailure(Exception):
+    """A test failed inside the test host; the message is its report there."""
+
+
+class Remote(pytest.Item):
+    """A ``testhost`` test seen from outside: its result comes from the session's boot."""
+
+    def runtest(self) -> None:
+        boot = self.config.stash[BOOT]
+        boot.run()
+        if boot.error:
+            raise RemoteFailure(boot.error)
+        result = boot.report.get(self.nodeid)
+        if result is None:
+            raise RemoteFailure("no result from the test host (it stopped before this test)")
+        if result["outcome"] == "skipped":
+            pytest.skip(f"in the test host: {result['text']}")
+        if result["outcome"] != "passed":
+            raise RemoteFailure(result["text"])
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, RemoteFailure):
+            return f"[in the test host]\n{excinfo.value}"
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, f"{self.name} (in the test host)"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if INSIDE:
+        outer = [i for i in items if _outside_only(i)]
+        if outer:
+            config.hook.pytest_deselected(items=outer)
+            items[:] = [i for i in items if not _outside_only(i)]
+        return
+    inner = [i for i in items if i.get_closest_marker("testhost") and not _outside_only(i)]
+    config.stash[BOOT] = Boot(config, [i.nodeid for i in inner])
+    for index, item in enumerate(items):
+        if item in inner:
+            remote = Remote.from_parent(item.parent, name=item.name)
+            remote.own_markers.extend(item.iter_markers())
+            items[index] = remote
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    boot = config.stash.get(BOOT, None)
+    if boot is not None:
+        boot.cleanup()
+
+
+@pytest.fixture(scope="session")
+def testhost_boot(request: pytest.FixtureRequest) -> Any:
+    """The outcome of the session's test-host boot (booting now if no test did yet)."""
+    boot = request.config.stash[BOOT]
+    boot.run()
+    if boot.error:
+        pytest.fail(boot.error, pytrace=False)
+    return boot.outcome
+
+
+class _Reporter:
+    """Inside: collect each test's phases; write {nodeid: {outcome, text}} at the end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.results: dict[str, dict[str, Any]] = {}
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        entry = self.results.setdefault(report.nodeid, {"outcome": "passed", "text": ""})
+        if report.outcome == "passed" or entry["outcome"] != "passed":
+            return
+        text = report.longreprtext
+        if report.skipped and isinstance(report.longrepr, tuple):
+            text = str(report.longrepr[2])
+        for title, content in report.sections:
+            text += f"\n----- {title} -----\n{content}"
+        entry.update(outcome=report.outcome, text=f"({report.when}) {text}".strip())
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self) -> None:
+        with open(self.path, "w") as f:
+            json.dump(self.results, f)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("--testhost-report")
+    if path:
+        config.pluginmanager.register(_Reporter(path), "vhostorch-testhost-reporter")
+
+
+@pytest.fixture
+def in_testhost() -> Iterator[None]:
+    """For tests that must only ever run inside the test host (they change the host)."""
+    if not INSIDE:
+        pytest.fail("this test changes the host it runs on: run it with -m testhost")
+    yield
