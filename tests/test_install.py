@@ -52,9 +52,15 @@ def test_qmp_library_talks_to_this_qemu(tmp_path: pathlib.Path) -> None:
             await client.connect(str(sock))
             try:
                 version = await client.execute("query-version")
-                await client.execute("quit")
+                try:
+                    await client.execute("quit")
+                except EOFError:
+                    pass  # QEMU may close the socket before its reply to quit is read
             finally:
-                await client.disconnect()
+                try:
+                    await client.disconnect()
+                except EOFError:
+                    pass  # the same race, reported again by disconnect
             assert isinstance(version, dict)
             return version
 

@@ -88,6 +88,7 @@ def test_vhost_net_and_kvm_are_usable(in_testhost: None) -> None:
 def test_qemu_vhost_on_holds_a_vhost_fd_and_worker_per_queue_pair(
     in_testhost: None, queues: int
 ) -> None:
+    guests.image()
     with tap(queues) as name:
         start = time.monotonic()
         with guests.guest(vhost_netdev(name, queues)) as g:

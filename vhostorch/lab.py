@@ -11,6 +11,7 @@ shared back at the same path; the command's working directory is kept.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import select
 import shlex
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from vhostorch.labimage import FILES, Image, LabError, ensure_image
+from vhostorch.labimage import FILES, IMAGE_ENV, Image, LabError, ensure_image
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -178,6 +179,7 @@ def run(
     passed = {k: v for k, v in os.environ.items() if k in ENV_PASSED or k.startswith("VHOSTORCH_")}
     passed.update(env or {})
     passed["VHOSTORCH_IN_TESTHOST"] = "1"
+    passed[IMAGE_ENV] = json.dumps(image.asdict())
     passed["VHOSTORCH_LAB_RESULTS"] = results
     with open(os.path.join(results, "job.sh"), "w") as f:
         f.write(_job(command, cwd or os.getcwd(), passed))
