@@ -22,6 +22,7 @@ import pytest
 
 INSIDE = os.environ.get("VHOSTORCH_IN_TESTHOST") == "1"
 TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "900"))
+TEST_TIMEOUT = 240
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,6 +59,8 @@ class Boot:
             "pytest",
             "-v",
             "--color=no",
+            # A hang inside fails that test with its stack, not the whole boot at the deadline.
+            f"--timeout={TEST_TIMEOUT}",
             "-p",
             "no:cacheprovider",
             "-o",
@@ -79,18 +82,25 @@ class Boot:
                 log=print,
             )
         except VhostorchError as err:
-            self.error = f"the test host failed: {err}"
+            # Tests that finished before it stopped keep their results.
+            self.error = f"the test host failed before this test finished: {err}"
+            self._load(report)
             return
         print(
             f"[test host] exit {self.outcome.status}, booted in "
             f"{self.outcome.boot_seconds:.1f} s, {self.outcome.seconds:.1f} s in all",
             flush=True,
         )
+        if not self._load(report):
+            self.error = f"the test host gave no report; exit {self.outcome.status}"
+
+    def _load(self, path: str) -> bool:
         try:
-            with open(report) as f:
+            with open(path) as f:
                 self.report = json.load(f)
-        except (OSError, ValueError) as err:
-            self.error = f"the test host gave no report ({err}); exit {self.outcome.status}"
+        except (OSError, ValueError):
+            return False
+        return True
 
     def cleanup(self) -> None:
         if self.results:
@@ -110,11 +120,9 @@ class Remote(pytest.Item):
     def runtest(self) -> None:
         boot = self.config.stash[BOOT]
         boot.run()
-        if boot.error:
-            raise RemoteFailure(boot.error)
         result = boot.report.get(self.nodeid)
         if result is None:
-            raise RemoteFailure("no result from the test host (it stopped before this test)")
+            raise RemoteFailure(boot.error or "no result from the test host for this test")
         if result["outcome"] == "skipped":
             pytest.skip(f"in the test host: {result['text']}")
         if result["outcome"] != "passed":
@@ -182,9 +190,11 @@ class _Reporter:
         entry.update(outcome=report.outcome, text=f"({report.when}) {text}".strip())
 
     @pytest.hookimpl
-    def pytest_sessionfinish(self) -> None:
-        with open(self.path, "w") as f:
+    def pytest_runtest_logfinish(self) -> None:
+        # Written after every test, so a boot stopped midway still reports what finished.
+        with open(self.path + ".part", "w") as f:
             json.dump(self.results, f)
+        os.replace(self.path + ".part", self.path)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -43,6 +43,14 @@ exit codes:
   124  the timeout ran out (the test host was stopped)
   125  the test host could not be built or booted, or did not reach COMMAND"""
 
+CHECK_EXIT_CODES = """Each check is pass, warn, fail or unknown, with evidence (--json shows it).
+A verdict vhostorch cannot prove is unknown, never pass.
+
+exit codes:
+  0  no check failed (with --strict: every check passed)
+  1  a check failed (with --strict: or warned, or is unknown)
+  2  the target could not be inspected (no such process or domain, permission, bad usage)"""
+
 NETNS = Option("--netns", VALUE, "named network namespace (as in `ip netns`)")
 JSON = Option("--json", FLAG, "print JSON")
 COMMANDS = (
@@ -89,6 +97,30 @@ COMMANDS = (
         EXIT_CODES,
     ),
     Command(("tap", "show"), "show one tap, or every tap", "NAME", "?", (NETNS, JSON), EXIT_CODES),
+    Command(
+        ("check",),
+        "prove, per NIC and per queue, that vhost is attached to running QEMUs",
+        "",
+        "0",
+        (
+            Option("--pid", INT, "the QEMU process to check"),
+            Option("--domain", VALUE, "the libvirt domain to check (its XML says what was asked)"),
+            Option("--connect", VALUE, "libvirt URI for --domain (default qemu:///system)"),
+            Option("--all", FLAG, "every QEMU process on this host"),
+            Option("--strict", FLAG, "warn and unknown fail too"),
+            Option("--watch", INT, "re-check every N seconds and report what changes"),
+            JSON,
+        ),
+        CHECK_EXIT_CODES,
+    ),
+    Command(
+        ("doctor",),
+        "validate this host for vhost-net before any VM runs",
+        "",
+        "0",
+        (Option("--strict", FLAG, "warn and unknown fail too"), JSON),
+        CHECK_EXIT_CODES,
+    ),
     Command(
         ("lab", "build"),
         "fetch the test host's kernel and build its boot files (cached; rebuilt on change)",
@@ -264,7 +296,111 @@ def _cmd_lab(args: Parsed) -> int:
     return outcome.status
 
 
-HANDLERS = {"tap": _cmd_tap, "lab": _cmd_lab}
+def _report_text(report: Any, strict: bool) -> str:
+    target = report.target
+    if "pid" in target:
+        title = f"QEMU pid {target['pid']}"
+        if target.get("domain"):
+            title += f", domain {target['domain']} (type {target.get('domain_type')})"
+        elif target.get("name"):
+            title += f" ({target['name']})"
+    else:
+        title = f"host {target.get('host')} (Linux {target.get('kernel')})"
+    per_nic = any(c.nic for c in report.checks)
+    rows = [
+        ["CHECK", "NIC", "QUEUE", "STATUS", "MESSAGE"]
+        if per_nic
+        else ["CHECK", "STATUS", "MESSAGE"]
+    ]
+    for c in report.checks:
+        queue = "-" if c.queue is None else str(c.queue)
+        where = [c.nic or "-", queue] if per_nic else []
+        rows.append([c.id, *where, c.status, c.message])
+    counts = {s: sum(1 for c in report.checks if c.status == s) for s in _STATUSES}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    verdict = "OK" if report.ok(strict) else "FAILED"
+    return f"{title}\n{_table(rows)}\n{verdict}: {summary}"
+
+
+_STATUSES = ("fail", "warn", "unknown", "pass")
+
+
+def _check_reports(args: Parsed) -> list[Any]:
+    from vhostorch import domxml, inspect, procfs, verify, virt
+
+    pid, domain_name, every = args.number("pid"), args.text("domain"), args.flag("all")
+    if sum((pid is not None, domain_name is not None, every)) != 1:
+        raise InvalidSpec("check: give one of --pid, --domain or --all")
+    if args.text("connect") and domain_name is None:
+        raise InvalidSpec("check: --connect goes with --domain")
+    if domain_name is not None:
+        xml = virt.domain_xml(domain_name, args.text("connect") or virt.SYSTEM_URI)
+        domain = domxml.parse(xml)
+        return [verify.verify(inspect.observe(virt.domain_pid(domain_name), domain=domain))]
+    if pid is not None:
+        return [verify.verify(inspect.observe(pid))]
+    kthreads = procfs.vhost_kthreads()
+    reports = []
+    for qemu in procfs.qemu_pids():
+        try:
+            reports.append(verify.verify(inspect.observe(qemu, kthreads=kthreads)))
+        except procfs.CannotInspect:
+            continue  # it exited while we looked
+    return reports
+
+
+def _print_reports(reports: list[Any], args: Parsed) -> bool:
+    strict = args.flag("strict")
+    ok = all(r.ok(strict) for r in reports)
+    if args.flag("json"):
+        if args.command.path == ("check",) and args.flag("all"):
+            data: Any = {"ok": ok, "reports": [r.to_json(strict) for r in reports]}
+        else:
+            data = reports[0].to_json(strict)
+        _emit(data, True, "")
+    else:
+        texts = [_report_text(r, strict) for r in reports]
+        print("\n\n".join(texts) if texts else "no QEMU processes")
+    return ok
+
+
+def _cmd_check(args: Parsed) -> int:
+    watch = args.number("watch")
+    if watch is not None and watch < 1:
+        raise InvalidSpec("check: --watch needs at least 1 second")
+    reports = _check_reports(args)
+    ok = _print_reports(reports, args)
+    if watch is None:
+        return EXIT_OK if ok else EXIT_FAILED
+    import time
+
+    def key(report: Any) -> dict[tuple[object, ...], str]:
+        return {(report.target.get("pid"), c.id, c.nic, c.queue): c.status for c in report.checks}
+
+    seen = {k: v for r in reports for k, v in key(r).items()}
+    while True:
+        time.sleep(watch)
+        reports = _check_reports(args)
+        now = {k: v for r in reports for k, v in key(r).items()}
+        stamp = time.strftime("%H:%M:%S")
+        for k in sorted(set(seen) | set(now), key=str):
+            if seen.get(k) != now.get(k):
+                pid, cid, nic, queue = k
+                where = f"pid {pid} {cid}" + (f" {nic}" if nic else "")
+                where += f" queue {queue}" if queue is not None else ""
+                print(f"{stamp} {where}: {seen.get(k, 'absent')} -> {now.get(k, 'gone')}",
+                      flush=True)  # fmt: skip
+        seen = now
+
+
+def _cmd_doctor(args: Parsed) -> int:
+    from vhostorch import doctor
+
+    ok = _print_reports([doctor.doctor()], args)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+HANDLERS = {"tap": _cmd_tap, "lab": _cmd_lab, "check": _cmd_check, "doctor": _cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,80 @@
+"""Verdicts: one Check per (id, NIC, queue), and the Report that gathers them.
+
+A check is ``pass`` only on evidence that was seen; what could not be seen is
+``unknown`` with the reason, never a pass. The ids are stable (scripts and the
+Ansible module match on them):
+
+    host.vhost-net      /dev/vhost-net exists and can be opened
+    vm.kvm              the QEMU runs a KVM VM (anon_inode:kvm-vm), not TCG
+    nic.vhost.requested vhost was asked for, and what asked for it reached QEMU
+    nic.tap.fds         one tap fd per queue pair, on the right tap, queue mode matching
+    nic.vhost.fds       one /dev/vhost-net fd per queue pair
+    nic.vhost.worker    a vhost worker thread per vhost device
+    nic.vhost.started   the guest driver reached DRIVER_OK and vhost started (warn before)
+    nic.vhost.memtable  vhost holds a table of guest memory regions
+    nic.kick            per virtqueue: the kick eventfd is a KVM ioeventfd
+    nic.call            per virtqueue: the call eventfd is a KVM irqfd (MSI-X, in-kernel irqchip)
+    nic.features        the features vhost was set to
+"""
+
+from __future__ import annotations
+
+from vhostorch.record import Record
+
+PASS, WARN, FAIL, UNKNOWN = "pass", "warn", "fail", "unknown"
+STATUSES = (PASS, WARN, FAIL, UNKNOWN)
+
+
+class Check(Record):
+    __slots__ = ("id", "nic", "queue", "status", "message", "evidence")
+    id: str
+    nic: str | None
+    queue: int | None
+    status: str
+    message: str
+    evidence: dict[str, object]
+
+    def __init__(
+        self,
+        id: str,
+        status: str,
+        message: str,
+        evidence: dict[str, object] | None = None,
+        *,
+        nic: str | None = None,
+        queue: int | None = None,
+    ) -> None:
+        assert status in STATUSES, status
+        self._init(
+            id=id, nic=nic, queue=queue, status=status, message=message, evidence=evidence or {}
+        )
+
+
+class Report(Record):
+    """Everything checked for one target (a QEMU process, or the host for doctor)."""
+
+    __slots__ = ("target", "nics", "checks")
+    target: dict[str, object]
+    nics: tuple[dict[str, object], ...]
+    checks: tuple[Check, ...]
+
+    def __init__(
+        self,
+        target: dict[str, object],
+        nics: tuple[dict[str, object], ...],
+        checks: tuple[Check, ...],
+    ) -> None:
+        self._init(target=target, nics=nics, checks=checks)
+
+    def ok(self, strict: bool = False) -> bool:
+        bad = (FAIL, WARN, UNKNOWN) if strict else (FAIL,)
+        return not any(c.status in bad for c in self.checks)
+
+    def to_json(self, strict: bool = False) -> dict[str, object]:
+        """The stable JSON shape: ok, target, nics, checks[{id, nic, queue, status, ...}]."""
+        return {
+            "ok": self.ok(strict),
+            "target": self.target,
+            "nics": list(self.nics),
+            "checks": [c.asdict() for c in self.checks],
+        }

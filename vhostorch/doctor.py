@@ -1,0 +1,266 @@
+"""Host validation before any VM runs, in the spirit of virt-host-validate, for vhost.
+
+Checks (stable ids): host.vhost-net, host.vhost-net.access, host.tun, host.kvm,
+host.worker-model, host.libvirt.acl, host.libvirt.user, host.nofile.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vhostorch.checks import FAIL, PASS, UNKNOWN, WARN, Check, Report
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_API_VERSION = 12
+QEMU_CONF = "/etc/libvirt/qemu.conf"
+# A queue pair costs QEMU about six fds (tap, vhost-net, a kick and a call eventfd per
+# virtqueue); a VM with a few 16-queue NICs passes the traditional 1024.
+NOFILE_WANTED = 4096
+
+
+class Paths:
+    """Where the host's facts live (tests point these at recorded trees)."""
+
+    def __init__(self, dev: str = "/dev", sys: str = "/sys", qemu_conf: str = QEMU_CONF) -> None:
+        self.dev = dev
+        self.sys = sys
+        self.qemu_conf = qemu_conf
+
+
+def _char_device(path: str) -> os.stat_result | None:
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISCHR(st.st_mode) else None
+
+
+def _module_file(name: str) -> str | None:
+    release = os.uname().release
+    base = f"/lib/modules/{release}"
+    try:
+        with open(f"{base}/modules.dep") as f:
+            for line in f:
+                path = line.split(":", 1)[0]
+                stem = os.path.basename(path).split(".ko", 1)[0]
+                if stem.replace("-", "_") == name:
+                    return f"{base}/{path}"
+    except OSError:
+        pass
+    return None
+
+
+def _vhost_net(paths: Paths) -> list[Check]:
+    dev = f"{paths.dev}/vhost-net"
+    st = _char_device(dev)
+    loaded = os.path.isdir(f"{paths.sys}/module/vhost_net")
+    if st is None:
+        if loaded:
+            message = "vhost_net is loaded but /dev/vhost-net is missing (devtmpfs/udev?)"
+        elif _module_file("vhost_net"):
+            message = (
+                "/dev/vhost-net is missing: the vhost_net module is not loaded (modprobe vhost_net)"
+            )
+        else:
+            message = (
+                "/dev/vhost-net is missing and this kernel has no vhost_net module "
+                "(CONFIG_VHOST_NET): every virtio-net NIC falls back to QEMU's data path"
+            )
+        return [Check("host.vhost-net", FAIL, message, {"path": dev, "module_loaded": loaded})]
+    checks = [
+        Check("host.vhost-net", PASS, "/dev/vhost-net is present",
+              {"path": dev, "module_loaded": loaded, "mode": oct(st.st_mode & 0o777)})
+    ]  # fmt: skip
+    try:
+        os.close(os.open(dev, os.O_RDWR))
+        checks.append(Check("host.vhost-net.access", PASS, "/dev/vhost-net opens read-write"))
+    except OSError as err:
+        checks.append(
+            Check("host.vhost-net.access", FAIL, f"/dev/vhost-net does not open: {err.strerror}")
+        )
+    return checks
+
+
+def _tun(paths: Paths) -> Check:
+    dev = f"{paths.dev}/net/tun"
+    if _char_device(dev) is None:
+        return Check("host.tun", FAIL, "/dev/net/tun is missing: load the tun module")
+    try:
+        os.close(os.open(dev, os.O_RDWR))
+    except OSError as err:
+        return Check("host.tun", FAIL, f"/dev/net/tun does not open: {err.strerror}")
+    return Check("host.tun", PASS, "/dev/net/tun opens read-write")
+
+
+def _kvm(paths: Paths) -> Check:
+    dev = f"{paths.dev}/kvm"
+    if _char_device(dev) is None:
+        return Check("host.kvm", FAIL, "/dev/kvm is missing: no hardware virtualization, and "
+                     "libvirt uses vhost only for type='kvm' domains")  # fmt: skip
+    import fcntl
+
+    try:
+        fd = os.open(dev, os.O_RDWR)
+    except OSError as err:
+        return Check("host.kvm", FAIL, f"/dev/kvm does not open: {err.strerror}")
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as err:
+        return Check("host.kvm", FAIL, f"/dev/kvm does not answer KVM_GET_API_VERSION: {err}")
+    finally:
+        os.close(fd)
+    modules = sorted(m for m in ("kvm_intel", "kvm_amd", "kvm_pvm")
+                     if os.path.isdir(f"{paths.sys}/module/{m}"))  # fmt: skip
+    evidence: dict[str, object] = {"api_version": version, "modules": modules}
+    if version != KVM_API_VERSION:
+        return Check("host.kvm", FAIL, f"/dev/kvm speaks API {version}, not {KVM_API_VERSION}",
+                     evidence)  # fmt: skip
+    if modules == ["kvm_pvm"]:
+        return Check("host.kvm", WARN, "KVM here is kvm_pvm (paravirtualized, for running "
+                     "inside a cloud VM): QEMU starts with it, but stock guest kernels may hang",
+                     evidence)  # fmt: skip
+    if not modules:
+        return Check("host.kvm", UNKNOWN, "/dev/kvm answers, from no module vhostorch knows",
+                     evidence)  # fmt: skip
+    return Check("host.kvm", PASS, f"/dev/kvm is usable ({', '.join(modules)})", evidence)
+
+
+def _worker_model() -> Check:
+    release = os.uname().release
+    parts = release.split(".")
+    try:
+        version = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
+    except (ValueError, IndexError):
+        return Check("host.worker-model", UNKNOWN, f"cannot read kernel version {release!r}")
+    if version >= (6, 4):
+        message = "vhost workers are threads inside each QEMU (vhost_task, Linux 6.4 and later)"
+        model = "task"
+    else:
+        message = "vhost workers are kernel threads named vhost-<QEMU pid> (before Linux 6.4)"
+        model = "kthread"
+    return Check("host.worker-model", PASS, message, {"kernel": release, "model": model})
+
+
+def _qemu_conf(path: str) -> dict[str, str]:
+    """Top-level ``key = value`` settings (values may span lines: lists)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return {}
+    settings: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        stripped = line.split("#", 1)[0].strip()
+        if not stripped:
+            continue
+        if key is not None:
+            settings[key] += " " + stripped
+            if "]" in stripped:
+                key = None
+            continue
+        name, eq, value = stripped.partition("=")
+        if eq:
+            settings[name.strip()] = value.strip()
+            if value.strip().startswith("[") and "]" not in value:
+                key = name.strip()
+    return settings
+
+
+def _libvirt(paths: Paths) -> list[Check]:
+    if not os.path.exists(paths.qemu_conf):
+        return [Check("host.libvirt.acl", UNKNOWN, f"libvirt is not installed ({paths.qemu_conf})")]
+    conf = _qemu_conf(paths.qemu_conf)
+    checks = []
+    acl = conf.get("cgroup_device_acl")
+    if acl is None:
+        checks.append(
+            Check(
+                "host.libvirt.acl",
+                PASS,
+                "cgroup_device_acl is libvirt's default; "
+                "libvirt opens /dev/vhost-net itself and passes the fds to QEMU",
+            )
+        )
+    elif "/dev/vhost-net" in acl:
+        checks.append(
+            Check(
+                "host.libvirt.acl",
+                PASS,
+                "cgroup_device_acl lists /dev/vhost-net",
+                {"cgroup_device_acl": acl},
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "host.libvirt.acl",
+                WARN,
+                "cgroup_device_acl is set without /dev/vhost-net: a QEMU that opens "
+                "it itself (hot-plug without fds) is refused",
+                {"cgroup_device_acl": acl},
+            )
+        )
+    user = conf.get("user", '"libvirt-qemu"').strip('"')
+    checks.append(_qemu_user(user, paths))
+    return checks  # fmt: skip
+
+
+def _qemu_user(user: str, paths: Paths) -> Check:
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        return Check("host.libvirt.user", FAIL, f"libvirt's QEMU user {user!r} does not exist")
+    groups = {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem} | {entry.pw_gid}
+    try:
+        st = os.stat(f"{paths.dev}/kvm")
+    except OSError:
+        return Check("host.libvirt.user", UNKNOWN, "no /dev/kvm to check access to")
+    mode = st.st_mode
+    allowed = (
+        entry.pw_uid == 0
+        or (st.st_uid == entry.pw_uid and mode & 0o600 == 0o600)
+        or (st.st_gid in groups and mode & 0o060 == 0o060)
+        or mode & 0o006 == 0o006
+    )
+    evidence: dict[str, object] = {"user": entry.pw_name, "kvm_gid": st.st_gid,
+                                   "kvm_mode": oct(mode & 0o777)}  # fmt: skip
+    if not allowed:
+        return Check(
+            "host.libvirt.user",
+            FAIL,
+            f"libvirt's QEMU user {entry.pw_name} cannot open /dev/kvm",
+            evidence,
+        )
+    return Check("host.libvirt.user", PASS,
+                 f"libvirt's QEMU user {entry.pw_name} can open /dev/kvm (taps and vhost-net "
+                 "are opened by libvirtd and passed as fds)", evidence)  # fmt: skip
+
+
+def _nofile() -> Check:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    evidence: dict[str, object] = {"soft": soft, "hard": hard, "wanted": NOFILE_WANTED}
+    if soft != resource.RLIM_INFINITY and soft < NOFILE_WANTED:
+        return Check(
+            "host.nofile",
+            WARN,
+            f"open-file limit {soft} is low for many queues (a queue pair costs about "
+            f"6 fds); raise it to {NOFILE_WANTED} or more (libvirt: max_files)",
+            evidence,
+        )
+    return Check("host.nofile", PASS, f"open-file limit {soft} allows many queues", evidence)
+
+
+def doctor(paths: Paths | None = None) -> Report:
+    """Validate this host for vhost-net before any VM runs."""
+    paths = paths or Paths()
+    checks = [*_vhost_net(paths), _tun(paths), _kvm(paths), _worker_model()]
+    checks += [*_libvirt(paths), _nofile()]
+    return Report({"host": os.uname().nodename, "kernel": os.uname().release}, (), tuple(checks))

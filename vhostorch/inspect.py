@@ -1,0 +1,98 @@
+"""Gather what can be seen of a running QEMU into one Observation (no verdicts here).
+
+Sources: /proc (fds, fdinfo, threads, command line), the vhost workers, the
+taps over rtnetlink, and, when given, the libvirt domain's XML. ``verify`` turns
+an Observation into checks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vhostorch import procfs, qemuargs
+from vhostorch.record import TYPE_CHECKING, Record
+from vhostorch.rtnl import Link, Rtnl
+
+if TYPE_CHECKING:
+    from vhostorch.domxml import Domain
+
+
+class Observation(Record):
+    __slots__ = (
+        "process", "args", "worker_model", "workers", "taps", "taps_seen", "vhost_net",
+        "domain",
+    )  # fmt: skip
+    process: procfs.Process
+    args: qemuargs.QemuArgs
+    worker_model: str
+    workers: tuple[int, ...]
+    taps: dict[str, Link | None]
+    taps_seen: str | None
+    vhost_net: bool
+    domain: Domain | None
+
+    def __init__(
+        self,
+        process: procfs.Process,
+        args: qemuargs.QemuArgs,
+        worker_model: str,
+        workers: tuple[int, ...],
+        taps: dict[str, Link | None],
+        taps_seen: str | None,
+        vhost_net: bool,
+        domain: Domain | None,
+    ) -> None:
+        self._init(
+            process=process, args=args, worker_model=worker_model, workers=workers, taps=taps,
+            taps_seen=taps_seen, vhost_net=vhost_net, domain=domain,
+        )  # fmt: skip
+
+
+def vhost_net_present(dev: str = "/dev") -> bool:
+    import stat
+
+    try:
+        return stat.S_ISCHR(os.stat(f"{dev}/vhost-net").st_mode)
+    except OSError:
+        return False
+
+
+def _netns(pid: int | str, proc: str) -> str | None:
+    try:
+        return os.readlink(f"{proc}/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def observe(
+    pid: int,
+    *,
+    domain: Domain | None = None,
+    proc: str = procfs.PROC,
+    kthreads: dict[str, list[int]] | None = None,
+) -> Observation:
+    """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU."""
+    process = procfs.read(pid, proc)
+    name = procfs.program(pid, proc)
+    if not procfs.is_qemu(name):
+        raise procfs.CannotInspect(f"process {pid} is not a QEMU (it runs {name or '?'})")
+    args = qemuargs.parse(process.argv)
+    model, workers = procfs.vhost_workers(
+        process, procfs.vhost_kthreads(proc) if kthreads is None else kthreads
+    )
+    names = {fd.tap for fd in process.fds if fd.tap}
+    names |= {n.ifname for n in args.netdevs if n.ifname}
+    if domain is not None:
+        names |= {i.target for i in domain.interfaces if i.target}
+    taps: dict[str, Link | None] = {}
+    seen = None
+    # Taps live in QEMU's network namespace; read them only when it is ours.
+    if _netns(pid, proc) != _netns("self", "/proc"):
+        seen = "QEMU runs in another network namespace; its taps were not read"
+    else:
+        with Rtnl() as rtnl:
+            links = rtnl.links()
+        taps = {name: links.get(name) for name in sorted(n for n in names if n)}
+    return Observation(
+        process, args, model, tuple(workers), taps, seen, vhost_net_present(), domain
+    )

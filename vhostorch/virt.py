@@ -1,0 +1,65 @@
+"""libvirt, through libvirt-python: the only module that imports it.
+
+For checking, a running domain's live XML and its QEMU's pid are all that is
+needed; the connection is opened and closed here and never handed out.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vhostorch import procfs, qemuargs
+from vhostorch.errors import OperationFailed
+
+SYSTEM_URI = "qemu:///system"
+# libvirt's QEMU driver writes each running domain's pid here (qemu:///system).
+PID_DIR = "/run/libvirt/qemu"
+
+
+class DomainUnavailable(OperationFailed):
+    """The domain cannot be inspected: libvirt unreachable, no such domain, not running."""
+
+    exit_code = 2
+
+
+def domain_xml(name: str, uri: str = SYSTEM_URI) -> str:
+    """The live XML of running domain ``name``. Raises DomainUnavailable."""
+    try:
+        import libvirt  # type: ignore[import-untyped]
+    except ImportError:
+        raise DomainUnavailable("libvirt-python is not installed") from None
+    # libvirt prints its errors on stderr unless a handler takes them.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as err:
+        raise DomainUnavailable(f"cannot connect to {uri}: {err.get_error_message()}") from None
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            raise DomainUnavailable(f"no domain {name!r} at {uri}") from None
+        if not dom.isActive():
+            raise DomainUnavailable(f"domain {name!r} is not running")
+        xml: str = dom.XMLDesc(0)
+        return xml
+    finally:
+        conn.close()
+
+
+def domain_pid(name: str, proc: str = procfs.PROC, pid_dir: str = PID_DIR) -> int:
+    """The QEMU pid of running domain ``name``: its pid file, else ``-name guest=NAME``."""
+    try:
+        with open(os.path.join(pid_dir, f"{name}.pid")) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    for pid in procfs.qemu_pids(proc):
+        try:
+            with open(f"{proc}/{pid}/cmdline") as f:
+                argv = f.read().split("\0")
+        except OSError:
+            continue
+        if qemuargs.parse(argv).name == name:
+            return pid
+    raise DomainUnavailable(f"no QEMU process found for domain {name!r}")
