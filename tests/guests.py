@@ -15,7 +15,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from tests import kernel
+from vhostorch import taps
 from vhostorch.labimage import GUEST_APPEND, Image, ensure_image
+from vhostorch.model import TapSpec
 
 _IMAGE: list[Image] = []
 
@@ -143,3 +146,30 @@ def runtime_ns(tid: int) -> int:
     """Time ``tid`` has spent on a CPU, in nanoseconds (schedstat's first field)."""
     with open(f"/proc/{tid}/schedstat") as f:
         return int(f.read().split()[0])
+
+
+@contextmanager
+def tap(queues: int, address: str | None = None) -> Iterator[str]:
+    """A tap made by vhostorch for one guest, deleted afterwards."""
+    name = kernel.unique("vt")
+    taps.ensure([TapSpec(name, queues=queues)])
+    try:
+        if address:
+            kernel.run("ip", "addr", "add", address, "dev", name)
+        yield name
+    finally:
+        taps.delete([name])
+
+
+def vhost_netdev(
+    name: str, queues: int, vhost: str = "on", nic: int = 0, device_queues: int | None = None
+) -> list[str]:
+    """-netdev/-device for a tap NIC; ``device_queues`` sizes the device differently."""
+    netdev = f"tap,id=n{nic},ifname={name},script=no,downscript=no,vhost={vhost}"
+    device = f"virtio-net-pci,netdev=n{nic},id=net{nic},mac=52:54:00:12:34:{0x56 + nic:02x}"
+    if queues > 1:
+        netdev += f",queues={queues}"
+    sized = device_queues or queues
+    if sized > 1:
+        device += f",mq=on,vectors={2 * sized + 2}"
+    return ["-netdev", netdev, "-device", device]

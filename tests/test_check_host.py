@@ -169,8 +169,8 @@ def _wait_for_tap_fd(pid: int, dev: str) -> subprocess.CompletedProcess[str]:
         (["check", "--pid", "999999999"], "no process 999999999"),
         (["check", "--pid", str(os.getpid())], "is not a QEMU"),
         (["check", "--domain", "vho-no-such-domain"], "no domain 'vho-no-such-domain'"),
-        (["check"], "give one of --pid, --domain or --all"),
-        (["check", "--pid", "1", "--all"], "give one of --pid, --domain or --all"),
+        (["check"], "give one of --pid, --domain, --qmp or --all"),
+        (["check", "--pid", "1", "--all"], "give one of --pid, --domain, --qmp or --all"),
         (["check", "--all", "--watch", "0"], "--watch needs at least 1 second"),
     ],
 )

@@ -11,11 +11,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # Each module may import only modules listed before it (and the stdlib).
 ORDER = [
     *("errors", "record", "model", "argv", "rtnl", "tun", "netns", "taps"),
-    *("procfs", "qemuargs", "domxml", "checks", "inspect", "verify", "virt", "doctor"),
+    *("procfs", "qemuargs", "domxml", "checks", "monitor", "wiring"),
+    *("inspect", "verify", "virt"),
+    "doctor",
     *("labimage", "lab", "cli", "__main__"),
 ]
 # Third-party packages, and the one module allowed to import each (inside its functions).
-THIRD_PARTY = {"pyroute2": "", "libvirt": "virt", "qemu": "monitor"}
+THIRD_PARTY = {"pyroute2": "", "libvirt": "virt", "libvirt_qemu": "virt", "qemu": "monitor"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

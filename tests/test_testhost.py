@@ -13,14 +13,10 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
 from tests import guests, kernel
-from vhostorch import taps
-from vhostorch.model import TapSpec
 
 pytestmark = pytest.mark.testhost
 
@@ -33,28 +29,6 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_IOEVENTFD = 36
 VHOST_NET_F_VIRTIO_NET_HDR = 27
 VIRTIO_F_VERSION_1 = 32
-
-
-@contextmanager
-def tap(queues: int, address: str | None = None) -> Iterator[str]:
-    """A tap made by vhostorch for one guest, deleted afterwards."""
-    name = kernel.unique("vt")
-    taps.ensure([TapSpec(name, queues=queues)])
-    try:
-        if address:
-            kernel.run("ip", "addr", "add", address, "dev", name)
-        yield name
-    finally:
-        taps.delete([name])
-
-
-def vhost_netdev(name: str, queues: int, vhost: str = "on") -> list[str]:
-    netdev = f"tap,id=n0,ifname={name},script=no,downscript=no,vhost={vhost}"
-    device = "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"
-    if queues > 1:
-        netdev += f",queues={queues}"
-        device += f",mq=on,vectors={2 * queues + 2}"
-    return ["-netdev", netdev, "-device", device]
 
 
 def count(targets: dict[int, str], path: str) -> int:
@@ -89,9 +63,9 @@ def test_qemu_vhost_on_holds_a_vhost_fd_and_worker_per_queue_pair(
     in_testhost: None, queues: int
 ) -> None:
     guests.image()
-    with tap(queues) as name:
+    with guests.tap(queues) as name:
         start = time.monotonic()
-        with guests.guest(vhost_netdev(name, queues)) as g:
+        with guests.guest(guests.vhost_netdev(name, queues)) as g:
             g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=30)
             up = time.monotonic() - start
             targets = guests.fd_targets(g.pid)
@@ -114,7 +88,7 @@ def test_libvirt_kvm_domain_with_vhost_queues_holds_the_vhost_fds(
     os.chmod(workdir, 0o755)
     console = os.path.join(workdir, "console.log")
     name = kernel.unique("vho-t-")
-    with tap(4) as dev:
+    with guests.tap(4) as dev:
         xml = f"""<domain type='kvm'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
@@ -196,9 +170,9 @@ def _packets(dev: str) -> int:
 
 def _ping_through(vhost: str) -> tuple[int, int, int]:
     """Guest pings the tap's address; return (packets on the tap, QEMU syscalls, worker ns)."""
-    with tap(1) as name:
+    with guests.tap(1) as name:
         append = "vho.addr=10.77.0.2/24 vho.ping=10.77.0.1 vho.count=60"
-        with guests.guest(vhost_netdev(name, 1, vhost), append=append) as g:
+        with guests.guest(guests.vhost_netdev(name, 1, vhost), append=append) as g:
             g.wait_for(r"VHOSTORCH-GUEST: addr", timeout=30)
             workers = guests.vhost_workers(g.pid)
             assert len(workers) == (1 if vhost == "on" else 0)

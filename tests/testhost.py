@@ -203,7 +203,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_Reporter(path), "vhostorch-testhost-reporter")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def in_testhost() -> Iterator[None]:
     """For tests that must only ever run inside the test host (they change the host)."""
     if not INSIDE:

@@ -7,6 +7,7 @@ Ansible module match on them):
     host.vhost-net      /dev/vhost-net exists and can be opened
     vm.kvm              the QEMU runs a KVM VM (anon_inode:kvm-vm), not TCG
     nic.vhost.requested vhost was asked for, and what asked for it reached QEMU
+    nic.queues          the device is sized for the queue pairs its tap netdev has
     nic.tap.fds         one tap fd per queue pair, on the right tap, queue mode matching
     nic.vhost.fds       one /dev/vhost-net fd per queue pair
     nic.vhost.worker    a vhost worker thread per vhost device

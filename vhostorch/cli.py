@@ -106,12 +106,33 @@ COMMANDS = (
             Option("--pid", INT, "the QEMU process to check"),
             Option("--domain", VALUE, "the libvirt domain to check (its XML says what was asked)"),
             Option("--connect", VALUE, "libvirt URI for --domain (default qemu:///system)"),
+            Option("--qmp", VALUE, "the QMP socket of a QEMU you run (also read for its status)"),
             Option("--all", FLAG, "every QEMU process on this host"),
+            Option(
+                "--monitor",
+                FLAG,
+                "with --domain: ask QEMU's monitor through libvirt (libvirt then marks the "
+                "domain tainted: custom-monitor)",
+            ),
             Option("--strict", FLAG, "warn and unknown fail too"),
             Option("--watch", INT, "re-check every N seconds and report what changes"),
             JSON,
         ),
         CHECK_EXIT_CODES,
+    ),
+    Command(
+        ("trace", "arm"),
+        "record the ioctls that wire vhost kicks and calls to KVM (needed by nic.kick/nic.call)",
+        "",
+        "0",
+        (JSON,),
+        EXIT_CODES,
+    ),
+    Command(
+        ("trace", "disarm"), "stop recording and remove the probe", "", "0", (JSON,), EXIT_CODES
+    ),
+    Command(
+        ("trace", "status"), "say whether the wiring trace is armed", "", "0", (JSON,), EXIT_CODES
     ),
     Command(
         ("doctor",),
@@ -326,26 +347,48 @@ _STATUSES = ("fail", "warn", "unknown", "pass")
 
 
 def _check_reports(args: Parsed) -> list[Any]:
-    from vhostorch import domxml, inspect, procfs, verify, virt
+    from vhostorch import domxml, inspect, monitor, procfs, qemuargs, verify, virt
 
     pid, domain_name, every = args.number("pid"), args.text("domain"), args.flag("all")
-    if sum((pid is not None, domain_name is not None, every)) != 1:
-        raise InvalidSpec("check: give one of --pid, --domain or --all")
+    qmp = args.text("qmp")
+    if sum((pid is not None, domain_name is not None, every, qmp is not None)) != 1:
+        raise InvalidSpec("check: give one of --pid, --domain, --qmp or --all")
     if args.text("connect") and domain_name is None:
         raise InvalidSpec("check: --connect goes with --domain")
+    if args.flag("monitor") and domain_name is None:
+        raise InvalidSpec("check: --monitor goes with --domain (--pid and --qmp use QMP directly)")
     if domain_name is not None:
-        xml = virt.domain_xml(domain_name, args.text("connect") or virt.SYSTEM_URI)
-        domain = domxml.parse(xml)
-        return [verify.verify(inspect.observe(virt.domain_pid(domain_name), domain=domain))]
+        uri = args.text("connect") or virt.SYSTEM_URI
+        domain = domxml.parse(virt.domain_xml(domain_name, uri))
+        reader = (lambda: virt.read_monitor(domain_name, uri)) if args.flag("monitor") else None
+        observed = inspect.observe(virt.domain_pid(domain_name), domain=domain, monitor=reader)
+        return [verify.verify(observed)]
+    if qmp is not None:
+        try:
+            pid = monitor.peer_pid(qmp)
+        except monitor.MonitorError as err:
+            raise procfs.CannotInspect(str(err)) from None
+        return [verify.verify(inspect.observe(pid, monitor=lambda: monitor.read_qmp(qmp)))]
+
+    def own_qmp(qemu: int) -> Any:
+        # A QEMU started with -qmp unix:PATH is asked over that socket.
+        try:
+            with open(f"/proc/{qemu}/cmdline") as f:
+                path = qemuargs.parse(f.read().split("\0")).qmp
+        except OSError:
+            return None
+        return (lambda: monitor.read_qmp(path)) if path else None
+
     if pid is not None:
-        return [verify.verify(inspect.observe(pid))]
+        return [verify.verify(inspect.observe(pid, monitor=own_qmp(pid)))]
     kthreads = procfs.vhost_kthreads()
     reports = []
     for qemu in procfs.qemu_pids():
         try:
-            reports.append(verify.verify(inspect.observe(qemu, kthreads=kthreads)))
+            observed = inspect.observe(qemu, kthreads=kthreads, monitor=own_qmp(qemu))
         except procfs.CannotInspect:
             continue  # it exited while we looked
+        reports.append(verify.verify(observed))
     return reports
 
 
@@ -400,7 +443,30 @@ def _cmd_doctor(args: Parsed) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-HANDLERS = {"tap": _cmd_tap, "lab": _cmd_lab, "check": _cmd_check, "doctor": _cmd_doctor}
+def _cmd_trace(args: Parsed) -> int:
+    from vhostorch import wiring
+
+    verb = args.command.path[1]
+    if verb == "arm":
+        changed = wiring.arm()
+        text = "wiring trace armed" if changed else "wiring trace was already armed"
+    elif verb == "disarm":
+        wiring.disarm()
+        changed, text = True, "wiring trace disarmed"
+    else:
+        changed = False
+        text = "wiring trace is " + ("armed" if wiring.armed() else "not armed")
+    _emit({"ok": True, "armed": wiring.armed(), "changed": changed}, args.flag("json"), text)
+    return EXIT_OK
+
+
+HANDLERS = {
+    "tap": _cmd_tap,
+    "lab": _cmd_lab,
+    "check": _cmd_check,
+    "doctor": _cmd_doctor,
+    "trace": _cmd_trace,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

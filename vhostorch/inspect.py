@@ -10,17 +10,23 @@ from __future__ import annotations
 import os
 
 from vhostorch import procfs, qemuargs
+from vhostorch import wiring as wiring_trace
+from vhostorch.monitor import MonitorError
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.rtnl import Link, Rtnl
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vhostorch.domxml import Domain
+    from vhostorch.monitor import MonitorView
+    from vhostorch.wiring import Wiring
 
 
 class Observation(Record):
     __slots__ = (
         "process", "args", "worker_model", "workers", "taps", "taps_seen", "vhost_net",
-        "domain",
+        "domain", "monitor", "monitor_error", "wiring", "wiring_note",
     )  # fmt: skip
     process: procfs.Process
     args: qemuargs.QemuArgs
@@ -30,6 +36,10 @@ class Observation(Record):
     taps_seen: str | None
     vhost_net: bool
     domain: Domain | None
+    monitor: MonitorView | None
+    monitor_error: str | None
+    wiring: Wiring | None
+    wiring_note: str | None
 
     def __init__(
         self,
@@ -41,10 +51,15 @@ class Observation(Record):
         taps_seen: str | None,
         vhost_net: bool,
         domain: Domain | None,
+        monitor: MonitorView | None = None,
+        monitor_error: str | None = None,
+        wiring: Wiring | None = None,
+        wiring_note: str | None = None,
     ) -> None:
         self._init(
             process=process, args=args, worker_model=worker_model, workers=workers, taps=taps,
-            taps_seen=taps_seen, vhost_net=vhost_net, domain=domain,
+            taps_seen=taps_seen, vhost_net=vhost_net, domain=domain, monitor=monitor,
+            monitor_error=monitor_error, wiring=wiring, wiring_note=wiring_note,
         )  # fmt: skip
 
 
@@ -70,8 +85,14 @@ def observe(
     domain: Domain | None = None,
     proc: str = procfs.PROC,
     kthreads: dict[str, list[int]] | None = None,
+    monitor: Callable[[], MonitorView] | None = None,
+    tracefs: str = wiring_trace.TRACEFS,
 ) -> Observation:
-    """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU."""
+    """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU.
+
+    ``monitor`` reads QEMU's monitor; when it fails, the reason is kept and the
+    checks that need it are unknown.
+    """
     process = procfs.read(pid, proc)
     name = procfs.program(pid, proc)
     if not procfs.is_qemu(name):
@@ -93,6 +114,23 @@ def observe(
         with Rtnl() as rtnl:
             links = rtnl.links()
         taps = {name: links.get(name) for name in sorted(n for n in names if n)}
+    view, error = None, None
+    if monitor is not None:
+        try:
+            view = monitor()
+        except MonitorError as err:
+            error = str(err)
+    since = process.start_ticks / os.sysconf("SC_CLK_TCK")
+    wired = wiring_trace.read(pid, since, tracefs)
+    note = None
+    if wired is None:
+        note = "the wiring trace is not armed (vhostorch trace arm, before the guest driver starts)"
+    elif not wired.vrings:
+        note = (
+            "the wiring trace is armed but recorded no vring of this QEMU: they were wired "
+            "before it was armed (a guest driver restart, or a pause and resume, wires them again)"
+        )
     return Observation(
-        process, args, model, tuple(workers), taps, seen, vhost_net_present(), domain
-    )
+        process, args, model, tuple(workers), taps, seen, vhost_net_present(), domain, view,
+        error, wired, note,
+    )  # fmt: skip

@@ -9,10 +9,21 @@ from vhostorch.record import TYPE_CHECKING
 if TYPE_CHECKING:
     from vhostorch.domxml import Interface
     from vhostorch.inspect import Observation
+    from vhostorch.monitor import VirtioNet
     from vhostorch.qemuargs import NetdevArg
 
 TAP_TYPES = ("tap", "bridge")  # "bridge" is a tap opened by qemu-bridge-helper
 NO_MONITOR = "needs QEMU's monitor (x-query-virtio-status), which this check did not query"
+# The features that fix the virtio-net header layout vhost must use (its length
+# depends on both); a guest and vhost that disagree on them corrupt every packet.
+HEADER_LAYOUT_FEATURES = ("VIRTIO_F_VERSION_1", "VIRTIO_NET_F_MRG_RXBUF")
+# Feature bits vhost-net can be set to (include/uapi/linux/virtio_*.h, vhost.h).
+FEATURE_BITS = (
+    (15, "VIRTIO_NET_F_MRG_RXBUF"), (24, "VIRTIO_F_NOTIFY_ON_EMPTY"), (26, "VHOST_F_LOG_ALL"),
+    (27, "VHOST_NET_F_VIRTIO_NET_HDR"), (28, "VIRTIO_RING_F_INDIRECT_DESC"),
+    (29, "VIRTIO_RING_F_EVENT_IDX"), (32, "VIRTIO_F_VERSION_1"), (33, "VIRTIO_F_ACCESS_PLATFORM"),
+    (34, "VIRTIO_F_RING_PACKED"), (40, "VIRTIO_F_RING_RESET"),
+)  # fmt: skip
 NO_TRACE = (
     "the kick/call wiring is set when the guest driver starts and is not visible "
     "afterwards; no attach-time trace was recorded for this QEMU"
@@ -28,7 +39,7 @@ class _Nic:
         self.iface = iface
         self.tap_fds: list[procfs.Fd] = []
         self.vhost_fds: list[procfs.Fd] = []
-        self.vhost_assigned_by_order = False
+        self.vhost_assigned_by = "the command line"
 
 
 def _nics(obs: Observation) -> list[_Nic]:
@@ -41,11 +52,11 @@ def _nics(obs: Observation) -> list[_Nic]:
         iface = next((i for i in interfaces if i.netdev_id == netdev.id), None)
         name = (device.id if device and device.id else None) or netdev.id
         nics.append(_Nic(netdev, name, iface))
-    _claim_fds(obs.process, nics)
+    _claim_fds(obs.process, nics, obs.wiring.backend_fds() if obs.wiring else {})
     return nics
 
 
-def _claim_fds(process: procfs.Process, nics: list[_Nic]) -> None:
+def _claim_fds(process: procfs.Process, nics: list[_Nic], backends: dict[int, int]) -> None:
     """Give each NIC its tap and vhost fds: those named on the command line, else by order.
 
     QEMU opening taps itself (``ifname=``) opens each queue's /dev/vhost-net right
@@ -69,8 +80,16 @@ def _claim_fds(process: procfs.Process, nics: list[_Nic]) -> None:
                 fd for fd in process.fds if fd.tap == nic.netdev.ifname and fd.num not in claimed
             ]
             claimed |= {fd.num for fd in nic.tap_fds}
-    owner: _Nic | None = None
     tap_owner = {fd.num: nic for nic in nics for fd in nic.tap_fds}
+    # The trace says exactly which tap each vhost fd serves (VHOST_NET_SET_BACKEND).
+    traced = sorted(backends.items(), key=lambda item: item[1])
+    for vhost_fd, tap_fd in traced:
+        fd = process.fd(vhost_fd)
+        if vhost_fd not in claimed and tap_fd in tap_owner and fd is not None:
+            tap_owner[tap_fd].vhost_fds.append(fd)
+            tap_owner[tap_fd].vhost_assigned_by = "VHOST_NET_SET_BACKEND (traced)"
+            claimed.add(vhost_fd)
+    owner: _Nic | None = None
     for fd in process.fds:
         if fd.num in tap_owner:
             owner = tap_owner[fd.num]
@@ -82,7 +101,7 @@ def _claim_fds(process: procfs.Process, nics: list[_Nic]) -> None:
             and not owner.netdev.vhostfds
         ):
             owner.vhost_fds.append(fd)
-            owner.vhost_assigned_by_order = True
+            owner.vhost_assigned_by = "fd order (QEMU opens each after its tap)"
             claimed.add(fd.num)
 
 
@@ -165,13 +184,39 @@ def _tap_fds(obs: Observation, nic: _Nic) -> Check:
                  evidence, nic=nic.name)  # fmt: skip
 
 
+def _queues(obs: Observation, nic: _Nic) -> Check:
+    """The device is sized for as many queue pairs as its tap netdev has."""
+    pairs = nic.netdev.queue_pairs
+    device = obs.args.device_for(nic.netdev.id)
+    evidence: dict[str, object] = {"netdev_queue_pairs": pairs}
+    wanted, source = None, ""
+    if nic.iface is not None:
+        wanted, source = nic.iface.queues, f"<driver queues='{nic.iface.queues}'/>"
+    elif device is not None and device.mq and device.vectors:
+        wanted, source = (device.vectors - 2) // 2, f"vectors={device.vectors}"
+    if device is not None:
+        evidence.update(mq=device.mq, vectors=device.vectors)
+    if wanted is not None:
+        evidence["device_queue_pairs"] = wanted
+    if wanted is not None and wanted != pairs:
+        return Check("nic.queues", FAIL,
+                     f"the device is sized for {wanted} queue pair(s) ({source}) but its tap "
+                     f"netdev has {pairs}", evidence, nic=nic.name)  # fmt: skip
+    if pairs > 1 and device is not None and not device.mq:
+        return Check("nic.queues", FAIL,
+                     f"the tap netdev has {pairs} queue pairs but the device lacks mq=on, so "
+                     "the guest uses one", evidence, nic=nic.name)  # fmt: skip
+    return Check("nic.queues", PASS, f"{pairs} queue pair(s) on the device and on the tap",
+                 evidence, nic=nic.name)  # fmt: skip
+
+
 def _vhost_fds(obs: Observation, nic: _Nic) -> Check:
     pairs = nic.netdev.queue_pairs
     wrong = [fd.num for fd in nic.vhost_fds if fd.target != procfs.VHOST_NET]
     good = [fd.num for fd in nic.vhost_fds if fd.target == procfs.VHOST_NET]
     evidence: dict[str, object] = {"expected": pairs, "fds": good}
-    if nic.vhost_assigned_by_order:
-        evidence["assigned"] = "by fd order (QEMU opened them after each tap)"
+    if good:
+        evidence["assigned_by"] = nic.vhost_assigned_by
     if wrong:
         evidence["not_vhost_net"] = wrong
     if len(good) == pairs and not wrong:
@@ -206,6 +251,256 @@ def _worker(obs: Observation, nic: _Nic, total_vhost: int) -> Check:
                  nic=nic.name)  # fmt: skip
 
 
+def _no_monitor(obs: Observation) -> str:
+    if obs.monitor_error:
+        return f"unknown: QEMU's monitor could not be read ({obs.monitor_error})"
+    return f"unknown: {NO_MONITOR}"
+
+
+def _monitor_nic(obs: Observation, nic: _Nic) -> VirtioNet | None:
+    if obs.monitor is None:
+        return None
+    device = obs.args.device_for(nic.netdev.id)
+    return obs.monitor.nic_for(device.id if device else None, nic.netdev.id)
+
+
+def _monitor_checks(obs: Observation, nic: _Nic, virtio: VirtioNet | None) -> list[Check]:
+    if obs.monitor is None:
+        traced = _traced_start(obs, nic)
+        if traced:
+            return traced
+        return [
+            Check("nic.vhost.started", UNKNOWN, _no_monitor(obs), nic=nic.name),
+            Check("nic.vhost.memtable", UNKNOWN, _no_monitor(obs), nic=nic.name),
+        ]
+    if virtio is None:
+        message = f"the monitor ({obs.monitor.source}) shows no virtio-net device for {nic.name}"
+        return [
+            Check("nic.vhost.started", FAIL, message, nic=nic.name),
+            Check("nic.vhost.memtable", UNKNOWN, f"unknown: {message}", nic=nic.name),
+        ]
+    evidence: dict[str, object] = {
+        "source": obs.monitor.source, "path": virtio.path, "status": list(virtio.statuses),
+        "vhost_started": virtio.vhost_started, "vm_running": virtio.vm_running,
+    }  # fmt: skip
+    if virtio.vhost_started:
+        started = Check("nic.vhost.started", PASS,
+                        "the guest driver is up (DRIVER_OK) and vhost is started", evidence,
+                        nic=nic.name)  # fmt: skip
+    elif not virtio.driver_ok:
+        started = Check("nic.vhost.started", WARN,
+                        "the guest driver has not started the device yet (no DRIVER_OK); vhost "
+                        "starts when it does", evidence, nic=nic.name)  # fmt: skip
+    elif not virtio.vm_running:
+        started = Check("nic.vhost.started", WARN, "the VM is paused; vhost runs while it runs",
+                        evidence, nic=nic.name)  # fmt: skip
+    else:
+        started = Check("nic.vhost.started", FAIL,
+                        "the guest driver is up but vhost is not started: QEMU fell back to its "
+                        "own data path ('unable to start vhost net' in its log)", evidence,
+                        nic=nic.name)  # fmt: skip
+    vhost = virtio.vhost or {}
+    sections = vhost.get("n-mem-sections")
+    mem_evidence: dict[str, object] = {
+        "n-mem-sections": sections, "nvqs": vhost.get("nvqs"), "vq-index": vhost.get("vq-index"),
+        "reported_for": "queue pair 0 (QEMU reports one vhost device; it starts all or none)",
+    }  # fmt: skip
+    if not virtio.vhost_started:
+        memtable = Check("nic.vhost.memtable", UNKNOWN,
+                         "unknown: vhost is not started, so QEMU reports no vhost device",
+                         nic=nic.name)  # fmt: skip
+    elif isinstance(sections, int) and sections > 0:
+        memtable = Check("nic.vhost.memtable", PASS,
+                         f"vhost holds {sections} guest memory region(s)", mem_evidence,
+                         nic=nic.name)  # fmt: skip
+    else:
+        memtable = Check("nic.vhost.memtable", FAIL, "vhost holds no guest memory table",
+                         mem_evidence, nic=nic.name)  # fmt: skip
+    return [started, memtable]
+
+
+def _traced_start(obs: Observation, nic: _Nic) -> list[Check]:
+    """started and memtable from the wiring trace, when it saw this NIC's vhost devices."""
+    wired = obs.wiring
+    fds = [fd.num for fd in nic.vhost_fds]
+    if wired is None or not any(wired.vring(fd, 0) for fd in fds):
+        return []
+    joined = {fd: [wired.vring(fd, i) for i in (0, 1)] for fd in fds}
+    evidence: dict[str, object] = {
+        "source": "wiring trace",
+        "backends": {fd: [v.backend if v else None for v in vr] for fd, vr in joined.items()},
+    }  # fmt: skip
+    if all(v is not None and v.backend is not None and v.backend >= 0
+           for vrings in joined.values() for v in vrings):  # fmt: skip
+        started = Check("nic.vhost.started", PASS,
+                        "every vring was joined to its tap (VHOST_NET_SET_BACKEND): vhost runs "
+                        "the data path", evidence, nic=nic.name)  # fmt: skip
+    else:
+        started = Check("nic.vhost.started", FAIL,
+                        "not every vring is joined to its tap: vhost is stopped or was never "
+                        "started", evidence, nic=nic.name)  # fmt: skip
+    regions = {fd: wired.mem_regions.get(fd) for fd in fds}
+    mem_evidence: dict[str, object] = {"source": "wiring trace", "regions": regions}
+    if all(n is None for n in regions.values()):
+        memtable = Check("nic.vhost.memtable", UNKNOWN,
+                         "unknown: the memory table was set before the trace was armed",
+                         mem_evidence, nic=nic.name)  # fmt: skip
+    elif all(n for n in regions.values()):
+        most = max(r or 0 for r in regions.values())
+        memtable = Check("nic.vhost.memtable", PASS,
+                         f"each vhost device holds a table of {most} guest memory region(s)",
+                         mem_evidence, nic=nic.name)  # fmt: skip
+    else:
+        memtable = Check("nic.vhost.memtable", FAIL,
+                         "a vhost device of this NIC has no guest memory table", mem_evidence,
+                         nic=nic.name)  # fmt: skip
+    return [started, memtable]
+
+
+def _feature_names(bits: int) -> list[str]:
+    return [name for bit, name in FEATURE_BITS if bits >> bit & 1]
+
+
+def _traced_features(obs: Observation, nic: _Nic) -> Check | None:
+    wired = obs.wiring
+    if wired is None:
+        return None
+    told = {fd.num: wired.features.get(fd.num) for fd in nic.vhost_fds}
+    if not told or any(bits is None for bits in told.values()):
+        return None
+    values = set(told.values())
+    evidence: dict[str, object] = {
+        "source": "wiring trace",
+        "features": {fd: hex(b or 0) for fd, b in told.items()},
+    }
+    if len(values) != 1:
+        return Check("nic.features", FAIL, "the vhost devices of this NIC were set to different "
+                     "features", evidence, nic=nic.name)  # fmt: skip
+    bits = values.pop() or 0
+    names = _feature_names(bits)
+    evidence["names"] = names
+    if not bits:
+        return Check("nic.features", FAIL, "vhost was given no features", evidence, nic=nic.name)
+    return Check("nic.features", PASS,
+                 f"vhost was set to {', '.join(names) or hex(bits)} (VHOST_SET_FEATURES)",
+                 evidence, nic=nic.name)  # fmt: skip
+
+
+def _features(obs: Observation, nic: _Nic, virtio: VirtioNet | None) -> Check:
+    if obs.monitor is None:
+        traced = _traced_features(obs, nic)
+        if traced is not None:
+            return traced
+    if virtio is None or obs.monitor is None:
+        return Check("nic.features", UNKNOWN, _no_monitor(obs) if obs.monitor is None else
+                     "unknown: no virtio-net device in the monitor", nic=nic.name)  # fmt: skip
+    if not virtio.vhost_started:
+        return Check("nic.features", UNKNOWN, "unknown: vhost is not started", nic=nic.name)
+    acked = list(virtio.acked_features)
+    evidence: dict[str, object] = {"acked": acked, "guest": list(virtio.guest_features)}
+    differ = [f for f in HEADER_LAYOUT_FEATURES
+              if (f in virtio.guest_features) != (f in acked)]  # fmt: skip
+    if not acked:
+        return Check("nic.features", FAIL, "vhost was given no features", evidence, nic=nic.name)
+    if differ:
+        return Check("nic.features", FAIL,
+                     f"the guest and vhost disagree on {', '.join(differ)}, which set the "
+                     "header layout", evidence, nic=nic.name)  # fmt: skip
+    return Check("nic.features", PASS,
+                 f"vhost runs with {len(acked)} feature(s), agreeing with the guest on "
+                 f"{' and '.join(HEADER_LAYOUT_FEATURES)}", evidence, nic=nic.name)  # fmt: skip
+
+
+def _eventfd(obs: Observation, num: int) -> dict[str, object]:
+    """What the eventfd QEMU gave now looks like (it must still be open as an eventfd)."""
+    fd = obs.process.fd(num)
+    if fd is None or fd.target != procfs.EVENTFD:
+        return {"fd": num, "open_as_eventfd": False}
+    return {"fd": num, "open_as_eventfd": True, "eventfd_id": fd.info.get("eventfd-id")}
+
+
+def _wiring_checks(obs: Observation, nic: _Nic, queue: int) -> list[Check]:
+    """nic.kick and nic.call for virtqueue ``queue`` (2p is queue pair p's rx, 2p+1 its tx)."""
+    pair, index = divmod(queue, 2)
+    if obs.wiring is None or not obs.wiring.vrings:
+        why = f"unknown: {obs.wiring_note or NO_TRACE}"
+        return [Check("nic.kick", UNKNOWN, why, nic=nic.name, queue=queue),
+                Check("nic.call", UNKNOWN, why, nic=nic.name, queue=queue)]  # fmt: skip
+    if pair >= len(nic.vhost_fds):
+        why = f"fail: no vhost fd for queue pair {pair}"
+        return [Check("nic.kick", FAIL, why, nic=nic.name, queue=queue),
+                Check("nic.call", FAIL, why, nic=nic.name, queue=queue)]  # fmt: skip
+    vhost_fd = nic.vhost_fds[pair].num
+    vring = obs.wiring.vring(vhost_fd, index)
+    base: dict[str, object] = {"vhost_fd": vhost_fd, "vring": index}
+    virtio = _monitor_nic(obs, nic)
+    # QEMU sets a placeholder call eventfd when it opens vhost; a vring is wired for
+    # real only once it has a kick eventfd and is joined to its tap (vhost started).
+    running = vring is not None and vring.kick is not None and (vring.backend or -1) >= 0
+    if not running and virtio is not None and not virtio.driver_ok:
+        why = "not wired yet: the guest driver has not started the device (no DRIVER_OK)"
+        return [Check("nic.kick", WARN, why, base, nic=nic.name, queue=queue),
+                Check("nic.call", WARN, why, base, nic=nic.name, queue=queue)]  # fmt: skip
+    if vring is not None and not running and virtio is None:
+        why = ("not wired: vhost was not started on this vring (the guest driver is not up, or "
+               "QEMU fell back; --monitor or a QMP socket tells which)")  # fmt: skip
+        return [Check("nic.kick", WARN, why, base, nic=nic.name, queue=queue),
+                Check("nic.call", WARN, why, base, nic=nic.name, queue=queue)]  # fmt: skip
+    if vring is None:
+        why = (f"the trace shows no vring {index} on vhost fd {vhost_fd}: it was not wired "
+               "since the trace was armed")  # fmt: skip
+        return [
+            Check("nic.kick", UNKNOWN, f"unknown: {why}", base, nic=nic.name, queue=queue),
+            Check("nic.call", UNKNOWN, f"unknown: {why}", base, nic=nic.name, queue=queue),
+        ]
+    checks = []
+    if vring.kick is None or vring.kick < 0:
+        checks.append(Check("nic.kick", FAIL, "vhost has no kick eventfd for this vring", base,
+                            nic=nic.name, queue=queue))  # fmt: skip
+    else:
+        notify = list(vring.ioeventfds)
+        evidence = {**base, "kick": _eventfd(obs, vring.kick), "ioeventfds": notify}
+        # Legacy port-I/O notify matches the written value against the queue index.
+        other = [n["datamatch"] for n in notify if n["datamatch"] not in (-1, queue)]
+        where = ", ".join(
+            f"{'port' if n['pio'] else 'MMIO'} {n['addr']:#x}"
+            + (f"={n['datamatch']}" if n["datamatch"] >= 0 else "")
+            for n in notify
+        )
+        if not notify:
+            checks.append(Check("nic.kick", FAIL,
+                                f"kick eventfd {vring.kick} is not a KVM ioeventfd: QEMU "
+                                "relays the guest's notifications in userspace", evidence,
+                                nic=nic.name, queue=queue))  # fmt: skip
+        elif other:
+            checks.append(Check("nic.kick", FAIL,
+                                f"kick eventfd {vring.kick} is KVM's ioeventfd for queue "
+                                f"{other[0]}'s notify ({where}), not this queue's", evidence,
+                                nic=nic.name, queue=queue))  # fmt: skip
+        else:
+            checks.append(Check("nic.kick", PASS,
+                                f"kick eventfd {vring.kick} is KVM's ioeventfd for this queue's "
+                                f"notify ({where})", evidence, nic=nic.name,
+                                queue=queue))  # fmt: skip
+    if vring.call is None or vring.call < 0:
+        checks.append(Check("nic.call", FAIL, "vhost has no call eventfd for this vring", base,
+                            nic=nic.name, queue=queue))  # fmt: skip
+    else:
+        evidence = {**base, "call": _eventfd(obs, vring.call), "irqfd": vring.irqfd}
+        if vring.irqfd is None:
+            checks.append(Check("nic.call", FAIL,
+                                f"call eventfd {vring.call} is not a KVM irqfd: QEMU injects "
+                                "the interrupts itself (no MSI-X, or no in-kernel irqchip)",
+                                evidence, nic=nic.name, queue=queue))  # fmt: skip
+        else:
+            checks.append(Check("nic.call", PASS,
+                                f"call eventfd {vring.call} is KVM's irqfd for GSI "
+                                f"{vring.irqfd['gsi']} (QEMU's virtio-pci makes irqfds only for "
+                                "MSI-X vectors, with an in-kernel irqchip)", evidence,
+                                nic=nic.name, queue=queue))  # fmt: skip
+    return checks
+
+
 def verify(obs: Observation) -> Report:
     """All checks for one QEMU."""
     checks: list[Check] = []
@@ -230,19 +525,15 @@ def verify(obs: Observation) -> Report:
     total_vhost = len(obs.process.fds_to(procfs.VHOST_NET))
     for nic in nics:
         requested = _requested(obs, nic)
-        checks += [requested, _tap_fds(obs, nic), _vhost_fds(obs, nic)]
+        checks += [requested, _queues(obs, nic), _tap_fds(obs, nic), _vhost_fds(obs, nic)]
         checks.append(_worker(obs, nic, total_vhost))
         if not nic.vhost_fds:
             continue  # nothing further can be attached
-        checks.append(Check("nic.vhost.started", UNKNOWN, f"unknown: {NO_MONITOR}", nic=nic.name))
-        checks.append(Check("nic.vhost.memtable", UNKNOWN, f"unknown: {NO_MONITOR}",
-                            nic=nic.name))  # fmt: skip
+        virtio = _monitor_nic(obs, nic)
+        checks += _monitor_checks(obs, nic, virtio)
         for queue in range(2 * nic.netdev.queue_pairs):
-            checks.append(Check("nic.kick", UNKNOWN, f"unknown: {NO_TRACE}", nic=nic.name,
-                                queue=queue))  # fmt: skip
-            checks.append(Check("nic.call", UNKNOWN, f"unknown: {NO_TRACE}", nic=nic.name,
-                                queue=queue))  # fmt: skip
-        checks.append(Check("nic.features", UNKNOWN, f"unknown: {NO_MONITOR}", nic=nic.name))
+            checks += _wiring_checks(obs, nic, queue)
+        checks.append(_features(obs, nic, virtio))
     if not nics:
         checks.append(Check("nic.vhost.requested", FAIL, "QEMU has no tap NIC, so no vhost"))
     target: dict[str, object] = {"pid": pid, "name": obs.args.name}

@@ -10,6 +10,11 @@ import os
 
 from vhostorch import procfs, qemuargs
 from vhostorch.errors import OperationFailed
+from vhostorch.monitor import MonitorError, MonitorView, read_virtio
+from vhostorch.record import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 SYSTEM_URI = "qemu:///system"
 # libvirt's QEMU driver writes each running domain's pid here (qemu:///system).
@@ -22,27 +27,75 @@ class DomainUnavailable(OperationFailed):
     exit_code = 2
 
 
-def domain_xml(name: str, uri: str = SYSTEM_URI) -> str:
-    """The live XML of running domain ``name``. Raises DomainUnavailable."""
+def _libvirt() -> Any:
     try:
         import libvirt  # type: ignore[import-untyped]
     except ImportError:
         raise DomainUnavailable("libvirt-python is not installed") from None
     # libvirt prints its errors on stderr unless a handler takes them.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def _open(libvirt: Any, uri: str) -> Any:
     try:
-        conn = libvirt.open(uri)
+        return libvirt.open(uri)
     except libvirt.libvirtError as err:
         raise DomainUnavailable(f"cannot connect to {uri}: {err.get_error_message()}") from None
+
+
+def _running(libvirt: Any, conn: Any, name: str, uri: str) -> Any:
     try:
-        try:
-            dom = conn.lookupByName(name)
-        except libvirt.libvirtError:
-            raise DomainUnavailable(f"no domain {name!r} at {uri}") from None
-        if not dom.isActive():
-            raise DomainUnavailable(f"domain {name!r} is not running")
-        xml: str = dom.XMLDesc(0)
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        raise DomainUnavailable(f"no domain {name!r} at {uri}") from None
+    if not dom.isActive():
+        raise DomainUnavailable(f"domain {name!r} is not running")
+    return dom
+
+
+def domain_xml(name: str, uri: str = SYSTEM_URI) -> str:
+    """The live XML of running domain ``name``. Raises DomainUnavailable."""
+    libvirt = _libvirt()
+    conn = _open(libvirt, uri)
+    try:
+        xml: str = _running(libvirt, conn, name, uri).XMLDesc(0)
         return xml
+    finally:
+        conn.close()
+
+
+def read_monitor(name: str, uri: str = SYSTEM_URI) -> MonitorView:
+    """read_virtio through libvirt's monitor pass-through. Raises MonitorError.
+
+    libvirt marks the domain tainted ("custom-monitor") on the first such call
+    and says so in the domain's log; callers make this opt-in.
+    """
+    import json
+
+    import libvirt_qemu  # type: ignore[import-untyped]
+
+    try:
+        libvirt = _libvirt()
+        conn = _open(libvirt, uri)
+    except DomainUnavailable as err:
+        raise MonitorError(str(err)) from None
+    try:
+        dom = _running(libvirt, conn, name, uri)
+
+        def execute(command: str, arguments: dict[str, Any] | None) -> Any:
+            request: dict[str, object] = {"execute": command}
+            if arguments:
+                request["arguments"] = arguments
+            try:
+                reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(request), 0))
+            except libvirt.libvirtError as err:
+                raise MonitorError(f"QMP {command}: {err.get_error_message()}") from None
+            if "error" in reply:
+                raise MonitorError(f"QMP {command}: {reply['error'].get('desc')}")
+            return reply.get("return")
+
+        return read_virtio(execute, f"libvirt:{name}")
     finally:
         conn.close()
 

@@ -1,0 +1,211 @@
+"""What QEMU's monitor says about its virtio-net devices: the only importer of qemu.qmp.
+
+The questions (``read_virtio``) are asked through any ``execute`` callable, so
+the same code runs over a QMP socket (here, with qemu.qmp; asyncio stays inside
+this module) or through libvirt's monitor pass-through (vhostorch.virt).
+
+QEMU 7.2 facts relied on: ``x-query-virtio-status`` reports ``vhost-dev`` only
+while vhost is started, and only for queue pair 0's vhost device (each queue
+pair has its own; QEMU starts them all or none). Status and feature strings
+read ``"NAME: description"``. ``x-query-virtio-vhost-queue-status`` returns 0
+for ``kick`` and ``call``, so it is not used.
+"""
+
+from __future__ import annotations
+
+from vhostorch.errors import OperationFailed
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Execute = Callable[[str, dict[str, Any] | None], Any]
+
+DRIVER_OK = "VIRTIO_CONFIG_S_DRIVER_OK"
+
+
+class MonitorError(OperationFailed):
+    """The monitor could not be reached or refused a question."""
+
+
+def _names(entries: object) -> list[str]:
+    """``["VIRTIO_NET_F_MQ: Multiqueue ...", ...]`` → ``["VIRTIO_NET_F_MQ", ...]``."""
+    if not isinstance(entries, list):
+        return []
+    return [str(e).split(":", 1)[0].strip() for e in entries]
+
+
+def _features(value: object) -> tuple[str, ...]:
+    """A VirtioDeviceFeatures: transport features (VERSION_1, EVENT_IDX...) and device ones."""
+    if not isinstance(value, dict):
+        return ()
+    return tuple(_names(value.get("transports")) + _names(value.get("dev-features")))
+
+
+class VirtioNet(Record):
+    """One virtio-net device as the monitor sees it."""
+
+    __slots__ = (
+        "device", "path", "netdev", "statuses", "vhost_started", "vm_running", "num_vqs",
+        "vhost", "guest_features", "acked_features",
+    )  # fmt: skip
+    device: str
+    path: str
+    netdev: str | None
+    statuses: tuple[str, ...]
+    vhost_started: bool
+    vm_running: bool
+    num_vqs: int
+    vhost: dict[str, object] | None
+    guest_features: tuple[str, ...]
+    acked_features: tuple[str, ...]
+
+    def __init__(
+        self,
+        device: str,
+        path: str,
+        netdev: str | None,
+        statuses: tuple[str, ...],
+        vhost_started: bool,
+        vm_running: bool,
+        num_vqs: int,
+        vhost: dict[str, object] | None,
+        guest_features: tuple[str, ...],
+        acked_features: tuple[str, ...],
+    ) -> None:
+        self._init(
+            device=device, path=path, netdev=netdev, statuses=statuses,
+            vhost_started=vhost_started, vm_running=vm_running, num_vqs=num_vqs, vhost=vhost,
+            guest_features=guest_features, acked_features=acked_features,
+        )  # fmt: skip
+
+    @property
+    def driver_ok(self) -> bool:
+        return DRIVER_OK in self.statuses
+
+
+class MonitorView(Record):
+    __slots__ = ("source", "kvm", "nics")
+    source: str
+    kvm: dict[str, object]
+    nics: tuple[VirtioNet, ...]
+
+    def __init__(self, source: str, kvm: dict[str, object], nics: tuple[VirtioNet, ...]) -> None:
+        self._init(source=source, kvm=kvm, nics=nics)
+
+    def nic_for(self, device: str | None, netdev: str | None) -> VirtioNet | None:
+        for nic in self.nics:
+            if (device and nic.device == device) or (netdev and nic.netdev == netdev):
+                return nic
+        return None
+
+
+def read_virtio(execute: Execute, source: str) -> MonitorView:
+    """Ask the monitor about every virtio-net device. Raises MonitorError."""
+    nics = []
+    for entry in execute("x-query-virtio", None):
+        if entry.get("name") != "virtio-net":
+            continue
+        backend = str(entry["path"])
+        path = backend.removesuffix("/virtio-backend")
+        status = execute("x-query-virtio-status", {"path": backend})
+        netdev = execute("qom-get", {"path": path, "property": "netdev"})
+        vhost = status.get("vhost-dev")
+        acked = vhost.get("acked-features") if isinstance(vhost, dict) else None
+        nics.append(
+            VirtioNet(
+                device=path.rsplit("/", 1)[1] if "/peripheral/" in path else path,
+                path=path,
+                netdev=netdev if isinstance(netdev, str) and netdev else None,
+                statuses=tuple(_names(status.get("status", {}).get("statuses"))),
+                vhost_started=bool(status.get("vhost-started")),
+                vm_running=bool(status.get("vm-running")),
+                num_vqs=int(status.get("num-vqs", 0)),
+                vhost=vhost if isinstance(vhost, dict) else None,
+                guest_features=_features(status.get("guest-features")),
+                acked_features=_features(acked),
+            )
+        )
+    kvm = execute("query-kvm", None)
+    return MonitorView(source, kvm if isinstance(kvm, dict) else {}, tuple(nics))
+
+
+class QmpSocket:
+    """A synchronous face on qemu.qmp's asyncio client, for one socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        import asyncio
+
+        from qemu.qmp import QMPClient
+
+        self.path = path
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self.client = QMPClient("vhostorch")
+
+    def _run(self, coro: Any) -> Any:
+        import asyncio
+
+        return self.loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
+
+    def open(self) -> None:
+        from qemu.qmp import QMPError
+
+        try:
+            self._run(self.client.connect(self.path))
+        except (QMPError, OSError, EOFError, TimeoutError) as err:
+            self.close()
+            raise MonitorError(f"cannot reach QMP at {self.path}: {_why(err)}") from err
+
+    def execute(self, command: str, arguments: dict[str, Any] | None) -> Any:
+        from qemu.qmp import ExecuteError, QMPError
+
+        try:
+            return self._run(self.client.execute(command, arguments))
+        except ExecuteError as err:
+            raise MonitorError(f"QMP {command}: {err}") from err
+        except (QMPError, OSError, EOFError, TimeoutError) as err:
+            raise MonitorError(f"QMP {command}: {_why(err)}") from err
+
+    def close(self) -> None:
+        from qemu.qmp import QMPError
+
+        try:
+            self._run(self.client.disconnect())
+        except (QMPError, OSError, EOFError, TimeoutError):
+            pass  # closing a connection that may already be gone
+        self.loop.close()
+
+
+def _why(err: BaseException) -> str:
+    cause = err.__cause__ or err
+    return str(cause) or type(cause).__name__
+
+
+def read_qmp(path: str, timeout: float = 5.0) -> MonitorView:
+    """read_virtio over the QMP socket at ``path``. Raises MonitorError."""
+    sock = QmpSocket(path, timeout)
+    sock.open()
+    try:
+        return read_virtio(sock.execute, f"qmp:{path}")
+    finally:
+        sock.close()
+
+
+def peer_pid(path: str, timeout: float = 5.0) -> int:
+    """The pid of the QEMU serving the QMP socket at ``path`` (SO_PEERCRED). Raises MonitorError."""
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError as err:
+        raise MonitorError(f"cannot reach QMP at {path}: {err.strerror or err}") from None
+    finally:
+        sock.close()
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid
