@@ -173,3 +173,34 @@ def vhost_netdev(
     if sized > 1:
         device += f",mq=on,vectors={2 * sized + 2}"
     return ["-netdev", netdev, "-device", device]
+
+
+def domain_xml(name: str, dev: str, queues: int, console: str | None = None) -> str:
+    """A type='kvm' libvirt domain booting the guest initramfs, its NIC on tap ``dev``."""
+    img = image()
+    serial = (
+        f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
+        if console
+        else ""
+    )
+    return f"""<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{img.kernel}</kernel>
+    <initrd>{img.guest_initrd}</initrd>
+    <cmdline>{GUEST_APPEND}</cmdline>
+  </os>
+  <cpu mode='host-passthrough'/>
+  <devices>
+    <interface type='ethernet'>
+      <target dev='{dev}' managed='no'/>
+      <model type='virtio'/>
+      <driver name='vhost' queues='{queues}'/>
+    </interface>
+    {serial}
+    <memballoon model='none'/>
+  </devices>
+</domain>"""

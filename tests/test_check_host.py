@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -150,8 +153,6 @@ def test_check_fails_a_qemu_started_without_vhost(tmp_path: object) -> None:
 
 
 def _wait_for_tap_fd(pid: int, dev: str) -> subprocess.CompletedProcess[str]:
-    import time
-
     deadline = time.monotonic() + 20
     while True:
         done = vhostorch("check", "--pid", str(pid), "--json")
@@ -181,3 +182,63 @@ def test_check_targets_that_cannot_be_inspected_exit_2(
     assert done.returncode == 2, done.stderr
     assert error in done.stderr and len(done.stderr.splitlines()) == 1
     assert done.stdout == ""
+
+
+def test_watch_reports_a_qemu_that_appears_and_goes(tmp_path: object) -> None:
+    import select
+    import signal
+
+    exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+    watch = subprocess.Popen(
+        [exe, "check", "--all", "--watch", "1"], stdout=subprocess.PIPE, text=True
+    )
+    seen = ""
+
+    def wait_for(text: str) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 30
+        while text not in seen:
+            assert watch.stdout is not None and time.monotonic() < deadline, seen
+            if select.select([watch.stdout], [], [], 0.5)[0]:
+                seen += watch.stdout.readline()
+
+    try:
+        with tap() as dev:
+            qemu = subprocess.Popen(
+                [
+                    "qemu-system-x86_64", "-S", "-M", "pc", "-m", "32", "-nodefaults",
+                    "-display", "none", "-netdev", f"tap,id=n0,ifname={dev},script=no",
+                    "-device", "virtio-net-pci,netdev=n0,id=net0",
+                ],
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                wait_for(f"pid {qemu.pid} nic.vhost.requested net0: absent -> fail")
+            finally:
+                qemu.kill()  # the QEMU this test started
+                qemu.wait()
+            wait_for(f"pid {qemu.pid} nic.vhost.requested net0: fail -> gone")
+    finally:
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=10) in (0, 1)  # the last verdict, not an error
+
+
+@pytest.mark.parametrize(
+    ("acl", "status"),
+    [
+        ("", "pass"),  # libvirt's default: it opens /dev/vhost-net itself and passes fds
+        ('cgroup_device_acl = [\n  "/dev/null", "/dev/kvm",\n  "/dev/vhost-net"\n]\n', "pass"),
+        ('cgroup_device_acl = [\n  "/dev/null", "/dev/kvm"\n]\n', "warn"),
+        ('#cgroup_device_acl = [ "/dev/null" ]\n', "pass"),  # commented out
+    ],
+)
+def test_doctor_reads_libvirts_device_acl(tmp_path: pathlib.Path, acl: str, status: str) -> None:
+    from vhostorch import doctor
+
+    conf = tmp_path / "qemu.conf"
+    conf.write_text(f'# a qemu.conf\nuser = "root"\n{acl}')
+    report = doctor.doctor(doctor.Paths(qemu_conf=str(conf)))
+    (acl_check,) = [c for c in report.checks if c.id == "host.libvirt.acl"]
+    assert acl_check.status == status, acl_check.message
+    (user,) = [c for c in report.checks if c.id == "host.libvirt.user"]
+    assert user.status == "pass" and user.evidence["user"] == "root"

@@ -132,29 +132,9 @@ def test_vhost_on_one_nic_of_two_fails_only_that_nic(traced: None) -> None:
 def test_libvirt_domain_with_vhost_passes_with_the_monitor(traced: None, libvirtd: str) -> None:
     import libvirt
 
-    image = guests.image()
     name = kernel.unique("vho-t-")
     with guests.tap(4) as dev:
-        xml = f"""<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{image.kernel}</kernel>
-    <initrd>{image.guest_initrd}</initrd>
-    <cmdline>{guests.GUEST_APPEND}</cmdline>
-  </os>
-  <cpu mode='host-passthrough'/>
-  <devices>
-    <interface type='ethernet'>
-      <target dev='{dev}' managed='no'/>
-      <model type='virtio'/>
-      <driver name='vhost' queues='4'/>
-    </interface>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
+        xml = guests.domain_xml(name, dev, 4)
         conn = libvirt.open(libvirtd)
         dom = conn.createXML(xml, 0)
         try:
@@ -169,10 +149,24 @@ def test_libvirt_domain_with_vhost_passes_with_the_monitor(traced: None, libvirt
             assert code == 0 and report["ok"] is True, json.dumps(failed, indent=1)
             assert report["target"]["domain"] == name
             assert by_id(report)["nic.tap.fds"][0]["evidence"]["taps"] == [dev]
-            # Without --monitor the QMP-only checks are unknown, with the reason, not passed.
-            code_plain, plain = check("--domain", name)
+            # Without --monitor, started, memtable and features come from the wiring trace.
+            code_plain, plain = check("--domain", name, "--strict")
             assert code_plain == 0
-            assert by_id(plain)["nic.features"][0]["status"] == "unknown"
+            for check_id in ("nic.vhost.started", "nic.vhost.memtable", "nic.features"):
+                assert by_id(plain)[check_id][0]["evidence"]["source"] == "wiring trace"
+            # Without the trace either, they are unknown, with the reason, never passed.
+            wiring.disarm()
+            try:
+                code_bare, bare = check("--domain", name)
+            finally:
+                wiring.arm()
+            assert code_bare == 0  # unknown is not a failure
+            for check_id in ("nic.kick", "nic.call"):
+                for c in by_id(bare)[check_id]:
+                    assert c["status"] == "unknown" and "not armed" in c["message"], c
+            for check_id in ("nic.vhost.started", "nic.vhost.memtable", "nic.features"):
+                (c,) = by_id(bare)[check_id]
+                assert c["status"] == "unknown" and "vhostorch trace arm" in c["message"], c
         finally:
             dom.destroy()
             conn.close()

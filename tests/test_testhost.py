@@ -83,33 +83,12 @@ def test_libvirt_kvm_domain_with_vhost_queues_holds_the_vhost_fds(
 ) -> None:
     import libvirt
 
-    image = guests.image()
     workdir = tempfile.mkdtemp(prefix="vho-dom-")
     os.chmod(workdir, 0o755)
     console = os.path.join(workdir, "console.log")
     name = kernel.unique("vho-t-")
     with guests.tap(4) as dev:
-        xml = f"""<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{image.kernel}</kernel>
-    <initrd>{image.guest_initrd}</initrd>
-    <cmdline>{guests.GUEST_APPEND}</cmdline>
-  </os>
-  <cpu mode='host-passthrough'/>
-  <devices>
-    <interface type='ethernet'>
-      <target dev='{dev}' managed='no'/>
-      <model type='virtio'/>
-      <driver name='vhost' queues='4'/>
-    </interface>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
+        xml = guests.domain_xml(name, dev, 4, console)
         conn = libvirt.open(libvirtd)
         try:
             dom = conn.createXML(xml, 0)

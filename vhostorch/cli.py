@@ -422,8 +422,12 @@ def _cmd_check(args: Parsed) -> int:
 
     seen = {k: v for r in reports for k, v in key(r).items()}
     while True:
-        time.sleep(watch)
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return EXIT_OK if ok else EXIT_FAILED  # stopping a watch is not an error
         reports = _check_reports(args)
+        ok = all(r.ok(args.flag("strict")) for r in reports)
         now = {k: v for r in reports for k, v in key(r).items()}
         stamp = time.strftime("%H:%M:%S")
         for k in sorted(set(seen) | set(now), key=str):

@@ -1,7 +1,7 @@
 """Host validation before any VM runs, in the spirit of virt-host-validate, for vhost.
 
 Checks (stable ids): host.vhost-net, host.vhost-net.access, host.tun, host.kvm,
-host.worker-model, host.libvirt.acl, host.libvirt.user, host.nofile.
+host.worker-model, host.trace, host.libvirt.acl, host.libvirt.user, host.nofile.
 """
 
 from __future__ import annotations
@@ -143,6 +143,21 @@ def _worker_model() -> Check:
     return Check("host.worker-model", PASS, message, {"kernel": release, "model": model})
 
 
+def _trace(paths: Paths) -> Check:
+    from vhostorch import wiring
+
+    tracefs = f"{paths.sys}/kernel/tracing"
+    if wiring.armed(tracefs):
+        return Check("host.trace", PASS, "the wiring trace is armed: nic.kick and nic.call can "
+                     "be proved for QEMUs whose guest drivers start from now on")  # fmt: skip
+    if not os.path.exists(f"{tracefs}/kprobe_events"):
+        return Check("host.trace", WARN, f"no tracefs with kprobe events at {tracefs}: nic.kick "
+                     "and nic.call will be unknown (mount -t tracefs tracefs "
+                     f"{tracefs}; CONFIG_KPROBE_EVENTS)")  # fmt: skip
+    return Check("host.trace", WARN, "the wiring trace is not armed: nic.kick and nic.call will "
+                 "be unknown (vhostorch trace arm, before VMs start)")  # fmt: skip
+
+
 def _qemu_conf(path: str) -> dict[str, str]:
     """Top-level ``key = value`` settings (values may span lines: lists)."""
     try:
@@ -261,6 +276,6 @@ def _nofile() -> Check:
 def doctor(paths: Paths | None = None) -> Report:
     """Validate this host for vhost-net before any VM runs."""
     paths = paths or Paths()
-    checks = [*_vhost_net(paths), _tun(paths), _kvm(paths), _worker_model()]
+    checks = [*_vhost_net(paths), _tun(paths), _kvm(paths), _worker_model(), _trace(paths)]
     checks += [*_libvirt(paths), _nofile()]
     return Report({"host": os.uname().nodename, "kernel": os.uname().release}, (), tuple(checks))

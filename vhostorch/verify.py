@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from vhostorch.qemuargs import NetdevArg
 
 TAP_TYPES = ("tap", "bridge")  # "bridge" is a tap opened by qemu-bridge-helper
-NO_MONITOR = "needs QEMU's monitor (x-query-virtio-status), which this check did not query"
+NO_MONITOR = (
+    "needs QEMU's monitor (--qmp, or --monitor for a libvirt domain) or the wiring trace "
+    "(vhostorch trace arm, before the guest driver starts)"
+)
 # The features that fix the virtio-net header layout vhost must use (its length
 # depends on both); a guest and vhost that disagree on them corrupt every packet.
 HEADER_LAYOUT_FEATURES = ("VIRTIO_F_VERSION_1", "VIRTIO_NET_F_MRG_RXBUF")
@@ -436,7 +439,12 @@ def _wiring_checks(obs: Observation, nic: _Nic, queue: int) -> list[Check]:
     virtio = _monitor_nic(obs, nic)
     # QEMU sets a placeholder call eventfd when it opens vhost; a vring is wired for
     # real only once it has a kick eventfd and is joined to its tap (vhost started).
-    running = vring is not None and vring.kick is not None and (vring.backend or -1) >= 0
+    running = (
+        vring is not None
+        and vring.kick is not None
+        and vring.backend is not None
+        and vring.backend >= 0
+    )
     if not running and virtio is not None and not virtio.driver_ok:
         why = "not wired yet: the guest driver has not started the device (no DRIVER_OK)"
         return [Check("nic.kick", WARN, why, base, nic=nic.name, queue=queue),
