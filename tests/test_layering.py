@@ -10,7 +10,7 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # Each module may import only modules listed before it (and the stdlib).
 ORDER = [
-    *("errors", "record", "model", "argv", "rtnl", "tun", "netns", "taps"),
+    *("errors", "record", "model", "vmspec", "argv", "rtnl", "tun", "netns", "taps"),
     *("procfs", "qemuargs", "domxml", "checks", "monitor", "wiring"),
     *("inspect", "verify", "virt"),
     "doctor",

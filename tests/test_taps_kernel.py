@@ -299,3 +299,31 @@ def test_no_leak_over_many_create_delete_cycles(ns: str) -> None:
         taps.delete([f"lk{i % 3}"], netns=ns)
     assert set(links(ns)) == {"lo", "br0"}
     assert len(kernel.os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_open_queues_attaches_every_queue_as_qemu_would(ns: str) -> None:
+    import os
+
+    from vhostorch import tun
+
+    taps.ensure([TapSpec("mq0", queues=4, netns=ns), TapSpec("sq0", netns=ns)])
+    with netns.entered(ns):
+        fds = tun.open_queues("mq0", 4)
+        try:
+            info = kernel.link(ns, "mq0")["linkinfo"]["info_data"]
+            assert info["multi_queue"] is True and info["numqueues"] == 4
+            # The same tap opened single-queue fails as QEMU sees it, and leaks nothing.
+            with pytest.raises(OSError) as err:
+                tun.open_queues("mq0", 1)
+            assert err.value.errno == errno.EINVAL
+            # A single-queue tap held once cannot be opened again (QEMU: busy).
+            held = tun.open_queues("sq0", 1)
+            with pytest.raises(OSError) as busy:
+                tun.open_queues("sq0", 1)
+            assert busy.value.errno == errno.EBUSY
+            for fd in held:
+                os.close(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    assert kernel.link(ns, "mq0")["linkinfo"]["info_data"]["numqueues"] == 0

@@ -84,6 +84,11 @@ class Boot:
         except VhostorchError as err:
             # Tests that finished before it stopped keep their results.
             self.error = f"the test host failed before this test finished: {err}"
+            try:
+                with open(report + ".hang") as f:
+                    self.error += "\n" + f.read()
+            except OSError:
+                pass
             self._load(report)
             return
         print(
@@ -144,6 +149,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if outer:
             config.hook.pytest_deselected(items=outer)
             items[:] = [i for i in items if not _outside_only(i)]
+        # Tests that run libvirt domains go last: twice, after one of them, the next
+        # VHOST_SET_OWNER in the test host blocked in the kernel (see _Watchdog).
+        items.sort(key=lambda i: "libvirtd" in getattr(i, "fixturenames", ()))
         return
     inner = [i for i in items if i.get_closest_marker("testhost") and not _outside_only(i)]
     config.stash[BOOT] = Boot(config, [i.nodeid for i in inner])
@@ -197,10 +205,54 @@ class _Reporter:
         os.replace(self.path + ".part", self.path)
 
 
+class _Watchdog:
+    """Inside: if a test outlasts the per-test timeout (a task stuck in the kernel cannot
+    be interrupted), write the kernel stacks of every task in D state next to the report."""
+
+    def __init__(self, path: str) -> None:
+        import threading
+
+        self.path = path
+        self.started = 0.0
+        self.test = ""
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    @pytest.hookimpl
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        import time
+
+        self.test, self.started = nodeid, time.monotonic()
+
+    def _watch(self) -> None:
+        import time
+
+        while True:
+            time.sleep(10)
+            if self.started and time.monotonic() - self.started > TEST_TIMEOUT + 20:
+                with open(self.path, "w") as f:
+                    f.write(f"{self.test} stuck; tasks in D state:\n{_blocked_tasks()}")
+                self.started = 0.0
+
+
+def _blocked_tasks() -> str:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if ") D " not in f.read():
+                    continue
+            with open(f"/proc/{pid}/comm") as f, open(f"/proc/{pid}/stack") as g:
+                found.append(f"{pid} {f.read().strip()}\n{g.read()}")
+        except OSError:
+            continue
+    return "\n".join(found) or "(none)"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("--testhost-report")
     if path:
         config.pluginmanager.register(_Reporter(path), "vhostorch-testhost-reporter")
+        config.pluginmanager.register(_Watchdog(path + ".hang"), "vhostorch-testhost-watchdog")
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,7 @@ def _valid_account(name: str) -> bool:
     )
 
 
-def _check_int(value: object, what: str, low: int, high: int) -> int:
+def check_int(value: object, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidSpec(f"{what} must be an integer, not {value!r}")
     if not low <= value <= high:
@@ -146,12 +146,12 @@ class TapSpec(Record):
         create_bridge: bool = False,
     ) -> None:
         check_ifname(name, "tap name")
-        _check_int(queues, "queues", 1, MAX_TAP_QUEUES)
+        check_int(queues, "queues", 1, MAX_TAP_QUEUES)
         for flag in (vnet_hdr, up, create_bridge):
             if not isinstance(flag, bool):
                 raise InvalidSpec(f"tap {name}: vnet_hdr, up and create_bridge are true or false")
         if mtu is not None:
-            _check_int(mtu, "MTU", MIN_MTU, MAX_MTU)
+            check_int(mtu, "MTU", MIN_MTU, MAX_MTU)
         if bridge is not None:
             check_ifname(bridge, "bridge name")
             if bridge == name:

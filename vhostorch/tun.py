@@ -88,6 +88,26 @@ def retune_tap(name: str, flags: TapFlags, owner: int | None, group: int | None)
         os.close(fd)
 
 
+def open_queues(name: str, queues: int, vnet_hdr: bool = True) -> list[int]:
+    """Open tap ``name`` once per queue as QEMU does; return the fds (to pass to QEMU).
+
+    IFF_MULTI_QUEUE is asked for exactly when queues > 1, as net/tap-linux.c
+    does. All or nothing: on a failure the fds opened so far are closed and the
+    OSError (EINVAL for a queue-mode mismatch, EBUSY when a single-queue tap is
+    already held) propagates.
+    """
+    flags = TapFlags(queues > 1, vnet_hdr).ifr_flags()
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            fds.append(_attach(name, flags))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def holders(name: str, proc: str = "/proc") -> list[tuple[int, str]]:
     """(pid, command) of processes holding a tun fd attached to ``name`` (any namespace)."""
     found: list[tuple[int, str]] = []

@@ -1,0 +1,132 @@
+"""VM specs from TOML: what loads, what is refused (one line, naming the field), and defaults."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vhostorch import vmspec
+from vhostorch.errors import InvalidSpec
+
+FULL = """
+name = "vm1"
+memory = 1024
+cpus = 2
+machine = "q35"
+accel = "kvm"
+
+[boot]
+kernel = "/srv/vm1/vmlinuz"
+initrd = "/srv/vm1/initrd.img"
+cmdline = "console=ttyS0 quiet"
+
+[[nic]]
+tap = "vm1-net0"
+queues = 4
+vhost = "required"
+mac = "52:54:00:AB:cd:01"
+bridge = "br0"
+mtu = 9000
+owner = "libvirt-qemu"
+rx_queue_size = 1024
+tx_queue_size = 256
+
+[[nic]]
+vhost = "preferred"
+"""
+
+
+def write(tmp_path: pathlib.Path, text: str) -> str:
+    path = tmp_path / "vm.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_full_spec_loads_with_defaults_filled_in(tmp_path: pathlib.Path) -> None:
+    spec = vmspec.load(write(tmp_path, FULL))
+    assert (spec.name, spec.memory, spec.cpus, spec.machine, spec.accel) == (
+        "vm1", 1024, 2, "q35", "kvm"
+    )  # fmt: skip
+    assert spec.kernel == "/srv/vm1/vmlinuz" and spec.disk is None
+    first, second = spec.nics
+    assert first.tap.name == "vm1-net0" and first.tap.multi_queue and first.queues == 4
+    assert first.vectors == 10  # 2 per queue pair, control queue, config
+    assert first.mac == "52:54:00:ab:cd:01"  # normalised
+    assert (first.tap.bridge, first.tap.mtu, first.tap.owner) == ("br0", 9000, "libvirt-qemu")
+    assert (first.rx_queue_size, first.tx_queue_size) == (1024, 256)
+    assert second.tap.name == "vm1-n1" and second.queues == 1 and second.vhost == "preferred"
+    # A default MAC is stable for a VM and NIC index, and unicast and local to QEMU's OUI.
+    assert (
+        second.mac == vmspec.default_mac("vm1", 1) == vmspec.load(write(tmp_path, FULL)).nics[1].mac
+    )
+    assert second.mac.startswith("52:54:00:")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("queues = 4", "queues = 0"), "nic[0]: queues 0 is out of range 1..256"),
+        (('vhost = "required"', 'vhost = "yes"'), "nic[0]: vhost must be one of required"),
+        (("tx_queue_size = 256", "tx_queue_size = 1024"), "caps it at 256 with kernel vhost-net"),
+        (("rx_queue_size = 1024", "rx_queue_size = 300"), "rx_queue_size must be one of"),
+        (('tap = "vm1-net0"', 'tap = "has space"'), "contains ' '"),
+        (('mac = "52:54:00:AB:cd:01"', 'mac = "01:00:5e:00:00:01"'), "multicast"),
+        (("mtu = 9000", "mtu = 70000"), "MTU 70000 is out of range"),
+        (('name = "vm1"', 'name = "../etc"'), "name '../etc' must be"),
+        (("memory = 1024", "memory = 8"), "memory (MiB) 8 is out of range"),
+        (('accel = "kvm"', 'accel = "hvf"'), "accel must be one of kvm, tcg"),
+        (('kernel = "/srv/vm1/vmlinuz"', 'kernel = "vmlinuz"'), "kernel must be an absolute path"),
+        (("cpus = 2", "cpus = 2\ncolour = 3"), "vm: unknown key 'colour'"),
+        (("mtu = 9000", "mtu = 9000\nqueue = 2"), "nic[0]: unknown key 'queue'"),
+        (('initrd = "/srv/vm1/initrd.img"', 'disk = "/srv/vm1/d.qcow2"'), "exactly one of kernel"),
+    ],
+)
+def test_bad_specs_are_refused_in_one_line_naming_the_field(
+    tmp_path: pathlib.Path, change: tuple[str, str], message: str
+) -> None:
+    assert change[0] in FULL
+    path = write(tmp_path, FULL.replace(change[0], change[1], 1))
+    with pytest.raises(InvalidSpec) as err:
+        vmspec.load(path)
+    text = str(err.value)
+    assert message in text and text.startswith(path) and "\n" not in text
+
+
+def test_duplicates_between_nics_are_refused(tmp_path: pathlib.Path) -> None:
+    same_tap = FULL.replace('vhost = "preferred"', 'vhost = "preferred"\ntap = "vm1-net0"')
+    with pytest.raises(InvalidSpec, match="given more than once"):
+        vmspec.load(write(tmp_path, same_tap))
+    same_mac = FULL.replace('vhost = "preferred"', 'vhost = "preferred"\nmac = "52:54:00:ab:cd:01"')
+    with pytest.raises(InvalidSpec, match="same MAC"):
+        vmspec.load(write(tmp_path, same_mac))
+
+
+def test_unreadable_and_malformed_files(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(InvalidSpec, match="No such file"):
+        vmspec.load(str(tmp_path / "missing.toml"))
+    with pytest.raises(InvalidSpec, match="not valid TOML"):
+        vmspec.load(write(tmp_path, "name = \n"))
+    with pytest.raises(InvalidSpec, match="at least one nic"):
+        vmspec.load(write(tmp_path, 'name = "x"\n[boot]\ndisk = "/d.img"\n'))
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(sorted(vmspec._VM_KEYS | {"other"})),
+        st.none()
+        | st.integers()
+        | st.text(max_size=5)
+        | st.lists(st.dictionaries(st.text(max_size=4), st.integers()), max_size=2),
+        max_size=6,
+    )
+)
+def test_any_mapping_is_a_spec_or_one_invalid_spec_error(data: dict[str, object]) -> None:
+    try:
+        spec = vmspec.from_mapping(data)
+    except InvalidSpec as err:
+        assert str(err) and "\n" not in str(err)
+    else:
+        assert spec.nics

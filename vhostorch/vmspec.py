@@ -1,0 +1,252 @@
+"""A VM and its NICs as the user declares them (library types, or a TOML file).
+
+Both start backends (QMP and libvirt) take the same VmSpec. Validation happens
+when a spec is made, before anything is touched, with one-line InvalidSpec
+errors that name the field (``nic[1].queues``).
+
+    name = "vm1"
+    memory = 512              # MiB
+    cpus = 2
+    machine = "pc"            # QEMU machine type
+    accel = "kvm"             # kvm | tcg
+
+    [boot]                    # a kernel (and initrd, cmdline), or a disk image
+    kernel = "/srv/vm1/vmlinuz"
+    initrd = "/srv/vm1/initrd.img"
+    cmdline = "console=ttyS0"
+
+    [[nic]]
+    tap = "vm1-net0"          # created and owned by vhostorch
+    queues = 4
+    vhost = "required"        # required | preferred | off
+    mac = "52:54:00:12:34:56" # default: derived from the VM name and NIC index
+    bridge = "br0"
+    mtu = 1500
+    rx_queue_size = 1024
+    tx_queue_size = 256
+"""
+
+from __future__ import annotations
+
+from vhostorch.errors import InvalidSpec
+from vhostorch.model import MAX_TAP_QUEUES, TapSpec, check_batch, check_int, parse_mac
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any
+
+VHOST_MODES = ("required", "preferred", "off")
+ACCELS = ("kvm", "tcg")
+MAX_MEMORY_MIB = 1 << 22  # 4 TiB
+MAX_CPUS = 288
+MAX_NAME = 64
+# QEMU accepts power-of-two ring sizes 256..1024; for kernel vhost it caps the tx ring at
+# 256 (only vhost-user and vDPA get more), so a larger tx_queue_size would be ignored.
+RING_SIZES = (256, 512, 1024)
+KERNEL_VHOST_MAX_TX = 256
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def check_vm_name(name: object) -> str:
+    """A VM name that is also safe as a file name and a libvirt domain name."""
+    if not isinstance(name, str) or not name:
+        raise InvalidSpec("name must be a non-empty string")
+    if len(name) > MAX_NAME or not set(name) <= _NAME_CHARS or name[0] in ".-":
+        raise InvalidSpec(
+            f"name {name!r} must be 1..{MAX_NAME} letters, digits, '_', '.' or '-', "
+            "not starting with '.' or '-'"
+        )
+    return name
+
+
+def default_mac(vm: str, index: int) -> str:
+    """A stable locally administered MAC for NIC ``index`` of ``vm`` (52:54:00 is QEMU's OUI)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{vm}/{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+class NicSpec(Record):
+    """One virtio-net NIC: its tap (created by vhostorch), guest MAC, queues and vhost mode."""
+
+    __slots__ = ("tap", "mac", "vhost", "rx_queue_size", "tx_queue_size")
+    tap: TapSpec
+    mac: str
+    vhost: str
+    rx_queue_size: int | None
+    tx_queue_size: int | None
+
+    def __init__(
+        self,
+        tap: TapSpec,
+        mac: str,
+        vhost: str = "required",
+        rx_queue_size: int | None = None,
+        tx_queue_size: int | None = None,
+    ) -> None:
+        if vhost not in VHOST_MODES:
+            raise InvalidSpec(f"vhost must be one of {', '.join(VHOST_MODES)}, not {vhost!r}")
+        for what, size in (("rx_queue_size", rx_queue_size), ("tx_queue_size", tx_queue_size)):
+            if size is not None and (isinstance(size, bool) or size not in RING_SIZES):
+                raise InvalidSpec(f"{what} must be one of {RING_SIZES}, not {size!r}")
+        if vhost != "off" and tx_queue_size is not None and tx_queue_size > KERNEL_VHOST_MAX_TX:
+            raise InvalidSpec(
+                f"tx_queue_size {tx_queue_size}: QEMU caps it at {KERNEL_VHOST_MAX_TX} with "
+                "kernel vhost-net"
+            )
+        self._init(
+            tap=tap, mac=parse_mac(mac), vhost=vhost, rx_queue_size=rx_queue_size,
+            tx_queue_size=tx_queue_size,
+        )  # fmt: skip
+
+    @property
+    def queues(self) -> int:
+        return self.tap.queues
+
+    @property
+    def vectors(self) -> int:
+        """MSI-X vectors: one per virtqueue (2 per queue pair), the control queue, config."""
+        return 2 * self.queues + 2
+
+
+class VmSpec(Record):
+    __slots__ = (
+        "name", "memory", "cpus", "machine", "accel", "kernel", "initrd", "cmdline", "disk",
+        "nics",
+    )  # fmt: skip
+    name: str
+    memory: int
+    cpus: int
+    machine: str
+    accel: str
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
+    disk: str | None
+    nics: tuple[NicSpec, ...]
+
+    def __init__(
+        self,
+        name: str,
+        nics: Sequence[NicSpec],
+        memory: int = 512,
+        cpus: int = 1,
+        machine: str = "pc",
+        accel: str = "kvm",
+        kernel: str | None = None,
+        initrd: str | None = None,
+        cmdline: str | None = None,
+        disk: str | None = None,
+    ) -> None:
+        check_vm_name(name)
+        check_int(memory, "memory (MiB)", 16, MAX_MEMORY_MIB)
+        check_int(cpus, "cpus", 1, MAX_CPUS)
+        if accel not in ACCELS:
+            raise InvalidSpec(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
+        if not isinstance(machine, str) or not machine or "," in machine:
+            raise InvalidSpec(f"machine must be a QEMU machine type such as 'pc', not {machine!r}")
+        if (kernel is None) == (disk is None):
+            raise InvalidSpec("boot needs exactly one of kernel or disk")
+        if kernel is None and (initrd is not None or cmdline is not None):
+            raise InvalidSpec("initrd and cmdline go with kernel, not with disk")
+        for what, path in (("kernel", kernel), ("initrd", initrd), ("disk", disk)):
+            if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+                raise InvalidSpec(f"{what} must be an absolute path, not {path!r}")
+        if cmdline is not None and not isinstance(cmdline, str):
+            raise InvalidSpec("cmdline must be a string")
+        if not nics:
+            raise InvalidSpec("a VM needs at least one nic")
+        check_batch([n.tap for n in nics])
+        macs = [n.mac for n in nics]
+        if len(set(macs)) != len(macs):
+            raise InvalidSpec("two NICs have the same MAC address")
+        self._init(
+            name=name, memory=memory, cpus=cpus, machine=machine, accel=accel, kernel=kernel,
+            initrd=initrd, cmdline=cmdline, disk=disk, nics=tuple(nics),
+        )  # fmt: skip
+
+
+_VM_KEYS = {"name", "memory", "cpus", "machine", "accel", "boot", "nic"}
+_BOOT_KEYS = {"kernel", "initrd", "cmdline", "disk"}
+_NIC_KEYS = {
+    "tap", "queues", "vhost", "mac", "bridge", "mtu", "owner", "group", "rx_queue_size",
+    "tx_queue_size",
+}  # fmt: skip
+
+
+def _unknown(where: str, given: Mapping[str, object], known: set[str]) -> None:
+    extra = sorted(set(given) - known)
+    if extra:
+        raise InvalidSpec(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def from_mapping(data: Mapping[str, Any]) -> VmSpec:
+    """A VmSpec from parsed TOML (or any mapping of the same shape). Raises InvalidSpec."""
+    _unknown("vm", data, _VM_KEYS)
+    name = check_vm_name(data.get("name"))
+    boot = data.get("boot", {})
+    if not isinstance(boot, dict):
+        raise InvalidSpec("boot must be a table")
+    _unknown("boot", boot, _BOOT_KEYS)
+    entries = data.get("nic", [])
+    if not isinstance(entries, list):
+        raise InvalidSpec("nic must be an array of tables ([[nic]])")
+    nics = []
+    for index, entry in enumerate(entries):
+        where = f"nic[{index}]"
+        if not isinstance(entry, dict):
+            raise InvalidSpec(f"{where} must be a table")
+        _unknown(where, entry, _NIC_KEYS)
+        try:
+            queues = entry.get("queues", 1)
+            check_int(queues, "queues", 1, MAX_TAP_QUEUES)
+            tap = TapSpec(
+                str(entry["tap"]) if "tap" in entry else f"{name[:10]}-n{index}",
+                queues=queues,
+                mtu=entry.get("mtu"),
+                bridge=entry.get("bridge"),
+                owner=entry.get("owner"),
+                group=entry.get("group"),
+            )
+            nics.append(
+                NicSpec(
+                    tap,
+                    str(entry.get("mac") or default_mac(name, index)),
+                    vhost=entry.get("vhost", "required"),
+                    rx_queue_size=entry.get("rx_queue_size"),
+                    tx_queue_size=entry.get("tx_queue_size"),
+                )
+            )
+        except InvalidSpec as err:
+            raise InvalidSpec(f"{where}: {err}") from None
+    return VmSpec(
+        name,
+        nics,
+        memory=data.get("memory", 512),
+        cpus=data.get("cpus", 1),
+        machine=data.get("machine", "pc"),
+        accel=data.get("accel", "kvm"),
+        kernel=boot.get("kernel"),
+        initrd=boot.get("initrd"),
+        cmdline=boot.get("cmdline"),
+        disk=boot.get("disk"),
+    )
+
+
+def load(path: str) -> VmSpec:
+    """Read a VM spec from a TOML file. Raises InvalidSpec (with the file name)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as err:
+        raise InvalidSpec(f"{path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InvalidSpec(f"{path}: not valid TOML: {err}") from None
+    try:
+        return from_mapping(data)
+    except InvalidSpec as err:
+        raise InvalidSpec(f"{path}: {err}") from None
