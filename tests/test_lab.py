@@ -62,8 +62,10 @@ def test_lab_run_streams_output_returns_status_and_shares_results(tmp_path: Path
 
 
 @pytest.mark.testhost(outside=True)
-def test_lab_run_timeout_stops_the_test_host_by_pid() -> None:
-    done = vhostorch("lab", "run", "--timeout", "12", "--", "sleep", "600")
+def test_lab_run_timeout_stops_the_test_host_by_pid(tmp_path: Path) -> None:
+    done = vhostorch(
+        "lab", "run", "--timeout", "12", "--results", str(tmp_path), "--", "sleep", "600"
+    )
     assert done.returncode == 124, done.stderr
     found = re.search(r"within 12 s; stopped it \(QEMU pid (\d+)\)", done.stderr)
     assert found, done.stderr
