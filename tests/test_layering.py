@@ -10,10 +10,10 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # Each module may import only modules listed before it (and the stdlib).
 ORDER = [
-    *("errors", "record", "model", "vmspec", "argv", "rtnl", "tun", "netns", "taps"),
-    *("procfs", "qemuargs", "domxml", "checks", "monitor", "wiring"),
+    *("errors", "record", "model", "vmspec", "vmstate", "argv", "rtnl", "tun", "netns", "taps"),
+    *("procfs", "qemuargs", "domxml", "checks", "monitor", "wiring", "qmpvm"),
     *("inspect", "verify", "virt"),
-    "doctor",
+    *("doctor", "orchestrate"),
     *("labimage", "lab", "cli", "__main__"),
 ]
 # Third-party packages, and the one module allowed to import each (inside its functions).

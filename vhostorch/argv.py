@@ -32,8 +32,9 @@ class Option(Record):
 class Command(Record):
     """A command path (``("tap", "create")``) with its positional and options.
 
-    ``arity`` of the positional is "0" (none), "1", "?" or "+" (as argparse's nargs), or "..." for a
-    command line of its own: everything from its first word on is taken as it is.
+    ``arity`` of the positional is a count ("0", "1", "2": that many words, named in
+    ``positional``), "?" or "+" (as argparse's nargs), or "..." for a command line of its
+    own: everything from its first word on is taken as it is.
     """
 
     __slots__ = ("path", "summary", "positional", "arity", "options", "epilog")
@@ -196,9 +197,10 @@ def parse(commands: Sequence[Command], argv: Sequence[str], epilog: str) -> Pars
         else:
             values[opt.dest] = inline
     count = len(positionals)
-    if (command.arity in ("+", "...") and count < 1) or (command.arity == "1" and count != 1):
+    exact = int(command.arity) if command.arity.isdigit() else None
+    if (command.arity in ("+", "...") and count < 1) or (exact and count < exact):
         raise InvalidSpec(f"{name}: {command.positional} is required")
-    most = {"0": 0, "?": 1, "1": 1}.get(command.arity)
+    most = 1 if command.arity == "?" else exact
     if most is not None and count > most:
         raise InvalidSpec(f"{name}: unexpected argument {positionals[most]!r}")
     values[command.positional] = positionals

@@ -51,7 +51,17 @@ exit codes:
   1  a check failed (with --strict: or warned, or is unknown)
   2  the target could not be inspected (no such process or domain, permission, bad usage)"""
 
+UP_EXIT_CODES = """The exit code is the check's, once the guest driver has started vhost (or the
+wait ran out); a failure before that undoes every step (taps, VM, state).
+
+exit codes:
+  0  the VM runs and no check failed (with --strict: every check passed)
+  1  a check failed, or the VM could not be started (the host refused; nothing is left)
+  2  bad usage or an invalid spec (nothing was touched)"""
+
 NETNS = Option("--netns", VALUE, "named network namespace (as in `ip netns`)")
+WAIT = Option("--wait", INT, "seconds to wait for the guest driver to start vhost (default 60)")
+STRICT = Option("--strict", FLAG, "warn and unknown fail too")
 JSON = Option("--json", FLAG, "print JSON")
 COMMANDS = (
     Command(
@@ -141,6 +151,58 @@ COMMANDS = (
         "0",
         (Option("--strict", FLAG, "warn and unknown fail too"), JSON),
         CHECK_EXIT_CODES,
+    ),
+    Command(
+        ("up",),
+        "make the taps, start the VM of a spec (TOML), wait for its guest driver, check it",
+        "SPEC",
+        "1",
+        (
+            Option("--backend", VALUE, "qmp (QEMU started here, NICs over QMP) or libvirt"),
+            Option("--connect", VALUE, "libvirt URI (default qemu:///system)"),
+            WAIT,
+            STRICT,
+            JSON,
+        ),
+        UP_EXIT_CODES,
+    ),
+    Command(
+        ("down",),
+        "stop a VM vhostorch started and remove the taps it created for it",
+        "VM",
+        "1",
+        (JSON,),
+        EXIT_CODES.replace("2  bad usage", "2  bad usage (VM is a name or a spec file)", 1),
+    ),
+    Command(
+        ("nic", "add"),
+        "hot-plug a NIC (its tap made here) into a VM vhostorch started, then check it",
+        "VM",
+        "1",
+        (
+            Option("--tap", VALUE, "tap name (default: VM-nN)"),
+            Option("--queues", INT, "queue pairs (default 1)"),
+            Option("--vhost", VALUE, "required (default), preferred or off"),
+            Option("--mac", VALUE, "guest MAC (default: derived from the VM name)"),
+            Option("--bridge", VALUE, "bridge for the tap"),
+            Option("--mtu", INT, "MTU of the tap (and offered to the guest)"),
+            Option("--owner", VALUE, "tap owner"),
+            Option("--group", VALUE, "tap group"),
+            Option("--rx-queue-size", INT, "rx ring size (256, 512, 1024)"),
+            Option("--tx-queue-size", INT, "tx ring size (256; QEMU caps it for kernel vhost)"),
+            WAIT,
+            STRICT,
+            JSON,
+        ),
+        UP_EXIT_CODES,
+    ),
+    Command(
+        ("nic", "del"),
+        "unplug a NIC from a VM vhostorch started; delete its tap if vhostorch made it",
+        "VM TAP",
+        "2",
+        (JSON,),
+        EXIT_CODES,
     ),
     Command(
         ("lab", "build"),
@@ -347,7 +409,7 @@ _STATUSES = ("fail", "warn", "unknown", "pass")
 
 
 def _check_reports(args: Parsed) -> list[Any]:
-    from vhostorch import domxml, inspect, monitor, procfs, qemuargs, verify, virt
+    from vhostorch import domxml, inspect, monitor, procfs, qemuargs, verify, virt, vmstate
 
     pid, domain_name, every = args.number("pid"), args.text("domain"), args.flag("all")
     qmp = args.text("qmp")
@@ -361,14 +423,19 @@ def _check_reports(args: Parsed) -> list[Any]:
         uri = args.text("connect") or virt.SYSTEM_URI
         domain = domxml.parse(virt.domain_xml(domain_name, uri))
         reader = (lambda: virt.read_monitor(domain_name, uri)) if args.flag("monitor") else None
-        observed = inspect.observe(virt.domain_pid(domain_name), domain=domain, monitor=reader)
+        pid = virt.domain_pid(domain_name)
+        plan = vmstate.by_pid(pid)
+        observed = inspect.observe(pid, domain=domain, monitor=reader, plan=plan)
         return [verify.verify(observed)]
     if qmp is not None:
         try:
             pid = monitor.peer_pid(qmp)
         except monitor.MonitorError as err:
             raise procfs.CannotInspect(str(err)) from None
-        return [verify.verify(inspect.observe(pid, monitor=lambda: monitor.read_qmp(qmp)))]
+        observed = inspect.observe(
+            pid, monitor=lambda: monitor.read_qmp(qmp), plan=vmstate.by_pid(pid)
+        )
+        return [verify.verify(observed)]
 
     def own_qmp(qemu: int) -> Any:
         # A QEMU started with -qmp unix:PATH is asked over that socket.
@@ -379,13 +446,18 @@ def _check_reports(args: Parsed) -> list[Any]:
             return None
         return (lambda: monitor.read_qmp(path)) if path else None
 
+    # A VM vhostorch started is checked against what it set up (NICs added over QMP).
+    plans = {state.pid: state for state in vmstate.every()}
     if pid is not None:
-        return [verify.verify(inspect.observe(pid, monitor=own_qmp(pid)))]
+        observed = inspect.observe(pid, monitor=own_qmp(pid), plan=plans.get(pid))
+        return [verify.verify(observed)]
     kthreads = procfs.vhost_kthreads()
     reports = []
     for qemu in procfs.qemu_pids():
         try:
-            observed = inspect.observe(qemu, kthreads=kthreads, monitor=own_qmp(qemu))
+            observed = inspect.observe(
+                qemu, kthreads=kthreads, monitor=own_qmp(qemu), plan=plans.get(qemu)
+            )
         except procfs.CannotInspect:
             continue  # it exited while we looked
         reports.append(verify.verify(observed))
@@ -464,12 +536,108 @@ def _cmd_trace(args: Parsed) -> int:
     return EXIT_OK
 
 
+def _outcome(outcome: Any, args: Parsed, what: str) -> int:
+    state, report = outcome.state, outcome.report
+    strict = args.flag("strict")
+    where = f"pid {state.pid}" + (f", QMP {state.qmp}" if state.qmp else "")
+    if not any(n.vhost_on for n in state.nics):
+        waited = "no NIC uses vhost, so nothing to wait for"
+    elif outcome.driver_up:
+        waited = f"the guest driver started vhost after {outcome.waited:.1f} s"
+    else:
+        waited = f"the guest driver did not start vhost within {outcome.waited:.0f} s"
+    _emit(
+        {
+            "ok": report.ok(strict),
+            "vm": state.asdict(),
+            "waited": round(outcome.waited, 2),
+            "driver_up": outcome.driver_up,
+            "check": report.to_json(strict),
+        },
+        args.flag("json"),
+        f"{state.name}: {what} ({state.backend} backend, {where}); {waited}\n"
+        + _report_text(report, strict),
+    )
+    return EXIT_OK if report.ok(strict) else EXIT_FAILED
+
+
+def _wait(args: Parsed) -> float:
+    from vhostorch import orchestrate
+
+    wait = args.number("wait")
+    if wait is not None and wait < 0:
+        raise InvalidSpec("--wait must be 0 or more seconds")
+    return orchestrate.WAIT_DRIVER if wait is None else float(wait)
+
+
+def _cmd_up(args: Parsed) -> int:
+    from vhostorch import orchestrate, virt, vmspec
+
+    spec = vmspec.load(args.texts("SPEC")[0])
+    backend = args.text("backend") or "qmp"
+    if args.text("connect") and backend != "libvirt":
+        raise InvalidSpec("up: --connect goes with --backend libvirt")
+    outcome = orchestrate.up(
+        spec, backend, uri=args.text("connect") or virt.SYSTEM_URI, wait=_wait(args)
+    )
+    return _outcome(outcome, args, "up")
+
+
+def _vm_name(given: str) -> str:
+    """A VM name, or the name in a spec file (``down spec.toml`` as well as ``down vm1``)."""
+    from vhostorch import vmspec
+
+    if given.endswith(".toml") or os.sep in given:
+        return vmspec.load(given).name
+    return vmspec.check_vm_name(given)
+
+
+def _cmd_down(args: Parsed) -> int:
+    from vhostorch import orchestrate
+
+    state = orchestrate.down(_vm_name(args.texts("VM")[0]))
+    removed = [n.tap for n in state.nics if n.tap_created]
+    text = f"{state.name}: down (pid {state.pid} stopped"
+    text += f"; taps removed: {', '.join(removed)})" if removed else "; no tap to remove)"
+    _emit({"ok": True, "vm": state.asdict(), "taps_removed": removed}, args.flag("json"), text)
+    return EXIT_OK
+
+
+def _cmd_nic(args: Parsed) -> int:
+    from vhostorch import orchestrate, vmspec, vmstate
+
+    if args.command.path[1] == "del":
+        name, tap = args.texts("VM TAP")
+        state = orchestrate.nic_del(_vm_name(name), tap)
+        _emit(
+            {"ok": True, "vm": state.asdict()}, args.flag("json"), f"{state.name}: {tap} unplugged"
+        )
+        return EXIT_OK
+    name = _vm_name(args.texts("VM")[0])
+    current = vmstate.load(name)
+    taken = {n.tap for n in current.nics} if current else set()
+    index = next(i for i in range(len(taken) + 1) if vmspec.default_tap(name, i) not in taken)
+    entry = {
+        "tap": args.text("tap"), "queues": args.number("queues"), "vhost": args.text("vhost"),
+        "mac": args.text("mac"), "bridge": args.text("bridge"), "mtu": args.number("mtu"),
+        "owner": args.text("owner"), "group": args.text("group"),
+        "rx_queue_size": args.number("rx_queue_size"),
+        "tx_queue_size": args.number("tx_queue_size"),
+    }  # fmt: skip
+    nic = vmspec.nic_from_mapping(name, index, {k: v for k, v in entry.items() if v is not None})
+    outcome = orchestrate.nic_add(name, nic, wait=_wait(args))
+    return _outcome(outcome, args, f"{nic.tap.name} plugged in")
+
+
 HANDLERS = {
     "tap": _cmd_tap,
     "lab": _cmd_lab,
     "check": _cmd_check,
     "doctor": _cmd_doctor,
     "trace": _cmd_trace,
+    "up": _cmd_up,
+    "down": _cmd_down,
+    "nic": _cmd_nic,
 }
 
 
@@ -487,6 +655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(err), err.exit_code, as_json)
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as err:
         if os.environ.get("VHOSTORCH_DEBUG"):
             raise

@@ -52,7 +52,7 @@ def _module_file(name: str) -> str | None:
     return None
 
 
-def _vhost_net(paths: Paths) -> list[Check]:
+def vhost_net_checks(paths: Paths) -> list[Check]:
     dev = f"{paths.dev}/vhost-net"
     st = _char_device(dev)
     loaded = os.path.isdir(f"{paths.sys}/module/vhost_net")
@@ -94,7 +94,7 @@ def _tun(paths: Paths) -> Check:
     return Check("host.tun", PASS, "/dev/net/tun opens read-write")
 
 
-def _kvm(paths: Paths) -> Check:
+def kvm_check(paths: Paths) -> Check:
     dev = f"{paths.dev}/kvm"
     if _char_device(dev) is None:
         return Check("host.kvm", FAIL, "/dev/kvm is missing: no hardware virtualization, and "
@@ -276,6 +276,7 @@ def _nofile() -> Check:
 def doctor(paths: Paths | None = None) -> Report:
     """Validate this host for vhost-net before any VM runs."""
     paths = paths or Paths()
-    checks = [*_vhost_net(paths), _tun(paths), _kvm(paths), _worker_model(), _trace(paths)]
+    checks = [*vhost_net_checks(paths), _tun(paths), kvm_check(paths), _worker_model()]
+    checks.append(_trace(paths))
     checks += [*_libvirt(paths), _nofile()]
     return Report({"host": os.uname().nodename, "kernel": os.uname().release}, (), tuple(checks))

@@ -20,13 +20,14 @@ if TYPE_CHECKING:
 
     from vhostorch.domxml import Domain
     from vhostorch.monitor import MonitorView
+    from vhostorch.vmstate import VmState
     from vhostorch.wiring import Wiring
 
 
 class Observation(Record):
     __slots__ = (
         "process", "args", "worker_model", "workers", "taps", "taps_seen", "vhost_net",
-        "domain", "monitor", "monitor_error", "wiring", "wiring_note",
+        "domain", "monitor", "monitor_error", "wiring", "wiring_note", "plan",
     )  # fmt: skip
     process: procfs.Process
     args: qemuargs.QemuArgs
@@ -40,6 +41,7 @@ class Observation(Record):
     monitor_error: str | None
     wiring: Wiring | None
     wiring_note: str | None
+    plan: VmState | None  # what vhostorch set up, for a VM it started
 
     def __init__(
         self,
@@ -55,11 +57,12 @@ class Observation(Record):
         monitor_error: str | None = None,
         wiring: Wiring | None = None,
         wiring_note: str | None = None,
+        plan: VmState | None = None,
     ) -> None:
         self._init(
             process=process, args=args, worker_model=worker_model, workers=workers, taps=taps,
             taps_seen=taps_seen, vhost_net=vhost_net, domain=domain, monitor=monitor,
-            monitor_error=monitor_error, wiring=wiring, wiring_note=wiring_note,
+            monitor_error=monitor_error, wiring=wiring, wiring_note=wiring_note, plan=plan,
         )  # fmt: skip
 
 
@@ -87,11 +90,13 @@ def observe(
     kthreads: dict[str, list[int]] | None = None,
     monitor: Callable[[], MonitorView] | None = None,
     tracefs: str = wiring_trace.TRACEFS,
+    plan: VmState | None = None,
 ) -> Observation:
     """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU.
 
     ``monitor`` reads QEMU's monitor; when it fails, the reason is kept and the
-    checks that need it are unknown.
+    checks that need it are unknown. ``plan`` is vhostorch's record of a VM it
+    started (NICs added over QMP, and what the spec allowed).
     """
     process = procfs.read(pid, proc)
     name = procfs.program(pid, proc)
@@ -105,6 +110,8 @@ def observe(
     names |= {n.ifname for n in args.netdevs if n.ifname}
     if domain is not None:
         names |= {i.target for i in domain.interfaces if i.target}
+    if plan is not None:
+        names |= {n.tap for n in plan.nics}
     taps: dict[str, Link | None] = {}
     seen = None
     # Taps live in QEMU's network namespace; read them only when it is ours.
@@ -132,5 +139,5 @@ def observe(
         )
     return Observation(
         process, args, model, tuple(workers), taps, seen, vhost_net_present(), domain, view,
-        error, wired, note,
+        error, wired, note, plan,
     )  # fmt: skip

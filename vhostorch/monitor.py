@@ -168,6 +168,16 @@ class QmpSocket:
         except (QMPError, OSError, EOFError, TimeoutError) as err:
             raise MonitorError(f"QMP {command}: {_why(err)}") from err
 
+    def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a copy of ``fd`` (SCM_RIGHTS) under ``name`` (``getfd``), for netdev_add."""
+        from qemu.qmp import QMPError
+
+        try:
+            self.client.send_fd_scm(fd)
+        except (QMPError, OSError) as err:
+            raise MonitorError(f"passing fd {name} to QEMU: {_why(err)}") from err
+        self.execute("getfd", {"fdname": name})
+
     def close(self) -> None:
         from qemu.qmp import QMPError
 

@@ -197,3 +197,12 @@ def is_qemu(program: str) -> bool:
 def qemu_pids(proc: str = PROC) -> list[int]:
     """Every process whose program is a QEMU system emulator."""
     return sorted(int(e) for e in os.listdir(proc) if e.isdigit() and is_qemu(program(e, proc)))
+
+
+def alive(pid: int, proc: str = PROC) -> bool:
+    """Whether ``pid`` runs: it exists and is not a zombie waiting for its parent."""
+    try:
+        with open(f"{proc}/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

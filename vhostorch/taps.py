@@ -528,8 +528,14 @@ def _in_namespace(name: str | None, work: Callable[[KernelHost], T]) -> T:
         raise KernelError(f"netlink: {_describe(err)}", err.errno or 0) from err
 
 
-def ensure(specs: Sequence[TapSpec], *, recreate: bool = False) -> list[TapResult]:
+def ensure(
+    specs: Sequence[TapSpec], *, recreate: bool = False, keep_existing: bool = False
+) -> list[TapResult]:
     """Make the taps of one VM match ``specs``, all or nothing.
+
+    With ``keep_existing`` (what starting a VM uses) an existing tap is taken only
+    as it is: one that differs from its spec, or that a process holds open, is
+    refused rather than changed, so nothing that existed before is modified.
 
     Raises InvalidSpec for bad input, OperationFailed (and its subclasses) when the
     host refuses; after an OperationFailed the host is as it was before the call,
@@ -539,11 +545,27 @@ def ensure(specs: Sequence[TapSpec], *, recreate: bool = False) -> list[TapResul
     ids = {spec.name: resolve_ids(spec) for spec in specs}
 
     def work(host: KernelHost) -> list[TapResult]:
-        plan = plan_ensure(specs, host.snapshot(), ids, recreate=recreate)
+        snapshot = host.snapshot()
+        plan = plan_ensure(specs, snapshot, ids, recreate=recreate)
+        if keep_existing:
+            _refuse_existing(plan, snapshot)
         apply(plan.changes, host)
         return list(plan.results)
 
     return _in_namespace(namespace, work)
+
+
+def _refuse_existing(plan: Plan, snapshot: dict[str, Link]) -> None:
+    for result in plan.results:
+        if result.action not in ("created", "unchanged"):
+            raise Mismatch(
+                f"tap {result.name} exists and differs from the spec "
+                f"({', '.join(result.changes)}); a VM start does not change taps it did not "
+                "create (vhostorch tap create does)"
+            )
+        link = snapshot.get(result.name)
+        if link is not None and link.tun is not None and link.tun.attached_queues:
+            raise _in_use(link, "a VM would share it")
 
 
 def create(specs: Sequence[TapSpec]) -> list[TapResult]:

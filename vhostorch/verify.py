@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from vhostorch import procfs
 from vhostorch.checks import FAIL, PASS, UNKNOWN, WARN, Check, Report
+from vhostorch.qemuargs import DeviceArg, NetdevArg
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vhostorch.domxml import Interface
     from vhostorch.inspect import Observation
     from vhostorch.monitor import VirtioNet
-    from vhostorch.qemuargs import NetdevArg
+    from vhostorch.vmstate import NicState
 
 TAP_TYPES = ("tap", "bridge")  # "bridge" is a tap opened by qemu-bridge-helper
 NO_MONITOR = (
@@ -34,29 +35,79 @@ NO_TRACE = (
 
 
 class _Nic:
-    """One tap netdev with its device and, for libvirt domains, its <interface>."""
+    """One tap netdev with its device, where it was declared, and what was asked of it."""
 
-    def __init__(self, netdev: NetdevArg, name: str, iface: Interface | None) -> None:
+    def __init__(
+        self,
+        netdev: NetdevArg,
+        device: DeviceArg | None,
+        name: str,
+        origin: str,
+        iface: Interface | None,
+        state: NicState | None,
+    ) -> None:
         self.netdev = netdev
+        self.device = device
         self.name = name
+        self.origin = origin
         self.iface = iface
+        self.state = state
         self.tap_fds: list[procfs.Fd] = []
         self.vhost_fds: list[procfs.Fd] = []
         self.vhost_assigned_by = "the command line"
 
 
+CMDLINE = "the QEMU command line"
+BY_VHOSTORCH = "vhostorch's QMP netdev_add (not on the command line)"
+BY_LIBVIRT = "the live domain XML (hot-plugged, not on the command line)"
+
+
 def _nics(obs: Observation) -> list[_Nic]:
+    """Tap NICs on the command line, then those added later: by vhostorch (its state
+    file says what it asked) or through libvirt (its live XML says)."""
     nics = []
     interfaces = list(obs.domain.interfaces) if obs.domain else []
+    planned = {n.netdev: n for n in obs.plan.nics} if obs.plan else {}
     for netdev in obs.args.netdevs:
         if netdev.type not in TAP_TYPES:
             continue
         device = obs.args.device_for(netdev.id)
         iface = next((i for i in interfaces if i.netdev_id == netdev.id), None)
         name = (device.id if device and device.id else None) or netdev.id
-        nics.append(_Nic(netdev, name, iface))
+        nics.append(_Nic(netdev, device, name, CMDLINE, iface, planned.get(netdev.id)))
+    seen = {nic.netdev.id for nic in nics}
+    for state in planned.values():
+        if state.netdev in seen:
+            continue
+        seen.add(state.netdev)
+        iface = next((i for i in interfaces if i.netdev_id == state.netdev), None)
+        netdev, device = _declared(state.netdev, state.device, state.tap, state.queues,
+                                   state.vhost_on, state.mac)  # fmt: skip
+        origin = BY_LIBVIRT if iface is not None else BY_VHOSTORCH
+        nics.append(_Nic(netdev, device, state.device, origin, iface, state))
+    for iface in interfaces:
+        if iface.netdev_id is None or iface.netdev_id in seen or iface.type != "ethernet":
+            continue
+        # libvirt asks QEMU for vhost on type='kvm' domains unless <driver name='qemu'/>.
+        wants = obs.domain is not None and obs.domain.type == "kvm" and iface.driver != "qemu"
+        netdev, device = _declared(iface.netdev_id, iface.alias or iface.netdev_id,
+                                   iface.target, iface.queues, wants, iface.mac)  # fmt: skip
+        nics.append(_Nic(netdev, device, iface.alias or iface.netdev_id, BY_LIBVIRT, iface, None))
     _claim_fds(obs.process, nics, obs.wiring.backend_fds() if obs.wiring else {})
     return nics
+
+
+def _declared(
+    netdev: str, device: str, tap: str | None, queues: int, vhost: bool, mac: str | None
+) -> tuple[NetdevArg, DeviceArg]:
+    """The netdev and device of a NIC added after start (as vhostorch and libvirt add them)."""
+    pairs = max(queues, 1)
+    return (
+        NetdevArg(netdev, "tap", vhost, False, (), (), tap, pairs),
+        DeviceArg(
+            "virtio-net-pci", device, netdev, pairs > 1, 2 * pairs + 2 if pairs > 1 else None, mac
+        ),
+    )
 
 
 def _claim_fds(process: procfs.Process, nics: list[_Nic], backends: dict[int, int]) -> None:
@@ -116,9 +167,22 @@ def _requested(obs: Observation, nic: _Nic) -> Check:
     if iface is not None:
         evidence["domain_driver"] = iface.driver
         evidence["domain_type"] = obs.domain.type if obs.domain else None
+    if nic.origin != CMDLINE:
+        evidence["declared_by"] = nic.origin
+    mode = nic.state.vhost if nic.state else None
+    if mode is not None:
+        evidence["spec_vhost"] = mode
     if netdev.wants_vhost:
-        return Check("nic.vhost.requested", PASS, "vhost is requested on the QEMU command line",
+        return Check("nic.vhost.requested", PASS, f"vhost is requested by {nic.origin}",
                      evidence, nic=nic.name)  # fmt: skip
+    if nic.state is not None and mode == "off":
+        return Check("nic.vhost.requested", PASS, "vhost is off for this NIC, as its spec asks",
+                     evidence, nic=nic.name)  # fmt: skip
+    if nic.state is not None and mode == "preferred":
+        why = nic.state.fallback or "vhost was not available"
+        return Check("nic.vhost.requested", WARN,
+                     f"vhost is preferred but {why}: this NIC runs on QEMU's userspace data "
+                     "path, a fallback the spec allows", evidence, nic=nic.name)  # fmt: skip
     if iface is not None and obs.domain is not None:
         if iface.driver == "qemu":
             message = "the domain asks for the userspace data path (<driver name='qemu'/>)"
@@ -190,7 +254,7 @@ def _tap_fds(obs: Observation, nic: _Nic) -> Check:
 def _queues(obs: Observation, nic: _Nic) -> Check:
     """The device is sized for as many queue pairs as its tap netdev has."""
     pairs = nic.netdev.queue_pairs
-    device = obs.args.device_for(nic.netdev.id)
+    device = nic.device
     evidence: dict[str, object] = {"netdev_queue_pairs": pairs}
     wanted, source = None, ""
     if nic.iface is not None:
@@ -263,8 +327,7 @@ def _no_monitor(obs: Observation) -> str:
 def _monitor_nic(obs: Observation, nic: _Nic) -> VirtioNet | None:
     if obs.monitor is None:
         return None
-    device = obs.args.device_for(nic.netdev.id)
-    return obs.monitor.nic_for(device.id if device else None, nic.netdev.id)
+    return obs.monitor.nic_for(nic.device.id if nic.device else None, nic.netdev.id)
 
 
 def _monitor_checks(obs: Observation, nic: _Nic, virtio: VirtioNet | None) -> list[Check]:
@@ -514,26 +577,41 @@ def verify(obs: Observation) -> Report:
     checks: list[Check] = []
     pid = obs.process.pid
     dev: dict[str, object] = {"path": "/dev/vhost-net"}
-    checks.append(
-        Check("host.vhost-net", PASS, "/dev/vhost-net is present", dev)
-        if obs.vhost_net
-        else Check("host.vhost-net", FAIL,
-                   "/dev/vhost-net is missing on this host (vhostorch doctor says why)", dev)
-    )  # fmt: skip
+    # A VM vhostorch started from a spec that lets every NIC run without vhost (preferred,
+    # off) or asks for TCG gets warnings, not failures, for what the spec allowed.
+    plan = obs.plan
+    vhost_optional = plan is not None and all(n.vhost != "required" for n in plan.nics)
+    if obs.vhost_net:
+        checks.append(Check("host.vhost-net", PASS, "/dev/vhost-net is present", dev))
+    elif vhost_optional:
+        checks.append(Check("host.vhost-net", WARN, "/dev/vhost-net is missing on this host; "
+                            "no NIC of this VM requires vhost", dev))  # fmt: skip
+    else:
+        checks.append(Check("host.vhost-net", FAIL,
+                            "/dev/vhost-net is missing on this host (vhostorch doctor says why)",
+                            dev))  # fmt: skip
     kvm_fds = [fd.num for fd in obs.process.fds_to(procfs.KVM_VM)]
     accel = list(obs.args.accel) or ["tcg (default)"]
-    checks.append(
-        Check("vm.kvm", PASS, "QEMU runs a KVM VM", {"kvm_vm_fds": kvm_fds, "accel": accel})
-        if kvm_fds
-        else Check("vm.kvm", FAIL,
-                   "QEMU runs without KVM (no anon_inode:kvm-vm fd): emulated CPUs, and "
-                   "libvirt does not use vhost for such domains", {"accel": accel})
-    )  # fmt: skip
+    if kvm_fds:
+        checks.append(Check("vm.kvm", PASS, "QEMU runs a KVM VM",
+                            {"kvm_vm_fds": kvm_fds, "accel": accel}))  # fmt: skip
+    elif plan is not None and plan.accel == "tcg" and vhost_optional:
+        checks.append(Check("vm.kvm", WARN, "QEMU runs TCG (emulated CPUs), as the spec asks "
+                            "(accel = \"tcg\")", {"accel": accel}))  # fmt: skip
+    else:
+        message = (
+            "QEMU runs without KVM (no anon_inode:kvm-vm fd): emulated CPUs, and libvirt does "
+            "not use vhost for such domains"
+        )
+        checks.append(Check("vm.kvm", FAIL, message, {"accel": accel}))
     nics = _nics(obs)
     total_vhost = len(obs.process.fds_to(procfs.VHOST_NET))
     for nic in nics:
         requested = _requested(obs, nic)
-        checks += [requested, _queues(obs, nic), _tap_fds(obs, nic), _vhost_fds(obs, nic)]
+        checks += [requested, _queues(obs, nic), _tap_fds(obs, nic)]
+        if nic.state is not None and not nic.state.vhost_on and not nic.netdev.wants_vhost:
+            continue  # vhost is off or fell back as the spec allows: nothing to attach
+        checks.append(_vhost_fds(obs, nic))
         checks.append(_worker(obs, nic, total_vhost))
         if not nic.vhost_fds:
             continue  # nothing further can be attached
@@ -545,6 +623,8 @@ def verify(obs: Observation) -> Report:
     if not nics:
         checks.append(Check("nic.vhost.requested", FAIL, "QEMU has no tap NIC, so no vhost"))
     target: dict[str, object] = {"pid": pid, "name": obs.args.name}
+    if plan is not None:
+        target["vhostorch"] = {"vm": plan.name, "backend": plan.backend}
     if obs.domain is not None:
         target["domain"] = obs.domain.name
         target["domain_type"] = obs.domain.type

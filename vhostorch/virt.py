@@ -116,3 +116,120 @@ def domain_pid(name: str, proc: str = procfs.PROC, pid_dir: str = PID_DIR) -> in
         if qemuargs.parse(argv).name == name:
             return pid
     raise DomainUnavailable(f"no QEMU process found for domain {name!r}")
+
+
+# The libvirt backend of `vhostorch up`: define, start, hot-plug, stop. Each call opens
+# and closes its own connection; libvirt's message is kept in the error.
+AFFECT_LIVE_AND_CONFIG = 1 | 2  # VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG
+
+
+class LibvirtFailed(OperationFailed):
+    """libvirt refused a change to a domain."""
+
+
+def _message(err: Any) -> str:
+    return " ".join(str(err.get_error_message() or err).split())
+
+
+def _connection(uri: str) -> tuple[Any, Any]:
+    libvirt = _libvirt()
+    try:
+        return libvirt, libvirt.open(uri)
+    except libvirt.libvirtError as err:
+        raise LibvirtFailed(f"cannot connect to {uri}: {_message(err)}") from None
+
+
+def _lookup(libvirt: Any, conn: Any, name: str) -> Any | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def define_and_start(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
+    """Define domain ``name`` from ``xml`` and start it; undefine it if it does not start.
+
+    Refuses a name libvirt already has (vhostorch never takes over a domain).
+    """
+    libvirt, conn = _connection(uri)
+    try:
+        if _lookup(libvirt, conn, name) is not None:
+            raise LibvirtFailed(f"a libvirt domain named {name!r} exists already at {uri}")
+        try:
+            dom = conn.defineXML(xml)
+        except libvirt.libvirtError as err:
+            raise LibvirtFailed(f"libvirt refused the domain: {_message(err)}") from None
+        try:
+            dom.create()
+        except libvirt.libvirtError as err:
+            try:
+                dom.undefine()
+            except libvirt.libvirtError:
+                pass  # the start error is the one to report
+            raise LibvirtFailed(f"libvirt could not start {name}: {_message(err)}") from None
+    finally:
+        conn.close()
+
+
+def destroy_and_undefine(name: str, uri: str = SYSTEM_URI) -> None:
+    """Stop domain ``name`` (if it runs) and remove its definition; gone already is fine."""
+    libvirt, conn = _connection(uri)
+    try:
+        dom = _lookup(libvirt, conn, name)
+        if dom is None:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        except libvirt.libvirtError as err:
+            raise LibvirtFailed(f"libvirt could not remove {name}: {_message(err)}") from None
+    finally:
+        conn.close()
+
+
+def live_domain(name: str, uri: str = SYSTEM_URI) -> str:
+    """The live XML of ``name`` (DomainUnavailable when it does not run)."""
+    return domain_xml(name, uri)
+
+
+def attach(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
+    """Hot-plug the device in ``xml`` into running domain ``name`` (and its definition)."""
+    libvirt, conn = _connection(uri)
+    try:
+        dom = _running(libvirt, conn, name, uri)
+        try:
+            dom.attachDeviceFlags(xml, AFFECT_LIVE_AND_CONFIG)
+        except libvirt.libvirtError as err:
+            raise LibvirtFailed(
+                f"libvirt could not hot-plug into {name}: {_message(err)}"
+            ) from None
+    finally:
+        conn.close()
+
+
+def detach(name: str, xml: str, gone: Any, timeout: float, uri: str = SYSTEM_URI) -> None:
+    """Unplug the device in ``xml``; wait until ``gone(live_xml)`` says it left the guest.
+
+    libvirt returns after waiting a few seconds for the guest, and finishes the
+    removal later when the guest is slower, so the live XML is what tells.
+    """
+    import time
+
+    libvirt, conn = _connection(uri)
+    try:
+        dom = _running(libvirt, conn, name, uri)
+        try:
+            dom.detachDeviceFlags(xml, AFFECT_LIVE_AND_CONFIG)
+        except libvirt.libvirtError as err:
+            raise LibvirtFailed(f"libvirt could not unplug from {name}: {_message(err)}") from None
+        deadline = time.monotonic() + timeout
+        while not gone(dom.XMLDesc(0)):
+            if time.monotonic() > deadline:
+                raise LibvirtFailed(
+                    f"the guest did not release the NIC within {timeout:.0f} s (it needs a "
+                    "running OS with ACPI hot-plug); libvirt removes it when the guest does"
+                )
+            time.sleep(0.1)
+    finally:
+        conn.close()

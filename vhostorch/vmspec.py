@@ -45,6 +45,7 @@ MAX_NAME = 64
 # 256 (only vhost-user and vDPA get more), so a larger tx_queue_size would be ignored.
 RING_SIZES = (256, 512, 1024)
 KERNEL_VHOST_MAX_TX = 256
+QCOW2_MAGIC = b"QFI\xfb"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -58,6 +59,15 @@ def check_vm_name(name: object) -> str:
             "not starting with '.' or '-'"
         )
     return name
+
+
+def disk_format(path: str) -> str:
+    """qcow2 or raw, from the image's first bytes (QEMU and libvirt must be told)."""
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+    except OSError:
+        return "raw"  # QEMU or libvirt says what is wrong with the path
 
 
 def default_mac(vm: str, index: int) -> str:
@@ -193,34 +203,7 @@ def from_mapping(data: Mapping[str, Any]) -> VmSpec:
     entries = data.get("nic", [])
     if not isinstance(entries, list):
         raise InvalidSpec("nic must be an array of tables ([[nic]])")
-    nics = []
-    for index, entry in enumerate(entries):
-        where = f"nic[{index}]"
-        if not isinstance(entry, dict):
-            raise InvalidSpec(f"{where} must be a table")
-        _unknown(where, entry, _NIC_KEYS)
-        try:
-            queues = entry.get("queues", 1)
-            check_int(queues, "queues", 1, MAX_TAP_QUEUES)
-            tap = TapSpec(
-                str(entry["tap"]) if "tap" in entry else f"{name[:10]}-n{index}",
-                queues=queues,
-                mtu=entry.get("mtu"),
-                bridge=entry.get("bridge"),
-                owner=entry.get("owner"),
-                group=entry.get("group"),
-            )
-            nics.append(
-                NicSpec(
-                    tap,
-                    str(entry.get("mac") or default_mac(name, index)),
-                    vhost=entry.get("vhost", "required"),
-                    rx_queue_size=entry.get("rx_queue_size"),
-                    tx_queue_size=entry.get("tx_queue_size"),
-                )
-            )
-        except InvalidSpec as err:
-            raise InvalidSpec(f"{where}: {err}") from None
+    nics = [nic_from_mapping(name, index, entry) for index, entry in enumerate(entries)]
     return VmSpec(
         name,
         nics,
@@ -233,6 +216,38 @@ def from_mapping(data: Mapping[str, Any]) -> VmSpec:
         cmdline=boot.get("cmdline"),
         disk=boot.get("disk"),
     )
+
+
+def default_tap(vm: str, index: int) -> str:
+    return f"{vm[:10]}-n{index}"
+
+
+def nic_from_mapping(vm: str, index: int, entry: object) -> NicSpec:
+    """NIC ``index`` of VM ``vm`` from one ``[[nic]]`` table. Raises InvalidSpec naming it."""
+    where = f"nic[{index}]"
+    if not isinstance(entry, dict):
+        raise InvalidSpec(f"{where} must be a table")
+    _unknown(where, entry, _NIC_KEYS)
+    try:
+        queues = entry.get("queues", 1)
+        check_int(queues, "queues", 1, MAX_TAP_QUEUES)
+        tap = TapSpec(
+            str(entry["tap"]) if entry.get("tap") is not None else default_tap(vm, index),
+            queues=queues,
+            mtu=entry.get("mtu"),
+            bridge=entry.get("bridge"),
+            owner=entry.get("owner"),
+            group=entry.get("group"),
+        )
+        return NicSpec(
+            tap,
+            str(entry.get("mac") or default_mac(vm, index)),
+            vhost=entry.get("vhost", "required"),
+            rx_queue_size=entry.get("rx_queue_size"),
+            tx_queue_size=entry.get("tx_queue_size"),
+        )
+    except InvalidSpec as err:
+        raise InvalidSpec(f"{where}: {err}") from None
 
 
 def load(path: str) -> VmSpec:

@@ -1,0 +1,376 @@
+"""Start, hot-plug and stop VMs from a VmSpec through either backend; each start ends in a check.
+
+An operation is a list of steps, each undone when a later one fails:
+decide (nothing touched yet) → taps → VM → state file. ``down`` and ``nic del``
+remove only what vhostorch created: the VM it started and the taps it made.
+
+Backends: ``qmp`` (vhostorch.qmpvm: QEMU started here, NICs added over QMP with
+fds opened here) and ``libvirt`` (vhostorch.virt: a defined domain whose
+interfaces are ``type='ethernet'`` on the taps made here).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from vhostorch import doctor, domxml, inspect, procfs, qmpvm, taps, verify, virt, vmstate, wiring
+from vhostorch.checks import FAIL, PASS, UNKNOWN, Report
+from vhostorch.errors import InvalidSpec, OperationFailed, VhostorchError
+from vhostorch.monitor import read_qmp
+from vhostorch.record import TYPE_CHECKING, Record
+from vhostorch.vmstate import NicState, VmState
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from vhostorch.vmspec import NicSpec, VmSpec
+
+WAIT_DRIVER = 60.0  # seconds for the guest driver to start vhost on every NIC
+UNPLUG_TIMEOUT = 30.0
+BACKENDS = vmstate.BACKENDS
+
+
+class Outcome(Record):
+    """A VM vhostorch runs, the check made once its guest driver was up (or the wait ended)."""
+
+    __slots__ = ("state", "report", "waited", "driver_up")
+    state: VmState
+    report: Report
+    waited: float
+    driver_up: bool
+
+    def __init__(self, state: VmState, report: Report, waited: float, driver_up: bool) -> None:
+        self._init(state=state, report=report, waited=waited, driver_up=driver_up)
+
+
+class Host(Record):
+    """What decides whether vhost can be had: doctor's checks for /dev/vhost-net and KVM."""
+
+    __slots__ = ("vhost", "kvm")
+    vhost: tuple[str, str]  # (status, doctor's message)
+    kvm: tuple[str, str]
+
+    def __init__(self, vhost: tuple[str, str], kvm: tuple[str, str]) -> None:
+        self._init(vhost=vhost, kvm=kvm)
+
+    @classmethod
+    def probe(cls, paths: doctor.Paths | None = None) -> Host:
+        paths = paths or doctor.Paths()
+        checks = doctor.vhost_net_checks(paths)
+        worst = next((c for c in checks if c.status != PASS), checks[0])
+        kvm = doctor.kvm_check(paths)
+        return cls((worst.status, worst.message), (kvm.status, kvm.message))
+
+
+def decide(
+    nics: Sequence[NicSpec], accel: str, backend: str, host: Host, first: int = 0
+) -> list[tuple[NicSpec, bool, str | None]]:
+    """Pure: for each NIC, whether QEMU gets vhost, and why not; refuses what cannot be had.
+
+    ``required`` needs /dev/vhost-net and, with accel kvm, a usable KVM; under
+    libvirt it also needs accel kvm (libvirt uses vhost only for type='kvm'
+    domains). QEMU itself uses vhost under TCG too, so the qmp backend allows it.
+    ``preferred`` falls back to QEMU's data path, and says why. Raises OperationFailed.
+    """
+    if accel == "kvm" and host.kvm[0] == FAIL:
+        raise OperationFailed(f'accel = "kvm" but KVM is not usable: {host.kvm[1]}')
+    decided: list[tuple[NicSpec, bool, str | None]] = []
+    for index, nic in enumerate(nics, first):
+        why, detail = None, ""
+        if host.vhost[0] != PASS:
+            why = "this host has no usable /dev/vhost-net"
+            detail = f" ({host.vhost[1]})"
+        elif backend == "libvirt" and accel != "kvm":
+            why = "libvirt uses vhost only for type='kvm' domains, and accel is \"tcg\""
+        elif accel == "kvm" and host.kvm[0] != PASS:
+            why = f"KVM is not usable ({host.kvm[1]})"
+        if nic.vhost == "required" and why is not None:
+            raise OperationFailed(
+                f'nic[{index}] ({nic.tap.name}): vhost = "required" cannot be had: {why}{detail}; '
+                'nothing was started (vhost = "preferred" would start without it)'
+            )
+        on = nic.vhost != "off" and why is None
+        decided.append((nic, on, why if nic.vhost == "preferred" and not on else None))
+    return decided
+
+
+class _Undo:
+    """Undo steps, run last-first when a later step fails."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, what: str, step: Callable[[], object]) -> None:
+        self.steps.append((what, step))
+
+    def run(self) -> list[str]:
+        """Run every step; return what could not be undone (each step runs even if one fails)."""
+        left = []
+        for what, step in reversed(self.steps):
+            try:
+                step()
+            except VhostorchError as err:
+                left.append(f"{what} ({err})")
+        self.steps = []
+        return left
+
+
+def _fail(err: BaseException, undo: _Undo) -> None:
+    left = undo.run()
+    if left:
+        from vhostorch.errors import RollbackFailed
+
+        cause = err if isinstance(err, VhostorchError) else OperationFailed(str(err))
+        raise RollbackFailed(f"{err}; and undoing failed for: {', '.join(left)}", cause, left)
+
+
+def _workdir(name: str, root: str) -> str:
+    return os.path.join(root, f"{name}.d")
+
+
+def _arm_trace() -> None:
+    """Arm the wiring trace before a guest driver starts, when this host allows it.
+
+    It is host-wide state kept until `vhostorch trace disarm`, so that later
+    checks still see how each queue was wired. Without it (no tracefs, not root)
+    the check says unknown for kick and call; that is reported, not an error.
+    """
+    try:
+        wiring.arm()
+    except (OSError, VhostorchError):
+        pass
+
+
+def _make_taps(nics: Sequence[NicSpec], undo: _Undo) -> set[str]:
+    results = taps.ensure([n.tap for n in nics], keep_existing=True)
+    created = {r.name for r in results if r.action == "created"}
+    if created:
+        undo.push(f"taps {', '.join(sorted(created))}", lambda: taps.delete(sorted(created)))
+    return created
+
+
+def _libvirt_ids(name: str, uri: str, tap: str) -> tuple[str, str]:
+    """(device alias, netdev id) libvirt gave the interface on ``tap``."""
+    for iface in domxml.parse(virt.live_domain(name, uri)).interfaces:
+        if iface.target == tap and iface.alias and iface.netdev_id:
+            return iface.alias, iface.netdev_id
+    raise OperationFailed(f"domain {name} has no interface on tap {tap} after start")
+
+
+def up(
+    spec: VmSpec,
+    backend: str = "qmp",
+    *,
+    uri: str = virt.SYSTEM_URI,
+    wait: float = WAIT_DRIVER,
+    root: str = vmstate.STATE_DIR,
+    host: Host | None = None,
+) -> Outcome:
+    """Make the taps, start the VM, wait for its guest driver to start vhost, check it.
+
+    All or nothing: a failure at any step undoes the steps before it. Raises
+    InvalidSpec, OperationFailed (RollbackFailed when undoing failed too).
+    """
+    if backend not in BACKENDS:
+        raise InvalidSpec(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    with vmstate.Lock(spec.name, root):
+        old = vmstate.load(spec.name, root)
+        if old is not None:
+            alive = procfs.alive(old.pid)
+            raise OperationFailed(
+                f"VM {spec.name} is already up (pid {old.pid}, backend {old.backend})"
+                if alive
+                else f"VM {spec.name} has a state file from a start whose QEMU is gone; "
+                f"vhostorch down {spec.name} cleans it up"
+            )
+        decided = decide(spec.nics, spec.accel, backend, host or Host.probe())
+        undo = _Undo()
+        try:
+            created = _make_taps(spec.nics, undo)
+            _arm_trace()
+            workdir = _workdir(spec.name, root)
+            pairs = [(nic, on) for nic, on, _ in decided]
+            if backend == "qmp":
+                pid = qmpvm.start(spec, pairs, workdir)
+                qmp = qmpvm.files(workdir)[0]
+                undo.push("QEMU", lambda: qmpvm.stop(pid, qmp, workdir))
+                names = [qmpvm.ids(nic.tap.name) for nic, _ in pairs]
+                state_uri, state_qmp = None, qmp
+            else:
+                os.makedirs(workdir, mode=0o750, exist_ok=True)
+                undo.push("work directory", lambda: _rmtree(workdir))
+                xml = domxml.render(spec, pairs, qmpvm.files(workdir)[2])
+                virt.define_and_start(spec.name, xml, uri)
+                undo.push(f"domain {spec.name}", lambda: virt.destroy_and_undefine(spec.name, uri))
+                pid = virt.domain_pid(spec.name)
+                names = [_libvirt_ids(spec.name, uri, nic.tap.name) for nic, _ in pairs]
+                state_uri, state_qmp = uri, None
+            nics = tuple(
+                _nic_state(nic, on, why, ids, created)
+                for (nic, on, why), ids in zip(decided, names, strict=True)
+            )
+            state = VmState(
+                spec.name, backend, pid, spec.accel, state_qmp, state_uri, workdir, nics
+            )
+            vmstate.save(state, root)
+            undo.push("state file", lambda: vmstate.remove(spec.name, root))
+            outcome = _wait_for_vhost(state, wait)
+        except BaseException as err:
+            _fail(err, undo)
+            raise
+        return outcome
+
+
+def _nic_state(
+    nic: NicSpec, on: bool, why: str | None, ids: tuple[str, str], created: set[str]
+) -> NicState:
+    device, netdev = ids
+    return NicState(
+        nic.tap.name, device, netdev, nic.queues, nic.mac, nic.vhost, on, why,
+        nic.tap.name in created,
+    )  # fmt: skip
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def check(state: VmState) -> Report:
+    """The check of a VM vhostorch started, with what it set up as the expectation.
+
+    The QMP backend's monitor is asked over its socket; a libvirt domain's is not
+    (that would mark it tainted): the wiring trace tells when its vhost started.
+    """
+    if state.backend == "qmp" and state.qmp:
+        qmp = state.qmp
+        observed = inspect.observe(state.pid, monitor=lambda: read_qmp(qmp), plan=state)
+    else:
+        domain = domxml.parse(virt.live_domain(state.name, state.uri or virt.SYSTEM_URI))
+        observed = inspect.observe(state.pid, domain=domain, plan=state)
+    return verify.verify(observed)
+
+
+def _settled(report: Report, state: VmState) -> bool:
+    """Every vhost NIC's started check has a final answer.
+
+    Unknown is final when nothing will tell (no monitor, no trace); for a libvirt
+    domain with the trace armed it means the driver has not wired a queue yet.
+    """
+    unknown_final = state.backend == "qmp" or not wiring.armed()
+    for nic in state.nics:
+        if not nic.vhost_on:
+            continue
+        started = [c for c in report.checks if c.id == "nic.vhost.started" and c.nic == nic.device]
+        final = (PASS, FAIL, UNKNOWN) if unknown_final else (PASS, FAIL)
+        if started and started[0].status not in final:
+            return False
+    return True
+
+
+def _wait_for_vhost(state: VmState, timeout: float) -> Outcome:
+    """Check until every NIC's guest driver has started vhost, or ``timeout`` runs out."""
+    begin = time.monotonic()
+    while True:
+        if not procfs.alive(state.pid):
+            raise OperationFailed(f"QEMU (pid {state.pid}) exited while its guest was starting")
+        try:
+            report = check(state)
+        except procfs.CannotInspect as err:
+            raise OperationFailed(f"QEMU (pid {state.pid}) cannot be checked: {err}") from None
+        waited = time.monotonic() - begin
+        if _settled(report, state) or waited >= timeout:
+            return Outcome(state, report, waited, _settled(report, state))
+        time.sleep(0.2)
+
+
+def _running(name: str, root: str) -> VmState:
+    state = vmstate.load(name, root)
+    if state is None:
+        raise OperationFailed(f"vhostorch has not started a VM named {name!r}")
+    return state
+
+
+def down(name: str, *, root: str = vmstate.STATE_DIR) -> VmState:
+    """Stop VM ``name`` and remove what vhostorch created for it: the VM, its taps, its state.
+
+    A VM whose QEMU is already gone is cleaned up too. Raises OperationFailed.
+    """
+    with vmstate.Lock(name, root):
+        state = _running(name, root)
+        if state.backend == "qmp" and state.qmp:
+            qmpvm.stop(state.pid, state.qmp, state.workdir)
+        else:
+            virt.destroy_and_undefine(name, state.uri or virt.SYSTEM_URI)
+            _rmtree(state.workdir)
+        created = [n.tap for n in state.nics if n.tap_created]
+        if created:
+            taps.delete(created)
+        vmstate.remove(name, root)
+    return state
+
+
+def nic_add(
+    name: str,
+    nic: NicSpec,
+    *,
+    wait: float = WAIT_DRIVER,
+    root: str = vmstate.STATE_DIR,
+    host: Host | None = None,
+) -> Outcome:
+    """Hot-plug ``nic`` into running VM ``name`` (its tap made here), then check. All or nothing."""
+    with vmstate.Lock(name, root):
+        state = _running(name, root)
+        if not procfs.alive(state.pid):
+            raise OperationFailed(f"VM {name} is not running (its QEMU, pid {state.pid}, is gone)")
+        if state.nic(nic.tap.name) is not None:
+            raise InvalidSpec(f"VM {name} has a NIC on tap {nic.tap.name} already")
+        if any(n.mac == nic.mac for n in state.nics):
+            raise InvalidSpec(f"VM {name} has a NIC with MAC {nic.mac} already")
+        index = len(state.nics)
+        [(_, on, why)] = decide([nic], state.accel, state.backend, host or Host.probe(), index)
+        undo = _Undo()
+        try:
+            created = _make_taps([nic], undo)
+            _arm_trace()
+            if state.backend == "qmp" and state.qmp:
+                qmpvm.attach(state.qmp, nic, on)
+                device, netdev = qmpvm.ids(nic.tap.name)
+            else:
+                uri = state.uri or virt.SYSTEM_URI
+                virt.attach(name, domxml.interface_xml(nic, on), uri)
+                device, netdev = _libvirt_ids(name, uri, nic.tap.name)
+            added = _nic_state(nic, on, why, (device, netdev), created)
+            state = state.with_nics((*state.nics, added))
+            vmstate.save(state, root)
+        except BaseException as err:
+            _fail(err, undo)
+            raise
+        return _wait_for_vhost(state, wait)
+
+
+def nic_del(
+    name: str, tap: str, *, timeout: float = UNPLUG_TIMEOUT, root: str = vmstate.STATE_DIR
+) -> VmState:
+    """Unplug the NIC on ``tap`` from VM ``name`` and delete the tap if vhostorch made it."""
+    with vmstate.Lock(name, root):
+        state = _running(name, root)
+        nic = state.nic(tap)
+        if nic is None:
+            raise InvalidSpec(f"VM {name} has no NIC on tap {tap}")
+        if state.backend == "qmp" and state.qmp:
+            qmpvm.detach(state.qmp, tap, timeout)
+        else:
+
+            def gone(xml: str) -> bool:
+                return all(i.target != tap for i in domxml.parse(xml).interfaces)
+
+            uri = state.uri or virt.SYSTEM_URI
+            virt.detach(name, domxml.interface_ref(nic.mac), gone, timeout, uri)
+        state = state.with_nics(tuple(n for n in state.nics if n.tap != tap))
+        vmstate.save(state, root)
+        if nic.tap_created:
+            taps.delete([tap])
+        return state

@@ -1,0 +1,180 @@
+"""What vhostorch started and created for each VM: one JSON state file per VM.
+
+``up`` writes it once the VM runs, hot-plug rewrites it, ``down`` removes it;
+``check`` reads it to know the NICs of a VM whose netdevs were added over QMP
+(they are not on QEMU's command line). Writes are atomic (rename), and every
+change to one VM holds that VM's lock, so two commands on one VM never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vhostorch.errors import OperationFailed
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+STATE_DIR = "/run/vhostorch/vms"
+BACKENDS = ("qmp", "libvirt")
+
+
+class NicState(Record):
+    """One NIC as vhostorch set it up: its QEMU ids, tap, and whether vhost was asked of QEMU."""
+
+    __slots__ = (
+        "tap", "device", "netdev", "queues", "mac", "vhost", "vhost_on", "fallback",
+        "tap_created",
+    )  # fmt: skip
+    tap: str
+    device: str
+    netdev: str
+    queues: int
+    mac: str
+    vhost: str  # the spec's mode: required | preferred | off
+    vhost_on: bool  # what QEMU was told (preferred falls back to off without /dev/vhost-net)
+    fallback: str | None  # why a preferred NIC runs without vhost
+    tap_created: bool  # created for this VM, so removed with it
+
+    def __init__(
+        self,
+        tap: str,
+        device: str,
+        netdev: str,
+        queues: int,
+        mac: str,
+        vhost: str,
+        vhost_on: bool,
+        fallback: str | None,
+        tap_created: bool,
+    ) -> None:
+        self._init(
+            tap=tap, device=device, netdev=netdev, queues=queues, mac=mac, vhost=vhost,
+            vhost_on=vhost_on, fallback=fallback, tap_created=tap_created,
+        )  # fmt: skip
+
+
+class VmState(Record):
+    __slots__ = ("name", "backend", "pid", "accel", "qmp", "uri", "workdir", "nics")
+    name: str
+    backend: str
+    pid: int
+    accel: str
+    qmp: str | None  # the QMP backend's socket
+    uri: str | None  # the libvirt backend's connection URI
+    workdir: str  # console log, QMP socket, pid file
+    nics: tuple[NicState, ...]
+
+    def __init__(
+        self,
+        name: str,
+        backend: str,
+        pid: int,
+        accel: str,
+        qmp: str | None,
+        uri: str | None,
+        workdir: str,
+        nics: tuple[NicState, ...],
+    ) -> None:
+        self._init(
+            name=name, backend=backend, pid=pid, accel=accel, qmp=qmp, uri=uri, workdir=workdir,
+            nics=nics,
+        )  # fmt: skip
+
+    def nic(self, tap: str) -> NicState | None:
+        return next((n for n in self.nics if n.tap == tap), None)
+
+    def with_nics(self, nics: tuple[NicState, ...]) -> VmState:
+        return VmState(
+            self.name, self.backend, self.pid, self.accel, self.qmp, self.uri, self.workdir, nics
+        )
+
+
+def _path(name: str, root: str) -> str:
+    return os.path.join(root, f"{name}.json")
+
+
+def save(state: VmState, root: str = STATE_DIR) -> None:
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    tmp = _path(state.name, root) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state.asdict(), f, indent=1)
+    os.rename(tmp, _path(state.name, root))
+
+
+def _from_json(data: dict[str, object]) -> VmState:
+    nics = tuple(NicState(**n) for n in data.pop("nics"))  # type: ignore[attr-defined]
+    return VmState(nics=nics, **data)  # type: ignore[arg-type]
+
+
+def load(name: str, root: str = STATE_DIR) -> VmState | None:
+    """The state of VM ``name``, or None when vhostorch has not started it."""
+    try:
+        with open(_path(name, root)) as f:
+            return _from_json(json.load(f))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        where = _path(name, root)
+        raise OperationFailed(f"state of VM {name}: {where} is unreadable: {err}") from None
+
+
+def remove(name: str, root: str = STATE_DIR) -> None:
+    try:
+        os.unlink(_path(name, root))
+    except FileNotFoundError:
+        pass
+
+
+def every(root: str = STATE_DIR) -> Iterator[VmState]:
+    try:
+        names = sorted(n for n in os.listdir(root) if n.endswith(".json"))
+    except FileNotFoundError:
+        return
+    for name in names:
+        try:
+            state = load(name.removesuffix(".json"), root)
+        except OperationFailed:
+            continue  # one damaged file does not hide the others
+        if state is not None:
+            yield state
+
+
+def by_pid(pid: int, root: str = STATE_DIR) -> VmState | None:
+    return next((s for s in every(root) if s.pid == pid), None)
+
+
+class Lock:
+    """An exclusive lock on one VM's state (flock on NAME.lock), held for a whole command.
+
+    The lock file goes when the VM has no state left, so nothing stays behind a
+    VM that is down; a waiter that then holds a lock on the removed file retries.
+    """
+
+    def __init__(self, name: str, root: str = STATE_DIR) -> None:
+        self.name = name
+        self.path = os.path.join(root, f"{name}.lock")
+        self.root = root
+        self.fd = -1
+
+    def __enter__(self) -> Lock:
+        import fcntl
+
+        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the file was removed while we waited: lock the new one
+
+    def __exit__(self, *exc: object) -> None:
+        if not os.path.exists(_path(self.name, self.root)):
+            os.unlink(self.path)
+        os.close(self.fd)
