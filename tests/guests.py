@@ -204,3 +204,28 @@ def domain_xml(name: str, dev: str, queues: int, console: str | None = None) -> 
     <memballoon model='none'/>
   </devices>
 </domain>"""
+
+
+def spec_file(
+    directory: str,
+    name: str,
+    nics: Sequence[dict[str, object]],
+    accel: str = "kvm",
+    kernel: str | None = None,
+    machine: str = "pc",
+) -> str:
+    """A VM spec (TOML) booting the guest initramfs; ``nics`` are its [[nic]] tables."""
+    img = image()
+    lines = [
+        f'name = "{name}"', "memory = 256", f'accel = "{accel}"', f'machine = "{machine}"',
+        "[boot]", f'kernel = "{kernel or img.kernel}"', f'initrd = "{img.guest_initrd}"',
+        f'cmdline = "{GUEST_APPEND}"',
+    ]  # fmt: skip
+    for nic in nics:
+        lines.append("[[nic]]")
+        for key, value in nic.items():
+            lines.append(f"{key} = {value!r}".replace("'", '"'))
+    path = os.path.join(directory, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

@@ -615,8 +615,14 @@ def _cmd_nic(args: Parsed) -> int:
         return EXIT_OK
     name = _vm_name(args.texts("VM")[0])
     current = vmstate.load(name)
-    taken = {n.tap for n in current.nics} if current else set()
-    index = next(i for i in range(len(taken) + 1) if vmspec.default_tap(name, i) not in taken)
+    nics = current.nics if current else ()
+    taken = {n.tap for n in nics} | {n.mac for n in nics}
+    # The first NIC index whose default tap name and MAC are both free.
+    index = next(
+        i
+        for i in range(len(nics), len(nics) + len(taken) + 1)
+        if {vmspec.default_tap(name, i), vmspec.default_mac(name, i)}.isdisjoint(taken)
+    )
     entry = {
         "tap": args.text("tap"), "queues": args.number("queues"), "vhost": args.text("vhost"),
         "mac": args.text("mac"), "bridge": args.text("bridge"), "mtu": args.number("mtu"),

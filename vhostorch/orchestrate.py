@@ -198,7 +198,7 @@ def up(
                 names = [qmpvm.ids(nic.tap.name) for nic, _ in pairs]
                 state_uri, state_qmp = None, qmp
             else:
-                os.makedirs(workdir, mode=0o750, exist_ok=True)
+                os.makedirs(workdir, mode=0o755, exist_ok=True)
                 undo.push("work directory", lambda: _rmtree(workdir))
                 xml = domxml.render(spec, pairs, qmpvm.files(workdir)[2])
                 virt.define_and_start(spec.name, xml, uri)
@@ -256,15 +256,18 @@ def check(state: VmState) -> Report:
 def _settled(report: Report, state: VmState) -> bool:
     """Every vhost NIC's started check has a final answer.
 
-    Unknown is final when nothing will tell (no monitor, no trace); for a libvirt
-    domain with the trace armed it means the driver has not wired a queue yet.
+    QEMU's monitor (the qmp backend) says "not yet" (warn) until the guest driver
+    is up, so its fail and unknown are final. A libvirt domain is seen through
+    the wiring trace, where a vring not yet joined looks the same as one that
+    never will be: only a pass ends the wait early (or a trace that is not armed).
     """
-    unknown_final = state.backend == "qmp" or not wiring.armed()
+    final = (PASS, FAIL, UNKNOWN) if state.backend == "qmp" else (PASS,)
+    if state.backend != "qmp" and not wiring.armed():
+        final = (PASS, FAIL, UNKNOWN)
     for nic in state.nics:
         if not nic.vhost_on:
             continue
         started = [c for c in report.checks if c.id == "nic.vhost.started" and c.nic == nic.device]
-        final = (PASS, FAIL, UNKNOWN) if unknown_final else (PASS, FAIL)
         if started and started[0].status not in final:
             return False
     return True

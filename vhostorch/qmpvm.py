@@ -178,7 +178,7 @@ def start(spec: VmSpec, nics: list[tuple[NicSpec, bool]], workdir: str, qemu: st
 
     On any failure QEMU is stopped and ``workdir`` removed. Raises OperationFailed.
     """
-    os.makedirs(workdir, mode=0o750, exist_ok=True)
+    os.makedirs(workdir, mode=0o755, exist_ok=True)
     qmp, pidfile, _ = files(workdir)
     try:
         done = subprocess.run(

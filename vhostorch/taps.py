@@ -565,7 +565,11 @@ def _refuse_existing(plan: Plan, snapshot: dict[str, Link]) -> None:
             )
         link = snapshot.get(result.name)
         if link is not None and link.tun is not None and link.tun.attached_queues:
-            raise _in_use(link, "a VM would share it")
+            raise InUse(
+                f"tap {link.name} is held open ({link.tun.attached_queues} queue(s) attached) "
+                "and a VM must not share it",
+                link.name,
+            )
 
 
 def create(specs: Sequence[TapSpec]) -> list[TapResult]:
