@@ -131,6 +131,12 @@ def read_virtio(execute: Execute, source: str) -> MonitorView:
     return MonitorView(source, kvm if isinstance(kvm, dict) else {}, tuple(nics))
 
 
+def vhost_started(execute: Execute, device: str) -> bool:
+    """Whether vhost runs for the virtio-net device with id ``device`` (one cheap question)."""
+    path = f"/machine/peripheral/{device}/virtio-backend"
+    return bool(execute("x-query-virtio-status", {"path": path}).get("vhost-started"))
+
+
 class QmpSocket:
     """A synchronous face on qemu.qmp's asyncio client, for one socket."""
 

@@ -17,7 +17,7 @@ import time
 from vhostorch import doctor, domxml, inspect, procfs, qmpvm, taps, verify, virt, vmstate, wiring
 from vhostorch.checks import FAIL, PASS, UNKNOWN, Report
 from vhostorch.errors import InvalidSpec, OperationFailed, VhostorchError
-from vhostorch.monitor import read_qmp
+from vhostorch.monitor import MonitorError, QmpSocket, read_qmp, vhost_started
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vmstate import NicState, VmState
 
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 WAIT_DRIVER = 60.0  # seconds for the guest driver to start vhost on every NIC
 UNPLUG_TIMEOUT = 30.0
+# Between questions to QEMU while its guest boots; each costs the guest CPU time, which
+# shows in the nested test host (a quarter-second poll cost its guest 4 s of boot).
+POLL = 1.0
 BACKENDS = vmstate.BACKENDS
 
 
@@ -187,13 +190,18 @@ def up(
         decided = decide(spec.nics, spec.accel, backend, host or Host.probe())
         undo = _Undo()
         try:
-            created = _make_taps(spec.nics, undo)
-            _arm_trace()
             workdir = _workdir(spec.name, root)
             pairs = [(nic, on) for nic, on, _ in decided]
             if backend == "qmp":
-                pid = qmpvm.start(spec, pairs, workdir)
-                qmp = qmpvm.files(workdir)[0]
+                # QEMU needs no NIC to start: it builds the machine while the taps are made.
+                launch = qmpvm.Launch(spec, workdir)
+                undo.push("QEMU", launch.abort)
+            created = _make_taps(spec.nics, undo)
+            _arm_trace()
+            if backend == "qmp":
+                pid = qmpvm.start(launch, pairs)
+                qmp = launch.qmp
+                # QEMU now holds the taps: it must stop before they can go.
                 undo.push("QEMU", lambda: qmpvm.stop(pid, qmp, workdir))
                 names = [qmpvm.ids(nic.tap.name) for nic, _ in pairs]
                 state_uri, state_qmp = None, qmp
@@ -274,19 +282,49 @@ def _settled(report: Report, state: VmState) -> bool:
 
 
 def _wait_for_vhost(state: VmState, timeout: float) -> Outcome:
-    """Check until every NIC's guest driver has started vhost, or ``timeout`` runs out."""
+    """Wait until every NIC's guest driver has started vhost, or ``timeout`` runs out; check.
+
+    The guest is booting meanwhile, so the wait must cost it little CPU: with QMP,
+    one question per NIC every POLL seconds (a short connection each, so a QEMU
+    slow to answer delays the wait but does not end it), and the full check once
+    at the end; a libvirt domain is checked (through the trace) as often.
+    """
     begin = time.monotonic()
+    waiting = [n.device for n in state.nics if n.vhost_on]
+    asking = bool(waiting) and state.backend == "qmp" and state.qmp is not None
     while True:
         if not procfs.alive(state.pid):
             raise OperationFailed(f"QEMU (pid {state.pid}) exited while its guest was starting")
-        try:
-            report = check(state)
-        except procfs.CannotInspect as err:
-            raise OperationFailed(f"QEMU (pid {state.pid}) cannot be checked: {err}") from None
         waited = time.monotonic() - begin
+        if asking and waiting and waited < timeout:
+            waiting = [d for d in waiting if not _started(state, d)]
+            if waiting:
+                time.sleep(POLL)
+                continue
+        report = _checked(state)
         if _settled(report, state) or waited >= timeout:
             return Outcome(state, report, waited, _settled(report, state))
-        time.sleep(0.2)
+        time.sleep(POLL)
+
+
+def _started(state: VmState, device: str) -> bool:
+    assert state.qmp is not None
+    sock = QmpSocket(state.qmp, qmpvm.QMP_TIMEOUT)
+    try:
+        sock.open()
+        try:
+            return vhost_started(sock.execute, device)
+        finally:
+            sock.close()
+    except MonitorError:
+        return False  # asked again next time; the final check reports what it finds
+
+
+def _checked(state: VmState) -> Report:
+    try:
+        return check(state)
+    except procfs.CannotInspect as err:
+        raise OperationFailed(f"QEMU (pid {state.pid}) cannot be checked: {err}") from None
 
 
 def _running(name: str, root: str) -> VmState:

@@ -173,43 +173,64 @@ def _quietly(sock: QmpSocket, command: str, args: dict[str, object]) -> None:
         pass  # undoing after a failure that is already being reported
 
 
-def start(spec: VmSpec, nics: list[tuple[NicSpec, bool]], workdir: str, qemu: str = QEMU) -> int:
-    """Start QEMU for ``spec`` with ``nics`` ((spec, vhost on)); return its pid, running.
+class Launch:
+    """A QEMU being built: started at once, so that its set-up overlaps vhostorch's own."""
 
-    On any failure QEMU is stopped and ``workdir`` removed. Raises OperationFailed.
-    """
-    os.makedirs(workdir, mode=0o755, exist_ok=True)
-    qmp, pidfile, _ = files(workdir)
-    try:
-        done = subprocess.run(
-            argv(spec, workdir, qemu),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=START_TIMEOUT,
-            check=False,
-        )
-    except FileNotFoundError:
-        _remove(workdir)
-        raise OperationFailed(f"{qemu} is not installed (Debian: qemu-system-x86)") from None
-    except subprocess.TimeoutExpired:
-        stop(_pid(pidfile), qmp, workdir)
-        raise OperationFailed(f"QEMU did not start within {START_TIMEOUT:.0f} s") from None
-    if done.returncode != 0:
-        _remove(workdir)
-        prefix = f"{os.path.basename(qemu)}: "
-        lines = [
-            line.strip().removeprefix(prefix)
-            for line in done.stderr.decode(errors="replace").splitlines()[-4:]
-            if line.strip()
-        ]
-        said = "; ".join(lines) or f"exit status {done.returncode}"
-        raise OperationFailed(f"QEMU exited at start: {said}")
-    pid = _pid(pidfile)
-    try:
+    def __init__(self, spec: VmSpec, workdir: str, qemu: str = QEMU) -> None:
+        os.makedirs(workdir, mode=0o755, exist_ok=True)
+        self.workdir = workdir
+        self.qemu = qemu
+        self.qmp, self.pidfile, _ = files(workdir)
+        try:
+            self.proc = subprocess.Popen(
+                argv(spec, workdir, qemu),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            _remove(workdir)
+            raise OperationFailed(f"{qemu} is not installed (Debian: qemu-system-x86)") from None
+
+    def ready(self) -> int:
+        """Wait until QEMU has built the machine and daemonized; its pid. Raises OperationFailed."""
+        try:
+            _, err = self.proc.communicate(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise OperationFailed(f"QEMU did not start within {START_TIMEOUT:.0f} s") from None
+        if self.proc.returncode != 0:
+            _remove(self.workdir)
+            prefix = f"{os.path.basename(self.qemu)}: "
+            lines = [
+                line.strip().removeprefix(prefix)
+                for line in err.decode(errors="replace").splitlines()[-4:]
+                if line.strip()
+            ]
+            said = "; ".join(lines) or f"exit status {self.proc.returncode}"
+            raise OperationFailed(f"QEMU exited at start: {said}")
+        pid = _pid(self.pidfile)
         if pid is None:
-            raise OperationFailed(f"QEMU started but wrote no pid file ({pidfile})")
-        sock = _connect(qmp)
+            self.abort()
+            raise OperationFailed(f"QEMU started but wrote no pid file ({self.pidfile})")
+        return pid
+
+    def abort(self) -> None:
+        """Stop this QEMU, whatever stage it reached."""
+        if self.proc.poll() is None:
+            self.proc.kill()  # the launcher vhostorch started; its daemon is stopped below
+        self.proc.communicate()
+        stop(_pid(self.pidfile), self.qmp, self.workdir)
+
+
+def start(launch: Launch, nics: list[tuple[NicSpec, bool]]) -> int:
+    """Add ``nics`` ((spec, vhost on)) to the QEMU being launched and let it run; its pid.
+
+    On any failure QEMU is stopped and its work directory removed. Raises OperationFailed.
+    """
+    pid = launch.ready()
+    try:
+        sock = _connect(launch.qmp)
         try:
             for nic, vhost_on in nics:
                 add_nic(sock, nic, vhost_on)
@@ -217,7 +238,7 @@ def start(spec: VmSpec, nics: list[tuple[NicSpec, bool]], workdir: str, qemu: st
         finally:
             sock.close()
     except BaseException:
-        stop(pid, qmp, workdir)
+        stop(pid, launch.qmp, launch.workdir)
         raise
     return pid
 
@@ -301,7 +322,12 @@ def stop(pid: int | None, qmp: str, workdir: str, timeout: float = QUIT_TIMEOUT)
                 break
             if _ours(pid, workdir):
                 os.kill(pid, sig)
-        _wait_gone(pid, timeout)
+        if not _wait_gone(pid, timeout):
+            # Only a task blocked in the kernel outlives SIGKILL; its files stay for a look.
+            raise OperationFailed(
+                f"QEMU pid {pid} does not exit, even on SIGKILL (blocked in the kernel: "
+                f"see /proc/{pid}/stack)"
+            )
     _remove(workdir)
 
 

@@ -1,0 +1,112 @@
+"""Time to a guest's driver up: `vhostorch up` (QMP backend) against a shell script that makes
+the same tap with `ip` and starts the same QEMU with `-netdev tap,ifname=...,vhost=on`.
+
+Measured in the test host (real KVM and vhost-net), by one observer for both: the
+time from the start of the command until the guest's console says its NIC is up
+(its virtio-net driver has probed the device, so vhost has started). Rounds
+alternate between the two so that drift in the nested host hits both alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests import guests, kernel
+from vhostorch import wiring
+from vhostorch.labimage import GUEST_APPEND
+
+pytestmark = [pytest.mark.bench, pytest.mark.testhost]
+
+ROUNDS = 3
+MARKER = "VHOSTORCH-GUEST: nic eth0 up"
+VHOSTORCH = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+SHELL = """set -e
+ip tuntap add dev "$TAP" mode tap vnet_hdr
+ip link set "$TAP" up
+qemu-system-x86_64 -name guest="$NAME" -machine pc -accel kvm -m 256 -smp 1 -display none \
+  -nodefaults -no-user-config -daemonize -pidfile "$DIR/qemu.pid" -serial "file:$DIR/console.log" \
+  -cpu host -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND" \
+  -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no,vhost=on" \
+  -device "virtio-net-pci,netdev=n0,id=net0,mac=52:54:00:12:34:56"
+"""
+
+
+def _wait_for_marker(console: str, began: float, timeout: float = 90) -> float:
+    while True:
+        try:
+            with open(console, errors="replace") as f:
+                if MARKER in f.read():
+                    return time.monotonic() - began
+        except FileNotFoundError:
+            pass
+        assert time.monotonic() - began < timeout, f"no {MARKER!r} in {console}"
+        time.sleep(0.02)
+
+
+def _shell_round(workdir: str) -> float:
+    img = guests.image()
+    tap, name = kernel.unique("vs"), kernel.unique("vho-sh")
+    env = dict(os.environ, TAP=tap, NAME=name, DIR=workdir, KERNEL=img.kernel,
+               INITRD=img.guest_initrd, APPEND=GUEST_APPEND)  # fmt: skip
+    began = time.monotonic()
+    try:
+        subprocess.run(["sh", "-c", SHELL], env=env, check=True)
+        return _wait_for_marker(f"{workdir}/console.log", began)
+    finally:
+        with open(f"{workdir}/qemu.pid") as f:
+            pid = int(f.read())
+        subprocess.run(["kill", str(pid)], check=False)  # the QEMU this round started
+        while os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        subprocess.run(["ip", "link", "del", tap], check=False)
+        os.unlink(f"{workdir}/console.log")
+
+
+def _vhostorch_round(workdir: str) -> tuple[float, float, float]:
+    name = kernel.unique("vho-up")
+    spec = guests.spec_file(workdir, name, [{"tap": kernel.unique("vu")}])
+    began = time.monotonic()
+    up = subprocess.Popen([VHOSTORCH, "up", spec, "--strict"], stdout=subprocess.PIPE, text=True)
+    try:
+        console = f"/run/vhostorch/vms/{name}.d/console.log"
+        driver = _wait_for_marker(console, began)
+        out, _ = up.communicate(timeout=90)
+        assert up.returncode == 0, out
+        returned = time.monotonic() - began
+    finally:
+        up.wait()
+        down_began = time.monotonic()
+        assert subprocess.run([VHOSTORCH, "down", name], capture_output=True).returncode == 0
+    return driver, returned, time.monotonic() - down_began
+
+
+def test_up_reaches_the_guest_driver_as_fast_as_a_shell_script(in_testhost: None) -> None:
+    was_armed = wiring.armed()
+    workdir = tempfile.mkdtemp(prefix="vho-bench-")
+    shell, ours, returned, down = [], [], [], []
+    try:
+        for _ in range(ROUNDS):
+            shell.append(_shell_round(workdir))
+            driver, back, gone = _vhostorch_round(workdir)
+            ours.append(driver)
+            returned.append(back)
+            down.append(gone)
+    finally:
+        subprocess.run(["rm", "-rf", workdir], check=False)
+        if not was_armed:
+            wiring.disarm()
+    ratio = statistics.median(ours) / statistics.median(shell)
+    print(
+        f"\nbench up (QMP) to guest driver up: vhostorch {statistics.median(ours):.2f} s, shell + "
+        f"ip + QEMU command line {statistics.median(shell):.2f} s (medians of {ROUNDS}), ratio "
+        f"{ratio:.2f}x (target 1.2x); `up` returned with its check after "
+        f"{statistics.median(returned):.2f} s, `down` took {statistics.median(down):.2f} s"
+    )
+    assert ratio < 1.5  # looser than the target, against noise in the nested host
