@@ -9,11 +9,13 @@ eval "$($v lab build --json | .venv/bin/python -c '
 import json, shlex, sys
 from vhostorch.labimage import GUEST_APPEND
 image = json.load(sys.stdin)["image"]
-print(f"kernel={shlex.quote(image[\"kernel\"])} initrd={shlex.quote(image[\"guest_initrd\"])}")
-print(f"cmdline={shlex.quote(GUEST_APPEND)}")')"
+for var, value in (("kernel", image["kernel"]), ("initrd", image["guest_initrd"]),
+                   ("cmdline", GUEST_APPEND)):
+    print(f"{var}={shlex.quote(value)}")')"
 dir=$(mktemp -d /tmp/vho-demo-XXXXXX)
 armed=$($v trace status --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["armed"])')
 cleanup() {
+    { set +x; } 2>/dev/null
     $v down "$dir/demo.toml" >/dev/null 2>&1 || true
     [ "$armed" = True ] || $v trace disarm >/dev/null 2>&1 || true
     rm -rf "$dir"
