@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # Each module may import only modules listed before it (and the stdlib).
 ORDER = [
     *("errors", "record", "model", "vmspec", "vmstate", "argv", "rtnl", "tun", "netns", "taps"),
-    *("procfs", "qemuargs", "domxml", "checks", "monitor", "wiring", "qmpvm"),
+    *("procfs", "qemuargs", "domxml", "metadata", "checks", "monitor", "wiring", "qmpvm"),
     *("inspect", "verify", "virt"),
     *("doctor", "orchestrate"),
     *("labimage", "lab", "cli", "__main__"),

@@ -1,0 +1,149 @@
+"""What a libvirt domain asks vhostorch to manage, declared in its ``<metadata>``.
+
+The libvirt hook reads only this (a hook must never call back into libvirt), next
+to the standard interface the tap belongs to::
+
+    <metadata>
+      <vhostorch:vm xmlns:vhostorch="http://vhostorch.org/xmlns/libvirt/1" verify="warn">
+        <vhostorch:tap dev="vm1-net0" bridge="br0" mtu="9000" owner="libvirt-qemu"/>
+      </vhostorch:vm>
+    </metadata>
+    <devices>
+      <interface type='ethernet'>
+        <target dev='vm1-net0' managed='no'/>
+        <model type='virtio'/>
+        <driver name='vhost' queues='4'/>
+      </interface>
+
+A declared tap must be the target of an ``ethernet`` interface with
+``managed='no'`` (libvirt then opens it and leaves it alone); its queue mode comes
+from that interface's ``<driver queues=>``, as libvirt will open it. ``verify``
+(on the element or per tap) is ``warn`` (report only) or ``enforce`` (a failed
+check stops the domain). Errors are one line naming the element (InvalidSpec).
+"""
+
+from __future__ import annotations
+
+from vhostorch.errors import InvalidSpec
+from vhostorch.model import TapSpec
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from typing import Any
+
+NAMESPACE = "http://vhostorch.org/xmlns/libvirt/1"
+POLICIES = ("warn", "enforce")
+DEFAULT_OWNER = "libvirt-qemu"  # Debian's qemu.conf default user
+_TAP_ATTRS = {"dev", "bridge", "mtu", "owner", "group", "verify"}
+_VM_ATTRS = {"verify"}
+
+
+class ManagedTap(Record):
+    __slots__ = ("spec", "verify")
+    spec: TapSpec
+    verify: str
+
+    def __init__(self, spec: TapSpec, verify: str) -> None:
+        self._init(spec=spec, verify=verify)
+
+
+class Declared(Record):
+    """The domain's name and the taps vhostorch is to manage for it (none: nothing to do)."""
+
+    __slots__ = ("domain", "taps")
+    domain: str
+    taps: tuple[ManagedTap, ...]
+
+    def __init__(self, domain: str, taps: tuple[ManagedTap, ...]) -> None:
+        self._init(domain=domain, taps=taps)
+
+    @property
+    def enforce(self) -> bool:
+        return any(t.verify == "enforce" for t in self.taps)
+
+
+def _policy(value: str | None, where: str, default: str) -> str:
+    if value is None:
+        return default
+    if value not in POLICIES:
+        raise InvalidSpec(f"{where}: verify must be one of {', '.join(POLICIES)}, not {value!r}")
+    return value
+
+
+def _int(value: str | None, where: str) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise InvalidSpec(f"{where} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def _interfaces(root: Any) -> dict[str, tuple[Any, int]]:
+    """Target dev → (its <interface>, queues) for every interface naming a target."""
+    found = {}
+    for iface in root.iterfind("devices/interface"):
+        target = iface.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev:
+            driver = iface.find("driver")
+            queues = driver.get("queues", "1") if driver is not None else "1"
+            found[dev] = (iface, int(queues) if queues.isdigit() and queues != "0" else 1)
+    return found
+
+
+def parse(xml: str, default_owner: str | None = DEFAULT_OWNER) -> Declared:
+    """Read the vhostorch metadata of a domain's XML. Raises InvalidSpec."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as err:
+        raise InvalidSpec(f"domain XML does not parse: {err}") from None
+    if root.tag != "domain":
+        raise InvalidSpec(f"not a domain's XML (root element <{root.tag}>)")
+    name = root.findtext("name") or ""
+    vms = root.findall(f"metadata/{{{NAMESPACE}}}vm")
+    if not vms:
+        return Declared(name, ())
+    if len(vms) > 1:
+        raise InvalidSpec("metadata: more than one <vhostorch:vm> element")
+    vm = vms[0]
+    extra = sorted(set(vm.attrib) - _VM_ATTRS)
+    if extra:
+        raise InvalidSpec(f"<vhostorch:vm>: unknown attribute {extra[0]!r}")
+    policy = _policy(vm.get("verify"), "<vhostorch:vm>", "warn")
+    interfaces = _interfaces(root)
+    taps = []
+    for index, tap in enumerate(vm.findall(f"{{{NAMESPACE}}}tap")):
+        dev = tap.get("dev")
+        where = f"<vhostorch:tap> #{index + 1}" + (f" ({dev})" if dev else "")
+        extra = sorted(set(tap.attrib) - _TAP_ATTRS)
+        if extra:
+            raise InvalidSpec(f"{where}: unknown attribute {extra[0]!r}")
+        if not dev:
+            raise InvalidSpec(f"{where}: dev is required")
+        if dev not in interfaces:
+            raise InvalidSpec(f"{where}: no <interface> has <target dev='{dev}'/>")
+        iface, queues = interfaces[dev]
+        target = iface.find("target")
+        if iface.get("type") != "ethernet" or target.get("managed") != "no":
+            raise InvalidSpec(
+                f"{where}: its interface must be <interface type='ethernet'> with "
+                "<target managed='no'/>, or libvirt would make or remove the tap itself"
+            )
+        try:
+            spec = TapSpec(
+                dev,
+                queues=queues,
+                mtu=_int(tap.get("mtu"), "mtu"),
+                bridge=tap.get("bridge"),
+                owner=tap.get("owner", default_owner),
+                group=tap.get("group"),
+            )
+        except InvalidSpec as err:
+            raise InvalidSpec(f"{where}: {err}") from None
+        taps.append(ManagedTap(spec, _policy(tap.get("verify"), where, policy)))
+    names = [t.spec.name for t in taps]
+    if len(set(names)) != len(names):
+        raise InvalidSpec("metadata: a tap is declared twice")
+    return Declared(name, tuple(taps))
