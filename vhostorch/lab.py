@@ -82,13 +82,9 @@ def _job(command: Sequence[str], cwd: str, env: dict[str, str]) -> str:
 def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list[str]:
     """The outer VM: no network device, the root shared read-only, ``results`` read-write."""
     # cryptomgr.notests: the crypto self-tests cost 0.7 s of a TCG boot and prove nothing here.
-    # transparent_hugepage=never: with THP, khugepaged (collapsing the inner guests' RAM,
-    # which QEMU madvises for huge pages) was seen stuck on a CPU for minutes ("soft lockup
-    # ... [khugepaged]"), which stalls RCU/SRCU grace periods, so tasks that wait for one
-    # (removing a tracing instance, vhost's worker set-up) hung in D state.
+    # (khugepaged is held off by stage2: see there.)
     append = (
-        "console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests transparent_hugepage=never "
-        "rdinit=/init "
+        "console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests rdinit=/init "
         f"vho.results={results}"
     )
     return [
