@@ -88,8 +88,9 @@ def _nics(obs: Observation) -> list[_Nic]:
     for iface in interfaces:
         if iface.netdev_id is None or iface.netdev_id in seen or iface.type != "ethernet":
             continue
-        # libvirt asks QEMU for vhost on type='kvm' domains unless <driver name='qemu'/>.
-        wants = obs.domain is not None and obs.domain.type == "kvm" and iface.driver != "qemu"
+        # <driver name='vhost'/> on a type='kvm' domain: libvirt refuses the NIC rather than
+        # plug it without vhost. Without a <driver>, whether it got vhost is not declared.
+        wants = obs.domain is not None and obs.domain.type == "kvm" and iface.driver == "vhost"
         netdev, device = _declared(iface.netdev_id, iface.alias or iface.netdev_id,
                                    iface.target, iface.queues, wants, iface.mac)  # fmt: skip
         nics.append(_Nic(netdev, device, iface.alias or iface.netdev_id, BY_LIBVIRT, iface, None))
@@ -183,6 +184,11 @@ def _requested(obs: Observation, nic: _Nic) -> Check:
         return Check("nic.vhost.requested", WARN,
                      f"vhost is preferred but {why}: this NIC runs on QEMU's userspace data "
                      "path, a fallback the spec allows", evidence, nic=nic.name)  # fmt: skip
+    if nic.origin == BY_LIBVIRT and iface is not None and iface.driver is None:
+        return Check("nic.vhost.requested", UNKNOWN,
+                     "unknown: hot-plugged without <driver name='vhost'/>, so libvirt used vhost "
+                     "only if it could open /dev/vhost-net (nic.vhost.fds tells)",
+                     evidence, nic=nic.name)  # fmt: skip
     if iface is not None and obs.domain is not None:
         if iface.driver == "qemu":
             message = "the domain asks for the userspace data path (<driver name='qemu'/>)"
