@@ -55,32 +55,44 @@ class Domain(Record):
         self._init(name=name, type=type, interfaces=interfaces)
 
 
-def parse(xml: str) -> Domain:
-    """Read a domain's XML. Raises InvalidSpec when it is not domain XML."""
+def root(xml: str) -> Any:
+    """The ``<domain>`` element of a domain's XML. Raises InvalidSpec when it is not one."""
     import xml.etree.ElementTree as ET
 
     try:
-        root = ET.fromstring(xml)
+        element = ET.fromstring(xml)
     except ET.ParseError as err:
         raise InvalidSpec(f"domain XML does not parse: {err}") from None
-    if root.tag != "domain":
-        raise InvalidSpec(f"not a domain's XML (root element <{root.tag}>)")
+    if element.tag != "domain":
+        raise InvalidSpec(f"not a domain's XML (root element <{element.tag}>)")
+    return element
+
+
+def driver_queues(iface: Any) -> int:
+    """An ``<interface>``'s ``<driver queues=>``: 1 when absent or not a number."""
+    driver = iface.find("driver")
+    queues = driver.get("queues", "1") if driver is not None else "1"
+    return int(queues) if queues.isdigit() else 1
+
+
+def parse(xml: str) -> Domain:
+    """Read a domain's XML. Raises InvalidSpec when it is not domain XML."""
+    domain = root(xml)
     interfaces = []
-    for iface in root.iterfind("devices/interface"):
+    for iface in domain.iterfind("devices/interface"):
         driver = iface.find("driver")
-        queues = driver.get("queues", "1") if driver is not None else "1"
         interfaces.append(
             Interface(
                 type=iface.get("type", ""),
                 target=_attr(iface, "target", "dev"),
                 model=_attr(iface, "model", "type"),
                 driver=driver.get("name") if driver is not None else None,
-                queues=int(queues) if queues.isdigit() else 1,
+                queues=driver_queues(iface),
                 alias=_attr(iface, "alias", "name"),
                 mac=_attr(iface, "mac", "address"),
             )
         )
-    return Domain(root.findtext("name", ""), root.get("type", ""), tuple(interfaces))
+    return Domain(domain.findtext("name", ""), domain.get("type", ""), tuple(interfaces))
 
 
 def _attr(parent: object, child: str, attr: str) -> str | None:
@@ -136,11 +148,11 @@ def render(spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str) -> 
     """
     import xml.etree.ElementTree as ET
 
-    root = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
-    _sub(root, "name", spec.name)
-    _sub(root, "memory", str(spec.memory), unit="MiB")
-    _sub(root, "vcpu", str(spec.cpus))
-    os_ = _sub(root, "os")
+    domain = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
+    _sub(domain, "name", spec.name)
+    _sub(domain, "memory", str(spec.memory), unit="MiB")
+    _sub(domain, "vcpu", str(spec.cpus))
+    os_ = _sub(domain, "os")
     _sub(os_, "type", "hvm", arch="x86_64", machine=spec.machine)
     if spec.kernel is not None:
         _sub(os_, "kernel", spec.kernel)
@@ -150,12 +162,12 @@ def render(spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str) -> 
             _sub(os_, "cmdline", spec.cmdline)
     else:
         _sub(os_, "boot", dev="hd")
-    features = _sub(root, "features")
+    features = _sub(domain, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
     if spec.accel == "kvm":
-        _sub(root, "cpu", mode="host-passthrough")
-    devices = _sub(root, "devices")
+        _sub(domain, "cpu", mode="host-passthrough")
+    devices = _sub(domain, "devices")
     if spec.disk is not None:
         from vhostorch.vmspec import disk_format
 
@@ -169,8 +181,8 @@ def render(spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str) -> 
     _sub(serial, "source", path=console)
     _sub(serial, "target", port="0")
     _sub(devices, "memballoon", model="none")
-    ET.indent(root)
-    return ET.tostring(root, encoding="unicode")
+    ET.indent(domain)
+    return ET.tostring(domain, encoding="unicode")
 
 
 def interface_ref(mac: str) -> str:

@@ -24,6 +24,8 @@ check stops the domain). Errors are one line naming the element (InvalidSpec).
 
 from __future__ import annotations
 
+from vhostorch.domxml import driver_queues
+from vhostorch.domxml import root as domain_root
 from vhostorch.errors import InvalidSpec
 from vhostorch.model import TapSpec
 from vhostorch.record import TYPE_CHECKING, Record
@@ -85,22 +87,13 @@ def _interfaces(root: Any) -> dict[str, tuple[Any, int]]:
         target = iface.find("target")
         dev = target.get("dev") if target is not None else None
         if dev:
-            driver = iface.find("driver")
-            queues = driver.get("queues", "1") if driver is not None else "1"
-            found[dev] = (iface, int(queues) if queues.isdigit() and queues != "0" else 1)
+            found[dev] = (iface, max(driver_queues(iface), 1))
     return found
 
 
 def parse(xml: str, default_owner: str | None = DEFAULT_OWNER) -> Declared:
     """Read the vhostorch metadata of a domain's XML. Raises InvalidSpec."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
-        raise InvalidSpec(f"domain XML does not parse: {err}") from None
-    if root.tag != "domain":
-        raise InvalidSpec(f"not a domain's XML (root element <{root.tag}>)")
+    root = domain_root(xml)
     name = root.findtext("name") or ""
     vms = root.findall(f"metadata/{{{NAMESPACE}}}vm")
     if not vms:

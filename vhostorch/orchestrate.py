@@ -16,7 +16,7 @@ import time
 
 from vhostorch import doctor, domxml, inspect, procfs, qmpvm, taps, verify, virt, vmstate, wiring
 from vhostorch.checks import FAIL, PASS, UNKNOWN, Report
-from vhostorch.errors import InvalidSpec, OperationFailed, VhostorchError
+from vhostorch.errors import InvalidSpec, OperationFailed, RollbackFailed, VhostorchError
 from vhostorch.monitor import MonitorError, QmpSocket, read_qmp, vhost_started
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vmstate import NicState, VmState
@@ -31,7 +31,6 @@ UNPLUG_TIMEOUT = 30.0
 # Between questions to QEMU while its guest boots; each costs the guest CPU time, which
 # shows in the nested test host (a quarter-second poll cost its guest 4 s of boot).
 POLL = 1.0
-BACKENDS = vmstate.BACKENDS
 
 
 class Outcome(Record):
@@ -122,8 +121,6 @@ class _Undo:
 def _fail(err: BaseException, undo: _Undo) -> None:
     left = undo.run()
     if left:
-        from vhostorch.errors import RollbackFailed
-
         cause = err if isinstance(err, VhostorchError) else OperationFailed(str(err))
         raise RollbackFailed(f"{err}; and undoing failed for: {', '.join(left)}", cause, left)
 
@@ -153,12 +150,17 @@ def _make_taps(nics: Sequence[NicSpec], undo: _Undo) -> set[str]:
     return created
 
 
-def _libvirt_ids(name: str, uri: str, tap: str) -> tuple[str, str]:
-    """(device alias, netdev id) libvirt gave the interface on ``tap``."""
-    for iface in domxml.parse(virt.live_domain(name, uri)).interfaces:
-        if iface.target == tap and iface.alias and iface.netdev_id:
-            return iface.alias, iface.netdev_id
-    raise OperationFailed(f"domain {name} has no interface on tap {tap} after start")
+def _libvirt_ids(name: str, uri: str, taps: Sequence[str]) -> list[tuple[str, str]]:
+    """(device alias, netdev id) libvirt gave the interface on each of ``taps``."""
+    given = {
+        iface.target: (iface.alias, iface.netdev_id)
+        for iface in domxml.parse(virt.domain_xml(name, uri)).interfaces
+        if iface.target and iface.alias and iface.netdev_id
+    }
+    missing = [tap for tap in taps if tap not in given]
+    if missing:
+        raise OperationFailed(f"domain {name} has no interface on tap {missing[0]} after start")
+    return [given[tap] for tap in taps]
 
 
 def up(
@@ -175,8 +177,9 @@ def up(
     All or nothing: a failure at any step undoes the steps before it. Raises
     InvalidSpec, OperationFailed (RollbackFailed when undoing failed too).
     """
-    if backend not in BACKENDS:
-        raise InvalidSpec(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend not in vmstate.BACKENDS:
+        choices = ", ".join(vmstate.BACKENDS)
+        raise InvalidSpec(f"backend must be one of {choices}, not {backend!r}")
     with vmstate.Lock(spec.name, root):
         old = vmstate.load(spec.name, root)
         if old is not None:
@@ -212,7 +215,7 @@ def up(
                 virt.define_and_start(spec.name, xml, uri)
                 undo.push(f"domain {spec.name}", lambda: virt.destroy_and_undefine(spec.name, uri))
                 pid = virt.domain_pid(spec.name)
-                names = [_libvirt_ids(spec.name, uri, nic.tap.name) for nic, _ in pairs]
+                names = _libvirt_ids(spec.name, uri, [nic.tap.name for nic, _ in pairs])
                 state_uri, state_qmp = uri, None
             nics = tuple(
                 _nic_state(nic, on, why, ids, created)
@@ -256,7 +259,7 @@ def check(state: VmState) -> Report:
         qmp = state.qmp
         observed = inspect.observe(state.pid, monitor=lambda: read_qmp(qmp), plan=state)
     else:
-        domain = domxml.parse(virt.live_domain(state.name, state.uri or virt.SYSTEM_URI))
+        domain = domxml.parse(virt.domain_xml(state.name, state.uri or virt.SYSTEM_URI))
         observed = inspect.observe(state.pid, domain=domain, plan=state)
     return verify.verify(observed)
 
@@ -302,8 +305,9 @@ def _wait_for_vhost(state: VmState, timeout: float) -> Outcome:
                 time.sleep(POLL)
                 continue
         report = _checked(state)
-        if _settled(report, state) or waited >= timeout:
-            return Outcome(state, report, waited, _settled(report, state))
+        settled = _settled(report, state)
+        if settled or waited >= timeout:
+            return Outcome(state, report, waited, settled)
         time.sleep(POLL)
 
 
@@ -382,7 +386,7 @@ def nic_add(
             else:
                 uri = state.uri or virt.SYSTEM_URI
                 virt.attach(name, domxml.interface_xml(nic, on), uri)
-                device, netdev = _libvirt_ids(name, uri, nic.tap.name)
+                [(device, netdev)] = _libvirt_ids(name, uri, [nic.tap.name])
             added = _nic_state(nic, on, why, (device, netdev), created)
             state = state.with_nics((*state.nics, added))
             vmstate.save(state, root)

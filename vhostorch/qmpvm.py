@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from vhostorch.vmspec import NicSpec, VmSpec
 
 QEMU = "qemu-system-x86_64"
-VHOST_NET = "/dev/vhost-net"
 START_TIMEOUT = 60.0  # QEMU building the machine (loading a kernel) before it daemonizes
 QMP_TIMEOUT = 10.0
 QUIT_TIMEOUT = 10.0
@@ -117,11 +116,11 @@ def _open_vhost(count: int) -> list[int]:
     fds: list[int] = []
     try:
         for _ in range(count):
-            fds.append(os.open(VHOST_NET, os.O_RDWR | os.O_CLOEXEC))
+            fds.append(os.open(procfs.VHOST_NET, os.O_RDWR | os.O_CLOEXEC))
     except OSError as err:
         for fd in fds:
             os.close(fd)
-        raise OperationFailed(f"{VHOST_NET} does not open: {err.strerror}") from None
+        raise OperationFailed(f"{procfs.VHOST_NET} does not open: {err.strerror}") from None
     return fds
 
 

@@ -188,11 +188,6 @@ def destroy_and_undefine(name: str, uri: str = SYSTEM_URI) -> None:
         conn.close()
 
 
-def live_domain(name: str, uri: str = SYSTEM_URI) -> str:
-    """The live XML of ``name`` (DomainUnavailable when it does not run)."""
-    return domain_xml(name, uri)
-
-
 def attach(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
     """Hot-plug the device in ``xml`` into running domain ``name`` (and its definition)."""
     libvirt, conn = _connection(uri)
