@@ -132,3 +132,24 @@ def test_state_round_trips_and_the_lock_leaves_nothing_without_state() -> None:
     with pytest.raises(OperationFailed, match=r"vm2\.json is unreadable"):
         vmstate.load("vm2", root)
     assert list(vmstate.every(root)) == []  # a damaged file hides no other VM
+
+
+def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
+    from vhostorch.checks import Check, Report
+    from vhostorch.orchestrate import _settled
+
+    nics = (vmstate.NicState("t0", "nic.t0", "tap.t0", 1, "52:54:00:00:00:01", "required",
+                             True, None, True),)  # fmt: skip
+    state = vmstate.VmState("vm1", "qmp", 123, "kvm", "/q", None, "/w", nics)
+    started = Check("nic.vhost.started", PASS, "up", nic="nic.t0")
+
+    def report(call: Check) -> Report:
+        return Report({}, (), (started, call))
+
+    masked = Check("nic.call", WARN, "masked", {"masked": True}, nic="nic.t0", queue=1)
+    assert not _settled(report(masked), state)
+    for final in (
+        Check("nic.call", PASS, "irqfd", {"masked": False}, nic="nic.t0", queue=1),
+        Check("nic.call", FAIL, "no irqfd", {"masked": False}, nic="nic.t0", queue=1),
+    ):
+        assert _settled(report(final), state)

@@ -15,7 +15,7 @@ import os
 import time
 
 from vhostorch import doctor, domxml, inspect, procfs, qmpvm, taps, verify, virt, vmstate, wiring
-from vhostorch.checks import FAIL, PASS, UNKNOWN, Report
+from vhostorch.checks import FAIL, PASS, UNKNOWN, WARN, Check, Report
 from vhostorch.errors import InvalidSpec, OperationFailed, RollbackFailed, VhostorchError
 from vhostorch.monitor import MonitorError, QmpSocket, read_qmp, vhost_started
 from vhostorch.record import TYPE_CHECKING, Record
@@ -281,7 +281,13 @@ def _settled(report: Report, state: VmState) -> bool:
         started = [c for c in report.checks if c.id == "nic.vhost.started" and c.nic == nic.device]
         if started and started[0].status not in final:
             return False
+        if any(_masked(c) for c in report.checks if c.nic == nic.device):
+            return False  # a vector the guest masks for a moment (an IRQ move) comes back
     return True
+
+
+def _masked(check: Check) -> bool:
+    return check.id == "nic.call" and check.status == WARN and bool(check.evidence.get("masked"))
 
 
 def _wait_for_vhost(state: VmState, timeout: float) -> Outcome:

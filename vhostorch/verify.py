@@ -563,8 +563,16 @@ def _wiring_checks(obs: Observation, nic: _Nic, queue: int) -> list[Check]:
         checks.append(Check("nic.call", FAIL, "vhost has no call eventfd for this vring", base,
                             nic=nic.name, queue=queue))  # fmt: skip
     else:
-        evidence = {**base, "call": _eventfd(obs, vring.call), "irqfd": vring.irqfd}
-        if vring.irqfd is None:
+        evidence = {**base, "call": _eventfd(obs, vring.call), "irqfd": vring.irqfd,
+                    "masked": vring.masked}  # fmt: skip
+        if vring.irqfd is None and vring.masked:
+            checks.append(Check("nic.call", WARN,
+                                f"call eventfd {vring.call} is QEMU's masked notifier: the guest "
+                                "has masked this queue's MSI-X vector right now (as it does while "
+                                "moving an interrupt), so QEMU holds vhost's interrupts until it "
+                                "unmasks; check again", evidence, nic=nic.name,
+                                queue=queue))  # fmt: skip
+        elif vring.irqfd is None:
             checks.append(Check("nic.call", FAIL,
                                 f"call eventfd {vring.call} is not a KVM irqfd: QEMU injects "
                                 "the interrupts itself (no MSI-X, or no in-kernel irqchip)",

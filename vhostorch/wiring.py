@@ -81,7 +81,7 @@ class Event(Record):
 class Vring(Record):
     """What the trace shows for one vring of one vhost fd."""
 
-    __slots__ = ("vhost_fd", "index", "kick", "call", "backend", "ioeventfds", "irqfd")
+    __slots__ = ("vhost_fd", "index", "kick", "call", "backend", "ioeventfds", "irqfd", "masked")
     vhost_fd: int
     index: int
     kick: int | None
@@ -89,6 +89,11 @@ class Vring(Record):
     backend: int | None
     ioeventfds: tuple[dict[str, int], ...]
     irqfd: dict[str, int] | None
+    # The call eventfd is the first one QEMU gave the vring after VHOST_SET_OWNER: its
+    # "masked notifier", where it parks vhost's interrupts while the guest has the
+    # queue's MSI-X vector masked (hw/virtio/vhost.c, vhost_virtqueue_init/_mask).
+    # False also when the trace did not see the vhost fd's SET_OWNER.
+    masked: bool
 
     def __init__(
         self,
@@ -99,10 +104,11 @@ class Vring(Record):
         backend: int | None,
         ioeventfds: tuple[dict[str, int], ...],
         irqfd: dict[str, int] | None,
+        masked: bool = False,
     ) -> None:
         self._init(
             vhost_fd=vhost_fd, index=index, kick=kick, call=call, backend=backend,
-            ioeventfds=ioeventfds, irqfd=irqfd,
+            ioeventfds=ioeventfds, irqfd=irqfd, masked=masked,
         )  # fmt: skip
 
 
@@ -151,6 +157,9 @@ def decode(events: Iterable[Event]) -> Wiring:
     kick: dict[tuple[int, int], int] = {}
     call: dict[tuple[int, int], int] = {}
     backend: dict[tuple[int, int], int] = {}
+    # QEMU's first call eventfd for a vring after it took the vhost fd (VHOST_SET_OWNER).
+    parked: dict[tuple[int, int], int] = {}
+    owned: set[int] = set()
     ioeventfds: dict[int, list[dict[str, int]]] = {}
     irqfds: dict[int, dict[str, int]] = {}
     count = 0
@@ -159,6 +168,8 @@ def decode(events: Iterable[Event]) -> Wiring:
         w0, w1, w2, w3 = e.words
         if e.cmd == VHOST_SET_OWNER:
             owners.append(e.fd)
+            owned.add(e.fd)
+            parked = {k: v for k, v in parked.items() if k[0] != e.fd}  # a reused fd number
         elif e.cmd == VHOST_SET_FEATURES:
             features[e.fd] = w0
         elif e.cmd == VHOST_SET_MEM_TABLE:
@@ -167,6 +178,8 @@ def decode(events: Iterable[Event]) -> Wiring:
             index, fd = w0 & 0xFFFFFFFF, _s32(w0 >> 32)
             table = {VHOST_SET_VRING_KICK: kick, VHOST_SET_VRING_CALL: call}.get(e.cmd, backend)
             table[(e.fd, index)] = fd
+            if e.cmd == VHOST_SET_VRING_CALL and e.fd in owned:
+                parked.setdefault((e.fd, index), fd)
         elif e.cmd == KVM_IOEVENTFD:
             # struct kvm_ioeventfd: datamatch u64, addr u64, len u32, fd s32, flags u32.
             fd, flags = _s32(w2 >> 32), w3 & 0xFFFFFFFF
@@ -195,6 +208,7 @@ def decode(events: Iterable[Event]) -> Wiring:
                 key[0], key[1], k, c, backend.get(key),
                 tuple(ioeventfds.get(k, [])) if k is not None and k >= 0 else (),
                 irqfds.get(c) if c is not None and c >= 0 else None,
+                c is not None and c >= 0 and parked.get(key) == c,
             )
         )  # fmt: skip
     return Wiring(count, tuple(owners), features, regions, tuple(vrings))
