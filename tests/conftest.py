@@ -24,8 +24,9 @@ def libvirtd() -> Iterator[str]:
     """qemu:///system served by a libvirtd (started here if none runs, and then stopped)."""
     from tests import daemons
 
-    started = daemons.start()
+    daemons.OURS.extend(daemons.start())
     try:
         yield "qemu:///system"
     finally:
-        daemons.stop(started)
+        daemons.stop(daemons.OURS)
+        daemons.OURS.clear()

@@ -12,6 +12,7 @@ import time
 
 SOCKET = "/run/libvirt/libvirt-sock"
 DAEMONS = (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid"))
+OURS: list[int] = []  # pids this session started (the libvirtd fixture's)
 
 
 def _alive(pidfile: str) -> bool:
@@ -60,3 +61,20 @@ def stop(pids: list[int]) -> None:
             time.sleep(0.05)
         else:
             os.kill(pid, signal.SIGKILL)
+
+
+def restart_libvirtd() -> None:
+    """Restart the libvirtd this session started (it looks for hooks only at start)."""
+    with open(DAEMONS[1][1]) as f:
+        pid = int(f.read().strip())
+    if pid not in OURS:
+        raise RuntimeError(
+            f"libvirtd (pid {pid}) was not started by the tests; hook tests need to restart it"
+        )
+    stop([pid])
+    OURS.remove(pid)
+    try:
+        os.unlink(SOCKET)  # so that start() waits for the new daemon's socket
+    except FileNotFoundError:
+        pass
+    OURS.extend(start())

@@ -175,16 +175,26 @@ def vhost_netdev(
     return ["-netdev", netdev, "-device", device]
 
 
-def domain_xml(name: str, dev: str, queues: int, console: str | None = None) -> str:
-    """A type='kvm' libvirt domain booting the guest initramfs, its NIC on tap ``dev``."""
+def domain_xml(
+    name: str,
+    dev: str,
+    queues: int,
+    console: str | None = None,
+    vtype: str = "kvm",
+    metadata: str = "",
+) -> str:
+    """A libvirt domain (``vtype`` kvm or qemu) booting the guest initramfs, its NIC on
+    tap ``dev`` with vhost asked for; ``metadata`` goes in its <metadata>."""
     img = image()
     serial = (
         f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
         if console
         else ""
     )
-    return f"""<domain type='kvm'>
+    cpu = "<cpu mode='host-passthrough'/>" if vtype == "kvm" else ""
+    return f"""<domain type='{vtype}'>
   <name>{name}</name>
+  <metadata>{metadata}</metadata>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
   <os>
@@ -193,7 +203,7 @@ def domain_xml(name: str, dev: str, queues: int, console: str | None = None) -> 
     <initrd>{img.guest_initrd}</initrd>
     <cmdline>{GUEST_APPEND}</cmdline>
   </os>
-  <cpu mode='host-passthrough'/>
+  {cpu}
   <devices>
     <interface type='ethernet'>
       <target dev='{dev}' managed='no'/>

@@ -10,10 +10,10 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # Each module may import only modules listed before it (and the stdlib).
 ORDER = [
-    *("errors", "record", "model", "vmspec", "vmstate", "argv", "rtnl", "tun", "netns", "taps"),
-    *("procfs", "qemuargs", "domxml", "metadata", "checks", "monitor", "wiring", "qmpvm"),
-    *("inspect", "verify", "virt"),
-    *("doctor", "orchestrate"),
+    *("errors", "record", "lockfile", "model", "vmspec", "vmstate", "argv", "rtnl", "tun"),
+    *("netns", "taps", "procfs", "qemuargs", "domxml", "metadata", "checks", "monitor"),
+    *("wiring", "qmpvm", "inspect", "verify", "virt"),
+    *("doctor", "orchestrate", "hook", "hookfile"),
     *("labimage", "lab", "cli", "__main__"),
 ]
 # Third-party packages, and the one module allowed to import each (inside its functions).
@@ -53,3 +53,25 @@ def test_provisioning_path_imports_nothing_slow() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_hook_path_imports_nothing_slow() -> None:
+    """What the installed hook loads for prepare and release (libvirt waits for it on every
+    start): no xml.etree, json, re, socket or typing; nothing of libvirt or QEMU's QMP."""
+    slow = ("dataclasses", "typing", "socket", "inspect", "pyroute2", "contextlib", "json",
+            "argparse", "re", "xml.etree", "asyncio", "libvirt", "qemu", "vhostorch.virt",
+            "vhostorch.monitor", "vhostorch.verify", "vhostorch.inspect")  # fmt: skip
+    xml = (
+        "<domain><name>d</name><metadata><v:vm xmlns:v='http://vhostorch.org/xmlns/libvirt/1'>"
+        "<v:tap dev='t'/></v:vm></metadata><devices><interface type='ethernet'>"
+        "<target dev='t' managed='no'/></interface></devices></domain>"
+    )
+    code = (
+        "import sys, vhostorch.hook as h;"
+        "h.metadata.parse(sys.stdin.read());"
+        f"print(' '.join(sorted(m for m in {slow!r} if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-IS", "-c", f"import sys; sys.path.insert(0, "
+                          f"{str(PACKAGE.parent)!r}); {code}"], input=xml, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "", out.stdout

@@ -59,10 +59,21 @@ exit codes:
   1  a check failed, or the VM could not be started (the host refused; nothing is left)
   2  bad usage or an invalid spec (nothing was touched)"""
 
+HOOK_EXIT_CODES = """libvirt looks for hooks when it starts: restart libvirtd (or virtqemud) after
+installing or removing one. An existing /etc/libvirt/hooks/qemu is left alone (libvirt
+runs it, then qemu.d/* in name order). What the hook does: pydoc vhostorch.hook.
+
+exit codes:
+  0  done, or nothing to do
+  1  a file of that name exists that vhostorch did not install (left as it is)
+  2  bad usage"""
+
 NETNS = Option("--netns", VALUE, "named network namespace (as in `ip netns`)")
 WAIT = Option("--wait", INT, "seconds to wait for the guest driver to start vhost (default 60)")
 STRICT = Option("--strict", FLAG, "warn and unknown fail too")
 JSON = Option("--json", FLAG, "print JSON")
+HOOK_NAME = Option("--name", VALUE, "file name in qemu.d (default vhostorch)")
+HOOKS_DIR = Option("--hooks-dir", VALUE, "libvirt's hook directory (default /etc/libvirt/hooks)")
 COMMANDS = (
     Command(
         ("tap", "create"),
@@ -203,6 +214,22 @@ COMMANDS = (
         "2",
         (JSON,),
         EXIT_CODES,
+    ),
+    Command(
+        ("hook", "install"),
+        "install the libvirt hook (qemu.d/NAME): domains' declared taps, vhost check at start",
+        "",
+        "0",
+        (HOOK_NAME, HOOKS_DIR, JSON),
+        HOOK_EXIT_CODES,
+    ),
+    Command(
+        ("hook", "uninstall"),
+        "remove the libvirt hook vhostorch installed",
+        "",
+        "0",
+        (HOOK_NAME, HOOKS_DIR, JSON),
+        HOOK_EXIT_CODES,
     ),
     Command(
         ("lab", "build"),
@@ -423,7 +450,7 @@ def _check_reports(args: Parsed) -> list[Any]:
         uri = args.text("connect") or virt.SYSTEM_URI
         domain = domxml.parse(virt.domain_xml(domain_name, uri))
         reader = (lambda: virt.read_monitor(domain_name, uri)) if args.flag("monitor") else None
-        pid = virt.domain_pid(domain_name)
+        pid = inspect.domain_pid(domain_name)
         plan = vmstate.by_pid(pid)
         observed = inspect.observe(pid, domain=domain, monitor=reader, plan=plan)
         return [verify.verify(observed)]
@@ -635,6 +662,26 @@ def _cmd_nic(args: Parsed) -> int:
     return _outcome(outcome, args, f"{nic.tap.name} plugged in")
 
 
+def _cmd_hook(args: Parsed) -> int:
+    from vhostorch import hookfile
+
+    name = args.text("name") or hookfile.DEFAULT_NAME
+    hooks_dir = args.text("hooks_dir") or hookfile.HOOKS_DIR
+    if args.command.path[1] == "install":
+        done = hookfile.install(name, hooks_dir)
+        restart = "restart libvirtd (or virtqemud) so that it runs the hook"
+    else:
+        done = hookfile.uninstall(name, hooks_dir)
+        restart = "restart libvirtd (or virtqemud) so that it stops looking for it"
+    text = f"{done.path}: {done.action}"
+    if done.action in ("installed", "removed"):
+        text += f"; {restart}"
+    if done.other_hooks:
+        text += f"\nother qemu hooks, left as they are: {', '.join(done.other_hooks)}"
+    _emit({"ok": True, **done.asdict()}, args.flag("json"), text)
+    return EXIT_OK
+
+
 HANDLERS = {
     "tap": _cmd_tap,
     "lab": _cmd_lab,
@@ -644,6 +691,7 @@ HANDLERS = {
     "up": _cmd_up,
     "down": _cmd_down,
     "nic": _cmd_nic,
+    "hook": _cmd_hook,
 }
 
 

@@ -25,12 +25,12 @@ check stops the domain). Errors are one line naming the element (InvalidSpec).
 from __future__ import annotations
 
 from vhostorch.domxml import driver_queues
-from vhostorch.domxml import root as domain_root
 from vhostorch.errors import InvalidSpec
 from vhostorch.model import TapSpec
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
     from typing import Any
 
 NAMESPACE = "http://vhostorch.org/xmlns/libvirt/1"
@@ -50,18 +50,108 @@ class ManagedTap(Record):
 
 
 class Declared(Record):
-    """The domain's name and the taps vhostorch is to manage for it (none: nothing to do)."""
+    """The domain's name, its ``<vhostorch:vm verify=>`` policy (None: the domain has no
+    vhostorch metadata, so nothing to do) and the taps vhostorch is to manage for it."""
 
-    __slots__ = ("domain", "taps")
+    __slots__ = ("domain", "verify", "taps")
     domain: str
+    verify: str | None
     taps: tuple[ManagedTap, ...]
 
-    def __init__(self, domain: str, taps: tuple[ManagedTap, ...]) -> None:
-        self._init(domain=domain, taps=taps)
+    def __init__(self, domain: str, verify: str | None, taps: tuple[ManagedTap, ...]) -> None:
+        self._init(domain=domain, verify=verify, taps=taps)
 
     @property
     def enforce(self) -> bool:
-        return any(t.verify == "enforce" for t in self.taps)
+        return self.verify == "enforce" or any(t.verify == "enforce" for t in self.taps)
+
+    def policy(self, tap: str | None) -> str:
+        """The policy for the NIC on ``tap`` (the domain's for a NIC it does not declare)."""
+        for t in self.taps:
+            if t.spec.name == tap:
+                return t.verify
+        return self.verify or "warn"
+
+
+class _Element:
+    """Just enough of ElementTree's Element for this module, built straight with expat:
+    importing xml.etree (and the re module it pulls in) was the largest cost of the
+    hook's start, which libvirt waits for."""
+
+    __slots__ = ("tag", "attrib", "children", "text")
+
+    def __init__(self, tag: str, attrib: dict[str, str]) -> None:
+        self.tag, self.attrib = tag, attrib
+        self.children: list[_Element] = []
+        self.text = ""
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.attrib.get(key, default)
+
+    def findall(self, path: str) -> list[_Element]:
+        found = [self]
+        for step in _steps(path):
+            found = [c for e in found for c in e.children if c.tag == step]
+        return found
+
+    def iterfind(self, path: str) -> Iterator[_Element]:
+        return iter(self.findall(path))
+
+    def find(self, path: str) -> _Element | None:
+        found = self.findall(path)
+        return found[0] if found else None
+
+    def findtext(self, path: str) -> str | None:
+        element = self.find(path)
+        return None if element is None else element.text
+
+
+def _steps(path: str) -> list[str]:
+    """``a/{uri}b`` → [a, {uri}b] (a namespace URI has slashes of its own)."""
+    steps, step, depth = [], "", 0
+    for ch in path:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "/" and depth == 0:
+            steps.append(step)
+            step = ""
+        else:
+            step += ch
+    return [*steps, step]
+
+
+def _tree(xml: str) -> _Element:
+    """The ``<domain>`` element (names in ElementTree's {uri}local form). Raises InvalidSpec."""
+    from xml.parsers import expat
+
+    parser = expat.ParserCreate(namespace_separator="}")
+    stack: list[_Element] = []
+    top: list[_Element] = []
+
+    def name(raw: str) -> str:
+        return "{" + raw if "}" in raw else raw
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        element = _Element(name(tag), {name(k): v for k, v in attrs.items()})
+        (stack[-1].children if stack else top).append(element)
+        stack.append(element)
+
+    def end(tag: str) -> None:
+        stack.pop()
+
+    def text(data: str) -> None:
+        if stack:
+            stack[-1].text += data
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    try:
+        parser.Parse(xml, True)
+    except expat.ExpatError as err:
+        raise InvalidSpec(f"domain XML does not parse: {err}") from None
+    if top[0].tag != "domain":
+        raise InvalidSpec(f"not a domain's XML (root element <{top[0].tag}>)")
+    return top[0]
 
 
 def _policy(value: str | None, where: str, default: str) -> str:
@@ -93,11 +183,11 @@ def _interfaces(root: Any) -> dict[str, tuple[Any, int]]:
 
 def parse(xml: str, default_owner: str | None = DEFAULT_OWNER) -> Declared:
     """Read the vhostorch metadata of a domain's XML. Raises InvalidSpec."""
-    root = domain_root(xml)
+    root = _tree(xml)
     name = root.findtext("name") or ""
     vms = root.findall(f"metadata/{{{NAMESPACE}}}vm")
     if not vms:
-        return Declared(name, ())
+        return Declared(name, None, ())
     if len(vms) > 1:
         raise InvalidSpec("metadata: more than one <vhostorch:vm> element")
     vm = vms[0]
@@ -139,4 +229,20 @@ def parse(xml: str, default_owner: str | None = DEFAULT_OWNER) -> Declared:
     names = [t.spec.name for t in taps]
     if len(set(names)) != len(names):
         raise InvalidSpec("metadata: a tap is declared twice")
-    return Declared(name, tuple(taps))
+    return Declared(name, policy, tuple(taps))
+
+
+def render(taps: Sequence[ManagedTap], verify: str = "warn") -> str:
+    """The ``<vhostorch:vm>`` element declaring ``taps`` (for a domain's ``<metadata>``)."""
+    from xml.sax.saxutils import quoteattr
+
+    lines = [f"<vhostorch:vm xmlns:vhostorch={quoteattr(NAMESPACE)} verify={quoteattr(verify)}>"]
+    for tap in taps:
+        spec = tap.spec
+        attrs = {"dev": spec.name, "bridge": spec.bridge, "owner": spec.owner,
+                 "group": spec.group, "verify": tap.verify,
+                 "mtu": None if spec.mtu is None else str(spec.mtu)}  # fmt: skip
+        text = " ".join(f"{k}={quoteattr(str(v))}" for k, v in attrs.items() if v is not None)
+        lines.append(f"  <vhostorch:tap {text}/>")
+    lines.append("</vhostorch:vm>")
+    return "\n".join(lines)

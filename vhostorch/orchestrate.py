@@ -214,7 +214,7 @@ def up(
                 xml = domxml.render(spec, pairs, qmpvm.files(workdir)[2])
                 virt.define_and_start(spec.name, xml, uri)
                 undo.push(f"domain {spec.name}", lambda: virt.destroy_and_undefine(spec.name, uri))
-                pid = virt.domain_pid(spec.name)
+                pid = inspect.domain_pid(spec.name)
                 names = _libvirt_ids(spec.name, uri, [nic.tap.name for nic, _ in pairs])
                 state_uri, state_qmp = uri, None
             nics = tuple(

@@ -529,13 +529,19 @@ def _in_namespace(name: str | None, work: Callable[[KernelHost], T]) -> T:
 
 
 def ensure(
-    specs: Sequence[TapSpec], *, recreate: bool = False, keep_existing: bool = False
+    specs: Sequence[TapSpec],
+    *,
+    recreate: bool = False,
+    keep_existing: bool = False,
+    adopt_foreign: bool = True,
 ) -> list[TapResult]:
     """Make the taps of one VM match ``specs``, all or nothing.
 
     With ``keep_existing`` (what starting a VM uses) an existing tap is taken only
     as it is: one that differs from its spec, or that a process holds open, is
     refused rather than changed, so nothing that existed before is modified.
+    Without ``adopt_foreign`` (the libvirt hook), an existing tap that vhostorch
+    did not create is refused too.
 
     Raises InvalidSpec for bad input, OperationFailed (and its subclasses) when the
     host refuses; after an OperationFailed the host is as it was before the call,
@@ -546,6 +552,14 @@ def ensure(
 
     def work(host: KernelHost) -> list[TapResult]:
         snapshot = host.snapshot()
+        if not adopt_foreign:
+            for spec in specs:
+                link = snapshot.get(spec.name)
+                if link is not None and link.alias != MANAGED_ALIAS:
+                    raise NotManaged(
+                        f"{_kind(link)} {spec.name} exists and vhostorch did not create it; "
+                        "not taking it over"
+                    )
         plan = plan_ensure(specs, snapshot, ids, recreate=recreate)
         if keep_existing:
             _refuse_existing(plan, snapshot)

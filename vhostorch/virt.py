@@ -1,14 +1,12 @@
 """libvirt, through libvirt-python: the only module that imports it.
 
-For checking, a running domain's live XML and its QEMU's pid are all that is
-needed; the connection is opened and closed here and never handed out.
+For checking, a running domain's live XML is all that is needed (its QEMU's pid
+is inspect.domain_pid); the connection is opened and closed here and never
+handed out.
 """
 
 from __future__ import annotations
 
-import os
-
-from vhostorch import procfs, qemuargs
 from vhostorch.errors import OperationFailed
 from vhostorch.monitor import MonitorError, MonitorView, read_virtio
 from vhostorch.record import TYPE_CHECKING
@@ -17,8 +15,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 SYSTEM_URI = "qemu:///system"
-# libvirt's QEMU driver writes each running domain's pid here (qemu:///system).
-PID_DIR = "/run/libvirt/qemu"
 
 
 class DomainUnavailable(OperationFailed):
@@ -98,24 +94,6 @@ def read_monitor(name: str, uri: str = SYSTEM_URI) -> MonitorView:
         return read_virtio(execute, f"libvirt:{name}")
     finally:
         conn.close()
-
-
-def domain_pid(name: str, proc: str = procfs.PROC, pid_dir: str = PID_DIR) -> int:
-    """The QEMU pid of running domain ``name``: its pid file, else ``-name guest=NAME``."""
-    try:
-        with open(os.path.join(pid_dir, f"{name}.pid")) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        pass
-    for pid in procfs.qemu_pids(proc):
-        try:
-            with open(f"{proc}/{pid}/cmdline") as f:
-                argv = f.read().split("\0")
-        except OSError:
-            continue
-        if qemuargs.parse(argv).name == name:
-            return pid
-    raise DomainUnavailable(f"no QEMU process found for domain {name!r}")
 
 
 # The libvirt backend of `vhostorch up`: define, start, hot-plug, stop. Each call opens

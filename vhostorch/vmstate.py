@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from vhostorch import lockfile
 from vhostorch.errors import OperationFailed
 from vhostorch.record import TYPE_CHECKING, Record
 
@@ -146,35 +147,8 @@ def by_pid(pid: int, root: str = STATE_DIR) -> VmState | None:
     return next((s for s in every(root) if s.pid == pid), None)
 
 
-class Lock:
-    """An exclusive lock on one VM's state (flock on NAME.lock), held for a whole command.
-
-    The lock file goes when the VM has no state left, so nothing stays behind a
-    VM that is down; a waiter that then holds a lock on the removed file retries.
-    """
+class Lock(lockfile.Lock):
+    """One VM's lock (NAME.lock), held for a whole command; it goes with the VM's state."""
 
     def __init__(self, name: str, root: str = STATE_DIR) -> None:
-        self.name = name
-        self.path = os.path.join(root, f"{name}.lock")
-        self.root = root
-        self.fd = -1
-
-    def __enter__(self) -> Lock:
-        import fcntl
-
-        os.makedirs(self.root, mode=0o755, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    self.fd = fd
-                    return self
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # the file was removed while we waited: lock the new one
-
-    def __exit__(self, *exc: object) -> None:
-        if not os.path.exists(_path(self.name, self.root)):
-            os.unlink(self.path)
-        os.close(self.fd)
+        super().__init__(os.path.join(root, f"{name}.lock"), _path(name, root))

@@ -1,0 +1,116 @@
+"""The hook program libvirt runs, and installing it as /etc/libvirt/hooks/qemu.d/NAME.
+
+libvirt (6.5 and later) runs /etc/libvirt/hooks/qemu and then every executable in
+qemu.d/, in name order; it looks for them when the daemon starts. vhostorch only
+ever writes its own file in qemu.d/ and leaves any other hook, qemu included, as
+it is. The program is thin: the interpreter, where the package is, and
+vhostorch.hook.main. It runs with ``-IS`` (isolated, no site; one shebang argument): libvirt
+waits for the hook on every start, and the hook needs nothing outside the
+standard library and vhostorch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from vhostorch.errors import InvalidSpec, NotManaged
+from vhostorch.record import Record
+
+HOOKS_DIR = "/etc/libvirt/hooks"
+DEFAULT_NAME = "vhostorch"
+MARKER = "# vhostorch libvirt hook"
+REPO_ROOT = "os.path.dirname(os.path.dirname(os.path.realpath(__file__)))"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def program(python: str, package_root: str | None) -> str:
+    """The hook program's text. ``package_root`` None: the source tree around the file
+    (hooks/qemu in a checkout)."""
+    where = REPO_ROOT if package_root is None else repr(package_root)
+    return f"""#!{python}
+{MARKER}: domain taps and vhost checks (see vhostorch.hook; exit codes there).
+import os
+import sys
+
+sys.path.insert(0, {where})
+from vhostorch.hook import main
+
+sys.exit(main())
+"""
+
+
+def installed_program() -> str:
+    """The program as installed: this interpreter, and the directory this package is in."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return program(f"{sys.executable} -IS", root)
+
+
+class Installed(Record):
+    __slots__ = ("path", "action", "other_hooks")
+    path: str
+    action: str  # installed, updated, unchanged, removed, absent
+    other_hooks: tuple[str, ...]
+
+    def __init__(self, path: str, action: str, other_hooks: tuple[str, ...]) -> None:
+        self._init(path=path, action=action, other_hooks=other_hooks)
+
+
+def _path(name: str, hooks_dir: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise InvalidSpec(f"hook name {name!r}: letters, digits, '.', '_', '-' (at most 64)")
+    return os.path.join(hooks_dir, "qemu.d", name)
+
+
+def _ours(path: str) -> str | None:
+    """The text of the hook at ``path`` if vhostorch installed it; None if absent."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read(1 << 16)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise NotManaged(f"{path} cannot be read ({err.strerror}); not replacing it") from None
+    lines = text.splitlines()
+    if len(lines) < 2 or not lines[1].startswith(MARKER):
+        raise NotManaged(f"{path} exists and vhostorch did not install it; not replacing it")
+    return text
+
+
+def _others(hooks_dir: str, mine: str) -> tuple[str, ...]:
+    found = []
+    qemu = os.path.join(hooks_dir, "qemu")
+    if os.path.exists(qemu):
+        found.append(qemu)
+    try:
+        names = sorted(os.listdir(os.path.join(hooks_dir, "qemu.d")))
+    except OSError:
+        names = []
+    found += [os.path.join(hooks_dir, "qemu.d", n) for n in names if n != mine]
+    return tuple(found)
+
+
+def install(name: str = DEFAULT_NAME, hooks_dir: str = HOOKS_DIR) -> Installed:
+    """Write the hook (idempotent); replace only a hook vhostorch installed."""
+    path = _path(name, hooks_dir)
+    old = _ours(path)
+    text = installed_program()
+    if old != text:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        tmp = f"{os.path.dirname(path)}/.{name}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, path)
+    action = "unchanged" if old == text else "installed" if old is None else "updated"
+    return Installed(path, action, _others(hooks_dir, name))
+
+
+def uninstall(name: str = DEFAULT_NAME, hooks_dir: str = HOOKS_DIR) -> Installed:
+    """Remove the hook if vhostorch installed it."""
+    path = _path(name, hooks_dir)
+    if _ours(path) is None:
+        return Installed(path, "absent", _others(hooks_dir, name))
+    os.unlink(path)
+    return Installed(path, "removed", _others(hooks_dir, name))

@@ -1,0 +1,36 @@
+"""An exclusive lock held for a whole command (flock), whose file goes with the state it guards."""
+
+from __future__ import annotations
+
+import os
+
+
+class Lock:
+    """flock on ``path``, created if need be; on release the file is removed when
+    ``state`` (the file the lock guards) does not exist, so nothing stays behind.
+    A waiter that then holds a lock on the removed file retries on the new one."""
+
+    def __init__(self, path: str, state: str) -> None:
+        self.path = path
+        self.state = state
+        self.fd = -1
+
+    def __enter__(self) -> Lock:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the file was removed while we waited: lock the new one
+
+    def __exit__(self, *exc: object) -> None:
+        if not os.path.exists(self.state):
+            os.unlink(self.path)
+        os.close(self.fd)
