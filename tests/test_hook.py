@@ -284,3 +284,35 @@ def test_fifty_concurrent_prepare_release_pairs(ns: str) -> None:
     left = [f for f in os.listdir(Places().state) if any(f.startswith(n) for n in names)]
     left += [f for f in os.listdir(Places().claims) if any(f.startswith(n[-8:]) for n in names)]
     assert left == []
+
+
+def test_started_reports_what_it_cannot_prove_and_enforce_refuses_it(
+    ns: str, places: Places
+) -> None:
+    import json
+    import socket
+
+    os.makedirs(places.run, exist_ok=True)
+    places.syslog = os.path.join(places.run, "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+        log.bind(places.syslog)
+        log.settimeout(5)
+        for policy, code, priority in (("warn", 0, 30), ("enforce", 1, 28)):  # daemon.info/warning
+            xml = domain("d1", [("va", 1)], "<vhostorch:tap dev='va'/>", f"verify='{policy}'")
+            got, err = hook(ns, places, "d1", "started", "begin", "-", xml=xml)
+            assert got == code, err
+            with open(places.result("d1")) as f:
+                result = json.load(f)
+            # No QEMU runs for d1: nothing is proved, so the one verdict is unknown, with why.
+            [check] = result["check"]["checks"]
+            assert (check["id"], check["status"]) == ("vm.inspect", "unknown")
+            assert "no QEMU process found for domain 'd1'" in check["message"]
+            line = log.recv(4096).decode()
+            assert line.startswith(f"<{priority}>vhostorch-hook[") and "domain d1" in line, line
+            if policy == "enforce":
+                assert result["enforced_failures"] == [f"cannot check: {check['message'][9:]}"]
+                assert err.startswith("vhostorch hook: domain d1: vhost check failed")
+            else:
+                assert result["enforced_failures"] == [] and err == ""
+    assert hook(ns, places, "d1", "release", "end", "-") == (0, "")
+    assert not os.path.exists(places.result("d1"))

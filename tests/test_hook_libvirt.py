@@ -144,5 +144,9 @@ def test_started_check_passes_with_real_vhost(hooked: str, domains: list[str]) -
     # queues yet, and the result says so rather than claiming them.
     assert statuses(report, "nic.kick") <= {"warn", "unknown"}
     assert "not wired yet" in data["note"]
+    counts: dict[str, int] = {}
+    for c in report["checks"]:
+        counts[c["status"]] = counts.get(c["status"], 0) + 1
+    print(f"\nhook started check in the test host: {counts}; note: {data['note']}")
     assert virsh("destroy", name).returncode == 0
     assert nothing_left(name, tap) == []

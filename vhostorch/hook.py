@@ -57,10 +57,11 @@ EXIT_CODES = """exit codes (libvirt refuses the operation on any non-zero one):
 
 
 class Places:
-    """Where the hook keeps its files (tests point it elsewhere)."""
+    """Where the hook keeps its files and sends its syslog line (tests point them elsewhere)."""
 
-    def __init__(self, run_dir: str = RUN_DIR) -> None:
+    def __init__(self, run_dir: str = RUN_DIR, syslog: str = SYSLOG) -> None:
         self.run = run_dir
+        self.syslog = syslog
         self.state = os.path.join(run_dir, "hook")
         self.claims = os.path.join(self.state, "taps")
 
@@ -370,7 +371,8 @@ def run_hook(argv: list[str], stdin: BinaryIO, stderr: TextIO, places: Places | 
             prepare(declared, places)
             return EXIT_OK
         report, enforced = started(declared, xml, places)
-        _syslog(summary(name, report, enforced), warning=not report.ok(False))
+        _syslog(summary(name, report, enforced), bool(enforced) or not report.ok(False),
+                places.syslog)  # fmt: skip
         if enforced:
             raise OperationFailed(
                 f"domain {name}: vhost check failed (verify=enforce): {enforced[0]}"
