@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests import kernel
 from vhostorch import hookfile, netns, taps
-from vhostorch.hook import Places, run_hook
+from vhostorch.hook import Places, qemu_user, run_hook
 from vhostorch.metadata import NAMESPACE
 from vhostorch.model import TapSpec
 
@@ -81,8 +82,10 @@ def test_prepare_makes_the_declared_taps_and_release_deletes_them(ns: str, place
         made = {t.name: t for t in taps.show(netns=ns)}
         assert set(made) == {"va", "vb"}  # "other" is not declared: not vhostorch's business
         va, vb = made["va"], made["vb"]
-        assert (va.queue_mode, va.mtu, va.bridge, va.owner) == ("multi", 9000, "vbr", 65534)
-        assert vb.queue_mode == "single" and vb.owner == 64055  # libvirt-qemu by default
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert (va.queue_mode, va.mtu, va.bridge, va.owner) == ("multi", 9000, "vbr", nobody)
+        # The default owner is the user libvirt runs QEMU as (qemu.conf, else libvirt-qemu).
+        assert vb.queue_mode == "single" and vb.owner == pwd.getpwnam(str(qemu_user())).pw_uid
         assert va.managed and vb.managed and va.vnet_hdr
     assert hook(ns, places, "d1", "release", "end", "-") == (0, "")
     assert tap_names(ns) == set() and leftovers(places) == []
@@ -316,3 +319,50 @@ def test_started_reports_what_it_cannot_prove_and_enforce_refuses_it(
                 assert result["enforced_failures"] == [] and err == ""
     assert hook(ns, places, "d1", "release", "end", "-") == (0, "")
     assert not os.path.exists(places.result("d1"))
+
+
+def test_qemu_user_follows_libvirts_configuration() -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".conf") as conf:
+        conf.write('# user = "ignored"\nuser = "+0"\ngroup = "kvm"\n')
+        conf.flush()
+        assert qemu_user(conf.name) == "0"  # "+0": a numeric uid
+        conf.seek(0)
+        conf.truncate()
+        conf.write('user = "nobody"\n')
+        conf.flush()
+        assert qemu_user(conf.name) == "nobody"
+    assert qemu_user("/nonexistent/qemu.conf") == "libvirt-qemu"  # Debian's build default
+
+
+def test_install_writes_only_its_own_file_and_leaves_other_hooks_alone() -> None:
+    hooks = tempfile.mkdtemp(prefix="vho-hooks-")
+    try:
+        with open(os.path.join(hooks, "qemu"), "w") as f:
+            f.write("#!/bin/sh\nexit 0\n")
+        done = kernel.vhostorch("hook", "install", "--hooks-dir", hooks)
+        assert done.returncode == 0 and "installed; restart libvirtd" in done.stdout
+        assert f"left as they are: {hooks}/qemu" in done.stdout
+        path = os.path.join(hooks, "qemu.d", "vhostorch")
+        assert os.access(path, os.X_OK)
+        with open(path) as f:
+            assert f.read() == hookfile.installed_program()
+        # The installed program works as libvirt runs it: an ignored operation, nothing printed.
+        ran = subprocess.run([path, "d1", "migrate", "begin", "-"], input=b"", capture_output=True)
+        assert (ran.returncode, ran.stdout, ran.stderr) == (0, b"", b"")
+        again = kernel.vhostorch("hook", "install", "--hooks-dir", hooks)
+        assert again.returncode == 0 and "unchanged" in again.stdout
+        with open(os.path.join(hooks, "qemu.d", "mine"), "w") as f:
+            f.write("#!/bin/sh\nexit 0\n")
+        refused = kernel.vhostorch("hook", "install", "--hooks-dir", hooks, "--name", "mine")
+        assert refused.returncode == 1 and "vhostorch did not install it" in refused.stderr
+        refused = kernel.vhostorch("hook", "uninstall", "--hooks-dir", hooks, "--name", "mine")
+        assert refused.returncode == 1
+        bad = kernel.vhostorch("hook", "install", "--hooks-dir", hooks, "--name", "../x")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+        gone = kernel.vhostorch("hook", "uninstall", "--hooks-dir", hooks)
+        assert gone.returncode == 0 and "removed" in gone.stdout
+        assert sorted(os.listdir(os.path.join(hooks, "qemu.d"))) == ["mine"]
+        with open(os.path.join(hooks, "qemu")) as f:
+            assert f.read() == "#!/bin/sh\nexit 0\n"
+    finally:
+        subprocess.run(["rm", "-rf", hooks], check=False)
