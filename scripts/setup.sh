@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config iproute2
-  busybox-static cpio kmod strace python3 python3-venv python3-dev gcc
+  busybox-static cpio kmod strace python3 python3-venv python3-dev python3-apt gcc
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check vhostorch tests
-.venv/bin/ruff format --check vhostorch tests
+.venv/bin/ruff check vhostorch tests ansible/plugins
+.venv/bin/ruff format --check vhostorch tests ansible/plugins
 .venv/bin/mypy
 exec .venv/bin/pytest -s "$@"

@@ -244,3 +244,12 @@ def test_doctor_reads_libvirts_device_acl(tmp_path: pathlib.Path, acl: str, stat
     assert acl_check.status == status, acl_check.message
     (user,) = [c for c in report.checks if c.id == "host.libvirt.user"]
     assert user.status == "pass" and user.evidence["user"] == "root"
+
+
+def test_a_process_whose_fds_cannot_be_read_is_a_one_line_refusal() -> None:
+    # pid 1 here belongs to another user namespace: root lists its fds but cannot follow them.
+    # Elsewhere it is readable and simply no QEMU. Either way: exit 2, one line, no traceback.
+    done = kernel.vhostorch("check", "--pid", "1")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "internal error" not in done.stderr
+    assert "not allowed to read the fds of process 1" in done.stderr or "not a QEMU" in done.stderr

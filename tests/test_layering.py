@@ -13,7 +13,7 @@ ORDER = [
     *("errors", "record", "lockfile", "model", "vmspec", "vmstate", "argv", "rtnl", "tun"),
     *("netns", "taps", "procfs", "qemuargs", "domxml", "metadata", "checks", "monitor"),
     *("wiring", "qmpvm", "inspect", "verify", "virt"),
-    *("doctor", "orchestrate", "hook", "hookfile"),
+    *("doctor", "targets", "orchestrate", "hook", "hookfile"),
     *("labimage", "lab", "cli", "__main__"),
 ]
 # Third-party packages, and the one module allowed to import each (inside its functions).

@@ -436,59 +436,16 @@ _STATUSES = ("fail", "warn", "unknown", "pass")
 
 
 def _check_reports(args: Parsed) -> list[Any]:
-    from vhostorch import domxml, inspect, monitor, procfs, qemuargs, verify, virt, vmstate
+    from vhostorch import targets
 
-    pid, domain_name, every = args.number("pid"), args.text("domain"), args.flag("all")
-    qmp = args.text("qmp")
-    if sum((pid is not None, domain_name is not None, every, qmp is not None)) != 1:
-        raise InvalidSpec("check: give one of --pid, --domain, --qmp or --all")
-    if args.text("connect") and domain_name is None:
-        raise InvalidSpec("check: --connect goes with --domain")
-    if args.flag("monitor") and domain_name is None:
-        raise InvalidSpec("check: --monitor goes with --domain (--pid and --qmp use QMP directly)")
-    if domain_name is not None:
-        uri = args.text("connect") or virt.SYSTEM_URI
-        domain = domxml.parse(virt.domain_xml(domain_name, uri))
-        reader = (lambda: virt.read_monitor(domain_name, uri)) if args.flag("monitor") else None
-        pid = inspect.domain_pid(domain_name)
-        plan = vmstate.by_pid(pid)
-        observed = inspect.observe(pid, domain=domain, monitor=reader, plan=plan)
-        return [verify.verify(observed)]
-    if qmp is not None:
-        try:
-            pid = monitor.peer_pid(qmp)
-        except monitor.MonitorError as err:
-            raise procfs.CannotInspect(str(err)) from None
-        observed = inspect.observe(
-            pid, monitor=lambda: monitor.read_qmp(qmp), plan=vmstate.by_pid(pid)
-        )
-        return [verify.verify(observed)]
-
-    def own_qmp(qemu: int) -> Any:
-        # A QEMU started with -qmp unix:PATH is asked over that socket.
-        try:
-            with open(f"/proc/{qemu}/cmdline") as f:
-                path = qemuargs.parse(f.read().split("\0")).qmp
-        except OSError:
-            return None
-        return (lambda: monitor.read_qmp(path)) if path else None
-
-    # A VM vhostorch started is checked against what it set up (NICs added over QMP).
-    plans = {state.pid: state for state in vmstate.every()}
-    if pid is not None:
-        observed = inspect.observe(pid, monitor=own_qmp(pid), plan=plans.get(pid))
-        return [verify.verify(observed)]
-    kthreads = procfs.vhost_kthreads()
-    reports = []
-    for qemu in procfs.qemu_pids():
-        try:
-            observed = inspect.observe(
-                qemu, kthreads=kthreads, monitor=own_qmp(qemu), plan=plans.get(qemu)
-            )
-        except procfs.CannotInspect:
-            continue  # it exited while we looked
-        reports.append(verify.verify(observed))
-    return reports
+    return targets.reports(
+        pid=args.number("pid"),
+        domain=args.text("domain"),
+        qmp=args.text("qmp"),
+        every=args.flag("all"),
+        uri=args.text("connect"),
+        ask_monitor=args.flag("monitor"),
+    )
 
 
 def _print_reports(reports: list[Any], args: Parsed) -> bool:

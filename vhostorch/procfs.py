@@ -130,6 +130,10 @@ def read(pid: int, proc: str = PROC) -> Process:
             info = parse_fdinfo(_read(f"{base}/fdinfo/{name}")) if target in _FDINFO_FOR else {}
         except FileNotFoundError:
             continue  # closed while we looked
+        except PermissionError:
+            # Root may list a process's fds and still not follow them (another user
+            # namespace's init, say).
+            raise CannotInspect(f"not allowed to read the fds of process {pid}") from None
         fds.append(Fd(int(name), target, info))
     fds.sort(key=lambda fd: fd.num)
     return Process(pid, comm, argv, tuple(fds), tuple(threads(pid, proc)), start_ticks)

@@ -534,6 +534,7 @@ def ensure(
     recreate: bool = False,
     keep_existing: bool = False,
     adopt_foreign: bool = True,
+    dry_run: bool = False,
 ) -> list[TapResult]:
     """Make the taps of one VM match ``specs``, all or nothing.
 
@@ -541,7 +542,8 @@ def ensure(
     as it is: one that differs from its spec, or that a process holds open, is
     refused rather than changed, so nothing that existed before is modified.
     Without ``adopt_foreign`` (the libvirt hook), an existing tap that vhostorch
-    did not create is refused too.
+    did not create is refused too. ``dry_run`` plans and refuses as usual and
+    changes nothing (Ansible's check mode).
 
     Raises InvalidSpec for bad input, OperationFailed (and its subclasses) when the
     host refuses; after an OperationFailed the host is as it was before the call,
@@ -563,7 +565,8 @@ def ensure(
         plan = plan_ensure(specs, snapshot, ids, recreate=recreate)
         if keep_existing:
             _refuse_existing(plan, snapshot)
-        apply(plan.changes, host)
+        if not dry_run:
+            apply(plan.changes, host)
         return list(plan.results)
 
     return _in_namespace(namespace, work)
@@ -605,17 +608,20 @@ def delete(
     netns: str | None = None,
     bridges: Sequence[str] = (),
     force: bool = False,
+    dry_run: bool = False,
 ) -> list[TapResult]:
     """Delete taps vhostorch created (and listed bridges it created once empty).
 
-    Every refusal (not a tap, not ours, held open) happens before anything is deleted.
+    Every refusal (not a tap, not ours, held open) happens before anything is deleted;
+    ``dry_run`` stops there.
     """
     for name in [*names, *bridges]:
         check_ifname(name)
 
     def work(host: KernelHost) -> list[TapResult]:
         plan = plan_delete(names, host.snapshot(), bridges=bridges, force=force)
-        apply(plan.changes, host)
+        if not dry_run:
+            apply(plan.changes, host)
         return list(plan.results)
 
     return _in_namespace(netns, work)
