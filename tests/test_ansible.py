@@ -218,6 +218,7 @@ def test_every_module_and_the_role_document_themselves(ansible: Ansible) -> None
 
 
 @pytest.mark.testhost
+@pytest.mark.timeout(600)  # ansible-playbook starts a Python per task: ~3 min under nested TCG
 def test_role_and_a_vhost_vm_pass_the_check_in_the_test_host(ansible: Ansible) -> None:
     vm, tap = kernel.unique("vho-at"), kernel.unique("vt")
     with open("/etc/libvirt/qemu.conf", "rb") as f:
