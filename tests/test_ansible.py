@@ -87,6 +87,9 @@ def vm_task(name: str, tap: str, vhost: str, accel: str, extra: str = "") -> str
 """
 
 
+LIBVIRT = "        backend: libvirt\n"
+
+
 def teardown(ansible: Ansible, vm: str, taps_: list[tuple[str, str | None]]) -> None:
     tasks = f"    - vhostorch.vhost.vm: {{name: {vm}, state: absent}}\n"
     for tap, ns in taps_:
@@ -133,6 +136,7 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
     try:
         code, out, recap = ansible.play(play, "--check", "--diff")
         assert code == 0 and recap["failed"] == 0, out[-3000:]
+        assert '+    "queue_mode": "multi"' in out, out[-3000:]  # the tap's diff
         assert recap["changed"] >= 3  # qemu.conf, tap, VM would change (the hook task is a command)
         assert taps.show(netns=ns) == [] and vmstate.load(vm) is None
         assert not os.path.exists(hooks)
@@ -219,8 +223,11 @@ def test_every_module_and_the_role_document_themselves(ansible: Ansible) -> None
 
 @pytest.mark.testhost
 @pytest.mark.timeout(600)  # ansible-playbook starts a Python per task: ~3 min under nested TCG
-def test_role_and_a_vhost_vm_pass_the_check_in_the_test_host(ansible: Ansible) -> None:
+def test_role_and_vhost_vms_pass_the_check_in_the_test_host(
+    ansible: Ansible, libvirtd: str
+) -> None:
     vm, tap = kernel.unique("vho-at"), kernel.unique("vt")
+    domain, domain_tap = kernel.unique("vho-ad"), kernel.unique("vd")
     with open("/etc/libvirt/qemu.conf", "rb") as f:
         conf = f.read()
     play = f"""
@@ -236,6 +243,9 @@ def test_role_and_a_vhost_vm_pass_the_check_in_the_test_host(ansible: Ansible) -
     - name: Every NIC and queue of it passes, strictly
       vhostorch.vhost.check: {{pid: "{{{{ vm.vm.pid }}}}", strict: true}}
       register: checked
+{vm_task(domain, domain_tap, "required", "kvm", LIBVIRT)}
+    - name: The libvirt domain passes too (checked by name)
+      vhostorch.vhost.check: {{domain: {domain}}}
     - name: Show the verdicts
       ansible.builtin.debug:
         msg: "{{{{ checked.reports[0].checks | map(attribute='status') | list }}}}"
@@ -246,7 +256,9 @@ def test_role_and_a_vhost_vm_pass_the_check_in_the_test_host(ansible: Ansible) -
         print(f"\nansible in the test host: {recap}")
     finally:
         teardown(ansible, vm, [])
+        teardown(ansible, domain, [])
         subprocess.run([f"{BIN}/vhostorch", "hook", "uninstall"], capture_output=True, check=False)
         with open("/etc/libvirt/qemu.conf", "wb") as f:
             f.write(conf)
-    assert vmstate.load(vm) is None and not os.path.exists(f"/sys/class/net/{tap}")
+    for name, nic in ((vm, tap), (domain, domain_tap)):
+        assert vmstate.load(name) is None and not os.path.exists(f"/sys/class/net/{nic}")
