@@ -132,6 +132,21 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
           - checked.reports[0].checks | selectattr('id', 'equalto', 'nic.vhost.requested')
             | map(attribute='status') | list == ['warn']
       when: not ansible_check_mode
+    - name: Strictly, the fallback is a failure, reported without failing when asked
+      vhostorch.vhost.check: {{pid: "{{{{ vm.vm.pid }}}}", strict: true, fail_on_check: false}}
+      register: strictly
+      when: not ansible_check_mode
+    - name: And it fails the task otherwise
+      vhostorch.vhost.check: {{pid: "{{{{ vm.vm.pid }}}}", strict: true}}
+      register: failing
+      ignore_errors: true
+      when: not ansible_check_mode
+    - name: Both say so
+      ansible.builtin.assert:
+        that:
+          - not strictly.ok and strictly is not failed
+          - failing is failed and 'vhost check failed for QEMU pid' in failing.msg
+      when: not ansible_check_mode
 """
     try:
         code, out, recap = ansible.play(play, "--check", "--diff")
@@ -180,6 +195,17 @@ BAD = {
     "not a QEMU": ("vhostorch.vhost.check: {pid: PID}", "is not a QEMU (it runs python"),
     "two targets": ("vhostorch.vhost.check: {pid: 1, all: true}", "mutually exclusive"),
 }
+
+
+def test_a_host_without_the_library_is_told_so(ansible: Ansible) -> None:
+    # Debian's own Python: it can run modules, and has no vhostorch.
+    code, out, recap = ansible.play(
+        "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+        "    - vhostorch.vhost.check: {all: true}\n",
+        "-e", "ansible_python_interpreter=/usr/bin/python3",
+    )  # fmt: skip
+    assert code != 0 and recap.get("failed") == 1, out[-3000:]
+    assert "Failed to import the required Python library (vhostorch)" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
