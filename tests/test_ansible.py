@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import guests, kernel
-from vhostorch import procfs, taps, vmstate
+from vhostorch import procfs, taps, vmstate, wiring
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTION = os.path.join(REPO, "ansible")
@@ -254,6 +254,7 @@ def test_role_and_vhost_vms_pass_the_check_in_the_test_host(
 ) -> None:
     vm, tap = kernel.unique("vho-at"), kernel.unique("vt")
     domain, domain_tap = kernel.unique("vho-ad"), kernel.unique("vd")
+    was_armed = wiring.armed()  # starting a VM arms the wiring trace host-wide
     with open("/etc/libvirt/qemu.conf", "rb") as f:
         conf = f.read()
     play = f"""
@@ -286,5 +287,7 @@ def test_role_and_vhost_vms_pass_the_check_in_the_test_host(
         subprocess.run([f"{BIN}/vhostorch", "hook", "uninstall"], capture_output=True, check=False)
         with open("/etc/libvirt/qemu.conf", "wb") as f:
             f.write(conf)
+        if not was_armed:
+            wiring.disarm()
     for name, nic in ((vm, tap), (domain, domain_tap)):
         assert vmstate.load(name) is None and not os.path.exists(f"/sys/class/net/{nic}")
