@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 INSIDE = os.environ.get("VHOSTORCH_IN_TESTHOST") == "1"
-TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "900"))
+TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "1500"))
 TEST_TIMEOUT = 240
 
 
