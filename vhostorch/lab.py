@@ -82,9 +82,10 @@ def _job(command: Sequence[str], cwd: str, env: dict[str, str]) -> str:
 def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list[str]:
     """The outer VM: no network device, the root shared read-only, ``results`` read-write."""
     # cryptomgr.notests: the crypto self-tests cost 0.7 s of a TCG boot and prove nothing here.
-    # (khugepaged is held off by stage2: see there.)
+    # (khugepaged is held off by stage2: see there.) loglevel=4 keeps errors on the console
+    # (RCU stalls, hung tasks, soft lockups): what is left of a test host that froze.
     append = (
-        "console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests rdinit=/init "
+        "console=ttyS0 panic=-1 quiet loglevel=4 cryptomgr.notests rdinit=/init "
         f"vho.results={results}"
     )
     return [
@@ -202,8 +203,11 @@ def run(
                 boot = time.monotonic() - start
             if time.monotonic() - start > timeout:
                 what = "did not finish" if boot is not None else "did not reach its command"
+                # The console's last lines are the only witness of a test host that froze
+                # (a soft lockup or a stall prints there, when nothing inside can run).
                 raise LabTimeout(
-                    f"the test host {what} within {timeout:.0f} s; stopped it (QEMU pid {proc.pid})"
+                    f"the test host {what} within {timeout:.0f} s; stopped it (QEMU pid "
+                    f"{proc.pid}); console: {_tail(os.path.join(results, 'console.log'), 12)}"
                 )
             ready, _, _ = select.select([fd], [], [], 0.2)
             if ready:
