@@ -52,14 +52,14 @@ def domains() -> Iterator[list[str]]:
 
 def define(names: list[str], vtype: str, verify: str, meta: str | None = None) -> tuple[str, str]:
     name, tap = kernel.unique("vho-hd"), kernel.unique("vh")
-    workdir = tempfile.mkdtemp(prefix="vho-hook-")
-    os.chmod(workdir, 0o755)
+    workdir = tempfile.mkdtemp(prefix="vho-hookxml-")
     metadata = meta if meta is not None else render([ManagedTap(TapSpec(tap), verify)], verify)
     xml = guests.domain_xml(name, tap, 1, vtype=vtype, metadata=metadata.replace("TAP", tap))
     path = os.path.join(workdir, "domain.xml")
     with open(path, "w") as f:
         f.write(xml)
     done = virsh("define", path)
+    subprocess.run(["rm", "-rf", workdir], check=False)  # libvirt keeps its own copy
     assert done.returncode == 0, done.stderr
     names.append(name)
     return name, tap
