@@ -6,7 +6,7 @@ from vhostorch.errors import InvalidSpec
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
     from typing import Any
 
     from vhostorch.vmspec import NicSpec, VmSpec
@@ -55,17 +55,86 @@ class Domain(Record):
         self._init(name=name, type=type, interfaces=interfaces)
 
 
-def root(xml: str) -> Any:
-    """The ``<domain>`` element of a domain's XML. Raises InvalidSpec when it is not one."""
-    import xml.etree.ElementTree as ET
+class _Element:
+    """Just enough of ElementTree's Element for reading domain XML, built straight with
+    expat: importing xml.etree (and the re module it pulls in) was the largest cost of
+    the libvirt hook's start, which libvirt waits for."""
 
+    __slots__ = ("tag", "attrib", "children", "text")
+
+    def __init__(self, tag: str, attrib: dict[str, str]) -> None:
+        self.tag, self.attrib = tag, attrib
+        self.children: list[_Element] = []
+        self.text = ""
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.attrib.get(key, default)
+
+    def findall(self, path: str) -> list[_Element]:
+        found = [self]
+        for step in _steps(path):
+            found = [c for e in found for c in e.children if c.tag == step]
+        return found
+
+    def iterfind(self, path: str) -> Iterator[_Element]:
+        return iter(self.findall(path))
+
+    def find(self, path: str) -> _Element | None:
+        found = self.findall(path)
+        return found[0] if found else None
+
+    def findtext(self, path: str) -> str | None:
+        element = self.find(path)
+        return None if element is None else element.text
+
+
+def _steps(path: str) -> list[str]:
+    """``a/{uri}b`` → [a, {uri}b] (a namespace URI has slashes of its own)."""
+    steps, step, depth = [], "", 0
+    for ch in path:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "/" and depth == 0:
+            steps.append(step)
+            step = ""
+        else:
+            step += ch
+    return [*steps, step]
+
+
+def root(xml: str) -> _Element:
+    """The ``<domain>`` element of a domain's XML (names in ElementTree's {uri}local
+    form). Raises InvalidSpec when it is not one."""
+    from xml.parsers import expat
+
+    parser = expat.ParserCreate(namespace_separator="}")
+    stack: list[_Element] = []
+    top: list[_Element] = []
+
+    def name(raw: str) -> str:
+        return "{" + raw if "}" in raw else raw
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        element = _Element(name(tag), {name(k): v for k, v in attrs.items()})
+        (stack[-1].children if stack else top).append(element)
+        stack.append(element)
+
+    def end(tag: str) -> None:
+        stack.pop()
+
+    def text(data: str) -> None:
+        if stack:
+            stack[-1].text += data
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
     try:
-        element = ET.fromstring(xml)
-    except ET.ParseError as err:
+        parser.Parse(xml, True)
+    except expat.ExpatError as err:
         raise InvalidSpec(f"domain XML does not parse: {err}") from None
-    if element.tag != "domain":
-        raise InvalidSpec(f"not a domain's XML (root element <{element.tag}>)")
-    return element
+    if top[0].tag != "domain":
+        raise InvalidSpec(f"not a domain's XML (root element <{top[0].tag}>)")
+    return top[0]
 
 
 def driver_queues(iface: Any) -> int:
@@ -77,13 +146,17 @@ def driver_queues(iface: Any) -> int:
 
 def parse(xml: str) -> Domain:
     """Read a domain's XML. Raises InvalidSpec when it is not domain XML."""
-    domain = root(xml)
+    return domain(root(xml))
+
+
+def domain(element: Any) -> Domain:
+    """What a parsed ``<domain>`` (root) asks for."""
     interfaces = []
-    for iface in domain.iterfind("devices/interface"):
+    for iface in element.iterfind("devices/interface"):
         driver = iface.find("driver")
         interfaces.append(
             Interface(
-                type=iface.get("type", ""),
+                type=iface.get("type") or "",
                 target=_attr(iface, "target", "dev"),
                 model=_attr(iface, "model", "type"),
                 driver=driver.get("name") if driver is not None else None,
@@ -92,7 +165,8 @@ def parse(xml: str) -> Domain:
                 mac=_attr(iface, "mac", "address"),
             )
         )
-    return Domain(domain.findtext("name", ""), domain.get("type", ""), tuple(interfaces))
+    name = element.findtext("name")
+    return Domain(name or "", element.get("type") or "", tuple(interfaces))
 
 
 def _attr(parent: object, child: str, attr: str) -> str | None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vhostorch import metadata, taps
+from vhostorch import domxml, metadata, taps
 from vhostorch.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from typing import BinaryIO, TextIO
 
     from vhostorch.checks import Report
+    from vhostorch.domxml import Domain
 
 RUN_DIR = "/run/vhostorch"
 QEMU_CONF = "/etc/libvirt/qemu.conf"
@@ -246,12 +247,13 @@ def release(domain: str, places: Places) -> list[str]:
     return deleted
 
 
-def started(declared: metadata.Declared, xml: str, places: Places) -> tuple[Report, list[str]]:
+def started(
+    declared: metadata.Declared, domain: Domain, places: Places
+) -> tuple[Report, list[str]]:
     """Check the domain's QEMU; write the result; return it and the enforced failures."""
-    from vhostorch import domxml, inspect, procfs, verify
+    from vhostorch import inspect, procfs, verify
     from vhostorch.checks import FAIL, UNKNOWN, Check, Report
 
-    domain = domxml.parse(xml)
     try:
         pid = inspect.domain_pid(declared.domain)
         report = verify.verify(inspect.observe(pid, domain=domain))
@@ -361,8 +363,8 @@ def run_hook(argv: list[str], stdin: BinaryIO, stderr: TextIO, places: Places | 
         if op == "release":
             release(name, places)
             return EXIT_OK
-        xml = _xml(stdin)
-        declared = metadata.parse(xml, default_owner=qemu_user())
+        root = domxml.root(_xml(stdin))
+        declared = metadata.declared(root, default_owner=qemu_user())
         if declared.domain != name:
             raise InvalidSpec(f"the XML on stdin is domain {declared.domain!r}, not {name!r}")
         if declared.verify is None:
@@ -370,7 +372,7 @@ def run_hook(argv: list[str], stdin: BinaryIO, stderr: TextIO, places: Places | 
         if op == "prepare":
             prepare(declared, places)
             return EXIT_OK
-        report, enforced = started(declared, xml, places)
+        report, enforced = started(declared, domxml.domain(root), places)
         _syslog(summary(name, report, enforced), bool(enforced) or not report.ok(False),
                 places.syslog)  # fmt: skip
         if enforced:

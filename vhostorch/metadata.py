@@ -25,12 +25,13 @@ check stops the domain). Errors are one line naming the element (InvalidSpec).
 from __future__ import annotations
 
 from vhostorch.domxml import driver_queues
+from vhostorch.domxml import root as domain_root
 from vhostorch.errors import InvalidSpec
 from vhostorch.model import TapSpec
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
     from typing import Any
 
 NAMESPACE = "http://vhostorch.org/xmlns/libvirt/1"
@@ -73,87 +74,6 @@ class Declared(Record):
         return self.verify or "warn"
 
 
-class _Element:
-    """Just enough of ElementTree's Element for this module, built straight with expat:
-    importing xml.etree (and the re module it pulls in) was the largest cost of the
-    hook's start, which libvirt waits for."""
-
-    __slots__ = ("tag", "attrib", "children", "text")
-
-    def __init__(self, tag: str, attrib: dict[str, str]) -> None:
-        self.tag, self.attrib = tag, attrib
-        self.children: list[_Element] = []
-        self.text = ""
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        return self.attrib.get(key, default)
-
-    def findall(self, path: str) -> list[_Element]:
-        found = [self]
-        for step in _steps(path):
-            found = [c for e in found for c in e.children if c.tag == step]
-        return found
-
-    def iterfind(self, path: str) -> Iterator[_Element]:
-        return iter(self.findall(path))
-
-    def find(self, path: str) -> _Element | None:
-        found = self.findall(path)
-        return found[0] if found else None
-
-    def findtext(self, path: str) -> str | None:
-        element = self.find(path)
-        return None if element is None else element.text
-
-
-def _steps(path: str) -> list[str]:
-    """``a/{uri}b`` → [a, {uri}b] (a namespace URI has slashes of its own)."""
-    steps, step, depth = [], "", 0
-    for ch in path:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "/" and depth == 0:
-            steps.append(step)
-            step = ""
-        else:
-            step += ch
-    return [*steps, step]
-
-
-def _tree(xml: str) -> _Element:
-    """The ``<domain>`` element (names in ElementTree's {uri}local form). Raises InvalidSpec."""
-    from xml.parsers import expat
-
-    parser = expat.ParserCreate(namespace_separator="}")
-    stack: list[_Element] = []
-    top: list[_Element] = []
-
-    def name(raw: str) -> str:
-        return "{" + raw if "}" in raw else raw
-
-    def start(tag: str, attrs: dict[str, str]) -> None:
-        element = _Element(name(tag), {name(k): v for k, v in attrs.items()})
-        (stack[-1].children if stack else top).append(element)
-        stack.append(element)
-
-    def end(tag: str) -> None:
-        stack.pop()
-
-    def text(data: str) -> None:
-        if stack:
-            stack[-1].text += data
-
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = text
-    try:
-        parser.Parse(xml, True)
-    except expat.ExpatError as err:
-        raise InvalidSpec(f"domain XML does not parse: {err}") from None
-    if top[0].tag != "domain":
-        raise InvalidSpec(f"not a domain's XML (root element <{top[0].tag}>)")
-    return top[0]
-
-
 def _policy(value: str | None, where: str, default: str) -> str:
     if value is None:
         return default
@@ -183,7 +103,11 @@ def _interfaces(root: Any) -> dict[str, tuple[Any, int]]:
 
 def parse(xml: str, default_owner: str | None = DEFAULT_OWNER) -> Declared:
     """Read the vhostorch metadata of a domain's XML. Raises InvalidSpec."""
-    root = _tree(xml)
+    return declared(domain_root(xml), default_owner)
+
+
+def declared(root: Any, default_owner: str | None = DEFAULT_OWNER) -> Declared:
+    """The vhostorch metadata of a parsed ``<domain>`` (domxml.root). Raises InvalidSpec."""
     name = root.findtext("name") or ""
     vms = root.findall(f"metadata/{{{NAMESPACE}}}vm")
     if not vms:
