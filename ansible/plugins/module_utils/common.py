@@ -31,3 +31,24 @@ def require_vhostorch(module) -> None:
 
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def finish_with_check(module, reports, result) -> None:
+    """Exit with ``result``; fail instead, naming the first failure, when a check failed
+    and the task's ``fail_on_check`` (with ``strict``: warn and unknown fail too) says so."""
+    strict = module.params["strict"]
+    if module.params["fail_on_check"] and not all(r.ok(strict) for r in reports):
+        failed = [
+            (r, c)
+            for r in reports
+            for c in r.checks
+            if c.status == "fail" or (strict and c.status != "pass")
+        ]
+        report, first = failed[0]
+        where = f" {first.nic}" if first.nic else ""
+        module.fail_json(
+            msg=f"vhost check failed for QEMU pid {report.target.get('pid')}: "
+            f"{first.id}{where}: {first.message} ({len(failed)} in all)",
+            **result,
+        )
+    module.exit_json(**result)

@@ -37,14 +37,8 @@ options:
   connect:
     description: libvirt URI, with O(domain).
     type: str
-  strict:
-    description: Count warn and unknown verdicts as failures too.
-    type: bool
-    default: false
-  fail_on_check:
-    description: Fail the task when the check fails.
-    type: bool
-    default: true
+extends_documentation_fragment:
+  - vhostorch.vhost.check_result
 attributes:
   check_mode:
     support: full
@@ -81,6 +75,7 @@ reports:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.vhostorch.vhost.plugins.module_utils.common import (  # noqa: E402
+    finish_with_check,
     one_line,
     require_vhostorch,
 )
@@ -116,21 +111,7 @@ def main():
     strict = p["strict"]
     ok = all(r.ok(strict) for r in reports)
     result = {"changed": False, "ok": ok, "reports": [r.to_json(strict) for r in reports]}
-    if not ok and p["fail_on_check"]:
-        failed = [
-            (r, c)
-            for r in reports
-            for c in r.checks
-            if c.status == "fail" or (strict and c.status != "pass")
-        ]
-        report, first = failed[0]
-        where = f" {first.nic}" if first.nic else ""
-        module.fail_json(
-            msg=f"vhost check failed for QEMU pid {report.target.get('pid')}: "
-            f"{first.id}{where}: {first.message} ({len(failed)} in all)",
-            **result,
-        )
-    module.exit_json(**result)
+    finish_with_check(module, reports, result)
 
 
 if __name__ == "__main__":

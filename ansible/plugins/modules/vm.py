@@ -13,7 +13,8 @@ description:
   - With O(state=running), does what C(vhostorch up) does on the managed host when the VM is
     not running yet - makes its taps, starts it through QMP or libvirt, waits for the guest
     driver to start vhost, and checks every NIC and queue - and fails if the check fails
-    (unless O(fail_on_check=false)). A failure while starting undoes every step.
+    (unless O(fail_on_check=false); the VM keeps running). A failure while starting undoes
+    every step.
   - A VM that already runs (started by vhostorch with this name) is left as it is and checked
     again; C(changed) is then false. If it runs with other NICs the task fails rather than
     restarting it (C(vhostorch nic add) hot-plugs).
@@ -121,14 +122,8 @@ options:
     description: Seconds to wait for the guest driver to start vhost.
     type: int
     default: 60
-  strict:
-    description: Count warn and unknown verdicts as failures too.
-    type: bool
-    default: false
-  fail_on_check:
-    description: Fail the task when the check fails (the VM keeps running).
-    type: bool
-    default: true
+extends_documentation_fragment:
+  - vhostorch.vhost.check_result
 attributes:
   check_mode:
     support: full
@@ -174,6 +169,7 @@ waited:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.vhostorch.vhost.plugins.module_utils.common import (  # noqa: E402
+    finish_with_check,
     one_line,
     require_vhostorch,
 )
@@ -211,19 +207,8 @@ def _spec(p):
 
 
 def _checked(module, report, result):
-    strict = module.params["strict"]
-    result["check"] = report.to_json(strict)
-    if module.params["fail_on_check"] and not report.ok(strict):
-        failed = [c for c in report.checks if c.status == "fail"] or [
-            c for c in report.checks if c.status != "pass"
-        ]
-        first = failed[0]
-        module.fail_json(
-            msg=f"the check of VM {module.params['name']} failed: {first.id}"
-            f"{' ' + first.nic if first.nic else ''}: {first.message}",
-            **result,
-        )
-    module.exit_json(**result)
+    result["check"] = report.to_json(module.params["strict"])
+    finish_with_check(module, [report], result)
 
 
 def main():
