@@ -163,3 +163,33 @@ def test_lab_bad_usage_exits_2(argv: list[str], message: str) -> None:
     done = vhostorch(*argv)
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+# Recorded on this machine: the test host with 2 vCPUs (QEMU 7.2 TCG) froze while kprobes
+# were armed and disarmed next to running inner guests: CPU 0 patching kernel text waits
+# for CPU 1, which loops on an int3 the patch had already removed.
+LOCKUP = Path(__file__).parent / "fixtures" / "soft-lockup-linux-6.1-tcg-smp2.txt"
+
+
+def test_lockup_names_each_cpu_with_its_task_and_call_chain() -> None:
+    found = lab.lockup(LOCKUP.read_text(), cpus=2)
+    assert found is not None
+    head, cpu0, cpu1 = found.split("; ")
+    assert head == "soft lockup, CPU#0 stuck for 44s [python:131]"
+    assert cpu0.startswith("CPU 0 python:131: smp_call_function_many_cond < on_each_cpu_cond_mask")
+    assert "text_poke_bp" in cpu0 and "?" not in cpu0  # unreliable "? frame" entries left out
+    assert cpu1.startswith("CPU 1 swapper/1:0: exc_int3 < asm_exc_int3 < __schedule")
+
+
+def test_lockup_says_which_cpu_gave_no_backtrace_and_none_without_a_lockup() -> None:
+    text = LOCKUP.read_text()
+    found = lab.lockup(text, cpus=3)
+    assert found is not None and found.endswith("CPU 2: no backtrace (not even an NMI got through)")
+    assert lab.lockup(text.split("watchdog: BUG")[0], cpus=2) is None
+
+
+def test_a_lockup_counts_as_a_freeze_only_once_it_lasts() -> None:
+    text = LOCKUP.read_text()
+    assert not lab.frozen(text)  # 44 s and 71 s: a long stall, not yet a verdict
+    stuck = text.replace("stuck for 71s!", f"stuck for {lab.FROZEN_AFTER}s!")
+    assert lab.frozen(stuck)

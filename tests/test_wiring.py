@@ -8,7 +8,11 @@ trace ends with each QEMU's teardown (backends detached, irqfds and ioeventfds d
 
 from __future__ import annotations
 
+import errno
 import pathlib
+from pathlib import Path
+
+import pytest
 
 from vhostorch import procfs, wiring
 
@@ -124,3 +128,29 @@ def test_worker_model_after_linux_6_4_is_a_thread_of_qemu() -> None:
     assert procfs.vhost_workers(qemu, {}) == ("task", [503, 504])
     # Before 6.4: kernel threads found by name (the form the test host runs).
     assert procfs.vhost_workers(qemu.replace(threads=()), {"vhost-500": [77]}) == ("kthread", [77])
+
+
+def test_disarm_waits_out_a_probe_the_kernel_briefly_calls_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fake for what cannot be made to happen on demand: the kernel refused the probe's
+    # removal (EBUSY) right after its instance went, in the test host under load (7 of 42
+    # arm/disarm cycles while inner guests started), and never in 200 quiet cycles.
+    (tmp_path / "kprobe_events").write_text("")
+    (tmp_path / "events" / wiring.GROUP / wiring.EVENT).mkdir(parents=True)
+    answers = [OSError(errno.EBUSY, "Device or resource busy")] * 3
+    written: list[str] = []
+
+    def write(path: str, text: str, append: bool = False) -> None:
+        if answers:
+            raise answers.pop()
+        written.append(text)
+
+    monkeypatch.setattr(wiring, "_write", write)
+    wiring.disarm(str(tmp_path))
+    assert written == [f"-:{wiring.GROUP}/{wiring.EVENT}\n"]
+
+    answers[:] = [OSError(errno.EBUSY, "Device or resource busy")] * 1000
+    with pytest.raises(OSError) as still_busy:  # then disarm says so (TraceUnavailable)
+        wiring._remove_probe(str(tmp_path), patience=0.2)
+    assert still_busy.value.errno == errno.EBUSY

@@ -247,7 +247,9 @@ COMMANDS = (
         (
             Option("--timeout", INT, "seconds before everything is stopped (default 900)"),
             Option("--memory", INT, "MiB of memory for the test host (default 3072)"),
-            Option("--cpus", INT, "virtual CPUs of the test host (default 2)"),
+            Option(
+                "--cpus", INT, "virtual CPUs of the test host (default 1; 2 can freeze under TCG)"
+            ),
             Option("--env", APPEND, "KEY=VALUE to set for COMMAND (repeatable)"),
             Option("--results", VALUE, "directory shared back read-write (default: a new one)"),
         ),
@@ -394,7 +396,7 @@ def _cmd_lab(args: Parsed) -> int:
         env=env,
         timeout=args.number("timeout") or 900,
         memory_mib=args.number("memory") or 3072,
-        cpus=args.number("cpus") or 2,
+        cpus=args.number("cpus") or 1,
         results=args.text("results"),
         log=log,
     )
