@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.kernel import vhostorch
-from vhostorch import lab, labimage
+from vhostorch import lab, labimage, labwatch, monitor
 
 VHOSTORCH = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "vhostorch")
 
@@ -115,6 +117,19 @@ def test_not_enough_memory_is_a_clear_error() -> None:
     )
 
 
+def test_a_results_directory_too_long_for_the_monitor_socket_is_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / ("r" * (100 - len(str(tmp_path))))
+    done = vhostorch("lab", "run", "--results", str(results), "--", "true")
+    assert done.returncode == 125
+    assert done.stderr == (
+        f"vhostorch: error: the results directory {str(results)!r} is too long: QEMU's monitor "
+        "socket goes there and a socket path has at most 107 bytes\n"
+    )
+    assert not results.exists()
+
+
 def test_kernel_package_not_obtainable_is_a_clear_error(tmp_path: Path) -> None:
     # A real apt with no package sources and an empty cache: nothing can be fetched.
     for d in ("lists/partial", "cache/archives/partial"):
@@ -172,7 +187,7 @@ LOCKUP = Path(__file__).parent / "fixtures" / "soft-lockup-linux-6.1-tcg-smp2.tx
 
 
 def test_lockup_names_each_cpu_with_its_task_and_call_chain() -> None:
-    found = lab.lockup(LOCKUP.read_text(), cpus=2)
+    found = labwatch.lockup(LOCKUP.read_text(), cpus=2)
     assert found is not None
     head, cpu0, cpu1 = found.split("; ")
     assert head == "soft lockup, CPU#0 stuck for 44s [python:131]"
@@ -183,13 +198,110 @@ def test_lockup_names_each_cpu_with_its_task_and_call_chain() -> None:
 
 def test_lockup_says_which_cpu_gave_no_backtrace_and_none_without_a_lockup() -> None:
     text = LOCKUP.read_text()
-    found = lab.lockup(text, cpus=3)
+    found = labwatch.lockup(text, cpus=3)
     assert found is not None and found.endswith("CPU 2: no backtrace (not even an NMI got through)")
-    assert lab.lockup(text.split("watchdog: BUG")[0], cpus=2) is None
+    assert labwatch.lockup(text.split("watchdog: BUG")[0], cpus=2) is None
 
 
 def test_a_lockup_counts_as_a_freeze_only_once_it_lasts() -> None:
     text = LOCKUP.read_text()
-    assert not lab.frozen(text)  # 44 s and 71 s: a long stall, not yet a verdict
-    stuck = text.replace("stuck for 71s!", f"stuck for {lab.FROZEN_AFTER}s!")
-    assert lab.frozen(stuck)
+    assert not labwatch.frozen(text)  # 44 s and 71 s: a long stall, not yet a verdict
+    stuck = text.replace("stuck for 71s!", f"stuck for {labwatch.FROZEN_AFTER}s!")
+    assert labwatch.frozen(stuck)
+
+
+# Recorded on this machine: the test host (1 vCPU, its LAPIC timer one-shot then) stalled in a
+# loop of `vhostorch up`/`down`, and QEMU's monitor showed what QEMU 7.2's lost wakeup leaves.
+STALL = Path(__file__).parent / "fixtures" / "lost-wakeup-qemu-7.2-tcg-hmp.txt"
+
+
+def _hmp() -> dict[str, str]:
+    """The fixture's sections: HMP command line → what QEMU printed."""
+    sections = STALL.read_text().split("### ")[1:]
+    return dict(tuple(s.split("\n", 1)) for s in sections)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])  # HMP over QMP sends CRLF
+def test_stall_evidence_names_a_lost_wakeup(newline: str) -> None:
+    hmp = {k: v.replace("\n", newline) for k, v in _hmp().items()}
+    found = labwatch.stall_evidence(hmp["info registers -a"], {0: hmp["info lapic 0"]})
+    assert found.startswith("a lost wakeup: CPU 0 halted with interrupts on")
+    assert found.endswith(
+        "CPU 0: halted, interrupts on, RIP ffffffff81a592eb; "
+        "LAPIC timer one-shot not armed, IRR 236, ISR none"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "state"),
+    [
+        (("IRR\t 236", "IRR\t (none)"), "interrupts on, RIP ffffffff81a592eb; "),
+        (("RFL=00000246", "RFL=00000046"), "halted, interrupts off"),
+        (("ISR\t (none)", "ISR\t 236"), "IRR 236, ISR 236"),
+        (("PPR 0x10", "PPR 0xf0"), "IRR 236, ISR none"),  # masked by the processor priority
+        (("HLT=1", "HLT=0"), "CPU 0: running"),
+    ],
+)
+def test_stall_evidence_blames_no_one_when_no_interrupt_was_lost(
+    change: tuple[str, str], state: str
+) -> None:
+    hmp = _hmp()
+    registers, lapic = hmp["info registers -a"], hmp["info lapic 0"]
+    assert change[0] in registers + lapic
+    found = labwatch.stall_evidence(registers.replace(*change), {0: lapic.replace(*change)})
+    assert found.startswith("CPU 0: ") and state in found
+
+
+def test_stall_evidence_without_a_monitor_answer_says_so() -> None:
+    assert labwatch.stall_evidence("", {}) == "no CPU state from the monitor"
+
+
+def test_heartbeat_silence_is_timed_by_this_machines_clock(tmp_path: Path) -> None:
+    path = tmp_path / "heartbeat"
+    beat = labwatch.Heartbeat(str(path), now=100.0)
+    assert beat.silent_for(130.0) == 30.0  # never written: silent since the clock started
+    path.write_text("12.51\n")
+    assert beat.silent_for(140.0) == 0.0
+    assert beat.silent_for(200.0) == 60.0  # the same beat again
+    path.write_text("17.52\n")
+    assert beat.silent_for(205.0) == 0.0
+
+
+@pytest.mark.testhost(outside=True)
+def test_a_test_host_whose_cpus_stop_is_stopped_at_once_with_their_state(
+    tmp_path: Path,
+) -> None:
+    # A stall made on demand: QMP `stop` halts the vCPU as the lost wakeup does, so the
+    # heartbeat goes silent while the timeout is still far away.
+    results = tmp_path / "r"
+
+    def pause() -> None:
+        while not (results / "ready").exists():
+            time.sleep(0.2)
+        sock = monitor.QmpSocket(str(results / lab.MONITOR), 10.0)
+        sock.open()
+        try:
+            sock.execute("stop", None)
+        finally:
+            sock.close()
+
+    threading.Thread(target=pause, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(lab.LabFrozen) as caught:
+        lab.run(["sleep", "600"], results=str(results), timeout=300, stalled_after=15)
+    took = time.monotonic() - started
+    found = re.search(
+        r"no heartbeat for 1\d s \((.*)\); stopped it \(QEMU pid (\d+)\)$", str(caught.value)
+    )
+    assert found, caught.value
+    assert took < 60, took
+    evidence = caught.value.evidence
+    assert found[1] == evidence and "lost wakeup" not in evidence
+    # Wherever `stop` caught the CPU, its LAPIC timer is periodic (nohz=off highres=off,
+    # see lab.qemu_command) and running.
+    assert re.fullmatch(
+        r"CPU 0: (halted|running), interrupts (on|off), RIP [0-9a-f]{16}; "
+        r"LAPIC timer periodic armed, IRR ([\d ]+|none), ISR ([\d ]+|none)",
+        evidence,
+    ), evidence
+    assert not _alive(int(found[2]))

@@ -14,7 +14,7 @@ ORDER = [
     *("netns", "taps", "procfs", "qemuargs", "domxml", "metadata", "checks", "monitor"),
     *("wiring", "qmpvm", "inspect", "verify", "virt"),
     *("doctor", "targets", "orchestrate", "hook", "hookfile"),
-    *("labimage", "lab", "cli", "__main__"),
+    *("labimage", "labwatch", "lab", "cli", "__main__"),
 ]
 # Third-party packages, and the one module allowed to import each (inside its functions).
 THIRD_PARTY = {"pyroute2": "", "libvirt": "virt", "libvirt_qemu": "virt", "qemu": "monitor"}

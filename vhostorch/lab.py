@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import select
 import shlex
 import shutil
@@ -22,6 +21,7 @@ import sys
 import tempfile
 import time
 
+from vhostorch import labwatch
 from vhostorch.labimage import FILES, IMAGE_ENV, Image, LabError, ensure_image
 from vhostorch.record import TYPE_CHECKING, Record
 
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 QEMU = "qemu-system-x86_64"
+MONITOR = "monitor.sock"  # in the results directory
+# sun_path holds 108 bytes with its NUL.
+_SOCKET_PATH_MAX = 107
 # Passed into the test host; the rest of the environment is this machine's own business.
 ENV_PASSED = (
     "PATH",
@@ -51,24 +54,16 @@ class LabTimeout(LabError):
 
 
 class LabFrozen(LabTimeout):
-    """The test host's kernel locked up (a CPU stuck for minutes); the test host was stopped.
+    """The test host stopped making progress (a CPU stuck in its kernel for minutes, or
+    no CPU running at all); it was stopped.
 
-    ``evidence`` is the lockup report condensed: per CPU, its task and call chain.
+    ``evidence`` says what was seen, per CPU: its task and call chain from the kernel's
+    lockup report, or its registers and LAPIC from QEMU's monitor (see labwatch).
     """
 
     def __init__(self, message: str, evidence: str) -> None:
         super().__init__(message)
         self.evidence = evidence
-
-
-# A CPU stuck this long in the kernel under TCG is a deadlock, not slowness: the
-# slowest step seen in a healthy test host keeps a CPU busy for seconds, and a
-# frozen one was seen stuck for 20 minutes (then only the timeout stopped it).
-FROZEN_AFTER = 180
-_LOCKUP = re.compile(r"soft lockup - CPU#(\d+) stuck for (\d+)s! \[(.*)\]")
-_STAMP = re.compile(r"^\[\s*[\d.]+\] ")
-_TASK = re.compile(r"^CPU: (\d+) PID: (\d+) Comm: (\S+)")
-_FRAME = re.compile(r"^(\? )?([\w.]+)\+0x[0-9a-f]+/0x[0-9a-f]+")
 
 
 class Outcome(Record):
@@ -102,16 +97,27 @@ def _job(command: Sequence[str], cwd: str, env: dict[str, str]) -> str:
 
 
 def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list[str]:
-    """The outer VM: no network device, the root shared read-only, ``results`` read-write.
+    """The outer VM: no network device, the root shared read-only, ``results`` read-write,
+    QEMU's monitor on ``results``/monitor.sock.
 
-    One vCPU by default: with two, QEMU 7.2's multi-threaded TCG froze the test host
-    now and then (recorded in tests/fixtures/soft-lockup-linux-6.1-tcg-smp2.txt). A CPU
-    patching kernel text (kprobes, ftrace, static keys: KVM flips some at each guest
-    start) waits for the other to acknowledge, and that one loops on an int3 the
-    patch had already removed from memory: its translated code was stale. A stress of
-    kprobe arming next to inner guests froze 2 vCPUs in under a minute and never 1.
-    ``thread=single`` avoids the race too but makes every IPI wait for a time slice
-    (an inner guest took over 90 s to boot instead of 12 s).
+    Two bugs of Debian's QEMU 7.2 TCG (there is no newer one) shape it:
+
+    - A lost wakeup. The LAPIC timer fires on QEMU's main thread, which tells the
+      vCPU thread to poll its APIC by setting a flag; VMRUN (an inner guest entered
+      through the emulated SVM) sets another flag in the same word without QEMU's lock
+      (svm_helper.c, fixed upstream in 10.2). When the two race the poll request is
+      lost: the timer interrupt waits in the LAPIC's IRR, the CPU halts, and with a
+      one-shot timer nothing ever arms again. Seen in CI and reproduced (HMP showed
+      HLT=1, IF=1, IRR 236, the timer at 0; see labwatch.stall_evidence). ``nohz=off
+      highres=off`` keep the LAPIC timer periodic: QEMU re-arms it itself and asks for
+      a poll at every tick, so a lost request costs 4 ms instead of the test host.
+    - Stale code with two vCPUs, hence one by default: a CPU patching kernel text
+      (kprobes, ftrace, static keys: KVM flips some at each guest start) waits for the
+      other to acknowledge, and that one loops on an int3 the patch had already removed
+      from memory (tests/fixtures/soft-lockup-linux-6.1-tcg-smp2.txt). A stress of
+      kprobe arming next to inner guests froze 2 vCPUs in under a minute.
+      ``thread=single`` avoids that race but makes every IPI wait for a time slice (an
+      inner guest took over 90 s to boot instead of 12 s).
     """
     # cryptomgr.notests: the crypto self-tests cost 0.7 s of a TCG boot and prove nothing here.
     # (khugepaged is held off by stage2: see there.) loglevel=5 keeps warnings on the console:
@@ -119,7 +125,7 @@ def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list
     # all CPUs' stacks at a soft lockup: what is left of a test host that froze.
     append = (
         "console=ttyS0 panic=-1 quiet loglevel=5 softlockup_all_cpu_backtrace=1 "
-        "cryptomgr.notests rdinit=/init "
+        "nohz=off highres=off cryptomgr.notests rdinit=/init "
         f"vho.results={results}"
     )
     return [
@@ -154,6 +160,8 @@ def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs",
         f"local,path={results},mount_tag=results,security_model=none,multidevs=remap",
+        "-qmp",
+        f"unix:{results}/{MONITOR},server=on,wait=off",
     ]
 
 
@@ -171,43 +179,6 @@ def _tail(path: str, lines: int = 5) -> str:
     return " | ".join(_read(path).strip().splitlines()[-lines:]) or "(console log empty)"
 
 
-def lockup(console: str, cpus: int) -> str | None:
-    """The first soft lockup of ``console`` (a kernel log) condensed, or None if there is none.
-
-    One line per CPU whose stack the kernel printed (the stuck one, then the others,
-    since the test host boots with softlockup_all_cpu_backtrace): where it ran and
-    its innermost reliable frames. A CPU that printed nothing could not take even an
-    NMI, which is itself the finding.
-    """
-    lines = [_STAMP.sub("", line).strip() for line in console.splitlines()]
-    first = next((i for i, line in enumerate(lines) if _LOCKUP.search(line)), None)
-    if first is None:
-        return None
-    found = _LOCKUP.search(lines[first])
-    assert found is not None
-    cpu, seconds, task = found.groups()
-    stacks: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in lines[first + 1 : first + 400]:
-        if _LOCKUP.search(line):
-            break  # the next report repeats the first
-        if task_line := _TASK.match(line):
-            current = stacks.setdefault(f"CPU {task_line[1]} {task_line[3]}:{task_line[2]}", [])
-        elif current is not None and line.startswith("RIP: 0010:"):
-            current.append(line.removeprefix("RIP: 0010:").split("+")[0])
-        elif current is not None and (frame := _FRAME.match(line)) and not frame[1]:
-            current.append(frame[2])
-    told = [f"{who}: {' < '.join(frames[:8]) or 'no frames'}" for who, frames in stacks.items()]
-    silent = [c for c in range(cpus) if not any(k.startswith(f"CPU {c} ") for k in stacks)]
-    told += [f"CPU {c}: no backtrace (not even an NMI got through)" for c in silent]
-    return f"soft lockup, CPU#{cpu} stuck for {seconds}s [{task}]; " + "; ".join(told)
-
-
-def frozen(console: str) -> bool:
-    """True once the kernel says a CPU has been stuck for FROZEN_AFTER seconds or more."""
-    return any(int(m[2]) >= FROZEN_AFTER for m in _LOCKUP.finditer(console))
-
-
 def run(
     command: Sequence[str],
     *,
@@ -220,13 +191,16 @@ def run(
     output: Callable[[bytes], None] | None = None,
     log: Callable[[str], None] | None = None,
     image: Image | None = None,
+    stalled_after: float = labwatch.STALLED_AFTER,
 ) -> Outcome:
     """Run ``command`` in a fresh test host and return its outcome.
 
     ``results`` is the directory shared back (a new one under /tmp if None; it is
     kept either way). ``image`` defaults to the cached one, built if missing.
     Raises LabError when the host cannot be built or booted or does not reach
-    the command, LabTimeout when ``timeout`` runs out.
+    the command, LabTimeout when ``timeout`` runs out, LabFrozen when it stops
+    making progress: a CPU stuck in its kernel for labwatch.FROZEN_AFTER seconds,
+    or no heartbeat for ``stalled_after`` seconds.
     """
     if not command:
         raise LabError("no command given")
@@ -242,13 +216,13 @@ def run(
             f"not enough memory: the test host needs {need} MiB, "
             f"{_available_mib()} MiB are available"
         )
+    if results is not None:
+        _check_results(os.path.realpath(results))
     image = image or ensure_image(log=log)
-    results = results or tempfile.mkdtemp(prefix="vhostorch-lab-", dir="/tmp")
-    results = os.path.realpath(results)
-    if any(c.isspace() for c in results):
-        raise LabError(f"the results directory {results!r} must not contain spaces")
+    results = os.path.realpath(results or tempfile.mkdtemp(prefix="vhostorch-lab-", dir="/tmp"))
+    monitor = os.path.join(results, MONITOR)
     os.makedirs(results, exist_ok=True)
-    for stale in ("exit-status", "ready", "console.log"):
+    for stale in ("exit-status", "ready", "console.log", labwatch.HEARTBEAT, MONITOR):
         if os.path.exists(os.path.join(results, stale)):
             os.unlink(os.path.join(results, stale))
     shutil.copy(os.path.join(FILES, "stage2"), os.path.join(results, "stage2"))
@@ -275,23 +249,16 @@ def run(
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     looked = 0.0
+    heartbeat: labwatch.Heartbeat | None = None
     try:
         while True:
             now = time.monotonic()
             if boot is None and os.path.exists(os.path.join(results, "ready")):
                 boot = now - start
-            # The console is the only witness of a test host that froze: nothing inside
-            # can run, but the kernel's lockup detector still prints there.
+                heartbeat = labwatch.Heartbeat(os.path.join(results, labwatch.HEARTBEAT), now)
             if now - looked > 5:
                 looked = now
-                text = _read(console)
-                if frozen(text):
-                    evidence = lockup(text, cpus) or ""
-                    raise LabFrozen(
-                        f"the test host froze after {now - start:.0f} s ({evidence}); "
-                        f"stopped it (QEMU pid {proc.pid})",
-                        evidence,
-                    )
+                _watch(console, heartbeat, now, stalled_after, monitor, cpus, proc.pid)
             if now - start > timeout:
                 what = "did not finish" if boot is not None else "did not reach its command"
                 raise LabTimeout(
@@ -320,6 +287,59 @@ def run(
             f"the test host {where} (QEMU exit {proc.returncode}; console: {_tail(console)})"
         ) from None
     return Outcome(status, boot, seconds, results)
+
+
+def _check_results(results: str) -> None:
+    if any(c.isspace() for c in results):
+        raise LabError(f"the results directory {results!r} must not contain spaces")
+    if len(os.path.join(results, MONITOR).encode()) > _SOCKET_PATH_MAX:
+        raise LabError(
+            f"the results directory {results!r} is too long: QEMU's monitor socket goes there "
+            f"and a socket path has at most {_SOCKET_PATH_MAX} bytes"
+        )
+
+
+def _watch(
+    console: str,
+    heartbeat: labwatch.Heartbeat | None,
+    now: float,
+    stalled_after: float,
+    monitor: str,
+    cpus: int,
+    pid: int,
+) -> None:
+    """Raise LabFrozen if the test host has stopped making progress (see labwatch)."""
+    text = _read(console)
+    if labwatch.frozen(text):
+        evidence = labwatch.lockup(text, cpus) or ""
+        raise LabFrozen(f"the test host froze ({evidence}); stopped it (QEMU pid {pid})", evidence)
+    silent = heartbeat.silent_for(now) if heartbeat is not None else 0.0
+    if silent >= stalled_after:
+        evidence = _ask_monitor(monitor, cpus)
+        raise LabFrozen(
+            f"the test host stopped: no heartbeat for {silent:.0f} s ({evidence}); "
+            f"stopped it (QEMU pid {pid})",
+            evidence,
+        )
+
+
+def _ask_monitor(path: str, cpus: int) -> str:
+    """What QEMU's monitor shows of the CPUs, or why it could not be asked."""
+    from vhostorch.monitor import MonitorError, QmpSocket
+
+    sock = QmpSocket(path, timeout=10.0)
+    try:
+        sock.open()  # closes itself when it fails
+    except MonitorError as err:
+        return f"no CPU state: {err}"
+    try:
+        return labwatch.monitor_evidence(
+            lambda line: str(sock.execute("human-monitor-command", {"command-line": line})), cpus
+        )
+    except MonitorError as err:
+        return f"no CPU state: {err}"
+    finally:
+        sock.close()
 
 
 def _die_with_parent() -> None:
