@@ -18,6 +18,13 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Debian's udev rule gives /dev/kvm to the kvm group (mode 0660); a machine running without
+# udev keeps it root's alone, and libvirt's QEMU (libvirt-qemu, in group kvm) cannot open it.
+if [[ -c /dev/kvm ]] && getent group kvm >/dev/null && [[ $(stat -c %G /dev/kvm) != kvm ]]; then
+  echo "setup: /dev/kvm to group kvm, mode 0660 (as udev would)"
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
 stamp=.venv/.installed
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
