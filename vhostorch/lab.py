@@ -105,12 +105,13 @@ def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list
     - A lost wakeup. The LAPIC timer fires on QEMU's main thread, which tells the
       vCPU thread to poll its APIC by setting a flag; VMRUN (an inner guest entered
       through the emulated SVM) sets another flag in the same word without QEMU's lock
-      (svm_helper.c, fixed upstream in 10.2). When the two race the poll request is
+      (svm_helper.c; fixed upstream after 10.1). When the two race the poll request is
       lost: the timer interrupt waits in the LAPIC's IRR, the CPU halts, and with a
-      one-shot timer nothing ever arms again. Seen in CI and reproduced (HMP showed
-      HLT=1, IF=1, IRR 236, the timer at 0; see labwatch.stall_evidence). ``nohz=off
-      highres=off`` keep the LAPIC timer periodic: QEMU re-arms it itself and asks for
-      a poll at every tick, so a lost request costs 4 ms instead of the test host.
+      one-shot timer nothing ever arms again. It hung a clean-clone CI run here and a
+      loop of `up`/`down` (HMP showed HLT=1, IF=1, IRR 236, the timer at 0: see
+      tests/fixtures/lost-wakeup-qemu-7.2-tcg-hmp.txt). ``nohz=off highres=off`` keep
+      the LAPIC timer periodic: QEMU re-arms it itself and asks for a poll at every
+      tick, so a lost request costs 4 ms instead of the test host.
     - Stale code with two vCPUs, hence one by default: a CPU patching kernel text
       (kprobes, ftrace, static keys: KVM flips some at each guest start) waits for the
       other to acknowledge, and that one loops on an int3 the patch had already removed
