@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -115,8 +116,8 @@ def test_domain_xml_reads_back_as_what_the_spec_asks() -> None:
     assert domxml.parse(domxml.render(spec(accel="tcg"), [], "/c")).type == "qemu"
 
 
-def test_state_round_trips_and_the_lock_leaves_nothing_without_state() -> None:
-    root = tempfile.mkdtemp()
+def test_state_round_trips_and_the_lock_leaves_nothing_without_state(tmp_path: Path) -> None:
+    root = str(tmp_path)  # pytest's, removed with its other runs (a mkdtemp here was left behind)
     nics = (vmstate.NicState("t0", "nic.t0", "tap.t0", 2, "52:54:00:00:00:01", "preferred",
                              False, "no vhost", True),)  # fmt: skip
     state = vmstate.VmState("vm1", "qmp", 123, "tcg", "/q", None, "/w", nics)
