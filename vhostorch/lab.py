@@ -331,16 +331,15 @@ def _ask_monitor(path: str, cpus: int) -> str:
     sock = QmpSocket(path, timeout=10.0)
     try:
         sock.open()  # closes itself when it fails
+        try:
+            return labwatch.monitor_evidence(
+                lambda line: str(sock.execute("human-monitor-command", {"command-line": line})),
+                cpus,
+            )
+        finally:
+            sock.close()
     except MonitorError as err:
         return f"no CPU state: {err}"
-    try:
-        return labwatch.monitor_evidence(
-            lambda line: str(sock.execute("human-monitor-command", {"command-line": line})), cpus
-        )
-    except MonitorError as err:
-        return f"no CPU state: {err}"
-    finally:
-        sock.close()
 
 
 def _die_with_parent() -> None:
