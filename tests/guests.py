@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 from tests import kernel
 from vhostorch import taps
-from vhostorch.labimage import GUEST_APPEND, Image, ensure_image
+from vhostorch.lab.image import GUEST_APPEND, Image, ensure_image
 from vhostorch.model import TapSpec
 
 _IMAGE: list[Image] = []

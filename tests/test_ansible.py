@@ -18,7 +18,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests import guests, kernel
-from vhostorch import procfs, taps, vmstate, wiring
+from vhostorch import taps
+from vhostorch.check import wiring
+from vhostorch.kernel import procfs
+from vhostorch.vm import state as vmstate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTION = os.path.join(REPO, "ansible")

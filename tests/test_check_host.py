@@ -235,7 +235,7 @@ def test_watch_reports_a_qemu_that_appears_and_goes() -> None:
     ],
 )
 def test_doctor_reads_libvirts_device_acl(tmp_path: pathlib.Path, acl: str, status: str) -> None:
-    from vhostorch import doctor
+    from vhostorch.check import doctor
 
     conf = tmp_path / "qemu.conf"
     conf.write_text(f'# a qemu.conf\nuser = "root"\n{acl}')

@@ -13,7 +13,7 @@ import pytest
 
 from tests import guests, kernel
 from tests.kernel import vhostorch
-from vhostorch import wiring
+from vhostorch.check import wiring
 
 pytestmark = pytest.mark.testhost
 

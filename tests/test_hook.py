@@ -19,9 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import kernel
-from vhostorch import hookfile, netns, taps
-from vhostorch.hook import Places, qemu_user, run_hook
-from vhostorch.metadata import NAMESPACE
+from vhostorch import taps
+from vhostorch.hook import install as hookfile
+from vhostorch.hook.metadata import NAMESPACE
+from vhostorch.hook.program import Places, qemu_user, run_hook
+from vhostorch.kernel import netns
 from vhostorch.model import TapSpec
 
 HOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hooks", "qemu")

@@ -18,9 +18,12 @@ from typing import Any
 import pytest
 
 from tests import daemons, guests, kernel
-from vhostorch import hookfile, procfs, taps, wiring
-from vhostorch.hook import Places
-from vhostorch.metadata import ManagedTap, render
+from vhostorch import taps
+from vhostorch.check import wiring
+from vhostorch.hook import install as hookfile
+from vhostorch.hook.metadata import ManagedTap, render
+from vhostorch.hook.program import Places
+from vhostorch.kernel import procfs
 from vhostorch.model import TapSpec
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.kernel import vhostorch
-from vhostorch import lab, labimage, labwatch, monitor
+from vhostorch.lab import image as labimage
+from vhostorch.lab import run as lab
+from vhostorch.lab import watch as labwatch
+from vhostorch.qemu import monitor
 
 VHOSTORCH = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "vhostorch")
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhostorch import metadata
 from vhostorch.errors import InvalidSpec
+from vhostorch.hook import metadata
 
 NS = metadata.NAMESPACE
 

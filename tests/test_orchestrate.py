@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from vhostorch import domxml, qmpvm, vmspec, vmstate
-from vhostorch.checks import FAIL, PASS, WARN
+from vhostorch.backends import qmp as qmpvm
+from vhostorch.check.report import FAIL, PASS, WARN
 from vhostorch.errors import OperationFailed
+from vhostorch.libvirt import domxml
 from vhostorch.model import TapSpec
 from vhostorch.orchestrate import Host, decide
-from vhostorch.vmspec import NicSpec, VmSpec
+from vhostorch.vm import spec as vmspec
+from vhostorch.vm import state as vmstate
+from vhostorch.vm.spec import NicSpec, VmSpec
 
 GOOD = Host((PASS, "/dev/vhost-net is present"), (PASS, "/dev/kvm is usable (kvm_amd)"))
 NO_VHOST = Host((FAIL, "/dev/vhost-net is missing"), (PASS, "/dev/kvm is usable"))
@@ -136,7 +139,7 @@ def test_state_round_trips_and_the_lock_leaves_nothing_without_state(tmp_path: P
 
 
 def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
-    from vhostorch.checks import Check, Report
+    from vhostorch.check.report import Check, Report
     from vhostorch.orchestrate import _settled
 
     nics = (vmstate.NicState("t0", "nic.t0", "tap.t0", 1, "52:54:00:00:00:01", "required",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vhostorch import qemuargs
+from vhostorch.qemu import args as qemuargs
 
 # As libvirt 9.0 starts a type='kvm' domain with <driver name='vhost' queues='4'/> (seen in the
 # test host, tests/test_testhost.py), trimmed to the options that matter here.

@@ -23,10 +23,11 @@ from tests.kernel import (
     sysfs,
     tun_flags,
 )
-from vhostorch import netns, taps
+from vhostorch import taps
 from vhostorch.errors import InUse, Mismatch, NotManaged, OperationFailed
+from vhostorch.kernel import netns
+from vhostorch.kernel.rtnl import Rtnl
 from vhostorch.model import TapSpec
-from vhostorch.rtnl import Rtnl
 
 pytestmark = pytest.mark.kernel
 
@@ -304,7 +305,7 @@ def test_no_leak_over_many_create_delete_cycles(ns: str) -> None:
 def test_open_queues_attaches_every_queue_as_qemu_would(ns: str) -> None:
     import os
 
-    from vhostorch import tun
+    from vhostorch.kernel import tun
 
     taps.ensure([TapSpec("mq0", queues=4, netns=ns), TapSpec("sq0", netns=ns)])
     with netns.entered(ns):

@@ -21,7 +21,9 @@ import pytest
 
 from tests import guests, kernel
 from tests.kernel import vhostorch
-from vhostorch import procfs, tun, vmstate, wiring
+from vhostorch.check import wiring
+from vhostorch.kernel import procfs, tun
+from vhostorch.vm import state as vmstate
 
 BACKENDS = ["qmp", "libvirt"]
 # Every check of a healthy vhost NIC (kick and call once per virtqueue).

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vhostorch import vmspec
 from vhostorch.errors import InvalidSpec
+from vhostorch.vm import spec as vmspec
 
 FULL = """
 name = "vm1"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostorch import procfs, wiring
+from vhostorch.check import wiring
+from vhostorch.kernel import procfs
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "wiring-trace-linux-6.1-qemu-7.2.txt"
 

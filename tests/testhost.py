@@ -66,8 +66,8 @@ class Boot:
 
     def _boot(self, nodeids: list[str], attempt: int) -> bool:
         """Run ``nodeids`` in one boot; True when it froze (and another boot may help)."""
-        from vhostorch import lab
         from vhostorch.errors import VhostorchError
+        from vhostorch.lab import run as lab
 
         report = os.path.join(self.results, f"report-{attempt}.json")
         command = [

@@ -4,8 +4,8 @@ An operation is a list of steps, each undone when a later one fails:
 decide (nothing touched yet) → taps → VM → state file. ``down`` and ``nic del``
 remove only what vhostorch created: the VM it started and the taps it made.
 
-Backends: ``qmp`` (vhostorch.qmpvm: QEMU started here, NICs added over QMP with
-fds opened here) and ``libvirt`` (vhostorch.virt: a defined domain whose
+Backends: ``qmp`` (vhostorch.backends.qmp: QEMU started here, NICs added over QMP with
+fds opened here) and ``libvirt`` (vhostorch.libvirt.connection: a defined domain whose
 interfaces are ``type='ethernet'`` on the taps made here).
 """
 
@@ -14,17 +14,24 @@ from __future__ import annotations
 import os
 import time
 
-from vhostorch import doctor, domxml, inspect, procfs, qmpvm, taps, verify, virt, vmstate, wiring
-from vhostorch.checks import FAIL, PASS, UNKNOWN, WARN, Check, Report
+from vhostorch import taps
+from vhostorch.backends import qmp as qmpvm
+from vhostorch.check import doctor, verify, wiring
+from vhostorch.check import observe as inspect
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check, Report
 from vhostorch.errors import InvalidSpec, OperationFailed, RollbackFailed, VhostorchError
-from vhostorch.monitor import MonitorError, QmpSocket, read_qmp, vhost_started
+from vhostorch.kernel import procfs
+from vhostorch.libvirt import connection as virt
+from vhostorch.libvirt import domxml
+from vhostorch.qemu.monitor import MonitorError, QmpSocket, read_qmp, vhost_started
 from vhostorch.record import TYPE_CHECKING, Record
-from vhostorch.vmstate import NicState, VmState
+from vhostorch.vm import state as vmstate
+from vhostorch.vm.state import NicState, VmState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from vhostorch.vmspec import NicSpec, VmSpec
+    from vhostorch.vm.spec import NicSpec, VmSpec
 
 WAIT_DRIVER = 60.0  # seconds for the guest driver to start vhost on every NIC
 UNPLUG_TIMEOUT = 30.0

@@ -16,8 +16,9 @@ import tempfile
 import time
 
 from tests import kernel
-from vhostorch import hookfile, netns
-from vhostorch.metadata import NAMESPACE
+from vhostorch.hook import install as hookfile
+from vhostorch.hook.metadata import NAMESPACE
+from vhostorch.kernel import netns
 
 ROUNDS = 15
 NICS = 4

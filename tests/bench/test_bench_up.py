@@ -19,8 +19,8 @@ import time
 import pytest
 
 from tests import guests, kernel
-from vhostorch import wiring
-from vhostorch.labimage import GUEST_APPEND
+from vhostorch.check import wiring
+from vhostorch.lab.image import GUEST_APPEND
 
 pytestmark = [pytest.mark.bench, pytest.mark.testhost]
 

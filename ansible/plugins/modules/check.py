@@ -98,7 +98,7 @@ def main():
         supports_check_mode=True,
     )
     require_vhostorch(module)
-    from vhostorch import targets
+    from vhostorch.check import targets
     from vhostorch.errors import VhostorchError
 
     p = module.params

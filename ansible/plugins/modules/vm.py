@@ -189,7 +189,7 @@ NIC_KEYS = (
 
 
 def _spec(p):
-    from vhostorch import vmspec
+    from vhostorch.vm import spec as vmspec
 
     boot = {k: p[k] for k in ("kernel", "initrd", "cmdline", "disk") if p[k] is not None}
     nics = [{k: v for k, v in nic.items() if k in NIC_KEYS and v is not None} for nic in p["nics"]]
@@ -246,8 +246,11 @@ def main():
         supports_check_mode=True,
     )
     require_vhostorch(module)
-    from vhostorch import orchestrate, procfs, vmspec, vmstate
+    from vhostorch import orchestrate
     from vhostorch.errors import VhostorchError
+    from vhostorch.kernel import procfs
+    from vhostorch.vm import spec as vmspec
+    from vhostorch.vm import state as vmstate
 
     p = module.params
     try:

@@ -23,14 +23,14 @@ import signal
 import subprocess
 import time
 
-from vhostorch import procfs, tun
 from vhostorch.errors import OperationFailed
-from vhostorch.monitor import MonitorError, QmpSocket
+from vhostorch.kernel import procfs, tun
+from vhostorch.qemu.monitor import MonitorError, QmpSocket
 from vhostorch.record import TYPE_CHECKING
-from vhostorch.vmspec import disk_format
+from vhostorch.vm.spec import disk_format
 
 if TYPE_CHECKING:
-    from vhostorch.vmspec import NicSpec, VmSpec
+    from vhostorch.vm.spec import NicSpec, VmSpec
 
 QEMU = "qemu-system-x86_64"
 START_TIMEOUT = 60.0  # QEMU building the machine (loading a kernel) before it daemonizes

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vhostorch import domxml, metadata, taps
+from vhostorch import taps
 from vhostorch.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -37,14 +37,16 @@ from vhostorch.errors import (
     NotManaged,
     OperationFailed,
 )
+from vhostorch.hook import metadata
+from vhostorch.libvirt import domxml
 from vhostorch.lockfile import Lock
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing import BinaryIO, TextIO
 
-    from vhostorch.checks import Report
-    from vhostorch.domxml import Domain
+    from vhostorch.check.report import Report
+    from vhostorch.libvirt.domxml import Domain
 
 RUN_DIR = "/run/vhostorch"
 QEMU_CONF = "/etc/libvirt/qemu.conf"
@@ -251,8 +253,10 @@ def started(
     declared: metadata.Declared, domain: Domain, places: Places
 ) -> tuple[Report, list[str]]:
     """Check the domain's QEMU; write the result; return it and the enforced failures."""
-    from vhostorch import inspect, procfs, verify
-    from vhostorch.checks import FAIL, UNKNOWN, Check, Report
+    from vhostorch.check import observe as inspect
+    from vhostorch.check import verify
+    from vhostorch.check.report import FAIL, UNKNOWN, Check, Report
+    from vhostorch.kernel import procfs
 
     try:
         pid = inspect.domain_pid(declared.domain)

@@ -8,7 +8,7 @@ handed out.
 from __future__ import annotations
 
 from vhostorch.errors import OperationFailed
-from vhostorch.monitor import MonitorError, MonitorView, read_virtio
+from vhostorch.qemu.monitor import MonitorError, MonitorView, read_virtio
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:

@@ -43,7 +43,8 @@ sys.exit(main())
 
 def installed_program() -> str:
     """The program as installed: this interpreter, and the directory this package is in."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # vhostorch/hook/install.py: the directory that holds the vhostorch package.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return program(f"{sys.executable} -IS", root)
 
 

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import procfs, qemuargs
-from vhostorch import wiring as wiring_trace
-from vhostorch.monitor import MonitorError
+from vhostorch.check import wiring as wiring_trace
+from vhostorch.kernel import procfs
+from vhostorch.kernel.rtnl import Link, Rtnl
+from vhostorch.qemu import args as qemuargs
+from vhostorch.qemu.monitor import MonitorError
 from vhostorch.record import TYPE_CHECKING, Record
-from vhostorch.rtnl import Link, Rtnl
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from vhostorch.domxml import Domain
-    from vhostorch.monitor import MonitorView
-    from vhostorch.vmstate import VmState
-    from vhostorch.wiring import Wiring
+    from vhostorch.check.wiring import Wiring
+    from vhostorch.libvirt.domxml import Domain
+    from vhostorch.qemu.monitor import MonitorView
+    from vhostorch.vm.state import VmState
 
 
 class Observation(Record):

@@ -24,9 +24,9 @@ check stops the domain). Errors are one line naming the element (InvalidSpec).
 
 from __future__ import annotations
 
-from vhostorch.domxml import driver_queues
-from vhostorch.domxml import root as domain_root
 from vhostorch.errors import InvalidSpec
+from vhostorch.libvirt.domxml import driver_queues
+from vhostorch.libvirt.domxml import root as domain_root
 from vhostorch.model import TapSpec
 from vhostorch.record import TYPE_CHECKING, Record
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from vhostorch.checks import FAIL, PASS, UNKNOWN, WARN, Check, Report
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check, Report
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
@@ -144,7 +144,7 @@ def _worker_model() -> Check:
 
 
 def _trace(paths: Paths) -> Check:
-    from vhostorch import wiring
+    from vhostorch.check import wiring
 
     tracefs = f"{paths.sys}/kernel/tracing"
     if wiring.armed(tracefs):

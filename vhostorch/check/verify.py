@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from vhostorch import procfs
-from vhostorch.checks import FAIL, PASS, UNKNOWN, WARN, Check, Report
-from vhostorch.qemuargs import DeviceArg, NetdevArg
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check, Report
+from vhostorch.kernel import procfs
+from vhostorch.qemu.args import DeviceArg, NetdevArg
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vhostorch.domxml import Interface
-    from vhostorch.inspect import Observation
-    from vhostorch.monitor import VirtioNet
-    from vhostorch.vmstate import NicState
+    from vhostorch.check.observe import Observation
+    from vhostorch.libvirt.domxml import Interface
+    from vhostorch.qemu.monitor import VirtioNet
+    from vhostorch.vm.state import NicState
 
 TAP_TYPES = ("tap", "bridge")  # "bridge" is a tap opened by qemu-bridge-helper
 NO_MONITOR = (

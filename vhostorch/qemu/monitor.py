@@ -2,7 +2,7 @@
 
 The questions (``read_virtio``) are asked through any ``execute`` callable, so
 the same code runs over a QMP socket (here, with qemu.qmp; asyncio stays inside
-this module) or through libvirt's monitor pass-through (vhostorch.virt).
+this module) or through libvirt's monitor pass-through (vhostorch.libvirt.connection).
 
 QEMU 7.2 facts relied on: ``x-query-virtio-status`` reports ``vhost-dev`` only
 while vhost is started, and only for queue pair 0's vhost device (each queue

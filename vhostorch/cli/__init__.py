@@ -1,7 +1,7 @@
 """The `vhostorch` command: argument parsing and output only; the work is in the library.
 
 Start-up cost matters (a libvirt hook runs this on every VM start), so modules
-are imported inside the command that needs them, and parsing is vhostorch.argv.
+are imported inside the command that needs them, and parsing is vhostorch.cli.argv.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vhostorch.argv import (
+from vhostorch.cli.argv import (
     APPEND,
     FLAG,
     INT,
@@ -61,7 +61,7 @@ exit codes:
 
 HOOK_EXIT_CODES = """libvirt looks for hooks when it starts: restart libvirtd (or virtqemud) after
 installing or removing one. An existing /etc/libvirt/hooks/qemu is left alone (libvirt
-runs it, then qemu.d/* in name order). What the hook does: pydoc vhostorch.hook.
+runs it, then qemu.d/* in name order). What the hook does: pydoc vhostorch.hook.program.
 
 exit codes:
   0  done, or nothing to do
@@ -368,7 +368,8 @@ def _cmd_tap(args: Parsed) -> int:
 
 
 def _cmd_lab(args: Parsed) -> int:
-    from vhostorch import lab, labimage
+    from vhostorch.lab import image as labimage
+    from vhostorch.lab import run as lab
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -438,7 +439,7 @@ _STATUSES = ("fail", "warn", "unknown", "pass")
 
 
 def _check_reports(args: Parsed) -> list[Any]:
-    from vhostorch import targets
+    from vhostorch.check import targets
 
     return targets.reports(
         pid=args.number("pid"),
@@ -499,14 +500,14 @@ def _cmd_check(args: Parsed) -> int:
 
 
 def _cmd_doctor(args: Parsed) -> int:
-    from vhostorch import doctor
+    from vhostorch.check import doctor
 
     ok = _print_reports([doctor.doctor()], args)
     return EXIT_OK if ok else EXIT_FAILED
 
 
 def _cmd_trace(args: Parsed) -> int:
-    from vhostorch import wiring
+    from vhostorch.check import wiring
 
     verb = args.command.path[1]
     if verb == "arm":
@@ -557,7 +558,9 @@ def _wait(args: Parsed) -> float:
 
 
 def _cmd_up(args: Parsed) -> int:
-    from vhostorch import orchestrate, virt, vmspec
+    from vhostorch import orchestrate
+    from vhostorch.libvirt import connection as virt
+    from vhostorch.vm import spec as vmspec
 
     spec = vmspec.load(args.texts("SPEC")[0])
     backend = args.text("backend") or "qmp"
@@ -571,7 +574,7 @@ def _cmd_up(args: Parsed) -> int:
 
 def _vm_name(given: str) -> str:
     """A VM name, or the name in a spec file (``down spec.toml`` as well as ``down vm1``)."""
-    from vhostorch import vmspec
+    from vhostorch.vm import spec as vmspec
 
     if given.endswith(".toml") or os.sep in given:
         return vmspec.load(given).name
@@ -590,7 +593,9 @@ def _cmd_down(args: Parsed) -> int:
 
 
 def _cmd_nic(args: Parsed) -> int:
-    from vhostorch import orchestrate, vmspec, vmstate
+    from vhostorch import orchestrate
+    from vhostorch.vm import spec as vmspec
+    from vhostorch.vm import state as vmstate
 
     if args.command.path[1] == "del":
         name, tap = args.texts("VM TAP")
@@ -622,7 +627,7 @@ def _cmd_nic(args: Parsed) -> int:
 
 
 def _cmd_hook(args: Parsed) -> int:
-    from vhostorch import hookfile
+    from vhostorch.hook import install as hookfile
 
     name = args.text("name") or hookfile.DEFAULT_NAME
     hooks_dir = args.text("hooks_dir") or hookfile.HOOKS_DIR

@@ -20,7 +20,7 @@ from vhostorch.errors import OperationFailed
 from vhostorch.record import Record
 
 CACHE = os.environ.get("VHOSTORCH_CACHE", "/var/cache/vhostorch")
-FILES = os.path.join(os.path.dirname(__file__), "labfiles")
+FILES = os.path.join(os.path.dirname(__file__), "files")
 BUSYBOX = "/bin/busybox"
 META_PACKAGE = "linux-image-amd64"
 # What the test host needs before it can reach this machine's root.

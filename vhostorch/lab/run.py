@@ -21,8 +21,8 @@ import sys
 import tempfile
 import time
 
-from vhostorch import labwatch
-from vhostorch.labimage import FILES, IMAGE_ENV, Image, LabError, ensure_image
+from vhostorch.lab import watch as labwatch
+from vhostorch.lab.image import FILES, IMAGE_ENV, Image, LabError, ensure_image
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -326,7 +326,7 @@ def _watch(
 
 def _ask_monitor(path: str, cpus: int) -> str:
     """What QEMU's monitor shows of the CPUs, or why it could not be asked."""
-    from vhostorch.monitor import MonitorError, QmpSocket
+    from vhostorch.qemu.monitor import MonitorError, QmpSocket
 
     sock = QmpSocket(path, timeout=10.0)
     try:

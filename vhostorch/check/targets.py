@@ -3,14 +3,21 @@ each observed with what tells most about it, and checked."""
 
 from __future__ import annotations
 
-from vhostorch import domxml, inspect, monitor, procfs, qemuargs, verify, virt, vmstate
+from vhostorch.check import observe as inspect
+from vhostorch.check import verify
 from vhostorch.errors import InvalidSpec
+from vhostorch.kernel import procfs
+from vhostorch.libvirt import connection as virt
+from vhostorch.libvirt import domxml
+from vhostorch.qemu import args as qemuargs
+from vhostorch.qemu import monitor
 from vhostorch.record import TYPE_CHECKING
+from vhostorch.vm import state as vmstate
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from vhostorch.checks import Report
+    from vhostorch.check.report import Report
 
 
 def reports(

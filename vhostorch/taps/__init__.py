@@ -16,7 +16,6 @@ import errno
 import grp
 import pwd
 
-from vhostorch import netns, tun
 from vhostorch.errors import (
     InUse,
     InvalidSpec,
@@ -26,10 +25,11 @@ from vhostorch.errors import (
     OperationFailed,
     RollbackFailed,
 )
+from vhostorch.kernel import netns, tun
+from vhostorch.kernel.rtnl import Link, NetlinkError, Rtnl
+from vhostorch.kernel.tun import TapFlags
 from vhostorch.model import TapSpec, check_batch, check_ifname
 from vhostorch.record import TYPE_CHECKING, Record
-from vhostorch.rtnl import Link, NetlinkError, Rtnl
-from vhostorch.tun import TapFlags
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -5,7 +5,7 @@ Nothing inside a stopped test host can report, so there are two witnesses outsid
 - the serial console, where the kernel's lockup detector names a CPU stuck in the
   kernel (``lockup``, ``frozen``): this needs another CPU still running;
 - a heartbeat the test host writes every few seconds into its results directory
-  (see labfiles/stage2): when no CPU runs at all, nothing is printed, and only the
+  (see files/stage2): when no CPU runs at all, nothing is printed, and only the
   heartbeat's silence tells (``Heartbeat``). QEMU's monitor then shows each CPU's
   last state (``monitor_evidence``, condensed by ``stall_evidence``).
 """

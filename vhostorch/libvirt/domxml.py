@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from typing import Any
 
-    from vhostorch.vmspec import NicSpec, VmSpec
+    from vhostorch.vm.spec import NicSpec, VmSpec
 
 
 class Interface(Record):
@@ -243,7 +243,7 @@ def render(spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str) -> 
         _sub(domain, "cpu", mode="host-passthrough")
     devices = _sub(domain, "devices")
     if spec.disk is not None:
-        from vhostorch.vmspec import disk_format
+        from vhostorch.vm.spec import disk_format
 
         disk = _sub(devices, "disk", type="file", device="disk")
         _sub(disk, "driver", name="qemu", type=disk_format(spec.disk))

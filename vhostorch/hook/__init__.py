@@ -1,0 +1,9 @@
+"""The libvirt hook: what libvirt runs (program), how it is installed (install), and what a
+domain declares for it (metadata).
+
+``main`` stays importable from here: installed hook programs call ``vhostorch.hook.main``.
+"""
+
+from vhostorch.hook.program import main
+
+__all__ = ["main"]
