@@ -1,8 +1,10 @@
 """Gather what can be seen of a running QEMU into one Observation (no verdicts here).
 
 Sources: /proc (fds, fdinfo, threads, command line), the vhost workers, the
-taps over rtnetlink, and, when given, the libvirt domain's XML. ``verify`` turns
-an Observation into checks.
+taps over rtnetlink, the wiring trace, and, when given, the libvirt domain's XML
+and QEMU's monitor. ``verify`` turns an Observation into checks. Every source is
+an argument of ``observe`` (a /proc root, a tracefs root, a tap reader...), so an
+observation recorded on a real host (tests/fixtures/observations) drives it again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from vhostorch.qemu.monitor import MonitorError
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from vhostorch.check.wiring import Wiring
     from vhostorch.libvirt.domxml import Domain
@@ -87,6 +89,13 @@ def _netns(pid: int | str, proc: str) -> str | None:
         return None
 
 
+def read_links(names: Iterable[str]) -> dict[str, Link | None]:
+    """The links named, over rtnetlink (None for one that does not exist)."""
+    # One RTM_GETLINK per tap: a dump of every link costs ~6 ms on a host with many.
+    with Rtnl() as rtnl:
+        return {name: rtnl.link(name) for name in names}
+
+
 def observe(
     pid: int,
     *,
@@ -96,12 +105,19 @@ def observe(
     monitor: Callable[[], MonitorView] | None = None,
     tracefs: str = wiring_trace.TRACEFS,
     plan: VmState | None = None,
+    links: Callable[[Iterable[str]], dict[str, Link | None]] = read_links,
+    netns: str | None = None,
+    vhost_net: bool | None = None,
 ) -> Observation:
     """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU.
 
     ``monitor`` reads QEMU's monitor; when it fails, the reason is kept and the
     checks that need it are unknown. ``plan`` is vhostorch's record of a VM it
-    started (NICs added over QMP, and what the spec allowed).
+    started (NICs added over QMP, and what the spec allowed). The rest say where
+    to look: ``proc`` and ``tracefs`` are roots, ``kthreads`` the vhost kernel
+    threads by name (read from ``proc`` if None), ``links`` reads taps by name,
+    ``netns`` is the network namespace ``links`` reads in (this process's if
+    None), ``vhost_net`` whether the host has /dev/vhost-net (looked at if None).
     """
     process = procfs.read(pid, proc)
     name = procfs.program(pid, proc)
@@ -120,12 +136,10 @@ def observe(
     taps: dict[str, Link | None] = {}
     seen = None
     # Taps live in QEMU's network namespace; read them only when it is ours.
-    if _netns(pid, proc) != _netns("self", "/proc"):
+    if _netns(pid, proc) != (_netns("self", "/proc") if netns is None else netns):
         seen = "QEMU runs in another network namespace; its taps were not read"
     else:
-        # One RTM_GETLINK per tap: a dump of every link costs ~6 ms on a host with many.
-        with Rtnl() as rtnl:
-            taps = {name: rtnl.link(name) for name in sorted(n for n in names if n)}
+        taps = links(sorted(n for n in names if n))
     view, error = None, None
     if monitor is not None:
         try:
@@ -142,9 +156,10 @@ def observe(
             "the wiring trace is armed but recorded no vring of this QEMU: they were wired "
             "before it was armed (a guest driver restart, or a pause and resume, wires them again)"
         )
+    present = vhost_net_present() if vhost_net is None else vhost_net
     return Observation(
-        process, args, model, tuple(workers), taps, seen, vhost_net_present(), domain, view,
-        error, wired, note, plan,
+        process, args, model, tuple(workers), taps, seen, present, domain, view, error, wired,
+        note, plan,
     )  # fmt: skip
 
 

@@ -1,21 +1,9 @@
 """Verdicts: one Check per (id, NIC, queue), and the Report that gathers them.
 
 A check is ``pass`` only on evidence that was seen; what could not be seen is
-``unknown`` with the reason, never a pass. The ids are stable (scripts and the
-Ansible module match on them):
-
-    host.vhost-net      /dev/vhost-net exists and can be opened
-    vm.kvm              the QEMU runs a KVM VM (anon_inode:kvm-vm), not TCG
-    nic.vhost.requested vhost was asked for, and what asked for it reached QEMU
-    nic.queues          the device is sized for the queue pairs its tap netdev has
-    nic.tap.fds         one tap fd per queue pair, on the right tap, queue mode matching
-    nic.vhost.fds       one /dev/vhost-net fd per queue pair
-    nic.vhost.worker    a vhost worker thread per vhost device
-    nic.vhost.started   the guest driver reached DRIVER_OK and vhost started (warn before)
-    nic.vhost.memtable  vhost holds a table of guest memory regions
-    nic.kick            per virtqueue: the kick eventfd is a KVM ioeventfd
-    nic.call            per virtqueue: the call eventfd is a KVM irqfd (MSI-X, in-kernel irqchip)
-    nic.features        the features vhost was set to
+``unknown`` with the reason, never a pass. The ids of a QEMU's checks, what each
+says and the module that makes it are listed in ``check.ids``; they are stable
+(scripts and the Ansible module match on them).
 """
 
 from __future__ import annotations

@@ -1,0 +1,42 @@
+"""Recorded observations replayed: ``observe`` over the recorded trees and ``verify`` give
+what ``vhostorch check`` gave live in the test host (the golden verdicts)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from tests import observations
+from vhostorch.check import verify
+
+RECORDED = sorted(path.stem for path in observations.FIXTURES.glob("*.json"))
+
+
+def test_the_recordings_cover_healthy_and_broken_setups() -> None:
+    assert {"healthy-1q", "healthy-4q", "second-nic-vhost-off", "device-4q-tap-2q",
+            "no-guest-driver"} <= set(RECORDED)  # fmt: skip
+    for name in RECORDED:
+        about = observations.load(name)["about"]
+        assert about["kernel"] and about["qemu"].startswith("QEMU emulator version")
+        assert about["recorded_by"] == ".venv/bin/python -m tests.record_observation"
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_replayed_verdicts_are_the_live_ones(name: str, tmp_path: pathlib.Path) -> None:
+    rec = observations.load(name)
+    report = verify.verify(observations.replay(rec, tmp_path)).to_json()
+    assert json.loads(json.dumps(report)) == rec["report"]
+
+
+def test_the_replay_reads_what_observe_read_live(tmp_path: pathlib.Path) -> None:
+    obs = observations.observed("healthy-4q", tmp_path)
+    # Linux 6.1: one vhost-<pid> kernel thread per vhost device, outside QEMU's threads.
+    assert obs.worker_model == "kthread" and len(obs.workers) == 4
+    assert len(obs.process.fds_to("/dev/vhost-net")) == 4
+    assert obs.wiring is not None and len(obs.wiring.vrings) == 8
+    assert obs.wiring_note is None and obs.taps_seen is None
+    (tap,) = obs.taps.values()
+    assert tap is not None and tap.tun is not None and tap.tun.multi_queue
+    assert obs.monitor is not None and obs.monitor.nics[0].vhost_started

@@ -1,0 +1,102 @@
+"""Verdicts about what QEMU holds for each NIC: nic.tap.fds, nic.vhost.fds, nic.vhost.worker.
+
+The evidence is in /proc (the fds, the tap each tun fd is attached to, the vhost
+workers) and in the taps as rtnetlink describes them.
+"""
+
+from __future__ import annotations
+
+from vhostorch.check.ids import TAP_FDS, VHOST_FDS, VHOST_WORKER
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check
+from vhostorch.kernel import procfs
+from vhostorch.record import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vhostorch.check.nics import Nic
+    from vhostorch.check.observe import Observation
+
+
+def tap_fds(obs: Observation, nic: Nic) -> Check:
+    """nic.tap.fds: one tap fd per queue pair, all on the NIC's tap, its queue mode matching."""
+    pairs = nic.netdev.queue_pairs
+    taps = sorted({fd.tap or "?" for fd in nic.tap_fds})
+    evidence: dict[str, object] = {
+        "expected": pairs,
+        "fds": [fd.num for fd in nic.tap_fds],
+        "taps": taps,
+    }
+    if len(nic.tap_fds) != pairs:
+        message = f"{len(nic.tap_fds)} tap fd(s) open for {pairs} queue pair(s)"
+        return nic.check(TAP_FDS, FAIL, message, evidence)
+    if len(taps) != 1 or taps[0] == "?":
+        return nic.check(TAP_FDS, FAIL, f"the tap fds are not on one tap: {taps}", evidence)
+    tap = taps[0]
+    if nic.iface is not None and nic.iface.target and nic.iface.target != tap:
+        message = f"the fds are on tap {tap}, the domain names {nic.iface.target}"
+        return nic.check(TAP_FDS, FAIL, message, evidence)
+    if obs.taps_seen:
+        message = f"{pairs} fd(s) on tap {tap}; its queue mode is unknown: {obs.taps_seen}"
+        return nic.check(TAP_FDS, UNKNOWN, message, evidence)
+    link = obs.taps.get(tap)
+    if link is None or link.tun is None:
+        message = f"tap {tap} held by QEMU was not found over netlink"
+        return nic.check(TAP_FDS, FAIL, message, evidence)
+    tun = link.tun
+    evidence.update(
+        multi_queue=tun.multi_queue,
+        vnet_hdr=tun.vnet_hdr,
+        attached_queues=tun.attached_queues,
+        mtu=link.mtu,
+        master=link.master,
+        carrier=link.carrier,
+        up=link.up,
+    )
+    if tun.multi_queue != (pairs > 1):
+        mode = "multi-queue" if tun.multi_queue else "single-queue"
+        message = f"tap {tap} is {mode} but QEMU uses {pairs} queue(s)"
+        return nic.check(TAP_FDS, FAIL, message, evidence)
+    if not tun.vnet_hdr:
+        message = f"tap {tap} has no vnet_hdr: no offloads, and vhost copies headers"
+        return nic.check(TAP_FDS, WARN, message, evidence)
+    message = f"{pairs} fd(s) on tap {tap}, queue mode matches"
+    return nic.check(TAP_FDS, PASS, message, evidence)
+
+
+def vhost_fds(obs: Observation, nic: Nic) -> Check:
+    """nic.vhost.fds: one /dev/vhost-net fd per queue pair."""
+    pairs = nic.netdev.queue_pairs
+    wrong = [fd.num for fd in nic.vhost_fds if fd.target != procfs.VHOST_NET]
+    good = [fd.num for fd in nic.vhost_fds if fd.target == procfs.VHOST_NET]
+    evidence: dict[str, object] = {"expected": pairs, "fds": good}
+    if good:
+        evidence["assigned_by"] = nic.vhost_assigned_by
+    if wrong:
+        evidence["not_vhost_net"] = wrong
+    if len(good) == pairs and not wrong:
+        message = f"{pairs} /dev/vhost-net fd(s) for {pairs} queue pair(s)"
+        return nic.check(VHOST_FDS, PASS, message, evidence)
+    if not obs.vhost_net and not good:
+        evidence["host_vhost_net"] = False
+    message = f"{len(good)} /dev/vhost-net fd(s) for {pairs} queue pair(s)"
+    if not obs.vhost_net:
+        message += "; this host has no /dev/vhost-net"
+    return nic.check(VHOST_FDS, FAIL, message, evidence)
+
+
+def worker(obs: Observation, nic: Nic) -> Check:
+    """nic.vhost.worker: as many vhost-<pid> workers as QEMU holds vhost devices."""
+    total = len(obs.process.fds_to(procfs.VHOST_NET))
+    evidence: dict[str, object] = {
+        "model": obs.worker_model,
+        "tids": list(obs.workers),
+        "vhost_fds_in_process": total,
+    }
+    if not nic.vhost_fds:
+        return nic.check(VHOST_WORKER, FAIL, "no vhost device, so no worker", evidence)
+    workers = f"{len(obs.workers)} vhost-{obs.process.pid} worker(s)"
+    if len(obs.workers) >= total:
+        where = "kernel threads" if obs.worker_model == "kthread" else "threads of QEMU"
+        message = f"{workers} ({where}) for {total} vhost device(s)"
+        return nic.check(VHOST_WORKER, PASS, message, evidence)
+    message = f"{workers} for {total} vhost device(s): VHOST_SET_OWNER did not start them all"
+    return nic.check(VHOST_WORKER, FAIL, message, evidence)

@@ -1,0 +1,169 @@
+"""The tap NICs of an Observation, each with the fds of QEMU that serve it.
+
+A NIC is a tap netdev on the command line, or one added later (by vhostorch over
+QMP, or through libvirt); its tap and vhost fds are claimed from the process's
+fds by number, by tap name, by the traced VHOST_NET_SET_BACKEND, else by order.
+"""
+
+from __future__ import annotations
+
+from vhostorch.check.report import Check
+from vhostorch.kernel import procfs
+from vhostorch.qemu.args import DeviceArg, NetdevArg
+from vhostorch.record import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vhostorch.check.observe import Observation
+    from vhostorch.libvirt.domxml import Interface
+    from vhostorch.qemu.monitor import VirtioNet
+    from vhostorch.vm.state import NicState
+
+TAP_TYPES = ("tap", "bridge")  # "bridge" is a tap opened by qemu-bridge-helper
+
+
+class Nic:
+    """One tap netdev with its device, where it was declared, and what was asked of it."""
+
+    def __init__(
+        self,
+        netdev: NetdevArg,
+        device: DeviceArg | None,
+        name: str,
+        origin: str,
+        iface: Interface | None,
+        state: NicState | None,
+    ) -> None:
+        self.netdev = netdev
+        self.device = device
+        self.name = name
+        self.origin = origin
+        self.iface = iface
+        self.state = state
+        self.tap_fds: list[procfs.Fd] = []
+        self.vhost_fds: list[procfs.Fd] = []
+        self.vhost_assigned_by = "the command line"
+
+    def check(
+        self,
+        id: str,
+        status: str,
+        message: str,
+        evidence: dict[str, object] | None = None,
+        *,
+        queue: int | None = None,
+    ) -> Check:
+        """A verdict about this NIC (and one of its virtqueues, with ``queue``)."""
+        return Check(id, status, message, evidence, nic=self.name, queue=queue)
+
+
+CMDLINE = "the QEMU command line"
+BY_VHOSTORCH = "vhostorch's QMP netdev_add (not on the command line)"
+BY_LIBVIRT = "the live domain XML (hot-plugged, not on the command line)"
+
+
+def find(obs: Observation) -> list[Nic]:
+    """Tap NICs on the command line, then those added later: by vhostorch (its state
+    file says what it asked) or through libvirt (its live XML says)."""
+    nics = []
+    interfaces = list(obs.domain.interfaces) if obs.domain else []
+    planned = {n.netdev: n for n in obs.plan.nics} if obs.plan else {}
+    for netdev in obs.args.netdevs:
+        if netdev.type not in TAP_TYPES:
+            continue
+        device = obs.args.device_for(netdev.id)
+        iface = next((i for i in interfaces if i.netdev_id == netdev.id), None)
+        name = (device.id if device and device.id else None) or netdev.id
+        nics.append(Nic(netdev, device, name, CMDLINE, iface, planned.get(netdev.id)))
+    seen = {nic.netdev.id for nic in nics}
+    for state in planned.values():
+        if state.netdev in seen:
+            continue
+        seen.add(state.netdev)
+        iface = next((i for i in interfaces if i.netdev_id == state.netdev), None)
+        netdev, device = _declared(
+            state.netdev, state.device, state.tap, state.queues, state.vhost_on, state.mac
+        )
+        origin = BY_LIBVIRT if iface is not None else BY_VHOSTORCH
+        nics.append(Nic(netdev, device, state.device, origin, iface, state))
+    for iface in interfaces:
+        if iface.netdev_id is None or iface.netdev_id in seen or iface.type != "ethernet":
+            continue
+        # <driver name='vhost'/> on a type='kvm' domain: libvirt refuses the NIC rather than
+        # plug it without vhost. Without a <driver>, whether it got vhost is not declared.
+        wants = obs.domain is not None and obs.domain.type == "kvm" and iface.driver == "vhost"
+        device_id = iface.alias or iface.netdev_id
+        netdev, device = _declared(
+            iface.netdev_id, device_id, iface.target, iface.queues, wants, iface.mac
+        )
+        nics.append(Nic(netdev, device, device_id, BY_LIBVIRT, iface, None))
+    _claim_fds(obs.process, nics, obs.wiring.backend_fds() if obs.wiring else {})
+    return nics
+
+
+def _declared(
+    netdev: str, device: str, tap: str | None, queues: int, vhost: bool, mac: str | None
+) -> tuple[NetdevArg, DeviceArg]:
+    """The netdev and device of a NIC added after start (as vhostorch and libvirt add them)."""
+    pairs = max(queues, 1)
+    return (
+        NetdevArg(netdev, "tap", vhost, False, (), (), tap, pairs),
+        DeviceArg(
+            "virtio-net-pci", device, netdev, pairs > 1, 2 * pairs + 2 if pairs > 1 else None, mac
+        ),
+    )
+
+
+def _claim_fds(process: procfs.Process, nics: list[Nic], backends: dict[int, int]) -> None:
+    """Give each NIC its tap and vhost fds: those named on the command line, else by order.
+
+    QEMU opening taps itself (``ifname=``) opens each queue's /dev/vhost-net right
+    after its tap, so a vhost fd belongs to the NIC of the nearest tap fd below it.
+    """
+    claimed: set[int] = set()
+    for nic in nics:
+        for num in nic.netdev.fds:
+            fd = process.fd(num)
+            if fd is not None:
+                nic.tap_fds.append(fd)
+                claimed.add(num)
+        for num in nic.netdev.vhostfds:
+            fd = process.fd(num)
+            if fd is not None:
+                nic.vhost_fds.append(fd)
+                claimed.add(num)
+    for nic in nics:
+        if not nic.netdev.fds and nic.netdev.ifname:
+            nic.tap_fds = [
+                fd for fd in process.fds if fd.tap == nic.netdev.ifname and fd.num not in claimed
+            ]
+            claimed |= {fd.num for fd in nic.tap_fds}
+    tap_owner = {fd.num: nic for nic in nics for fd in nic.tap_fds}
+    # The trace says exactly which tap each vhost fd serves (VHOST_NET_SET_BACKEND).
+    traced = sorted(backends.items(), key=lambda item: item[1])
+    for vhost_fd, tap_fd in traced:
+        fd = process.fd(vhost_fd)
+        if vhost_fd not in claimed and tap_fd in tap_owner and fd is not None:
+            tap_owner[tap_fd].vhost_fds.append(fd)
+            tap_owner[tap_fd].vhost_assigned_by = "VHOST_NET_SET_BACKEND (traced)"
+            claimed.add(vhost_fd)
+    owner: Nic | None = None
+    for fd in process.fds:
+        if fd.num in tap_owner:
+            owner = tap_owner[fd.num]
+        elif (
+            fd.target == procfs.VHOST_NET
+            and fd.num not in claimed
+            and owner is not None
+            and owner.netdev.wants_vhost
+            and not owner.netdev.vhostfds
+        ):
+            owner.vhost_fds.append(fd)
+            owner.vhost_assigned_by = "fd order (QEMU opens each after its tap)"
+            claimed.add(fd.num)
+
+
+def virtio(obs: Observation, nic: Nic) -> VirtioNet | None:
+    """The NIC's virtio-net device as QEMU's monitor reports it (None without a monitor)."""
+    if obs.monitor is None:
+        return None
+    return obs.monitor.nic_for(nic.device.id if nic.device else None, nic.netdev.id)

@@ -1,0 +1,160 @@
+"""Verdicts about each virtqueue's notifications: nic.kick and nic.call.
+
+From the wiring trace (check.wiring): virtqueue q is vring q % 2 of the vhost fd
+of queue pair q // 2 (rx, then tx). Its kick eventfd must be one QEMU gave KVM as
+an ioeventfd for this queue's notify address, its call eventfd one QEMU gave KVM
+as an irqfd; otherwise a userspace QEMU thread relays every notification.
+"""
+
+from __future__ import annotations
+
+from vhostorch.check.ids import CALL, KICK
+from vhostorch.check.nics import virtio
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN
+from vhostorch.kernel import procfs
+from vhostorch.record import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vhostorch.check.nics import Nic
+    from vhostorch.check.observe import Observation
+    from vhostorch.check.report import Check
+    from vhostorch.check.wiring import Vring
+
+NO_TRACE = (
+    "the kick/call wiring is set when the guest driver starts and is not visible "
+    "afterwards; no attach-time trace was recorded for this QEMU"
+)
+# (status, message, evidence): one verdict that kick and call share.
+Shared = tuple[str, str, dict[str, object] | None]
+
+
+def _vring(obs: Observation, nic: Nic, queue: int) -> tuple[Vring | None, dict[str, object]]:
+    """The traced vring of virtqueue ``queue``, and the evidence naming it."""
+    assert obs.wiring is not None
+    pair, index = divmod(queue, 2)
+    vhost_fd = nic.vhost_fds[pair].num
+    return obs.wiring.vring(vhost_fd, index), {"vhost_fd": vhost_fd, "vring": index}
+
+
+def _unwired(obs: Observation, nic: Nic, queue: int) -> Shared | None:
+    """The verdict for both kick and call when the vring cannot be judged (None when it can)."""
+    pair, index = divmod(queue, 2)
+    if obs.wiring is None or not obs.wiring.vrings:
+        return UNKNOWN, f"unknown: {obs.wiring_note or NO_TRACE}", None
+    if pair >= len(nic.vhost_fds):
+        return FAIL, f"fail: no vhost fd for queue pair {pair}", None
+    vring, base = _vring(obs, nic, queue)
+    device = virtio(obs, nic)
+    # QEMU sets a placeholder call eventfd when it opens vhost; a vring is wired for
+    # real only once it has a kick eventfd and is joined to its tap (vhost started).
+    running = (
+        vring is not None
+        and vring.kick is not None
+        and vring.backend is not None
+        and vring.backend >= 0
+    )
+    if not running and device is not None and not device.driver_ok:
+        return (
+            WARN,
+            "not wired yet: the guest driver has not started the device (no DRIVER_OK)",
+            base,
+        )
+    if vring is not None and not running and device is None:
+        message = (
+            "not wired: vhost was not started on this vring (the guest driver is not up, or "
+            "QEMU fell back; --monitor or a QMP socket tells which)"
+        )
+        return WARN, message, base
+    if vring is None:
+        vhost_fd = base["vhost_fd"]
+        message = (
+            f"unknown: the trace shows no vring {index} on vhost fd {vhost_fd}: it was not "
+            "wired since the trace was armed"
+        )
+        return UNKNOWN, message, base
+    return None
+
+
+def _eventfd(obs: Observation, num: int) -> dict[str, object]:
+    """What the eventfd QEMU gave now looks like (it must still be open as an eventfd)."""
+    fd = obs.process.fd(num)
+    if fd is None or fd.target != procfs.EVENTFD:
+        return {"fd": num, "open_as_eventfd": False}
+    return {"fd": num, "open_as_eventfd": True, "eventfd_id": fd.info.get("eventfd-id")}
+
+
+def kick(obs: Observation, nic: Nic, queue: int) -> Check:
+    """nic.kick: the vring's kick eventfd is KVM's ioeventfd for this queue's notify."""
+    shared = _unwired(obs, nic, queue)
+    if shared is not None:
+        return nic.check(KICK, *shared, queue=queue)
+    vring, base = _vring(obs, nic, queue)
+    assert vring is not None
+    if vring.kick is None or vring.kick < 0:
+        return nic.check(KICK, FAIL, "vhost has no kick eventfd for this vring", base, queue=queue)
+    notify = list(vring.ioeventfds)
+    evidence = {**base, "kick": _eventfd(obs, vring.kick), "ioeventfds": notify}
+    # Legacy port-I/O notify matches the written value against the queue index.
+    other = [n["datamatch"] for n in notify if n["datamatch"] not in (-1, queue)]
+    where = ", ".join(
+        f"{'port' if n['pio'] else 'MMIO'} {n['addr']:#x}"
+        + (f"={n['datamatch']}" if n["datamatch"] >= 0 else "")
+        for n in notify
+    )
+    if not notify:
+        message = (
+            f"kick eventfd {vring.kick} is not a KVM ioeventfd: QEMU relays the guest's "
+            "notifications in userspace"
+        )
+        return nic.check(KICK, FAIL, message, evidence, queue=queue)
+    if other:
+        message = (
+            f"kick eventfd {vring.kick} is KVM's ioeventfd for queue {other[0]}'s notify "
+            f"({where}), not this queue's"
+        )
+        return nic.check(KICK, FAIL, message, evidence, queue=queue)
+    message = f"kick eventfd {vring.kick} is KVM's ioeventfd for this queue's notify ({where})"
+    return nic.check(KICK, PASS, message, evidence, queue=queue)
+
+
+def call(obs: Observation, nic: Nic, queue: int) -> Check:
+    """nic.call: the vring's call eventfd is a KVM irqfd (MSI-X, in-kernel irqchip)."""
+    shared = _unwired(obs, nic, queue)
+    if shared is not None:
+        return nic.check(CALL, *shared, queue=queue)
+    vring, base = _vring(obs, nic, queue)
+    assert vring is not None
+    if vring.call is None or vring.call < 0:
+        return nic.check(CALL, FAIL, "vhost has no call eventfd for this vring", base, queue=queue)
+    evidence = {
+        **base,
+        "call": _eventfd(obs, vring.call),
+        "irqfd": vring.irqfd,
+        "masked": vring.masked,
+    }
+    if vring.irqfd is None and vring.masked:
+        message = (
+            f"call eventfd {vring.call} is QEMU's masked notifier: the guest has masked this "
+            "queue's MSI-X vector right now (as it does while moving an interrupt), so QEMU "
+            "holds vhost's interrupts until it unmasks; check again"
+        )
+        return nic.check(CALL, WARN, message, evidence, queue=queue)
+    if vring.irqfd is None:
+        message = (
+            f"call eventfd {vring.call} is not a KVM irqfd: QEMU injects the interrupts itself "
+            "(no MSI-X, or no in-kernel irqchip)"
+        )
+        return nic.check(CALL, FAIL, message, evidence, queue=queue)
+    message = (
+        f"call eventfd {vring.call} is KVM's irqfd for GSI {vring.irqfd['gsi']} (QEMU's "
+        "virtio-pci makes irqfds only for MSI-X vectors, with an in-kernel irqchip)"
+    )
+    return nic.check(CALL, PASS, message, evidence, queue=queue)
+
+
+def vrings(obs: Observation, nic: Nic) -> list[Check]:
+    """nic.kick and nic.call for every virtqueue of the NIC, queue by queue."""
+    checks = []
+    for queue in range(2 * nic.netdev.queue_pairs):
+        checks += [kick(obs, nic, queue), call(obs, nic, queue)]
+    return checks
