@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import pathlib
 import subprocess
 import sys
@@ -14,10 +15,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ()), ("record", ()), ("lockfile", ()), ("model", ()),
     ("kernel", ("rtnl", "tun", "netns", "procfs", "__init__")),
-    ("taps", ("__init__",)),
+    ("taps", ("plan", "apply", "__init__")),
     ("vm", ("spec", "state", "__init__")),
     ("qemu", ("args", "monitor", "__init__")),
-    ("libvirt", ("domxml", "connection", "__init__")),
+    ("libvirt", ("domxml", "qemuconf", "connection", "__init__")),
     ("check", ("ids", "report", "wiring", "observe", "nics", "machine", "request", "fds", "running",
                "vrings", "verify", "targets", "doctor", "__init__")),
     ("backends", ("qmp", "__init__")),
@@ -100,6 +101,24 @@ def test_dependencies_point_one_way() -> None:
             owner = THIRD_PARTY.get(top)
             if owner is not None:
                 assert name == f"vhostorch.{owner}", f"{name} imports {imported}"
+
+
+def test_every_name_in_all_exists() -> None:
+    """`from module import *` works: ``__all__`` lists no name that exists only for type
+    checkers (under TYPE_CHECKING)."""
+    for name in sorted(_modules()):
+        dotted = name.removesuffix(".__init__")
+        if dotted == "vhostorch.__main__":
+            continue  # importing it runs the CLI
+        module = importlib.import_module(dotted)
+        missing = [n for n in getattr(module, "__all__", ()) if not hasattr(module, n)]
+        assert not missing, f"{dotted}.__all__ lists {missing}, which it does not define"
+
+
+def test_star_import_of_taps() -> None:
+    names: dict[str, object] = {}
+    exec("from vhostorch.taps import *", names)
+    assert {"ensure", "create", "delete", "show", "apply", "plan_ensure", "TapResult"} <= set(names)
 
 
 def test_provisioning_path_imports_nothing_slow() -> None:

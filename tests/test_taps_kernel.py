@@ -26,7 +26,7 @@ from tests.kernel import (
 from vhostorch import taps
 from vhostorch.errors import InUse, Mismatch, NotManaged, OperationFailed
 from vhostorch.kernel import netns
-from vhostorch.kernel.rtnl import Rtnl
+from vhostorch.kernel.rtnl import Link, Rtnl
 from vhostorch.model import TapSpec
 
 pytestmark = pytest.mark.kernel
@@ -243,8 +243,8 @@ class FailingHost:
     def __init__(self, real: taps.KernelHost, at: int) -> None:
         self.real, self.at, self.count = real, at, 0
 
-    def snapshot(self) -> dict[str, object]:
-        return self.real.snapshot()  # type: ignore[return-value]
+    def snapshot(self) -> dict[str, Link]:
+        return self.real.snapshot()
 
     def do(self, step: taps.Step) -> None:
         self.count += 1
@@ -273,7 +273,7 @@ def test_failure_at_any_step_leaves_the_namespace_as_it_was(ns: str) -> None:
     for at in range(1, steps + 1):
         with netns.entered(ns), Rtnl() as rtnl:
             host = FailingHost(taps.KernelHost(rtnl), at)
-            plan = taps.plan_ensure(specs, host.snapshot(), ids, recreate=True)  # type: ignore[arg-type]
+            plan = taps.plan_ensure(specs, host.snapshot(), ids, recreate=True)
             with pytest.raises(OperationFailed, match="injected"):
                 taps.apply(plan.changes, host)
         after = _state(ns)

@@ -10,12 +10,26 @@ from __future__ import annotations
 TYPE_CHECKING = False  # typing costs ~10 ms to import; mypy treats this name as True
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from typing import TypeVar
+
+    _R = TypeVar("_R", bound="Record")
 
 
 class Record:
-    """Subclasses declare ``__slots__`` and an ``__init__`` that calls ``_init``."""
+    """Subclasses declare ``__slots__`` and an ``__init__`` that calls ``_init``.
+
+    A subclass of a record may add slots (or none); its fields are its bases' slots,
+    then its own, and its ``__init__`` takes them all.
+    """
 
     __slots__: tuple[str, ...] = ()
+    _fields: tuple[str, ...] = ()  # every slot along the bases, set per class below
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        # Not ``self.__slots__``: a subclass's own ``__slots__ = ()`` would hide its
+        # bases' fields, and every instance would compare equal.
+        cls._fields = (*cls._fields, *cls.__dict__.get("__slots__", ()))
 
     def _init(self, **values: object) -> None:
         for name, value in values.items():
@@ -29,7 +43,7 @@ class Record:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     def fields(self) -> Iterator[tuple[str, object]]:
-        for name in self.__slots__:
+        for name in self._fields:
             yield name, getattr(self, name)
 
     def asdict(self) -> dict[str, object]:
@@ -43,7 +57,8 @@ class Record:
             out[name] = value
         return out
 
-    def replace(self, **changes: object) -> Record:
+    def replace(self: _R, **changes: object) -> _R:
+        """A copy with ``changes``, made through the subclass's ``__init__`` (so validated)."""
         values = dict(self.fields())
         values.update(changes)
         return type(self)(**values)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 
 from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check, Report
+from vhostorch.libvirt import qemuconf
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
-QEMU_CONF = "/etc/libvirt/qemu.conf"
 # A queue pair costs QEMU about six fds (tap, vhost-net, a kick and a call eventfd per
 # virtqueue); a VM with a few 16-queue NICs passes the traditional 1024.
 NOFILE_WANTED = 4096
@@ -21,7 +21,9 @@ NOFILE_WANTED = 4096
 class Paths:
     """Where the host's facts live (tests point these at recorded trees)."""
 
-    def __init__(self, dev: str = "/dev", sys: str = "/sys", qemu_conf: str = QEMU_CONF) -> None:
+    def __init__(
+        self, dev: str = "/dev", sys: str = "/sys", qemu_conf: str = qemuconf.PATH
+    ) -> None:
         self.dev = dev
         self.sys = sys
         self.qemu_conf = qemu_conf
@@ -158,38 +160,17 @@ def _trace(paths: Paths) -> Check:
                  "be unknown (vhostorch trace arm, before VMs start)")  # fmt: skip
 
 
-def _qemu_conf(path: str) -> dict[str, str]:
-    """Top-level ``key = value`` settings (values may span lines: lists)."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return {}
-    settings: dict[str, str] = {}
-    key = None
-    for line in text.splitlines():
-        stripped = line.split("#", 1)[0].strip()
-        if not stripped:
-            continue
-        if key is not None:
-            settings[key] += " " + stripped
-            if "]" in stripped:
-                key = None
-            continue
-        name, eq, value = stripped.partition("=")
-        if eq:
-            settings[name.strip()] = value.strip()
-            if value.strip().startswith("[") and "]" not in value:
-                key = name.strip()
-    return settings
-
-
 def _libvirt(paths: Paths) -> list[Check]:
-    if not os.path.exists(paths.qemu_conf):
+    try:
+        conf = qemuconf.read(paths.qemu_conf)
+    except OSError as err:
+        return [
+            Check("host.libvirt.acl", UNKNOWN, f"cannot read {paths.qemu_conf}: {err.strerror}")
+        ]
+    if conf is None:
         return [Check("host.libvirt.acl", UNKNOWN, f"libvirt is not installed ({paths.qemu_conf})")]
-    conf = _qemu_conf(paths.qemu_conf)
     checks = []
-    acl = conf.get("cgroup_device_acl")
+    acl = qemuconf.device_acl(conf)
     if acl is None:
         checks.append(
             Check(
@@ -205,7 +186,7 @@ def _libvirt(paths: Paths) -> list[Check]:
                 "host.libvirt.acl",
                 PASS,
                 "cgroup_device_acl lists /dev/vhost-net",
-                {"cgroup_device_acl": acl},
+                {"cgroup_device_acl": list(acl)},
             )
         )
     else:
@@ -215,18 +196,21 @@ def _libvirt(paths: Paths) -> list[Check]:
                 WARN,
                 "cgroup_device_acl is set without /dev/vhost-net: a QEMU that opens "
                 "it itself (hot-plug without fds) is refused",
-                {"cgroup_device_acl": acl},
+                {"cgroup_device_acl": list(acl)},
             )
         )
-    user = conf.get("user", '"libvirt-qemu"').strip('"')
-    checks.append(_qemu_user(user, paths))
-    return checks  # fmt: skip
+    checks.append(_qemu_user(qemuconf.qemu_user(conf), paths))
+    return checks
 
 
-def _qemu_user(user: str, paths: Paths) -> Check:
+def _qemu_user(user: str | None, paths: Paths) -> Check:
     import grp
     import pwd
 
+    if user is None:
+        defaults = ", ".join(qemuconf.DEFAULT_USERS)
+        return Check("host.libvirt.user", FAIL, "qemu.conf sets no user, and none of libvirt's "
+                     f"default QEMU users ({defaults}) exists")  # fmt: skip
     try:
         entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
     except KeyError:

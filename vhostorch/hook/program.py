@@ -38,7 +38,7 @@ from vhostorch.errors import (
     OperationFailed,
 )
 from vhostorch.hook import metadata
-from vhostorch.libvirt import domxml
+from vhostorch.libvirt import domxml, qemuconf
 from vhostorch.lockfile import Lock
 from vhostorch.record import TYPE_CHECKING
 
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from vhostorch.libvirt.domxml import Domain
 
 RUN_DIR = "/run/vhostorch"
-QEMU_CONF = "/etc/libvirt/qemu.conf"
 SYSLOG = "/dev/log"
 MAX_XML = 64 << 20  # a domain XML is kilobytes; this only bounds a runaway writer
 EXIT_CODES = """exit codes (libvirt refuses the operation on any non-zero one):
@@ -95,26 +94,13 @@ def check_domain_name(name: str) -> str:
     return name
 
 
-def qemu_user(conf: str = QEMU_CONF) -> str | None:
+def qemu_user(conf: str = qemuconf.PATH) -> str | None:
     """The user libvirt runs QEMU as: qemu.conf's ``user``, else the distribution default."""
-    import pwd
-
     try:
-        with open(conf) as f:
-            for line in f:
-                key, _, value = line.partition("=")
-                if key.strip() == "user" and value.strip().startswith('"'):
-                    user = value.strip().strip('"')
-                    return user[1:] if user.startswith("+") else user  # "+0": a numeric uid
+        settings = qemuconf.read(conf) or {}
     except OSError:
-        pass
-    for user in (metadata.DEFAULT_OWNER, "qemu"):  # Debian's, then Fedora's build default
-        try:
-            pwd.getpwnam(user)
-            return user
-        except KeyError:
-            continue
-    return None
+        settings = {}
+    return qemuconf.qemu_user(settings)
 
 
 # --- what the hook holds ----------------------------------------------------------

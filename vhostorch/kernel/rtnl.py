@@ -248,7 +248,7 @@ def parse_link(body: memoryview) -> Link:
     if tun is not None and not tun.multi_queue:
         # tun reports IFLA_TUN_NUM_QUEUES only for multi-queue devices; a
         # single-queue tap has carrier exactly while its one queue is attached.
-        tun = tun.replace(attached_queues=1 if carrier else 0)  # type: ignore[assignment]
+        tun = tun.replace(attached_queues=1 if carrier else 0)
     return Link(index, name, kind, bool(flags & IFF_UP), mtu, mac, master, alias, carrier, tun)
 
 

@@ -1,0 +1,385 @@
+"""Tap plans: the steps, their undo steps and the results, computed without touching the host.
+
+`plan_ensure` and `plan_delete` turn specs and a snapshot of the links into
+steps, each with the steps that undo it; they refuse (raise) before anything is
+touched whenever the snapshot already shows that the work cannot succeed.
+Everything here is pure: `taps.apply` reads the snapshot and runs the steps.
+
+Ownership is recorded on the device itself: vhostorch sets the interface alias
+to MANAGED_ALIAS on what it creates, and only deletes (or recreates) devices
+carrying it, so a cleanup never removes a tap or bridge someone else made.
+"""
+
+from __future__ import annotations
+
+from vhostorch.errors import InUse, Mismatch, NotManaged, OperationFailed
+from vhostorch.kernel.tun import TapFlags
+from vhostorch.model import check_batch
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vhostorch.kernel.rtnl import Link
+    from vhostorch.model import TapSpec
+
+MANAGED_ALIAS = "vhostorch"
+NO_MASTER = ""  # SetLink.master value that detaches the link from its bridge
+
+
+class CreateTap(Record):
+    __slots__ = ("name", "flags", "owner", "group")
+    name: str
+    flags: TapFlags
+    owner: int | None
+    group: int | None
+
+    def __init__(self, name: str, flags: TapFlags, owner: int | None, group: int | None) -> None:
+        self._init(name=name, flags=flags, owner=owner, group=group)
+
+    def __str__(self) -> str:
+        return f"create tap {self.name}"
+
+
+class RetuneTap(CreateTap):
+    """Re-attach to an existing tap to change vnet_hdr, owner or group."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return f"re-tune tap {self.name}"
+
+
+class SetLink(Record):
+    """A change of link attributes; None leaves one alone, NO_MASTER detaches."""
+
+    __slots__ = ("name", "up", "mtu", "mac", "master", "alias")
+    name: str
+    up: bool | None
+    mtu: int | None
+    mac: str | None
+    master: str | None
+    alias: str | None
+
+    def __init__(
+        self,
+        name: str,
+        up: bool | None = None,
+        mtu: int | None = None,
+        mac: str | None = None,
+        master: str | None = None,
+        alias: str | None = None,
+    ) -> None:
+        self._init(name=name, up=up, mtu=mtu, mac=mac, master=master, alias=alias)
+
+    def __str__(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.fields() if k != "name" and v is not None]
+        return f"set {self.name} " + " ".join(p.replace("master=", "bridge=") for p in parts)
+
+
+class CreateBridge(Record):
+    __slots__ = ("name",)
+    name: str
+
+    def __init__(self, name: str) -> None:
+        self._init(name=name)
+
+    def __str__(self) -> str:
+        return f"create bridge {self.name}"
+
+
+class DeleteLink(CreateBridge):
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return f"delete {self.name}"
+
+
+Step = CreateTap | SetLink | CreateBridge
+
+
+class Change(Record):
+    """A step and the steps that undo it."""
+
+    __slots__ = ("step", "undo")
+    step: Step
+    undo: tuple[Step, ...]
+
+    def __init__(self, step: Step, undo: tuple[Step, ...] = ()) -> None:
+        self._init(step=step, undo=undo)
+
+
+class TapResult(Record):
+    """What happened to one tap: created, changed, recreated, unchanged, deleted or absent."""
+
+    __slots__ = ("name", "action", "changes")
+    name: str
+    action: str
+    changes: tuple[str, ...]
+
+    def __init__(self, name: str, action: str, changes: tuple[str, ...] = ()) -> None:
+        self._init(name=name, action=action, changes=changes)
+
+
+class Plan(Record):
+    __slots__ = ("changes", "results")
+    changes: tuple[Change, ...]
+    results: tuple[TapResult, ...]
+
+    def __init__(self, changes: tuple[Change, ...], results: tuple[TapResult, ...]) -> None:
+        self._init(changes=changes, results=results)
+
+
+class Ids(Record):
+    """Owner and group of a tap as numeric ids, resolved from the spec's names."""
+
+    __slots__ = ("owner", "group")
+    owner: int | None
+    group: int | None
+
+    def __init__(self, owner: int | None, group: int | None) -> None:
+        self._init(owner=owner, group=group)
+
+
+def device_kind(link: Link) -> str:
+    """What a link is, in words for a message: tap, tun, bridge, ..."""
+    if link.tun is not None:
+        return "tap" if link.tun.tap else "tun"
+    return link.kind or "network"
+
+
+def is_tap(link: Link) -> bool:
+    return link.tun is not None and link.tun.tap
+
+
+def _onoff(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def queue_mode(multi: bool) -> str:
+    """A tap's queue mode, as `show` reports it."""
+    return "multi" if multi else "single"
+
+
+def _in_use(link: Link, what: str) -> InUse:
+    assert link.tun is not None
+    return InUse(
+        f"tap {link.name}: {what}, and it is held open "
+        f"({link.tun.attached_queues} queue(s) attached), so it cannot be changed now",
+        link.name,
+    )
+
+
+def _new_tap(spec: TapSpec, ids: Ids) -> list[Change]:
+    flags = TapFlags(spec.multi_queue, spec.vnet_hdr)
+    set_all = SetLink(
+        spec.name,
+        up=True if spec.up else None,
+        mtu=spec.mtu,
+        mac=spec.mac,
+        master=spec.bridge,
+        alias=MANAGED_ALIAS,
+    )
+    return [
+        Change(CreateTap(spec.name, flags, ids.owner, ids.group), (DeleteLink(spec.name),)),
+        Change(set_all),
+    ]
+
+
+def _restore(link: Link, names: dict[int, str]) -> tuple[Step, ...]:
+    """Steps that bring back a tap as ``link`` shows it, after it was deleted."""
+    assert link.tun is not None
+    flags = TapFlags(link.tun.multi_queue, link.tun.vnet_hdr)
+    master = names.get(link.master) if link.master else None
+    return (
+        CreateTap(link.name, flags, link.tun.owner, link.tun.group),
+        SetLink(link.name, up=link.up, mtu=link.mtu, mac=link.mac, master=master, alias=link.alias),
+    )
+
+
+def _plan_tap(
+    spec: TapSpec,
+    ids: Ids,
+    link: Link,
+    names: dict[int, str],
+    recreate: bool,
+) -> tuple[list[Change], TapResult]:
+    """Changes that make the existing ``link`` match ``spec``."""
+    if not is_tap(link):
+        raise Mismatch(f"{spec.name} exists and is a {device_kind(link)} device, not a tap")
+    assert link.tun is not None
+    t = link.tun
+    fixed: list[str] = []  # what only a recreate can change
+    if t.multi_queue != spec.multi_queue:
+        fixed.append(f"queue mode {queue_mode(t.multi_queue)} -> {queue_mode(spec.multi_queue)}")
+    tunable: list[str] = []  # what a re-attach can change while nobody holds the tap
+    if t.vnet_hdr != spec.vnet_hdr:
+        tunable.append(f"vnet_hdr {_onoff(t.vnet_hdr)} -> {_onoff(spec.vnet_hdr)}")
+    if t.pi:
+        tunable.append("packet info on -> off")
+    if ids.owner is not None and t.owner != ids.owner:
+        tunable.append(f"owner {t.owner} -> {ids.owner}")
+    if ids.group is not None and t.group != ids.group:
+        tunable.append(f"group {t.group} -> {ids.group}")
+    if (fixed or tunable) and t.attached_queues:
+        raise _in_use(link, ", ".join(fixed + tunable))
+
+    if fixed:
+        if not recreate:
+            raise Mismatch(
+                f"tap {spec.name}: {', '.join(fixed)} needs the tap to be recreated "
+                "(ask for a recreate, or delete it first)"
+            )
+        if link.alias != MANAGED_ALIAS:
+            raise NotManaged(
+                f"tap {spec.name}: {', '.join(fixed)} needs a recreate, "
+                "and vhostorch did not create this tap, so it will not delete it"
+            )
+        recreated = [Change(DeleteLink(spec.name), _restore(link, names)), *_new_tap(spec, ids)]
+        return recreated, TapResult(spec.name, "recreated", tuple(fixed + tunable))
+
+    changes: list[Change] = []
+    if tunable:
+        new = TapFlags(t.multi_queue, spec.vnet_hdr)
+        old = TapFlags(t.multi_queue, t.vnet_hdr)
+        # (uid_t)-1 cannot be set back through TUNSETOWNER, so an owner added
+        # to a tap that had none stays if a later step is rolled back.
+        changes.append(
+            Change(
+                RetuneTap(spec.name, new, ids.owner, ids.group),
+                (RetuneTap(spec.name, old, t.owner, t.group),),
+            )
+        )
+    want: dict[str, object] = {}
+    was: dict[str, object] = {}
+    described: list[str] = []
+
+    def differ(key: str, old: object, new: object) -> None:
+        if new is not None and old != new:
+            want[key], was[key] = new, old
+            described.append(f"{key} {old} -> {new}")
+
+    differ("mtu", link.mtu, spec.mtu)
+    differ("mac", link.mac, spec.mac)
+    if spec.bridge is not None:
+        current = names.get(link.master) if link.master else None
+        if current != spec.bridge:
+            want["master"], was["master"] = spec.bridge, current or NO_MASTER
+            described.append(f"bridge {current or 'none'} -> {spec.bridge}")
+    if link.up != spec.up:
+        want["up"], was["up"] = spec.up, link.up
+        described.append("up" if spec.up else "down")
+    if want:
+        unset = SetLink(spec.name)
+        changes.append(Change(unset.replace(**want), (unset.replace(**was),)))
+    action = "changed" if changes else "unchanged"
+    return changes, TapResult(spec.name, action, tuple(tunable + described))
+
+
+def plan_ensure(
+    specs: Sequence[TapSpec],
+    snapshot: dict[str, Link],
+    ids: dict[str, Ids],
+    *,
+    recreate: bool = False,
+    exist_ok: bool = True,
+) -> Plan:
+    """Pure: the changes that make every spec true, or the reason they cannot be made."""
+    check_batch(specs)
+    names = {link.index: name for name, link in snapshot.items()}
+    changes: list[Change] = []
+    results: list[TapResult] = []
+    new_bridges: set[str] = set()
+    for spec in specs:
+        if spec.bridge is not None:
+            bridge = snapshot.get(spec.bridge)
+            if bridge is not None and bridge.kind != "bridge":
+                kind = device_kind(bridge)
+                raise Mismatch(f"tap {spec.name}: {spec.bridge} is a {kind} device, not a bridge")
+            if bridge is None and spec.bridge not in new_bridges:
+                if not spec.create_bridge:
+                    raise OperationFailed(
+                        f"tap {spec.name}: bridge {spec.bridge!r} does not exist "
+                        "(ask for it to be created, or create it first)"
+                    )
+                new_bridges.add(spec.bridge)
+                changes.append(Change(CreateBridge(spec.bridge), (DeleteLink(spec.bridge),)))
+        link = snapshot.get(spec.name)
+        if link is None:
+            changes += _new_tap(spec, ids[spec.name])
+            results.append(TapResult(spec.name, "created"))
+            continue
+        if not exist_ok:
+            raise OperationFailed(
+                f"tap {spec.name}: a {device_kind(link)} device of that name exists"
+            )
+        more, result = _plan_tap(spec, ids[spec.name], link, names, recreate)
+        changes += more
+        results.append(result)
+    return Plan(tuple(changes), tuple(results))
+
+
+def plan_delete(
+    names: Sequence[str],
+    snapshot: dict[str, Link],
+    *,
+    bridges: Sequence[str] = (),
+    force: bool = False,
+) -> Plan:
+    """Pure: delete the taps vhostorch made (any tap with ``force``), and then each of
+    ``bridges`` that vhostorch made and that has no port left."""
+    changes: list[Change] = []
+    results: list[TapResult] = []
+    gone: set[str] = set()
+    for name in names:
+        link = snapshot.get(name)
+        if link is None:
+            results.append(TapResult(name, "absent"))
+            continue
+        if not is_tap(link):
+            raise NotManaged(f"{name} is a {device_kind(link)} device, not a tap; not deleting it")
+        if link.alias != MANAGED_ALIAS and not force:
+            raise NotManaged(f"tap {name} was not created by vhostorch; not deleting it")
+        assert link.tun is not None
+        if link.tun.attached_queues:
+            raise _in_use(link, "deleting it was asked for")
+        changes.append(Change(DeleteLink(name)))
+        results.append(TapResult(name, "deleted"))
+        gone.add(name)
+    for bridge_name in dict.fromkeys(bridges):
+        bridge = snapshot.get(bridge_name)
+        if bridge is None or bridge.kind != "bridge" or bridge.alias != MANAGED_ALIAS:
+            continue
+        ports = [n for n, link in snapshot.items() if link.master == bridge.index and n not in gone]
+        if not ports:
+            changes.append(Change(DeleteLink(bridge_name)))
+    return Plan(tuple(changes), tuple(results))
+
+
+def refuse_foreign(specs: Sequence[TapSpec], snapshot: dict[str, Link]) -> None:
+    """Raise NotManaged if a device named by ``specs`` exists and vhostorch did not create it."""
+    for spec in specs:
+        link = snapshot.get(spec.name)
+        if link is not None and link.alias != MANAGED_ALIAS:
+            raise NotManaged(
+                f"{device_kind(link)} {spec.name} exists and vhostorch did not create it; "
+                "not taking it over"
+            )
+
+
+def refuse_existing(plan: Plan, snapshot: dict[str, Link]) -> None:
+    """Raise unless ``plan`` only creates taps or takes existing ones as they are, unheld."""
+    for result in plan.results:
+        if result.action not in ("created", "unchanged"):
+            raise Mismatch(
+                f"tap {result.name} exists and differs from the spec "
+                f"({', '.join(result.changes)}); a VM start does not change taps it did not "
+                "create (vhostorch tap create does)"
+            )
+        link = snapshot.get(result.name)
+        if link is not None and link.tun is not None and link.tun.attached_queues:
+            raise InUse(
+                f"tap {link.name} is held open ({link.tun.attached_queues} queue(s) attached) "
+                "and a VM must not share it",
+                link.name,
+            )
