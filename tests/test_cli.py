@@ -7,8 +7,10 @@ import json
 import pytest
 
 from tests.kernel import link, links, run, vhostorch
-
-pytestmark = pytest.mark.kernel
+from vhostorch import cli
+from vhostorch.cli.argv import parse
+from vhostorch.cli.output import EXIT_CODES
+from vhostorch.errors import LabTimeout
 
 
 def _one_line_error(proc: object, code: int, *phrases: str) -> None:
@@ -20,6 +22,7 @@ def _one_line_error(proc: object, code: int, *phrases: str) -> None:
         assert phrase in err, err
 
 
+@pytest.mark.kernel
 def test_create_show_delete_round_trip_with_json(ns: str) -> None:
     created = vhostorch(
         "tap",
@@ -82,6 +85,7 @@ def test_create_show_delete_round_trip_with_json(ns: str) -> None:
     assert set(links(ns)) == {"lo"}
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize(
     ("args", "phrase"),
     [
@@ -118,6 +122,7 @@ def test_bad_input_is_exit_2_one_line_and_touches_nothing(
     assert set(links(ns)) == before
 
 
+@pytest.mark.kernel
 def test_host_refusals_are_exit_1(ns: str) -> None:
     _one_line_error(
         vhostorch("tap", "create", "t0", "--bridge", "nobr", "--netns", ns),
@@ -144,6 +149,7 @@ def test_host_refusals_are_exit_1(ns: str) -> None:
     }
 
 
+@pytest.mark.kernel
 def test_help_lists_exit_codes() -> None:
     out = vhostorch("tap", "create", "--help")
     assert out.returncode == 0
@@ -151,3 +157,40 @@ def test_help_lists_exit_codes() -> None:
     assert "--no-vnet-hdr" in out.stdout and "--queues QUEUES" in out.stdout
     top = vhostorch("--help")
     assert top.returncode == 0 and "tap create" in top.stdout and "tap show" in top.stdout
+
+
+def test_a_misspelt_option_is_a_programming_error() -> None:
+    args = parse(cli.COMMANDS, ["tap", "create", "t0", "--mtu", "9000"], EXIT_CODES)
+    assert (args.number("mtu"), args.text("owner"), args.texts("NAME")) == (9000, None, ["t0"])
+    with pytest.raises(KeyError, match="tap create has no option 'mut'"):
+        args.number("mut")
+    with pytest.raises(KeyError, match="no option 'force'"):
+        args.flag("force")  # `tap delete`'s, not `tap create`'s
+    with pytest.raises(TypeError, match=r"'mtu' .* is int, not value"):
+        args.text("mtu")
+
+
+def test_each_command_is_declared_once_and_has_its_handler() -> None:
+    paths = [c.path for c in cli.COMMANDS]
+    assert len(paths) == len(set(paths))
+    assert {p[0] for p in paths} == set(cli.HANDLERS)
+
+
+def test_nic_add_shares_the_tap_options_of_tap_create() -> None:
+    by_path = {c.path: {o.name: o for o in c.options} for c in cli.COMMANDS}
+    create, nic = by_path["tap", "create"], by_path["nic", "add"]
+    for name in ("--queues", "--owner", "--group", "--mtu", "--bridge"):
+        assert (nic[name].kind, nic[name].dest) == (create[name].kind, create[name].dest)
+
+
+def test_an_error_exits_with_its_own_code_on_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def late(args: object) -> int:
+        raise LabTimeout("lab run: the timeout ran out\n after 1 s")
+
+    monkeypatch.setitem(cli.HANDLERS, "lab", late)
+    assert cli.main(["lab", "run", "true"]) == 124
+    assert capsys.readouterr().err == "vhostorch: error: lab run: the timeout ran out after 1 s\n"
+    assert cli.main(["tap", "--help"]) == 0
+    assert "tap create" in capsys.readouterr().out

@@ -25,7 +25,7 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("orchestrate", ()),
     ("hook", ("metadata", "program", "__init__", "install")),
     ("lab", ("image", "watch", "run", "__init__")),
-    ("cli", ("argv", "__init__")),
+    ("cli", ("argv", "output", "taps", "check", "vm", "hook", "lab", "__init__")),
     ("__main__", ()),
 ]  # fmt: skip
 AREAS = [area for area, _ in ORDER]

@@ -130,3 +130,18 @@ def test_any_mapping_is_a_spec_or_one_invalid_spec_error(data: dict[str, object]
         assert str(err) and "\n" not in str(err)
     else:
         assert spec.nics
+
+
+def test_next_nic_index_takes_the_first_index_whose_defaults_are_free() -> None:
+    from types import SimpleNamespace
+
+    def nic(i: int) -> SimpleNamespace:
+        return SimpleNamespace(tap=vmspec.default_tap("vm1", i), mac=vmspec.default_mac("vm1", i))
+
+    assert vmspec.next_nic_index("vm1", []) == 0
+    assert vmspec.next_nic_index("vm1", [nic(0), nic(1)]) == 2
+    # nic 1 was unplugged: the next index is past the count, and skips nic 2's defaults.
+    assert vmspec.next_nic_index("vm1", [nic(0), nic(2)]) == 3
+    # A NIC added with its own tap name but nic 1's default MAC still takes index 1.
+    own = SimpleNamespace(tap="mine", mac=vmspec.default_mac("vm1", 1))
+    assert vmspec.next_nic_index("vm1", [own]) == 2

@@ -1,28 +1,59 @@
-"""The exceptions vhostorch raises, and the exit code each adapter maps them to.
+"""The exceptions vhostorch raises, and the exit code the command line maps each to.
 
-    VhostorchError                 root: every error the library raises on purpose
-     +-- InvalidSpec               the input is wrong; nothing was touched      (exit 2)
-     +-- OperationFailed           the host refused or the state forbids it     (exit 1)
+    VhostorchError                 root: every error the library raises on purpose   (exit 1)
+     +-- HelpRequested             -h/--help was given; the message is the help text (exit 0)
+     +-- InvalidSpec               the input is wrong; nothing was touched           (exit 2)
+     +-- OperationFailed           the host refused or the state forbids it          (exit 1)
           +-- NotManaged           the device exists but vhostorch did not create it
-          +-- InUse                a process holds the tap open
+          +-- InUse                a process holds the tap open (.name)
           +-- Mismatch             the device differs in a way that needs a recreate
-          +-- KernelError          a netlink or ioctl call failed (carries errno)
-          +-- RollbackFailed       undoing a partial change failed too
+          +-- KernelError          a netlink or ioctl call failed (.errno)
+          |    +-- NetlinkError    the kernel refused a netlink request (.extack); an OSError
+          +-- RollbackFailed       undoing a partial change failed too (.cause, .leftovers)
+          +-- MonitorError         QEMU's monitor unreachable or refused (.error_class, .sent)
+          +-- LibvirtFailed        libvirt refused a change to a domain
+          +-- TraceUnavailable     the wiring trace cannot be armed or read here
+          +-- CannotInspect        the process is gone, not readable or no QEMU      (exit 2)
+          +-- DomainUnavailable    the libvirt domain cannot be inspected            (exit 2)
+          +-- LabError             the test host did not boot or reach its command   (exit 125)
+               +-- LabTimeout      the command ran out of time; the host was stopped (exit 124)
+                    +-- LabFrozen  the test host stopped making progress (.evidence)
 
-Messages say *what failed: why*, on one line.
+A class without an exit code of its own has its parent's. The code is ``exit_code`` on the
+class; each adapter maps it once: the command line (vhostorch.cli.main) uses it as it is,
+the libvirt hook (vhostorch.hook.program) narrows it to 1 or 2, the Ansible modules
+(module_utils/common.py) turn every error into ``fail_json``.
+
+Messages say *what failed: why*, on one line. Where another exception explains the failure,
+it is kept as ``__cause__`` (``raise ... from err``).
 """
 
 from __future__ import annotations
 
+import errno as errno_mod
+import os
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# A check target that cannot be looked at is bad input to `check`, as for the hook.
+EXIT_CANNOT_INSPECT = EXIT_USAGE
+EXIT_TIMEOUT = 124  # as `timeout`
+EXIT_CANNOT_RUN = 125  # as `docker run` when the command could not be run
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 class VhostorchError(Exception):
     """Root of the vhostorch exception tree."""
 
     exit_code = EXIT_FAILED
+
+
+class HelpRequested(VhostorchError):
+    """``-h``/``--help`` was given; the text to print is the message."""
+
+    exit_code = EXIT_OK
 
 
 class InvalidSpec(VhostorchError):
@@ -54,9 +85,27 @@ class Mismatch(OperationFailed):
 class KernelError(OperationFailed):
     """A netlink or ioctl call failed; ``errno`` is the kernel's answer."""
 
+    errno: int | None
+
     def __init__(self, message: str, errno: int) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class NetlinkError(KernelError, OSError):
+    """The kernel refused a netlink request; ``extack`` is its own explanation when it gave one.
+
+    Also an OSError (``errno``, ``strerror``): callers of the kernel modules handle a failed
+    socket, ioctl or netlink request alike.
+    """
+
+    def __init__(self, code: int, extack: str | None) -> None:
+        OSError.__init__(self, code, os.strerror(code))
+        self.extack = extack
+
+    def __str__(self) -> str:
+        text = self.strerror or errno_mod.errorcode.get(self.errno or 0, "error")
+        return f"{text} ({self.extack})" if self.extack else text
 
 
 class RollbackFailed(OperationFailed):
@@ -66,3 +115,68 @@ class RollbackFailed(OperationFailed):
         super().__init__(message)
         self.cause = cause
         self.leftovers = leftovers
+
+
+class MonitorError(OperationFailed):
+    """QEMU's monitor could not be reached, or refused a question.
+
+    ``error_class`` is the class of QEMU's error reply (``GenericError``,
+    ``DeviceNotFound``, ``CommandNotFound``...), None when QEMU did not answer;
+    ``sent`` is the request (``{"execute": ..., "arguments": ...}``) where known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_class: str | None = None,
+        sent: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.sent = sent
+
+
+class LibvirtFailed(OperationFailed):
+    """libvirt refused a change to a domain."""
+
+
+class TraceUnavailable(OperationFailed):
+    """The wiring trace cannot be armed or read here (no tracefs, not root, old kernel)."""
+
+
+class CannotInspect(OperationFailed):
+    """The process cannot be inspected: gone, not readable (not root), or not a QEMU."""
+
+    exit_code = EXIT_CANNOT_INSPECT
+
+
+class DomainUnavailable(OperationFailed):
+    """The domain cannot be inspected: libvirt unreachable, no such domain, not running."""
+
+    exit_code = EXIT_CANNOT_INSPECT
+
+
+class LabError(OperationFailed):
+    """The test host could not be built, booted, or did not reach its command."""
+
+    exit_code = EXIT_CANNOT_RUN
+
+
+class LabTimeout(LabError):
+    """The command did not finish in time; the test host was stopped."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class LabFrozen(LabTimeout):
+    """The test host stopped making progress (a CPU stuck in its kernel for minutes, or
+    no CPU running at all); it was stopped.
+
+    ``evidence`` says what was seen, per CPU: its task and call chain from the kernel's
+    lockup report, or its registers and LAPIC from QEMU's monitor (see vhostorch.lab.watch).
+    """
+
+    def __init__(self, message: str, evidence: str) -> None:
+        super().__init__(message)
+        self.evidence = evidence

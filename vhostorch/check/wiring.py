@@ -26,7 +26,8 @@ import errno
 import os
 import time
 
-from vhostorch.errors import OperationFailed
+# The error raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import TraceUnavailable as TraceUnavailable
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -59,10 +60,6 @@ PROBE = (
     f"p:{GROUP}/{EVENT} __x64_sys_ioctl fd=+112(%di):s32 cmd=+104(%di):u32 "
     "w0=+u0(+96(%di)):u64 w1=+u8(+96(%di)):u64 w2=+u16(+96(%di)):u64 w3=+u24(+96(%di)):u64"
 )
-
-
-class TraceUnavailable(OperationFailed):
-    """The wiring trace cannot be armed or read here (no tracefs, not root, old kernel)."""
 
 
 class Event(Record):
@@ -289,7 +286,7 @@ def arm(tracefs: str = TRACEFS) -> bool:
         _write(f"{inst}/events/{GROUP}/{EVENT}/filter", wanted)
         _write(f"{inst}/events/{GROUP}/{EVENT}/enable", "1")
     except OSError as err:
-        raise TraceUnavailable(f"cannot arm the wiring trace: {err.strerror or err}") from None
+        raise TraceUnavailable(f"cannot arm the wiring trace: {err.strerror or err}") from err
     return True
 
 
@@ -303,7 +300,7 @@ def disarm(tracefs: str = TRACEFS) -> None:
         if os.path.isdir(f"{tracefs}/events/{GROUP}/{EVENT}"):
             _remove_probe(tracefs)
     except OSError as err:
-        raise TraceUnavailable(f"cannot disarm the wiring trace: {err.strerror or err}") from None
+        raise TraceUnavailable(f"cannot disarm the wiring trace: {err.strerror or err}") from err
 
 
 def _remove_probe(tracefs: str, patience: float = 5.0) -> None:

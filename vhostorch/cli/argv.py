@@ -7,13 +7,14 @@ parser runs in a fresh process on every VM start. Errors are one line.
 
 from __future__ import annotations
 
-from vhostorch.errors import InvalidSpec
+from vhostorch.errors import HelpRequested, InvalidSpec
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 FLAG, NEGATE, VALUE, INT, APPEND = "flag", "negate", "value", "int", "append"
+_POSITIONAL = "positional"  # the kind of Command.positional's words, for Parsed
 
 
 class Option(Record):
@@ -82,30 +83,42 @@ class Command(Record):
 
 
 class Parsed:
-    """The values of one parsed command line, read with typed getters."""
+    """The values of one parsed command line, read with typed getters.
+
+    Each getter raises KeyError for a name the command does not declare, and TypeError
+    for one of another kind: a misspelt option is a bug, never a silent None.
+    """
 
     def __init__(self, command: Command, values: dict[str, object]) -> None:
         self.command = command
         self._values = values
+        self._kinds = {o.dest: o.kind for o in command.options}
+        self._kinds[command.positional] = _POSITIONAL
+
+    def _get(self, dest: str, kinds: tuple[str, ...]) -> object:
+        kind = self._kinds.get(dest)
+        if kind is None:
+            raise KeyError(f"vhostorch {' '.join(self.command.path)} has no option {dest!r}")
+        if kind not in kinds:
+            raise TypeError(f"option {dest!r} of vhostorch {' '.join(self.command.path)} "
+                            f"is {kind}, not {' or '.join(kinds)}")  # fmt: skip
+        return self._values.get(dest)
 
     def flag(self, dest: str) -> bool:
-        return bool(self._values[dest])
+        return bool(self._get(dest, (FLAG, NEGATE)))
 
     def text(self, dest: str) -> str | None:
-        value = self._values.get(dest)
+        value = self._get(dest, (VALUE,))
         return value if isinstance(value, str) else None
 
     def number(self, dest: str) -> int | None:
-        value = self._values.get(dest)
+        value = self._get(dest, (INT,))
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def texts(self, dest: str) -> list[str]:
-        value = self._values.get(dest)
+        """An APPEND option's values, or the positional words (``dest`` as in usage)."""
+        value = self._get(dest, (APPEND, _POSITIONAL))
         return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-class HelpRequested(Exception):
-    """``-h``/``--help`` was given; the text to print is the message."""
 
 
 def _overview(commands: Sequence[Command], prefix: tuple[str, ...], epilog: str) -> str:

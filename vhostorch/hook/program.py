@@ -36,6 +36,7 @@ from vhostorch.errors import (
     InvalidSpec,
     NotManaged,
     OperationFailed,
+    VhostorchError,
 )
 from vhostorch.hook import metadata
 from vhostorch.libvirt import domxml, qemuconf
@@ -371,17 +372,22 @@ def run_hook(argv: list[str], stdin: BinaryIO, stderr: TextIO, places: Places | 
                 + (f" (and {len(enforced) - 1} more)" if len(enforced) > 1 else "")
             )
         return EXIT_OK
-    except (InvalidSpec, OperationFailed) as err:
-        return _fail(stderr, str(err), err.exit_code)
-    except KeyboardInterrupt:
-        return _fail(stderr, "interrupted", EXIT_FAILED)
-    except Exception as err:  # a hook must not leave libvirt a traceback to show
-        return _fail(stderr, f"internal error: {type(err).__name__}: {err}", EXIT_FAILED)
+    except (Exception, KeyboardInterrupt) as err:  # libvirt must not be left a traceback
+        return _fail(stderr, err)
 
 
-def _fail(stderr: TextIO, message: str, code: int) -> int:
+def _fail(stderr: TextIO, err: Exception | KeyboardInterrupt) -> int:
+    """The hook's one mapping of an exception to its stderr line and exit code: bad input
+    is 2, anything else 1 (libvirt refuses the operation on either)."""
+    if isinstance(err, VhostorchError):
+        message = str(err)
+        code = err.exit_code if err.exit_code in (EXIT_FAILED, EXIT_USAGE) else EXIT_FAILED
+    elif isinstance(err, KeyboardInterrupt):
+        message, code = "interrupted", EXIT_FAILED
+    else:
+        message, code = f"internal error: {type(err).__name__}: {err}", EXIT_FAILED
     print(f"vhostorch hook: {' '.join(message.split())}", file=stderr)
-    return code if code in (EXIT_FAILED, EXIT_USAGE) else EXIT_FAILED
+    return code
 
 
 def main() -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from vhostorch.errors import OperationFailed
+# The error raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import CannotInspect as CannotInspect
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -20,12 +21,6 @@ VHOST_NET = "/dev/vhost-net"
 TUN = "/dev/net/tun"
 KVM_VM = "anon_inode:kvm-vm"
 EVENTFD = "anon_inode:[eventfd]"
-
-
-class CannotInspect(OperationFailed):
-    """The process cannot be inspected: gone, not readable (not root), or not a QEMU."""
-
-    exit_code = 2  # the target could not be inspected
 
 
 class Fd(Record):

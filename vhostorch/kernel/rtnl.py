@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import _socket  # not `socket`: its enum set-up costs ~14 ms at import
 import errno as errno_mod
-import os
 import struct
 
+# The error raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import NetlinkError as NetlinkError
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -250,18 +251,6 @@ def parse_link(body: memoryview) -> Link:
         # single-queue tap has carrier exactly while its one queue is attached.
         tun = tun.replace(attached_queues=1 if carrier else 0)
     return Link(index, name, kind, bool(flags & IFF_UP), mtu, mac, master, alias, carrier, tun)
-
-
-class NetlinkError(OSError):
-    """The kernel refused a request; ``extack`` is its own explanation when it gave one."""
-
-    def __init__(self, code: int, extack: str | None) -> None:
-        super().__init__(code, os.strerror(code))
-        self.extack = extack
-
-    def __str__(self) -> str:
-        text = self.strerror or errno_mod.errorcode.get(self.errno or 0, "error")
-        return f"{text} ({self.extack})" if self.extack else text
 
 
 class Rtnl:

@@ -16,7 +16,8 @@ import shutil
 import subprocess
 import tempfile
 
-from vhostorch.errors import OperationFailed
+# The error raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import LabError as LabError
 from vhostorch.record import Record
 
 CACHE = os.environ.get("VHOSTORCH_CACHE", "/var/cache/vhostorch")
@@ -31,12 +32,6 @@ IMAGE_ENV = "VHOSTORCH_LAB_IMAGE"
 # KVM on TCG every port I/O exit is dear: pci=noearly and iommu=noaperture
 # skip early PCI and AMD GART scans (3 s), cryptomgr.notests the self-tests.
 GUEST_APPEND = "console=ttyS0 quiet panic=-1 cryptomgr.notests pci=noearly iommu=noaperture"
-
-
-class LabError(OperationFailed):
-    """The test host could not be built, booted, or did not reach its command."""
-
-    exit_code = 125  # as `docker run` when the command could not be run
 
 
 class Image(Record):

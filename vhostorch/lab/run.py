@@ -21,8 +21,12 @@ import sys
 import tempfile
 import time
 
+# The error raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import LabError as LabError
+from vhostorch.errors import LabFrozen as LabFrozen
+from vhostorch.errors import LabTimeout as LabTimeout
 from vhostorch.lab import watch as labwatch
-from vhostorch.lab.image import FILES, IMAGE_ENV, Image, LabError, ensure_image
+from vhostorch.lab.image import FILES, IMAGE_ENV, Image, ensure_image
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -45,25 +49,6 @@ ENV_PASSED = (
     "PYTHONUNBUFFERED",
     "HYPOTHESIS_PROFILE",
 )
-
-
-class LabTimeout(LabError):
-    """The command did not finish in time; the test host was stopped."""
-
-    exit_code = 124  # as `timeout`
-
-
-class LabFrozen(LabTimeout):
-    """The test host stopped making progress (a CPU stuck in its kernel for minutes, or
-    no CPU running at all); it was stopped.
-
-    ``evidence`` says what was seen, per CPU: its task and call chain from the kernel's
-    lockup report, or its registers and LAPIC from QEMU's monitor (see labwatch).
-    """
-
-    def __init__(self, message: str, evidence: str) -> None:
-        super().__init__(message)
-        self.evidence = evidence
 
 
 class Outcome(Record):

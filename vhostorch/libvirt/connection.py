@@ -7,8 +7,10 @@ handed out.
 
 from __future__ import annotations
 
-from vhostorch.errors import OperationFailed
-from vhostorch.qemu.monitor import MonitorError, MonitorView, read_virtio
+# The error raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import DomainUnavailable as DomainUnavailable
+from vhostorch.errors import LibvirtFailed as LibvirtFailed
+from vhostorch.qemu.monitor import MonitorError, MonitorView, qmp_request, read_virtio
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,17 +19,11 @@ if TYPE_CHECKING:
 SYSTEM_URI = "qemu:///system"
 
 
-class DomainUnavailable(OperationFailed):
-    """The domain cannot be inspected: libvirt unreachable, no such domain, not running."""
-
-    exit_code = 2
-
-
 def _libvirt() -> Any:
     try:
         import libvirt  # type: ignore[import-untyped]
-    except ImportError:
-        raise DomainUnavailable("libvirt-python is not installed") from None
+    except ImportError as err:
+        raise DomainUnavailable("libvirt-python is not installed") from err
     # libvirt prints its errors on stderr unless a handler takes them.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     return libvirt
@@ -37,14 +33,15 @@ def _open(libvirt: Any, uri: str) -> Any:
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as err:
-        raise DomainUnavailable(f"cannot connect to {uri}: {err.get_error_message()}") from None
+        raise DomainUnavailable(f"cannot connect to {uri}: {err.get_error_message()}") from err
 
 
 def _running(libvirt: Any, conn: Any, name: str, uri: str) -> Any:
     try:
         dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        raise DomainUnavailable(f"no domain {name!r} at {uri}") from None
+    except libvirt.libvirtError as err:
+        # libvirt's error says why (no such domain, or no permission to look).
+        raise DomainUnavailable(f"no domain {name!r} at {uri}") from err
     if not dom.isActive():
         raise DomainUnavailable(f"domain {name!r} is not running")
     return dom
@@ -75,20 +72,21 @@ def read_monitor(name: str, uri: str = SYSTEM_URI) -> MonitorView:
         libvirt = _libvirt()
         conn = _open(libvirt, uri)
     except DomainUnavailable as err:
-        raise MonitorError(str(err)) from None
+        raise MonitorError(str(err)) from err
     try:
         dom = _running(libvirt, conn, name, uri)
 
         def execute(command: str, arguments: dict[str, Any] | None) -> Any:
-            request: dict[str, object] = {"execute": command}
-            if arguments:
-                request["arguments"] = arguments
+            sent = qmp_request(command, arguments)
             try:
-                reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(request), 0))
+                reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(sent), 0))
             except libvirt.libvirtError as err:
-                raise MonitorError(f"QMP {command}: {err.get_error_message()}") from None
+                raise MonitorError(f"QMP {command}: {err.get_error_message()}", sent=sent) from err
             if "error" in reply:
-                raise MonitorError(f"QMP {command}: {reply['error'].get('desc')}")
+                error = reply["error"]
+                raise MonitorError(
+                    f"QMP {command}: {error.get('desc')}", error_class=error.get("class"), sent=sent
+                )
             return reply.get("return")
 
         return read_virtio(execute, f"libvirt:{name}")
@@ -101,10 +99,6 @@ def read_monitor(name: str, uri: str = SYSTEM_URI) -> MonitorView:
 AFFECT_LIVE_AND_CONFIG = 1 | 2  # VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG
 
 
-class LibvirtFailed(OperationFailed):
-    """libvirt refused a change to a domain."""
-
-
 def _message(err: Any) -> str:
     return " ".join(str(err.get_error_message() or err).split())
 
@@ -114,7 +108,7 @@ def _connection(uri: str) -> tuple[Any, Any]:
     try:
         return libvirt, libvirt.open(uri)
     except libvirt.libvirtError as err:
-        raise LibvirtFailed(f"cannot connect to {uri}: {_message(err)}") from None
+        raise LibvirtFailed(f"cannot connect to {uri}: {_message(err)}") from err
 
 
 def _lookup(libvirt: Any, conn: Any, name: str) -> Any | None:
@@ -136,7 +130,7 @@ def define_and_start(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
         try:
             dom = conn.defineXML(xml)
         except libvirt.libvirtError as err:
-            raise LibvirtFailed(f"libvirt refused the domain: {_message(err)}") from None
+            raise LibvirtFailed(f"libvirt refused the domain: {_message(err)}") from err
         try:
             dom.create()
         except libvirt.libvirtError as err:
@@ -144,7 +138,7 @@ def define_and_start(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
                 dom.undefine()
             except libvirt.libvirtError:
                 pass  # the start error is the one to report
-            raise LibvirtFailed(f"libvirt could not start {name}: {_message(err)}") from None
+            raise LibvirtFailed(f"libvirt could not start {name}: {_message(err)}") from err
     finally:
         conn.close()
 
@@ -161,7 +155,7 @@ def destroy_and_undefine(name: str, uri: str = SYSTEM_URI) -> None:
                 dom.destroy()
             dom.undefine()
         except libvirt.libvirtError as err:
-            raise LibvirtFailed(f"libvirt could not remove {name}: {_message(err)}") from None
+            raise LibvirtFailed(f"libvirt could not remove {name}: {_message(err)}") from err
     finally:
         conn.close()
 
@@ -174,9 +168,7 @@ def attach(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
         try:
             dom.attachDeviceFlags(xml, AFFECT_LIVE_AND_CONFIG)
         except libvirt.libvirtError as err:
-            raise LibvirtFailed(
-                f"libvirt could not hot-plug into {name}: {_message(err)}"
-            ) from None
+            raise LibvirtFailed(f"libvirt could not hot-plug into {name}: {_message(err)}") from err
     finally:
         conn.close()
 
@@ -195,7 +187,7 @@ def detach(name: str, xml: str, gone: Any, timeout: float, uri: str = SYSTEM_URI
         try:
             dom.detachDeviceFlags(xml, AFFECT_LIVE_AND_CONFIG)
         except libvirt.libvirtError as err:
-            raise LibvirtFailed(f"libvirt could not unplug from {name}: {_message(err)}") from None
+            raise LibvirtFailed(f"libvirt could not unplug from {name}: {_message(err)}") from err
         deadline = time.monotonic() + timeout
         while not gone(dom.XMLDesc(0)):
             if time.monotonic() > deadline:

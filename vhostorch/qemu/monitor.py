@@ -13,7 +13,8 @@ for ``kick`` and ``call``, so it is not used.
 
 from __future__ import annotations
 
-from vhostorch.errors import OperationFailed
+# The error raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import MonitorError as MonitorError
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
     Execute = Callable[[str, dict[str, Any] | None], Any]
 
 DRIVER_OK = "VIRTIO_CONFIG_S_DRIVER_OK"
-
-
-class MonitorError(OperationFailed):
-    """The monitor could not be reached or refused a question."""
 
 
 def _names(entries: object) -> list[str]:
@@ -167,12 +164,15 @@ class QmpSocket:
     def execute(self, command: str, arguments: dict[str, Any] | None) -> Any:
         from qemu.qmp import ExecuteError, QMPError
 
+        sent = qmp_request(command, arguments)
         try:
             return self._run(self.client.execute(command, arguments))
         except ExecuteError as err:
-            raise MonitorError(f"QMP {command}: {err}") from err
+            raise MonitorError(
+                f"QMP {command}: {err}", error_class=err.error_class, sent=sent
+            ) from err
         except (QMPError, OSError, EOFError, TimeoutError) as err:
-            raise MonitorError(f"QMP {command}: {_why(err)}") from err
+            raise MonitorError(f"QMP {command}: {_why(err)}", sent=sent) from err
 
     def pass_fd(self, fd: int, name: str) -> None:
         """Give QEMU a copy of ``fd`` (SCM_RIGHTS) under ``name`` (``getfd``), for netdev_add."""
@@ -192,6 +192,14 @@ class QmpSocket:
         except (QMPError, OSError, EOFError, TimeoutError):
             pass  # closing a connection that may already be gone
         self.loop.close()
+
+
+def qmp_request(command: str, arguments: dict[str, Any] | None) -> dict[str, object]:
+    """A QMP request as it goes on the wire (kept in MonitorError.sent)."""
+    request: dict[str, object] = {"execute": command}
+    if arguments:
+        request["arguments"] = arguments
+    return request
 
 
 def _why(err: BaseException) -> str:
@@ -220,7 +228,7 @@ def peer_pid(path: str, timeout: float = 5.0) -> int:
         sock.connect(path)
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError as err:
-        raise MonitorError(f"cannot reach QMP at {path}: {err.strerror or err}") from None
+        raise MonitorError(f"cannot reach QMP at {path}: {err.strerror or err}") from err
     finally:
         sock.close()
     pid: int = struct.unpack("3i", creds)[0]

@@ -34,7 +34,16 @@ from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from typing import Any
+    from typing import Any, Protocol
+
+    class Plugged(Protocol):
+        """A NIC a VM has (vhostorch.vm.state.NicState is one)."""
+
+        @property
+        def tap(self) -> str: ...
+        @property
+        def mac(self) -> str: ...
+
 
 VHOST_MODES = ("required", "preferred", "off")
 ACCELS = ("kvm", "tcg")
@@ -220,6 +229,18 @@ def from_mapping(data: Mapping[str, Any]) -> VmSpec:
 
 def default_tap(vm: str, index: int) -> str:
     return f"{vm[:10]}-n{index}"
+
+
+def next_nic_index(vm: str, nics: Sequence[Plugged]) -> int:
+    """The index of a new NIC of ``vm`` besides ``nics``: the first one from ``len(nics)`` on
+    whose default tap name and MAC are both free (a NIC unplugged earlier leaves a gap, and a
+    NIC added with an explicit tap or MAC may hold a later index's defaults)."""
+    taken = {n.tap for n in nics} | {n.mac for n in nics}
+    return next(
+        i
+        for i in range(len(nics), len(nics) + len(taken) + 1)
+        if {default_tap(vm, i), default_mac(vm, i)}.isdisjoint(taken)
+    )
 
 
 def nic_from_mapping(vm: str, index: int, entry: object) -> NicSpec:

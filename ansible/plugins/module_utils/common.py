@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import traceback
+from contextlib import contextmanager
 
 from ansible.module_utils.basic import missing_required_lib
 
@@ -31,6 +32,18 @@ def require_vhostorch(module) -> None:
 
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+@contextmanager
+def failing_on_error(module):
+    """The modules' one mapping of the library's errors: any vhostorch error in the block
+    fails the task with its message on one line (the CLI's exit code has no meaning here)."""
+    from vhostorch.errors import VhostorchError
+
+    try:
+        yield
+    except VhostorchError as err:
+        module.fail_json(msg=one_line(err))
 
 
 def finish_with_check(module, reports, result) -> None:

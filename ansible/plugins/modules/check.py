@@ -75,8 +75,8 @@ reports:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.vhostorch.vhost.plugins.module_utils.common import (  # noqa: E402
+    failing_on_error,
     finish_with_check,
-    one_line,
     require_vhostorch,
 )
 
@@ -99,15 +99,12 @@ def main():
     )
     require_vhostorch(module)
     from vhostorch.check import targets
-    from vhostorch.errors import VhostorchError
 
     p = module.params
-    try:
+    with failing_on_error(module):
         reports = targets.reports(
             pid=p["pid"], domain=p["domain"], qmp=p["qmp"], every=p["all"], uri=p["connect"]
         )
-    except VhostorchError as err:
-        module.fail_json(msg=one_line(err))
     strict = p["strict"]
     ok = all(r.ok(strict) for r in reports)
     result = {"changed": False, "ok": ok, "reports": [r.to_json(strict) for r in reports]}

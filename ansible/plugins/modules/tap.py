@@ -122,7 +122,7 @@ tap:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.vhostorch.vhost.plugins.module_utils.common import (  # noqa: E402
-    one_line,
+    failing_on_error,
     require_vhostorch,
 )
 
@@ -183,11 +183,10 @@ def main():
     )
     require_vhostorch(module)
     from vhostorch import taps
-    from vhostorch.errors import VhostorchError
     from vhostorch.model import TapSpec
 
     p = module.params
-    try:
+    with failing_on_error(module):
         before = _current(p["name"], p["netns"])
         if p["state"] == "present":
             spec = TapSpec(
@@ -213,8 +212,6 @@ def main():
             changed = result.action == "deleted"
             predicted = {}
         after = _current(p["name"], p["netns"]) if not module.check_mode else predicted
-    except VhostorchError as err:
-        module.fail_json(msg=one_line(err))
     diff = {
         "before": {k: before[k] for k in DIFF_KEYS} if before else {},
         "after": {k: after.get(k) for k in DIFF_KEYS} if after else {},

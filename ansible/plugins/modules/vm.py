@@ -169,8 +169,8 @@ waited:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.vhostorch.vhost.plugins.module_utils.common import (  # noqa: E402
+    failing_on_error,
     finish_with_check,
-    one_line,
     require_vhostorch,
 )
 
@@ -247,13 +247,12 @@ def main():
     )
     require_vhostorch(module)
     from vhostorch import orchestrate
-    from vhostorch.errors import VhostorchError
     from vhostorch.kernel import procfs
     from vhostorch.vm import spec as vmspec
     from vhostorch.vm import state as vmstate
 
     p = module.params
-    try:
+    with failing_on_error(module):
         name = vmspec.check_vm_name(p["name"])
         current = vmstate.load(name)
         running = current is not None and procfs.alive(current.pid)
@@ -286,8 +285,6 @@ def main():
         outcome = orchestrate.up(spec, p["backend"], uri=p["connect"], wait=float(p["wait"]))
         result = {"changed": True, "vm": outcome.state.asdict(), "waited": outcome.waited}
         _checked(module, outcome.report, result)
-    except VhostorchError as err:
-        module.fail_json(msg=one_line(err))
 
 
 if __name__ == "__main__":

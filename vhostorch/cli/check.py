@@ -1,0 +1,156 @@
+"""`vhostorch check`, `doctor` and `trace arm|disarm|status`: proving vhost, and what it needs."""
+
+from __future__ import annotations
+
+from vhostorch.cli.argv import FLAG, INT, VALUE, Command, Option, Parsed
+from vhostorch.cli.output import EXIT_CODES, JSON, STRICT, emit, report_text
+from vhostorch.errors import EXIT_FAILED, EXIT_OK, InvalidSpec
+from vhostorch.record import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vhostorch.check.report import Report
+
+CHECK_EXIT_CODES = """Each check is pass, warn, fail or unknown, with evidence (--json shows it).
+A verdict vhostorch cannot prove is unknown, never pass.
+
+exit codes:
+  0  no check failed (with --strict: every check passed)
+  1  a check failed (with --strict: or warned, or is unknown)
+  2  the target could not be inspected (no such process or domain, permission, bad usage)"""
+
+COMMANDS = (
+    Command(
+        ("check",),
+        "prove, per NIC and per queue, that vhost is attached to running QEMUs",
+        "",
+        "0",
+        (
+            Option("--pid", INT, "the QEMU process to check"),
+            Option("--domain", VALUE, "the libvirt domain to check (its XML says what was asked)"),
+            Option("--connect", VALUE, "libvirt URI for --domain (default qemu:///system)"),
+            Option("--qmp", VALUE, "the QMP socket of a QEMU you run (also read for its status)"),
+            Option("--all", FLAG, "every QEMU process on this host"),
+            Option(
+                "--monitor",
+                FLAG,
+                "with --domain: ask QEMU's monitor through libvirt (libvirt then marks the "
+                "domain tainted: custom-monitor)",
+            ),
+            STRICT,
+            Option("--watch", INT, "re-check every N seconds and report what changes"),
+            JSON,
+        ),
+        CHECK_EXIT_CODES,
+    ),
+    Command(
+        ("trace", "arm"),
+        "record the ioctls that wire vhost kicks and calls to KVM (needed by nic.kick/nic.call)",
+        "",
+        "0",
+        (JSON,),
+        EXIT_CODES,
+    ),
+    Command(
+        ("trace", "disarm"), "stop recording and remove the probe", "", "0", (JSON,), EXIT_CODES
+    ),
+    Command(
+        ("trace", "status"), "say whether the wiring trace is armed", "", "0", (JSON,), EXIT_CODES
+    ),
+    Command(
+        ("doctor",),
+        "validate this host for vhost-net before any VM runs",
+        "",
+        "0",
+        (STRICT, JSON),
+        CHECK_EXIT_CODES,
+    ),
+)
+
+
+def _reports(args: Parsed) -> list[Report]:
+    from vhostorch.check import targets
+
+    return targets.reports(
+        pid=args.number("pid"),
+        domain=args.text("domain"),
+        qmp=args.text("qmp"),
+        every=args.flag("all"),
+        uri=args.text("connect"),
+        ask_monitor=args.flag("monitor"),
+    )
+
+
+def _print_reports(reports: list[Report], args: Parsed) -> bool:
+    """Print ``reports`` (one JSON document, or their tables); return whether all are ok."""
+    strict = args.flag("strict")
+    ok = all(r.ok(strict) for r in reports)
+    if args.flag("json"):
+        if args.command.path == ("check",) and args.flag("all"):
+            data: object = {"ok": ok, "reports": [r.to_json(strict) for r in reports]}
+        else:
+            data = reports[0].to_json(strict)
+        emit(data, True, "")
+    else:
+        texts = [report_text(r, strict) for r in reports]
+        print("\n\n".join(texts) if texts else "no QEMU processes")
+    return ok
+
+
+def _check(args: Parsed) -> int:
+    watch = args.number("watch")
+    if watch is not None and watch < 1:
+        raise InvalidSpec("check: --watch needs at least 1 second")
+    reports = _reports(args)
+    ok = _print_reports(reports, args)
+    if watch is None:
+        return EXIT_OK if ok else EXIT_FAILED
+    import time
+
+    def key(report: Report) -> dict[tuple[object, ...], str]:
+        return {(report.target.get("pid"), c.id, c.nic, c.queue): c.status for c in report.checks}
+
+    seen = {k: v for r in reports for k, v in key(r).items()}
+    while True:
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return EXIT_OK if ok else EXIT_FAILED  # stopping a watch is not an error
+        reports = _reports(args)
+        ok = all(r.ok(args.flag("strict")) for r in reports)
+        now = {k: v for r in reports for k, v in key(r).items()}
+        stamp = time.strftime("%H:%M:%S")
+        for k in sorted(set(seen) | set(now), key=str):
+            if seen.get(k) != now.get(k):
+                pid, cid, nic, queue = k
+                where = f"pid {pid} {cid}" + (f" {nic}" if nic else "")
+                where += f" queue {queue}" if queue is not None else ""
+                print(f"{stamp} {where}: {seen.get(k, 'absent')} -> {now.get(k, 'gone')}",
+                      flush=True)  # fmt: skip
+        seen = now
+
+
+def _doctor(args: Parsed) -> int:
+    from vhostorch.check import doctor
+
+    ok = _print_reports([doctor.doctor()], args)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _trace(args: Parsed) -> int:
+    from vhostorch.check import wiring
+
+    verb = args.command.path[1]
+    if verb == "arm":
+        changed = wiring.arm()
+        text = "wiring trace armed" if changed else "wiring trace was already armed"
+    elif verb == "disarm":
+        wiring.disarm()
+        changed, text = True, "wiring trace disarmed"
+    else:
+        changed = False
+        text = "wiring trace is " + ("armed" if wiring.armed() else "not armed")
+    emit({"ok": True, "armed": wiring.armed(), "changed": changed}, args.flag("json"), text)
+    return EXIT_OK
+
+
+HANDLERS = {"check": _check, "doctor": _doctor, "trace": _trace}

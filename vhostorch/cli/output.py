@@ -1,0 +1,72 @@
+"""What the commands print: JSON or text, tables, check reports, and the help texts they share."""
+
+from __future__ import annotations
+
+from vhostorch.cli.argv import FLAG, Option
+from vhostorch.record import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vhostorch.check.report import Report
+    from vhostorch.taps import TapResult
+
+EXIT_CODES = """exit codes:
+  0  done, or nothing to do
+  1  the operation failed (the host refused it, or its state forbids it)
+  2  bad usage or invalid input (nothing was touched)"""
+
+JSON = Option("--json", FLAG, "print JSON")
+STRICT = Option("--strict", FLAG, "warn and unknown fail too")
+STATUSES = ("fail", "warn", "unknown", "pass")
+
+
+def emit(data: object, as_json: bool, text: str) -> None:
+    """Print ``data`` as JSON, or else ``text`` (nothing when it is empty)."""
+    if as_json:
+        import json
+
+        print(json.dumps(data, indent=2))
+    elif text:
+        print(text)
+
+
+def results_text(results: Sequence[TapResult]) -> str:
+    lines = []
+    for r in results:
+        detail = f" ({', '.join(r.changes)})" if r.changes else ""
+        lines.append(f"{r.name}: {r.action}{detail}")
+    return "\n".join(lines)
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def report_text(report: Report, strict: bool) -> str:
+    target = report.target
+    if "pid" in target:
+        title = f"QEMU pid {target['pid']}"
+        if target.get("domain"):
+            title += f", domain {target['domain']} (type {target.get('domain_type')})"
+        elif target.get("name"):
+            title += f" ({target['name']})"
+    else:
+        title = f"host {target.get('host')} (Linux {target.get('kernel')})"
+    per_nic = any(c.nic for c in report.checks)
+    rows = [
+        ["CHECK", "NIC", "QUEUE", "STATUS", "MESSAGE"]
+        if per_nic
+        else ["CHECK", "STATUS", "MESSAGE"]
+    ]
+    for c in report.checks:
+        queue = "-" if c.queue is None else str(c.queue)
+        where = [c.nic or "-", queue] if per_nic else []
+        rows.append([c.id, *where, c.status, c.message])
+    counts = {s: sum(1 for c in report.checks if c.status == s) for s in STATUSES}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    verdict = "OK" if report.ok(strict) else "FAILED"
+    return f"{title}\n{table(rows)}\n{verdict}: {summary}"
