@@ -111,7 +111,7 @@ def test_bench_one_vm_of_4_taps_as_a_fresh_process() -> None:
     """What a libvirt hook pays on every VM start: process start, imports and the work."""
     exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
     # As installed: byte-compiled (this environment may forbid writing .pyc files).
-    compileall.compile_dir(os.path.dirname(taps.__file__), quiet=1)
+    compileall.compile_dir(os.path.dirname(os.path.dirname(taps.__file__)), quiet=1)  # the package
     runs = 15
     with kernel.namespace() as ns, tempfile.NamedTemporaryFile("w", suffix=".sh") as script:
         script.write(SHELL)

@@ -2,7 +2,7 @@
 
 A small typed codec over a raw NETLINK_ROUTE socket (stdlib only). It exists
 because provisioning runs in a fresh process on every VM start, where importing
-a general netlink library costs more than the whole job (README, "Design").
+a general netlink library costs more than the whole job (docs/design.md).
 Every call is one request and one acknowledgement; nothing is looked up twice.
 """
 
