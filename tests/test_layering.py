@@ -21,7 +21,7 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("libvirt", ("domxml", "qemuconf", "connection", "__init__")),
     ("check", ("ids", "report", "wiring", "observe", "nics", "machine", "request", "fds", "running",
                "vrings", "verify", "targets", "doctor", "__init__")),
-    ("backends", ("qmp", "__init__")),
+    ("backends", ("contract", "process", "qmp", "libvirt", "__init__")),
     ("orchestrate", ()),
     ("hook", ("metadata", "program", "__init__", "install")),
     ("lab", ("image", "watch", "run", "__init__")),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vhostorch.backends import process
 from vhostorch.backends import qmp as qmpvm
 from vhostorch.check.report import FAIL, PASS, WARN
 from vhostorch.errors import OperationFailed
@@ -78,17 +79,17 @@ def spec(**changes: object) -> VmSpec:
 
 
 def test_qemu_command_line_has_no_network_and_a_paused_daemon_with_qmp() -> None:
-    argv = qmpvm.argv(spec(), "/run/w")
+    argv = process.argv(spec(), "/run/w")
     assert "-netdev" not in argv and "-nic" not in argv and "-device" not in argv
     assert {"-S", "-daemonize", "-nodefaults", "-no-user-config"} <= set(argv)
     assert argv[argv.index("-qmp") + 1] == "unix:/run/w/qmp.sock,server=on,wait=off"
     assert argv[argv.index("-append") + 1] == "console=ttyS0 a=<&>"  # one argv word, no shell
     assert argv[argv.index("-cpu") + 1] == "host"
-    assert "-cpu" not in qmpvm.argv(spec(accel="tcg"), "/w")
+    assert "-cpu" not in process.argv(spec(accel="tcg"), "/w")
     with tempfile.NamedTemporaryFile(suffix=",x.img") as disk:
         disk.write(b"QFI\xfb" + bytes(60))
         disk.flush()
-        argv = qmpvm.argv(spec(boot={"disk": disk.name}), "/w")
+        argv = process.argv(spec(boot={"disk": disk.name}), "/w")
         drive = argv[argv.index("-drive") + 1]
         assert drive == f"file={disk.name.replace(',', ',,')},if=virtio,format=qcow2"
 
@@ -157,3 +158,63 @@ def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
         Check("nic.call", FAIL, "no irqfd", {"masked": False}, nic="nic.t0", queue=1),
     ):
         assert _settled(report(final), state)
+
+
+class _Recorded:
+    """A third backend, registered for one test: what orchestrate asked of it, in order."""
+
+    takes_uri = False
+
+    def __init__(self, tap: str, calls: list[str]) -> None:
+        self.tap, self.calls = tap, calls
+        self.what = "fake VM"
+
+    def _saw(self, call: str) -> None:
+        here = os.path.exists(f"/sys/class/net/{self.tap}")
+        self.calls.append(f"{call} ({'tap present' if here else 'no tap'})")
+
+    def vhost_refused(self, accel: str) -> str | None:
+        return None
+
+    def begin(self, spec: VmSpec, workdir: str, uri: str) -> _Recorded:
+        self._saw("begin")
+        return self
+
+    def run(self, nics: object) -> object:
+        from vhostorch.backends.contract import Started
+
+        self._saw("run")
+        return Started(os.getpid(), None, None)
+
+    def abort(self) -> None:
+        self._saw("abort")
+
+    def stop(self, state: vmstate.VmState) -> None:
+        self._saw("stop")
+
+    def nic_ids(self, state: vmstate.VmState, taps: list[str]) -> list[tuple[str, str]]:
+        self._saw("nic_ids")
+        raise OperationFailed("no such NIC")
+
+
+@pytest.mark.kernel
+def test_a_third_backend_is_rolled_back_in_order_the_vm_stopped_before_its_taps_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.kernel import unique
+    from vhostorch import backends, orchestrate
+
+    if os.geteuid() != 0:
+        pytest.skip("makes a tap: needs root")
+    tap = unique("vk")
+    calls: list[str] = []
+    monkeypatch.setitem(backends._BY_NAME, "fake", lambda: _Recorded(tap, calls))
+    fake = vmspec.from_mapping({"name": "vm1", "boot": {"kernel": "/k"}, "nic": [{"tap": tap}]})
+    with pytest.raises(OperationFailed, match="no such NIC"):
+        orchestrate.up(fake, "fake", wait=0, root=str(tmp_path), host=GOOD)
+    assert calls == [
+        "begin (no tap)", "run (tap present)", "nic_ids (tap present)", "stop (tap present)",
+        "abort (no tap)",
+    ]  # fmt: skip
+    assert not os.path.exists(f"/sys/class/net/{tap}")
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".json")] == []

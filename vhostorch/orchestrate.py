@@ -4,9 +4,10 @@ An operation is a list of steps, each undone when a later one fails:
 decide (nothing touched yet) → taps → VM → state file. ``down`` and ``nic del``
 remove only what vhostorch created: the VM it started and the taps it made.
 
-Backends: ``qmp`` (vhostorch.backends.qmp: QEMU started here, NICs added over QMP with
-fds opened here) and ``libvirt`` (vhostorch.libvirt.connection: a defined domain whose
-interfaces are ``type='ethernet'`` on the taps made here).
+What differs between backends (``qmp``: QEMU started here, NICs added over QMP with
+fds opened here; ``libvirt``: a defined domain whose interfaces are ``type='ethernet'``
+on the taps made here) is behind vhostorch.backends.contract.Backend: nothing here
+asks which backend it holds.
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ from __future__ import annotations
 import os
 import time
 
-from vhostorch import taps
-from vhostorch.backends import qmp as qmpvm
+from vhostorch import backends, taps
 from vhostorch.check import doctor, verify, wiring
-from vhostorch.check import observe as inspect
-from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check, Report
+from vhostorch.check.report import FAIL, PASS, WARN, Check, Report
 from vhostorch.errors import InvalidSpec, OperationFailed, RollbackFailed, VhostorchError
 from vhostorch.kernel import procfs
-from vhostorch.libvirt import connection as virt
-from vhostorch.libvirt import domxml
-from vhostorch.qemu.monitor import MonitorError, QmpSocket, read_qmp, vhost_started
+from vhostorch.libvirt.connection import SYSTEM_URI
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vm import state as vmstate
 from vhostorch.vm.state import NicState, VmState
@@ -77,21 +74,22 @@ def decide(
 ) -> list[tuple[NicSpec, bool, str | None]]:
     """Pure: for each NIC, whether QEMU gets vhost, and why not; refuses what cannot be had.
 
-    ``required`` needs /dev/vhost-net and, with accel kvm, a usable KVM; under
-    libvirt it also needs accel kvm (libvirt uses vhost only for type='kvm'
-    domains). QEMU itself uses vhost under TCG too, so the qmp backend allows it.
-    ``preferred`` falls back to QEMU's data path, and says why. Raises OperationFailed.
+    ``required`` needs /dev/vhost-net, with accel kvm a usable KVM, and what the
+    backend needs (libvirt uses vhost only for type='kvm' domains; QEMU itself uses
+    vhost under TCG too). ``preferred`` falls back to QEMU's data path, and says why.
+    Raises OperationFailed, InvalidSpec (an unknown backend).
     """
     if accel == "kvm" and host.kvm[0] == FAIL:
         raise OperationFailed(f'accel = "kvm" but KVM is not usable: {host.kvm[1]}')
+    refused = backends.get(backend).vhost_refused(accel)
     decided: list[tuple[NicSpec, bool, str | None]] = []
     for index, nic in enumerate(nics, first):
         why, detail = None, ""
         if host.vhost[0] != PASS:
             why = "this host has no usable /dev/vhost-net"
             detail = f" ({host.vhost[1]})"
-        elif backend == "libvirt" and accel != "kvm":
-            why = "libvirt uses vhost only for type='kvm' domains, and accel is \"tcg\""
+        elif refused is not None:
+            why = refused
         elif accel == "kvm" and host.kvm[0] != PASS:
             why = f"KVM is not usable ({host.kvm[1]})"
         if nic.vhost == "required" and why is not None:
@@ -157,24 +155,11 @@ def _make_taps(nics: Sequence[NicSpec], undo: _Undo) -> set[str]:
     return created
 
 
-def _libvirt_ids(name: str, uri: str, taps: Sequence[str]) -> list[tuple[str, str]]:
-    """(device alias, netdev id) libvirt gave the interface on each of ``taps``."""
-    given = {
-        iface.target: (iface.alias, iface.netdev_id)
-        for iface in domxml.parse(virt.domain_xml(name, uri)).interfaces
-        if iface.target and iface.alias and iface.netdev_id
-    }
-    missing = [tap for tap in taps if tap not in given]
-    if missing:
-        raise OperationFailed(f"domain {name} has no interface on tap {missing[0]} after start")
-    return [given[tap] for tap in taps]
-
-
 def up(
     spec: VmSpec,
     backend: str = "qmp",
     *,
-    uri: str = virt.SYSTEM_URI,
+    uri: str = SYSTEM_URI,
     wait: float = WAIT_DRIVER,
     root: str = vmstate.STATE_DIR,
     host: Host | None = None,
@@ -184,9 +169,7 @@ def up(
     All or nothing: a failure at any step undoes the steps before it. Raises
     InvalidSpec, OperationFailed (RollbackFailed when undoing failed too).
     """
-    if backend not in vmstate.BACKENDS:
-        choices = ", ".join(vmstate.BACKENDS)
-        raise InvalidSpec(f"backend must be one of {choices}, not {backend!r}")
+    runner = backends.get(backend)
     with vmstate.Lock(spec.name, root):
         old = vmstate.load(spec.name, root)
         if old is not None:
@@ -202,35 +185,23 @@ def up(
         try:
             workdir = _workdir(spec.name, root)
             pairs = [(nic, on) for nic, on, _ in decided]
-            if backend == "qmp":
-                # QEMU needs no NIC to start: it builds the machine while the taps are made.
-                launch = qmpvm.Launch(spec, workdir)
-                undo.push("QEMU", launch.abort)
+            # Begun before the taps exist, so that starting QEMU can overlap making them.
+            start = runner.begin(spec, workdir, uri)
+            undo.push(start.what, start.abort)
             created = _make_taps(spec.nics, undo)
             _arm_trace()
-            if backend == "qmp":
-                pid = qmpvm.start(launch, pairs)
-                qmp = launch.qmp
-                # QEMU now holds the taps: it must stop before they can go.
-                undo.push("QEMU", lambda: qmpvm.stop(pid, qmp, workdir))
-                names = [qmpvm.ids(nic.tap.name) for nic, _ in pairs]
-                state_uri, state_qmp = None, qmp
-            else:
-                os.makedirs(workdir, mode=0o755, exist_ok=True)
-                undo.push("work directory", lambda: _rmtree(workdir))
-                xml = domxml.render(spec, pairs, qmpvm.files(workdir)[2])
-                virt.define_and_start(spec.name, xml, uri)
-                undo.push(f"domain {spec.name}", lambda: virt.destroy_and_undefine(spec.name, uri))
-                pid = inspect.domain_pid(spec.name)
-                names = _libvirt_ids(spec.name, uri, [nic.tap.name for nic, _ in pairs])
-                state_uri, state_qmp = uri, None
+            started = start.run(pairs)
+            bare = VmState(
+                spec.name, backend, started.pid, spec.accel, started.qmp, started.uri, workdir, ()
+            )
+            # The VM now holds the taps: it must stop before they can go.
+            undo.push(start.what, lambda: runner.stop(bare))
+            names = runner.nic_ids(bare, [nic.tap.name for nic, _ in pairs])
             nics = tuple(
                 _nic_state(nic, on, why, ids, created)
                 for (nic, on, why), ids in zip(decided, names, strict=True)
             )
-            state = VmState(
-                spec.name, backend, pid, spec.accel, state_qmp, state_uri, workdir, nics
-            )
+            state = bare.with_nics(nics)
             vmstate.save(state, root)
             undo.push("state file", lambda: vmstate.remove(spec.name, root))
             outcome = _wait_for_vhost(state, wait)
@@ -250,38 +221,16 @@ def _nic_state(
     )  # fmt: skip
 
 
-def _rmtree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def check(state: VmState) -> Report:
-    """The check of a VM vhostorch started, with what it set up as the expectation.
-
-    The QMP backend's monitor is asked over its socket; a libvirt domain's is not
-    (that would mark it tainted): the wiring trace tells when its vhost started.
-    """
-    if state.backend == "qmp" and state.qmp:
-        qmp = state.qmp
-        observed = inspect.observe(state.pid, monitor=lambda: read_qmp(qmp), plan=state)
-    else:
-        domain = domxml.parse(virt.domain_xml(state.name, state.uri or virt.SYSTEM_URI))
-        observed = inspect.observe(state.pid, domain=domain, plan=state)
-    return verify.verify(observed)
+    """The check of a VM vhostorch started, with what it set up as the expectation,
+    observed as its backend observes it. Raises procfs.CannotInspect, OperationFailed."""
+    return verify.verify(backends.of(state).observe(state))
 
 
 def _settled(report: Report, state: VmState) -> bool:
-    """Every vhost NIC's started check has a final answer.
-
-    QEMU's monitor (the qmp backend) says "not yet" (warn) until the guest driver
-    is up, so its fail and unknown are final. A libvirt domain is seen through
-    the wiring trace, where a vring not yet joined looks the same as one that
-    never will be: only a pass ends the wait early (or a trace that is not armed).
-    """
-    final = (PASS, FAIL, UNKNOWN) if state.backend == "qmp" else (PASS,)
-    if state.backend != "qmp" and not wiring.armed():
-        final = (PASS, FAIL, UNKNOWN)
+    """Every vhost NIC's started check has a final answer (which answers are final is the
+    backend's to say: QEMU's monitor says "not yet", the wiring trace cannot)."""
+    final = backends.of(state).final_started()
     for nic in state.nics:
         if not nic.vhost_on:
             continue
@@ -300,54 +249,35 @@ def _masked(check: Check) -> bool:
 def _wait_for_vhost(state: VmState, timeout: float) -> Outcome:
     """Wait until every NIC's guest driver has started vhost, or ``timeout`` runs out; check.
 
-    The guest is booting meanwhile, so the wait must cost it little CPU: with QMP,
-    one question per NIC every POLL seconds over one connection (in the test host a
-    new connection per question cost 125 ms of its CPU, a kept one 9 ms; a question
-    that fails or times out is asked again next time, on a new connection), and the
-    full check once at the end; a libvirt domain is checked (through the trace) as often.
+    The guest is booting meanwhile, so the wait must cost it little CPU: where the
+    backend can ask QEMU itself (QMP), one question per NIC every POLL seconds (in the
+    test host a new connection per question cost 125 ms of its CPU, a kept one 9 ms),
+    and the full check once at the end; otherwise (libvirt, through the trace) the
+    check as often.
     """
     begin = time.monotonic()
     waiting = [n.device for n in state.nics if n.vhost_on]
-    asking = bool(waiting) and state.backend == "qmp" and state.qmp is not None
-    sock: QmpSocket | None = None
+    asker = backends.of(state).asker(state) if waiting else None
     try:
         while True:
             if not procfs.alive(state.pid):
                 raise OperationFailed(f"QEMU (pid {state.pid}) exited while its guest was starting")
             waited = time.monotonic() - begin
-            if asking and waiting and waited < timeout:
-                sock, waiting = _ask_started(state, sock, waiting)
+            if asker is not None and waiting and waited < timeout:
+                waiting = asker.waiting(waiting)
                 if waiting:
                     time.sleep(POLL)
                     continue
-            if sock is not None:
-                sock.close()  # before the check, which asks QEMU itself
-                sock = None
+            if asker is not None:
+                asker.close()  # before the check, which asks QEMU itself
             report = _checked(state)
             settled = _settled(report, state)
             if settled or waited >= timeout:
                 return Outcome(state, report, waited, settled)
             time.sleep(POLL)
     finally:
-        if sock is not None:
-            sock.close()
-
-
-def _ask_started(
-    state: VmState, sock: QmpSocket | None, devices: list[str]
-) -> tuple[QmpSocket | None, list[str]]:
-    """The devices whose vhost has not started yet, and the connection to ask again on."""
-    assert state.qmp is not None
-    try:
-        if sock is None:
-            fresh = QmpSocket(state.qmp, qmpvm.QMP_TIMEOUT)
-            fresh.open()  # closes itself when it fails
-            sock = fresh
-        return sock, [d for d in devices if not vhost_started(sock.execute, d)]
-    except MonitorError:
-        if sock is not None:
-            sock.close()
-        return None, devices  # asked again next time; the final check reports what it finds
+        if asker is not None:
+            asker.close()
 
 
 def _checked(state: VmState) -> Report:
@@ -371,11 +301,7 @@ def down(name: str, *, root: str = vmstate.STATE_DIR) -> VmState:
     """
     with vmstate.Lock(name, root):
         state = _running(name, root)
-        if state.backend == "qmp" and state.qmp:
-            qmpvm.stop(state.pid, state.qmp, state.workdir)
-        else:
-            virt.destroy_and_undefine(name, state.uri or virt.SYSTEM_URI)
-            _rmtree(state.workdir)
+        backends.of(state).stop(state)
         created = [n.tap for n in state.nics if n.tap_created]
         if created:
             taps.delete(created)
@@ -400,20 +326,16 @@ def nic_add(
             raise InvalidSpec(f"VM {name} has a NIC on tap {nic.tap.name} already")
         if any(n.mac == nic.mac for n in state.nics):
             raise InvalidSpec(f"VM {name} has a NIC with MAC {nic.mac} already")
+        runner = backends.of(state)
         index = len(state.nics)
         [(_, on, why)] = decide([nic], state.accel, state.backend, host or Host.probe(), index)
         undo = _Undo()
         try:
             created = _make_taps([nic], undo)
             _arm_trace()
-            if state.backend == "qmp" and state.qmp:
-                qmpvm.attach(state.qmp, nic, on)
-                device, netdev = qmpvm.ids(nic.tap.name)
-            else:
-                uri = state.uri or virt.SYSTEM_URI
-                virt.attach(name, domxml.interface_xml(nic, on), uri)
-                [(device, netdev)] = _libvirt_ids(name, uri, [nic.tap.name])
-            added = _nic_state(nic, on, why, (device, netdev), created)
+            runner.attach(state, nic, on)
+            [ids] = runner.nic_ids(state, [nic.tap.name])
+            added = _nic_state(nic, on, why, ids, created)
             state = state.with_nics((*state.nics, added))
             vmstate.save(state, root)
         except BaseException as err:
@@ -431,15 +353,7 @@ def nic_del(
         nic = state.nic(tap)
         if nic is None:
             raise InvalidSpec(f"VM {name} has no NIC on tap {tap}")
-        if state.backend == "qmp" and state.qmp:
-            qmpvm.detach(state.qmp, tap, timeout)
-        else:
-
-            def gone(xml: str) -> bool:
-                return all(i.target != tap for i in domxml.parse(xml).interfaces)
-
-            uri = state.uri or virt.SYSTEM_URI
-            virt.detach(name, domxml.interface_ref(nic.mac), gone, timeout, uri)
+        backends.of(state).detach(state, nic, timeout)
         state = state.with_nics(tuple(n for n in state.nics if n.tap != tap))
         vmstate.save(state, root)
         if nic.tap_created:

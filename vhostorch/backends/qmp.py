@@ -1,14 +1,10 @@
-"""The QMP backend: QEMU with no network on its command line; NICs added over QMP.
+"""The QMP backend: QEMU started by vhostorch (backends.process) with no network on its command
+line; NICs added over QMP.
 
 vhostorch opens each NIC's tap queues and one /dev/vhost-net per queue itself
 and hands the fds to QEMU over the QMP socket (SCM_RIGHTS + ``getfd``), then
 ``netdev_add`` (type tap, ``fds``, ``vhost``, ``vhostfds``) and ``device_add``.
 QEMU thus needs no access to /dev/net/tun or /dev/vhost-net, as under libvirt.
-
-QEMU runs daemonized (``-daemonize``): its first process exits only once the
-machine is built (kernel loaded, QMP socket listening), with QEMU's own error on
-stderr when that fails, so a bad start is known at once and not by a timeout.
-It starts paused (``-S``) and runs once its NICs are in.
 
 QEMU 7.2 behaviour relied on: a netdev takes the fds named by ``getfd`` (they
 leave the monitor's list); ``netdev_del`` closes them; ``device_del`` finishes
@@ -19,58 +15,30 @@ for the device to leave ``/machine/peripheral`` before deleting its netdev.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import time
 
+from vhostorch.backends import process
+from vhostorch.backends.contract import Started
+from vhostorch.check import observe as inspect
+from vhostorch.check.report import FAIL, PASS, UNKNOWN
 from vhostorch.errors import OperationFailed
 from vhostorch.kernel import procfs, tun
-from vhostorch.qemu.monitor import MonitorError, QmpSocket
+from vhostorch.qemu.monitor import MonitorError, QmpSocket, read_qmp, vhost_started
 from vhostorch.record import TYPE_CHECKING
-from vhostorch.vm.spec import disk_format
 
 if TYPE_CHECKING:
-    from vhostorch.vm.spec import NicSpec, VmSpec
+    from collections.abc import Sequence
 
-QEMU = "qemu-system-x86_64"
-START_TIMEOUT = 60.0  # QEMU building the machine (loading a kernel) before it daemonizes
-QMP_TIMEOUT = 10.0
-QUIT_TIMEOUT = 10.0
+    from vhostorch.check.observe import Observation
+    from vhostorch.vm.spec import NicSpec, VmSpec
+    from vhostorch.vm.state import NicState, VmState
+
 UNPLUG_TIMEOUT = 30.0
 
 
 def ids(tap: str) -> tuple[str, str]:
     """(device id, netdev id) of the NIC on ``tap``: QEMU ids start with a letter."""
     return f"nic.{tap}", f"tap.{tap}"
-
-
-def files(workdir: str) -> tuple[str, str, str]:
-    """(QMP socket, pid file, console log) in a VM's work directory."""
-    return (f"{workdir}/qmp.sock", f"{workdir}/qemu.pid", f"{workdir}/console.log")
-
-
-def argv(spec: VmSpec, workdir: str, qemu: str = QEMU) -> list[str]:
-    """QEMU's command line for ``spec``: no NIC, a QMP socket, paused, daemonized."""
-    qmp, pidfile, console = files(workdir)
-    args = [
-        qemu, "-name", f"guest={spec.name},debug-threads=on", "-machine", spec.machine,
-        "-accel", spec.accel, "-m", str(spec.memory), "-smp", str(spec.cpus),
-        "-display", "none", "-nodefaults", "-no-user-config", "-S", "-daemonize",
-        "-pidfile", pidfile, "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-serial", f"file:{console}",
-    ]  # fmt: skip
-    if spec.accel == "kvm":
-        args += ["-cpu", "host"]
-    if spec.kernel is not None:
-        args += ["-kernel", spec.kernel]
-        if spec.initrd is not None:
-            args += ["-initrd", spec.initrd]
-        if spec.cmdline is not None:
-            args += ["-append", spec.cmdline]
-    elif spec.disk is not None:
-        fmt = disk_format(spec.disk)
-        args += ["-drive", f"file={spec.disk.replace(',', ',,')},if=virtio,format={fmt}"]
-    return args
 
 
 def device_args(nic: NicSpec) -> dict[str, object]:
@@ -88,12 +56,6 @@ def device_args(nic: NicSpec) -> dict[str, object]:
     if nic.tap.mtu is not None:
         args["host_mtu"] = nic.tap.mtu  # offered to the guest (VIRTIO_NET_F_MTU)
     return args
-
-
-def _connect(qmp: str) -> QmpSocket:
-    sock = QmpSocket(qmp, QMP_TIMEOUT)
-    sock.open()
-    return sock
 
 
 def _open_queues(nic: NicSpec) -> list[int]:
@@ -172,64 +134,14 @@ def _quietly(sock: QmpSocket, command: str, args: dict[str, object]) -> None:
         pass  # undoing after a failure that is already being reported
 
 
-class Launch:
-    """A QEMU being built: started at once, so that its set-up overlaps vhostorch's own."""
-
-    def __init__(self, spec: VmSpec, workdir: str, qemu: str = QEMU) -> None:
-        os.makedirs(workdir, mode=0o755, exist_ok=True)
-        self.workdir = workdir
-        self.qemu = qemu
-        self.qmp, self.pidfile, _ = files(workdir)
-        try:
-            self.proc = subprocess.Popen(
-                argv(spec, workdir, qemu),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-        except FileNotFoundError:
-            _remove(workdir)
-            raise OperationFailed(f"{qemu} is not installed (Debian: qemu-system-x86)") from None
-
-    def ready(self) -> int:
-        """Wait until QEMU has built the machine and daemonized; its pid. Raises OperationFailed."""
-        try:
-            _, err = self.proc.communicate(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.abort()
-            raise OperationFailed(f"QEMU did not start within {START_TIMEOUT:.0f} s") from None
-        if self.proc.returncode != 0:
-            _remove(self.workdir)
-            prefix = f"{os.path.basename(self.qemu)}: "
-            lines = [
-                line.strip().removeprefix(prefix)
-                for line in err.decode(errors="replace").splitlines()[-4:]
-                if line.strip()
-            ]
-            said = "; ".join(lines) or f"exit status {self.proc.returncode}"
-            raise OperationFailed(f"QEMU exited at start: {said}")
-        pid = _pid(self.pidfile)
-        if pid is None:
-            self.abort()
-            raise OperationFailed(f"QEMU started but wrote no pid file ({self.pidfile})")
-        return pid
-
-    def abort(self) -> None:
-        """Stop this QEMU, whatever stage it reached."""
-        if self.proc.poll() is None:
-            self.proc.kill()  # the launcher vhostorch started; its daemon is stopped below
-        self.proc.communicate()
-        stop(_pid(self.pidfile), self.qmp, self.workdir)
-
-
-def start(launch: Launch, nics: list[tuple[NicSpec, bool]]) -> int:
+def start(launch: process.Launch, nics: Sequence[tuple[NicSpec, bool]]) -> int:
     """Add ``nics`` ((spec, vhost on)) to the QEMU being launched and let it run; its pid.
 
     On any failure QEMU is stopped and its work directory removed. Raises OperationFailed.
     """
     pid = launch.ready()
     try:
-        sock = _connect(launch.qmp)
+        sock = process.connect(launch.qmp)
         try:
             for nic, vhost_on in nics:
                 add_nic(sock, nic, vhost_on)
@@ -237,22 +149,14 @@ def start(launch: Launch, nics: list[tuple[NicSpec, bool]]) -> int:
         finally:
             sock.close()
     except BaseException:
-        stop(pid, launch.qmp, launch.workdir)
+        process.stop(pid, launch.qmp, launch.workdir)
         raise
     return pid
 
 
-def _pid(pidfile: str) -> int | None:
-    try:
-        with open(pidfile) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def attach(qmp: str, nic: NicSpec, vhost_on: bool) -> None:
     """Hot-plug ``nic`` into the running QEMU behind ``qmp``. Raises OperationFailed."""
-    sock = _connect(qmp)
+    sock = process.connect(qmp)
     try:
         add_nic(sock, nic, vhost_on)
     finally:
@@ -270,7 +174,7 @@ def detach(qmp: str, tap: str, timeout: float = UNPLUG_TIMEOUT) -> None:
     then stays as it was: attached, with its tap).
     """
     device, netdev = ids(tap)
-    sock = _connect(qmp)
+    sock = process.connect(qmp)
     try:
         if device in _peripherals(sock):
             sock.execute("device_del", {"id": device})
@@ -287,50 +191,86 @@ def detach(qmp: str, tap: str, timeout: float = UNPLUG_TIMEOUT) -> None:
         sock.close()
 
 
-def _ours(pid: int, workdir: str) -> bool:
-    """Whether ``pid`` is still the QEMU vhostorch started (pids are reused)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f"{workdir}/".encode() in f.read()
-    except OSError:
-        return False
+class _Start:
+    """QEMU launched at ``begin``: it needs no NIC to start, so it builds the machine while
+    the taps are made (tests/bench/test_bench_up.py measures what that saves)."""
+
+    what = "QEMU"
+
+    def __init__(self, spec: VmSpec, workdir: str) -> None:
+        self.launch = process.Launch(spec, workdir)
+
+    def run(self, nics: Sequence[tuple[NicSpec, bool]]) -> Started:
+        return Started(start(self.launch, nics), self.launch.qmp, None)
+
+    def abort(self) -> None:
+        self.launch.abort()
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while procfs.alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+class _Asker:
+    """Asks on one kept connection: in the test host a new connection per question cost the
+    booting guest 125 ms of CPU, a kept one 9 ms. A question that fails or times out is
+    asked again next time, on a new connection."""
 
+    def __init__(self, qmp: str) -> None:
+        self.qmp = qmp
+        self.sock: QmpSocket | None = None
 
-def stop(pid: int | None, qmp: str, workdir: str, timeout: float = QUIT_TIMEOUT) -> None:
-    """Stop the QEMU vhostorch started: QMP ``quit``, then SIGTERM, then SIGKILL, by pid."""
-    if pid is not None and _ours(pid, workdir):
+    def waiting(self, devices: Sequence[str]) -> list[str]:
         try:
-            sock = _connect(qmp)
-            try:
-                sock.execute("quit", None)
-            finally:
-                sock.close()
+            sock = self.sock
+            if sock is None:
+                sock = QmpSocket(self.qmp, process.QMP_TIMEOUT)
+                sock.open()  # closes itself when it fails
+                self.sock = sock
+            return [d for d in devices if not vhost_started(sock.execute, d)]
         except MonitorError:
-            pass  # signals follow
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if _wait_gone(pid, timeout):
-                break
-            if _ours(pid, workdir):
-                os.kill(pid, sig)
-        if not _wait_gone(pid, timeout):
-            # Only a task blocked in the kernel outlives SIGKILL; its files stay for a look.
-            raise OperationFailed(
-                f"QEMU pid {pid} does not exit, even on SIGKILL (blocked in the kernel: "
-                f"see /proc/{pid}/stack)"
-            )
-    _remove(workdir)
+            self.close()
+            return list(devices)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
-def _remove(workdir: str) -> None:
-    import shutil
+def _socket(state: VmState) -> str:
+    if state.qmp is None:
+        raise OperationFailed(f"the state of VM {state.name} names no QMP socket")
+    return state.qmp
 
-    shutil.rmtree(workdir, ignore_errors=True)
+
+class QmpBackend:
+    """backends.contract.Backend for a QEMU vhostorch starts and plugs NICs into over QMP."""
+
+    takes_uri = False
+
+    def vhost_refused(self, accel: str) -> str | None:
+        return None  # QEMU uses vhost under TCG too
+
+    def begin(self, spec: VmSpec, workdir: str, uri: str) -> _Start:
+        return _Start(spec, workdir)
+
+    def nic_ids(self, state: VmState, taps: Sequence[str]) -> list[tuple[str, str]]:
+        return [ids(tap) for tap in taps]
+
+    def stop(self, state: VmState) -> None:
+        process.stop(state.pid, _socket(state), state.workdir)
+
+    def attach(self, state: VmState, nic: NicSpec, vhost_on: bool) -> None:
+        attach(_socket(state), nic, vhost_on)
+
+    def detach(self, state: VmState, nic: NicState, timeout: float) -> None:
+        detach(_socket(state), nic.tap, timeout)
+
+    def observe(self, state: VmState) -> Observation:
+        """QEMU's monitor is asked over the socket vhostorch started it with."""
+        qmp = _socket(state)
+        return inspect.observe(state.pid, monitor=lambda: read_qmp(qmp), plan=state)
+
+    def final_started(self) -> tuple[str, ...]:
+        """QEMU's monitor says "not yet" (warn) until the guest driver is up: the rest is final."""
+        return (PASS, FAIL, UNKNOWN)
+
+    def asker(self, state: VmState) -> _Asker | None:
+        return None if state.qmp is None else _Asker(state.qmp)
