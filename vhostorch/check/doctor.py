@@ -1,13 +1,15 @@
 """Host validation before any VM runs, in the spirit of virt-host-validate, for vhost.
 
-Checks (stable ids): host.vhost-net, host.vhost-net.access, host.tun, host.kvm,
-host.worker-model, host.trace, host.libvirt.acl, host.libvirt.user, host.nofile.
+Checks (stable ids, listed in vhostorch.check.ids): host.vhost-net, host.vhost-net.access,
+host.tun, host.kvm, host.worker-model, host.trace, host.libvirt.acl, host.libvirt.user,
+host.nofile.
 """
 
 from __future__ import annotations
 
 import os
 
+from vhostorch.check import ids
 from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check, Report
 from vhostorch.libvirt import qemuconf
 
@@ -70,17 +72,17 @@ def vhost_net_checks(paths: Paths) -> list[Check]:
                 "/dev/vhost-net is missing and this kernel has no vhost_net module "
                 "(CONFIG_VHOST_NET): every virtio-net NIC falls back to QEMU's data path"
             )
-        return [Check("host.vhost-net", FAIL, message, {"path": dev, "module_loaded": loaded})]
+        return [Check(ids.HOST_VHOST_NET, FAIL, message, {"path": dev, "module_loaded": loaded})]
     checks = [
-        Check("host.vhost-net", PASS, "/dev/vhost-net is present",
+        Check(ids.HOST_VHOST_NET, PASS, "/dev/vhost-net is present",
               {"path": dev, "module_loaded": loaded, "mode": oct(st.st_mode & 0o777)})
     ]  # fmt: skip
     try:
         os.close(os.open(dev, os.O_RDWR))
-        checks.append(Check("host.vhost-net.access", PASS, "/dev/vhost-net opens read-write"))
+        checks.append(Check(ids.HOST_VHOST_NET_ACCESS, PASS, "/dev/vhost-net opens read-write"))
     except OSError as err:
         checks.append(
-            Check("host.vhost-net.access", FAIL, f"/dev/vhost-net does not open: {err.strerror}")
+            Check(ids.HOST_VHOST_NET_ACCESS, FAIL, f"/dev/vhost-net does not open: {err.strerror}")
         )
     return checks
 
@@ -88,45 +90,45 @@ def vhost_net_checks(paths: Paths) -> list[Check]:
 def _tun(paths: Paths) -> Check:
     dev = f"{paths.dev}/net/tun"
     if _char_device(dev) is None:
-        return Check("host.tun", FAIL, "/dev/net/tun is missing: load the tun module")
+        return Check(ids.HOST_TUN, FAIL, "/dev/net/tun is missing: load the tun module")
     try:
         os.close(os.open(dev, os.O_RDWR))
     except OSError as err:
-        return Check("host.tun", FAIL, f"/dev/net/tun does not open: {err.strerror}")
-    return Check("host.tun", PASS, "/dev/net/tun opens read-write")
+        return Check(ids.HOST_TUN, FAIL, f"/dev/net/tun does not open: {err.strerror}")
+    return Check(ids.HOST_TUN, PASS, "/dev/net/tun opens read-write")
 
 
 def kvm_check(paths: Paths) -> Check:
     dev = f"{paths.dev}/kvm"
     if _char_device(dev) is None:
-        return Check("host.kvm", FAIL, "/dev/kvm is missing: no hardware virtualization, and "
+        return Check(ids.HOST_KVM, FAIL, "/dev/kvm is missing: no hardware virtualization, and "
                      "libvirt uses vhost only for type='kvm' domains")  # fmt: skip
     import fcntl
 
     try:
         fd = os.open(dev, os.O_RDWR)
     except OSError as err:
-        return Check("host.kvm", FAIL, f"/dev/kvm does not open: {err.strerror}")
+        return Check(ids.HOST_KVM, FAIL, f"/dev/kvm does not open: {err.strerror}")
     try:
         version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
     except OSError as err:
-        return Check("host.kvm", FAIL, f"/dev/kvm does not answer KVM_GET_API_VERSION: {err}")
+        return Check(ids.HOST_KVM, FAIL, f"/dev/kvm does not answer KVM_GET_API_VERSION: {err}")
     finally:
         os.close(fd)
     modules = sorted(m for m in ("kvm_intel", "kvm_amd", "kvm_pvm")
                      if os.path.isdir(f"{paths.sys}/module/{m}"))  # fmt: skip
     evidence: dict[str, object] = {"api_version": version, "modules": modules}
     if version != KVM_API_VERSION:
-        return Check("host.kvm", FAIL, f"/dev/kvm speaks API {version}, not {KVM_API_VERSION}",
+        return Check(ids.HOST_KVM, FAIL, f"/dev/kvm speaks API {version}, not {KVM_API_VERSION}",
                      evidence)  # fmt: skip
     if modules == ["kvm_pvm"]:
-        return Check("host.kvm", WARN, "KVM here is kvm_pvm (paravirtualized, for running "
+        return Check(ids.HOST_KVM, WARN, "KVM here is kvm_pvm (paravirtualized, for running "
                      "inside a cloud VM): QEMU starts with it, but stock guest kernels may hang",
                      evidence)  # fmt: skip
     if not modules:
-        return Check("host.kvm", UNKNOWN, "/dev/kvm answers, from no module vhostorch knows",
+        return Check(ids.HOST_KVM, UNKNOWN, "/dev/kvm answers, from no module vhostorch knows",
                      evidence)  # fmt: skip
-    return Check("host.kvm", PASS, f"/dev/kvm is usable ({', '.join(modules)})", evidence)
+    return Check(ids.HOST_KVM, PASS, f"/dev/kvm is usable ({', '.join(modules)})", evidence)
 
 
 def _worker_model() -> Check:
@@ -135,14 +137,14 @@ def _worker_model() -> Check:
     try:
         version = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
     except (ValueError, IndexError):
-        return Check("host.worker-model", UNKNOWN, f"cannot read kernel version {release!r}")
+        return Check(ids.HOST_WORKER_MODEL, UNKNOWN, f"cannot read kernel version {release!r}")
     if version >= (6, 4):
         message = "vhost workers are threads inside each QEMU (vhost_task, Linux 6.4 and later)"
         model = "task"
     else:
         message = "vhost workers are kernel threads named vhost-<QEMU pid> (before Linux 6.4)"
         model = "kthread"
-    return Check("host.worker-model", PASS, message, {"kernel": release, "model": model})
+    return Check(ids.HOST_WORKER_MODEL, PASS, message, {"kernel": release, "model": model})
 
 
 def _trace(paths: Paths) -> Check:
@@ -150,13 +152,13 @@ def _trace(paths: Paths) -> Check:
 
     tracefs = f"{paths.sys}/kernel/tracing"
     if wiring.armed(tracefs):
-        return Check("host.trace", PASS, "the wiring trace is armed: nic.kick and nic.call can "
+        return Check(ids.HOST_TRACE, PASS, "the wiring trace is armed: nic.kick and nic.call can "
                      "be proved for QEMUs whose guest drivers start from now on")  # fmt: skip
     if not os.path.exists(f"{tracefs}/kprobe_events"):
-        return Check("host.trace", WARN, f"no tracefs with kprobe events at {tracefs}: nic.kick "
+        return Check(ids.HOST_TRACE, WARN, f"no tracefs with kprobe events at {tracefs}: nic.kick "
                      "and nic.call will be unknown (mount -t tracefs tracefs "
                      f"{tracefs}; CONFIG_KPROBE_EVENTS)")  # fmt: skip
-    return Check("host.trace", WARN, "the wiring trace is not armed: nic.kick and nic.call will "
+    return Check(ids.HOST_TRACE, WARN, "the wiring trace is not armed: nic.kick and nic.call will "
                  "be unknown (vhostorch trace arm, before VMs start)")  # fmt: skip
 
 
@@ -165,16 +167,18 @@ def _libvirt(paths: Paths) -> list[Check]:
         conf = qemuconf.read(paths.qemu_conf)
     except OSError as err:
         return [
-            Check("host.libvirt.acl", UNKNOWN, f"cannot read {paths.qemu_conf}: {err.strerror}")
+            Check(ids.HOST_LIBVIRT_ACL, UNKNOWN, f"cannot read {paths.qemu_conf}: {err.strerror}")
         ]
     if conf is None:
-        return [Check("host.libvirt.acl", UNKNOWN, f"libvirt is not installed ({paths.qemu_conf})")]
+        return [
+            Check(ids.HOST_LIBVIRT_ACL, UNKNOWN, f"libvirt is not installed ({paths.qemu_conf})")
+        ]
     checks = []
     acl = qemuconf.device_acl(conf)
     if acl is None:
         checks.append(
             Check(
-                "host.libvirt.acl",
+                ids.HOST_LIBVIRT_ACL,
                 PASS,
                 "cgroup_device_acl is libvirt's default; "
                 "libvirt opens /dev/vhost-net itself and passes the fds to QEMU",
@@ -183,7 +187,7 @@ def _libvirt(paths: Paths) -> list[Check]:
     elif "/dev/vhost-net" in acl:
         checks.append(
             Check(
-                "host.libvirt.acl",
+                ids.HOST_LIBVIRT_ACL,
                 PASS,
                 "cgroup_device_acl lists /dev/vhost-net",
                 {"cgroup_device_acl": list(acl)},
@@ -192,7 +196,7 @@ def _libvirt(paths: Paths) -> list[Check]:
     else:
         checks.append(
             Check(
-                "host.libvirt.acl",
+                ids.HOST_LIBVIRT_ACL,
                 WARN,
                 "cgroup_device_acl is set without /dev/vhost-net: a QEMU that opens "
                 "it itself (hot-plug without fds) is refused",
@@ -209,17 +213,17 @@ def _qemu_user(user: str | None, paths: Paths) -> Check:
 
     if user is None:
         defaults = ", ".join(qemuconf.DEFAULT_USERS)
-        return Check("host.libvirt.user", FAIL, "qemu.conf sets no user, and none of libvirt's "
+        return Check(ids.HOST_LIBVIRT_USER, FAIL, "qemu.conf sets no user, and none of libvirt's "
                      f"default QEMU users ({defaults}) exists")  # fmt: skip
     try:
         entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
     except KeyError:
-        return Check("host.libvirt.user", FAIL, f"libvirt's QEMU user {user!r} does not exist")
+        return Check(ids.HOST_LIBVIRT_USER, FAIL, f"libvirt's QEMU user {user!r} does not exist")
     groups = {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem} | {entry.pw_gid}
     try:
         st = os.stat(f"{paths.dev}/kvm")
     except OSError:
-        return Check("host.libvirt.user", UNKNOWN, "no /dev/kvm to check access to")
+        return Check(ids.HOST_LIBVIRT_USER, UNKNOWN, "no /dev/kvm to check access to")
     mode = st.st_mode
     allowed = (
         entry.pw_uid == 0
@@ -231,12 +235,12 @@ def _qemu_user(user: str | None, paths: Paths) -> Check:
                                    "kvm_mode": oct(mode & 0o777)}  # fmt: skip
     if not allowed:
         return Check(
-            "host.libvirt.user",
+            ids.HOST_LIBVIRT_USER,
             FAIL,
             f"libvirt's QEMU user {entry.pw_name} cannot open /dev/kvm",
             evidence,
         )
-    return Check("host.libvirt.user", PASS,
+    return Check(ids.HOST_LIBVIRT_USER, PASS,
                  f"libvirt's QEMU user {entry.pw_name} can open /dev/kvm (taps and vhost-net "
                  "are opened by libvirtd and passed as fds)", evidence)  # fmt: skip
 
@@ -248,13 +252,13 @@ def _nofile() -> Check:
     evidence: dict[str, object] = {"soft": soft, "hard": hard, "wanted": NOFILE_WANTED}
     if soft != resource.RLIM_INFINITY and soft < NOFILE_WANTED:
         return Check(
-            "host.nofile",
+            ids.HOST_NOFILE,
             WARN,
             f"open-file limit {soft} is low for many queues (a queue pair costs about "
             f"6 fds); raise it to {NOFILE_WANTED} or more (libvirt: max_files)",
             evidence,
         )
-    return Check("host.nofile", PASS, f"open-file limit {soft} allows many queues", evidence)
+    return Check(ids.HOST_NOFILE, PASS, f"open-file limit {soft} allows many queues", evidence)
 
 
 def doctor(paths: Paths | None = None) -> Report:

@@ -20,6 +20,20 @@ one family module, listed above its ids:
   check.vrings
     nic.kick            per virtqueue: the kick eventfd is a KVM ioeventfd
     nic.call            per virtqueue: the call eventfd is a KVM irqfd (MSI-X, in-kernel irqchip)
+  hook.program (when the domain's QEMU cannot be looked at)
+    vm.inspect          the QEMU of the domain could be found and read
+
+and the host checks ``doctor`` makes before any VM runs:
+
+    host.vhost-net          /dev/vhost-net exists (with the module that provides it)
+    host.vhost-net.access   /dev/vhost-net opens read-write
+    host.tun                /dev/net/tun opens read-write
+    host.kvm                /dev/kvm answers KVM's API (and which module serves it)
+    host.worker-model       vhost workers are kernel threads (< 6.4) or threads of QEMU
+    host.trace              the wiring trace is armed (needed by nic.kick and nic.call)
+    host.libvirt.acl        libvirt's cgroup_device_acl lets QEMU open /dev/vhost-net
+    host.libvirt.user       libvirt's QEMU user can open the devices
+    host.nofile             the open-file limit fits a VM's fds
 """
 
 from __future__ import annotations
@@ -36,3 +50,13 @@ VHOST_MEMTABLE = "nic.vhost.memtable"
 FEATURES = "nic.features"
 KICK = "nic.kick"
 CALL = "nic.call"
+VM_INSPECT = "vm.inspect"
+
+HOST_VHOST_NET_ACCESS = "host.vhost-net.access"
+HOST_TUN = "host.tun"
+HOST_KVM = "host.kvm"
+HOST_WORKER_MODEL = "host.worker-model"
+HOST_TRACE = "host.trace"
+HOST_LIBVIRT_ACL = "host.libvirt.acl"
+HOST_LIBVIRT_USER = "host.libvirt.user"
+HOST_NOFILE = "host.nofile"

@@ -46,7 +46,7 @@ def reports(
         try:
             qemu = monitor.peer_pid(qmp)
         except monitor.MonitorError as err:
-            raise procfs.CannotInspect(str(err)) from None
+            raise procfs.CannotInspect(str(err)) from err
         observed = inspect.observe(
             qemu, monitor=lambda: monitor.read_qmp(qmp), plan=vmstate.by_pid(qemu)
         )

@@ -25,6 +25,7 @@ check stops the domain). Errors are one line naming the element (InvalidSpec).
 from __future__ import annotations
 
 from vhostorch.errors import InvalidSpec
+from vhostorch.libvirt import qemuconf
 from vhostorch.libvirt.domxml import driver_queues
 from vhostorch.libvirt.domxml import root as domain_root
 from vhostorch.model import TapSpec
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 NAMESPACE = "http://vhostorch.org/xmlns/libvirt/1"
 POLICIES = ("warn", "enforce")
-DEFAULT_OWNER = "libvirt-qemu"  # Debian's qemu.conf default user
+DEFAULT_OWNER = qemuconf.DEFAULT_USERS[0]  # Debian's qemu.conf default user
 _TAP_ATTRS = {"dev", "bridge", "mtu", "owner", "group", "verify"}
 _VM_ATTRS = {"verify"}
 

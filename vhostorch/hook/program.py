@@ -242,6 +242,7 @@ def started(
     """Check the domain's QEMU; write the result; return it and the enforced failures."""
     from vhostorch.check import observe as inspect
     from vhostorch.check import verify
+    from vhostorch.check.ids import VM_INSPECT
     from vhostorch.check.report import FAIL, UNKNOWN, Check, Report
     from vhostorch.kernel import procfs
 
@@ -250,8 +251,8 @@ def started(
         report = verify.verify(inspect.observe(pid, domain=domain))
     except procfs.CannotInspect as err:
         # Nothing proved: every verdict is unknown. Enforcing means proving, so it fails.
-        report = Report({"domain": declared.domain}, (),
-                        (Check("vm.inspect", UNKNOWN, f"unknown: {err}"),))  # fmt: skip
+        unknown = Check(VM_INSPECT, UNKNOWN, f"unknown: {err}")
+        report = Report({"domain": declared.domain}, (), (unknown,))
         if declared.enforce:
             return report, _record(declared, report, [f"cannot check: {err}"], places)
         return report, _record(declared, report, [], places)
