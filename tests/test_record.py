@@ -66,18 +66,38 @@ def test_every_area_is_walked() -> None:
 @pytest.mark.parametrize("cls", RECORDS, ids=_ids)
 def test_slots_annotations_and_init_name_the_same_fields(cls: type[Record]) -> None:
     own = cls.__dict__.get("__slots__")
-    assert isinstance(own, tuple), "declare __slots__ as a tuple (even empty), or it has a dict"
+    assert isinstance(own, tuple), "a record's class gets __slots__ (no per-instance dict)"
     assert not hasattr(_placeholder(cls), "__dict__")
     fields = _slots(cls)
-    assert len(fields) == len(set(fields)), f"a slot is declared twice: {fields}"
+    assert len(fields) == len(set(fields)), f"a field is declared twice: {fields}"
     assert list(cls._fields) == fields
-    # Each class annotates exactly the slots it adds.
+    # Each class annotates exactly the fields it adds.
     assert list(inspect.get_annotations(cls)) == list(own)
+    assert set(cls._defaults) <= set(fields)
+    if cls.__init__ is Record.__init__:
+        return  # made from the fields: test_a_made_init_takes_the_fields_in_order
     parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     assert all(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters), (
         "name every field in __init__ (replace() calls it with each of them)"
     )
     assert sorted(p.name for p in parameters) == sorted(fields)
+
+
+def test_a_made_init_takes_the_fields_in_order_with_their_defaults() -> None:
+    from vhostorch.check.wiring import Vring
+
+    ring = Vring(3, 0, 40, 41, None, (), None)
+    assert ring.masked is False and ring.kick == 40  # the default from the class body
+    assert ring == Vring(vhost_fd=3, index=0, kick=40, call=41, backend=None, ioeventfds=(),
+                         irqfd=None, masked=False)  # fmt: skip
+    with pytest.raises(TypeError, match="missing 'irqfd'"):
+        Vring(3, 0, 40, 41, None, ())  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected or repeated 'kick'"):
+        Vring(3, 0, 40, 41, None, (), None, kick=1)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="takes 8 fields, not 9"):
+        Vring(3, 0, 40, 41, None, (), None, False, 9)  # type: ignore[call-arg]
+    with pytest.raises(AttributeError, match="immutable"):
+        ring.kick = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("cls", RECORDS, ids=_ids)

@@ -106,19 +106,6 @@ class TapSpec(Record):
     ``create_bridge`` says the bridge may be created when it is missing.
     """
 
-    __slots__ = (
-        "name",
-        "queues",
-        "vnet_hdr",
-        "owner",
-        "group",
-        "mtu",
-        "mac",
-        "bridge",
-        "netns",
-        "up",
-        "create_bridge",
-    )
     name: str
     queues: int
     vnet_hdr: bool

@@ -40,25 +40,17 @@ POLL = 1.0
 class Outcome(Record):
     """A VM vhostorch runs, the check made once its guest driver was up (or the wait ended)."""
 
-    __slots__ = ("state", "report", "waited", "driver_up")
     state: VmState
     report: Report
     waited: float
     driver_up: bool
 
-    def __init__(self, state: VmState, report: Report, waited: float, driver_up: bool) -> None:
-        self._init(state=state, report=report, waited=waited, driver_up=driver_up)
-
 
 class Host(Record):
     """What decides whether vhost can be had: doctor's checks for /dev/vhost-net and KVM."""
 
-    __slots__ = ("vhost", "kvm")
     vhost: tuple[str, str]  # (status, doctor's message)
     kvm: tuple[str, str]
-
-    def __init__(self, vhost: tuple[str, str], kvm: tuple[str, str]) -> None:
-        self._init(vhost=vhost, kvm=kvm)
 
     @classmethod
     def probe(cls, paths: doctor.Paths | None = None) -> Host:

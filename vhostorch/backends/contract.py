@@ -26,13 +26,9 @@ if TYPE_CHECKING:
 class Started(Record):
     """A VM running with its NICs: its QEMU's pid and how to reach it (kept in its state)."""
 
-    __slots__ = ("pid", "qmp", "uri")
     pid: int
     qmp: str | None  # the QMP socket vhostorch talks to, when the backend has one
     uri: str | None  # the libvirt connection URI, when the backend is libvirt
-
-    def __init__(self, pid: int, qmp: str | None, uri: str | None) -> None:
-        self._init(pid=pid, qmp=qmp, uri=uri)
 
 
 if TYPE_CHECKING:

@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 
 
 class Observation(Record):
-    __slots__ = (
-        "process", "args", "worker_model", "workers", "taps", "taps_seen", "vhost_net",
-        "domain", "monitor", "monitor_error", "wiring", "wiring_note", "plan",
-    )  # fmt: skip
     process: procfs.Process
     args: qemuargs.QemuArgs
     worker_model: str
@@ -40,33 +36,11 @@ class Observation(Record):
     taps_seen: str | None
     vhost_net: bool
     domain: Domain | None
-    monitor: MonitorView | None
-    monitor_error: str | None
-    wiring: Wiring | None
-    wiring_note: str | None
-    plan: VmState | None  # what vhostorch set up, for a VM it started
-
-    def __init__(
-        self,
-        process: procfs.Process,
-        args: qemuargs.QemuArgs,
-        worker_model: str,
-        workers: tuple[int, ...],
-        taps: dict[str, Link | None],
-        taps_seen: str | None,
-        vhost_net: bool,
-        domain: Domain | None,
-        monitor: MonitorView | None = None,
-        monitor_error: str | None = None,
-        wiring: Wiring | None = None,
-        wiring_note: str | None = None,
-        plan: VmState | None = None,
-    ) -> None:
-        self._init(
-            process=process, args=args, worker_model=worker_model, workers=workers, taps=taps,
-            taps_seen=taps_seen, vhost_net=vhost_net, domain=domain, monitor=monitor,
-            monitor_error=monitor_error, wiring=wiring, wiring_note=wiring_note, plan=plan,
-        )  # fmt: skip
+    monitor: MonitorView | None = None
+    monitor_error: str | None = None
+    wiring: Wiring | None = None
+    wiring_note: str | None = None
+    plan: VmState | None = None  # what vhostorch set up, for a VM it started
 
 
 # libvirt's QEMU driver writes each running domain's pid here (qemu:///system).

@@ -15,7 +15,6 @@ STATUSES = (PASS, WARN, FAIL, UNKNOWN)
 
 
 class Check(Record):
-    __slots__ = ("id", "nic", "queue", "status", "message", "evidence")
     id: str
     nic: str | None
     queue: int | None
@@ -42,18 +41,9 @@ class Check(Record):
 class Report(Record):
     """Everything checked for one target (a QEMU process, or the host for doctor)."""
 
-    __slots__ = ("target", "nics", "checks")
     target: dict[str, object]
     nics: tuple[dict[str, object], ...]
     checks: tuple[Check, ...]
-
-    def __init__(
-        self,
-        target: dict[str, object],
-        nics: tuple[dict[str, object], ...],
-        checks: tuple[Check, ...],
-    ) -> None:
-        self._init(target=target, nics=nics, checks=checks)
 
     def ok(self, strict: bool = False) -> bool:
         bad = (FAIL, WARN, UNKNOWN) if strict else (FAIL,)

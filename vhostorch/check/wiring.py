@@ -63,7 +63,6 @@ PROBE = (
 
 
 class Event(Record):
-    __slots__ = ("tgid", "tid", "time", "fd", "cmd", "words")
     tgid: int
     tid: int
     time: float
@@ -71,16 +70,10 @@ class Event(Record):
     cmd: int
     words: tuple[int, int, int, int]
 
-    def __init__(
-        self, tgid: int, tid: int, time: float, fd: int, cmd: int, words: tuple[int, int, int, int]
-    ) -> None:
-        self._init(tgid=tgid, tid=tid, time=time, fd=fd, cmd=cmd, words=words)
-
 
 class Vring(Record):
     """What the trace shows for one vring of one vhost fd."""
 
-    __slots__ = ("vhost_fd", "index", "kick", "call", "backend", "ioeventfds", "irqfd", "masked")
     vhost_fd: int
     index: int
     kick: int | None
@@ -92,45 +85,17 @@ class Vring(Record):
     # "masked notifier", where it parks vhost's interrupts while the guest has the
     # queue's MSI-X vector masked (hw/virtio/vhost.c, vhost_virtqueue_init/_mask).
     # False also when the trace did not see the vhost fd's SET_OWNER.
-    masked: bool
-
-    def __init__(
-        self,
-        vhost_fd: int,
-        index: int,
-        kick: int | None,
-        call: int | None,
-        backend: int | None,
-        ioeventfds: tuple[dict[str, int], ...],
-        irqfd: dict[str, int] | None,
-        masked: bool = False,
-    ) -> None:
-        self._init(
-            vhost_fd=vhost_fd, index=index, kick=kick, call=call, backend=backend,
-            ioeventfds=ioeventfds, irqfd=irqfd, masked=masked,
-        )  # fmt: skip
+    masked: bool = False
 
 
 class Wiring(Record):
     """The final state of one QEMU's vhost devices as its traced ioctls left them."""
 
-    __slots__ = ("events", "owners", "features", "mem_regions", "vrings")
     events: int
     owners: tuple[int, ...]
     features: dict[int, int]
     mem_regions: dict[int, int]
     vrings: tuple[Vring, ...]
-
-    def __init__(
-        self,
-        events: int,
-        owners: tuple[int, ...],
-        features: dict[int, int],
-        mem_regions: dict[int, int],
-        vrings: tuple[Vring, ...],
-    ) -> None:
-        self._init(events=events, owners=owners, features=features, mem_regions=mem_regions,
-                   vrings=vrings)  # fmt: skip
 
     def vring(self, vhost_fd: int, index: int) -> Vring | None:
         for v in self.vrings:

@@ -20,7 +20,6 @@ _POSITIONAL = "positional"  # the kind of Command.positional's words, for Parsed
 class Option(Record):
     """``--name``; ``kind`` is FLAG (sets True), NEGATE (sets False), VALUE, INT or APPEND."""
 
-    __slots__ = ("name", "kind", "help", "dest")
     name: str
     kind: str
     help: str
@@ -38,31 +37,12 @@ class Command(Record):
     own: everything from its first word on is taken as it is.
     """
 
-    __slots__ = ("path", "summary", "positional", "arity", "options", "epilog")
     path: tuple[str, ...]
     summary: str
     positional: str
     arity: str
     options: tuple[Option, ...]
-    epilog: str
-
-    def __init__(
-        self,
-        path: tuple[str, ...],
-        summary: str,
-        positional: str,
-        arity: str,
-        options: tuple[Option, ...],
-        epilog: str = "",
-    ) -> None:
-        self._init(
-            path=path,
-            summary=summary,
-            positional=positional,
-            arity=arity,
-            options=options,
-            epilog=epilog,
-        )
+    epilog: str = ""
 
     def usage(self) -> str:
         shown = {

@@ -114,14 +114,14 @@ def _wait(args: Parsed) -> float:
 
 
 def _up(args: Parsed) -> int:
-    from vhostorch import orchestrate
+    from vhostorch import backends, orchestrate
     from vhostorch.libvirt import connection as virt
     from vhostorch.vm import spec as vmspec
 
     spec = vmspec.load(args.texts("SPEC")[0])
     backend = args.text("backend") or "qmp"
-    if args.text("connect") and backend != "libvirt":
-        raise InvalidSpec("up: --connect goes with --backend libvirt")
+    if args.text("connect") and backend not in backends.taking_uri():
+        raise InvalidSpec(f"up: --connect goes with --backend {' or '.join(backends.taking_uri())}")
     outcome = orchestrate.up(
         spec, backend, uri=args.text("connect") or virt.SYSTEM_URI, wait=_wait(args)
     )

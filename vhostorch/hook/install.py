@@ -49,13 +49,9 @@ def installed_program() -> str:
 
 
 class Installed(Record):
-    __slots__ = ("path", "action", "other_hooks")
     path: str
     action: str  # installed, updated, unchanged, removed, absent
     other_hooks: tuple[str, ...]
-
-    def __init__(self, path: str, action: str, other_hooks: tuple[str, ...]) -> None:
-        self._init(path=path, action=action, other_hooks=other_hooks)
 
 
 def _path(name: str, hooks_dir: str) -> str:

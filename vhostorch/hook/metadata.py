@@ -43,25 +43,17 @@ _VM_ATTRS = {"verify"}
 
 
 class ManagedTap(Record):
-    __slots__ = ("spec", "verify")
     spec: TapSpec
     verify: str
-
-    def __init__(self, spec: TapSpec, verify: str) -> None:
-        self._init(spec=spec, verify=verify)
 
 
 class Declared(Record):
     """The domain's name, its ``<vhostorch:vm verify=>`` policy (None: the domain has no
     vhostorch metadata, so nothing to do) and the taps vhostorch is to manage for it."""
 
-    __slots__ = ("domain", "verify", "taps")
     domain: str
     verify: str | None
     taps: tuple[ManagedTap, ...]
-
-    def __init__(self, domain: str, verify: str | None, taps: tuple[ManagedTap, ...]) -> None:
-        self._init(domain=domain, verify=verify, taps=taps)
 
     @property
     def enforce(self) -> bool:

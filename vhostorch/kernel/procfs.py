@@ -26,13 +26,9 @@ EVENTFD = "anon_inode:[eventfd]"
 class Fd(Record):
     """One open file of a process: its number, what it points to, and its fdinfo lines."""
 
-    __slots__ = ("num", "target", "info")
     num: int
     target: str
     info: dict[str, str]
-
-    def __init__(self, num: int, target: str, info: dict[str, str]) -> None:
-        self._init(num=num, target=target, info=info)
 
     @property
     def tap(self) -> str | None:
@@ -41,35 +37,19 @@ class Fd(Record):
 
 
 class Thread(Record):
-    __slots__ = ("tid", "comm")
     tid: int
     comm: str
-
-    def __init__(self, tid: int, comm: str) -> None:
-        self._init(tid=tid, comm=comm)
 
 
 class Process(Record):
     """A snapshot of one process as /proc shows it."""
 
-    __slots__ = ("pid", "comm", "argv", "fds", "threads", "start_ticks")
     pid: int
     comm: str
     argv: tuple[str, ...]
     fds: tuple[Fd, ...]
     threads: tuple[Thread, ...]
     start_ticks: int
-
-    def __init__(
-        self,
-        pid: int,
-        comm: str,
-        argv: tuple[str, ...],
-        fds: tuple[Fd, ...],
-        threads: tuple[Thread, ...],
-        start_ticks: int,
-    ) -> None:
-        self._init(pid=pid, comm=comm, argv=argv, fds=fds, threads=threads, start_ticks=start_ticks)
 
     def fds_to(self, target: str) -> list[Fd]:
         return [fd for fd in self.fds if fd.target == target]

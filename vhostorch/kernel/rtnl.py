@@ -78,17 +78,6 @@ _RECV = 1 << 16
 class TunInfo(Record):
     """What the tun driver reports about a tun/tap device (IFLA_INFO_DATA)."""
 
-    __slots__ = (
-        "tap",
-        "pi",
-        "vnet_hdr",
-        "multi_queue",
-        "persist",
-        "owner",
-        "group",
-        "attached_queues",
-        "disabled_queues",
-    )
     tap: bool
     pi: bool
     vnet_hdr: bool
@@ -99,35 +88,10 @@ class TunInfo(Record):
     attached_queues: int
     disabled_queues: int
 
-    def __init__(
-        self,
-        tap: bool,
-        pi: bool,
-        vnet_hdr: bool,
-        multi_queue: bool,
-        persist: bool,
-        owner: int | None,
-        group: int | None,
-        attached_queues: int,
-        disabled_queues: int,
-    ) -> None:
-        self._init(
-            tap=tap,
-            pi=pi,
-            vnet_hdr=vnet_hdr,
-            multi_queue=multi_queue,
-            persist=persist,
-            owner=owner,
-            group=group,
-            attached_queues=attached_queues,
-            disabled_queues=disabled_queues,
-        )
-
 
 class Link(Record):
     """One network device as RTM_NEWLINK describes it; ``master`` is an ifindex."""
 
-    __slots__ = ("index", "name", "kind", "up", "mtu", "mac", "master", "alias", "carrier", "tun")
     index: int
     name: str
     kind: str | None
@@ -138,32 +102,6 @@ class Link(Record):
     alias: str | None
     carrier: bool | None
     tun: TunInfo | None
-
-    def __init__(
-        self,
-        index: int,
-        name: str,
-        kind: str | None,
-        up: bool,
-        mtu: int,
-        mac: str | None,
-        master: int | None,
-        alias: str | None,
-        carrier: bool | None,
-        tun: TunInfo | None,
-    ) -> None:
-        self._init(
-            index=index,
-            name=name,
-            kind=kind,
-            up=up,
-            mtu=mtu,
-            mac=mac,
-            master=master,
-            alias=alias,
-            carrier=carrier,
-            tun=tun,
-        )
 
 
 def _attr(kind: int, payload: bytes) -> bytes:

@@ -31,12 +31,8 @@ _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")
 class TapFlags(Record):
     """What QEMU asks for when it opens the tap: the device must have been made the same way."""
 
-    __slots__ = ("multi_queue", "vnet_hdr")
     multi_queue: bool
     vnet_hdr: bool
-
-    def __init__(self, multi_queue: bool, vnet_hdr: bool) -> None:
-        self._init(multi_queue=multi_queue, vnet_hdr=vnet_hdr)
 
     def ifr_flags(self) -> int:
         flags = IFF_TAP | IFF_NO_PI

@@ -37,19 +37,11 @@ GUEST_APPEND = "console=ttyS0 quiet panic=-1 cryptomgr.notests pci=noearly iommu
 class Image(Record):
     """Everything needed to boot the test host and the guests inside it."""
 
-    __slots__ = ("kver", "root", "kernel", "host_initrd", "guest_initrd")
     kver: str
     root: str
     kernel: str
     host_initrd: str
     guest_initrd: str
-
-    def __init__(
-        self, kver: str, root: str, kernel: str, host_initrd: str, guest_initrd: str
-    ) -> None:
-        self._init(
-            kver=kver, root=root, kernel=kernel, host_initrd=host_initrd, guest_initrd=guest_initrd
-        )
 
 
 def _run(cmd: list[str], what: str) -> str:

@@ -54,16 +54,10 @@ ENV_PASSED = (
 class Outcome(Record):
     """How a run went: the command's exit status and where the time went."""
 
-    __slots__ = ("status", "boot_seconds", "seconds", "results")
     status: int
     boot_seconds: float | None
     seconds: float
     results: str
-
-    def __init__(
-        self, status: int, boot_seconds: float | None, seconds: float, results: str
-    ) -> None:
-        self._init(status=status, boot_seconds=boot_seconds, seconds=seconds, results=results)
 
 
 def _available_mib() -> int:

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 class Interface(Record):
     """One ``<interface>``: its type, tap, model, ``<driver name= queues=>`` and alias."""
 
-    __slots__ = ("type", "target", "model", "driver", "queues", "alias", "mac")
     type: str
     target: str | None
     model: str | None
@@ -24,21 +23,6 @@ class Interface(Record):
     alias: str | None
     mac: str | None
 
-    def __init__(
-        self,
-        type: str,
-        target: str | None,
-        model: str | None,
-        driver: str | None,
-        queues: int,
-        alias: str | None,
-        mac: str | None,
-    ) -> None:
-        self._init(
-            type=type, target=target, model=model, driver=driver, queues=queues, alias=alias,
-            mac=mac,
-        )  # fmt: skip
-
     @property
     def netdev_id(self) -> str | None:
         """libvirt names the netdev of alias ``net0`` ``hostnet0``."""
@@ -46,13 +30,9 @@ class Interface(Record):
 
 
 class Domain(Record):
-    __slots__ = ("name", "type", "interfaces")
     name: str
     type: str
     interfaces: tuple[Interface, ...]
-
-    def __init__(self, name: str, type: str, interfaces: tuple[Interface, ...]) -> None:
-        self._init(name=name, type=type, interfaces=interfaces)
 
 
 class _Element:

@@ -97,7 +97,6 @@ def _fds(value: object) -> tuple[int, ...]:
 class NetdevArg(Record):
     """One ``-netdev`` (or the netdev half of ``-nic``) as given."""
 
-    __slots__ = ("id", "type", "vhost", "vhostforce", "fds", "vhostfds", "ifname", "queues")
     id: str
     type: str
     vhost: bool | None
@@ -106,28 +105,6 @@ class NetdevArg(Record):
     vhostfds: tuple[int, ...]
     ifname: str | None
     queues: int | None
-
-    def __init__(
-        self,
-        id: str,
-        type: str,
-        vhost: bool | None,
-        vhostforce: bool,
-        fds: tuple[int, ...],
-        vhostfds: tuple[int, ...],
-        ifname: str | None,
-        queues: int | None,
-    ) -> None:
-        self._init(
-            id=id,
-            type=type,
-            vhost=vhost,
-            vhostforce=vhostforce,
-            fds=fds,
-            vhostfds=vhostfds,
-            ifname=ifname,
-            queues=queues,
-        )
 
     @property
     def queue_pairs(self) -> int:
@@ -142,7 +119,6 @@ class NetdevArg(Record):
 class DeviceArg(Record):
     """One virtio-net ``-device`` (or the device half of ``-nic``)."""
 
-    __slots__ = ("driver", "id", "netdev", "mq", "vectors", "mac")
     driver: str
     id: str | None
     netdev: str | None
@@ -150,35 +126,13 @@ class DeviceArg(Record):
     vectors: int | None
     mac: str | None
 
-    def __init__(
-        self,
-        driver: str,
-        id: str | None,
-        netdev: str | None,
-        mq: bool,
-        vectors: int | None,
-        mac: str | None,
-    ) -> None:
-        self._init(driver=driver, id=id, netdev=netdev, mq=mq, vectors=vectors, mac=mac)
-
 
 class QemuArgs(Record):
-    __slots__ = ("name", "accel", "netdevs", "devices", "qmp")
     name: str | None
     accel: tuple[str, ...]
     netdevs: tuple[NetdevArg, ...]
     devices: tuple[DeviceArg, ...]
     qmp: str | None
-
-    def __init__(
-        self,
-        name: str | None,
-        accel: tuple[str, ...],
-        netdevs: tuple[NetdevArg, ...],
-        devices: tuple[DeviceArg, ...],
-        qmp: str | None,
-    ) -> None:
-        self._init(name=name, accel=accel, netdevs=netdevs, devices=devices, qmp=qmp)
 
     def device_for(self, netdev: str) -> DeviceArg | None:
         for device in self.devices:

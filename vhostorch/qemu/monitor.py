@@ -43,10 +43,6 @@ def _features(value: object) -> tuple[str, ...]:
 class VirtioNet(Record):
     """One virtio-net device as the monitor sees it."""
 
-    __slots__ = (
-        "device", "path", "netdev", "statuses", "vhost_started", "vm_running", "num_vqs",
-        "vhost", "guest_features", "acked_features",
-    )  # fmt: skip
     device: str
     path: str
     netdev: str | None
@@ -58,38 +54,15 @@ class VirtioNet(Record):
     guest_features: tuple[str, ...]
     acked_features: tuple[str, ...]
 
-    def __init__(
-        self,
-        device: str,
-        path: str,
-        netdev: str | None,
-        statuses: tuple[str, ...],
-        vhost_started: bool,
-        vm_running: bool,
-        num_vqs: int,
-        vhost: dict[str, object] | None,
-        guest_features: tuple[str, ...],
-        acked_features: tuple[str, ...],
-    ) -> None:
-        self._init(
-            device=device, path=path, netdev=netdev, statuses=statuses,
-            vhost_started=vhost_started, vm_running=vm_running, num_vqs=num_vqs, vhost=vhost,
-            guest_features=guest_features, acked_features=acked_features,
-        )  # fmt: skip
-
     @property
     def driver_ok(self) -> bool:
         return DRIVER_OK in self.statuses
 
 
 class MonitorView(Record):
-    __slots__ = ("source", "kvm", "nics")
     source: str
     kvm: dict[str, object]
     nics: tuple[VirtioNet, ...]
-
-    def __init__(self, source: str, kvm: dict[str, object], nics: tuple[VirtioNet, ...]) -> None:
-        self._init(source=source, kvm=kvm, nics=nics)
 
     def nic_for(self, device: str | None, netdev: str | None) -> VirtioNet | None:
         for nic in self.nics:

@@ -56,24 +56,6 @@ if TYPE_CHECKING:
 class TapState(Record):
     """A tap as the kernel reports it, for `show`."""
 
-    __slots__ = (
-        "name",
-        "netns",
-        "ifindex",
-        "queue_mode",
-        "vnet_hdr",
-        "no_pi",
-        "persist",
-        "owner",
-        "group",
-        "mtu",
-        "mac",
-        "bridge",
-        "up",
-        "carrier",
-        "attached_queues",
-        "managed",
-    )
     name: str
     netns: str | None
     ifindex: int

@@ -28,14 +28,10 @@ NO_MASTER = ""  # SetLink.master value that detaches the link from its bridge
 
 
 class CreateTap(Record):
-    __slots__ = ("name", "flags", "owner", "group")
     name: str
     flags: TapFlags
     owner: int | None
     group: int | None
-
-    def __init__(self, name: str, flags: TapFlags, owner: int | None, group: int | None) -> None:
-        self._init(name=name, flags=flags, owner=owner, group=group)
 
     def __str__(self) -> str:
         return f"create tap {self.name}"
@@ -44,8 +40,6 @@ class CreateTap(Record):
 class RetuneTap(CreateTap):
     """Re-attach to an existing tap to change vnet_hdr, owner or group."""
 
-    __slots__ = ()
-
     def __str__(self) -> str:
         return f"re-tune tap {self.name}"
 
@@ -53,24 +47,12 @@ class RetuneTap(CreateTap):
 class SetLink(Record):
     """A change of link attributes; None leaves one alone, NO_MASTER detaches."""
 
-    __slots__ = ("name", "up", "mtu", "mac", "master", "alias")
     name: str
-    up: bool | None
-    mtu: int | None
-    mac: str | None
-    master: str | None
-    alias: str | None
-
-    def __init__(
-        self,
-        name: str,
-        up: bool | None = None,
-        mtu: int | None = None,
-        mac: str | None = None,
-        master: str | None = None,
-        alias: str | None = None,
-    ) -> None:
-        self._init(name=name, up=up, mtu=mtu, mac=mac, master=master, alias=alias)
+    up: bool | None = None
+    mtu: int | None = None
+    mac: str | None = None
+    master: str | None = None
+    alias: str | None = None
 
     def __str__(self) -> str:
         parts = [f"{k}={v}" for k, v in self.fields() if k != "name" and v is not None]
@@ -78,19 +60,13 @@ class SetLink(Record):
 
 
 class CreateBridge(Record):
-    __slots__ = ("name",)
     name: str
-
-    def __init__(self, name: str) -> None:
-        self._init(name=name)
 
     def __str__(self) -> str:
         return f"create bridge {self.name}"
 
 
 class DeleteLink(CreateBridge):
-    __slots__ = ()
-
     def __str__(self) -> str:
         return f"delete {self.name}"
 
@@ -101,44 +77,28 @@ Step = CreateTap | SetLink | CreateBridge
 class Change(Record):
     """A step and the steps that undo it."""
 
-    __slots__ = ("step", "undo")
     step: Step
-    undo: tuple[Step, ...]
-
-    def __init__(self, step: Step, undo: tuple[Step, ...] = ()) -> None:
-        self._init(step=step, undo=undo)
+    undo: tuple[Step, ...] = ()
 
 
 class TapResult(Record):
     """What happened to one tap: created, changed, recreated, unchanged, deleted or absent."""
 
-    __slots__ = ("name", "action", "changes")
     name: str
     action: str
-    changes: tuple[str, ...]
-
-    def __init__(self, name: str, action: str, changes: tuple[str, ...] = ()) -> None:
-        self._init(name=name, action=action, changes=changes)
+    changes: tuple[str, ...] = ()
 
 
 class Plan(Record):
-    __slots__ = ("changes", "results")
     changes: tuple[Change, ...]
     results: tuple[TapResult, ...]
-
-    def __init__(self, changes: tuple[Change, ...], results: tuple[TapResult, ...]) -> None:
-        self._init(changes=changes, results=results)
 
 
 class Ids(Record):
     """Owner and group of a tap as numeric ids, resolved from the spec's names."""
 
-    __slots__ = ("owner", "group")
     owner: int | None
     group: int | None
-
-    def __init__(self, owner: int | None, group: int | None) -> None:
-        self._init(owner=owner, group=group)
 
 
 def device_kind(link: Link) -> str:

@@ -90,7 +90,6 @@ def default_mac(vm: str, index: int) -> str:
 class NicSpec(Record):
     """One virtio-net NIC: its tap (created by vhostorch), guest MAC, queues and vhost mode."""
 
-    __slots__ = ("tap", "mac", "vhost", "rx_queue_size", "tx_queue_size")
     tap: TapSpec
     mac: str
     vhost: str
@@ -131,10 +130,6 @@ class NicSpec(Record):
 
 
 class VmSpec(Record):
-    __slots__ = (
-        "name", "memory", "cpus", "machine", "accel", "kernel", "initrd", "cmdline", "disk",
-        "nics",
-    )  # fmt: skip
     name: str
     memory: int
     cpus: int

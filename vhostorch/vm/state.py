@@ -19,16 +19,11 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 STATE_DIR = "/run/vhostorch/vms"
-BACKENDS = ("qmp", "libvirt")
 
 
 class NicState(Record):
     """One NIC as vhostorch set it up: its QEMU ids, tap, and whether vhost was asked of QEMU."""
 
-    __slots__ = (
-        "tap", "device", "netdev", "queues", "mac", "vhost", "vhost_on", "fallback",
-        "tap_created",
-    )  # fmt: skip
     tap: str
     device: str
     netdev: str
@@ -39,26 +34,8 @@ class NicState(Record):
     fallback: str | None  # why a preferred NIC runs without vhost
     tap_created: bool  # created for this VM, so removed with it
 
-    def __init__(
-        self,
-        tap: str,
-        device: str,
-        netdev: str,
-        queues: int,
-        mac: str,
-        vhost: str,
-        vhost_on: bool,
-        fallback: str | None,
-        tap_created: bool,
-    ) -> None:
-        self._init(
-            tap=tap, device=device, netdev=netdev, queues=queues, mac=mac, vhost=vhost,
-            vhost_on=vhost_on, fallback=fallback, tap_created=tap_created,
-        )  # fmt: skip
-
 
 class VmState(Record):
-    __slots__ = ("name", "backend", "pid", "accel", "qmp", "uri", "workdir", "nics")
     name: str
     backend: str
     pid: int
@@ -67,22 +44,6 @@ class VmState(Record):
     uri: str | None  # the libvirt backend's connection URI
     workdir: str  # console log, QMP socket, pid file
     nics: tuple[NicState, ...]
-
-    def __init__(
-        self,
-        name: str,
-        backend: str,
-        pid: int,
-        accel: str,
-        qmp: str | None,
-        uri: str | None,
-        workdir: str,
-        nics: tuple[NicState, ...],
-    ) -> None:
-        self._init(
-            name=name, backend=backend, pid=pid, accel=accel, qmp=qmp, uri=uri, workdir=workdir,
-            nics=nics,
-        )  # fmt: skip
 
     def nic(self, tap: str) -> NicState | None:
         return next((n for n in self.nics if n.tap == tap), None)
