@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from vhostorch.check.ids import CALL, KICK
 from vhostorch.check.nics import virtio
-from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check
 from vhostorch.kernel import procfs
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vhostorch.check.nics import Nic
     from vhostorch.check.observe import Observation
-    from vhostorch.check.report import Check
     from vhostorch.check.wiring import Vring
 
 NO_TRACE = (
@@ -83,17 +82,31 @@ def _eventfd(obs: Observation, num: int) -> dict[str, object]:
     return {"fd": num, "open_as_eventfd": True, "eventfd_id": fd.info.get("eventfd-id")}
 
 
-def kick(obs: Observation, nic: Nic, queue: int) -> Check:
-    """nic.kick: the vring's kick eventfd is KVM's ioeventfd for this queue's notify."""
+def _judgeable(
+    obs: Observation, nic: Nic, queue: int, check_id: str, role: str
+) -> Check | tuple[Vring, dict[str, object], int]:
+    """The vring of virtqueue ``queue``, its evidence and its ``role`` ("kick" or "call")
+    eventfd; or the verdict, when the vring cannot be judged or has no such eventfd."""
     shared = _unwired(obs, nic, queue)
     if shared is not None:
-        return nic.check(KICK, *shared, queue=queue)
+        return nic.check(check_id, *shared, queue=queue)
     vring, base = _vring(obs, nic, queue)
     assert vring is not None
-    if vring.kick is None or vring.kick < 0:
-        return nic.check(KICK, FAIL, "vhost has no kick eventfd for this vring", base, queue=queue)
+    fd = vring.kick if role == "kick" else vring.call
+    if fd is None or fd < 0:
+        message = f"vhost has no {role} eventfd for this vring"
+        return nic.check(check_id, FAIL, message, base, queue=queue)
+    return vring, base, fd
+
+
+def kick(obs: Observation, nic: Nic, queue: int) -> Check:
+    """nic.kick: the vring's kick eventfd is KVM's ioeventfd for this queue's notify."""
+    found = _judgeable(obs, nic, queue, KICK, "kick")
+    if isinstance(found, Check):
+        return found
+    vring, base, fd = found
     notify = list(vring.ioeventfds)
-    evidence = {**base, "kick": _eventfd(obs, vring.kick), "ioeventfds": notify}
+    evidence = {**base, "kick": _eventfd(obs, fd), "ioeventfds": notify}
     # Legacy port-I/O notify matches the written value against the queue index.
     other = [n["datamatch"] for n in notify if n["datamatch"] not in (-1, queue)]
     where = ", ".join(
@@ -103,50 +116,47 @@ def kick(obs: Observation, nic: Nic, queue: int) -> Check:
     )
     if not notify:
         message = (
-            f"kick eventfd {vring.kick} is not a KVM ioeventfd: QEMU relays the guest's "
+            f"kick eventfd {fd} is not a KVM ioeventfd: QEMU relays the guest's "
             "notifications in userspace"
         )
         return nic.check(KICK, FAIL, message, evidence, queue=queue)
     if other:
         message = (
-            f"kick eventfd {vring.kick} is KVM's ioeventfd for queue {other[0]}'s notify "
+            f"kick eventfd {fd} is KVM's ioeventfd for queue {other[0]}'s notify "
             f"({where}), not this queue's"
         )
         return nic.check(KICK, FAIL, message, evidence, queue=queue)
-    message = f"kick eventfd {vring.kick} is KVM's ioeventfd for this queue's notify ({where})"
+    message = f"kick eventfd {fd} is KVM's ioeventfd for this queue's notify ({where})"
     return nic.check(KICK, PASS, message, evidence, queue=queue)
 
 
 def call(obs: Observation, nic: Nic, queue: int) -> Check:
     """nic.call: the vring's call eventfd is a KVM irqfd (MSI-X, in-kernel irqchip)."""
-    shared = _unwired(obs, nic, queue)
-    if shared is not None:
-        return nic.check(CALL, *shared, queue=queue)
-    vring, base = _vring(obs, nic, queue)
-    assert vring is not None
-    if vring.call is None or vring.call < 0:
-        return nic.check(CALL, FAIL, "vhost has no call eventfd for this vring", base, queue=queue)
+    found = _judgeable(obs, nic, queue, CALL, "call")
+    if isinstance(found, Check):
+        return found
+    vring, base, fd = found
     evidence = {
         **base,
-        "call": _eventfd(obs, vring.call),
+        "call": _eventfd(obs, fd),
         "irqfd": vring.irqfd,
         "masked": vring.masked,
     }
     if vring.irqfd is None and vring.masked:
         message = (
-            f"call eventfd {vring.call} is QEMU's masked notifier: the guest has masked this "
+            f"call eventfd {fd} is QEMU's masked notifier: the guest has masked this "
             "queue's MSI-X vector right now (as it does while moving an interrupt), so QEMU "
             "holds vhost's interrupts until it unmasks; check again"
         )
         return nic.check(CALL, WARN, message, evidence, queue=queue)
     if vring.irqfd is None:
         message = (
-            f"call eventfd {vring.call} is not a KVM irqfd: QEMU injects the interrupts itself "
+            f"call eventfd {fd} is not a KVM irqfd: QEMU injects the interrupts itself "
             "(no MSI-X, or no in-kernel irqchip)"
         )
         return nic.check(CALL, FAIL, message, evidence, queue=queue)
     message = (
-        f"call eventfd {vring.call} is KVM's irqfd for GSI {vring.irqfd['gsi']} (QEMU's "
+        f"call eventfd {fd} is KVM's irqfd for GSI {vring.irqfd['gsi']} (QEMU's "
         "virtio-pci makes irqfds only for MSI-X vectors, with an in-kernel irqchip)"
     )
     return nic.check(CALL, PASS, message, evidence, queue=queue)

@@ -160,15 +160,20 @@ def destroy_and_undefine(name: str, uri: str = SYSTEM_URI) -> None:
         conn.close()
 
 
+def _change_device(libvirt: Any, change: Any, xml: str, what: str) -> None:
+    """Run a domain's attach/detachDeviceFlags on ``xml``, live and in its definition."""
+    try:
+        change(xml, AFFECT_LIVE_AND_CONFIG)
+    except libvirt.libvirtError as err:
+        raise LibvirtFailed(f"libvirt could not {what}: {_message(err)}") from err
+
+
 def attach(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
     """Hot-plug the device in ``xml`` into running domain ``name`` (and its definition)."""
     libvirt, conn = _connection(uri)
     try:
         dom = _running(libvirt, conn, name, uri)
-        try:
-            dom.attachDeviceFlags(xml, AFFECT_LIVE_AND_CONFIG)
-        except libvirt.libvirtError as err:
-            raise LibvirtFailed(f"libvirt could not hot-plug into {name}: {_message(err)}") from err
+        _change_device(libvirt, dom.attachDeviceFlags, xml, f"hot-plug into {name}")
     finally:
         conn.close()
 
@@ -184,10 +189,7 @@ def detach(name: str, xml: str, gone: Any, timeout: float, uri: str = SYSTEM_URI
     libvirt, conn = _connection(uri)
     try:
         dom = _running(libvirt, conn, name, uri)
-        try:
-            dom.detachDeviceFlags(xml, AFFECT_LIVE_AND_CONFIG)
-        except libvirt.libvirtError as err:
-            raise LibvirtFailed(f"libvirt could not unplug from {name}: {_message(err)}") from err
+        _change_device(libvirt, dom.detachDeviceFlags, xml, f"unplug from {name}")
         deadline = time.monotonic() + timeout
         while not gone(dom.XMLDesc(0)):
             if time.monotonic() > deadline:
