@@ -24,6 +24,7 @@ from vhostorch.kernel import procfs
 from vhostorch.vm import state as vmstate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE_0_1 = "740c2ef"  # the last commit of vhostorch 0.1.0
 COLLECTION = os.path.join(REPO, "ansible")
 BIN = os.path.dirname(sys.executable)
 RECAP = re.compile(
@@ -210,6 +211,39 @@ def test_a_host_without_the_library_is_told_so(ansible: Ansible) -> None:
     )  # fmt: skip
     assert code != 0 and recap.get("failed") == 1, out[-3000:]
     assert "Failed to import the required Python library (vhostorch)" in out, out[-3000:]
+
+
+def test_a_host_with_another_release_of_the_library_is_told_so(ansible: Ansible) -> None:
+    # The library as released before 0.2 (modules not yet in packages), from this history.
+    old = os.path.join(ansible.root, "old")
+    os.makedirs(old)
+    subprocess.run(f"git -C {REPO} archive {RELEASE_0_1} vhostorch | tar -x -C {old}",
+                   shell=True, check=True)  # fmt: skip
+    ansible.env["PYTHONPATH"] = old  # ahead of this virtualenv's vhostorch
+    code, out, recap = ansible.play(
+        "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+        "    - vhostorch.vhost.check: {all: true}\n"
+    )
+    assert code != 0 and recap.get("failed") == 1, out[-3000:]
+    assert (
+        "vhostorch 0.1.0 is on the managed host, and this collection drives vhostorch 0.2.x" in out
+    )
+    assert "Traceback" not in out
+
+
+def test_the_collection_and_the_library_are_one_release() -> None:
+    import vhostorch
+
+    with open(os.path.join(COLLECTION, "galaxy.yml")) as f:
+        galaxy = re.search(r"^version: (\S+)$", f.read(), re.M)
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        project = re.search(r'^version = "(\S+)"$', f.read(), re.M)
+    assert galaxy and project
+    assert galaxy.group(1) == project.group(1) == vhostorch.__version__
+    common = os.path.join(COLLECTION, "plugins", "module_utils", "common.py")
+    with open(common) as f:
+        library = re.search(r"^LIBRARY = \((\d+), (\d+)\)$", f.read(), re.M)
+    assert library and ".".join(library.groups()) == ".".join(vhostorch.__version__.split(".")[:2])
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -1,3 +1,3 @@
 """vhostorch: provision, start and prove vhost-net accelerated virtio-net for QEMU/KVM guests."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

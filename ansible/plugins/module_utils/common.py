@@ -9,16 +9,23 @@ from contextlib import contextmanager
 
 from ansible.module_utils.basic import missing_required_lib
 
+# The library release this collection drives (galaxy.yml's version): the modules import its
+# modules by path, and 0.2 moved them into packages by area.
+LIBRARY = (0, 2)
+
 try:
-    import vhostorch  # noqa: F401  (the library the modules drive, on the managed host)
+    import vhostorch  # the library the modules drive, on the managed host
 except ImportError:
     IMPORT_ERROR: str | None = traceback.format_exc()
+    FOUND: str | None = None
 else:
     IMPORT_ERROR = None
+    FOUND = getattr(vhostorch, "__version__", "0")
 
 
 def require_vhostorch(module) -> None:
-    """Fail the task clearly when the managed host's Python has no vhostorch."""
+    """Fail the task clearly when the managed host's Python has no vhostorch, or another
+    release than this collection's."""
     if IMPORT_ERROR is not None:
         module.fail_json(
             msg=missing_required_lib(
@@ -27,6 +34,13 @@ def require_vhostorch(module) -> None:
                 "installs it with vhost_host_vhostorch_pip)",
             ),
             exception=IMPORT_ERROR,
+        )
+    found = tuple(int(part) for part in str(FOUND).split(".")[:2] if part.isdigit())
+    if found != LIBRARY:
+        want = ".".join(map(str, LIBRARY))
+        module.fail_json(
+            msg=f"vhostorch {FOUND} is on the managed host, and this collection drives "
+            f"vhostorch {want}.x: install that release (vhost_host_vhostorch_pip)"
         )
 
 
