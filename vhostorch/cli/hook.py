@@ -8,7 +8,7 @@ from vhostorch.errors import EXIT_OK
 
 HOOK_EXIT_CODES = """libvirt looks for hooks when it starts: restart libvirtd (or virtqemud) after
 installing or removing one. An existing /etc/libvirt/hooks/qemu is left alone (libvirt
-runs it, then qemu.d/* in name order). What the hook does: pydoc vhostorch.hook.program.
+runs it, then qemu.d/* in name order). What the hook does: pydoc vhostorch.hook.
 
 exit codes:
   0  done, or nothing to do

@@ -1,7 +1,9 @@
 """The libvirt hook: what libvirt runs (program), how it is installed (install), and what a
 domain declares for it (metadata).
 
-``main`` stays importable from here: installed hook programs call ``vhostorch.hook.main``.
+What the hook does at each libvirt operation, and its exit codes, is told in
+vhostorch.hook.program (pydoc vhostorch.hook.program). ``main`` stays importable from
+here: installed hook programs call ``vhostorch.hook.main``.
 """
 
 from vhostorch.hook.program import main
