@@ -56,7 +56,7 @@ def test_a_domain_without_vhostorch_metadata_declares_nothing() -> None:
         ("<v:tap dev='nope'/>", ethernet("t0"), "no <interface> has <target dev='nope'/>"),
         ("<v:tap dev='t0'/>", ethernet("t0", managed="yes"), "type='ethernet'"),
         ("<v:tap/>", ethernet("t0"), "dev is required"),
-        ("<v:tap dev='t0' mtu='big'/>", ethernet("t0"), "mtu must be a whole number"),
+        ("<v:tap dev='t0' mtu='big'/>", ethernet("t0"), "mtu needs a whole number"),
         ("<v:tap dev='t0' colour='red'/>", ethernet("t0"), "unknown attribute 'colour'"),
         ("<v:tap dev='t0' verify='maybe'/>", ethernet("t0"), "verify must be one of warn"),
         ("<v:tap dev='t0'/><v:tap dev='t0'/>", ethernet("t0"), "declared twice"),

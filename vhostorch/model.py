@@ -17,6 +17,9 @@ MAX_TAP_QUEUES = 256  # drivers/net/tun.c
 MIN_MTU = 68  # tun's min_mtu (ETH_MIN_MTU)
 MAX_MTU = 65521  # a tap's max_mtu: 65535 less its 14-byte Ethernet header
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no owner" to tun, so it is not a valid id
+# No number vhostorch takes has more digits than 2**64. The bound also keeps int() away from
+# its 4300-digit limit (a ValueError) and from the quadratic cost of long decimal strings.
+MAX_DIGITS = 20
 _HEX = frozenset("0123456789abcdefABCDEF")
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _NAME_REST = _NAME_START | frozenset("0123456789.-")
@@ -57,7 +60,9 @@ def parse_mac(value: object) -> str:
         sep = value[2]
         parts = value.split(sep) if sep in ":-" else []
     if len(parts) != 6 or not all(len(p) == 2 and set(p) <= _HEX for p in parts):
-        raise InvalidSpec(f"MAC address {value!r} is not six hex octets separated by ':' or '-'")
+        raise InvalidSpec(
+            f"MAC address {shown(value)} is not six hex octets separated by ':' or '-'"
+        )
     octets = [int(part, 16) for part in parts]
     if octets[0] & 1:
         raise InvalidSpec(f"MAC address {value!r} is a multicast address; a NIC needs unicast")
@@ -66,20 +71,45 @@ def parse_mac(value: object) -> str:
     return ":".join(f"{o:02x}" for o in octets)
 
 
+def shown(value: object) -> str:
+    """``value`` for an error line: repr(), cut short; a huge int only by its size.
+
+    Formatting an int of more than 4300 digits raises ValueError, and a 5000-digit
+    value would bury the reason in a message meant to be one line.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit number"
+    if isinstance(value, str) and len(value) > 40:
+        return f"{value[:24]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
+def parse_number(text: str, what: str) -> int:
+    """A whole number written in ASCII digits, at most MAX_DIGITS of them. Raises InvalidSpec.
+
+    int() and str.isdigit() also take '²', Arabic-Indic '٣', ' 1_0 ' and '+5': none of
+    them is a number to vhostorch, and int('²') is a ValueError.
+    """
+    if not (0 < len(text) <= MAX_DIGITS and text.isascii() and text.isdigit()):
+        raise InvalidSpec(
+            f"{what} needs a whole number of at most {MAX_DIGITS} ASCII digits, not {shown(text)}"
+        )
+    return int(text)
+
+
 def parse_account(value: object, what: str) -> str | int | None:
     """An owner or group: ``None``, a numeric id, or a user/group name."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise InvalidSpec(f"{what} must be a name or a numeric id, not {value!r}")
-    if isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdigit()):
-        number = int(value)
-        if not 0 <= number <= MAX_ID:
-            raise InvalidSpec(f"{what} id {number} is out of range 0..{MAX_ID}")
-        return number
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = parse_number(value, f"{what} id")
+    if isinstance(value, int):
+        return check_int(value, f"{what} id", 0, MAX_ID)
     if isinstance(value, str) and _valid_account(value):
         return value
-    raise InvalidSpec(f"{what} {value!r} is neither a numeric id nor a valid name")
+    raise InvalidSpec(f"{what} {shown(value)} is neither a numeric id nor a valid name")
 
 
 def _valid_account(name: str) -> bool:
@@ -92,9 +122,9 @@ def _valid_account(name: str) -> bool:
 
 def check_int(value: object, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidSpec(f"{what} must be an integer, not {value!r}")
+        raise InvalidSpec(f"{what} must be an integer, not {shown(value)}")
     if not low <= value <= high:
-        raise InvalidSpec(f"{what} {value} is out of range {low}..{high}")
+        raise InvalidSpec(f"{what} {shown(value)} is out of range {low}..{high}")
     return value
 
 

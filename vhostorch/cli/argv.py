@@ -8,6 +8,7 @@ parser runs in a fresh process on every VM start. Errors are one line.
 from __future__ import annotations
 
 from vhostorch.errors import HelpRequested, InvalidSpec
+from vhostorch.model import parse_number
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -178,10 +179,7 @@ def parse(commands: Sequence[Command], argv: Sequence[str], epilog: str) -> Pars
                 raise InvalidSpec(f"{name}: {key} needs a value")
             inline = rest.pop(0)
         if opt.kind == INT:
-            try:
-                values[opt.dest] = int(inline, 10)
-            except ValueError:
-                raise InvalidSpec(f"{name}: {key} needs a whole number, not {inline!r}") from None
+            values[opt.dest] = parse_number(inline, f"{name}: {key}")
         elif opt.kind == APPEND:
             values.setdefault(opt.dest, [])
             list_value = values[opt.dest]

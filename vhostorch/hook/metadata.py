@@ -28,7 +28,7 @@ from vhostorch.errors import InvalidSpec
 from vhostorch.libvirt import qemuconf
 from vhostorch.libvirt.domxml import driver_queues
 from vhostorch.libvirt.domxml import root as domain_root
-from vhostorch.model import TapSpec
+from vhostorch.model import TapSpec, parse_number
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -78,9 +78,7 @@ def _policy(value: str | None, where: str, default: str) -> str:
 def _int(value: str | None, where: str) -> int | None:
     if value is None:
         return None
-    if not value.isdigit():
-        raise InvalidSpec(f"{where} must be a whole number, not {value!r}")
-    return int(value)
+    return parse_number(value, where)
 
 
 def _interfaces(root: Any) -> dict[str, tuple[Any, int]]:

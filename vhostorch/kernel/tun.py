@@ -53,11 +53,18 @@ def _attach(name: str, flags: int) -> int:
     return fd
 
 
+def _id_arg(value: int) -> int:
+    """A uid or gid as fcntl.ioctl's int argument, which it passes as a C int (an id from
+    2**31 up is an OverflowError there). tun reads the argument back as a 32-bit uid_t/gid_t
+    (make_kuid/make_kgid), so the same 32 bits, read as signed, are that id."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def _own(fd: int, owner: int | None, group: int | None) -> None:
     if owner is not None:
-        fcntl.ioctl(fd, TUNSETOWNER, owner)
+        fcntl.ioctl(fd, TUNSETOWNER, _id_arg(owner))
     if group is not None:
-        fcntl.ioctl(fd, TUNSETGROUP, group)
+        fcntl.ioctl(fd, TUNSETGROUP, _id_arg(group))
 
 
 def create_tap(name: str, flags: TapFlags, owner: int | None, group: int | None) -> None:

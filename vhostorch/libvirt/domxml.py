@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vhostorch.errors import InvalidSpec
+from vhostorch.model import parse_number
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -118,10 +119,16 @@ def root(xml: str) -> _Element:
 
 
 def driver_queues(iface: Any) -> int:
-    """An ``<interface>``'s ``<driver queues=>``: 1 when absent or not a number."""
+    """An ``<interface>``'s ``<driver queues=>``: 1 when absent or not a number.
+
+    Raises InvalidSpec for a number too long to be one (int() of '²' or of 5000 digits
+    is a ValueError, and str.isdigit() accepts '²').
+    """
     driver = iface.find("driver")
     queues = driver.get("queues", "1") if driver is not None else "1"
-    return int(queues) if queues.isdigit() else 1
+    if not (queues.isascii() and queues.isdigit()):
+        return 1
+    return parse_number(queues, "<driver queues=>")
 
 
 def parse(xml: str) -> Domain:

@@ -29,7 +29,7 @@ errors that name the field (``nic[1].queues``).
 from __future__ import annotations
 
 from vhostorch.errors import InvalidSpec
-from vhostorch.model import MAX_TAP_QUEUES, TapSpec, check_batch, check_int, parse_mac
+from vhostorch.model import MAX_TAP_QUEUES, TapSpec, check_batch, check_int, parse_mac, shown
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -105,10 +105,10 @@ class NicSpec(Record):
         tx_queue_size: int | None = None,
     ) -> None:
         if vhost not in VHOST_MODES:
-            raise InvalidSpec(f"vhost must be one of {', '.join(VHOST_MODES)}, not {vhost!r}")
+            raise InvalidSpec(f"vhost must be one of {', '.join(VHOST_MODES)}, not {shown(vhost)}")
         for what, size in (("rx_queue_size", rx_queue_size), ("tx_queue_size", tx_queue_size)):
             if size is not None and (isinstance(size, bool) or size not in RING_SIZES):
-                raise InvalidSpec(f"{what} must be one of {RING_SIZES}, not {size!r}")
+                raise InvalidSpec(f"{what} must be one of {RING_SIZES}, not {shown(size)}")
         if vhost != "off" and tx_queue_size is not None and tx_queue_size > KERNEL_VHOST_MAX_TX:
             raise InvalidSpec(
                 f"tx_queue_size {tx_queue_size}: QEMU caps it at {KERNEL_VHOST_MAX_TX} with "
@@ -158,16 +158,18 @@ class VmSpec(Record):
         check_int(memory, "memory (MiB)", 16, MAX_MEMORY_MIB)
         check_int(cpus, "cpus", 1, MAX_CPUS)
         if accel not in ACCELS:
-            raise InvalidSpec(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
+            raise InvalidSpec(f"accel must be one of {', '.join(ACCELS)}, not {shown(accel)}")
         if not isinstance(machine, str) or not machine or "," in machine:
-            raise InvalidSpec(f"machine must be a QEMU machine type such as 'pc', not {machine!r}")
+            raise InvalidSpec(
+                f"machine must be a QEMU machine type such as 'pc', not {shown(machine)}"
+            )
         if (kernel is None) == (disk is None):
             raise InvalidSpec("boot needs exactly one of kernel or disk")
         if kernel is None and (initrd is not None or cmdline is not None):
             raise InvalidSpec("initrd and cmdline go with kernel, not with disk")
         for what, path in (("kernel", kernel), ("initrd", initrd), ("disk", disk)):
             if path is not None and (not isinstance(path, str) or not path.startswith("/")):
-                raise InvalidSpec(f"{what} must be an absolute path, not {path!r}")
+                raise InvalidSpec(f"{what} must be an absolute path, not {shown(path)}")
         if cmdline is not None and not isinstance(cmdline, str):
             raise InvalidSpec("cmdline must be a string")
         if not nics:
@@ -248,7 +250,7 @@ def nic_from_mapping(vm: str, index: int, entry: object) -> NicSpec:
         queues = entry.get("queues", 1)
         check_int(queues, "queues", 1, MAX_TAP_QUEUES)
         tap = TapSpec(
-            str(entry["tap"]) if entry.get("tap") is not None else default_tap(vm, index),
+            entry["tap"] if entry.get("tap") is not None else default_tap(vm, index),
             queues=queues,
             mtu=entry.get("mtu"),
             bridge=entry.get("bridge"),
@@ -257,7 +259,7 @@ def nic_from_mapping(vm: str, index: int, entry: object) -> NicSpec:
         )
         return NicSpec(
             tap,
-            str(entry.get("mac") or default_mac(vm, index)),
+            entry.get("mac") or default_mac(vm, index),
             vhost=entry.get("vhost", "required"),
             rx_queue_size=entry.get("rx_queue_size"),
             tx_queue_size=entry.get("tx_queue_size"),
@@ -277,6 +279,9 @@ def load(path: str) -> VmSpec:
         raise InvalidSpec(f"{path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise InvalidSpec(f"{path}: not valid TOML: {err}") from None
+    except ValueError:
+        # tomllib lets int()'s own limit through: a decimal of more than 4300 digits.
+        raise InvalidSpec(f"{path}: a number in it is too long to be read") from None
     try:
         return from_mapping(data)
     except InvalidSpec as err:
