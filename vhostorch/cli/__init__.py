@@ -48,16 +48,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse(COMMANDS, argv, EXIT_CODES)
         return HANDLERS[args.command.path[0]](args)
     except HelpRequested as text:
-        print(text)
+        try:
+            print(text)
+        except BrokenPipeError:
+            return _reader_gone()
         return text.exit_code
     except VhostorchError as err:
         return _fail(str(err), err.exit_code, as_json)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED, as_json)
     except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, as other command-line tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return _reader_gone()
     except Exception as err:
         if os.environ.get("VHOSTORCH_DEBUG"):
             raise
@@ -66,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             EXIT_FAILED,
             as_json,
         )
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (`| head`): stop quietly, as other tools do (stdout
+    goes to /dev/null so that the interpreter's last flush does not fail again)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def _fail(message: str, code: int, as_json: bool) -> int:

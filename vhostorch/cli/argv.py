@@ -59,7 +59,11 @@ class Command(Record):
         lines = [self.usage(), "", self.summary, "", "options:"]
         for opt in self.options:
             arg = f" {opt.dest.upper()}" if opt.kind in (VALUE, INT, APPEND) else ""
-            lines.append(f"  {opt.name + arg:<24}{opt.help}")
+            named = f"  {opt.name + arg}"
+            # A name too long for the column gets its help on the next line, as argparse does.
+            lines += (
+                [named, f"{'':26}{opt.help}"] if len(named) >= 26 else [f"{named:<26}{opt.help}"]
+            )
         return "\n".join(lines + (["", self.epilog] if self.epilog else []))
 
 
