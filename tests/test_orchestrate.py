@@ -81,7 +81,12 @@ def spec(**changes: object) -> VmSpec:
 def test_qemu_command_line_has_no_network_and_a_paused_daemon_with_qmp() -> None:
     argv = process.argv(spec(), "/run/w")
     assert "-netdev" not in argv and "-nic" not in argv and "-device" not in argv
-    assert {"-S", "-daemonize", "-nodefaults", "-no-user-config"} <= set(argv)
+    assert {"-S", "-nodefaults", "-no-user-config"} <= set(argv)
+    # Not daemonized: -daemonize forks after the sandbox is set, which spawn=deny kills.
+    assert "-daemonize" not in argv and "-runas" not in argv
+    assert argv[argv.index("-sandbox") + 1] == (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    )
     assert argv[argv.index("-qmp") + 1] == "unix:/run/w/qmp.sock,server=on,wait=off"
     assert argv[argv.index("-append") + 1] == "console=ttyS0 a=<&>"  # one argv word, no shell
     assert argv[argv.index("-cpu") + 1] == "host"
@@ -176,9 +181,15 @@ class _Recorded:
     def vhost_refused(self, accel: str) -> str | None:
         return None
 
-    def begin(self, spec: VmSpec, workdir: str, uri: str) -> _Recorded:
+    def begin(self, spec: VmSpec, workdir: str, uri: str, user: str | None = None) -> _Recorded:
         self._saw("begin")
         return self
+
+    def runs_as(self, user: str | None) -> None:
+        return None
+
+    def process(self) -> None:
+        return None
 
     def run(self, nics: object) -> object:
         from vhostorch.backends.contract import Started

@@ -18,9 +18,10 @@ class Lock:
     def __enter__(self) -> Lock:
         import fcntl
 
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            os.fchmod(fd, 0o600)  # not the umask's choice
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:

@@ -1,8 +1,13 @@
 """Start, hot-plug and stop VMs from a VmSpec through either backend; each start ends in a check.
 
-An operation is a list of steps, each undone when a later one fails:
-decide (nothing touched yet) → taps → VM → state file. ``down`` and ``nic del``
-remove only what vhostorch created: the VM it started and the taps it made.
+An operation is a list of steps, each undone when a later one fails, or when the
+command is interrupted (SIGINT, SIGTERM, SIGHUP): decide (nothing touched yet) →
+state file ("starting") → tap claims → VM → taps → state file ("running"). Each
+step is written to the state file before it is taken, so a start that could not
+undo itself (SIGKILL, power cut) is undone by ``down`` or the next ``up``, exactly:
+its claims, the taps it was making, its QEMU (pid and start time, or its pid file).
+``down`` and ``nic del`` remove only what vhostorch created: the VM it started and
+the taps it made, and only the work directory under the state directory.
 
 What differs between backends (``qmp``: QEMU started here, NICs added over QMP with
 fds opened here; ``libvirt``: a defined domain whose interfaces are ``type='ethernet'``
@@ -13,9 +18,11 @@ asks which backend it holds.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
-from vhostorch import backends, taps
+from vhostorch import backends, claims, taps
+from vhostorch.backends import process
 from vhostorch.check import doctor, verify, wiring
 from vhostorch.check.report import FAIL, PASS, WARN, Check, Report
 from vhostorch.errors import InvalidSpec, OperationFailed, RollbackFailed, VhostorchError
@@ -23,10 +30,11 @@ from vhostorch.kernel import procfs
 from vhostorch.libvirt.connection import SYSTEM_URI
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vm import state as vmstate
-from vhostorch.vm.state import NicState, VmState
+from vhostorch.vm.state import RUNNING, STARTING, NicState, VmState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from types import FrameType
 
     from vhostorch.vm.spec import NicSpec, VmSpec
 
@@ -126,6 +134,104 @@ def _workdir(name: str, root: str) -> str:
     return os.path.join(root, f"{name}.d")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a command: rolled back as SIGINT is (the CLI says "interrupted")."""
+
+
+class _RollbackOnSignal:
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted once; further ones are ignored while the
+    steps are undone (a second signal in the middle of undoing would leak what is left).
+    Only the main thread can have signal handlers: elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.deferring = False
+        self.pending = 0
+        self.old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.deferring:
+            self.pending = self.pending or signum
+        elif not self.raised:
+            self.raised = True
+            raise Interrupted(signal.Signals(signum).name)
+
+    def deferred(self) -> _Deferred:
+        """Signals wait until the block ends (a step and the push of its undo, as one)."""
+        return _Deferred(self)
+
+    def __enter__(self) -> _RollbackOnSignal:
+        try:
+            for sig in self.SIGNALS:
+                self.old[sig] = signal.signal(sig, self._handle)
+        except ValueError:
+            pass  # not the main thread
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self.old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+class _Deferred:
+    def __init__(self, signals: _RollbackOnSignal) -> None:
+        self.signals = signals
+
+    def __enter__(self) -> None:
+        self.signals.deferring = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.signals.deferring = False
+        pending, self.signals.pending = self.signals.pending, 0
+        if pending:
+            self.signals._handle(pending, None)
+
+
+def _safe(state: VmState, name: str, root: str) -> VmState:
+    """``state`` with the work directory and QMP socket vhostorch gives VM ``name`` under
+    ``root``, never the ones the file names: a forged state file must not make root remove
+    or talk to anything else. Raises OperationFailed when they differ or lead elsewhere."""
+    workdir = _workdir(name, root)
+    real = os.path.realpath(workdir)
+    if (
+        state.workdir != workdir
+        or os.path.islink(workdir)
+        or os.path.dirname(real) != os.path.realpath(root)
+    ):
+        raise OperationFailed(
+            f"state of VM {name}: work directory {state.workdir!r} is not {workdir} (or leads "
+            "elsewhere); refusing to touch it"
+        )
+    qmp = None if state.qmp is None else process.files(workdir)[0]
+    return state.replace(name=name, workdir=workdir, qmp=qmp)
+
+
+def _releaser(tap: str, holder: str) -> Callable[[], None]:
+    return lambda: claims.release(tap, holder)
+
+
+def _exists(tap: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{tap}")
+
+
+def _recover(state: VmState, root: str) -> None:
+    """Undo what a start that died (SIGKILL, power cut) made, as its state file lists it."""
+    if not state.pid and state.launched_after is not None:
+        found = process.find(state.workdir, state.launched_after)
+        if found is not None:
+            state = state.replace(pid=found[0], start_time=found[1])
+    if state.pid:
+        backends.of(state).stop(state)
+    process.remove_workdir(state.workdir)
+    _delete_made([*state.making, *(n.tap for n in state.nics if n.tap_created)])
+    holder = claims.up_holder(state.name)
+    for tap in state.claimed:
+        claims.release(tap, holder)
+    vmstate.remove(state.name, root)
+
+
 def _arm_trace() -> None:
     """Arm the wiring trace before a guest driver starts, when this host allows it.
 
@@ -139,12 +245,21 @@ def _arm_trace() -> None:
         pass
 
 
-def _make_taps(nics: Sequence[NicSpec], undo: _Undo) -> set[str]:
+def _delete_made(names: Sequence[str]) -> None:
+    """Delete those of ``names`` that exist: taps this command claimed when they did not
+    exist, so its own even if killed half-made (before their vhostorch alias is set)."""
+    gone = sorted(t for t in names if _exists(t))
+    if gone:
+        taps.delete(gone, force=True)
+
+
+def _make_taps(nics: Sequence[NicSpec], undo: _Undo, making: Sequence[str]) -> set[str]:
+    """Make the taps of ``nics``; ``making`` (those absent, claimed by this command) are
+    undone even when the making itself is interrupted."""
+    if making:
+        undo.push(f"taps {', '.join(sorted(making))}", lambda: _delete_made(making))
     results = taps.ensure([n.tap for n in nics], keep_existing=True)
-    created = {r.name for r in results if r.action == "created"}
-    if created:
-        undo.push(f"taps {', '.join(sorted(created))}", lambda: taps.delete(sorted(created)))
-    return created
+    return {r.name for r in results if r.action == "created"}
 
 
 def up(
@@ -155,16 +270,24 @@ def up(
     wait: float = WAIT_DRIVER,
     root: str = vmstate.STATE_DIR,
     host: Host | None = None,
+    user: str | None = None,
+    warn: Callable[[str], object] | None = None,
 ) -> Outcome:
     """Make the taps, start the VM, wait for its guest driver to start vhost, check it.
 
-    All or nothing: a failure at any step undoes the steps before it. Raises
-    InvalidSpec, OperationFailed (RollbackFailed when undoing failed too).
+    All or nothing: a failure or an interrupting signal at any step undoes the steps
+    before it. ``user`` is who QEMU runs as where the backend decides it (None: libvirt's
+    QEMU user; "root" keeps root); ``warn`` is told when QEMU is to run as root.
+    Raises InvalidSpec, OperationFailed (RollbackFailed when undoing failed too,
+    claims.Claimed when another VM or domain holds a tap), Interrupted.
     """
     runner = backends.get(backend)
-    with vmstate.Lock(spec.name, root):
+    with _RollbackOnSignal() as signals, vmstate.Lock(spec.name, root):
         old = vmstate.load(spec.name, root)
-        if old is not None:
+        if old is not None and old.status == STARTING:
+            # We hold the lock, which its `up` held throughout: that `up` is dead.
+            _recover(_safe(old, spec.name, root), root)
+        elif old is not None:
             alive = procfs.alive(old.pid)
             raise OperationFailed(
                 f"VM {spec.name} is already up (pid {old.pid}, backend {old.backend})"
@@ -173,29 +296,49 @@ def up(
                 f"vhostorch down {spec.name} cleans it up"
             )
         decided = decide(spec.nics, spec.accel, backend, host or Host.probe())
+        if runner.runs_as(user) == process.ROOT and warn is not None:
+            warn("QEMU runs as root: no unprivileged QEMU user here (--user names one)")
         undo = _Undo()
+        holder = claims.up_holder(spec.name)
         try:
             workdir = _workdir(spec.name, root)
+            names = tuple(n.tap.name for n in spec.nics)
+            state = VmState(
+                spec.name, backend, 0, spec.accel, None, None, workdir, (), status=STARTING,
+                launched_after=process.boot_ticks() - 1, claimed=names,
+            )  # fmt: skip
+            vmstate.save(state, root)
+            undo.push("state file", lambda: vmstate.remove(spec.name, root))
+            for tap in names:
+                claims.claim(tap, holder)
+                undo.push(f"claim on tap {tap}", _releaser(tap, holder))
             pairs = [(nic, on) for nic, on, _ in decided]
             # Begun before the taps exist, so that starting QEMU can overlap making them.
-            start = runner.begin(spec, workdir, uri)
-            undo.push(start.what, start.abort)
-            created = _make_taps(spec.nics, undo)
+            # A signal inside begin (in Popen, say) would leave a QEMU nothing undoes.
+            with signals.deferred():
+                start = runner.begin(spec, workdir, uri, user)
+                undo.push(start.what, start.abort)
+            launched = start.process()
+            if launched is not None:
+                state = state.replace(pid=launched[0], start_time=launched[1])
+                vmstate.save(state, root)
+            state = state.replace(making=tuple(t for t in names if not _exists(t)))
+            vmstate.save(state, root)
+            created = _make_taps(spec.nics, undo, state.making)
             _arm_trace()
             started = start.run(pairs)
-            bare = VmState(
-                spec.name, backend, started.pid, spec.accel, started.qmp, started.uri, workdir, ()
+            bare = state.replace(
+                pid=started.pid, qmp=started.qmp, uri=started.uri, start_time=started.start_time
             )
             # The VM now holds the taps: it must stop before they can go.
             undo.push(start.what, lambda: runner.stop(bare))
-            names = runner.nic_ids(bare, [nic.tap.name for nic, _ in pairs])
+            ids = runner.nic_ids(bare, [nic.tap.name for nic, _ in pairs])
             nics = tuple(
-                _nic_state(nic, on, why, ids, created)
-                for (nic, on, why), ids in zip(decided, names, strict=True)
+                _nic_state(nic, on, why, nic_ids, created)
+                for (nic, on, why), nic_ids in zip(decided, ids, strict=True)
             )
-            state = bare.with_nics(nics)
+            state = bare.replace(nics=nics, status=RUNNING, making=(), launched_after=None)
             vmstate.save(state, root)
-            undo.push("state file", lambda: vmstate.remove(spec.name, root))
             outcome = _wait_for_vhost(state, wait)
         except BaseException as err:
             _fail(err, undo)
@@ -287,16 +430,23 @@ def _running(name: str, root: str) -> VmState:
 
 
 def down(name: str, *, root: str = vmstate.STATE_DIR) -> VmState:
-    """Stop VM ``name`` and remove what vhostorch created for it: the VM, its taps, its state.
-
-    A VM whose QEMU is already gone is cleaned up too. Raises OperationFailed.
+    """Stop VM ``name`` and remove what vhostorch created for it: the VM, its taps, its
+    claims, its state. A VM whose QEMU is already gone is cleaned up too, and so is a start
+    that died (state "starting"). Only the VM's own work directory under ``root`` is
+    removed, and only its own QEMU (pid and start time) is signalled. Raises OperationFailed.
     """
-    with vmstate.Lock(name, root):
-        state = _running(name, root)
+    with _RollbackOnSignal(), vmstate.Lock(name, root):
+        state = _safe(_running(name, root), name, root)
+        if state.status == STARTING:
+            _recover(state, root)
+            return state
         backends.of(state).stop(state)
         created = [n.tap for n in state.nics if n.tap_created]
         if created:
             taps.delete(created)
+        holder = claims.up_holder(name)
+        for tap in {*state.claimed, *(n.tap for n in state.nics)}:
+            claims.release(tap, holder)
         vmstate.remove(name, root)
     return state
 
@@ -311,7 +461,7 @@ def nic_add(
 ) -> Outcome:
     """Hot-plug ``nic`` into running VM ``name`` (its tap made here), then check. All or nothing."""
     with vmstate.Lock(name, root):
-        state = _running(name, root)
+        state = _safe(_running(name, root), name, root)
         if not procfs.alive(state.pid):
             raise OperationFailed(f"VM {name} is not running (its QEMU, pid {state.pid}, is gone)")
         if state.nic(nic.tap.name) is not None:
@@ -322,13 +472,19 @@ def nic_add(
         index = len(state.nics)
         [(_, on, why)] = decide([nic], state.accel, state.backend, host or Host.probe(), index)
         undo = _Undo()
+        holder = claims.up_holder(name)
         try:
-            created = _make_taps([nic], undo)
+            tap = nic.tap.name
+            if claims.claim(tap, holder):
+                undo.push(f"claim on tap {tap}", _releaser(tap, holder))
+            created = _make_taps([nic], undo, [] if _exists(tap) else [tap])
             _arm_trace()
             runner.attach(state, nic, on)
             [ids] = runner.nic_ids(state, [nic.tap.name])
             added = _nic_state(nic, on, why, ids, created)
-            state = state.with_nics((*state.nics, added))
+            state = state.with_nics((*state.nics, added)).replace(
+                claimed=(*state.claimed, nic.tap.name)
+            )
             vmstate.save(state, root)
         except BaseException as err:
             _fail(err, undo)
@@ -341,13 +497,16 @@ def nic_del(
 ) -> VmState:
     """Unplug the NIC on ``tap`` from VM ``name`` and delete the tap if vhostorch made it."""
     with vmstate.Lock(name, root):
-        state = _running(name, root)
+        state = _safe(_running(name, root), name, root)
         nic = state.nic(tap)
         if nic is None:
             raise InvalidSpec(f"VM {name} has no NIC on tap {tap}")
         backends.of(state).detach(state, nic, timeout)
-        state = state.with_nics(tuple(n for n in state.nics if n.tap != tap))
+        state = state.with_nics(tuple(n for n in state.nics if n.tap != tap)).replace(
+            claimed=tuple(t for t in state.claimed if t != tap)
+        )
         vmstate.save(state, root)
         if nic.tap_created:
             taps.delete([tap])
+        claims.release(tap, claims.up_holder(name))
         return state

@@ -29,6 +29,7 @@ class Started(Record):
     pid: int
     qmp: str | None  # the QMP socket vhostorch talks to, when the backend has one
     uri: str | None  # the libvirt connection URI, when the backend is libvirt
+    start_time: int | None = None  # QEMU's, from /proc/PID/stat, when the backend knows it
 
 
 if TYPE_CHECKING:
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
         """A VM being started: begun before its taps exist, so that its set-up overlaps theirs."""
 
         what: str  # what ``abort`` and the backend's ``stop`` undo, named when undoing fails
+
+        def process(self) -> tuple[int, int | None] | None:
+            """(pid, start time) of the QEMU ``begin`` started, when it started one itself
+            (recorded at once, so that a start killed later can be undone)."""
 
         def run(self, nics: Sequence[tuple[NicSpec, bool]]) -> Started:
             """Start the VM with ``nics`` ((spec, vhost on)) on their taps, which exist now.
@@ -65,10 +70,15 @@ if TYPE_CHECKING:
         def vhost_refused(self, accel: str) -> str | None:
             """Why this backend cannot give a NIC vhost under ``accel``, or None."""
 
-        def begin(self, spec: VmSpec, workdir: str, uri: str) -> Start:
-            """Begin starting ``spec`` (``workdir`` is its own, ``uri`` a libvirt URI).
+        def begin(self, spec: VmSpec, workdir: str, uri: str, user: str | None = None) -> Start:
+            """Begin starting ``spec`` (``workdir`` is its own, ``uri`` a libvirt URI, ``user``
+            who QEMU runs as where the backend decides it; None: its default).
 
             Raises OperationFailed."""
+
+        def runs_as(self, user: str | None) -> str | None:
+            """Who QEMU will run as for ``user`` ("root" is warned about); None when the
+            backend does not decide it (libvirt's qemu.conf does)."""
 
         def nic_ids(self, state: VmState, taps: Sequence[str]) -> list[tuple[str, str]]:
             """(device id or alias, netdev id) of the NIC on each of ``taps`` of running ``state``.

@@ -53,6 +53,9 @@ class _Start:
         self.spec, self.workdir, self.uri = spec, workdir, uri
         self.what = f"domain {spec.name}"
 
+    def process(self) -> None:
+        return None  # libvirt starts QEMU in ``run``; the domain is found by its name
+
     def run(self, nics: Sequence[tuple[NicSpec, bool]]) -> Started:
         name = self.spec.name
         os.makedirs(self.workdir, mode=0o755, exist_ok=True)
@@ -63,7 +66,7 @@ class _Start:
         except BaseException:
             virt.destroy_and_undefine(name, self.uri)
             raise
-        return Started(pid, None, self.uri)
+        return Started(pid, None, self.uri, process.start_time(pid))
 
     def abort(self) -> None:
         process.remove_workdir(self.workdir)
@@ -79,8 +82,11 @@ class LibvirtBackend:
             return "libvirt uses vhost only for type='kvm' domains, and accel is \"tcg\""
         return None
 
-    def begin(self, spec: VmSpec, workdir: str, uri: str) -> _Start:
+    def begin(self, spec: VmSpec, workdir: str, uri: str, user: str | None = None) -> _Start:
         return _Start(spec, workdir, uri)
+
+    def runs_as(self, user: str | None) -> None:
+        return None  # qemu.conf's user, libvirt's to decide
 
     def nic_ids(self, state: VmState, taps: Sequence[str]) -> list[tuple[str, str]]:
         return _ids(state.name, _uri(state), taps)

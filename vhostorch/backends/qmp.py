@@ -149,7 +149,7 @@ def start(launch: process.Launch, nics: Sequence[tuple[NicSpec, bool]]) -> int:
         finally:
             sock.close()
     except BaseException:
-        process.stop(pid, launch.qmp, launch.workdir)
+        launch.abort()
         raise
     return pid
 
@@ -197,11 +197,14 @@ class _Start:
 
     what = "QEMU"
 
-    def __init__(self, spec: VmSpec, workdir: str) -> None:
-        self.launch = process.Launch(spec, workdir)
+    def __init__(self, spec: VmSpec, workdir: str, user: process.RunAs | None) -> None:
+        self.launch = process.Launch(spec, workdir, user)
+
+    def process(self) -> tuple[int, int | None] | None:
+        return self.launch.pid, self.launch.start_time
 
     def run(self, nics: Sequence[tuple[NicSpec, bool]]) -> Started:
-        return Started(start(self.launch, nics), self.launch.qmp, None)
+        return Started(start(self.launch, nics), self.launch.qmp, None, self.launch.start_time)
 
     def abort(self) -> None:
         self.launch.abort()
@@ -248,14 +251,19 @@ class QmpBackend:
     def vhost_refused(self, accel: str) -> str | None:
         return None  # QEMU uses vhost under TCG too
 
-    def begin(self, spec: VmSpec, workdir: str, uri: str) -> _Start:
-        return _Start(spec, workdir)
+    def begin(self, spec: VmSpec, workdir: str, uri: str, user: str | None = None) -> _Start:
+        return _Start(spec, workdir, process.run_as(user))
+
+    def runs_as(self, user: str | None) -> str:
+        """Who QEMU will run as; "root" when no unprivileged user is to be had."""
+        found = process.run_as(user)
+        return process.ROOT if found is None else found.user
 
     def nic_ids(self, state: VmState, taps: Sequence[str]) -> list[tuple[str, str]]:
         return [ids(tap) for tap in taps]
 
     def stop(self, state: VmState) -> None:
-        process.stop(state.pid, _socket(state), state.workdir)
+        process.stop(state.pid or None, state.start_time, state.workdir)
 
     def attach(self, state: VmState, nic: NicSpec, vhost_on: bool) -> None:
         attach(_socket(state), nic, vhost_on)

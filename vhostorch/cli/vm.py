@@ -32,6 +32,11 @@ COMMANDS = (
         (
             Option("--backend", VALUE, "qmp (QEMU started here, NICs over QMP) or libvirt"),
             Option("--connect", VALUE, "libvirt URI (default qemu:///system)"),
+            Option(
+                "--user",
+                VALUE,
+                "user QEMU runs as (qmp backend; default libvirt's QEMU user, else root)",
+            ),
             WAIT,
             STRICT,
             JSON,
@@ -122,8 +127,15 @@ def _up(args: Parsed) -> int:
     backend = args.text("backend") or "qmp"
     if args.text("connect") and backend not in backends.taking_uri():
         raise InvalidSpec(f"up: --connect goes with --backend {' or '.join(backends.taking_uri())}")
+    import sys
+
     outcome = orchestrate.up(
-        spec, backend, uri=args.text("connect") or virt.SYSTEM_URI, wait=_wait(args)
+        spec,
+        backend,
+        uri=args.text("connect") or virt.SYSTEM_URI,
+        wait=_wait(args),
+        user=args.text("user"),
+        warn=lambda line: print(f"vhostorch: warning: {line}", file=sys.stderr),
     )
     return _outcome(outcome, args, "up")
 

@@ -1,9 +1,13 @@
 """What vhostorch started and created for each VM: one JSON state file per VM.
 
-``up`` writes it once the VM runs, hot-plug rewrites it, ``down`` removes it;
+``up`` writes it before it touches anything (status "starting", with each thing it
+makes recorded before it is made: tap claims, taps, QEMU), so that ``down`` or the
+next ``up`` can undo exactly what a start killed by SIGKILL or a power cut made; it
+says "running" once the VM runs. Hot-plug rewrites it, ``down`` removes it;
 ``check`` reads it to know the NICs of a VM whose netdevs were added over QMP
-(they are not on QEMU's command line). Writes are atomic (rename), and every
-change to one VM holds that VM's lock, so two commands on one VM never interleave.
+(they are not on QEMU's command line). Writes are atomic (rename), files are 0600
+and the directory 0711 whatever the umask, and every change to one VM holds that
+VM's lock, so two commands on one VM never interleave.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 STATE_DIR = "/run/vhostorch/vms"
+FILE_MODE = 0o600
+# Search only for others: an unprivileged QEMU reaches its own work directory (VM.d,
+# 0700, its own) through it, and nobody but root can list it or read a state file.
+DIR_MODE = 0o711
+STARTING = "starting"  # up has begun and not finished: what it made is listed
+RUNNING = "running"
 
 
 class NicState(Record):
@@ -44,30 +54,48 @@ class VmState(Record):
     uri: str | None  # the libvirt backend's connection URI
     workdir: str  # console log, QMP socket, pid file
     nics: tuple[NicState, ...]
+    status: str = RUNNING  # files written before the field existed were running VMs
+    # QEMU's start time (/proc/PID/stat field 22, clock ticks after boot): with the pid,
+    # what names that QEMU alone (pids are reused). None in files from before it existed.
+    start_time: int | None = None
+    # While starting: the boot-relative tick before QEMU was launched (a QEMU found by its
+    # pid file must have started after it), the taps claimed and the taps being made.
+    launched_after: int | None = None
+    claimed: tuple[str, ...] = ()
+    making: tuple[str, ...] = ()
 
     def nic(self, tap: str) -> NicState | None:
         return next((n for n in self.nics if n.tap == tap), None)
 
     def with_nics(self, nics: tuple[NicState, ...]) -> VmState:
-        return VmState(
-            self.name, self.backend, self.pid, self.accel, self.qmp, self.uri, self.workdir, nics
-        )
+        return self.replace(nics=nics)
 
 
 def _path(name: str, root: str) -> str:
     return os.path.join(root, f"{name}.json")
 
 
+def make_dir(root: str) -> None:
+    """``root`` as a directory only root can list or write, whatever the umask."""
+    os.makedirs(root, mode=DIR_MODE, exist_ok=True)
+    os.chmod(root, DIR_MODE)
+
+
 def save(state: VmState, root: str = STATE_DIR) -> None:
-    os.makedirs(root, mode=0o755, exist_ok=True)
+    make_dir(root)
     tmp = _path(state.name, root) + ".tmp"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, FILE_MODE)
         json.dump(state.asdict(), f, indent=1)
     os.rename(tmp, _path(state.name, root))
 
 
 def _from_json(data: dict[str, object]) -> VmState:
     nics = tuple(NicState(**n) for n in data.pop("nics"))  # type: ignore[attr-defined]
+    for key in ("claimed", "making"):
+        if key in data:
+            data[key] = tuple(str(t) for t in data[key])  # type: ignore[attr-defined]
     return VmState(nics=nics, **data)  # type: ignore[arg-type]
 
 
@@ -112,4 +140,5 @@ class Lock(lockfile.Lock):
     """One VM's lock (NAME.lock), held for a whole command; it goes with the VM's state."""
 
     def __init__(self, name: str, root: str = STATE_DIR) -> None:
+        make_dir(root)
         super().__init__(os.path.join(root, f"{name}.lock"), _path(name, root))
