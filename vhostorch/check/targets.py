@@ -3,6 +3,8 @@ each observed with what tells most about it, and checked."""
 
 from __future__ import annotations
 
+import os
+
 from vhostorch.check import observe as inspect
 from vhostorch.check import verify
 from vhostorch.errors import InvalidSpec
@@ -48,7 +50,7 @@ def reports(
         except monitor.MonitorError as err:
             raise procfs.CannotInspect(str(err)) from err
         observed = inspect.observe(
-            qemu, monitor=lambda: monitor.read_qmp(qmp), plan=vmstate.by_pid(qemu)
+            qemu, monitor=lambda: monitor.read_qmp(qmp, served_by=qemu), plan=vmstate.by_pid(qemu)
         )
         return [verify.verify(observed)]
     # A VM vhostorch started is checked against what it set up (NICs added over QMP).
@@ -77,13 +79,94 @@ def _domain(name: str, uri: str, ask_monitor: bool) -> Report:
     return verify.verify(observed)
 
 
-def _own_qmp(qemu: int) -> Callable[[], monitor.MonitorView] | None:
-    """A QEMU started with -qmp unix:PATH is asked over that socket."""
+def _own_qmp(qemu: int, proc: str = procfs.PROC) -> Callable[[], monitor.MonitorView] | None:
+    """A QEMU started with -qmp unix:PATH is asked over that socket, when it is its own.
+
+    Any user can start a process called qemu-system-x86_64 whose command line names a
+    socket it serves (or someone else's): root must not talk to it on that word. When the
+    socket is not trusted, reading the monitor fails with the reason (checks say unknown).
+    """
     try:
-        with open(f"/proc/{qemu}/cmdline") as f:
+        with open(f"{proc}/{qemu}/cmdline") as f:
             path = qemuargs.parse(f.read().split("\0")).qmp
     except OSError:
         return None
     if not path:
         return None
-    return lambda: monitor.read_qmp(path)
+
+    def read() -> monitor.MonitorView:
+        return monitor.read_qmp(trusted_qmp(qemu, path, proc), served_by=qemu)
+
+    return read
+
+
+def trusted_qmp(qemu: int, path: str, proc: str = procfs.PROC) -> str:
+    """``path``, if root may talk QMP to it on behalf of process ``qemu``. Raises MonitorError.
+
+    Trusted: ``qemu`` runs a QEMU binary root installed (not a copy or a look-alike a
+    user made), ``path`` is absolute (a relative one is relative to QEMU's directory, not
+    ours) and is a socket owned by root or by QEMU's own user. Who serves it is checked on
+    the fds of ``qemu`` before connecting (it holds the listening socket), and again on the
+    connection itself (read_qmp's ``served_by``): it must be ``qemu``.
+    """
+    import stat
+
+    why = None
+    try:
+        exe = os.readlink(f"{proc}/{qemu}/exe").removesuffix(" (deleted)")
+        binary = os.stat(f"{proc}/{qemu}/exe")  # the running file, even if replaced since
+        user = _euid(qemu, proc)
+    except OSError as err:
+        raise monitor.MonitorError(f"QMP not asked: cannot read process {qemu}: {err}") from err
+    if not procfs.is_qemu(os.path.basename(exe)) or binary.st_uid != 0:
+        why = f"process {qemu} runs {exe}, which is not a QEMU installed by root"
+    elif binary.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        why = f"process {qemu} runs {exe}, which others than root may write"
+    elif not path.startswith("/"):
+        why = f"its QMP path {path!r} is relative"
+    else:
+        try:
+            sock = os.lstat(path)
+        except OSError as err:
+            raise monitor.MonitorError(f"QMP not asked: {path}: {err.strerror}") from err
+        if not stat.S_ISSOCK(sock.st_mode):
+            why = f"{path} is not a socket"
+        elif sock.st_uid not in (0, user):
+            why = f"{path} belongs to uid {sock.st_uid}, neither root nor QEMU's user {user}"
+        elif not _listens(qemu, path, proc):
+            why = f"process {qemu} does not hold the listening socket at {path}"
+    if why:
+        raise monitor.MonitorError(f"QMP not asked: {why}")
+    return path
+
+
+def _listens(pid: int, path: str, proc: str) -> bool:
+    """Whether ``pid`` holds a listening unix socket bound at ``path``: known before any
+    connection, from its network namespace's /proc/net/unix and its own fds."""
+    listening = set()
+    try:
+        with open(f"{proc}/{pid}/net/unix") as f:
+            next(f)  # Num RefCount Protocol Flags Type St Inode Path
+            for line in f:
+                fields = line.split(None, 7)
+                # Flags 00010000 is __SO_ACCEPTCON: the socket listens.
+                if len(fields) == 8 and fields[7].rstrip("\n") == path and fields[3] == "00010000":
+                    listening.add(f"socket:[{fields[6]}]")
+        return (
+            any(
+                os.readlink(f"{proc}/{pid}/fd/{fd}") in listening
+                for fd in os.listdir(f"{proc}/{pid}/fd")
+            )
+            if listening
+            else False
+        )
+    except (OSError, StopIteration):
+        return False
+
+
+def _euid(pid: int, proc: str) -> int:
+    with open(f"{proc}/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[2])
+    raise OSError(f"no Uid line in {proc}/{pid}/status")

@@ -18,6 +18,7 @@ from vhostorch.errors import MonitorError as MonitorError
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable
     from typing import Any
 
@@ -125,13 +126,28 @@ class QmpSocket:
 
         return self.loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
 
-    def open(self) -> None:
+    def open(self, served_by: int | None = None) -> None:
+        """Connect; with ``served_by``, only to that process (SO_PEERCRED of this very
+        connection, so the path cannot be swapped between the check and the use).
+
+        Raises MonitorError, before a byte is sent when the peer is another process.
+        """
         from qemu.qmp import QMPError
 
+        sock = connect_unix(self.path, self.timeout)
         try:
-            self._run(self.client.connect(self.path))
-        except (QMPError, OSError, EOFError, TimeoutError) as err:
+            pid = peer(sock)[0]
+            if served_by is not None and pid != served_by:
+                raise MonitorError(
+                    f"QMP at {self.path} is served by process {pid}, not by QEMU {served_by}: "
+                    "not asked"
+                )
+            self._run(self.client.connect(sock))
+        except (QMPError, OSError, EOFError, TimeoutError, MonitorError) as err:
+            sock.close()
             self.close()
+            if isinstance(err, MonitorError):
+                raise
             raise MonitorError(f"cannot reach QMP at {self.path}: {_why(err)}") from err
 
     def execute(self, command: str, arguments: dict[str, Any] | None) -> Any:
@@ -180,29 +196,47 @@ def _why(err: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
-def read_qmp(path: str, timeout: float = 5.0) -> MonitorView:
-    """read_virtio over the QMP socket at ``path``. Raises MonitorError."""
+def read_qmp(path: str, timeout: float = 5.0, served_by: int | None = None) -> MonitorView:
+    """read_virtio over the QMP socket at ``path`` (served by process ``served_by``, when
+    given: see QmpSocket.open). Raises MonitorError."""
     sock = QmpSocket(path, timeout)
-    sock.open()
+    sock.open(served_by)
     try:
         return read_virtio(sock.execute, f"qmp:{path}")
     finally:
         sock.close()
 
 
-def peer_pid(path: str, timeout: float = 5.0) -> int:
-    """The pid of the QEMU serving the QMP socket at ``path`` (SO_PEERCRED). Raises MonitorError."""
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """A stream connection to the unix socket at ``path``. Raises MonitorError."""
     import socket
-    import struct
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError as err:
+        sock.close()
+        raise MonitorError(f"cannot reach QMP at {path}: {err.strerror or err}") from err
+    return sock
+
+
+def peer(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that made the listening end (SO_PEERCRED)."""
+    import socket
+    import struct
+
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3I", creds)
+    return pid, uid, gid
+
+
+def peer_pid(path: str, timeout: float = 5.0) -> int:
+    """The pid of the QEMU serving the QMP socket at ``path`` (SO_PEERCRED). Raises MonitorError."""
+    sock = connect_unix(path, timeout)
+    try:
+        return peer(sock)[0]
     except OSError as err:
         raise MonitorError(f"cannot reach QMP at {path}: {err.strerror or err}") from err
     finally:
         sock.close()
-    pid: int = struct.unpack("3i", creds)[0]
-    return pid
