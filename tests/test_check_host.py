@@ -253,3 +253,16 @@ def test_a_process_whose_fds_cannot_be_read_is_a_one_line_refusal() -> None:
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "internal error" not in done.stderr
     assert "not allowed to read the fds of process 1" in done.stderr or "not a QEMU" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "user", ["²", "9" * 5000, "4294967296", "no-such-user-here"], ids=["sup2", "5000", "2^32", "n"]
+)
+def test_doctor_names_a_qemu_user_that_is_not_one(tmp_path: pathlib.Path, user: str) -> None:
+    from vhostorch.check import doctor
+
+    conf = tmp_path / "qemu.conf"
+    conf.write_text(f'user = "{user}"\n')
+    report = doctor.doctor(doctor.Paths(qemu_conf=str(conf)))
+    (check,) = [c for c in report.checks if c.id == "host.libvirt.user"]
+    assert check.status == "fail" and "does not exist" in check.message

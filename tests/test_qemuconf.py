@@ -117,6 +117,7 @@ def test_the_user_setting(line: str, user: str | None) -> None:
         "cgroup_device_acl = [ /dev/null ]\ngroup = 'kvm'\n",
         '= "x"\n42 = 1\ngroup = "kvm"\n',
         'group = "kvm"\nuser = \n',
+        f'max_files = {"9" * 5000}\ngroup = "kvm"\n',  # no 64-bit value: int() refuses it too
     ],
 )
 def test_what_libvirt_would_refuse_is_skipped_to_the_end_of_its_line(text: str) -> None:

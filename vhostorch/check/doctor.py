@@ -215,9 +215,10 @@ def _qemu_user(user: str | None, paths: Paths) -> Check:
         defaults = ", ".join(qemuconf.DEFAULT_USERS)
         return Check(ids.HOST_LIBVIRT_USER, FAIL, "qemu.conf sets no user, and none of libvirt's "
                      f"default QEMU users ({defaults}) exists")  # fmt: skip
+    numeric = user.isascii() and user.isdigit()  # str.isdigit() alone takes '²'
     try:
-        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-    except KeyError:
+        entry = pwd.getpwuid(int(user)) if numeric else pwd.getpwnam(user)
+    except (KeyError, OverflowError, ValueError):
         return Check(ids.HOST_LIBVIRT_USER, FAIL, f"libvirt's QEMU user {user!r} does not exist")
     groups = {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem} | {entry.pw_gid}
     try:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 PATH = "/etc/libvirt/qemu.conf"
 # libvirt's build-time default QEMU user when qemu.conf sets none: Debian's, then Fedora's.
 DEFAULT_USERS = ("libvirt-qemu", "qemu")
+MAX_NUMBER_DIGITS = 20  # a 64-bit value
 _BLANK = " \t\r"
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _NAME = _NAME_START | frozenset("0123456789_")
@@ -147,4 +148,7 @@ def _scalar(text: str, pos: int) -> tuple[Scalar | None, int]:
     digits = pos
     while pos < len(text) and text[pos] in _DIGITS:
         pos += 1
-    return (int(text[start:pos]), pos) if pos > digits else (None, start)
+    # libvirt refuses a number that overflows its 64-bit value; int() refuses 4300 digits.
+    if not digits < pos <= digits + MAX_NUMBER_DIGITS:
+        return None, start
+    return int(text[start:pos]), pos
