@@ -18,9 +18,17 @@ non-zero (its stderr becomes the error). A hook must never call back into libvir
     anything else   exit 0 at once and print nothing (for migrate and restore,
                     printing would replace the domain XML)
 
-What the hook holds is kept under /run/vhostorch/hook: DOMAIN.taps (the taps, and
-whether the hook created each) under a per-domain lock, and one claim file per
-tap, made with O_EXCL, so two domains declaring one tap cannot both have it.
+What the hook holds is kept under /run/vhostorch/hook: DOMAIN.taps, the domain's record
+(each tap and whether the hook created it, borrowed it, or is about to create it), under a
+per-domain lock, and one claim file per tap, linked into place whole, so two domains
+declaring one tap cannot both have it. DOMAIN is the domain's name escaped for a file name
+(file_stem): libvirt allows names no file may have.
+
+A crash must never leave a tap that blocks later starts. The record names a tap
+("pending") before its claim or the tap itself exists, and a tap is only made while its
+claim is held; so whatever a SIGKILL leaves, the record says what it is, and release (or the
+domain's next prepare) deletes exactly the recorded taps whose claim the domain holds.
+SIGTERM, SIGHUP and SIGINT roll prepare back at once.
 """
 
 from __future__ import annotations
@@ -43,7 +51,13 @@ from vhostorch.libvirt import domxml, qemuconf
 from vhostorch.lockfile import Lock
 from vhostorch.record import TYPE_CHECKING
 
+if not TYPE_CHECKING:
+    # signal's C half: signal.py imports enum, which costs more than the rest of the hook's
+    # start (libvirt waits for it); the functions and constants are the same.
+    import _signal
+
 if TYPE_CHECKING:
+    import signal as _signal
     from typing import BinaryIO, TextIO
 
     from vhostorch.check.report import Report
@@ -51,7 +65,14 @@ if TYPE_CHECKING:
 
 RUN_DIR = "/run/vhostorch"
 SYSLOG = "/dev/log"
-MAX_XML = 64 << 20  # a domain XML is kilobytes; this only bounds a runaway writer
+# A domain XML is kilobytes (a <description> can make it more); libvirt's RPC carries at
+# most 4 MiB of it (REMOTE_STRING_MAX), so anything past this is not from libvirt.
+MAX_XML = 16 << 20
+# Where a name becomes a file name, at most this many bytes of it (NAME_MAX is 255, and
+# ".taps.tmp" and the like are added).
+MAX_STEM = 200
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+@,=")
+HOW = ("created", "borrowed", "pending")  # what a domain's record says of each tap
 EXIT_CODES = """exit codes (libvirt refuses the operation on any non-zero one):
   0  done, or nothing to do (no vhostorch metadata, or an operation the hook ignores)
   1  refused: a tap could not be made (prepare), or the check failed with
@@ -69,30 +90,42 @@ class Places:
         self.claims = os.path.join(self.state, "taps")
 
     def result(self, domain: str) -> str:
-        return os.path.join(self.run, f"{domain}.json")
+        return os.path.join(self.run, f"{file_stem(domain)}.json")
 
     def held(self, domain: str) -> str:
-        return os.path.join(self.state, f"{domain}.taps")
+        return os.path.join(self.state, f"{file_stem(domain)}.taps")
 
     def lock(self, domain: str) -> str:
-        return os.path.join(self.state, f"{domain}.lock")
+        return os.path.join(self.state, f"{file_stem(domain)}.lock")
+
+    def new_claim(self, domain: str) -> str:
+        """Where a claim is written whole before it is linked into place."""
+        return os.path.join(self.state, f"{file_stem(domain)}.claim")
 
     def claim(self, tap: str) -> str:
         return os.path.join(self.claims, tap)
 
 
-def check_domain_name(name: str) -> str:
-    """A domain name usable in a file name (libvirt forbids '/' in names too)."""
-    if (
-        not name
-        or name in (".", "..")
-        or "/" in name
-        or "\0" in name
-        or len(name.encode()) > 200
-        or not name.isprintable()
-    ):
-        raise InvalidSpec(f"domain name {name!r} is not one libvirt allows")
-    return name
+def file_stem(name: str) -> str:
+    """``name`` as the start of a file name: one file per name, whatever libvirt allows.
+
+    Letters, digits and ``-_.+@,=`` stay (so ordinary names keep their files); every
+    other byte of the UTF-8 name, and a leading dot, becomes ``%XX``, which reads back.
+    A stem longer than MAX_STEM keeps its first bytes and ends in ``~`` and the SHA-256
+    of the whole name (``~`` is always escaped, so such a stem is never a short one).
+    """
+    raw = os.fsencode(name)  # argv's undecodable bytes come back as they were
+    stem = "".join(
+        chr(b) if b in _PLAIN and not (i == 0 and b == 0x2E) else f"%{b:02X}"
+        for i, b in enumerate(raw)
+    )
+    if not raw:
+        stem = "%"  # no byte escapes to a lone %
+    if len(stem) > MAX_STEM:
+        import hashlib  # only for names this long
+
+        stem = f"{stem[: MAX_STEM - 65]}~{hashlib.sha256(raw).hexdigest()}"
+    return stem
 
 
 def qemu_user(conf: str = qemuconf.PATH) -> str | None:
@@ -107,10 +140,10 @@ def qemu_user(conf: str = qemuconf.PATH) -> str | None:
 # --- what the hook holds ----------------------------------------------------------
 
 
-def _read_held(places: Places, domain: str) -> dict[str, bool]:
-    """Tap → whether this hook created it, for ``domain`` (empty: holds nothing).
+def _read_held(places: Places, domain: str) -> dict[str, str]:
+    """Tap → how ``domain`` holds it (one of HOW; empty: holds nothing).
 
-    The file has one ``TAP created|borrowed`` line per tap (not JSON: the json
+    The file has one ``TAP created|borrowed|pending`` line per tap (not JSON: the json
     module's import is a good part of the cost libvirt waits for).
     """
     try:
@@ -123,117 +156,201 @@ def _read_held(places: Places, domain: str) -> dict[str, bool]:
     held = {}
     for line in lines:
         tap, _, how = line.partition(" ")
-        if not tap or how not in ("created", "borrowed"):
+        if not tap or how not in HOW:
             raise OperationFailed(f"hook state {places.held(domain)} is damaged: {line!r}")
-        held[tap] = how == "created"
+        held[tap] = how
     return held
 
 
-def _write_held(places: Places, domain: str, held: dict[str, bool]) -> None:
+def _write_held(places: Places, domain: str, held: dict[str, str]) -> None:
+    """Replace the record atomically (the domain's lock is held: the temporary name is the
+    domain's own)."""
     path = places.held(domain)
     if not held:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _remove(path)
         return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(f"{t} {'created' if c else 'borrowed'}\n" for t, c in sorted(held.items()))
-    os.rename(tmp, path)
+    text = "".join(f"{tap} {how}\n" for tap, how in sorted(held.items()))
+    _write_new(f"{path}.tmp", text.encode())
+    os.rename(f"{path}.tmp", path)
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Write ``path`` afresh, mode 0644 whatever the umask, never through a symlink."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.fchmod(fd, 0o644)  # O_CREAT's mode is masked by the umask
+        os.write(fd, data)  # a regular file on tmpfs: one write takes it all
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _holder(places: Places, tap: str) -> bytes | None:
+    """The name of the domain holding ``tap`` (None: no one)."""
+    try:
+        with open(places.claim(tap), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_held(places: Places, tap: str, domain: str) -> None:
+    holder = _holder(places, tap)
+    if holder is not None and holder != os.fsencode(domain):
+        name = os.fsdecode(holder)
+        raise OperationFailed(f"tap {tap} is declared by domain {name!r} too, which holds it")
 
 
 def _claim(places: Places, tap: str, domain: str) -> bool:
     """Claim ``tap`` for ``domain``; False when it already was (a rerun). Raises when
-    another domain holds it."""
+    another domain holds it.
+
+    The claim is written in full under the domain's own name and then linked into place
+    (link fails if the name exists), so a claim is never seen empty or half written, even
+    after a SIGKILL.
+    """
     os.makedirs(places.claims, mode=0o755, exist_ok=True)
-    path = places.claim(tap)
+    new = places.new_claim(domain)
+    _write_new(new, os.fsencode(domain))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        os.link(new, places.claim(tap))
     except FileExistsError:
-        try:
-            with open(path) as f:
-                holder = f.read()
-        except FileNotFoundError:
+        holder = _holder(places, tap)
+        if holder is None:
             return _claim(places, tap, domain)  # released meanwhile
-        if holder == domain:
-            return False
-        raise OperationFailed(
-            f"tap {tap} is declared by domain {holder!r} too, which holds it"
-        ) from None
-    with os.fdopen(fd, "w") as f:
-        f.write(domain)
+        _refuse_held(places, tap, domain)
+        return False
+    finally:
+        _remove(new)
     return True
 
 
 def _unclaim(places: Places, tap: str, domain: str) -> None:
-    try:
-        with open(places.claim(tap)) as f:
-            if f.read() != domain:
-                return
-        os.unlink(places.claim(tap))
-    except FileNotFoundError:
-        pass
+    if _holder(places, tap) == os.fsencode(domain):
+        _remove(places.claim(tap))
 
 
 # --- operations ---------------------------------------------------------------------
 
 
 def prepare(declared: metadata.Declared, places: Places) -> list[str]:
-    """Create the declared taps, all or nothing; return the names created now."""
+    """Create the declared taps, all or nothing; return the names created now.
+
+    Before any claim or tap is made the record says what is to come: each new tap as
+    "pending" (to be created) or "borrowed" (vhostorch made it before), so a prepare cut
+    short by anything, SIGKILL included, leaves only what release can take back by record.
+    """
     domain = declared.domain
     specs = [t.spec for t in declared.taps]
     with Lock(places.lock(domain), places.held(domain)):
         held = _read_held(places, domain)
-        claimed: list[str] = []
+        left = [tap for tap, how in held.items() if how == "pending"]
+        if left:  # a prepare that was killed: take back what it left first
+            _take_back(places, domain, held, left)
+            _write_held(places, domain, held)
+        new = [spec.name for spec in specs if spec.name not in held]
+        for tap in new:
+            _refuse_held(places, tap, domain)
+        # Plans and refuses without changing anything: which new taps exist already.
+        planned = (
+            taps.ensure(specs, keep_existing=True, adopt_foreign=False, dry_run=True) if new else []
+        )
+        for r in planned:
+            if r.name in new:
+                held[r.name] = "pending" if r.action == "created" else "borrowed"
+        if new:
+            _write_held(places, domain, held)
         try:
-            for spec in specs:
-                if spec.name not in held and _claim(places, spec.name, domain):
-                    claimed.append(spec.name)
-            results = taps.ensure(specs, keep_existing=True, adopt_foreign=False) if specs else []
+            for tap in new:
+                _claim(places, tap, domain)
+            # A signal now waits until ensure is done: cut inside it, a tap can be made and
+            # not yet marked as vhostorch's, or made and not yet known to its rollback.
+            blocked = _signal.pthread_sigmask(_signal.SIG_BLOCK, _SIGNALS)
+            try:
+                results = (
+                    taps.ensure(specs, keep_existing=True, adopt_foreign=False) if specs else []
+                )
+            finally:
+                _signal.pthread_sigmask(_signal.SIG_SETMASK, blocked)
             created = [r.name for r in results if r.action == "created"]
             for r in results:
-                held[r.name] = held.get(r.name, False) or r.name in created
+                if held.get(r.name) == "pending":
+                    held[r.name] = "created" if r.action == "created" else "borrowed"
             _write_held(places, domain, held)
         except BaseException:
-            for tap in claimed:
-                _unclaim(places, tap, domain)
+            _remove(places.new_claim(domain))
+            _take_back(places, domain, held, new)
+            _write_held(places, domain, held)
             raise
     return created
 
 
-def release(domain: str, places: Places) -> list[str]:
-    """Delete the taps this hook created for ``domain``; give back what it borrowed.
+def _take_back(places: Places, domain: str, held: dict[str, str], names: list[str]) -> list[str]:
+    """Delete the taps of ``names`` that ``domain``'s record says it created or was about to
+    create, while it holds their claim; give back the claims; drop them from ``held``.
 
-    Returns the taps deleted. A tap that cannot be deleted (held open, or no longer
-    vhostorch's) stays recorded, and the error names it.
+    A tap is only made while its claim is held, and the claim goes only after the tap:
+    without the claim, the tap is gone or is not this domain's. Returns the errors of the
+    taps that could not be deleted (they stay in ``held``).
     """
-    deleted: list[str] = []
-    errors: list[str] = []
+    errors = []
+    mine = os.fsencode(domain)
+    made = [t for t in names if held.get(t) == "created" and _holder(places, t) == mine]
+    if len(made) > 1:
+        try:  # one batch, one RCU grace period for all (issue 14); all or nothing
+            taps.delete(made)
+        except OperationFailed:
+            pass  # refused whole, nothing deleted: tap by tap below, each with its own error
+    for tap in names:
+        ours = _holder(places, tap) == mine
+        if ours and held.get(tap) in ("created", "pending"):
+            try:
+                try:
+                    taps.delete([tap])
+                except NotManaged:
+                    if held.get(tap) != "pending":
+                        raise
+                    # A prepare killed (SIGKILL) inside the kernel steps of its create can
+                    # leave the tap before vhostorch's mark is on it. The record says this
+                    # domain was making it, and no tap of the name existed when it said so;
+                    # force still deletes only a tap, and none held open.
+                    taps.delete([tap], force=True)
+            except NotManaged:
+                pass  # replaced by a device vhostorch did not make: not ours to delete
+            except OperationFailed as err:
+                errors.append(str(err))
+                continue
+        if ours:
+            _remove(places.claim(tap))
+        held.pop(tap, None)
+    return errors
+
+
+def release(domain: str, places: Places) -> None:
+    """Delete the taps this hook created for ``domain`` (or was creating when it was cut
+    short); give back what it borrowed.
+
+    A tap that cannot be deleted (held open) stays recorded, and the error names it.
+    """
+    if not any(os.path.lexists(p) for p in (places.held(domain), places.lock(domain),
+                                            places.result(domain))):  # fmt: skip
+        return  # nothing of this domain's: most domains, and every one without metadata
     with Lock(places.lock(domain), places.held(domain)):
         held = _read_held(places, domain)
-        for tap, created in sorted(held.items()):
-            if created:
-                try:
-                    result = taps.delete([tap])
-                except NotManaged:
-                    pass  # replaced by a device vhostorch did not make: not ours to delete
-                except OperationFailed as err:
-                    errors.append(str(err))
-                    continue
-                else:
-                    if result and result[0].action == "deleted":
-                        deleted.append(tap)
-            _unclaim(places, tap, domain)
-            del held[tap]
+        errors = _take_back(places, domain, held, sorted(held))
         _write_held(places, domain, held)
-        try:
-            os.unlink(places.result(domain))  # the started check of a domain now gone
-        except FileNotFoundError:
-            pass
+        for path in (places.result(domain), places.result(domain) + ".tmp",
+                     places.held(domain) + ".tmp", places.new_claim(domain)):  # fmt: skip
+            _remove(path)  # the started check of a domain now gone; what a kill left
     if errors:
         raise OperationFailed("; ".join(errors))
-    return deleted
 
 
 def started(
@@ -293,8 +410,7 @@ def _record(
     }
     os.makedirs(places.run, mode=0o755, exist_ok=True)
     tmp = places.result(declared.domain) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
+    _write_new(tmp, json.dumps(result, indent=1).encode())
     os.rename(tmp, places.result(declared.domain))
     return enforced
 
@@ -331,36 +447,66 @@ def _syslog(message: str, warning: bool, path: str = SYSLOG) -> None:
 # --- the program --------------------------------------------------------------------
 
 
-def _xml(stdin: BinaryIO) -> str:
-    data = stdin.read(MAX_XML + 1)
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, SIGHUP or SIGINT: prepare rolls back as on any failure."""
+
+
+_SIGNALS: dict[int, str] = {
+    _signal.SIGINT: "SIGINT",
+    _signal.SIGTERM: "SIGTERM",
+    _signal.SIGHUP: "SIGHUP",
+}
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _quiet()  # a second signal must not cut the rollback short
+    raise Interrupted(_SIGNALS.get(signum, str(signum)))
+
+
+def _quiet() -> None:
+    for sig in _SIGNALS:
+        _signal.signal(sig, _signal.SIG_IGN)
+
+
+def _xml(stdin: BinaryIO | None) -> str:
+    if stdin is None:
+        raise InvalidSpec("no domain XML: stdin is closed")
+    try:
+        data = stdin.read(MAX_XML + 1)
+    except OSError as err:
+        raise InvalidSpec(f"cannot read the domain XML on stdin: {err.strerror}") from None
     if len(data) > MAX_XML:
-        raise InvalidSpec("the domain XML on stdin is larger than 64 MiB")
+        raise InvalidSpec(f"the domain XML on stdin is larger than {MAX_XML >> 20} MiB")
     try:
         return data.decode()
     except UnicodeDecodeError:
         raise InvalidSpec("the domain XML on stdin is not UTF-8") from None
 
 
-def run_hook(argv: list[str], stdin: BinaryIO, stderr: TextIO, places: Places | None = None) -> int:
-    """Run one hook call: ``argv`` is DOMAIN OPERATION SUB-OPERATION EXTRA."""
+JOBS = {("prepare", "begin"), ("started", "begin"), ("release", "end")}
+
+
+def run_hook(
+    argv: list[str], stdin: BinaryIO | None, stderr: TextIO | None, places: Places | None = None
+) -> int:
+    """Run one hook call: ``argv`` is DOMAIN OPERATION SUB-OPERATION EXTRA; ``stdin`` None
+    when it is closed. Returns the exit code, having written at most one line to ``stderr``."""
     places = places or Places()
     try:
         if len(argv) < 3:
             raise InvalidSpec("usage: qemu DOMAIN OPERATION SUB-OPERATION [EXTRA]")
         name, op, sub = argv[0], argv[1], argv[2]
-        job = {("prepare", "begin"), ("started", "begin"), ("release", "end")}
-        if (op, sub) not in job:
+        if (op, sub) not in JOBS:
             return EXIT_OK
-        check_domain_name(name)
         if op == "release":
             release(name, places)
             return EXIT_OK
         root = domxml.root(_xml(stdin))
+        if root.find(f"metadata/{{{metadata.NAMESPACE}}}vm") is None:
+            return EXIT_OK  # not vhostorch's domain, whatever its name
         declared = metadata.declared(root, default_owner=qemu_user())
         if declared.domain != name:
             raise InvalidSpec(f"the XML on stdin is domain {declared.domain!r}, not {name!r}")
-        if declared.verify is None:
-            return EXIT_OK
         if op == "prepare":
             prepare(declared, places)
             return EXIT_OK
@@ -377,20 +523,32 @@ def run_hook(argv: list[str], stdin: BinaryIO, stderr: TextIO, places: Places | 
         return _fail(stderr, err)
 
 
-def _fail(stderr: TextIO, err: Exception | KeyboardInterrupt) -> int:
+def _fail(stderr: TextIO | None, err: Exception | KeyboardInterrupt) -> int:
     """The hook's one mapping of an exception to its stderr line and exit code: bad input
     is 2, anything else 1 (libvirt refuses the operation on either)."""
     if isinstance(err, VhostorchError):
         message = str(err)
         code = err.exit_code if err.exit_code in (EXIT_FAILED, EXIT_USAGE) else EXIT_FAILED
+    elif isinstance(err, Interrupted):
+        message, code = f"interrupted by {err}; what this call had made is undone", EXIT_FAILED
     elif isinstance(err, KeyboardInterrupt):
         message, code = "interrupted", EXIT_FAILED
     else:
         message, code = f"internal error: {type(err).__name__}: {err}", EXIT_FAILED
-    print(f"vhostorch hook: {' '.join(message.split())}", file=stderr)
+    if stderr is not None:  # None: fd 2 is closed, and libvirt reads nothing
+        try:
+            print(f"vhostorch hook: {' '.join(message.split())}", file=stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # stderr is gone: the exit code still says it
     return code
 
 
 def main() -> int:
     """Entry point of the installed hook program."""
-    return run_hook(sys.argv[1:], sys.stdin.buffer, sys.stderr)
+    for sig in _SIGNALS:
+        _signal.signal(sig, _interrupt)
+    try:
+        stdin = sys.stdin.buffer if sys.stdin is not None else None
+        return run_hook(sys.argv[1:], stdin, sys.stderr)
+    finally:
+        _quiet()  # done: a late signal must not turn into a traceback on the way out
