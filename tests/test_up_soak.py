@@ -35,7 +35,6 @@ def _lane(directory: str, lane: int, cycles: int, seed: int, tally: dict[str, in
     rng = random.Random(seed)
     name, tap = kernel.unique(f"vho-s{lane}"), kernel.unique("vs")
     path = spec(directory, name, tap)
-    tally.setdefault("names", 0)
     for cycle in range(cycles):
         if cycle % INJECT_EVERY == INJECT_EVERY - 1:
             sig = rng.choice([signal.SIGTERM, signal.SIGKILL])
