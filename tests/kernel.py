@@ -1,7 +1,9 @@
 """Test-side tools that look at the kernel with something other than vhostorch's own code.
 
-Links are read back with iproute2 (`ip -j -d link`) and sysfs; taps are opened
-the way QEMU opens them by a separate process that issues TUNSETIFF itself.
+Links are read back with iproute2 (`ip -j -d link`), pyroute2 (an independent
+decoder of the same RTM_NEWLINK messages vhostorch.kernel.rtnl parses) and sysfs;
+taps are opened the way QEMU opens them by a separate process that issues
+TUNSETIFF itself. pyroute2 is imported here only, never by vhostorch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 IFF_TAP = 0x0002
 IFF_MULTI_QUEUE = 0x0100
@@ -70,6 +72,120 @@ def link(ns: str, name: str) -> dict[str, Any]:
     found = links(ns)
     assert name in found, f"{name} not in namespace {ns}: {sorted(found)}"
     return found[name]
+
+
+class Seen(NamedTuple):
+    """What a link is, as one reader reports it: the fields every reader must agree on."""
+
+    ifindex: int
+    group: int
+    mtu: int
+    mac: str
+    master: str | None
+    up: bool
+    kind: str | None
+    multi_queue: bool | None
+    vnet_hdr: bool | None
+    queues: int | None  # queues attached, reported for multi-queue taps only
+
+
+def seen_by_ip(ns: str) -> dict[str, Seen]:
+    """Every link of ``ns`` as `ip -j -d link` shows it."""
+    found = {}
+    for name, got in links(ns).items():
+        info = got.get("linkinfo", {})
+        data = info.get("info_data", {}) if info.get("info_kind") == "tun" else {}
+        group = got.get("group", "default")
+        found[name] = Seen(
+            got["ifindex"],
+            0 if group == "default" else int(group) & 0xFFFFFFFF,  # ip prints it signed
+            got["mtu"],
+            got["address"],
+            got.get("master"),
+            "UP" in got["flags"],
+            info.get("info_kind"),
+            data.get("multi_queue"),
+            data.get("vnet_hdr"),
+            data.get("numqueues") if data.get("multi_queue") else None,
+        )
+    return found
+
+
+def seen_by_pyroute2(ns: str) -> dict[str, Seen]:
+    """Every link of ``ns`` as pyroute2 decodes it."""
+    from pyroute2 import NetNS
+
+    with NetNS(ns) as ipr:
+        raw = list(ipr.get_links())
+    names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in raw}
+    found = {}
+    for msg in raw:
+        info = msg.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        data = info.get_attr("IFLA_INFO_DATA") if kind == "tun" else None
+
+        def tun(attr: str, data: Any = data) -> Any:
+            return None if data is None else data.get_attr(attr)
+
+        multi = None if data is None else bool(tun("IFLA_TUN_MULTI_QUEUE"))
+        master = msg.get_attr("IFLA_MASTER")
+        found[msg.get_attr("IFLA_IFNAME")] = Seen(
+            msg["index"],
+            msg.get_attr("IFLA_GROUP"),
+            msg.get_attr("IFLA_MTU"),
+            msg.get_attr("IFLA_ADDRESS"),
+            names.get(master) if master else None,
+            bool(msg["flags"] & 1),  # IFF_UP
+            kind,
+            multi,
+            None if data is None else bool(tun("IFLA_TUN_VNET_HDR")),
+            tun("IFLA_TUN_NUM_QUEUES") if multi else None,
+        )
+    return found
+
+
+def set_group(ns: str, dev: str, group: int) -> None:
+    """Put ``dev`` in link ``group`` with pyroute2 (iproute2 6.1 refuses groups >= 2**31)."""
+    from pyroute2 import NetNS
+
+    with NetNS(ns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], group=group)
+
+
+def seen_by_vhostorch(ns: str) -> dict[str, Seen]:
+    """Every link of ``ns`` as vhostorch.kernel.rtnl decodes it."""
+    from vhostorch.kernel import netns
+    from vhostorch.kernel.rtnl import Rtnl
+
+    with netns.entered(ns), Rtnl() as rtnl:
+        got = rtnl.links()
+    names = {link.index: name for name, link in got.items()}
+    return {
+        name: Seen(
+            link.index,
+            link.group,
+            link.mtu,
+            link.mac or "",
+            names.get(link.master) if link.master else None,
+            link.up,
+            link.kind,
+            None if link.tun is None else link.tun.multi_queue,
+            None if link.tun is None else link.tun.vnet_hdr,
+            link.tun.attached_queues if link.tun is not None and link.tun.multi_queue else None,
+        )
+        for name, link in got.items()
+    }
+
+
+def seen(ns: str) -> dict[str, Seen]:
+    """The links of ``ns``, once iproute2, pyroute2 and vhostorch's own decoder agree on them.
+
+    Three decoders of the same kernel answer: a bug in one cannot hide behind itself.
+    """
+    by_ip, by_pyroute2, by_us = seen_by_ip(ns), seen_by_pyroute2(ns), seen_by_vhostorch(ns)
+    assert by_pyroute2 == by_ip, (by_pyroute2, by_ip)
+    assert by_us == by_ip, (by_us, by_ip)
+    return by_ip
 
 
 def sysfs(ns: str, dev: str, attr: str) -> str:

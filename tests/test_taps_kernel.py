@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import grp
 import pwd
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -246,11 +247,16 @@ class FailingHost:
     def snapshot(self) -> dict[str, Link]:
         return self.real.snapshot()
 
-    def do(self, step: taps.Step) -> None:
-        self.count += 1
-        if self.count == self.at:
-            raise OperationFailed(f"injected failure at {step}")
-        self.real.do(step)
+    def do(self, steps: Sequence[taps.Step]) -> list[OperationFailed | None]:
+        # Like the kernel with a batch: every step is attempted, the injected one fails.
+        outcomes: list[OperationFailed | None] = []
+        for step in steps:
+            self.count += 1
+            if self.count == self.at:
+                outcomes.append(OperationFailed(f"injected failure at {step}"))
+            else:
+                outcomes += self.real.do([step])
+        return outcomes
 
 
 def test_failure_at_any_step_leaves_the_namespace_as_it_was(ns: str) -> None:
@@ -328,3 +334,229 @@ def test_open_queues_attaches_every_queue_as_qemu_would(ns: str) -> None:
             for fd in fds:
                 os.close(fd)
     assert kernel.link(ns, "mq0")["linkinfo"]["info_data"]["numqueues"] == 0
+
+
+# --- batched create and delete, read back by three decoders (kernel.seen) ---------------
+
+
+def _mixed(ns: str, count: int) -> list[TapSpec]:
+    """Taps of every shape vhostorch makes: queue modes, MTU, MAC, bridge, up or down."""
+    return [
+        TapSpec(
+            f"mx{i}",
+            queues=1 + i % 3,
+            vnet_hdr=i % 4 != 1,
+            mtu=1400 + i,
+            mac=f"52:54:00:00:{i >> 8:02x}:{i & 0xFF:02x}",
+            bridge="br0" if i % 2 else None,
+            up=i % 5 != 0,
+            netns=ns,
+        )
+        for i in range(count)
+    ]
+
+
+def test_batched_create_is_what_the_specs_say_by_every_reader(ns: str) -> None:
+    """150 taps: their link changes go in batches of rtnl.BATCH requests, more than two."""
+    from vhostorch.kernel import rtnl
+
+    run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
+    specs = _mixed(ns, 150)
+    assert len(specs) > 2 * rtnl.BATCH
+    assert {r.action for r in taps.ensure(specs)} == {"created"}
+    got = kernel.seen(ns)
+    for spec in specs:
+        s = got[spec.name]
+        assert (s.kind, s.mtu, s.mac, s.master, s.up, s.group) == (
+            "tun", spec.mtu, spec.mac, spec.bridge, spec.up, 0
+        ), spec.name  # fmt: skip
+        assert (s.multi_queue, s.vnet_hdr) == (spec.multi_queue, spec.vnet_hdr), spec.name
+        assert s.queues == (0 if spec.multi_queue else None)
+    with Opener(ns, "mx2", 3):  # queue counts read back while QEMU's stand-in holds them
+        assert kernel.seen(ns)["mx2"].queues == 3
+
+
+def test_batch_answers_each_request_and_goes_on_after_a_refused_one(ns: str) -> None:
+    from vhostorch.kernel.rtnl import set_link_request
+
+    taps.ensure([TapSpec(f"ba{i}", netns=ns) for i in range(3)])
+    with netns.entered(ns), Rtnl() as rtnl:
+        answers = rtnl.batch(
+            [
+                set_link_request("ba0", mtu=1300),
+                set_link_request("ba1", mtu=10),  # below ETH_MIN_MTU: EINVAL
+                set_link_request("nosuch", mtu=1300),
+                set_link_request("ba2", mtu=1301),
+            ]
+        )
+    assert [a.errno if a else None for a in answers] == [None, errno.EINVAL, errno.ENODEV, None]
+    got = kernel.seen(ns)
+    assert (got["ba0"].mtu, got["ba1"].mtu, got["ba2"].mtu) == (1300, 1500, 1301)
+
+
+def _seen(ns: str) -> dict[str, kernel.Seen]:
+    """kernel.seen, without a bridge's MTU and MAC: the kernel derives them from its ports."""
+    return {
+        name: s._replace(mtu=0, mac="") if s.kind == "bridge" else s
+        for name, s in kernel.seen(ns).items()
+    }
+
+
+def _foreign(ns: str) -> None:
+    """Devices vhostorch must never delete: a veth pair, a bridge, a tap of someone else's."""
+    run("ip", "-n", ns, "link", "add", "fv0", "type", "veth", "peer", "name", "fv1")
+    run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
+    run("ip", "-n", ns, "tuntap", "add", "dev", "ftap", "mode", "tap")
+
+
+def test_batched_delete_takes_its_taps_and_nothing_else(ns: str) -> None:
+    _foreign(ns)
+    specs = _mixed(ns, 12)
+    taps.ensure(specs)
+    run("ip", "-n", ns, "link", "set", "mx3", "group", "77")  # a group of its own is no bar
+    before = _seen(ns)
+    doomed = [s.name for s in specs[:8]]
+    results = taps.delete([*doomed, "gone0"], netns=ns)
+    assert [(r.name, r.action) for r in results] == [(n, "deleted") for n in doomed] + [
+        ("gone0", "absent")
+    ]
+    assert all(isinstance(r, taps.DeleteResult) and r.batched for r in results)
+    after = _seen(ns)
+    assert after == {k: v for k, v in before.items() if k not in doomed}
+
+
+def test_a_device_already_in_the_chosen_group_is_never_deleted(ns: str) -> None:
+    _foreign(ns)
+    taps.ensure(_mixed(ns, 4))
+    run("ip", "-n", ns, "link", "set", "fv0", "group", "4242")  # its peer fv1 stays in 0
+    before = _seen(ns)
+    with pytest.raises(NotManaged, match="veth fv0 is in link group 4242"):
+        taps.delete([f"mx{i}" for i in range(4)], netns=ns, group=4242)
+    assert _seen(ns) == before  # every tap back in group 0, fv0 and fv1 alive
+
+
+class Meddler:
+    """The real kernel, and another admin acting at a chosen moment of a batched delete:
+    ``before_check`` just before the re-check reads the namespace, ``before_delete`` just
+    before the group delete (the window that remains). Each is given the chosen group."""
+
+    def __init__(
+        self,
+        before_check: Callable[[int], object] | None = None,
+        before_delete: Callable[[int], object] | None = None,
+    ) -> None:
+        self.real: taps.KernelHost | None = None
+        self.snapshots = 0
+        self.group = 0
+        self.before_check = before_check
+        self.before_delete = before_delete
+
+    def snapshot(self) -> dict[str, Link]:
+        assert self.real is not None
+        self.snapshots += 1
+        if self.snapshots == 2 and self.before_check is not None:
+            self.before_check(self.group)
+        return self.real.snapshot()
+
+    def do(self, steps: Sequence[taps.Step]) -> list[OperationFailed | None]:
+        assert self.real is not None
+        for step in steps:
+            if isinstance(step, taps.SetGroup) and not self.group:
+                self.group = step.group
+            if isinstance(step, taps.DeleteGroup) and self.before_delete is not None:
+                self.before_delete(step.group)
+        return self.real.do(steps)
+
+
+def _delete_meddled(ns: str, names: list[str], meddler: Meddler) -> list[taps.TapResult]:
+    with netns.entered(ns), Rtnl() as rtnl:
+        meddler.real = taps.KernelHost(rtnl)
+        return taps.delete_on(meddler, names)
+
+
+def test_a_device_put_in_the_group_before_the_last_check_is_never_deleted(ns: str) -> None:
+    _foreign(ns)
+    taps.ensure(_mixed(ns, 4))
+    run("ip", "-n", ns, "link", "set", "mx1", "group", "9")  # restored to 9, not to 0
+    before = _seen(ns)
+
+    def intrude(group: int) -> None:
+        kernel.set_group(ns, "fv0", group)
+
+    meddler = Meddler(before_check=intrude)
+    with pytest.raises(NotManaged, match="veth fv0 is in link group"):
+        _delete_meddled(ns, [f"mx{i}" for i in range(4)], meddler)
+    after = _seen(ns)
+    assert after["fv0"].group == meddler.group
+    after["fv0"] = after["fv0"]._replace(group=0)
+    assert after == before
+
+
+def test_a_held_tap_refuses_the_whole_batch_before_or_after_the_moves(ns: str) -> None:
+    _foreign(ns)
+    taps.ensure(_mixed(ns, 5))
+    names = [f"mx{i}" for i in range(5)]
+    before = _seen(ns)
+    with Opener(ns, "mx2", 3) as qemu:
+        assert qemu.ok
+        with pytest.raises(InUse, match=r"mx2.*held open"):
+            taps.delete(names, netns=ns)
+        held = _seen(ns)
+    assert held["mx2"].queues == 3
+    assert _seen(ns) == before
+    opened: list[Opener] = []
+    meddler = Meddler(before_check=lambda _: opened.append(Opener(ns, "mx4", 2)))
+    try:
+        with pytest.raises(InUse, match=r"mx4.*held open"):
+            _delete_meddled(ns, names, meddler)
+        assert opened[0].ok
+    finally:
+        for opener in opened:
+            opener.close()
+    assert _seen(ns) == before
+
+
+def test_a_refused_group_delete_falls_back_to_one_delete_per_tap(ns: str) -> None:
+    """A real refusal: lo lands in the group after the last check (the window), and lo
+    cannot be deleted, so rtnl_group_dellink refuses the whole group (EOPNOTSUPP)."""
+    _foreign(ns)
+    taps.ensure(_mixed(ns, 4))
+    before = _seen(ns)
+
+    def lo_joins(group: int) -> None:
+        kernel.set_group(ns, "lo", group)
+
+    results = _delete_meddled(ns, [f"mx{i}" for i in range(4)], Meddler(before_delete=lo_joins))
+    assert [r.action for r in results] == ["deleted"] * 4
+    assert not any(r.batched for r in results if isinstance(r, taps.DeleteResult))
+    assert all("group delete refused (Operation not supported" in r.changes[0] for r in results)
+    after = _seen(ns)
+    assert after["lo"].group != 0  # the intruder keeps the group it was given; nothing else
+    after["lo"] = after["lo"]._replace(group=0)
+    assert after == {k: v for k, v in before.items() if not k.startswith("mx")}
+
+
+def test_cli_json_says_whether_the_delete_was_batched(ns: str) -> None:
+    taps.ensure([TapSpec(f"cj{i}", netns=ns) for i in range(3)])
+    import json
+
+    many = kernel.vhostorch("tap", "delete", "cj0", "cj1", "--netns", ns, "--json", check=True)
+    assert [t["batched"] for t in json.loads(many.stdout)["taps"]] == [True, True]
+    one = kernel.vhostorch("tap", "delete", "cj2", "--netns", ns, "--json", check=True)
+    assert [t["batched"] for t in json.loads(one.stdout)["taps"]] == [False]
+
+
+def test_a_failed_move_restores_every_group(ns: str) -> None:
+    """A failure at any move (injected) puts back the groups of the taps moved before it."""
+    _foreign(ns)
+    taps.ensure(_mixed(ns, 4))
+    for i in range(4):
+        run("ip", "-n", ns, "link", "set", f"mx{i}", "group", str(10 + i))
+    before = _seen(ns)
+    names = [f"mx{i}" for i in range(4)]
+    for at in range(1, 5):
+        with netns.entered(ns), Rtnl() as rtnl:
+            host = FailingHost(taps.KernelHost(rtnl), at)
+            with pytest.raises(OperationFailed, match="injected"):
+                taps.delete_on(host, names)
+        assert _seen(ns) == before, at

@@ -41,61 +41,103 @@ def _ip_batch(ns: str, lines: list[str]) -> float:
         os.unlink(batch.name)
 
 
-def _create_both(names: list[str]) -> tuple[float, float, str, str]:
-    """Create and attach ``names`` with ip -batch in one namespace and vhostorch in another."""
+def _teardown(ns: str, names: list[str]) -> None:
+    """Delete the namespace after emptying it synchronously: `ip netns del` alone leaves
+    the kernel unregistering its links in the background under the RTNL lock, which
+    would slow whatever the next round measures."""
+    if set(kernel.links(ns)) - {"lo", "br0"}:
+        taps.delete(names, netns=ns, force=True)
+    kernel.run("ip", "netns", "del", ns, check=False)
+
+
+def _create_both(names: list[str], bridge: bool) -> tuple[float, float, str, str]:
+    """Create ``names`` (up; on br0 if ``bridge``) with ip -batch in one fresh namespace
+    and vhostorch in another."""
     ns_ip = kernel.unique("vho-b-")
     ns_vho = kernel.unique("vho-b-")
     for ns in (ns_ip, ns_vho):
         kernel.run("ip", "netns", "add", ns)
         kernel.run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
+    attach = "master br0 " if bridge else ""
     ip_create = _ip_batch(
         ns_ip,
         [f"tuntap add dev {n} mode tap vnet_hdr" for n in names]
-        + [f"link set {n} master br0 up" for n in names],
+        + [f"link set {n} {attach}up" for n in names],
     )
-    specs = [TapSpec(n, bridge="br0", netns=ns_vho) for n in names]
+    specs = [TapSpec(n, bridge="br0" if bridge else None, netns=ns_vho) for n in names]
     vho_create = _timed(lambda: taps.ensure(specs))
     for ns in (ns_ip, ns_vho):
         got = kernel.links(ns)
         assert len(got) == COUNT + 2
-        assert all(got[n].get("master") == "br0" and "UP" in got[n]["flags"] for n in names)
+        assert all(
+            got[n].get("master") == ("br0" if bridge else None) and "UP" in got[n]["flags"]
+            for n in names
+        )
     return ip_create, vho_create, ns_ip, ns_vho
 
 
-def test_bench_1000_taps_on_a_bridge() -> None:
-    """Create is measured three times (best of each); delete, ~17 s a side, once."""
+def test_bench_1000_taps_create_up_and_delete() -> None:
+    """Issue 14: create 1000 taps up, no bridge (best of 3 rounds), ≤ 1.0x of ip -batch;
+    delete them (every round; the worst ratio counts) ≤ 0.1x of ip -batch's `link del`."""
     names = [f"b{i}" for i in range(COUNT)]
-    ip_creates, vho_creates = [], []
-    ip_create, vho_create, ns_ip, ns_vho = _create_both(names)
-    try:
-        ip_delete = _ip_batch(ns_ip, [f"link del {n}" for n in names])
-        vho_delete = _timed(lambda: taps.delete(names, netns=ns_vho))
-        assert set(kernel.links(ns_vho)) == set(kernel.links(ns_ip)) == {"lo", "br0"}
-    finally:
-        kernel.run("ip", "netns", "del", ns_ip, check=False)
-        kernel.run("ip", "netns", "del", ns_vho, check=False)
-    ip_creates.append(ip_create)
-    vho_creates.append(vho_create)
-    for _ in range(2):
-        ip_create, vho_create, ns_ip, ns_vho = _create_both(names)
-        # Deleting a namespace unregisters its links in one batch: a quick teardown.
-        kernel.run("ip", "netns", "del", ns_ip, check=False)
-        kernel.run("ip", "netns", "del", ns_vho, check=False)
+    ip_creates, vho_creates, ip_deletes, vho_deletes = [], [], [], []
+    for _ in range(3):
+        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=False)
+        try:
+            ip_deletes.append(_ip_batch(ns_ip, [f"link del {n}" for n in names]))
+            started = time.perf_counter()
+            results = taps.delete(names, netns=ns_vho)
+            vho_deletes.append(time.perf_counter() - started)
+            assert all(isinstance(r, taps.DeleteResult) and r.batched for r in results)
+            assert set(kernel.links(ns_vho)) == set(kernel.links(ns_ip)) == {"lo", "br0"}
+        finally:
+            _teardown(ns_ip, names)
+            _teardown(ns_vho, names)
         ip_creates.append(ip_create)
         vho_creates.append(vho_create)
-
+        if ip_deletes[-1] > 5:
+            break  # ~17 s a round for ip: one delete measurement says enough
+    while len(ip_creates) < 3:  # the other create rounds, emptied without being timed
+        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=False)
+        _teardown(ns_ip, names)
+        _teardown(ns_vho, names)
+        ip_creates.append(ip_create)
+        vho_creates.append(vho_create)
     create_ratio = min(vho_creates) / min(ip_creates)
-    delete_ratio = vho_delete / ip_delete
+    delete_ratios = [v / i for v, i in zip(vho_deletes, ip_deletes, strict=True)]
+    print(
+        f"\nbench 1000 taps create (up, no bridge): vhostorch {min(vho_creates):.3f} s, ip -batch "
+        f"{min(ip_creates):.3f} s (best of {len(ip_creates)}), ratio {create_ratio:.2f}x "
+        "(target 1.0x)"
+    )
+    print(
+        "bench 1000 taps delete: "
+        + ", ".join(
+            f"vhostorch {v:.2f} s / ip -batch {i:.2f} s"
+            for v, i in zip(vho_deletes, ip_deletes, strict=True)
+        )
+        + f", ratio {max(delete_ratios):.3f}x (worst; target 0.1x)"
+    )
+    assert create_ratio < 1.3  # looser than the target, against noise on a shared machine
+    assert max(delete_ratios) < 0.1
+
+
+def test_bench_1000_taps_on_a_bridge() -> None:
+    """Create and attach to a bridge, best of 3 (the delete is measured above)."""
+    names = [f"b{i}" for i in range(COUNT)]
+    ip_creates, vho_creates = [], []
+    for _ in range(3):
+        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=True)
+        _teardown(ns_ip, names)
+        _teardown(ns_vho, names)
+        ip_creates.append(ip_create)
+        vho_creates.append(vho_create)
+    create_ratio = min(vho_creates) / min(ip_creates)
     print(
         f"\nbench 1000 taps create+attach: vhostorch {min(vho_creates):.3f} s, ip -batch "
         f"{min(ip_creates):.3f} s (best of 3), ratio {create_ratio:.2f}x (target 1.5x)"
     )
-    print(
-        f"bench 1000 taps delete: vhostorch {vho_delete:.2f} s, ip -batch "
-        f"{ip_delete:.2f} s, ratio {delete_ratio:.2f}x (target 1.1x)"
-    )
     assert create_ratio < 2.5
-    assert delete_ratio < 1.5
 
 
 SHELL = """#!/bin/sh

@@ -3,7 +3,8 @@
 A small typed codec over a raw NETLINK_ROUTE socket (stdlib only). It exists
 because provisioning runs in a fresh process on every VM start, where importing
 a general netlink library costs more than the whole job (docs/design.md).
-Every call is one request and one acknowledgement; nothing is looked up twice.
+Every call is one request and one acknowledgement, except `batch`: many
+independent requests per sendmsg, their acknowledgements read together.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from vhostorch.errors import NetlinkError as NetlinkError
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from types import TracebackType
 
 # linux/netlink.h
@@ -47,6 +48,7 @@ IFLA_MTU = 4
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
+IFLA_GROUP = 27
 IFLA_EXT_MASK = 29
 IFLA_CARRIER = 33
 IFLA_INFO_KIND = 1
@@ -73,6 +75,10 @@ _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _ERR = struct.Struct("=i")
 _RECV = 1 << 16
+# Requests per sendmsg in `batch`. The kernel queues one acknowledgement skb per
+# request (~1 KiB of receive buffer each, truesize) and drops, with ENOBUFS, what
+# does not fit the default 208 KiB rmem: 64 stay well inside it.
+BATCH = 64
 
 
 class TunInfo(Record):
@@ -102,6 +108,15 @@ class Link(Record):
     alias: str | None
     carrier: bool | None
     tun: TunInfo | None
+    group: int = 0  # the link group (IFLA_GROUP); every device starts in group 0
+
+
+class Request(Record):
+    """One rtnetlink request of a `batch`: message type, flags and body (ifinfomsg + attributes)."""
+
+    msgtype: int
+    flags: int
+    body: bytes
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -165,6 +180,7 @@ def parse_link(body: memoryview) -> Link:
     """Decode one RTM_NEWLINK message body (ifinfomsg and attributes)."""
     _family, _type, index, flags, _change = _IFINFO.unpack_from(body)
     name, kind, mtu, mac, master, alias, carrier, tun = "", None, 0, None, None, None, None, None
+    group = 0
     for attr, raw in _attrs(body, _IFINFO.size):
         if attr == IFLA_IFNAME:
             name = _cstr(raw)
@@ -178,6 +194,8 @@ def parse_link(body: memoryview) -> Link:
             alias = _cstr(raw) or None
         elif attr == IFLA_CARRIER:
             carrier = raw[0] != 0
+        elif attr == IFLA_GROUP:
+            group = _u32v(raw)
         elif attr == IFLA_LINKINFO:
             info = {k: v for k, v in _attrs(raw)}
             if IFLA_INFO_KIND in info:
@@ -188,7 +206,44 @@ def parse_link(body: memoryview) -> Link:
         # tun reports IFLA_TUN_NUM_QUEUES only for multi-queue devices; a
         # single-queue tap has carrier exactly while its one queue is attached.
         tun = tun.replace(attached_queues=1 if carrier else 0)
-    return Link(index, name, kind, bool(flags & IFF_UP), mtu, mac, master, alias, carrier, tun)
+    up = bool(flags & IFF_UP)
+    return Link(index, name, kind, up, mtu, mac, master, alias, carrier, tun, group)
+
+
+def set_link_request(
+    name: str | None = None,
+    *,
+    index: int = 0,
+    up: bool | None = None,
+    mtu: int | None = None,
+    mac: str | None = None,
+    master: int | None = None,
+    alias: str | None = None,
+    group: int | None = None,
+) -> Request:
+    """A change of the link called ``name`` (or numbered ``index``) in one request.
+
+    ``master=0`` detaches it; None leaves a field alone. By index, the change
+    reaches the device that was looked at even if it was renamed meanwhile.
+    """
+    flags = change = 0
+    if up is not None:
+        change = IFF_UP
+        flags = IFF_UP if up else 0
+    body = _IFINFO.pack(AF_UNSPEC, 0, index, flags, change)
+    if name is not None:
+        body += _str(IFLA_IFNAME, name)
+    if mtu is not None:
+        body += _u32(IFLA_MTU, mtu)
+    if mac is not None:
+        body += _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
+    if master is not None:
+        body += _u32(IFLA_MASTER, master)
+    if alias is not None:
+        body += _str(IFLA_IFALIAS, alias)
+    if group is not None:
+        body += _u32(IFLA_GROUP, group)
+    return Request(RTM_NEWLINK, 0, body)
 
 
 class Rtnl:
@@ -217,10 +272,13 @@ class Rtnl:
     ) -> None:
         self.close()
 
-    def _send(self, msgtype: int, flags: int, body: bytes) -> int:
+    def _message(self, msgtype: int, flags: int, body: bytes) -> bytes:
         self._seq += 1
         head = _NLMSG.pack(_NLMSG.size + len(body), msgtype, flags | NLM_F_REQUEST, self._seq, 0)
-        self._sock.send(head + body)
+        return head + body
+
+    def _send(self, msgtype: int, flags: int, body: bytes) -> int:
+        self._sock.send(self._message(msgtype, flags, body))
         return self._seq
 
     def _replies(self, seq: int) -> Iterator[tuple[int, memoryview]]:
@@ -285,20 +343,38 @@ class Rtnl:
         alias: str | None = None,
     ) -> None:
         """Change a link in one request; ``master=0`` detaches it, None leaves a field alone."""
-        flags = change = 0
-        if up is not None:
-            change = IFF_UP
-            flags = IFF_UP if up else 0
-        body = _IFINFO.pack(AF_UNSPEC, 0, 0, flags, change) + _str(IFLA_IFNAME, name)
-        if mtu is not None:
-            body += _u32(IFLA_MTU, mtu)
-        if mac is not None:
-            body += _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
-        if master is not None:
-            body += _u32(IFLA_MASTER, master)
-        if alias is not None:
-            body += _str(IFLA_IFALIAS, alias)
-        self._call(RTM_NEWLINK, 0, body)
+        request = set_link_request(name, up=up, mtu=mtu, mac=mac, master=master, alias=alias)
+        self._call(request.msgtype, request.flags, request.body)
+
+    def batch(self, requests: Sequence[Request]) -> list[NetlinkError | None]:
+        """Send independent requests, BATCH per sendmsg; return each one's error, or None.
+
+        The kernel runs every message of a sendmsg in turn and acknowledges each,
+        going on after one it refused (netlink_rcv_skb), so a failure in the
+        middle does not stop the others: the caller gets every outcome and undoes
+        what it must.
+        """
+        outcomes: list[NetlinkError | None] = []
+        for start in range(0, len(requests), BATCH):
+            chunk = requests[start : start + BATCH]
+            first = self._seq + 1
+            self._sock.send(
+                b"".join(self._message(r.msgtype, r.flags | NLM_F_ACK, r.body) for r in chunk)
+            )
+            last = self._seq
+            answers: dict[int, NetlinkError | None] = {}
+            while len(answers) < len(chunk):
+                data = memoryview(self._sock.recv(_RECV))
+                pos = 0
+                while pos + _NLMSG.size <= len(data):
+                    size, msgtype, flags, mseq, _pid = _NLMSG.unpack_from(data, pos)
+                    body = data[pos + _NLMSG.size : pos + size]
+                    pos += (size + 3) & ~3
+                    if msgtype == NLMSG_ERROR and first <= mseq <= last:
+                        code = -_ERR.unpack_from(body)[0]
+                        answers[mseq] = NetlinkError(code, _extack(body, flags)) if code else None
+            outcomes += [answers[seq] for seq in range(first, last + 1)]
+        return outcomes
 
     def add_link(self, name: str, kind: str, *, up: bool = True) -> None:
         """Create a link of a netlink-creatable kind (a bridge); fails if the name is taken."""
@@ -309,6 +385,23 @@ class Rtnl:
 
     def delete(self, name: str) -> None:
         body = _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0) + _str(IFLA_IFNAME, name)
+        self._call(RTM_DELLINK, 0, body)
+
+    def delete_group(self, group: int) -> None:
+        """Delete every device of link ``group`` in one request, as `ip link delete group N`.
+
+        rtnl_dellink (net/core/rtnetlink.c) takes the group only when the request
+        names no device (ifi_index 0, no IFLA_IFNAME); rtnl_group_dellink then
+        refuses group 0 (EPERM: every device is in it by default), a group
+        holding any device without rtnl_link_ops->dellink (EOPNOTSUPP, e.g. lo)
+        and an empty group (ENODEV), all before it deletes anything; otherwise,
+        under the RTNL lock, it deletes every device of the group, of whatever
+        kind (a veth takes its peer along), in one unregister_netdevice_many:
+        one RCU grace period for all of them instead of one each.
+        """
+        if not 0 < group <= 0xFFFFFFFF:
+            raise ValueError(f"link group {group} is not a group one may delete")
+        body = _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0) + _u32(IFLA_GROUP, group)
         self._call(RTM_DELLINK, 0, body)
 
 

@@ -1,42 +1,50 @@
 """Tap provisioning on the host: read a namespace, plan (taps.plan), apply all or none.
 
 `apply` runs a plan's steps through a host and, when one fails, runs the undo
-steps of those done. `ensure`, `create`, `delete` and `show` are the front
-doors: each enters the tap's network namespace, opens rtnetlink there and turns
-any kernel error into a KernelError.
+steps of those done; runs of independent link changes go to the host together,
+which sends them as one batch of netlink requests. `ensure`, `create`, `delete`
+and `show` are the front doors: each enters the tap's network namespace, opens
+rtnetlink there and turns any kernel error into a KernelError.
 """
 
 from __future__ import annotations
 
 import errno
 import grp
+import os
 import pwd
 
 from vhostorch.errors import InUse, InvalidSpec, KernelError, OperationFailed, RollbackFailed
 from vhostorch.kernel import netns, tun
-from vhostorch.kernel.rtnl import NetlinkError, Rtnl
+from vhostorch.kernel.rtnl import NetlinkError, Request, Rtnl, set_link_request
 from vhostorch.model import check_batch, check_ifname
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.taps.plan import (
+    BATCHABLE,
     MANAGED_ALIAS,
     NO_MASTER,
     CreateTap,
+    DeleteGroup,
     DeleteLink,
+    DeleteResult,
     Ids,
     RetuneTap,
+    SetGroup,
     SetLink,
     TapResult,
+    check_group,
     device_kind,
     is_tap,
     plan_delete,
     plan_ensure,
+    plan_group_moves,
     queue_mode,
     refuse_existing,
     refuse_foreign,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from typing import Protocol, TypeVar
 
     from vhostorch.kernel.rtnl import Link
@@ -50,7 +58,10 @@ if TYPE_CHECKING:
 
         def snapshot(self) -> dict[str, Link]: ...
 
-        def do(self, step: Step) -> None: ...
+        def do(self, steps: Sequence[Step]) -> list[OperationFailed | None]:
+            """Run ``steps``, which do not depend on each other (so may be sent together):
+            every one is attempted; the answer is each one's error, or None."""
+            ...
 
 
 class TapState(Record):
@@ -120,6 +131,12 @@ def _describe(err: OSError) -> str:
     return text
 
 
+def _kernel_error(step: Step, err: OSError) -> KernelError:
+    failed = KernelError(f"{step}: {_describe(err)}", err.errno or 0)
+    failed.__cause__ = err  # as `raise ... from err` would, for an error returned, not raised
+    return failed
+
+
 class KernelHost:
     """Applies steps with rtnetlink and tun ioctls in the namespace ``rtnl`` was opened in."""
 
@@ -140,33 +157,67 @@ class KernelHost:
             self._index[name] = link.index
         return self._index[name]
 
-    def do(self, step: Step) -> None:
-        try:
-            # Subclasses before their bases: a RetuneTap is a CreateTap too.
-            if isinstance(step, RetuneTap):
-                tun.retune_tap(step.name, step.flags, step.owner, step.group)
-            elif isinstance(step, CreateTap):
-                tun.create_tap(step.name, step.flags, step.owner, step.group)
-            elif isinstance(step, SetLink):
-                index = None
-                if step.master is not None:
-                    index = 0 if step.master == NO_MASTER else self._ifindex(step.master)
-                self._rtnl.set_link(
-                    step.name,
-                    up=step.up,
-                    mtu=step.mtu,
-                    mac=step.mac,
-                    master=index,
-                    alias=step.alias,
-                )
-            elif isinstance(step, DeleteLink):
-                self._rtnl.delete(step.name)
-                self._index.pop(step.name, None)
-            else:
-                self._rtnl.add_link(step.name, "bridge")
-                self._rtnl.set_link(step.name, alias=MANAGED_ALIAS)
-        except OSError as err:
-            raise KernelError(f"{step}: {_describe(err)}", err.errno or 0) from err
+    def do(self, steps: Sequence[Step]) -> list[OperationFailed | None]:
+        if len(steps) > 1 and all(isinstance(step, BATCHABLE) for step in steps):
+            return self._batch(steps)
+        outcomes: list[OperationFailed | None] = []
+        for step in steps:
+            try:
+                self._do(step)
+                outcomes.append(None)
+            except OperationFailed as err:
+                outcomes.append(err)
+            except OSError as err:
+                outcomes.append(_kernel_error(step, err))
+        return outcomes
+
+    def _request(self, step: Step) -> Request:
+        if isinstance(step, SetGroup):
+            return set_link_request(index=step.index, group=step.group)
+        assert isinstance(step, SetLink)
+        index = None
+        if step.master is not None:
+            index = 0 if step.master == NO_MASTER else self._ifindex(step.master)
+        return set_link_request(
+            step.name, up=step.up, mtu=step.mtu, mac=step.mac, master=index, alias=step.alias
+        )
+
+    def _batch(self, steps: Sequence[Step]) -> list[OperationFailed | None]:
+        outcomes: list[OperationFailed | None] = [None] * len(steps)
+        requests: list[Request] = []
+        sent: list[int] = []
+        for i, step in enumerate(steps):
+            try:
+                requests.append(self._request(step))
+                sent.append(i)
+            except OperationFailed as err:
+                outcomes[i] = err
+        for i, answer in zip(sent, self._rtnl.batch(requests), strict=True):
+            if answer is not None:
+                outcomes[i] = _kernel_error(steps[i], answer)
+        return outcomes
+
+    def _do(self, step: Step) -> None:
+        # Subclasses before their bases: a RetuneTap is a CreateTap too.
+        if isinstance(step, RetuneTap):
+            tun.retune_tap(step.name, step.flags, step.owner, step.group)
+        elif isinstance(step, CreateTap):
+            tun.create_tap(step.name, step.flags, step.owner, step.group)
+        elif isinstance(step, SetLink | SetGroup):
+            request = self._request(step)
+            [answer] = self._rtnl.batch([request])
+            if answer is not None:
+                raise answer
+        elif isinstance(step, DeleteLink):
+            self._rtnl.delete(step.name)
+            self._index.pop(step.name, None)
+        elif isinstance(step, DeleteGroup):
+            self._rtnl.delete_group(step.group)
+            for name in step.taps:
+                self._index.pop(name, None)
+        else:
+            self._rtnl.add_link(step.name, "bridge")
+            self._rtnl.set_link(step.name, alias=MANAGED_ALIAS)
 
 
 def resolve_ids(spec: TapSpec) -> Ids:
@@ -186,21 +237,42 @@ def resolve_ids(spec: TapSpec) -> Ids:
     )
 
 
+def _runs(changes: Sequence[Change]) -> Iterator[Sequence[Change]]:
+    """The changes in order, consecutive independent link changes grouped into one run."""
+    run: list[Change] = []
+    for change in changes:
+        if isinstance(change.step, BATCHABLE):
+            run.append(change)
+            continue
+        if run:
+            yield run
+            run = []
+        yield (change,)
+    if run:
+        yield run
+
+
 def apply(changes: Sequence[Change], host: Host) -> None:
-    """Run every step; if one fails (or we are interrupted), undo the ones done, newest first."""
+    """Run every step; if one fails (or we are interrupted), undo the ones done, newest first.
+
+    A run of link changes goes to the host in one call, which attempts them all:
+    when one fails, the others of its run that succeeded are undone too.
+    """
     done: list[Change] = []
     try:
-        for change in changes:
-            host.do(change.step)
-            done.append(change)
+        for run in _runs(changes):
+            outcomes = host.do([change.step for change in run])
+            done += [change for change, failed in zip(run, outcomes, strict=True) if not failed]
+            failures = [failed for failed in outcomes if failed is not None]
+            if failures:
+                raise failures[0]
     except BaseException as err:
         leftovers: list[str] = []
         for change in reversed(done):
             for undo in change.undo:
-                try:
-                    host.do(undo)
-                except OperationFailed as undo_err:
-                    leftovers.append(str(undo_err))
+                [failed] = host.do([undo])
+                if failed is not None:
+                    leftovers.append(str(failed))
         if leftovers and isinstance(err, OperationFailed):
             raise RollbackFailed(
                 f"{err}; undoing the steps before it failed too: {'; '.join(leftovers)}",
@@ -272,6 +344,97 @@ def create(specs: Sequence[TapSpec]) -> list[TapResult]:
     return _in_namespace(namespace, work)
 
 
+def random_group(taken: set[int]) -> int:
+    """A link group id no device in ``taken`` carries: 31 random bits, never 0.
+
+    The kernel keeps the group in an int and iproute2 prints and parses it as
+    one (`ip link set ... group 3000000000` is refused), so ids stay below 2**31.
+    """
+    while True:
+        group = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        if group and group not in taken:
+            return group
+
+
+def _delete_by_group(
+    host: Host, doomed: Sequence[str], snapshot: dict[str, Link], group: int, force: bool
+) -> str | None:
+    """Delete the taps ``doomed`` in one request by link group; all or none.
+
+    Returns None when they are deleted, or the kernel's reason when it refused
+    the group delete (nothing deleted, the taps back in their groups: the caller
+    deletes them one by one). Raises when a check refuses, after restoring the groups.
+
+    The window: the last check (a dump read after the moves) and the delete are
+    two requests, and between them another process holding CAP_NET_ADMIN in the
+    namespace could put a device into the group or open one of the taps. The
+    kernel deletes whatever the group holds then. The group is 31 random bits
+    chosen among those no device carried, used for the few milliseconds
+    between the moves and the delete and never again, so a device lands in it
+    only if someone reads it from a dump and moves a device into it within
+    that time (no tool picks a group by itself: `ip` uses the numbers it is
+    given, 0 by default), and a guess at random hits one in 2**31. The same
+    window, between the check and the delete, exists for a tap being opened
+    with one delete per tap, as it did before batching.
+    """
+    moves = plan_group_moves(doomed, snapshot, group).changes
+    apply(moves, host)
+    try:
+        moved = [change.step for change in moves if isinstance(change.step, SetGroup)]
+        check_group(group, moved, host.snapshot(), force)
+        [refused] = host.do([DeleteGroup(group, tuple(doomed))])
+        if refused is None:
+            return None
+    except BaseException:
+        _restore_groups(moves, host)
+        raise
+    _restore_groups(moves, host)
+    return str(refused)
+
+
+def _restore_groups(moves: Sequence[Change], host: Host) -> None:
+    outcomes = host.do([undo for change in moves for undo in change.undo])
+    leftovers = [str(failed) for failed in outcomes if failed is not None]
+    if leftovers:
+        raise OperationFailed(
+            "restoring the link groups of the taps failed: " + "; ".join(leftovers)
+        )
+
+
+def delete_on(
+    host: Host,
+    names: Sequence[str],
+    *,
+    bridges: Sequence[str] = (),
+    force: bool = False,
+    dry_run: bool = False,
+    group: int | None = None,
+) -> list[TapResult]:
+    """`delete`'s work through ``host`` (in the namespace it was opened in)."""
+    snapshot = host.snapshot()
+    plan = plan_delete(names, snapshot, bridges=bridges, force=force)
+    results = list(plan.results)
+    if dry_run:
+        return results
+    doomed = [r.name for r in results if r.action == "deleted"]
+    rest: Sequence[Change] = plan.changes
+    fallback = None
+    if len(doomed) > 1:
+        taken = {link.group for link in snapshot.values()}
+        chosen = group if group is not None else random_group(taken)
+        fallback = _delete_by_group(host, doomed, snapshot, chosen, force)
+        if fallback is None:  # what is left: the bridges
+            gone = {DeleteLink(name) for name in doomed}
+            rest = [c for c in plan.changes if c.step not in gone]
+    apply(rest, host)
+    batched = len(doomed) > 1 and fallback is None
+    note = () if fallback is None else (f"one delete per tap: group delete refused ({fallback})",)
+    return [
+        DeleteResult(r.name, r.action, note if r.action == "deleted" else (), batched)
+        for r in results
+    ]
+
+
 def delete(
     names: Sequence[str],
     *,
@@ -279,20 +442,29 @@ def delete(
     bridges: Sequence[str] = (),
     force: bool = False,
     dry_run: bool = False,
+    group: int | None = None,
 ) -> list[TapResult]:
     """Delete taps vhostorch created (and listed bridges it created once empty).
 
     Every refusal (not a tap, not ours, held open) happens before anything is deleted;
-    ``dry_run`` stops there.
+    ``dry_run`` stops there. Two taps or more are deleted in one batch: moved into
+    link ``group`` (by default a random one no device carries), checked again, and
+    deleted with one RTM_DELLINK for the group (one RCU grace period for all, where
+    one delete per tap waits for one each). A device of another kind, or anyone
+    else's, found in the group refuses the batch and the taps go back to their
+    groups. If the kernel refuses the group delete, the taps are deleted one by one;
+    each result's ``batched`` says which happened.
+
+    Raises InvalidSpec for a bad name or group 0, NotManaged or InUse for a tap it
+    must not delete, OperationFailed (KernelError) when the kernel refuses.
     """
     for name in [*names, *bridges]:
         check_ifname(name)
+    if group is not None and not 0 < group <= 0xFFFFFFFF:
+        raise InvalidSpec(f"link group {group}: a batch needs a group from 1 to 4294967295")
 
     def work(host: KernelHost) -> list[TapResult]:
-        plan = plan_delete(names, host.snapshot(), bridges=bridges, force=force)
-        if not dry_run:
-            apply(plan.changes, host)
-        return list(plan.results)
+        return delete_on(host, names, bridges=bridges, force=force, dry_run=dry_run, group=group)
 
     return _in_namespace(netns, work)
 

@@ -5,6 +5,10 @@ steps, each with the steps that undo it; they refuse (raise) before anything is
 touched whenever the snapshot already shows that the work cannot succeed.
 Everything here is pure: `taps.apply` reads the snapshot and runs the steps.
 
+Deleting many taps is done by link group (see `plan_group_moves` and
+`check_group`): the taps are moved into one group no other device carries, the
+group is checked again, and the kernel deletes the whole group in one request.
+
 Ownership is recorded on the device itself: vhostorch sets the interface alias
 to MANAGED_ALIAS on what it creates, and only deletes (or recreates) devices
 carrying it, so a cleanup never removes a tap or bridge someone else made.
@@ -71,7 +75,30 @@ class DeleteLink(CreateBridge):
         return f"delete {self.name}"
 
 
-Step = CreateTap | SetLink | CreateBridge
+class SetGroup(Record):
+    """Move the link numbered ``index`` (called ``name`` when it was read) to link ``group``."""
+
+    name: str
+    index: int
+    group: int
+
+    def __str__(self) -> str:
+        return f"set {self.name} group={self.group}"
+
+
+class DeleteGroup(Record):
+    """Delete every device of link ``group``: ``taps`` are the ones moved there to die."""
+
+    group: int
+    taps: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"delete link group {self.group} ({len(self.taps)} taps)"
+
+
+Step = CreateTap | SetLink | CreateBridge | SetGroup | DeleteGroup
+# Steps the host may send together: independent link changes, one netlink request each.
+BATCHABLE = (SetLink, SetGroup)
 
 
 class Change(Record):
@@ -87,6 +114,18 @@ class TapResult(Record):
     name: str
     action: str
     changes: tuple[str, ...] = ()
+
+
+class DeleteResult(TapResult):
+    """What `delete` did to one tap; ``batched`` says how the call deleted its taps.
+
+    True: every tap of the call went in one group delete (one RTM_DELLINK by
+    IFLA_GROUP, one RCU grace period). False: one RTM_DELLINK per tap, because
+    there was at most one tap to delete, or the kernel refused the group delete
+    (then ``changes`` says so).
+    """
+
+    batched: bool = False
 
 
 class Plan(Record):
@@ -276,7 +315,22 @@ def plan_ensure(
         more, result = _plan_tap(spec, ids[spec.name], link, names, recreate)
         changes += more
         results.append(result)
-    return Plan(tuple(changes), tuple(results))
+    # Link changes last, after every tap and bridge exists: they then run as one
+    # batch of netlink requests (taps.apply), not one round trip per tap.
+    ordered = [c for c in changes if not isinstance(c.step, SetLink)]
+    ordered += [c for c in changes if isinstance(c.step, SetLink)]
+    return Plan(tuple(ordered), tuple(results))
+
+
+def _refuse_delete(link: Link, force: bool) -> None:
+    """Raise unless ``link`` is a tap vhostorch may delete now (``force``: any unheld tap)."""
+    if not is_tap(link):
+        raise NotManaged(f"{link.name} is a {device_kind(link)} device, not a tap; not deleting it")
+    if link.alias != MANAGED_ALIAS and not force:
+        raise NotManaged(f"tap {link.name} was not created by vhostorch; not deleting it")
+    assert link.tun is not None
+    if link.tun.attached_queues:
+        raise _in_use(link, "deleting it was asked for")
 
 
 def plan_delete(
@@ -291,20 +345,14 @@ def plan_delete(
     changes: list[Change] = []
     results: list[TapResult] = []
     gone: set[str] = set()
-    for name in names:
+    for name in dict.fromkeys(names):
         link = snapshot.get(name)
         if link is None:
-            results.append(TapResult(name, "absent"))
+            results.append(DeleteResult(name, "absent"))
             continue
-        if not is_tap(link):
-            raise NotManaged(f"{name} is a {device_kind(link)} device, not a tap; not deleting it")
-        if link.alias != MANAGED_ALIAS and not force:
-            raise NotManaged(f"tap {name} was not created by vhostorch; not deleting it")
-        assert link.tun is not None
-        if link.tun.attached_queues:
-            raise _in_use(link, "deleting it was asked for")
+        _refuse_delete(link, force)
         changes.append(Change(DeleteLink(name)))
-        results.append(TapResult(name, "deleted"))
+        results.append(DeleteResult(name, "deleted"))
         gone.add(name)
     for bridge_name in dict.fromkeys(bridges):
         bridge = snapshot.get(bridge_name)
@@ -314,6 +362,49 @@ def plan_delete(
         if not ports:
             changes.append(Change(DeleteLink(bridge_name)))
     return Plan(tuple(changes), tuple(results))
+
+
+def plan_group_moves(names: Sequence[str], snapshot: dict[str, Link], group: int) -> Plan:
+    """Pure: move the taps ``names`` (as ``snapshot`` shows them) into link ``group``;
+    each move's undo puts the tap back in the group it was in."""
+    changes = []
+    for name in names:
+        link = snapshot[name]
+        changes.append(
+            Change(
+                SetGroup(name, link.index, group),
+                (SetGroup(name, link.index, link.group),),
+            )
+        )
+    return Plan(tuple(changes), ())
+
+
+def check_group(
+    group: int, moved: Sequence[SetGroup], snapshot: dict[str, Link], force: bool
+) -> None:
+    """Pure: raise unless link ``group`` holds exactly the taps ``moved`` put there, each
+    still one that may be deleted (not held, ours unless ``force``).
+
+    Run on a snapshot read after the moves: whatever a group delete would take
+    with it (a device someone else put in the group, a tap opened meanwhile)
+    refuses the whole batch here.
+    """
+    by_index = {link.index: link for link in snapshot.values()}
+    wanted = {move.index: move for move in moved}
+    for link in snapshot.values():
+        if link.group == group and link.index not in wanted:
+            raise NotManaged(
+                f"{device_kind(link)} {link.name} is in link group {group}, which vhostorch "
+                "chose to delete its taps by; not deleting anything"
+            )
+    for move in moved:
+        now = by_index.get(move.index)
+        if now is None or now.name != move.name or now.group != group:
+            raise OperationFailed(
+                f"tap {move.name} changed while it was being deleted (it was renamed, deleted "
+                f"or moved out of link group {group}); not deleting anything"
+            )
+        _refuse_delete(now, force)
 
 
 def refuse_foreign(specs: Sequence[TapSpec], snapshot: dict[str, Link]) -> None:
