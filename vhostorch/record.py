@@ -24,6 +24,9 @@ else:
         return lambda cls: cls
 
 
+_set_field = object.__setattr__  # records are immutable: their own __setattr__ refuses
+
+
 def _own_fields(annotations: dict[str, str]) -> tuple[str, ...]:
     return tuple(
         name
@@ -67,6 +70,10 @@ class Record(metaclass=RecordType):
         def __init__(self, *args: object, **kwargs: object) -> None:
             cls = type(self)
             fields = cls._fields
+            if not kwargs and len(args) == len(fields):  # the common call, as fast as _init
+                for field, value in zip(fields, args, strict=False):  # lengths checked above
+                    _set_field(self, field, value)
+                return
             if len(args) > len(fields):
                 raise TypeError(f"{cls.__name__}() takes {len(fields)} fields, not {len(args)}")
             values = dict(zip(fields, args, strict=False))  # fewer args: the rest by name
