@@ -20,7 +20,7 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("qemu", ("args", "monitor", "__init__")),
     ("libvirt", ("domxml", "qemuconf", "connection", "__init__")),
     ("check", ("ids", "report", "wiring", "observe", "nics", "machine", "request", "fds", "running",
-               "vrings", "verify", "targets", "doctor", "__init__")),
+               "vrings", "reasons", "verify", "metrics", "targets", "doctor", "__init__")),
     ("backends", ("contract", "process", "qmp", "libvirt", "__init__")),
     ("orchestrate", ()),
     ("hook", ("metadata", "program", "__init__", "install")),

@@ -1,10 +1,13 @@
 """Gather what can be seen of a running QEMU into one Observation (no verdicts here).
 
-Sources: /proc (fds, fdinfo, threads, command line), the vhost workers, the
-taps over rtnetlink, the wiring trace, and, when given, the libvirt domain's XML
-and QEMU's monitor. ``verify`` turns an Observation into checks. Every source is
-an argument of ``observe`` (a /proc root, a tracefs root, a tap reader...), so an
-observation recorded on a real host (tests/fixtures/observations) drives it again.
+Sources: /proc (fds, fdinfo, threads, command line), the vhost workers and their
+CPU time, the taps over rtnetlink, the wiring trace, the logs that say why vhost
+is not used (libvirtd's, and QEMU's own: libvirt's per-domain log or the file its
+stderr goes to), /dev/vhost-net's mode against QEMU's credentials, and, when
+given, the libvirt domain's XML and QEMU's monitor. ``verify`` turns an Observation
+into checks. Every source is an argument of ``observe`` (a /proc root, a tracefs
+root, a tap reader, log paths...), so an observation recorded on a real host
+(tests/fixtures/observations) drives it again.
 """
 
 from __future__ import annotations
@@ -41,10 +44,184 @@ class Observation(Record):
     wiring: Wiring | None = None
     wiring_note: str | None = None
     plan: VmState | None = None  # what vhostorch set up, for a VM it started
+    logs: Logs | None = None  # what the logs say about vhost for this QEMU (check.reasons)
+    device: dict[str, object] | None = None  # /dev/vhost-net against QEMU's credentials
+    worker_cpu: dict[int, float] | None = None  # vhost worker tid -> CPU seconds (utime+stime)
+
+
+class Logs(Record):
+    """The log lines that tell why vhost is not used by this QEMU, with where they were read.
+
+    libvirt (9.0) opens /dev/vhost-net itself and, when it cannot, only warns in
+    libvirtd's own log ('Unable to open vhost-net. Opened so far 0, requested 1'),
+    with no domain name: the lines kept are those written in the minute before this
+    QEMU started. QEMU writes 'unable to start vhost net: N: falling back on
+    userspace virtio' to its stderr: libvirt's per-domain log, or the file fd 2 is.
+    """
+
+    libvirtd_log: str | None  # the path read ("" when not looked at)
+    libvirtd_lines: tuple[str, ...]
+    qemu_log: str | None
+    qemu_lines: tuple[str, ...]
 
 
 # libvirt's QEMU driver writes each running domain's pid here (qemu:///system).
 PID_DIR = "/run/libvirt/qemu"
+# libvirtd's own log (log_outputs' default when there is no journald) and the per-domain
+# logs where virtlogd keeps each QEMU's stderr (qemu:///system).
+LIBVIRTD_LOG = "/var/log/libvirt/libvirtd.log"
+DOMAIN_LOG_DIR = "/var/log/libvirt/qemu"
+# The most of a log's end that is read: enough for a day of libvirtd at its default level.
+LOG_TAIL = 4 << 20
+# libvirt opens the vhost fds just before it starts QEMU (50 ms before, measured here).
+OPEN_WINDOW = 10.0
+UNABLE_TO_OPEN = "Unable to open vhost-net"
+
+
+def tail_lines(path: str, limit: int = LOG_TAIL) -> list[str]:
+    """The last ``limit`` bytes of ``path`` as lines (the first, cut, dropped). Raises OSError."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        data = f.read().decode(errors="replace")
+    lines = data.splitlines()
+    return lines[1:] if size > limit else lines
+
+
+def libvirt_time(line: str) -> float | None:
+    """The time of a libvirt log line ('2026-11-30 15:25:53.459+0000: ...'), in epoch seconds."""
+    import calendar
+    import time
+
+    stamp = line[:28]
+    try:
+        whole = time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")
+        fraction = float("0" + stamp[19:23]) if stamp[19] == "." else 0.0
+    except (ValueError, IndexError):
+        return None
+    if stamp[23:28] != "+0000":
+        return None
+    return calendar.timegm(whole) + fraction
+
+
+class LibvirtdLog:
+    """libvirtd's log: its 'Unable to open vhost-net' warnings with their times, read at most
+    once however many QEMUs ask (check --all)."""
+
+    def __init__(self, path: str = LIBVIRTD_LOG) -> None:
+        self.path = path
+        self._warnings: list[tuple[float, str]] | None = None
+
+    def warnings(self) -> list[tuple[float, str]]:
+        """Raises OSError when the log cannot be read."""
+        if self._warnings is None:
+            found = []
+            for line in tail_lines(self.path):
+                if UNABLE_TO_OPEN in line:
+                    when = libvirt_time(line)
+                    if when is not None:
+                        found.append((when, line))
+            self._warnings = found
+        return self._warnings
+
+
+def _thread(line: str) -> str:
+    """The libvirtd thread id of a log line ('TIME: TID: warning : ...')."""
+    return line[29:].split(":", 1)[0].strip()
+
+
+def boot_time(proc: str = procfs.PROC) -> float:
+    with open(f"{proc}/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    raise OSError(f"no btime in {proc}/stat")
+
+
+def _qemu_log_lines(
+    pid: int, name: str | None, process: procfs.Process, domain_log_dir: str | None
+) -> tuple[str | None, tuple[str, ...]]:
+    """QEMU's own log (libvirt's per-domain log, else the regular file its stderr is) and
+    its lines about vhost since this QEMU started."""
+    paths = []
+    if name and domain_log_dir:
+        paths.append((os.path.join(domain_log_dir, f"{name}.log"), True))
+    stderr = process.fd(2)
+    if (
+        stderr is not None
+        and stderr.target.startswith("/")
+        and not stderr.target.startswith("/dev/")
+    ):
+        paths.append((stderr.target, False))
+    for path, by_libvirt in paths:
+        try:
+            lines = tail_lines(path, 1 << 20)
+        except OSError:
+            continue
+        if by_libvirt:
+            # Each start appends a header line; only the last start's lines are this QEMU's.
+            starts = [i for i, line in enumerate(lines) if ": starting up " in line]
+            if not starts:
+                continue
+            lines = lines[starts[-1] :]
+        return path, tuple(line for line in lines if "vhost" in line)
+    return None, ()
+
+
+def device_access(pid: int, proc: str, dev: str) -> dict[str, object]:
+    """/dev/vhost-net (mode, owner) against QEMU's credentials, and whether the module is
+    loaded: why QEMU could or could not open it itself (DAC only; a device cgroup or an
+    LSM may still refuse)."""
+    import stat
+
+    path = f"{dev}/vhost-net"
+    facts: dict[str, object] = {"path": path}
+    facts["module_loaded"] = os.path.isdir("/sys/module/vhost_net")
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        facts["exists"] = False
+        facts["error"] = err.strerror
+        return facts
+    facts.update(
+        exists=True, char_device=stat.S_ISCHR(st.st_mode), mode=oct(st.st_mode & 0o7777),
+        uid=st.st_uid, gid=st.st_gid,
+    )  # fmt: skip
+    try:
+        with open(f"{proc}/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        uid = int(status["Uid"].split()[1])
+        gids = {int(status["Gid"].split()[1]), *(int(g) for g in status["Groups"].split())}
+    except (OSError, KeyError, ValueError, IndexError):
+        return facts
+    facts.update(qemu_uid=uid, qemu_gids=sorted(gids))
+    rw = 0o6
+    if uid == 0:
+        allowed = True
+    elif uid == st.st_uid:
+        allowed = (st.st_mode >> 6) & rw == rw
+    elif st.st_gid in gids:
+        allowed = (st.st_mode >> 3) & rw == rw
+    else:
+        allowed = st.st_mode & rw == rw
+    facts["qemu_may_open"] = allowed
+    return facts
+
+
+def worker_cpu(tids: Iterable[int], proc: str = procfs.PROC) -> dict[int, float]:
+    """CPU seconds (utime + stime) of each vhost worker, by tid. Kernel threads (Linux < 6.4)
+    are not in QEMU's thread group; /proc/TID reads any thread by its id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for tid in tids:
+        try:
+            with open(f"{proc}/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # Fields 14 and 15 (utime, stime) are the 12th and 13th after the comm.
+        found[tid] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
 
 
 def vhost_net_present(dev: str = "/dev") -> bool:
@@ -82,6 +259,9 @@ def observe(
     links: Callable[[Iterable[str]], dict[str, Link | None]] = read_links,
     netns: str | None = None,
     vhost_net: bool | None = None,
+    libvirtd_log: LibvirtdLog | None = None,
+    domain_log_dir: str | None = None,
+    dev: str = "/dev",
 ) -> Observation:
     """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU.
 
@@ -92,6 +272,9 @@ def observe(
     threads by name (read from ``proc`` if None), ``links`` reads taps by name,
     ``netns`` is the network namespace ``links`` reads in (this process's if
     None), ``vhost_net`` whether the host has /dev/vhost-net (looked at if None).
+    ``libvirtd_log`` is libvirtd's log (None: not looked at), ``domain_log_dir`` holds
+    libvirt's per-domain logs (None: not looked at), ``dev`` is where /dev/vhost-net is.
+    The logs and the device are read only for a QEMU they can tell something about.
     """
     process = procfs.read(pid, proc)
     name = procfs.program(pid, proc)
@@ -130,10 +313,39 @@ def observe(
             "the wiring trace is armed but recorded no vring of this QEMU: they were wired "
             "before it was armed (a guest driver restart, or a pause and resume, wires them again)"
         )
-    present = vhost_net_present() if vhost_net is None else vhost_net
+    present = vhost_net_present(dev) if vhost_net is None else vhost_net
+    vhost_fds = len(process.fds_to(procfs.VHOST_NET))
+    tap_nics = [n for n in args.netdevs if n.type in ("tap", "bridge")]
+    wanting = bool(tap_nics) or domain is not None or plan is not None
+    logs, device = None, None
+    if wanting:
+        # Why vhost is missing is asked only of a QEMU with a tap NIC short of vhost fds;
+        # why it is not at work, only of one that holds some.
+        short = vhost_fds < sum(n.queue_pairs for n in tap_nics) or not tap_nics
+        lines: tuple[str, ...] = ()
+        source = None
+        if short and libvirtd_log is not None and args.name:
+            try:
+                started = boot_time(proc) + since
+                warned = libvirtd_log.warnings()
+                source = libvirtd_log.path
+                near = [t for w, t in warned if started - OPEN_WINDOW <= w <= started + 1]
+                # The start's own worker thread wrote the last of them (one per NIC it could
+                # not give vhost); other domains starting meanwhile come from other threads.
+                lines = tuple(t for t in near if _thread(t) == _thread(near[-1])) if near else ()
+            except OSError:
+                pass
+        qlog: str | None = None
+        qlines: tuple[str, ...] = ()
+        if vhost_fds:
+            qlog, qlines = _qemu_log_lines(pid, args.name, process, domain_log_dir)
+        logs = Logs(source, lines, qlog, qlines)
+        if short:
+            device = device_access(pid, proc, dev)
+    cpu = worker_cpu(workers, proc) if workers else None
     return Observation(
         process, args, model, tuple(workers), taps, seen, present, domain, view, error, wired,
-        note, plan,
+        note, plan, logs, device, cpu,
     )  # fmt: skip
 
 

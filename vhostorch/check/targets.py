@@ -42,28 +42,41 @@ def reports(
         raise InvalidSpec("check: --connect goes with --domain")
     if ask_monitor and domain is None:
         raise InvalidSpec("check: --monitor goes with --domain (--pid and --qmp use QMP directly)")
+    # Why a NIC does not use vhost is in libvirt's logs: read libvirtd's once for all QEMUs.
+    log, logdir = inspect.LibvirtdLog(), inspect.DOMAIN_LOG_DIR
     if domain is not None:
-        return [_domain(domain, uri or virt.SYSTEM_URI, ask_monitor)]
+        return [_domain(domain, uri or virt.SYSTEM_URI, ask_monitor, log)]
     if qmp is not None:
         try:
             qemu = monitor.peer_pid(qmp)
         except monitor.MonitorError as err:
             raise procfs.CannotInspect(str(err)) from err
         observed = inspect.observe(
-            qemu, monitor=lambda: monitor.read_qmp(qmp, served_by=qemu), plan=vmstate.by_pid(qemu)
+            qemu,
+            monitor=lambda: monitor.read_qmp(qmp, served_by=qemu),
+            plan=vmstate.by_pid(qemu),
+            libvirtd_log=log,
+            domain_log_dir=logdir,
         )
         return [verify.verify(observed)]
     # A VM vhostorch started is checked against what it set up (NICs added over QMP).
     plans = {state.pid: state for state in vmstate.every()}
     if pid is not None:
-        observed = inspect.observe(pid, monitor=_own_qmp(pid), plan=plans.get(pid))
+        observed = inspect.observe(
+            pid, monitor=_own_qmp(pid), plan=plans.get(pid), libvirtd_log=log, domain_log_dir=logdir
+        )
         return [verify.verify(observed)]
     kthreads = procfs.vhost_kthreads()
     found = []
     for qemu in procfs.qemu_pids():
         try:
             observed = inspect.observe(
-                qemu, kthreads=kthreads, monitor=_own_qmp(qemu), plan=plans.get(qemu)
+                qemu,
+                kthreads=kthreads,
+                monitor=_own_qmp(qemu),
+                plan=plans.get(qemu),
+                libvirtd_log=log,
+                domain_log_dir=logdir,
             )
         except procfs.CannotInspect:
             continue  # it exited while we looked
@@ -71,11 +84,18 @@ def reports(
     return found
 
 
-def _domain(name: str, uri: str, ask_monitor: bool) -> Report:
+def _domain(name: str, uri: str, ask_monitor: bool, log: inspect.LibvirtdLog) -> Report:
     domain = domxml.parse(virt.domain_xml(name, uri))
     reader = (lambda: virt.read_monitor(name, uri)) if ask_monitor else None
     pid = inspect.domain_pid(name)
-    observed = inspect.observe(pid, domain=domain, monitor=reader, plan=vmstate.by_pid(pid))
+    observed = inspect.observe(
+        pid,
+        domain=domain,
+        monitor=reader,
+        plan=vmstate.by_pid(pid),
+        libvirtd_log=log,
+        domain_log_dir=inspect.DOMAIN_LOG_DIR,
+    )
     return verify.verify(observed)
 
 

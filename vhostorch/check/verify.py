@@ -3,13 +3,16 @@
 It composes the families: the host and VM (check.machine), then per tap NIC what
 was asked (check.request), what QEMU holds (check.fds), vhost at work
 (check.running) and each virtqueue's kick and call (check.vrings). check.ids
-lists every check id and the module that makes it.
+lists every check id and the module that makes it. Each NIC of the report also
+says why it does not use vhost, when it does not (check.reasons), and the CPU time
+of the vhost worker of each of its queue pairs.
 """
 
 from __future__ import annotations
 
-from vhostorch.check import fds, machine, nics, request, running, vrings
+from vhostorch.check import fds, machine, nics, reasons, request, running, vrings
 from vhostorch.check.report import Check, Report
+from vhostorch.kernel import procfs
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,8 +38,11 @@ def verify(obs: Observation) -> Report:
     """All checks for one QEMU."""
     checks = [machine.host_vhost_net(obs), machine.vm_kvm(obs)]
     found = nics.find(obs)
+    why: list[reasons.Reason | None] = []
     for nic in found:
-        checks += nic_checks(obs, nic)
+        mine = nic_checks(obs, nic)
+        checks += mine
+        why.append(reasons.reason(obs, nic, mine))
     if not found:
         checks.append(request.no_tap_nic())
     target: dict[str, object] = {"pid": obs.process.pid, "name": obs.args.name}
@@ -52,7 +58,36 @@ def verify(obs: Observation) -> Report:
             "tap": (nic.tap_fds[0].tap if nic.tap_fds else nic.netdev.ifname),
             "queue_pairs": nic.netdev.queue_pairs,
             "vhost_requested": nic.netdev.wants_vhost,
+            "reason": None if reason is None else reason.to_json(),
+            "workers": workers(obs, nic),
         }
-        for nic in found
+        for nic, reason in zip(found, why, strict=True)
     )
     return Report(target, nic_info, tuple(checks))
+
+
+def workers(obs: Observation, nic: Nic) -> list[dict[str, object]]:
+    """The vhost worker of each queue pair of ``nic`` with its CPU seconds.
+
+    Each vhost device (one per queue pair) gets its worker at VHOST_SET_OWNER, which
+    QEMU issues right after opening it, one device after the other: so the workers
+    in tid order serve the process's /dev/vhost-net fds in fd order. That holds only
+    when there are as many of each; otherwise no worker is attributed.
+    """
+    every = [fd.num for fd in obs.process.fds_to(procfs.VHOST_NET)]
+    if not nic.vhost_fds or len(every) != len(obs.workers) or obs.worker_cpu is None:
+        return []
+    by_fd = dict(zip(sorted(every), sorted(obs.workers), strict=True))
+    found: list[dict[str, object]] = []
+    for pair, fd in enumerate(nic.vhost_fds):
+        tid = by_fd.get(fd.num)
+        if tid is not None and tid in obs.worker_cpu:
+            found.append(
+                {
+                    "queue_pair": pair,
+                    "vhost_fd": fd.num,
+                    "tid": tid,
+                    "cpu_seconds": obs.worker_cpu[tid],
+                }
+            )
+    return found

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from vhostorch.cli.argv import FLAG, INT, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import EXIT_CODES, JSON, STRICT, emit, report_text
 from vhostorch.errors import EXIT_FAILED, EXIT_OK, InvalidSpec
@@ -39,6 +41,11 @@ COMMANDS = (
             STRICT,
             Option("--watch", INT, "re-check every N seconds and report what changes"),
             JSON,
+            Option(
+                "--format",
+                VALUE,
+                "table (default), json (as --json) or openmetrics (Prometheus' text format)",
+            ),
         ),
         CHECK_EXIT_CODES,
     ),
@@ -80,11 +87,32 @@ def _reports(args: Parsed) -> list[Report]:
     )
 
 
-def _print_reports(reports: list[Report], args: Parsed) -> bool:
-    """Print ``reports`` (one JSON document, or their tables); return whether all are ok."""
+FORMATS = ("table", "json", "openmetrics")
+
+
+def _format(args: Parsed) -> str:
+    chosen = args.text("format") if args.command.path == ("check",) else None
+    if chosen is not None and chosen not in FORMATS:
+        raise InvalidSpec(f"check: --format must be one of {', '.join(FORMATS)}, not {chosen!r}")
+    if args.flag("json"):
+        if chosen not in (None, "json"):
+            raise InvalidSpec(f"check: --json and --format {chosen} contradict each other")
+        return "json"
+    return chosen or "table"
+
+
+def _print_reports(reports: list[Report], args: Parsed, took: float = 0.0) -> bool:
+    """Print ``reports`` (one JSON document, their tables, or their metrics); return whether
+    all are ok. ``took``: how long checking them took, in seconds (for the metrics)."""
     strict = args.flag("strict")
     ok = all(r.ok(strict) for r in reports)
-    if args.flag("json"):
+    chosen = _format(args)
+    if chosen == "openmetrics":
+        from vhostorch.check import metrics
+
+        sys.stdout.write(metrics.render(reports, took))
+        return ok
+    if chosen == "json":
         if args.command.path == ("check",) and args.flag("all"):
             data: object = {"ok": ok, "reports": [r.to_json(strict) for r in reports]}
         else:
@@ -100,11 +128,15 @@ def _check(args: Parsed) -> int:
     watch = args.number("watch")
     if watch is not None and watch < 1:
         raise InvalidSpec("check: --watch needs at least 1 second")
+    if watch is not None and _format(args) == "openmetrics":
+        raise InvalidSpec("check: --watch prints changes, not metrics (--format openmetrics)")
+    import time
+
+    begun = time.perf_counter()
     reports = _reports(args)
-    ok = _print_reports(reports, args)
+    ok = _print_reports(reports, args, time.perf_counter() - begun)
     if watch is None:
         return EXIT_OK if ok else EXIT_FAILED
-    import time
 
     def key(report: Report) -> dict[tuple[object, ...], str]:
         return {(report.target.get("pid"), c.id, c.nic, c.queue): c.status for c in report.checks}

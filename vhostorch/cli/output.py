@@ -69,4 +69,10 @@ def report_text(report: Report, strict: bool) -> str:
     counts = {s: sum(1 for c in report.checks if c.status == s) for s in STATUSES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     verdict = "OK" if report.ok(strict) else "FAILED"
-    return f"{title}\n{table(rows)}\n{verdict}: {summary}"
+    why = [
+        f"{nic['name']}: vhost not used ({reason['code']}): {reason['message']}"
+        for nic in report.nics
+        if isinstance(reason := nic.get("reason"), dict)
+    ]
+    reasons = "".join(f"\n{line}" for line in why)
+    return f"{title}\n{table(rows)}{reasons}\n{verdict}: {summary}"

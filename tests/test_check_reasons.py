@@ -1,0 +1,206 @@
+"""Why vhost is not used (check.reasons) and the OpenMetrics output, on this machine's real
+QEMUs and libvirt domains.
+
+This machine has no /dev/vhost-net, so what is real here: libvirt could not open it
+(a type='kvm' domain without <driver>), vhost not requested (vhost=off, a type='qemu'
+domain, <driver name='qemu'/>), and the device missing when libvirtd's log says
+nothing. The MSI-X, irqchip and fallback reasons need vhost: test_reasons_testhost.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from tests import kernel
+from tests.kernel import vhostorch
+from tests.test_check_host import _wait_for_tap_fd, domain, domain_xml, tap
+from vhostorch.check import observe, verify
+from vhostorch.libvirt import connection, domxml
+
+NO_VHOST_NET = not os.path.exists("/dev/vhost-net")
+needs_no_vhost_net = pytest.mark.skipif(
+    not NO_VHOST_NET, reason="needs a host without /dev/vhost-net (as this one)"
+)
+
+
+def reasons(report: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    return {nic["name"]: nic["reason"] for nic in report["nics"]}
+
+
+def metrics(*argv: str) -> tuple[int, dict[str, Any]]:
+    """``vhostorch check ARGV --format openmetrics``, parsed by prometheus_client's parser."""
+    done = vhostorch("check", *argv, "--format", "openmetrics")
+    assert done.stdout.endswith("# EOF\n"), done.stderr
+    families = {f.name: f for f in text_string_to_metric_families(done.stdout)}
+    return done.returncode, families
+
+
+@contextmanager
+def plain_qemu(dev: str, vhost: str | None, log: pathlib.Path | None = None) -> Iterator[int]:
+    netdev = f"tap,id=n0,ifname={dev},script=no,downscript=no"
+    if vhost is not None:
+        netdev += f",vhost={vhost}"
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-S", "-M", "pc", "-m", "32", "-nodefaults", "-display", "none",
+            "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,id=net0",
+        ],
+        stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+    )  # fmt: skip
+    try:
+        _wait_for_tap_fd(proc.pid, dev)
+        yield proc.pid
+    finally:
+        proc.kill()  # the QEMU this test started
+        proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+@needs_no_vhost_net
+def test_libvirt_that_could_not_open_vhost_net_is_the_reason(libvirtd: str) -> None:
+    name = kernel.unique("vho-t-")
+    with tap() as dev, domain(libvirtd, domain_xml(name, "kvm", dev, "")):
+        done = vhostorch("check", "--domain", name, "--json")
+        assert done.returncode == 1, done.stderr
+        why = reasons(json.loads(done.stdout))["net0"]
+        assert why is not None and why["code"] == "libvirt-open-failed", why
+        # The warning libvirtd wrote in its own log (not the domain's) for this start.
+        (line,) = why["evidence"]["lines"]
+        assert "Unable to open vhost-net. Opened so far 0, requested 1" in line
+        assert why["evidence"]["log"] == observe.LIBVIRTD_LOG
+        assert why["evidence"]["device"]["exists"] is False
+        assert "this host has no /dev/vhost-net" in why["message"]
+        text = vhostorch("check", "--domain", name).stdout
+        assert "net0: vhost not used (libvirt-open-failed): libvirt could not open" in text
+        # --all finds the same reason from the command line alone (no domain XML).
+        every = json.loads(vhostorch("check", "--all", "--json").stdout)
+        mine = next(r for r in every["reports"] if r["target"]["name"] == name)
+        assert reasons(mine)["net0"]["code"] == "libvirt-open-failed"  # type: ignore[index]
+        # And the metrics say it with a reason label.
+        _, families = metrics("--domain", name)
+        (sample,) = families["vhostorch_nic_vhost_reason"].samples
+        assert sample.labels == {
+            "vm": name, "pid": str(mine["target"]["pid"]), "nic": "net0",
+            "reason": "libvirt-open-failed",
+        } and sample.value == 1  # fmt: skip
+
+
+@needs_no_vhost_net
+def test_without_libvirtds_warning_the_missing_device_is_the_reason(
+    libvirtd: str, tmp_path: pathlib.Path
+) -> None:
+    """libvirtd's log rotated away (or log_outputs elsewhere): the device facts still tell."""
+    name = kernel.unique("vho-t-")
+    empty = tmp_path / "libvirtd.log"
+    empty.write_text("")
+    with tap() as dev, domain(libvirtd, domain_xml(name, "kvm", dev, "")):
+        pid = observe.domain_pid(name)
+        xml = domxml.parse(connection.domain_xml(name, libvirtd))
+        obs = observe.observe(pid, domain=xml, libvirtd_log=observe.LibvirtdLog(str(empty)))
+        report = verify.verify(obs).to_json()
+        why = reasons(report)["net0"]
+        assert why is not None and why["code"] == "vhost-net-missing", why
+        assert why["evidence"]["device"]["exists"] is False
+        assert why["evidence"]["device"]["module_loaded"] is False
+
+
+@pytest.mark.parametrize(
+    ("kind", "driver", "evidence"),
+    [
+        ("qemu", "<driver name='vhost'/>", {"domain_type": "qemu", "domain_driver": "vhost"}),
+        ("kvm", "<driver name='qemu'/>", {"domain_driver": "qemu"}),
+    ],
+)
+def test_a_domain_that_does_not_ask_for_vhost(
+    libvirtd: str, kind: str, driver: str, evidence: dict[str, str]
+) -> None:
+    name = kernel.unique("vho-t-")
+    with tap() as dev, domain(libvirtd, domain_xml(name, kind, dev, driver)):
+        report = json.loads(vhostorch("check", "--domain", name, "--json").stdout)
+        why = reasons(report)["net0"]
+        assert why is not None and why["code"] == "not-requested", why
+        assert evidence.items() <= why["evidence"].items()
+
+
+@pytest.mark.parametrize(("vhost", "says"), [("off", "(vhost=off)"), (None, "(no vhost=on)")])
+def test_a_qemu_whose_netdev_does_not_ask_for_vhost(vhost: str | None, says: str) -> None:
+    with tap() as dev, plain_qemu(dev, vhost) as pid:
+        report = json.loads(vhostorch("check", "--pid", str(pid), "--json").stdout)
+        why = reasons(report)["net0"]
+        assert why is not None and why["code"] == "not-requested"
+        assert says in why["message"] and why["evidence"]["vhost"] == (
+            False if vhost == "off" else None
+        )
+
+
+def test_openmetrics_says_what_the_json_says(libvirtd: str) -> None:
+    """Every check of every QEMU is one series per status, exactly one of them 1."""
+    name = kernel.unique("vho-t-")
+    with (
+        tap() as dev,
+        tap() as other,
+        plain_qemu(other, "off") as pid,
+        domain(libvirtd, domain_xml(name, "kvm", dev, "")),
+    ):
+        every = json.loads(vhostorch("check", "--all", "--json").stdout)
+        code, families = metrics("--all")
+        assert code == 1  # the exit code is the check's, whatever the format
+        assert set(families) == {
+            "vhostorch_check_status", "vhostorch_nic_vhost_reason",
+            "vhostorch_vhost_worker_cpu_seconds", "vhostorch_vm_ok", "vhostorch_check_vms",
+            "vhostorch_check_duration_seconds",
+        }  # fmt: skip
+        assert families["vhostorch_vhost_worker_cpu_seconds"].type == "counter"
+        status: dict[tuple[str, ...], dict[str, float]] = {}
+        for s in families["vhostorch_check_status"].samples:
+            key = (s.labels["pid"], s.labels["check"], s.labels["nic"], s.labels["queue"])
+            status.setdefault(key, {})[s.labels["status"]] = s.value
+        for report in every["reports"]:
+            pid_label = str(report["target"]["pid"])
+            for c in report["checks"]:
+                queue = "" if c["queue"] is None else str(c["queue"])
+                got = status.pop((pid_label, c["id"], c["nic"] or "", queue))
+                assert got == {s: float(s == c["status"]) for s in ("pass", "warn", "fail",
+                                                                    "unknown")}  # fmt: skip
+        assert status == {}  # no series the JSON does not have
+        by_reason = {
+            s.labels["pid"]: s.labels["reason"]
+            for s in families["vhostorch_nic_vhost_reason"].samples
+        }
+        assert by_reason[str(pid)] == "not-requested"
+        (vms,) = families["vhostorch_check_vms"].samples
+        assert vms.value == len(every["reports"])
+        (took,) = families["vhostorch_check_duration_seconds"].samples
+        assert 0 < took.value < 30 and math.isfinite(took.value)
+        oks = {s.labels["pid"]: s.value for s in families["vhostorch_vm_ok"].samples}
+        assert oks[str(pid)] == 0
+        # --pid gives the one QEMU's series only.
+        _, one = metrics("--pid", str(pid))
+        assert {s.labels["pid"] for s in one["vhostorch_check_status"].samples} == {str(pid)}
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--all", "--format", "yaml"], "--format must be one of table, json, openmetrics"),
+        (["--all", "--json", "--format", "openmetrics"], "contradict"),
+        (["--all", "--watch", "5", "--format", "openmetrics"], "--watch prints changes"),
+    ],
+)
+def test_bad_format_is_a_one_line_refusal(argv: list[str], error: str) -> None:
+    done = vhostorch("check", *argv)
+    assert done.returncode == 2 and error in done.stderr
+    # Nothing on stdout, but with --json the error object.
+    assert done.stdout == "" or json.loads(done.stdout)["ok"] is False

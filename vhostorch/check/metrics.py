@@ -1,0 +1,114 @@
+"""The check's reports as OpenMetrics text, for Prometheus (node_exporter's textfile collector).
+
+Families (every one a HELP and a TYPE line; the text ends with ``# EOF``):
+
+  vhostorch_check_status{vm,pid,nic,queue,check,status}   gauge, 1 for the check's verdict
+      and 0 for the three other statuses (pass, warn, fail, unknown): alert on
+      ``vhostorch_check_status{status="fail"} == 1``. nic and queue are "" for a check
+      about the host or the VM, queue is "" for a check about a whole NIC.
+  vhostorch_nic_vhost_reason{vm,pid,nic,reason}            gauge, 1 per NIC that does not
+      use vhost (or not fully), reason its stable code (check.reasons)
+  vhostorch_vhost_worker_cpu_seconds_total{vm,pid,nic,queue_pair,tid}  counter, CPU time
+      (utime + stime) of the vhost worker of each queue pair
+  vhostorch_vm_ok{vm,pid}                                   gauge, 1 when no check failed
+  vhostorch_check_vms                                       gauge, the QEMUs checked
+  vhostorch_check_duration_seconds                          gauge, how long the check took
+
+``vm`` is the libvirt domain, else QEMU's -name, else "".
+"""
+
+from __future__ import annotations
+
+from vhostorch.check.report import STATUSES
+from vhostorch.record import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vhostorch.check.report import Report
+
+PREFIX = "vhostorch_"
+
+
+def _escape(value: object) -> str:
+    # OpenMetrics label values: backslash, double quote and line feed are escaped.
+    text = "" if value is None else str(value)
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(pairs: Sequence[tuple[str, object]]) -> str:
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class _Family:
+    def __init__(self, name: str, kind: str, help: str) -> None:
+        self.name = PREFIX + name
+        self.kind = kind
+        self.help = help
+        self.samples: list[str] = []
+
+    def add(self, labels: Sequence[tuple[str, object]], value: float, suffix: str = "") -> None:
+        where = _labels(labels) if labels else ""
+        self.samples.append(f"{self.name}{suffix}{where} {_number(value)}")
+
+    def text(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", *self.samples]
+
+
+def vm_name(report: Report) -> str:
+    target = report.target
+    return str(target.get("domain") or target.get("name") or "")
+
+
+def render(reports: Sequence[Report], duration: float) -> str:
+    """The OpenMetrics text of ``reports``, checked in ``duration`` seconds."""
+    status = _Family(
+        "check_status",
+        "gauge",
+        "Verdict of a vhostorch check: 1 for its status (pass, warn, fail, unknown), 0 for the "
+        "others.",
+    )
+    reason = _Family(
+        "nic_vhost_reason",
+        "gauge",
+        "1 for a NIC that does not use vhost, or not fully; reason is a stable code.",
+    )
+    cpu = _Family(
+        "vhost_worker_cpu_seconds",
+        "counter",
+        "CPU time (user and system) of the vhost worker thread serving a queue pair.",
+    )
+    vm_ok = _Family("vm_ok", "gauge", "1 when no check of this QEMU failed.")
+    for report in reports:
+        vm = vm_name(report)
+        pid = report.target.get("pid", "")
+        for c in report.checks:
+            where = (("vm", vm), ("pid", pid), ("nic", c.nic), ("queue", c.queue), ("check", c.id))
+            for s in STATUSES:
+                status.add((*where, ("status", s)), 1 if c.status == s else 0)
+        for nic in report.nics:
+            why = nic.get("reason")
+            if isinstance(why, dict):
+                reason.add(
+                    (("vm", vm), ("pid", pid), ("nic", nic["name"]), ("reason", why["code"])), 1
+                )
+            workers = nic.get("workers")
+            for w in workers if isinstance(workers, list) else ():
+                worker = (
+                    ("vm", vm), ("pid", pid), ("nic", nic["name"]),
+                    ("queue_pair", w["queue_pair"]), ("tid", w["tid"]),
+                )  # fmt: skip
+                cpu.add(worker, float(w["cpu_seconds"]), "_total")
+        vm_ok.add((("vm", vm), ("pid", pid)), 1 if report.ok() else 0)
+    vms = _Family("check_vms", "gauge", "QEMU processes this check looked at.")
+    vms.add((), len(reports))
+    took = _Family("check_duration_seconds", "gauge", "How long vhostorch check took.")
+    took.add((), round(duration, 6))
+    lines = []
+    for family in (status, reason, cpu, vm_ok, vms, took):
+        lines += family.text()
+    return "\n".join(lines) + "\n# EOF\n"
