@@ -9,17 +9,20 @@ here); in the test host it runs on the real files. Every test ends with nothing 
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from xml.etree import ElementTree
 
 import pytest
 
 from tests import guests, kernel
 from vhostorch import taps
-from vhostorch.check import wiring
+from vhostorch.check import doctor, wiring
 from vhostorch.kernel import procfs
 from vhostorch.vm import state as vmstate
 
@@ -28,7 +31,8 @@ RELEASE_0_1 = "740c2ef"  # the last commit of vhostorch 0.1.0
 COLLECTION = os.path.join(REPO, "ansible")
 BIN = os.path.dirname(sys.executable)
 RECAP = re.compile(
-    r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
+    r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)",
+    re.M,
 )
 
 
@@ -49,22 +53,32 @@ class Ansible:
             "ANSIBLE_RETRY_FILES_ENABLED": "0",
             "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         }
+        self.prefix: list[str] = []  # runs ansible-playbook under this (nsenter into a namespace)
 
-    def play(self, text: str, *args: str) -> tuple[int, str, dict[str, int]]:
+    def play(
+        self, text: str, *args: str, inventory: str = "localhost,"
+    ) -> tuple[int, str, dict[str, int]]:
+        code, out, recaps = self.play_hosts(text, *args, inventory=inventory)
+        return code, out, recaps.get("localhost", {})
+
+    def play_hosts(
+        self, text: str, *args: str, inventory: str = "localhost,"
+    ) -> tuple[int, str, dict[str, dict[str, int]]]:
+        """Run a play; its exit code, output and each host's recap."""
         path = os.path.join(self.root, f"play-{kernel.unique('p')}.yml")
         with open(path, "w") as f:
             f.write(text)
         done = subprocess.run(
-            [os.path.join(BIN, "ansible-playbook"), "-i", "localhost,", "-c", "local",
+            [*self.prefix, os.path.join(BIN, "ansible-playbook"), "-i", inventory, "-c", "local",
              "-e", f"ansible_python_interpreter={sys.executable}", path, *args],
             capture_output=True, text=True, env=self.env, timeout=600,
         )  # fmt: skip
-        found = RECAP.search(done.stdout)
-        recap = {}
-        if found:
-            recap = dict(zip(("ok", "changed", "unreachable", "failed", "skipped"),
-                             map(int, found.groups()), strict=True))  # fmt: skip
-        return done.returncode, done.stdout + done.stderr, recap
+        fields = ("ok", "changed", "unreachable", "failed", "skipped")
+        recaps = {
+            host: dict(zip(fields, map(int, counts), strict=True))
+            for host, *counts in RECAP.findall(done.stdout)
+        }
+        return done.returncode, done.stdout + done.stderr, recaps
 
 
 @pytest.fixture
@@ -108,6 +122,7 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
     vm, vm_tap, tap = kernel.unique("vho-av"), kernel.unique("va"), kernel.unique("vt")
     hooks = os.path.join(ansible.root, "hooks")
     conf = os.path.join(ansible.root, "qemu.conf")
+    units = os.path.join(ansible.root, "systemd")
     subprocess.run(["cp", "/etc/libvirt/qemu.conf", conf], check=True)
     with open(conf, "rb") as f:
         original = f.read()
@@ -120,6 +135,7 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
         vhost_host_require_vhost: false
         vhost_host_hooks_dir: {hooks}
         vhost_host_qemu_conf: {conf}
+        vhost_host_systemd_dir: {units}
         vhost_host_restart_libvirtd: false
         vhost_host_vhostorch_command: {BIN}/vhostorch
   tasks:
@@ -159,7 +175,7 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
         assert '+    "queue_mode": "multi"' in out, out[-3000:]  # the tap's diff
         assert recap["changed"] >= 3  # qemu.conf, tap, VM would change (the hook task is a command)
         assert taps.show(netns=ns) == [] and vmstate.load(vm) is None
-        assert not os.path.exists(hooks)
+        assert not os.path.exists(hooks) and not os.path.exists(units)
         with open(conf, "rb") as f:
             assert f.read() == original
 
@@ -171,6 +187,10 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
         state = vmstate.load(vm)
         assert state is not None and procfs.alive(state.pid)
         assert os.access(os.path.join(hooks, "qemu.d", "vhostorch"), os.X_OK)
+        # The boot unit, enabled: linked from multi-user.target.wants/ as systemctl enable does.
+        unit = os.path.join(units, "vhostorch-trace.service")
+        assert os.readlink(os.path.join(units, "multi-user.target.wants", os.path.basename(unit)))
+        assert doctor.trace_at_boot(doctor.Paths(systemd=units)).status == "pass"
         with open(conf) as f:
             assert '"/dev/vhost-net"' in f.read()
 
@@ -330,3 +350,131 @@ def test_role_and_vhost_vms_pass_the_check_in_the_test_host(
             wiring.disarm()
     for name, nic in ((vm, tap), (domain, domain_tap)):
         assert vmstate.load(name) is None and not os.path.exists(f"/sys/class/net/{nic}")
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The one fenced block of the collection's README in ``language`` holding ``containing``:
+    the tests run the README's own text, so it cannot drift from what works."""
+    with open(os.path.join(COLLECTION, "README.md")) as f:
+        blocks = re.findall(rf"^```{language}\n(.*?)^```$", f.read(), re.M | re.S)
+    [block] = [b for b in blocks if containing in b]
+    return str(block)
+
+
+@pytest.fixture
+def own_pids(ansible: Ansible) -> Iterator[None]:
+    """The plays run in a PID namespace of their own, with its own /proc: `check all: true`
+    then sees the QEMUs these plays start, not the other QEMUs this machine runs."""
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sleep", "infinity"]
+    )
+    try:
+        for _ in range(100):  # unshare forks sleep, which becomes the namespace's pid 1
+            children = procfs_children(holder.pid)
+            if children:
+                break
+            time.sleep(0.05)
+        [init] = children
+        ansible.prefix = ["nsenter", "--target", str(init), "--pid", "--mount"]
+        yield
+    finally:
+        holder.kill()  # unshare, then its namespace's pid 1: the kernel ends what is left there
+        holder.wait()
+
+
+def procfs_children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+@pytest.mark.usefixtures("own_pids")
+def test_the_readme_inventory_check_fails_the_play_on_any_failing_host(ansible: Ansible) -> None:
+    # The README's play, unchanged, over inventories of localhost aliases. The failing host is a
+    # real failed check: a TCG QEMU asked for vhost and fell back (warn), which fails strictly
+    # (the play's default) and passes where vhost_check_strict is false.
+    play = readme_block("yaml", "any_errors_fatal")
+    vm, tap = kernel.unique("vho-ai"), kernel.unique("vi")
+    inventory = os.path.join(ansible.root, "hosts.ini")
+    local = "ansible_connection=local ansible_become=false"  # root already, and no sudo here
+    try:
+        code, out, _ = ansible.play(
+            f"- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+            f"{vm_task(vm, tap, 'preferred', 'tcg')}"
+        )
+        assert code == 0, out[-3000:]
+        state = vmstate.load(vm)
+        assert state is not None
+
+        with open(inventory, "w") as f:
+            f.write(f"[kvm_hosts]\nrelaxed {local} vhost_check_strict=false\nstrict {local}\n")
+        code, out, recaps = ansible.play_hosts(play, inventory=inventory)
+        assert code != 0, out[-3000:]
+        assert recaps["strict"]["failed"] == 1, out[-3000:]
+        assert recaps["relaxed"] == {**recaps["relaxed"], "ok": 1, "failed": 0}, out[-3000:]
+        assert "vhost check failed for QEMU pid" in out and "nic.vhost.requested" in out
+        assert "vhost-net proved on" not in out  # the play ended for the passing host too
+
+        with open(inventory, "w") as f:
+            f.write(
+                f"[kvm_hosts]\nrelaxed1 {local} vhost_check_strict=false\n"
+                f"relaxed2 {local} vhost_check_strict=false\n"
+            )
+        code, out, recaps = ansible.play_hosts(play, inventory=inventory)
+        assert code == 0, out[-3000:]
+        assert recaps["relaxed1"]["failed"] == recaps["relaxed2"]["failed"] == 0
+        assert "vhost-net proved on 2 hosts" in out, out[-3000:]
+    finally:
+        teardown(ansible, vm, [])
+    assert vmstate.load(vm) is None and not os.path.exists(f"/sys/class/net/{tap}")
+
+
+# The tests of ansible-test sanity that find nothing to test in this collection, and why (the
+# README says the same). A test that becomes applicable must then pass, and leave this list.
+NOTHING_TO_TEST = {
+    "empty-init": "it checks that __init__.py files under plugins/ are empty; there are none",
+    "pslint": "it lints PowerShell; the collection has none",
+    "shellcheck": "it lints shell scripts; the collection has none",
+}
+IGNORED = re.compile(r"^plugins/modules/\w+\.py validate-modules:missing-gplv3-license( #.*)?$")
+
+
+@pytest.mark.timeout(900)  # the first run installs each test's requirements from PyPI: ~80 s
+def test_ansible_test_sanity_passes_every_test_offline(tmp_path: pathlib.Path) -> None:
+    # The README's recipe, as written: a stand-in for the pip bootstrap script ansible-test
+    # would fetch from ci-files.testing.ansible.com (not reachable here), then the whole suite.
+    for name in os.listdir(os.path.join(COLLECTION, "tests", "sanity")):
+        with open(os.path.join(COLLECTION, "tests", "sanity", name)) as f:
+            for line in f.read().splitlines():
+                assert IGNORED.match(line), f"{name}: only the license header is ignored: {line}"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+           "work": str(tmp_path)}  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(["bash", "-c", readme_block("sh", "ansible-test sanity")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=850)  # fmt: skip
+    took = time.monotonic() - started
+    out = done.stdout + done.stderr
+    assert "ci-files.testing.ansible.com" not in out, out[-3000:]
+    copy = tmp_path / "ansible_collections" / "vhostorch" / "vhost"
+    listed = subprocess.run([os.path.join(BIN, "ansible-test"), "sanity", "--list-tests"],
+                            cwd=copy, env=env, capture_output=True, text=True,
+                            check=True).stdout.split()  # fmt: skip
+    results = {}
+    for path in sorted((copy / "tests" / "output" / "junit").glob("*.xml")):
+        for case in ElementTree.parse(path).iter("testcase"):
+            name = re.sub(r"-python-[\d.]+$", "", case.get("name", ""))
+            skipped, failure = case.find("skipped"), case.find("failure")
+            if failure is not None:
+                results[name] = "FAILED"
+            elif skipped is not None:
+                results[name] = f"skipped: {skipped.get('message') or skipped.text}"
+            else:
+                results[name] = "passed"
+    print(f"\nansible-test sanity ({len(results)} tests, {took:.0f} s):")
+    for name in sorted(results):
+        why = f" ({NOTHING_TO_TEST[name]})" if name in NOTHING_TO_TEST else ""
+        print(f"  {name}: {results[name]}{why}")
+    assert done.returncode == 0, out[-5000:]
+    assert sorted(results) == sorted(listed) and len(listed) >= 24  # none silently left out
+    assert {n for n, r in results.items() if r != "passed"} == set(NOTHING_TO_TEST), results
+    for name in NOTHING_TO_TEST:
+        assert results[name] == "skipped: No tests applicable.", (name, results[name])

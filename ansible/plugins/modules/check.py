@@ -38,14 +38,17 @@ options:
     description: libvirt URI, with O(domain).
     type: str
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - vhostorch.vhost.check_result
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 author:
-  - vhostorch developers
+  - vhostorch developers (@vhostorch)
 """
 
 EXAMPLES = r"""

@@ -77,13 +77,17 @@ options:
   netns:
     description: Named network namespace (as in C(ip netns)) the tap lives in.
     type: str
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: full
+  platform:
+    platforms: posix
 author:
-  - vhostorch developers
+  - vhostorch developers (@vhostorch)
 """
 
 EXAMPLES = r"""

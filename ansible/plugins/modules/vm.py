@@ -123,14 +123,17 @@ options:
     type: int
     default: 60
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - vhostorch.vhost.check_result
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 author:
-  - vhostorch developers
+  - vhostorch developers (@vhostorch)
 """
 
 EXAMPLES = r"""
