@@ -1,8 +1,8 @@
 """Host validation before any VM runs, in the spirit of virt-host-validate, for vhost.
 
 Checks (stable ids, listed in vhostorch.check.ids): host.vhost-net, host.vhost-net.access,
-host.tun, host.kvm, host.worker-model, host.trace, host.libvirt.acl, host.libvirt.user,
-host.nofile.
+host.tun, host.kvm, host.worker-model, host.trace, host.trace.boot, host.libvirt.acl,
+host.libvirt.user, host.nofile.
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ class Paths:
     """Where the host's facts live (tests point these at recorded trees)."""
 
     def __init__(
-        self, dev: str = "/dev", sys: str = "/sys", qemu_conf: str = qemuconf.PATH
+        self,
+        dev: str = "/dev",
+        sys: str = "/sys",
+        qemu_conf: str = qemuconf.PATH,
+        systemd: str = "/etc/systemd/system",
     ) -> None:
         self.dev = dev
         self.sys = sys
         self.qemu_conf = qemu_conf
+        self.systemd = systemd
 
 
 def _char_device(path: str) -> os.stat_result | None:
@@ -162,6 +167,29 @@ def _trace(paths: Paths) -> Check:
                  "be unknown (vhostorch trace arm, before VMs start)")  # fmt: skip
 
 
+def trace_at_boot(paths: Paths) -> Check:
+    """host.trace.boot: the boot unit is installed, enabled and runnable (check.bootunit)."""
+    from vhostorch.check import bootunit
+
+    found = bootunit.state(paths.systemd)
+    evidence: dict[str, object] = {"unit": found.path, "installed": found.installed,
+                                   "enabled_by": list(found.enabled_by),
+                                   "exec_start": found.exec_start}  # fmt: skip
+    fix = "vhostorch trace install-unit"
+    if found.armed_at_boot:
+        return Check(ids.HOST_TRACE_BOOT, PASS, f"{bootunit.NAME} arms the wiring trace at "
+                     "boot, before libvirt starts VMs", evidence)  # fmt: skip
+    if not found.installed:
+        why = f"{found.path} is not installed (or not vhostorch's)"
+    elif "multi-user.target" not in found.enabled_by:
+        why = f"{bootunit.NAME} is not enabled (no multi-user.target.wants/ link)"
+    else:
+        why = f"its ExecStart does not run ({found.exec_start}): vhostorch moved or was removed"
+    return Check(ids.HOST_TRACE_BOOT, WARN, f"the wiring trace will not be armed at next boot: "
+                 f"{why}; VMs autostarted then get nic.kick/nic.call unknown ({fix})",
+                 evidence)  # fmt: skip
+
+
 def _libvirt(paths: Paths) -> list[Check]:
     try:
         conf = qemuconf.read(paths.qemu_conf)
@@ -266,6 +294,6 @@ def doctor(paths: Paths | None = None) -> Report:
     """Validate this host for vhost-net before any VM runs."""
     paths = paths or Paths()
     checks = [*vhost_net_checks(paths), _tun(paths), kvm_check(paths), _worker_model()]
-    checks.append(_trace(paths))
+    checks += [_trace(paths), trace_at_boot(paths)]
     checks += [*_libvirt(paths), _nofile()]
     return Report({"host": os.uname().nodename, "kernel": os.uname().release}, (), tuple(checks))

@@ -20,6 +20,8 @@ one family module, listed above its ids:
   check.vrings
     nic.kick            per virtqueue: the kick eventfd is a KVM ioeventfd
     nic.call            per virtqueue: the call eventfd is a KVM irqfd (MSI-X, in-kernel irqchip)
+  check.rewire (check --rewire only)
+    vm.rewire           the VM was paused and resumed so QEMU wired vhost again (pause_ms)
   hook.program (when the domain's QEMU cannot be looked at)
     vm.inspect          the QEMU of the domain could be found and read
 
@@ -31,6 +33,7 @@ and the host checks ``doctor`` makes before any VM runs:
     host.kvm                /dev/kvm answers KVM's API (and which module serves it)
     host.worker-model       vhost workers are kernel threads (< 6.4) or threads of QEMU
     host.trace              the wiring trace is armed (needed by nic.kick and nic.call)
+    host.trace.boot         the trace will be armed at next boot, before libvirt (boot unit)
     host.libvirt.acl        libvirt's cgroup_device_acl lets QEMU open /dev/vhost-net
     host.libvirt.user       libvirt's QEMU user can open the devices
     host.nofile             the open-file limit fits a VM's fds
@@ -51,12 +54,14 @@ FEATURES = "nic.features"
 KICK = "nic.kick"
 CALL = "nic.call"
 VM_INSPECT = "vm.inspect"
+VM_REWIRE = "vm.rewire"
 
 HOST_VHOST_NET_ACCESS = "host.vhost-net.access"
 HOST_TUN = "host.tun"
 HOST_KVM = "host.kvm"
 HOST_WORKER_MODEL = "host.worker-model"
 HOST_TRACE = "host.trace"
+HOST_TRACE_BOOT = "host.trace.boot"
 HOST_LIBVIRT_ACL = "host.libvirt.acl"
 HOST_LIBVIRT_USER = "host.libvirt.user"
 HOST_NOFILE = "host.nofile"

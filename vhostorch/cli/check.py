@@ -17,8 +17,12 @@ A verdict vhostorch cannot prove is unknown, never pass.
 
 exit codes:
   0  no check failed (with --strict: every check passed)
-  1  a check failed (with --strict: or warned, or is unknown)
+  1  a check failed (with --strict: or warned, or is unknown); with --rewire, also a VM
+     that is not running (paused, migrating) or cannot be paused, refused untouched
   2  the target could not be inspected (no such process or domain, permission, bad usage)"""
+
+UNIT = "vhostorch-trace.service"
+UNIT_DIR = Option("--unit-dir", VALUE, "systemd's unit directory (default /etc/systemd/system)")
 
 COMMANDS = (
     Command(
@@ -40,6 +44,13 @@ COMMANDS = (
             ),
             STRICT,
             Option("--watch", INT, "re-check every N seconds and report what changes"),
+            Option(
+                "--rewire",
+                FLAG,
+                "first arm the trace and pause and resume each VM (milliseconds: QMP stop/cont, "
+                "libvirt suspend/resume for a domain) so QEMU wires kick and call again; a VM "
+                "not running (paused, migrating) is refused, exit 1",
+            ),
             JSON,
             Option(
                 "--format",
@@ -64,6 +75,22 @@ COMMANDS = (
         ("trace", "status"), "say whether the wiring trace is armed", "", "0", (JSON,), EXIT_CODES
     ),
     Command(
+        ("trace", "install-unit"),
+        "arm the trace at every boot, before libvirt starts VMs (systemd unit " + UNIT + ")",
+        "",
+        "0",
+        (UNIT_DIR, JSON),
+        EXIT_CODES,
+    ),
+    Command(
+        ("trace", "uninstall-unit"),
+        "remove that unit (the trace stays as it is)",
+        "",
+        "0",
+        (UNIT_DIR, JSON),
+        EXIT_CODES,
+    ),
+    Command(
         ("doctor",),
         "validate this host for vhost-net before any VM runs",
         "",
@@ -74,10 +101,11 @@ COMMANDS = (
 )
 
 
-def _reports(args: Parsed) -> list[Report]:
+def _reports(args: Parsed, rewire: bool = False) -> list[Report]:
+    from vhostorch.check import rewire as rewiring
     from vhostorch.check import targets
 
-    return targets.reports(
+    return (rewiring.reports if rewire else targets.reports)(
         pid=args.number("pid"),
         domain=args.text("domain"),
         qmp=args.text("qmp"),
@@ -133,7 +161,7 @@ def _check(args: Parsed) -> int:
     import time
 
     begun = time.perf_counter()
-    reports = _reports(args)
+    reports = _reports(args, rewire=args.flag("rewire"))  # only the first round pauses
     ok = _print_reports(reports, args, time.perf_counter() - begun)
     if watch is None:
         return EXIT_OK if ok else EXIT_FAILED
@@ -172,6 +200,8 @@ def _trace(args: Parsed) -> int:
     from vhostorch.check import wiring
 
     verb = args.command.path[1]
+    if verb.endswith("install-unit"):
+        return _unit(args, verb)
     if verb == "arm":
         changed = wiring.arm()
         text = "wiring trace armed" if changed else "wiring trace was already armed"
@@ -182,6 +212,17 @@ def _trace(args: Parsed) -> int:
         changed = False
         text = "wiring trace is " + ("armed" if wiring.armed() else "not armed")
     emit({"ok": True, "armed": wiring.armed(), "changed": changed}, args.flag("json"), text)
+    return EXIT_OK
+
+
+def _unit(args: Parsed, verb: str) -> int:
+    from vhostorch.check import bootunit
+
+    unit_dir = args.text("unit_dir") or bootunit.UNIT_DIR
+    done = bootunit.install(unit_dir) if verb == "install-unit" else bootunit.uninstall(unit_dir)
+    text = f"{done.path}: {done.action}" + (", enabled" if done.enabled else "")
+    data = {"ok": True, "changed": done.action not in ("unchanged", "absent"), **done.asdict()}
+    emit(data, args.flag("json"), text)
     return EXIT_OK
 
 

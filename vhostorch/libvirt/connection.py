@@ -10,10 +10,18 @@ from __future__ import annotations
 # The error raised here, also importable from here (the tree is in vhostorch.errors).
 from vhostorch.errors import DomainUnavailable as DomainUnavailable
 from vhostorch.errors import LibvirtFailed as LibvirtFailed
-from vhostorch.qemu.monitor import MonitorError, MonitorView, qmp_request, read_virtio
+from vhostorch.qemu.monitor import (
+    RUNNING,
+    MonitorError,
+    MonitorView,
+    Paused,
+    qmp_request,
+    read_virtio,
+)
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 SYSTEM_URI = "qemu:///system"
@@ -200,3 +208,66 @@ def detach(name: str, xml: str, gone: Any, timeout: float, uri: str = SYSTEM_URI
             time.sleep(0.1)
     finally:
         conn.close()
+
+
+# virDomainState, by value (libvirt-domain.h).
+DOMAIN_STATES = ("nostate", RUNNING, "blocked", "paused", "shutdown", "shutoff", "crashed",
+                 "pmsuspended")  # fmt: skip
+VIR_DOMAIN_PAUSED = 3
+VIR_DOMAIN_JOB_NONE = 0
+
+
+def _run_state(dom: Any) -> str:
+    """The domain's state by name; "running" only with no job (migration, save, dump)."""
+    code = dom.state()[0]
+    state = DOMAIN_STATES[code] if 0 <= code < len(DOMAIN_STATES) else f"state {code}"
+    if state == RUNNING and dom.jobInfo()[0] != VIR_DOMAIN_JOB_NONE:
+        return "migrating (a libvirt job is in progress: migration, save or dump)"
+    return state
+
+
+def pause_resume(
+    name: str, uri: str = SYSTEM_URI, while_paused: Callable[[], None] | None = None
+) -> Paused:
+    """Suspend and resume running domain ``name`` (virDomainSuspend/Resume: libvirt's own
+    QMP ``stop``/``cont``, and it keeps its view of the domain's state), if it runs.
+
+    A domain in any other state (paused, migrating...) is left as it is. Once the suspend
+    was asked, the domain is resumed if it is paused, whatever happened. Raises
+    DomainUnavailable, LibvirtFailed.
+    """
+    import time
+
+    libvirt = _libvirt()
+    conn = _open(libvirt, uri)
+    try:
+        dom = _running(libvirt, conn, name, uri)
+        try:
+            state = _run_state(dom)
+        except libvirt.libvirtError as err:
+            raise LibvirtFailed(f"cannot read the state of {name}: {_message(err)}") from err
+        if state != RUNNING:
+            return Paused(state, None, f"libvirt:{name}")
+        start = time.monotonic()
+        try:
+            dom.suspend()
+            if while_paused is not None:
+                while_paused()
+        except libvirt.libvirtError as err:
+            raise LibvirtFailed(f"libvirt could not suspend {name}: {_message(err)}") from err
+        finally:
+            _resume(libvirt, dom, name)
+        return Paused(state, (time.monotonic() - start) * 1000, f"libvirt:{name}")
+    finally:
+        conn.close()
+
+
+def _resume(libvirt: Any, dom: Any, name: str) -> None:
+    try:
+        if dom.state()[0] == VIR_DOMAIN_PAUSED:
+            dom.resume()
+    except libvirt.libvirtError as err:
+        raise LibvirtFailed(
+            f"libvirt could not resume {name}; it may be left paused (virsh resume "
+            f"{name}): {_message(err)}"
+        ) from err

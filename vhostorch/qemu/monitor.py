@@ -108,6 +108,44 @@ def vhost_started(execute: Execute, device: str) -> bool:
     return bool(execute("x-query-virtio-status", {"path": path}).get("vhost-started"))
 
 
+# query-status's "status" while the guest runs; every other state (paused, inmigrate,
+# postmigrate, suspended...) is one vhostorch must not pause and resume.
+RUNNING = "running"
+# query-migrate's statuses while an outgoing migration is under way (qapi/migration.json,
+# MigrationStatus); none, completed, failed and cancelled are the ones at rest.
+MIGRATING = frozenset((
+    "setup", "cancelling", "active", "postcopy-active", "postcopy-paused",
+    "postcopy-recover-setup", "postcopy-recover", "colo", "pre-switchover", "device",
+    "wait-unplug",
+))  # fmt: skip
+
+
+def run_state(execute: Execute) -> str:
+    """QEMU's run state from ``query-status`` ("running", "paused", ...), or
+    "migrating (STATUS)" while it runs with an outgoing migration under way. Raises MonitorError.
+    """
+    status = execute("query-status", None)
+    state = str(status.get("status")) if isinstance(status, dict) else "unknown"
+    if state != RUNNING:
+        return state
+    migration = execute("query-migrate", None)
+    moving = migration.get("status") if isinstance(migration, dict) else None
+    return f"migrating ({moving})" if moving in MIGRATING else state
+
+
+def stop(execute: Execute) -> None:
+    """Pause the guest (QMP ``stop``; QEMU stops vhost before replying). Raises MonitorError."""
+    execute("stop", None)
+
+
+def cont(execute: Execute) -> None:
+    """Resume the guest (QMP ``cont``; QEMU restarts vhost before replying). Raises MonitorError.
+
+    ``cont`` on a guest that runs already is accepted and changes nothing.
+    """
+    execute("cont", None)
+
+
 class QmpSocket:
     """A synchronous face on qemu.qmp's asyncio client, for one socket."""
 
@@ -181,6 +219,63 @@ class QmpSocket:
         except (QMPError, OSError, EOFError, TimeoutError):
             pass  # closing a connection that may already be gone
         self.loop.close()
+
+
+class Paused(Record):
+    """What one pause and resume did: the run state found first (nothing was done unless it
+    was "running"), and how long the guest was held, in ms (from sending the pause until the
+    resume returned: an upper bound)."""
+
+    state: str
+    ms: float | None
+    via: str
+
+
+def pause_resume(
+    path: str,
+    served_by: int | None = None,
+    while_paused: Callable[[], None] | None = None,
+    timeout: float = 5.0,
+) -> Paused:
+    """``stop`` and ``cont`` the QEMU at QMP socket ``path`` on one connection, if it runs.
+
+    A guest found in any other state (paused, migrating...) is left as it is. Once ``stop``
+    was sent, ``cont`` is sent whatever happens (``while_paused`` raising, ``stop`` timing
+    out; a second connection if the first broke). Raises MonitorError.
+    """
+    import time
+
+    sock = QmpSocket(path, timeout)
+    sock.open(served_by)
+    try:
+        state = run_state(sock.execute)
+        if state != RUNNING:
+            return Paused(state, None, f"qmp:{path}")
+        start = time.monotonic()
+        try:
+            stop(sock.execute)
+            if while_paused is not None:
+                while_paused()
+        finally:
+            _resume(sock, path, served_by, timeout)
+        return Paused(state, (time.monotonic() - start) * 1000, f"qmp:{path}")
+    finally:
+        sock.close()
+
+
+def _resume(sock: QmpSocket, path: str, served_by: int | None, timeout: float) -> None:
+    try:
+        cont(sock.execute)
+        return
+    except MonitorError as err:
+        if err.error_class is not None:
+            raise  # QEMU answered and refused: another connection would hear the same
+    again = QmpSocket(path, timeout)
+    again.open(served_by)
+    try:
+        cont(again.execute)
+    finally:
+        again.close()
 
 
 def qmp_request(command: str, arguments: dict[str, Any] | None) -> dict[str, object]:

@@ -1,0 +1,133 @@
+"""The boot unit that arms the wiring trace before libvirt (``trace install-unit``): what it
+says, as systemd-analyze reads it; how it is written and enabled; what doctor says about it.
+
+The unit is written into a temporary unit directory here; the test host runs its ExecStart
+before libvirtd (tests/test_rewire_testhost.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.kernel import vhostorch
+from vhostorch.check import bootunit, doctor
+from vhostorch.errors import NotManaged
+
+
+def install(unit_dir: Path, *more: str) -> tuple[int, dict[str, object], str]:
+    done = vhostorch("trace", "install-unit", "--unit-dir", str(unit_dir), "--json", *more)
+    return done.returncode, json.loads(done.stdout) if done.stdout else {}, done.stderr
+
+
+def unit_lines(path: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        key, eq, value = line.partition("=")
+        if eq and not line.startswith("#"):
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    code, _, err = install(tmp_path)
+    assert code == 0, err
+    unit = tmp_path / bootunit.NAME
+    # --man=no: no man pages here; verify then loads the unit and checks every directive and
+    # that ExecStart/ExecStop's programs are executables. Any complaint is printed.
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout + done.stderr == "", done.stderr
+    # The oracle bites: the same unit with a bad value and a missing program is reported.
+    broken = tmp_path / "broken" / bootunit.NAME
+    broken.parent.mkdir()
+    text = unit.read_text().replace("RemainAfterExit=yes", "RemainAfterExit=perhaps")
+    broken.write_text(text.replace(f"ExecStart={bootunit.sys.executable}", "ExecStart=/nowhere"))
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(broken)], capture_output=True, text=True
+    )
+    assert "perhaps" in done.stderr and "/nowhere" in done.stderr
+
+
+def test_the_unit_orders_the_trace_before_libvirt_and_disarms_on_stop(tmp_path: Path) -> None:
+    code, result, err = install(tmp_path)
+    assert code == 0 and result["action"] == "installed" and result["enabled"] is True, err
+    unit = tmp_path / bootunit.NAME
+    lines = unit_lines(unit)
+    before = lines["Before"][0].split()
+    assert {"libvirtd.service", "virtqemud.service", "libvirt-guests.service"} <= set(before)
+    assert lines["Type"] == ["oneshot"] and lines["RemainAfterExit"] == ["yes"]
+    assert "multi-user.target" in lines["WantedBy"][0].split()
+    assert "Requires" not in lines  # a trace that cannot be armed never holds VMs back
+    start, stop = shlex.split(lines["ExecStart"][0]), shlex.split(lines["ExecStop"][0])
+    assert start[-2:] == ["trace", "arm"] and stop[-2:] == ["trace", "disarm"]
+    # ExecStart is this vhostorch: run as the boot runs it, with `status` for `arm` (this
+    # machine has no tracefs to arm), it answers as `vhostorch trace status` does.
+    status = subprocess.run([*start[:-1], "status"], capture_output=True, text=True, env={})
+    assert status.returncode == 0 and status.stdout == vhostorch("trace", "status").stdout
+    assert os.stat(unit).st_mode & 0o777 == 0o644
+    for wanted_by in ("multi-user.target", "libvirtd.service", "virtqemud.service"):
+        link = tmp_path / f"{wanted_by}.wants" / bootunit.NAME
+        assert os.readlink(link) == str(unit), wanted_by
+    code, again, _ = install(tmp_path)
+    assert code == 0 and again["action"] == "unchanged" and again["changed"] is False
+
+
+def test_doctor_warns_until_the_unit_is_installed_and_enabled(tmp_path: Path) -> None:
+    def boot_check() -> tuple[str, str]:
+        (found,) = [
+            c for c in doctor.doctor(doctor.Paths(systemd=str(tmp_path))).checks
+            if c.id == "host.trace.boot"
+        ]  # fmt: skip
+        return found.status, found.message
+
+    status, message = boot_check()
+    assert status == "warn" and "will not be armed at next boot" in message
+    assert "vhostorch trace install-unit" in message
+    assert install(tmp_path)[0] == 0
+    assert boot_check()[0] == "pass"
+    (tmp_path / "multi-user.target.wants" / bootunit.NAME).unlink()  # systemctl disable
+    status, message = boot_check()
+    assert status == "warn" and "not enabled" in message
+    assert install(tmp_path)[0] == 0 and boot_check()[0] == "pass"
+    code, removed, _ = (lambda d: (d.returncode, json.loads(d.stdout), d.stderr))(
+        vhostorch("trace", "uninstall-unit", "--unit-dir", str(tmp_path), "--json")
+    )
+    assert code == 0 and removed["action"] == "removed"
+    assert not (tmp_path / bootunit.NAME).exists()
+    assert not any(
+        (tmp_path / f"{w}.wants" / bootunit.NAME).is_symlink() for w in bootunit.WANTED_BY
+    )
+    assert boot_check()[0] == "warn"
+
+
+def test_a_unit_vhostorch_did_not_write_is_left_alone(tmp_path: Path) -> None:
+    unit = tmp_path / bootunit.NAME
+    unit.write_text("[Service]\nExecStart=/bin/true\n")
+    code, _, err = install(tmp_path)
+    assert code == 1 and "vhostorch did not write it" in err and len(err.splitlines()) == 1
+    assert unit.read_text() == "[Service]\nExecStart=/bin/true\n"
+    with pytest.raises(NotManaged):
+        bootunit.uninstall(str(tmp_path))
+    assert unit.exists()
+
+
+def test_a_symlink_planted_at_the_unit_path_is_never_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (tmp_path / bootunit.NAME).symlink_to(victim)
+    code, _, err = install(tmp_path)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert victim.read_text() == "keep me\n"
+    # Once the link is gone the unit is written (a new O_EXCL|O_NOFOLLOW file under a random
+    # name, renamed over the path): the victim is untouched and no temporary file is left.
+    (tmp_path / bootunit.NAME).unlink()
+    assert install(tmp_path)[0] == 0
+    assert victim.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -1,0 +1,228 @@
+"""The systemd unit that arms the wiring trace at boot, before libvirt starts any VM:
+writing it (``install``, ``uninstall``) and reading whether it will run (``state``).
+
+nic.kick and nic.call are proved only for vrings wired while the trace is armed, so it
+must be armed before libvirtd (or virtqemud) and libvirt-guests start autostarted and
+resumed domains. The unit is ``Type=oneshot`` with ``RemainAfterExit=yes``: its
+ExecStart runs ``vhostorch trace arm`` once, ordered ``Before=`` those daemons; stopping
+it (at shutdown, after them) runs ``trace disarm``. It only orders itself before them
+and never requires them, and nothing requires it: a host whose trace cannot be armed
+still starts its VMs (``doctor`` says why kick and call are unknown).
+
+Enabled means linked from a ``*.wants/`` directory, as ``systemctl enable`` does for
+``WantedBy=``: multi-user.target for the boot, and libvirtd.service and
+virtqemud.service so that a socket-activated daemon started early pulls it into the
+same transaction (where ``Before=`` orders them). The links are made here, so a unit
+installed in an image or a chroot without a running systemd is enabled all the same;
+when systemd runs, it is told to reload.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vhostorch.errors import NotManaged, OperationFailed
+from vhostorch.record import Record
+
+UNIT_DIR = "/etc/systemd/system"
+NAME = "vhostorch-trace.service"
+MARKER = "# vhostorch trace unit"
+WANTED_BY = ("multi-user.target", "libvirtd.service", "virtqemud.service")
+BEFORE = ("libvirtd.service", "virtqemud.service", "libvirt-guests.service")
+# Where systemd keeps its runtime state when it is the running init (sd_booted(3)).
+SYSTEMD_RUNNING = "/run/systemd/system"
+
+
+def command(verb: str) -> str:
+    """This vhostorch's ``trace VERB`` as an ExecStart line: this interpreter (a virtualenv's
+    keeps its packages), isolated from the environment and the user's site."""
+    return f"{sys.executable} -I -m vhostorch trace {verb}"
+
+
+def unit_text() -> str:
+    return f"""{MARKER}: arms the kick/call wiring trace before libvirt starts any VM.
+# Written by `vhostorch trace install-unit`, removed by `vhostorch trace uninstall-unit`.
+[Unit]
+Description=vhostorch wiring trace (proves vhost kick/call wiring of VMs started after it)
+After=sys-kernel-tracing.mount
+Before={" ".join(BEFORE)}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={command("arm")}
+ExecStop={command("disarm")}
+
+[Install]
+WantedBy={" ".join(WANTED_BY)}
+"""
+
+
+class Installed(Record):
+    path: str
+    action: str  # installed, updated, unchanged, removed, absent
+    enabled: bool
+    reloaded: bool = False
+
+
+class BootState(Record):
+    """What the next boot will do about the trace."""
+
+    path: str
+    installed: bool
+    enabled_by: tuple[str, ...]  # the *.wants/ links that point at the unit
+    exec_start: str | None
+    runs: bool  # ExecStart's program exists and is executable
+
+    @property
+    def armed_at_boot(self) -> bool:
+        return self.installed and "multi-user.target" in self.enabled_by and self.runs
+
+
+def _ours(path: str) -> str | None:
+    """The unit's text if vhostorch wrote it; None if absent. Raises NotManaged."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise NotManaged(f"{path} cannot be read ({err.strerror}); not replacing it") from err
+    with os.fdopen(fd, errors="replace") as f:
+        text = f.read(1 << 16)
+    if not text.startswith(MARKER):
+        raise NotManaged(f"{path} exists and vhostorch did not write it; not replacing it")
+    return text
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Put ``data`` at ``path`` (0644 whatever the umask) by renaming a new file over it: a
+    random name made with O_EXCL|O_NOFOLLOW, so nothing planted in the directory is written
+    through, and rename replaces ``path`` itself, never what a symlink there points to."""
+    import secrets
+
+    directory, base = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.new")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    try:
+        try:
+            os.fchmod(fd, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _links(unit_dir: str, path: str) -> tuple[str, ...]:
+    """The ``X.wants`` directories whose link named NAME points at ``path``."""
+    found = []
+    try:
+        entries = sorted(os.listdir(unit_dir))
+    except OSError:
+        return ()
+    for entry in entries:
+        if not entry.endswith(".wants"):
+            continue
+        link = os.path.join(unit_dir, entry, NAME)
+        try:
+            target = os.readlink(link)
+        except OSError:
+            continue
+        if os.path.normpath(os.path.join(os.path.dirname(link), target)) == path:
+            found.append(entry.removesuffix(".wants"))
+    return tuple(found)
+
+
+def _link(unit_dir: str, wanted_by: str, path: str) -> None:
+    wants = os.path.join(unit_dir, f"{wanted_by}.wants")
+    os.makedirs(wants, mode=0o755, exist_ok=True)
+    link = os.path.join(wants, NAME)
+    try:
+        os.symlink(path, link)
+    except FileExistsError:
+        if os.path.islink(link) and os.readlink(link) == path:
+            return
+        raise NotManaged(f"{link} exists and does not point at {path}; not replacing it") from None
+
+
+def _reload(root_is_live: bool) -> bool:
+    """Tell a running systemd to read its units again; False when none runs here."""
+    import subprocess
+
+    if not root_is_live or not os.path.isdir(SYSTEMD_RUNNING):
+        return False
+    done = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+    if done.returncode != 0:
+        why = " ".join(done.stderr.split()) or f"exit {done.returncode}"
+        raise OperationFailed(f"systemctl daemon-reload failed: {why}")
+    return True
+
+
+def install(unit_dir: str = UNIT_DIR) -> Installed:
+    """Write the unit (idempotent) and enable it; replace only a unit vhostorch wrote.
+
+    Raises NotManaged (someone else's file or link is there), OperationFailed.
+    """
+    path = os.path.join(os.path.abspath(unit_dir), NAME)
+    old = _ours(path)
+    text = unit_text()
+    try:
+        if old != text:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            _write_atomically(path, text.encode())
+        for wanted_by in WANTED_BY:
+            _link(os.path.dirname(path), wanted_by, path)
+    except OSError as err:
+        raise OperationFailed(f"cannot install {path}: {err.strerror or err}") from err
+    action = "unchanged" if old == text else "installed" if old is None else "updated"
+    reloaded = _reload(os.path.dirname(path) == UNIT_DIR) if action != "unchanged" else False
+    return Installed(path, action, True, reloaded)
+
+
+def uninstall(unit_dir: str = UNIT_DIR) -> Installed:
+    """Disable and remove the unit if vhostorch wrote it (the trace itself stays as it is).
+
+    Raises NotManaged, OperationFailed.
+    """
+    path = os.path.join(os.path.abspath(unit_dir), NAME)
+    directory = os.path.dirname(path)
+    present = _ours(path) is not None
+    links = _links(directory, path)
+    try:
+        for wanted_by in links:
+            os.unlink(os.path.join(directory, f"{wanted_by}.wants", NAME))
+        if present:
+            os.unlink(path)
+    except OSError as err:
+        raise OperationFailed(f"cannot remove {path}: {err.strerror or err}") from err
+    action = "removed" if present or links else "absent"
+    reloaded = _reload(directory == UNIT_DIR) if action == "removed" else False
+    return Installed(path, action, False, reloaded)
+
+
+def state(unit_dir: str = UNIT_DIR) -> BootState:
+    """Whether the unit is there, which ``*.wants/`` link it, and whether its ExecStart runs."""
+    path = os.path.join(os.path.abspath(unit_dir), NAME)
+    try:
+        text = _ours(path)
+    except NotManaged:
+        text = None
+    exec_start = None
+    for line in (text or "").splitlines():
+        if line.startswith("ExecStart="):
+            exec_start = line.removeprefix("ExecStart=")
+    program = exec_start.split()[0] if exec_start else ""
+    runs = bool(program) and os.access(program, os.X_OK)
+    return BootState(path, text is not None, _links(os.path.dirname(path), path), exec_start, runs)
