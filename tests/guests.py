@@ -239,3 +239,53 @@ def spec_file(
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+# What libvirt's NAT network and type='direct' need beyond what the test host loads: the
+# kernel's own module autoload cannot find modules there (they live in the unpacked kernel
+# tree), so they are loaded by name. iptables here is iptables-nft: its xtables matches and
+# targets (REJECT, MASQUERADE, conntrack) go through nft_compat.
+NETWORK_MODULES = (
+    "macvtap", "dummy", "ip_tables", "iptable_nat", "iptable_filter", "iptable_mangle", "nf_nat",
+    "xt_MASQUERADE", "xt_CHECKSUM", "xt_conntrack", "ipt_REJECT", "nf_tables", "nft_chain_nat",
+    "nft_compat", "nft_reject", "nft_reject_ipv4", "nft_reject_inet", "nft_ct", "nft_masq",
+    "nf_reject_ipv4", "xt_addrtype", "xt_tcpudp", "xt_state",
+)  # fmt: skip
+
+
+def load_modules(names: Sequence[str]) -> None:
+    """modprobe ``names`` from the test host's kernel tree (its lab.env names it)."""
+    env: dict[str, str] = {}
+    with open(os.path.join(os.environ["VHOSTORCH_LAB_RESULTS"], "lab.env")) as f:
+        for line in f:
+            key, _, value = line.strip().partition("=")
+            env[key] = value.strip("'")
+    done = subprocess.run(
+        ["modprobe", "-d", env["LAB_ROOT"], "-S", env["LAB_KVER"], "-a", *names],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def typed_domain_xml(name: str, interfaces: str, console: str, machine: str = "pc") -> str:
+    """A type='kvm' domain booting the guest initramfs with ``interfaces`` (XML) as its NICs."""
+    img = image()
+    return f"""<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='{machine}'>hvm</type>
+    <kernel>{img.kernel}</kernel>
+    <initrd>{img.guest_initrd}</initrd>
+    <cmdline>{GUEST_APPEND}</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <cpu mode='host-passthrough'/>
+  <devices>
+    {interfaces}
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""

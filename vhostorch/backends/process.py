@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from vhostorch.vm.spec import VmSpec
 
 QEMU = "qemu-system-x86_64"
+ROOT_PORT = "vho.port"  # id prefix of the pcie-root-ports a q35 VM's NICs are plugged into
 START_TIMEOUT = 60.0  # QEMU building the machine (loading a kernel) before QMP answers
 QMP_TIMEOUT = 10.0
 QUIT_TIMEOUT = 10.0
@@ -103,6 +104,9 @@ def argv(spec: VmSpec, workdir: str, qemu: str = QEMU) -> list[str]:
     ]  # fmt: skip
     if spec.accel == "kvm":
         args += ["-cpu", "host"]
+    for index in range(spec.root_ports):
+        # Each on its own chassis, so their slot numbers (0) never clash.
+        args += ["-device", f"pcie-root-port,id={ROOT_PORT}{index},chassis={index + 1}"]
     if spec.kernel is not None:
         args += ["-kernel", spec.kernel]
         if spec.initrd is not None:

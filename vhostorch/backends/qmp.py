@@ -111,10 +111,14 @@ def add_nic(sock: QmpSocket, nic: NicSpec, vhost_on: bool) -> None:
         args["vhost"] = vhost_on
         if vhost_on:
             args["vhostfds"] = ":".join(vhost_names)
+        port = free_port(sock)
         sock.execute("netdev_add", args)
         named = []  # the netdev holds them now
         try:
-            sock.execute("device_add", device_args(nic))
+            device = device_args(nic)
+            if port is not None:
+                device["bus"] = port
+            sock.execute("device_add", device)
         except MonitorError:
             _quietly(sock, "netdev_del", {"id": netdev})
             raise
@@ -125,6 +129,34 @@ def add_nic(sock: QmpSocket, nic: NicSpec, vhost_on: bool) -> None:
     finally:
         for fd in ours:
             os.close(fd)  # QEMU has its own copies
+
+
+def free_port(sock: QmpSocket) -> str | None:
+    """A pcie-root-port vhostorch made (q35) with nothing plugged in; None on a machine
+    without them (pc: its PCI bus takes hot-plugs itself).
+
+    Asked of QOM, not ``query-pci``: before the firmware numbers the buses (a VM started
+    paused, its NICs added before ``cont``), ``query-pci`` lists no device behind a root
+    port (QEMU 7.2). A port's bus (``/machine/peripheral/PORT/PORT``) has a ``child[N]``
+    property per device plugged into it.
+
+    Raises OperationFailed when every one is taken: QEMU would otherwise put the NIC on
+    pcie.0, which refuses hot-plug.
+    """
+    ports = sorted(
+        (p for p in _peripherals(sock) if p.startswith(process.ROOT_PORT)),
+        key=lambda p: int(p.removeprefix(process.ROOT_PORT) or 0),
+    )
+    for port in ports:
+        props = sock.execute("qom-list", {"path": f"/machine/peripheral/{port}/{port}"})
+        if not any(str(p.get("name", "")).startswith("child[") for p in props):
+            return port
+    if not ports:
+        return None
+    raise OperationFailed(
+        f"no free PCIe root port for another NIC: all {len(ports)} are in use (the VM spec's "
+        "spare_ports sets how many are made beyond one per NIC)"
+    )
 
 
 def _quietly(sock: QmpSocket, command: str, args: dict[str, object]) -> None:

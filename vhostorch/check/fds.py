@@ -6,6 +6,7 @@ workers) and in the taps as rtnetlink describes them.
 
 from __future__ import annotations
 
+from vhostorch.check import nics
 from vhostorch.check.ids import TAP_FDS, VHOST_FDS, VHOST_WORKER
 from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check
 from vhostorch.kernel import procfs
@@ -14,12 +15,18 @@ from vhostorch.record import TYPE_CHECKING
 if TYPE_CHECKING:
     from vhostorch.check.nics import Nic
     from vhostorch.check.observe import Observation
+    from vhostorch.kernel.rtnl import Link
 
 
 def tap_fds(obs: Observation, nic: Nic) -> Check:
-    """nic.tap.fds: one tap fd per queue pair, all on the NIC's tap, its queue mode matching."""
+    """nic.tap.fds: one tap fd per queue pair, all on the NIC's tap, its queue mode matching.
+
+    A macvtap (libvirt's type='direct') is served by /dev/tapN fds, one per queue; it
+    has no single-queue mode to mismatch (see ``_macvtap``).
+    """
     pairs = nic.netdev.queue_pairs
-    taps = sorted({fd.tap or "?" for fd in nic.tap_fds})
+    links = [nics.link_of(obs, fd) for fd in nic.tap_fds]
+    taps = sorted({name or _unnamed(fd) for name, fd in zip(links, nic.tap_fds, strict=True)})
     evidence: dict[str, object] = {
         "expected": pairs,
         "fds": [fd.num for fd in nic.tap_fds],
@@ -28,7 +35,10 @@ def tap_fds(obs: Observation, nic: Nic) -> Check:
     if len(nic.tap_fds) != pairs:
         message = f"{len(nic.tap_fds)} tap fd(s) open for {pairs} queue pair(s)"
         return nic.check(TAP_FDS, FAIL, message, evidence)
-    if len(taps) != 1 or taps[0] == "?":
+    if len(taps) != 1 or None in links:
+        if len(taps) == 1 and nic.tap_fds[0].macvtap_index is not None and not obs.taps_seen:
+            message = f"the fds are queues of a macvtap whose link was not read: {taps[0]}"
+            return nic.check(TAP_FDS, UNKNOWN, message, evidence)
         return nic.check(TAP_FDS, FAIL, f"the tap fds are not on one tap: {taps}", evidence)
     tap = taps[0]
     if nic.iface is not None and nic.iface.target and nic.iface.target != tap:
@@ -38,6 +48,8 @@ def tap_fds(obs: Observation, nic: Nic) -> Check:
         message = f"{pairs} fd(s) on tap {tap}; its queue mode is unknown: {obs.taps_seen}"
         return nic.check(TAP_FDS, UNKNOWN, message, evidence)
     link = obs.taps.get(tap)
+    if link is not None and link.kind == MACVTAP:
+        return _macvtap(nic, link, pairs, evidence)
     if link is None or link.tun is None:
         message = f"tap {tap} held by QEMU was not found over netlink"
         return nic.check(TAP_FDS, FAIL, message, evidence)
@@ -59,6 +71,29 @@ def tap_fds(obs: Observation, nic: Nic) -> Check:
         message = f"tap {tap} has no vnet_hdr: no offloads, and vhost copies headers"
         return nic.check(TAP_FDS, WARN, message, evidence)
     message = f"{pairs} fd(s) on tap {tap}, queue mode matches"
+    return nic.check(TAP_FDS, PASS, message, evidence)
+
+
+MACVTAP = "macvtap"
+
+
+def _unnamed(fd: procfs.Fd) -> str:
+    index = fd.macvtap_index
+    return "?" if index is None else f"macvtap ifindex {index}"
+
+
+def _macvtap(nic: Nic, link: Link, pairs: int, evidence: dict[str, object]) -> Check:
+    """A macvtap's queues: each open of its /dev/tapN is one more queue.
+
+    drivers/net/tap.c accepts IFF_MULTI_QUEUE in TUNSETIFF only to keep it in the
+    queue's flags (TAP_IFFEATURES = IFF_VNET_HDR | IFF_MULTI_QUEUE): every open of the
+    device adds a queue (up to MAX_TAP_QUEUES, 256), whatever the flag, so there is no
+    queue mode to mismatch. Its vnet_hdr is a per-queue flag netlink does not report.
+    """
+    evidence.update(kind=MACVTAP, multi_queue="always (one queue per open of /dev/tapN)")
+    evidence.update(mtu=link.mtu, carrier=link.carrier, up=link.up)
+    tap = link.name
+    message = f"{pairs} fd(s) on macvtap {tap} (a queue per fd; macvtap is always multi-queue)"
     return nic.check(TAP_FDS, PASS, message, evidence)
 
 
@@ -95,6 +130,7 @@ def worker(obs: Observation, nic: Nic) -> Check:
         return nic.check(VHOST_WORKER, FAIL, "no vhost device, so no worker", evidence)
     workers = f"{len(obs.workers)} vhost-{obs.process.pid} worker(s)"
     if len(obs.workers) >= total:
+        # Linux < 6.4: kernel threads; >= 6.4: vhost_task threads of QEMU (procfs.vhost_workers).
         where = "kernel threads" if obs.worker_model == "kthread" else "threads of QEMU"
         message = f"{workers} ({where}) for {total} vhost device(s)"
         return nic.check(VHOST_WORKER, PASS, message, evidence)

@@ -1,24 +1,31 @@
 """The tap NICs of an Observation, each with the fds of QEMU that serve it.
 
-A NIC is a tap netdev on the command line, or one added later (by vhostorch over
-QMP, or through libvirt); its tap and vhost fds are claimed from the process's
-fds by number, by tap name, by the traced VHOST_NET_SET_BACKEND, else by order.
+A NIC is a virtio-net device on a tap netdev on the command line, or one added
+later (by vhostorch over QMP, or through libvirt); its tap and vhost fds are
+claimed from the process's fds by number, by tap name, by the traced
+VHOST_NET_SET_BACKEND, else by order. A tap fd is a /dev/net/tun queue or, for
+libvirt's type='direct', a macvtap's /dev/tapN. NICs vhost-net cannot serve are
+``check.applicable``'s, not found here.
 """
 
 from __future__ import annotations
 
+from vhostorch.check import applicable
 from vhostorch.check.report import Check
 from vhostorch.kernel import procfs
 from vhostorch.qemu.args import DeviceArg, NetdevArg
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vhostorch.check.observe import Observation
+    from vhostorch.kernel.rtnl import Link
     from vhostorch.libvirt.domxml import Interface
     from vhostorch.qemu.monitor import VirtioNet
     from vhostorch.vm.state import NicState
 
-TAP_TYPES = ("tap", "bridge")  # "bridge" is a tap opened by qemu-bridge-helper
+TAP_TYPES = applicable.TAP_TYPES
 
 
 class Nic:
@@ -67,8 +74,9 @@ def find(obs: Observation) -> list[Nic]:
     nics = []
     interfaces = list(obs.domain.interfaces) if obs.domain else []
     planned = {n.netdev: n for n in obs.plan.nics} if obs.plan else {}
+    other_models = applicable.excluded_netdevs(obs)
     for netdev in obs.args.netdevs:
-        if netdev.type not in TAP_TYPES:
+        if netdev.type not in TAP_TYPES or netdev.id in other_models:
             continue
         device = obs.args.device_for(netdev.id)
         iface = next((i for i in interfaces if i.netdev_id == netdev.id), None)
@@ -86,7 +94,9 @@ def find(obs: Observation) -> list[Nic]:
         origin = BY_LIBVIRT if iface is not None else BY_VHOSTORCH
         nics.append(Nic(netdev, device, state.device, origin, iface, state))
     for iface in interfaces:
-        if iface.netdev_id is None or iface.netdev_id in seen or iface.type != "ethernet":
+        if iface.netdev_id is None or iface.netdev_id in seen:
+            continue
+        if applicable.interface_reason(iface) is not None:
             continue
         # <driver name='vhost'/> on a type='kvm' domain: libvirt refuses the NIC rather than
         # plug it without vhost. Without a <driver>, whether it got vhost is not declared.
@@ -96,8 +106,28 @@ def find(obs: Observation) -> list[Nic]:
             iface.netdev_id, device_id, iface.target, iface.queues, wants, iface.mac
         )
         nics.append(Nic(netdev, device, device_id, BY_LIBVIRT, iface, None))
-    _claim_fds(obs.process, nics, obs.wiring.backend_fds() if obs.wiring else {})
+    backends = obs.wiring.backend_fds() if obs.wiring else {}
+    _claim_fds(obs.process, nics, backends, lambda fd: link_of(obs, fd))
     return nics
+
+
+def link_of(obs: Observation, fd: procfs.Fd) -> str | None:
+    """The name of the link a tap fd is a queue of: a tun fd's ``iff:``, or the macvtap
+    of a /dev/tapN fd (the read link of that ifindex: the domain's XML names it)."""
+    if fd.tap is not None:
+        return fd.tap
+    index = fd.macvtap_index
+    if index is None:
+        return None
+    found: Link | None = next(
+        (link for link in obs.taps.values() if link is not None and link.index == index), None
+    )
+    return None if found is None else found.name
+
+
+def tap_name(obs: Observation, nic: Nic) -> str | None:
+    """The tap (or macvtap) a NIC's first fd is on, else the one its netdev names."""
+    return link_of(obs, nic.tap_fds[0]) if nic.tap_fds else nic.netdev.ifname
 
 
 def _declared(
@@ -113,7 +143,12 @@ def _declared(
     )
 
 
-def _claim_fds(process: procfs.Process, nics: list[Nic], backends: dict[int, int]) -> None:
+def _claim_fds(
+    process: procfs.Process,
+    nics: list[Nic],
+    backends: dict[int, int],
+    link: Callable[[procfs.Fd], str | None],
+) -> None:
     """Give each NIC its tap and vhost fds: those named on the command line, else by order.
 
     QEMU opening taps itself (``ifname=``) opens each queue's /dev/vhost-net right
@@ -134,7 +169,11 @@ def _claim_fds(process: procfs.Process, nics: list[Nic], backends: dict[int, int
     for nic in nics:
         if not nic.netdev.fds and nic.netdev.ifname:
             nic.tap_fds = [
-                fd for fd in process.fds if fd.tap == nic.netdev.ifname and fd.num not in claimed
+                fd
+                for fd in process.fds
+                if fd.num not in claimed
+                and (fd.target == procfs.TUN or fd.macvtap_index is not None)
+                and link(fd) == nic.netdev.ifname
             ]
             claimed |= {fd.num for fd in nic.tap_fds}
     tap_owner = {fd.num: nic for nic in nics for fd in nic.tap_fds}

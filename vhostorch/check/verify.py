@@ -10,7 +10,7 @@ of the vhost worker of each of its queue pairs.
 
 from __future__ import annotations
 
-from vhostorch.check import fds, machine, nics, reasons, request, running, vrings
+from vhostorch.check import applicable, fds, machine, nics, reasons, request, running, vrings
 from vhostorch.check.report import Check, Report
 from vhostorch.kernel import procfs
 from vhostorch.record import TYPE_CHECKING
@@ -43,7 +43,8 @@ def verify(obs: Observation) -> Report:
         mine = nic_checks(obs, nic)
         checks += mine
         why.append(reasons.reason(obs, nic, mine))
-    if not found:
+    not_applicable = applicable.find(obs)  # listed in nics, never judged
+    if not found and not not_applicable:
         checks.append(request.no_tap_nic())
     target: dict[str, object] = {"pid": obs.process.pid, "name": obs.args.name}
     if obs.plan is not None:
@@ -55,7 +56,7 @@ def verify(obs: Observation) -> Report:
         {
             "name": nic.name,
             "netdev": nic.netdev.id,
-            "tap": (nic.tap_fds[0].tap if nic.tap_fds else nic.netdev.ifname),
+            "tap": nics.tap_name(obs, nic),
             "queue_pairs": nic.netdev.queue_pairs,
             "vhost_requested": nic.netdev.wants_vhost,
             "reason": None if reason is None else reason.to_json(),
@@ -63,6 +64,7 @@ def verify(obs: Observation) -> Report:
         }
         for nic, reason in zip(found, why, strict=True)
     )
+    nic_info += tuple(na.entry() for na in not_applicable)
     return Report(target, nic_info, tuple(checks))
 
 

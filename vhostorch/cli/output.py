@@ -74,5 +74,10 @@ def report_text(report: Report, strict: bool) -> str:
         for nic in report.nics
         if isinstance(reason := nic.get("reason"), dict)
     ]
+    why += [
+        f"NIC {nic['name']}: not applicable: {nic['reason']}"
+        for nic in report.nics
+        if nic.get("applicable") is False
+    ]
     reasons = "".join(f"\n{line}" for line in why)
     return f"{title}\n{table(rows)}{reasons}\n{verdict}: {summary}"

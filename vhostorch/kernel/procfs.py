@@ -21,6 +21,12 @@ VHOST_NET = "/dev/vhost-net"
 TUN = "/dev/net/tun"
 KVM_VM = "anon_inode:kvm-vm"
 EVENTFD = "anon_inode:[eventfd]"
+# A macvtap queue: drivers/net/tap.c names each macvtap's character device
+# "tap<ifindex>" (device_create(..., "tap%d", dev->ifindex)), and libvirt opens it by
+# that name (virNetDevMacVLanTapOpen), once per queue. Its fdinfo has no iff: line
+# (tap.c has no show_fdinfo; seen on Linux 6.1: pos, flags, mnt_id, ino only), so the
+# link is known by its ifindex alone (tests/fixtures/observations/direct-*.json).
+MACVTAP_PREFIX = "/dev/tap"
 
 
 class Fd(Record):
@@ -34,6 +40,14 @@ class Fd(Record):
     def tap(self) -> str | None:
         """The tap this /dev/net/tun fd is attached to (fdinfo ``iff:``), if any."""
         return self.info.get("iff") if self.target == TUN else None
+
+    @property
+    def macvtap_index(self) -> int | None:
+        """The ifindex of the macvtap link this ``/dev/tapN`` fd is a queue of, if it is one."""
+        index = self.target.removeprefix(MACVTAP_PREFIX)
+        if index == self.target or not (index.isascii() and index.isdigit()):
+            return None
+        return int(index)
 
 
 class Thread(Record):
@@ -80,6 +94,11 @@ def parse_fdinfo(text: str) -> dict[str, str]:
 _FDINFO_FOR = (TUN, EVENTFD, VHOST_NET, KVM_VM)
 
 
+def wants_fdinfo(target: str) -> bool:
+    """Whether the fdinfo of an fd to ``target`` is read (and recorded with it)."""
+    return target in _FDINFO_FOR or Fd(0, target, {}).macvtap_index is not None
+
+
 def read(pid: int, proc: str = PROC) -> Process:
     """Read process ``pid``. Raises CannotInspect (no such process, or not allowed to look)."""
     base = f"{proc}/{pid}"
@@ -102,7 +121,7 @@ def read(pid: int, proc: str = PROC) -> Process:
     for name in names:
         try:
             target = os.readlink(f"{base}/fd/{name}")
-            info = parse_fdinfo(_read(f"{base}/fdinfo/{name}")) if target in _FDINFO_FOR else {}
+            info = parse_fdinfo(_read(f"{base}/fdinfo/{name}")) if wants_fdinfo(target) else {}
         except FileNotFoundError:
             continue  # closed while we looked
         except PermissionError:
@@ -148,8 +167,12 @@ def vhost_workers(process: Process, kthreads: dict[str, list[int]]) -> tuple[str
     """The vhost workers of a QEMU: ("kthread", tids) or ("task", tids).
 
     Before Linux 6.4 each vhost device's worker is a kernel thread named
-    ``vhost-<owner pid>``; from 6.4 on it is a vhost_task inside the owner's own
-    thread group, with the same name. Both are looked for.
+    ``vhost-<owner pid>`` (empty cmdline, its own /proc/<pid>); from 6.4 on it is
+    a vhost_task inside the owner's own thread group, with the same name, listed
+    in /proc/<owner>/task only. Both are looked for; the test host proves each
+    (Debian's 6.1 and 6.12, tests/fixtures/observations/*-linux-6.12.json).
+    Other user workers may share the thread group on new kernels (6.12's QEMU
+    also has KVM's ``kvm-nx-lpage-re``); only the vhost name counts.
     """
     name = f"vhost-{process.pid}"[:15]  # comm is at most 15 bytes
     own = [t.tid for t in process.threads if t.comm == name]

@@ -219,7 +219,8 @@ def render(spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str) -> 
     """The domain XML of ``spec`` with ``nics`` ((spec, vhost on)); serial console to a file.
 
     ``type='kvm'`` for accel kvm (the only type for which libvirt uses vhost),
-    ``type='qemu'`` (TCG) otherwise. ACPI is on: PCI hot-plug on 'pc' needs it.
+    ``type='qemu'`` (TCG) otherwise. ACPI is on: PCI hot-plug on 'pc' needs it (and
+    q35's root ports use ACPI hot-plug too from QEMU 6.1 on).
     """
     import xml.etree.ElementTree as ET
 
@@ -252,6 +253,15 @@ def render(spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str) -> 
         _sub(disk, "target", dev="vda", bus="virtio")
     for nic, vhost_on in nics:
         devices.append(interface(nic, vhost_on))
+    if spec.pcie:
+        # libvirt adds a pcie-root-port for each PCIe device it places, and no more: these
+        # leave spec.spare_ports free for NICs hot-plugged later (no USB controller takes one).
+        _sub(devices, "controller", type="usb", model="none")
+        # libvirt numbers controllers without an index from 0, and index 0 must be the root.
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+        pcie_devices = len(nics) + (spec.disk is not None)
+        for _ in range(pcie_devices + spec.spare_ports):
+            _sub(devices, "controller", type="pci", model="pcie-root-port")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=console)
     _sub(serial, "target", port="0")

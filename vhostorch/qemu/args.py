@@ -128,14 +128,25 @@ class DeviceArg(Record):
 
 
 class QemuArgs(Record):
+    """What a command line asked for; ``devices`` are its virtio-net devices, ``other_nics``
+    its NIC devices of other models (e1000, rtl8139...), which vhost-net cannot serve."""
+
     name: str | None
     accel: tuple[str, ...]
     netdevs: tuple[NetdevArg, ...]
     devices: tuple[DeviceArg, ...]
     qmp: str | None
+    other_nics: tuple[DeviceArg, ...] = ()
 
     def device_for(self, netdev: str) -> DeviceArg | None:
         for device in self.devices:
+            if device.netdev == netdev:
+                return device
+        return None
+
+    def other_nic_for(self, netdev: str) -> DeviceArg | None:
+        """The NIC device of another model than virtio-net on ``netdev``, if any."""
+        for device in self.other_nics:
             if device.netdev == netdev:
                 return device
         return None
@@ -175,6 +186,7 @@ def parse(argv: Sequence[str]) -> QemuArgs:
     accel: list[str] = []
     netdevs: list[NetdevArg] = []
     devices: list[DeviceArg] = []
+    others: list[DeviceArg] = []
     qmp = None
     chardevs: dict[str, str] = {}
     monitors: list[str] = []
@@ -207,13 +219,19 @@ def parse(argv: Sequence[str]) -> QemuArgs:
             opts.setdefault("id", f"nic{nics}")
             nics += 1
             netdevs.append(_netdev(opts))
+            # -nic's default model is the machine's default NIC (virtio-net-pci for
+            # the machine types vhostorch starts); "none" adds no device.
             model = str(opts.get("model", "virtio-net-pci"))
             if model.startswith("virtio"):
                 devices.append(_device({**opts, "driver": model}, str(opts["id"])))
+            elif model != "none":
+                others.append(_device({**opts, "driver": model}, str(opts["id"])))
         elif opt == "device":
             opts = _options(value, "driver")
             if str(opts.get("driver", "")).startswith("virtio-net"):
                 devices.append(_device(opts))
+            elif "netdev" in opts:
+                others.append(_device(opts))  # a NIC of another model (e1000, rtl8139...)
         elif opt == "qmp" and value.startswith("unix:"):
             qmp = value[len("unix:") :].split(",", 1)[0]
         elif opt == "chardev":
@@ -227,4 +245,4 @@ def parse(argv: Sequence[str]) -> QemuArgs:
     for chardev in monitors:
         if qmp is None and chardev in chardevs:
             qmp = chardevs[chardev]
-    return QemuArgs(name, tuple(accel), tuple(netdevs), tuple(devices), qmp)
+    return QemuArgs(name, tuple(accel), tuple(netdevs), tuple(devices), qmp, tuple(others))

@@ -7,8 +7,9 @@ errors that name the field (``nic[1].queues``).
     name = "vm1"
     memory = 512              # MiB
     cpus = 2
-    machine = "pc"            # QEMU machine type
+    machine = "pc"            # QEMU machine type: pc (i440fx) or q35 (PCIe)
     accel = "kvm"             # kvm | tcg
+    spare_ports = 4           # q35 only: free PCIe root ports for NICs hot-plugged later
 
     [boot]                    # a kernel (and initrd, cmdline), or a disk image
     kernel = "/srv/vm1/vmlinuz"
@@ -55,6 +56,11 @@ MAX_NAME = 64
 RING_SIZES = (256, 512, 1024)
 KERNEL_VHOST_MAX_TX = 256
 QCOW2_MAGIC = b"QFI\xfb"
+# q35 has no hot-pluggable bus of its own (pcie.0 is not): each NIC, cold or hot, sits on
+# a pcie-root-port, and a hot-plug needs a free one made at start. The default leaves room
+# for a few NICs added later; each costs the guest a bridge to enumerate, nothing more.
+DEFAULT_SPARE_PORTS = 4
+MAX_SPARE_PORTS = 32
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -129,6 +135,11 @@ class NicSpec(Record):
         return 2 * self.queues + 2
 
 
+def is_pcie(machine: str) -> bool:
+    """Whether ``machine`` is a q35 (PCI Express) machine: "q35" or a versioned "pc-q35-*"."""
+    return machine == "q35" or machine.startswith("pc-q35-")
+
+
 class VmSpec(Record):
     name: str
     memory: int
@@ -140,6 +151,16 @@ class VmSpec(Record):
     cmdline: str | None
     disk: str | None
     nics: tuple[NicSpec, ...]
+    spare_ports: int  # free pcie-root-ports for hot-plug (q35; 0 on other machines)
+
+    @property
+    def pcie(self) -> bool:
+        return is_pcie(self.machine)
+
+    @property
+    def root_ports(self) -> int:
+        """pcie-root-ports to make at start: one per NIC, and the spare ones (0 unless q35)."""
+        return len(self.nics) + self.spare_ports if self.pcie else 0
 
     def __init__(
         self,
@@ -153,6 +174,7 @@ class VmSpec(Record):
         initrd: str | None = None,
         cmdline: str | None = None,
         disk: str | None = None,
+        spare_ports: int | None = None,
     ) -> None:
         check_vm_name(name)
         check_int(memory, "memory (MiB)", 16, MAX_MEMORY_MIB)
@@ -162,6 +184,14 @@ class VmSpec(Record):
         if not isinstance(machine, str) or not machine or "," in machine:
             raise InvalidSpec(
                 f"machine must be a QEMU machine type such as 'pc', not {shown(machine)}"
+            )
+        if spare_ports is None:
+            spare_ports = DEFAULT_SPARE_PORTS if is_pcie(machine) else 0
+        check_int(spare_ports, "spare_ports", 0, MAX_SPARE_PORTS)
+        if spare_ports and not is_pcie(machine):
+            raise InvalidSpec(
+                f"spare_ports is for q35 machines (PCIe root ports); machine {machine!r} "
+                "hot-plugs on its own PCI bus"
             )
         if (kernel is None) == (disk is None):
             raise InvalidSpec("boot needs exactly one of kernel or disk")
@@ -180,11 +210,11 @@ class VmSpec(Record):
             raise InvalidSpec("two NICs have the same MAC address")
         self._init(
             name=name, memory=memory, cpus=cpus, machine=machine, accel=accel, kernel=kernel,
-            initrd=initrd, cmdline=cmdline, disk=disk, nics=tuple(nics),
+            initrd=initrd, cmdline=cmdline, disk=disk, nics=tuple(nics), spare_ports=spare_ports,
         )  # fmt: skip
 
 
-_VM_KEYS = {"name", "memory", "cpus", "machine", "accel", "boot", "nic"}
+_VM_KEYS = {"name", "memory", "cpus", "machine", "accel", "boot", "nic", "spare_ports"}
 _BOOT_KEYS = {"kernel", "initrd", "cmdline", "disk"}
 _NIC_KEYS = {
     "tap", "queues", "vhost", "mac", "bridge", "mtu", "owner", "group", "rx_queue_size",
@@ -221,6 +251,7 @@ def from_mapping(data: Mapping[str, Any]) -> VmSpec:
         initrd=boot.get("initrd"),
         cmdline=boot.get("cmdline"),
         disk=boot.get("disk"),
+        spare_ports=data.get("spare_ports"),
     )
 
 
