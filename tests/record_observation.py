@@ -4,6 +4,9 @@ One command re-records them all (about four minutes on two cores)::
 
     .venv/bin/python -m tests.record_observation
 
+``--kernel 6.12`` records in a test host of that kernel series instead, into
+files named ``NAME-linux-6.12.json`` (the default kernel's keep their plain names).
+
 Outside the test host it boots one (``vhostorch lab run``), runs itself there
 with ``--inside``, and copies the recordings it made into the fixtures
 directory. Inside, for each setup below, it starts an inner QEMU/KVM guest with
@@ -29,6 +32,7 @@ from tests import guests
 from tests.observations import FIXTURES, snapshot
 from vhostorch.check import verify, wiring
 from vhostorch.check.observe import Observation
+from vhostorch.lab.image import DEFAULT_KERNEL, kernel_series
 from vhostorch.qemu import monitor
 
 COMMAND = ".venv/bin/python -m tests.record_observation"
@@ -126,7 +130,12 @@ def inside(out: str, names: Sequence[str]) -> int:
     return 0
 
 
-def outside(names: Sequence[str]) -> int:
+def fixture_name(setup: str, kernel: str) -> str:
+    """``healthy-1q`` on the default kernel, ``healthy-1q-linux-6.12`` on another."""
+    return setup if kernel == DEFAULT_KERNEL else f"{setup}-linux-{kernel}"
+
+
+def outside(names: Sequence[str], kernel: str = DEFAULT_KERNEL) -> int:
     from vhostorch.lab import run as lab
 
     results = tempfile.mkdtemp(prefix="vho-record-", dir="/tmp")
@@ -135,14 +144,15 @@ def outside(names: Sequence[str]) -> int:
     command = [sys.executable, "-m", "tests.record_observation", "--inside", out, *names]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        done = lab.run(command, cwd=root, results=results, timeout=900, log=print)
+        done = lab.run(command, cwd=root, results=results, timeout=900, log=print, kernel=kernel)
         if done.status != 0:
             print(f"the recorder failed in the test host (exit {done.status})", file=sys.stderr)
             return 1
         FIXTURES.mkdir(parents=True, exist_ok=True)
         for name in sorted(os.listdir(out)):
-            shutil.copy(os.path.join(out, name), FIXTURES / name)
-            print("wrote", FIXTURES / name)
+            target = FIXTURES / f"{fixture_name(name.removesuffix('.json'), kernel)}.json"
+            shutil.copy(os.path.join(out, name), target)
+            print("wrote", target)
     finally:
         shutil.rmtree(results, ignore_errors=True)
     return 0
@@ -151,11 +161,14 @@ def outside(names: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inside", metavar="DIR", help="(in the test host) record into DIR")
+    parser.add_argument(
+        "--kernel", default=DEFAULT_KERNEL, help="kernel series of the test host (e.g. 6.12)"
+    )
     parser.add_argument("names", nargs="*", help="setups to record (default: all)")
     args = parser.parse_args(argv)
     if args.inside:
         return inside(args.inside, args.names)
-    return outside(args.names)
+    return outside(args.names, kernel_series(args.kernel))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -16,6 +17,7 @@ from tests.kernel import vhostorch
 from vhostorch.check import wiring
 
 pytestmark = pytest.mark.testhost
+VHOST_SET_OWNER = 0xAF01  # _IO(VHOST_VIRTIO, 0x01)
 
 # Every check a healthy vhost NIC gets; kick and call come once per virtqueue.
 NIC_CHECKS = {
@@ -52,6 +54,20 @@ def qmp_socket() -> str:
     return os.path.join(tempfile.mkdtemp(prefix="vho-qmp-"), "qmp.sock")
 
 
+def worker_model(pid: int) -> str:
+    """How this kernel runs the vhost workers of ``pid``, read from /proc without vhostorch,
+    and checked against the kernel fact: kernel threads before Linux 6.4 (6.1), vhost_task
+    threads in the owner's thread group from 6.4 on (6.12)."""
+    tids = guests.vhost_workers(pid)
+    assert tids, f"no vhost-{pid} worker"
+    in_group = [os.path.exists(f"/proc/{pid}/task/{tid}") for tid in tids]
+    assert len(set(in_group)) == 1, in_group
+    model = "task" if in_group[0] else "kthread"
+    major, minor = (int(p) for p in os.uname().release.split(".")[:2])
+    assert model == ("task" if (major, minor) >= (6, 4) else "kthread"), os.uname().release
+    return model
+
+
 @pytest.mark.parametrize("queues", [1, 4])
 def test_healthy_vhost_nic_passes_every_check(traced: None, queues: int) -> None:
     sock = qmp_socket()
@@ -72,6 +88,14 @@ def test_healthy_vhost_nic_passes_every_check(traced: None, queues: int) -> None
             calls = {c["evidence"]["call"]["eventfd_id"] for c in checks["nic.call"]}
             assert len(kicks) == len(calls) == 2 * queues and not kicks & calls
             assert checks["nic.vhost.fds"][0]["evidence"]["fds"] != []
+            # One worker per vhost device, found and named in the model this kernel uses.
+            (worker,) = checks["nic.vhost.worker"]
+            model = worker_model(g.pid)
+            assert worker["evidence"]["model"] == model, worker
+            assert worker["evidence"]["tids"] == guests.vhost_workers(g.pid)
+            assert len(worker["evidence"]["tids"]) == queues
+            where = "threads of QEMU" if model == "task" else "kernel threads"
+            assert f"({where}) for {queues} vhost device(s)" in worker["message"], worker
             assert report["nics"] == [
                 {"name": "net0", "netdev": "n0", "tap": name, "queue_pairs": queues,
                  "vhost_requested": True}
@@ -177,5 +201,14 @@ def test_doctor_passes_vhost_net_in_the_test_host(in_testhost: None) -> None:
     checks = by_id(report)
     assert checks["host.vhost-net"][0]["status"] == "pass"
     assert checks["host.vhost-net.access"][0]["status"] == "pass"
-    assert checks["host.worker-model"][0]["evidence"]["model"] == "kthread"  # Linux 6.1
+    # What doctor says before any QEMU runs is what a vhost device then really gets.
+    fd = os.open("/dev/vhost-net", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, VHOST_SET_OWNER)
+        seen = worker_model(os.getpid())
+    finally:
+        os.close(fd)
+    (model,) = checks["host.worker-model"]
+    assert model["status"] == "pass" and model["evidence"]["model"] == seen, model
+    assert model["evidence"]["kernel"] == os.uname().release
     assert checks["host.kvm"][0]["status"] == "pass"  # kvm_amd on TCG's emulated SVM

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import testhost
 from tests.kernel import vhostorch
 from vhostorch.lab import image as labimage
 from vhostorch.lab import run as lab
@@ -167,10 +168,62 @@ def test_lab_build_is_cached_and_reports_its_files() -> None:
         assert f.read(4) == b"\x7fELF"  # booted through PVH, not decompressed under TCG
 
 
+def test_lab_build_kernel_series_fetches_the_newest_of_it_and_caches_it() -> None:
+    import json
+
+    debian = subprocess.run(
+        ["apt-cache", "depends", "linux-image-6.12-amd64"], capture_output=True, text=True
+    ).stdout
+    newest = re.search(r"Depends: linux-image-(6\.12\.\S+)", debian)
+    assert newest, debian
+    first = vhostorch("lab", "build", "--kernel", "6.12", "--json")
+    assert first.returncode == 0, first.stderr
+    image = json.loads(first.stdout)["image"]
+    assert image["kver"] == newest.group(1)
+    assert image["root"] == f"{labimage.CACHE}/lab/{image['kver']}/root"
+    with open(image["kernel"], "rb") as f:
+        assert f.read(4) == b"\x7fELF"  # 6.12's bzImage is zstd: unpacked by zstd, not lzma
+    again = vhostorch("lab", "build", "--kernel", "6.12", "--json")
+    assert again.stdout == first.stdout and "fetching" not in again.stderr
+    # The default stays linux-image-amd64's kernel (6.1), cached beside it.
+    default = json.loads(vhostorch("lab", "build", "--json").stdout)["image"]
+    assert default["kver"].startswith("6.1.") and default["kver"] != image["kver"]
+    assert (
+        vhostorch("lab", "build", "--kernel", "6.1", "--json").stdout
+        == vhostorch("lab", "build", "--json").stdout
+    )
+
+
+def test_a_kernel_series_apt_does_not_know_is_not_obtainable() -> None:
+    done = vhostorch("lab", "build", "--kernel", "5.99")
+    assert done.returncode == 125
+    assert done.stderr == (
+        "vhostorch: error: kernel package not obtainable: apt knows no Linux 5.99 "
+        "(neither linux-image-amd64 nor linux-image-5.99-amd64 gives one)\n"
+    )
+
+
+@pytest.mark.testhost(outside=True)
+@pytest.mark.parametrize("kernel", ["default", "6.12"])
+def test_lab_run_boots_the_chosen_kernel(kernel: str, tmp_path: Path) -> None:
+    import json
+
+    image = json.loads(vhostorch("lab", "build", "--kernel", kernel, "--json").stdout)["image"]
+    done = vhostorch(
+        "lab", "run", "--kernel", kernel, "--results", str(tmp_path), "--", "uname", "-r"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == image["kver"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["lab", "run"], "lab run: COMMAND is required"),
+        (["lab", "build", "--kernel", "6"], "--kernel takes a series such as 6.12"),
+        (["lab", "build", "--kernel", "latest"], "--kernel takes a series such as 6.12"),
+        (["lab", "build", "--kernel", "6.1.0"], "--kernel takes a series such as 6.12"),
+        (["lab", "run", "--kernel", "6.x", "--", "true"], "not '6.x'"),
         (["lab", "run", "--env", "NOEQUALS", "--", "true"], "--env needs KEY=VALUE"),
         (["lab", "run", "--timeout", "0", "--", "true"], "--timeout must be at least 1"),
         (["lab", "run", "--memory", "lots", "true"], "--memory needs a whole number"),
@@ -308,3 +361,37 @@ def test_a_test_host_whose_cpus_stop_is_stopped_at_once_with_their_state(
         evidence,
     ), evidence
     assert not _alive(int(found[2]))
+
+
+def test_testhost_tests_get_one_id_per_kernel() -> None:
+    assert testhost.kernel_id("test_x", "6.12") == "test_x[linux-6.12]"
+    assert testhost.kernel_id("test_x[qmp-4]", "6.1") == "test_x[qmp-4-linux-6.1]"
+
+
+def test_testhost_kernels_come_from_the_option_then_the_environment() -> None:
+    script = (
+        "import sys\nfrom tests import testhost\n"
+        "def test_k(pytestconfig):\n    print('K=' + ','.join(testhost.kernels(pytestconfig)))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    base = [str(root / ".venv" / "bin" / "pytest"), "-s", "-q", "-p", "no:cacheprovider"]
+
+    def run(*args: str, env: str | None = None) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != testhost.KERNELS_ENV}
+        if env is not None:
+            environ[testhost.KERNELS_ENV] = env
+        return subprocess.run(
+            [*base, *args, str(probe)], capture_output=True, text=True, env=environ, cwd=root
+        )
+
+    probe = root / "tests" / f"test_kernels_probe_{os.getpid()}.py"
+    probe.write_text(script)
+    try:
+        assert "K=6.1,6.12" in run().stdout
+        assert "K=6.12" in run(env="6.12").stdout
+        assert "K=6.1" in run("--testhost-kernels", "6.1", env="6.12").stdout
+        assert "K=6.12,default" in run("--testhost-kernels", "6.12,default 6.12").stdout
+        bad = run("--testhost-kernels", "six")
+        assert bad.returncode == 4 and "--kernel takes a series" in bad.stderr
+    finally:
+        probe.unlink()

@@ -1,11 +1,18 @@
-"""pytest plugin: tests marked ``testhost`` run inside one boot of the test host per session.
+"""pytest plugin: tests marked ``testhost`` run inside the test host, one boot per kernel
+per session.
 
-Outside, each such test is replaced by a stand-in whose result is read from
-that boot's report, so it passes or fails here with the inner failure text and
-output. Inside (VHOSTORCH_IN_TESTHOST=1), the same tests run for real and this
-plugin writes the report. ``@pytest.mark.testhost(outside=True)`` marks a slow
-test that runs here and may use the ``testhost_boot`` fixture (the boot's
-outcome) or boot the test host itself.
+The kernels are ``--testhost-kernels`` (or $VHOSTORCH_LAB_KERNELS), series
+separated by spaces or commas, "6.1 6.12" by default: 6.1 (Debian 12's default,
+vhost workers are kernel threads) and 6.12 (vhost workers are vhost_task
+threads inside QEMU). Outside, each such test is replaced by one stand-in per
+kernel (``test_x[linux-6.12]``, ``test_x[a-linux-6.12]`` for a parametrized
+one) whose result is read from that kernel's boot report, so it passes or fails
+here with the inner failure text and output; a failure on any kernel fails the
+run. For a quick loop on one kernel: ``pytest -m testhost --testhost-kernels 6.12``.
+Inside (VHOSTORCH_IN_TESTHOST=1), the same tests run for real and this plugin
+writes the report. ``@pytest.mark.testhost(outside=True)`` marks a slow test
+that runs here and may use the ``testhost_boot`` fixture (the outcome of the
+first kernel's boot) or boot the test host itself.
 """
 
 from __future__ import annotations
@@ -23,10 +30,46 @@ import pytest
 INSIDE = os.environ.get("VHOSTORCH_IN_TESTHOST") == "1"
 TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "1500"))
 TEST_TIMEOUT = 240
+KERNELS_ENV = "VHOSTORCH_LAB_KERNELS"
+# 6.1: Debian 12's default kernel (linux-image-amd64), vhost workers are kernel threads.
+# 6.12: Debian 12's newer series, vhost workers are vhost_task threads of QEMU (>= 6.4).
+DEFAULT_KERNELS = "6.1 6.12"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--testhost-report", default=None, help="(inside) write results here")
+    parser.addoption(
+        "--testhost-kernels",
+        default=None,
+        help=f"kernel series the testhost tests run on, one boot each (default: "
+        f"${KERNELS_ENV} or {DEFAULT_KERNELS!r}); e.g. '6.12' for a quick loop on one",
+    )
+
+
+def kernels(config: pytest.Config) -> list[str]:
+    """The kernel series to boot, in order, each once; a bad value stops the session."""
+    from vhostorch.errors import InvalidSpec
+    from vhostorch.lab.image import kernel_series
+
+    given = config.getoption("--testhost-kernels") or os.environ.get(KERNELS_ENV)
+    chosen: list[str] = []
+    for word in (given or DEFAULT_KERNELS).replace(",", " ").split():
+        try:
+            series = kernel_series(word)
+        except InvalidSpec as err:
+            raise pytest.UsageError(str(err)) from None
+        if series not in chosen:
+            chosen.append(series)
+    if not chosen:
+        raise pytest.UsageError(f"--testhost-kernels / ${KERNELS_ENV} names no kernel")
+    return chosen
+
+
+def kernel_id(name: str, kernel: str) -> str:
+    """``test_x`` → ``test_x[linux-6.12]``; ``test_x[a]`` → ``test_x[a-linux-6.12]``."""
+    if name.endswith("]"):
+        return f"{name[:-1]}-linux-{kernel}]"
+    return f"{name}[linux-{kernel}]"
 
 
 def _outside_only(item: pytest.Item) -> bool:
@@ -35,11 +78,12 @@ def _outside_only(item: pytest.Item) -> bool:
 
 
 class Boot:
-    """The session's one boot: which tests it runs and, once run, their results."""
+    """One kernel's boot in this session: which tests it runs and, once run, their results."""
 
-    def __init__(self, config: pytest.Config, nodeids: list[str]) -> None:
+    def __init__(self, config: pytest.Config, nodeids: list[str], kernel: str) -> None:
         self.config = config
         self.nodeids = nodeids
+        self.kernel = kernel
         self.outcome: Any = None
         self.error: str | None = None
         self.report: dict[str, dict[str, Any]] = {}
@@ -49,7 +93,7 @@ class Boot:
     def run(self) -> None:
         if self.outcome is not None or self.error is not None:
             return
-        self.results = tempfile.mkdtemp(prefix="vhostorch-testhost-", dir="/tmp")
+        self.results = tempfile.mkdtemp(prefix=f"vhostorch-testhost-{self.kernel}-", dir="/tmp")
         left = list(self.nodeids)
         # A test host that stops making progress (lab.LabFrozen: a CPU stuck in its kernel
         # for minutes, or its heartbeat silent) is the emulated machine failing, not a test.
@@ -62,7 +106,10 @@ class Boot:
             left = [n for n in left if n not in self.report]
             if not left:
                 return
-            print(f"[test host] booting again for the {len(left)} test(s) left", flush=True)
+            print(
+                f"[test host linux-{self.kernel}] booting again for the {len(left)} test(s) left",
+                flush=True,
+            )
 
     def _boot(self, nodeids: list[str], attempt: int) -> bool:
         """Run ``nodeids`` in one boot; True when it froze (and another boot may help)."""
@@ -89,7 +136,7 @@ class Boot:
             command.insert(3, "-s")  # -s here: stream the tests' own output from in there too
         if not nodeids:
             command = ["true"]
-        print(f"\n[test host] booting for {len(nodeids)} test(s)", flush=True)
+        print(f"\n[test host linux-{self.kernel}] booting for {len(nodeids)} test(s)", flush=True)
         try:
             self.outcome = lab.run(
                 command,
@@ -97,13 +144,14 @@ class Boot:
                 timeout=TIMEOUT,
                 results=self.results,
                 log=print,
+                kernel=self.kernel,
             )
         except lab.LabFrozen as err:
             self._load(report)
             running = _read(report + ".running")
             running = f"after {running}" if running in self.report else running or "at start"
-            self.frozen.append(f"{running}: {err.evidence}")
-            print(f"[test host] froze ({running}): {err.evidence}", flush=True)
+            self.frozen.append(f"linux-{self.kernel}, {running}: {err.evidence}")
+            print(f"[test host linux-{self.kernel}] froze ({running}): {err.evidence}", flush=True)
             self.error = f"the test host failed before this test finished: {err}"
             return True
         except VhostorchError as err:
@@ -116,7 +164,7 @@ class Boot:
             return False
         self.error = None
         print(
-            f"[test host] exit {self.outcome.status}, booted in "
+            f"[test host linux-{self.kernel}] exit {self.outcome.status}, booted in "
             f"{self.outcome.boot_seconds:.1f} s, {self.outcome.seconds:.1f} s in all",
             flush=True,
         )
@@ -145,7 +193,8 @@ def _read(path: str) -> str:
         return ""
 
 
-BOOT = pytest.StashKey[Boot]()
+# The session's boots by kernel series, in the order the kernels were given.
+BOOTS = pytest.StashKey[dict[str, Boot]]()
 
 
 class RemoteFailure(Exception):
@@ -153,12 +202,16 @@ class RemoteFailure(Exception):
 
 
 class Remote(pytest.Item):
-    """A ``testhost`` test seen from outside: its result comes from the session's boot."""
+    """A ``testhost`` test on one kernel seen from outside: its result comes from that
+    kernel's boot, where the test has its own node id (``inner``)."""
+
+    kernel = ""
+    inner = ""
 
     def runtest(self) -> None:
-        boot = self.config.stash[BOOT]
+        boot = self.config.stash[BOOTS][self.kernel]
         boot.run()
-        result = boot.report.get(self.nodeid)
+        result = boot.report.get(self.inner)
         if result is None:
             raise RemoteFailure(boot.error or "no result from the test host for this test")
         if result["outcome"] == "skipped":
@@ -168,7 +221,7 @@ class Remote(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, RemoteFailure):
-            return f"[in the test host]\n{excinfo.value}"
+            return f"[in the test host, linux-{self.kernel}]\n{excinfo.value}"
         return str(super().repr_failure(excinfo))
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
@@ -187,32 +240,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda i: "libvirtd" in getattr(i, "fixturenames", ()))
         return
     inner = [i for i in items if i.get_closest_marker("testhost") and not _outside_only(i)]
-    config.stash[BOOT] = Boot(config, [i.nodeid for i in inner])
-    for index, item in enumerate(items):
-        if item in inner:
-            remote = Remote.from_parent(item.parent, name=item.name)
+    chosen = kernels(config)
+    config.stash[BOOTS] = {k: Boot(config, [i.nodeid for i in inner], k) for k in chosen}
+    expanded: list[pytest.Item] = []
+    for item in items:
+        if item not in inner:
+            expanded.append(item)
+            continue
+        for kernel in chosen:
+            remote = Remote.from_parent(item.parent, name=kernel_id(item.name, kernel))
+            remote.kernel, remote.inner = kernel, item.nodeid
             remote.own_markers.extend(item.iter_markers())
-            items[index] = remote
+            expanded.append(remote)
+    items[:] = expanded
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    boot = terminalreporter.config.stash.get(BOOT, None)
-    if boot is not None and boot.frozen:
+    boots = terminalreporter.config.stash.get(BOOTS, {})
+    frozen = [line for boot in boots.values() for line in boot.frozen]
+    if frozen:
         terminalreporter.section("the test host froze")
-        for line in boot.frozen:
+        for line in frozen:
             terminalreporter.write_line(line)
+    ran = [boot for boot in boots.values() if boot.outcome is not None]
+    if ran:
+        terminalreporter.section("test host boots")
+        for boot in ran:
+            terminalreporter.write_line(
+                f"linux-{boot.kernel}: {len(boot.nodeids)} test(s), booted in "
+                f"{boot.outcome.boot_seconds or 0:.1f} s, {boot.outcome.seconds:.0f} s in all"
+            )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    boot = config.stash.get(BOOT, None)
-    if boot is not None:
+    for boot in config.stash.get(BOOTS, {}).values():
         boot.cleanup()
 
 
 @pytest.fixture(scope="session")
 def testhost_boot(request: pytest.FixtureRequest) -> Any:
-    """The outcome of the session's test-host boot (booting now if no test did yet)."""
-    boot = request.config.stash[BOOT]
+    """The outcome of the first kernel's test-host boot (booting now if no test did yet)."""
+    boot = next(iter(request.config.stash[BOOTS].values()))
     boot.run()
     if boot.error:
         pytest.fail(boot.error, pytrace=False)

@@ -18,13 +18,20 @@ exit codes:
   124  the timeout ran out (the test host was stopped)
   125  the test host could not be built or booted, or did not reach COMMAND"""
 
+KERNEL = Option(
+    "--kernel",
+    VALUE,
+    "kernel series to boot, e.g. 6.12: the newest Debian package of it "
+    "(default: linux-image-amd64's)",
+)
+
 COMMANDS = (
     Command(
         ("lab", "build"),
         "fetch the test host's kernel and build its boot files (cached; rebuilt on change)",
         "",
         "0",
-        (JSON,),
+        (KERNEL, JSON),
         LAB_EXIT_CODES,
     ),
     Command(
@@ -33,6 +40,7 @@ COMMANDS = (
         "COMMAND",
         "...",
         (
+            KERNEL,
             Option("--timeout", INT, "seconds before everything is stopped (default 900)"),
             Option("--memory", INT, "MiB of memory for the test host (default 3072)"),
             Option(
@@ -54,8 +62,9 @@ def _lab(args: Parsed) -> int:
     from vhostorch.lab import image as labimage
     from vhostorch.lab import run as lab
 
+    kernel = labimage.kernel_series(args.text("kernel") or labimage.DEFAULT_KERNEL)
     if args.command.path[1] == "build":
-        image = labimage.ensure_image(log=_log)
+        image = labimage.ensure_image(log=_log, kernel=kernel)
         emit(
             {"ok": True, "image": image.asdict()},
             args.flag("json"),
@@ -80,6 +89,7 @@ def _lab(args: Parsed) -> int:
         cpus=args.number("cpus") or 1,
         results=args.text("results"),
         log=_log,
+        kernel=kernel,
     )
     boot = "?" if outcome.boot_seconds is None else f"{outcome.boot_seconds:.1f}"
     _log(

@@ -26,7 +26,7 @@ from vhostorch.errors import LabError as LabError
 from vhostorch.errors import LabFrozen as LabFrozen
 from vhostorch.errors import LabTimeout as LabTimeout
 from vhostorch.lab import watch as labwatch
-from vhostorch.lab.image import FILES, IMAGE_ENV, Image, ensure_image
+from vhostorch.lab.image import DEFAULT_KERNEL, FILES, IMAGE_ENV, Image, ensure_image
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -172,11 +172,13 @@ def run(
     log: Callable[[str], None] | None = None,
     image: Image | None = None,
     stalled_after: float = labwatch.STALLED_AFTER,
+    kernel: str = DEFAULT_KERNEL,
 ) -> Outcome:
     """Run ``command`` in a fresh test host and return its outcome.
 
     ``results`` is the directory shared back (a new one under /tmp if None; it is
-    kept either way). ``image`` defaults to the cached one, built if missing.
+    kept either way). ``image`` defaults to the cached one of ``kernel`` (a series such
+    as ``6.12``, or the default kernel), built if missing.
     Raises LabError when the host cannot be built or booted or does not reach
     the command, LabTimeout when ``timeout`` runs out, LabFrozen when it stops
     making progress: a CPU stuck in its kernel for labwatch.FROZEN_AFTER seconds,
@@ -198,7 +200,7 @@ def run(
         )
     if results is not None:
         _check_results(os.path.realpath(results))
-    image = image or ensure_image(log=log)
+    image = image or ensure_image(log=log, kernel=kernel)
     results = os.path.realpath(results or tempfile.mkdtemp(prefix="vhostorch-lab-", dir="/tmp"))
     monitor = os.path.join(results, MONITOR)
     os.makedirs(results, exist_ok=True)
