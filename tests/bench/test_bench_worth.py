@@ -88,9 +88,9 @@ def cpu_split(pid: int, workers: list[int]) -> dict[str, float]:
         with open(f"/proc/{pid}/task/{tid}/comm") as f:
             kind = "vcpu" if f.read().startswith("CPU ") else "qemu_io"
         split[kind] += cpu_s(f"/proc/{pid}/task/{tid}")
-    for tid in workers:
-        where = f"/proc/{tid}" if os.path.exists(f"/proc/{tid}/stat") else f"/proc/{pid}/task/{tid}"
-        split["worker"] += cpu_s(where)
+    for worker in workers:  # 6.1: a kernel thread of its own; >= 6.4: a thread of QEMU
+        own = f"/proc/{worker}"
+        split["worker"] += cpu_s(own if os.path.exists(own) else f"/proc/{pid}/task/{worker}")
     return split
 
 
@@ -176,17 +176,23 @@ def test_vhost_carries_guest_traffic_off_qemu(in_testhost: None) -> None:
     def med(vhost: str, value: Callable[[Round], float]) -> float:
         return statistics.median(value(r) for r in rounds[vhost])
 
+    def cpu(vhost: str, kind: str) -> float:
+        return med(vhost, lambda r: r.cpu[kind])
+
+    def per_gbit(vhost: str, kind: str) -> float:
+        return med(vhost, lambda r: r.per_gbit(kind))
+
     lines = []
     for vhost in ("off", "on"):
         lines.append(
             f"  vhost={vhost}: {med(vhost, lambda r: r.mbit_s):.0f} Mbit/s; CPU s per s: "
-            + ", ".join(f"{k} {med(vhost, lambda r, k=k: r.cpu[k]):.2f}" for k in CPU_KINDS)
+            + ", ".join(f"{k} {cpu(vhost, k):.2f}" for k in CPU_KINDS)
             + f", receiver {med(vhost, lambda r: r.receiver):.2f}; CPU s per Gbit: "
-            + ", ".join(f"{k} {med(vhost, lambda r, k=k: r.per_gbit(k)):.3f}" for k in CPU_KINDS)
+            + ", ".join(f"{k} {per_gbit(vhost, k):.3f}" for k in CPU_KINDS)
             + f"; rounds {', '.join(f'{r.mbit_s:.0f}' for r in rounds[vhost])} Mbit/s"
         )
     throughput = med("on", lambda r: r.mbit_s) / med("off", lambda r: r.mbit_s)
-    io = med("on", lambda r: r.per_gbit("qemu_io")) / med("off", lambda r: r.per_gbit("qemu_io"))
+    io = per_gbit("on", "qemu_io") / per_gbit("off", "qemu_io")
     whole = med("on", Round.total_per_gbit) / med("off", Round.total_per_gbit)
     print(
         f"\nbench worth (guest-to-host TCP, busybox dd | nc, one queue, {WINDOW:.0f} s windows, "
