@@ -129,3 +129,26 @@ def test_new_kernels_put_other_workers_in_qemu_too(tmp_path: pathlib.Path) -> No
     assert "kvm-nx-lpage-re" in comms and len(obs.workers) == 1
     old = observations.observed("healthy-1q", tmp_path / "old")
     assert "kvm-nx-lpage-re" not in {t.comm for t in old.process.threads}
+
+
+@pytest.mark.parametrize(("name", "series", "model", "queues"), HEALTHY)
+def test_each_queue_pairs_worker_is_the_one_owned_for_its_vhost_fd(
+    name: str, series: str, model: str, queues: int, tmp_path: pathlib.Path
+) -> None:
+    """Workers are made at VHOST_SET_OWNER with growing tids: the trace's owner order pairs
+    each vhost fd with its worker; without the trace, fd order stands in and says so."""
+    for traced in (True, False):
+        obs = observations.observed(name, tmp_path / str(traced), trace=traced)
+        nic = observations.nic_named(obs, "net0")
+        found = verify.workers(obs, nic)
+        assert [w["queue_pair"] for w in found] == list(range(queues))
+        assert [w["vhost_fd"] for w in found] == [fd.num for fd in nic.vhost_fds]
+        assert sorted(w["tid"] for w in found) == sorted(obs.workers)
+        assert {w["attributed_by"] for w in found} == {
+            "VHOST_SET_OWNER order (traced)" if traced else "fd order"
+        }
+        if traced:
+            assert obs.wiring is not None
+            owned = [fd for fd in obs.wiring.owners if fd in {w["vhost_fd"] for w in found}]
+            by_tid = sorted(found, key=lambda w: int(str(w["tid"])))
+            assert [w["vhost_fd"] for w in by_tid] == owned[-queues:]

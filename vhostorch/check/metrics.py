@@ -98,6 +98,8 @@ def render(reports: Sequence[Report], duration: float) -> str:
                 )
             workers = nic.get("workers")
             for w in workers if isinstance(workers, list) else ():
+                if w["cpu_seconds"] is None:
+                    continue  # a worker whose CPU time could not be read has no sample
                 worker = (
                     ("vm", vm), ("pid", pid), ("nic", nic["name"]),
                     ("queue_pair", w["queue_pair"]), ("tid", w["tid"]),

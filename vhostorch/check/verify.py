@@ -71,25 +71,32 @@ def verify(obs: Observation) -> Report:
 def workers(obs: Observation, nic: Nic) -> list[dict[str, object]]:
     """The vhost worker of each queue pair of ``nic`` with its CPU seconds.
 
-    Each vhost device (one per queue pair) gets its worker at VHOST_SET_OWNER, which
-    QEMU issues right after opening it, one device after the other: so the workers
-    in tid order serve the process's /dev/vhost-net fds in fd order. That holds only
-    when there are as many of each; otherwise no worker is attributed.
+    Each vhost device (one per queue pair) gets its worker at VHOST_SET_OWNER, one
+    device after the other, and tids grow: the workers in tid order serve the vhost fds
+    in the order they were owned. The wiring trace tells that order; without it, fd
+    order stands in for it (QEMU opens and owns each device in turn), which a fd number
+    reused after a hot-unplug can break, so each entry says which order it used. No
+    worker is attributed unless there are as many workers as vhost fds.
     """
     every = [fd.num for fd in obs.process.fds_to(procfs.VHOST_NET)]
     if not nic.vhost_fds or len(every) != len(obs.workers) or obs.worker_cpu is None:
         return []
-    by_fd = dict(zip(sorted(every), sorted(obs.workers), strict=True))
+    order, by = sorted(every), "fd order"
+    owned = {fd: i for i, fd in enumerate(obs.wiring.owners)} if obs.wiring else {}
+    if all(fd in owned for fd in every):  # the last VHOST_SET_OWNER of each fd counts
+        order, by = sorted(every, key=owned.__getitem__), "VHOST_SET_OWNER order (traced)"
+    by_fd = dict(zip(order, sorted(obs.workers), strict=True))
     found: list[dict[str, object]] = []
     for pair, fd in enumerate(nic.vhost_fds):
         tid = by_fd.get(fd.num)
-        if tid is not None and tid in obs.worker_cpu:
+        if tid is not None:
             found.append(
                 {
                     "queue_pair": pair,
                     "vhost_fd": fd.num,
                     "tid": tid,
-                    "cpu_seconds": obs.worker_cpu[tid],
+                    "cpu_seconds": obs.worker_cpu.get(tid),  # None: its stat was unreadable
+                    "attributed_by": by,
                 }
             )
     return found
