@@ -96,10 +96,17 @@ def test_healthy_vhost_nic_passes_every_check(traced: None, queues: int) -> None
             assert len(worker["evidence"]["tids"]) == queues
             where = "threads of QEMU" if model == "task" else "kernel threads"
             assert f"({where}) for {queues} vhost device(s)" in worker["message"], worker
-            assert report["nics"] == [
-                {"name": "net0", "netdev": "n0", "tap": name, "queue_pairs": queues,
-                 "vhost_requested": True}
-            ]  # fmt: skip
+            [nic] = report["nics"]
+            assert nic == {
+                "name": "net0", "netdev": "n0", "tap": name, "queue_pairs": queues,
+                "vhost_requested": True, "reason": None, "workers": nic["workers"],
+            }  # fmt: skip
+            # One worker per queue pair, paired with its vhost fd by the traced owner order.
+            assert [w["queue_pair"] for w in nic["workers"]] == list(range(queues))
+            assert sorted(w["tid"] for w in nic["workers"]) == guests.vhost_workers(g.pid)
+            assert {w["attributed_by"] for w in nic["workers"]} == {
+                "VHOST_SET_OWNER order (traced)"
+            }
             # The same QEMU named by its QMP socket gives the same verdicts.
             code_qmp, by_socket = check("--qmp", sock, "--strict")
             assert code_qmp == 0
