@@ -2,9 +2,11 @@
 
 A recording holds exactly what ``check.observe.observe`` reads, as text: the
 QEMU's /proc files and symlinks (cmdline, comm, stat, exe, ns/net, fd targets,
-the fdinfo of tun/vhost/eventfd/kvm fds, task/*/comm), its vhost worker kernel
-threads, the wiring trace's lines for its pid, the taps as rtnetlink described
-them, QEMU's monitor view (x-query-virtio*) and what ``verify`` said of it live.
+the fdinfo of tun/macvtap/vhost/eventfd/kvm fds, task/*/comm), its vhost
+workers (kernel threads: comm, cmdline; both kinds: stat), the wiring trace's
+lines for its pid, the taps as rtnetlink described them, QEMU's monitor view
+(x-query-virtio*), for a libvirt domain its live XML (``domain_xml``), and what
+``verify`` said of it live.
 
 ``snapshot`` records (as root, next to the QEMU); ``replay`` writes the /proc and
 tracefs trees back under a directory and runs the real ``observe`` over them, so
@@ -18,7 +20,7 @@ import json
 import os
 import pathlib
 from collections.abc import Callable, Iterable
-from typing import TypedDict, cast
+from typing import NotRequired, TypedDict, cast
 
 from vhostorch.check import nics, wiring
 from vhostorch.check import observe as inspect
@@ -26,6 +28,7 @@ from vhostorch.check.nics import Nic
 from vhostorch.check.observe import Observation
 from vhostorch.kernel import procfs
 from vhostorch.kernel.rtnl import Link, TunInfo
+from vhostorch.libvirt import domxml
 from vhostorch.qemu.monitor import MonitorError, MonitorView, VirtioNet
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "observations"
@@ -43,6 +46,7 @@ class Recording(TypedDict):
     monitor: dict[str, object] | None
     monitor_error: str | None
     report: dict[str, object]
+    domain_xml: NotRequired[str]  # a libvirt domain's live XML (recordings of domains only)
 
 
 def _read(path: str) -> str | None:
@@ -82,17 +86,21 @@ def proc_tree(pid: int, proc: str = procfs.PROC) -> tuple[dict[str, str], dict[s
     keep_link(f"{pid}/ns/net")
     for num in sorted(os.listdir(f"{proc}/{pid}/fd"), key=int):
         target = keep_link(f"{pid}/fd/{num}")
-        if target in (procfs.TUN, procfs.EVENTFD, procfs.VHOST_NET, procfs.KVM_VM):
+        kept = (procfs.TUN, procfs.EVENTFD, procfs.VHOST_NET, procfs.KVM_VM)
+        if target in kept or (target or "").startswith(procfs.MACVTAP_PREFIX):
             keep_file(f"{pid}/fdinfo/{num}")
+    worker = f"vhost-{pid}"[:15]
     for tid in os.listdir(f"{proc}/{pid}/task"):
         keep_file(f"{pid}/task/{tid}/comm")
+        if (files.get(f"{pid}/task/{tid}/comm") or "").strip() == worker:
+            keep_file(f"{tid}/stat")  # a vhost_task worker's CPU time (observe.worker_cpu)
     # The vhost workers that are kernel threads (Linux < 6.4), as vhost_kthreads finds them.
-    worker = f"vhost-{pid}"[:15]
     for entry in os.listdir(proc):
         kthread = entry.isdigit() and _read(f"{proc}/{entry}/cmdline") == ""
         if kthread and (_read(f"{proc}/{entry}/comm") or "").strip() == worker:
             keep_file(f"{entry}/comm")
             keep_file(f"{entry}/cmdline")
+            keep_file(f"{entry}/stat")
     return files, links
 
 
@@ -174,8 +182,10 @@ def snapshot(
     about: dict[str, str],
     monitor: Callable[[], MonitorView] | None,
     verify: Callable[[Observation], dict[str, object]],
+    domain_xml: str | None = None,
 ) -> Recording:
-    """Record QEMU ``pid`` as this host shows it now, with what ``verify`` says of it."""
+    """Record QEMU ``pid`` as this host shows it now, with what ``verify`` says of it;
+    ``domain_xml``: the live XML of the libvirt domain it runs, observed with it."""
     seen: dict[str, Link | None] = {}
 
     def links(names: Iterable[str]) -> dict[str, Link | None]:
@@ -197,8 +207,9 @@ def snapshot(
 
     files, symlinks = proc_tree(pid)
     trace = trace_lines(pid)
-    obs = inspect.observe(pid, monitor=ask if monitor else None, links=links)
-    return Recording(
+    domain = None if domain_xml is None else domxml.parse(domain_xml)
+    obs = inspect.observe(pid, domain=domain, monitor=ask if monitor else None, links=links)
+    rec = Recording(
         about=about,
         pid=pid,
         netns=_link("/proc/self/ns/net"),
@@ -211,6 +222,9 @@ def snapshot(
         monitor_error=error[0] if error else None,
         report=verify(obs),
     )
+    if domain_xml is not None:
+        rec["domain_xml"] = domain_xml
+    return rec
 
 
 def load(name: str) -> Recording:
@@ -255,8 +269,10 @@ def replay(rec: Recording, root: pathlib.Path, *, monitor: bool = True) -> Obser
         return _monitor_view(rec["monitor"])
 
     recorded_monitor = rec["monitor"] is not None or rec["monitor_error"] is not None
+    xml = rec.get("domain_xml")
     return inspect.observe(
         rec["pid"],
+        domain=None if xml is None else domxml.parse(xml),
         proc=proc,
         tracefs=tracefs,
         links=links,

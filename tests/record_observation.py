@@ -1,6 +1,6 @@
 """Record the observations under tests/fixtures/observations/ from a real test host.
 
-One command re-records them all (about four minutes on two cores)::
+One command re-records them all (about five minutes on two cores)::
 
     .venv/bin/python -m tests.record_observation
 
@@ -10,8 +10,10 @@ files named ``NAME-linux-6.12.json`` (the default kernel's keep their plain name
 Outside the test host it boots one (``vhostorch lab run``), runs itself there
 with ``--inside``, and copies the recordings it made into the fixtures
 directory. Inside, for each setup below, it starts an inner QEMU/KVM guest with
-vhost-net NICs on taps vhostorch made (as tests/test_check_testhost.py does),
-the wiring trace armed before the guest driver starts, waits for the guest's
+vhost-net NICs on taps vhostorch made (as tests/test_check_testhost.py does), or
+a libvirt ``type='kvm'`` domain with one interface of a given type (as
+tests/test_nic_types_testhost.py does; its live XML is recorded with it), the
+wiring trace armed before the guest driver starts, waits for the guest's
 marker, and snapshots what ``observe`` reads (tests/observations.py).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,11 +31,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
-from tests import guests
-from tests.observations import FIXTURES, snapshot
-from vhostorch.check import verify, wiring
+from tests import daemons, guests, kernel
+from tests.observations import FIXTURES, Recording, snapshot
+from vhostorch.check import observe, verify, wiring
 from vhostorch.check.observe import Observation
 from vhostorch.lab.image import DEFAULT_KERNEL, kernel_series
+from vhostorch.libvirt import connection
 from vhostorch.qemu import monitor
 
 COMMAND = ".venv/bin/python -m tests.record_observation"
@@ -48,12 +52,22 @@ class Setup:
         nics: Sequence[tuple[int, str, int | None]],
         marker: str,
         append: str = "",
+        interface: str | None = None,
     ) -> None:
         self.name = name
         self.what = what
         self.nics = nics
         self.marker = marker
         self.append = append
+        # A libvirt domain's one <interface> instead of QEMU NICs on taps; {bridge} and
+        # {lower} name the bridge and the dummy link (a macvtap's lower device) made for it.
+        self.interface = interface
+
+
+def _libvirt_setup(name: str, what: str, source: str, queues: int) -> Setup:
+    attrs = f" queues='{queues}'" if queues > 1 else ""
+    xml = f"{source}<model type='virtio'/><driver name='vhost'{attrs}/></interface>"
+    return Setup(name, what, [], r"nic eth0 up", interface=xml)
 
 
 SETUPS = (
@@ -68,6 +82,15 @@ SETUPS = (
     Setup("no-guest-driver", "one NIC of 1 queue pair, vhost=on, the guest never loads "
           "virtio_net (vho.nodriver=1): vhost opened, not started", [(1, "on", None)],
           r"VHOSTORCH-GUEST: ready", append="vho.nodriver=1"),
+    _libvirt_setup("direct-1q", "libvirt type='direct' (macvtap, mode='bridge' on a dummy link), "
+                   "<driver name='vhost'/>, 1 queue pair, guest driver up",
+                   "<interface type='direct'><source dev='{lower}' mode='bridge'/>", 1),
+    _libvirt_setup("direct-4q", "libvirt type='direct' (macvtap, mode='bridge' on a dummy link), "
+                   "<driver name='vhost' queues='4'/>, guest driver up",
+                   "<interface type='direct'><source dev='{lower}' mode='bridge'/>", 4),
+    _libvirt_setup("bridge-1q", "libvirt type='bridge' (libvirt's tap on a Linux bridge), "
+                   "<driver name='vhost'/>, 1 queue pair, guest driver up",
+                   "<interface type='bridge'><source bridge='{bridge}'/>", 1),
 )  # fmt: skip
 
 
@@ -92,23 +115,29 @@ def _report(obs: Observation) -> dict[str, object]:
     return verify.verify(obs).to_json()
 
 
+def _about(setup: Setup) -> dict[str, str]:
+    return {
+        "setup": setup.what,
+        "kernel": os.uname().release,
+        "qemu": _qemu_version(),
+        "host": "vhostorch test host (Linux under QEMU/TCG, nested KVM, /dev/vhost-net)",
+        "recorded_by": COMMAND,
+    }
+
+
 def record(setup: Setup, out: str) -> str:
-    sock = os.path.join(tempfile.mkdtemp(prefix="vho-rec-"), "qmp.sock")
-    with _running(setup, sock) as g:
-        g.wait_for(setup.marker, timeout=60)
-        time.sleep(1)  # the last vrings are wired right after the marker
+    if setup.interface is not None:
+        rec = _record_domain(setup, setup.interface)
+    else:
+        sock = os.path.join(tempfile.mkdtemp(prefix="vho-rec-"), "qmp.sock")
+        with _running(setup, sock) as g:
+            g.wait_for(setup.marker, timeout=60)
+            time.sleep(1)  # the last vrings are wired right after the marker
 
-        def ask() -> monitor.MonitorView:
-            return monitor.read_qmp(sock)
+            def ask() -> monitor.MonitorView:
+                return monitor.read_qmp(sock)
 
-        about = {
-            "setup": setup.what,
-            "kernel": os.uname().release,
-            "qemu": _qemu_version(),
-            "host": "vhostorch test host (Linux under QEMU/TCG, nested KVM, /dev/vhost-net)",
-            "recorded_by": COMMAND,
-        }
-        rec = snapshot(g.pid, about, ask, _report)
+            rec = snapshot(g.pid, _about(setup), ask, _report)
     path = os.path.join(out, f"{setup.name}.json")
     with open(path, "w") as f:
         json.dump(rec, f, indent=1, sort_keys=True)
@@ -116,17 +145,71 @@ def record(setup: Setup, out: str) -> str:
     return path
 
 
+def _record_domain(setup: Setup, interface: str) -> Recording:
+    """A libvirt domain with ``interface``, recorded with its live XML once its guest's
+    driver is up; the bridge and dummy link it needs are made here and removed after."""
+    bridge, lower = kernel.unique("vhb"), kernel.unique("vhd")
+    workdir = tempfile.mkdtemp(prefix="vho-rec-")
+    console = os.path.join(workdir, "console.log")
+    name = kernel.unique("vho-rec-")
+    xml = guests.typed_domain_xml(name, interface.format(bridge=bridge, lower=lower), console)
+    uri = connection.SYSTEM_URI
+    kernel.run("ip", "link", "add", bridge, "type", "bridge")
+    kernel.run("ip", "link", "add", lower, "type", "dummy")
+    try:
+        for link in (bridge, lower):
+            kernel.run("ip", "link", "set", link, "up")
+        import libvirt
+
+        conn = libvirt.open(uri)
+        dom = conn.createXML(xml, 0)  # transient: gone once destroyed
+        try:
+            deadline = time.monotonic() + 90
+            while not re.search(setup.marker, _text(console)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: no {setup.marker!r}: {_text(console)[-2000:]}")
+                time.sleep(0.5)
+            time.sleep(1)  # the last vrings are wired right after the marker
+            live = connection.domain_xml(name, uri)
+            return snapshot(
+                observe.domain_pid(name),
+                _about(setup),
+                lambda: connection.read_monitor(name, uri),
+                _report,
+                domain_xml=live,
+            )
+        finally:
+            dom.destroy()
+            conn.close()
+    finally:
+        kernel.run("ip", "link", "del", lower)
+        kernel.run("ip", "link", "del", bridge)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def inside(out: str, names: Sequence[str]) -> int:
+    chosen = [s for s in SETUPS if not names or s.name in names]
+    started: list[int] = []
+    if any(s.interface is not None for s in chosen):
+        guests.load_modules(("macvtap", "dummy"))  # the test host loads neither itself
+        started = daemons.start()
     was_armed = wiring.armed()
     wiring.arm()
     try:
-        for setup in SETUPS:
-            if names and setup.name not in names:
-                continue
+        for setup in chosen:
             print("recorded", record(setup, out), flush=True)
     finally:
         if not was_armed:
             wiring.disarm()
+        daemons.stop(started)
     return 0
 
 

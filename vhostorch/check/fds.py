@@ -36,9 +36,10 @@ def tap_fds(obs: Observation, nic: Nic) -> Check:
         message = f"{len(nic.tap_fds)} tap fd(s) open for {pairs} queue pair(s)"
         return nic.check(TAP_FDS, FAIL, message, evidence)
     if len(taps) != 1 or None in links:
-        if len(taps) == 1 and nic.tap_fds[0].macvtap_index is not None and not obs.taps_seen:
-            message = f"the fds are queues of a macvtap whose link was not read: {taps[0]}"
-            return nic.check(TAP_FDS, UNKNOWN, message, evidence)
+        if len(taps) == 1 and nic.tap_fds[0].macvtap_index is not None:
+            unknown = _macvtap_unread(obs, nic, taps[0])
+            if unknown is not None:
+                return nic.check(TAP_FDS, UNKNOWN, unknown, evidence)
         return nic.check(TAP_FDS, FAIL, f"the tap fds are not on one tap: {taps}", evidence)
     tap = taps[0]
     if nic.iface is not None and nic.iface.target and nic.iface.target != tap:
@@ -80,6 +81,22 @@ MACVTAP = "macvtap"
 def _unnamed(fd: procfs.Fd) -> str:
     index = fd.macvtap_index
     return "?" if index is None else f"macvtap ifindex {index}"
+
+
+def _macvtap_unread(obs: Observation, nic: Nic, shown: str) -> str | None:
+    """Why the macvtap of /dev/tapN fds cannot be told (None: it was looked for, and is
+    not there). A /dev/tapN fd names its link by ifindex only (no ``iff:``), so the link
+    is found among those read by name: the domain's ``<target dev=>`` (libvirt's
+    type='direct'). ``check --pid`` has no domain XML, so no name to read it by."""
+    if obs.taps_seen:
+        return f"the fds are queues of {shown}; links could not be read: {obs.taps_seen}"
+    named = nic.iface.target if nic.iface is not None else None
+    if named is None or named not in obs.taps:
+        return (
+            f"the fds are queues of {shown}, a macvtap no name was known for "
+            "(libvirt's domain XML names it: check --domain)"
+        )
+    return None
 
 
 def _macvtap(nic: Nic, link: Link, pairs: int, evidence: dict[str, object]) -> Check:
