@@ -4,8 +4,9 @@ On this machine (no /dev/vhost-net, TCG): a real QEMU with user-mode networking 
 e1000, a passt-style stream netdev, an rtl8139 on a tap, and one virtio-net NIC on a tap: `check`
 lists the first three as not applicable and judges only the virtio tap NIC. hostdev (an
 SR-IOV VF through VFIO) and vDPA cannot be made here (no such device): they are judged
-on a constructed domain XML and command line, said so below; so is vhost-user (QEMU
-7.2 blocks at start until a backend answers the vhost-user handshake, and none is here).
+on a constructed domain XML and command line, said so below. vhost-user is real: QEMU 7.2
+blocks at start until a backend answers the vhost-user handshake, and tests/vhost_user.py
+answers it (no virtqueue is served, the guest is never started).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pathlib
 import subprocess
 import time
 
-from tests import guests
+from tests import guests, vhost_user
 from tests.kernel import vhostorch
 from tests.observations import observed
 from vhostorch.check import applicable, verify
@@ -58,6 +59,55 @@ def test_a_real_qemu_mixing_nics_judges_only_its_virtio_tap_nic(tmp_path: pathli
             assert {c["nic"] for c in report["checks"]} <= {None, "net0"}
             text = vhostorch("check", "--pid", str(proc.pid)).stdout
             assert "NIC nrtl: not applicable: NIC model rtl8139" in text, text
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_real_qemu_with_a_vhost_user_nic_judges_only_its_tap_nic(
+    tmp_path: pathlib.Path,
+) -> None:
+    # vhost-user needs the guest's memory shared with the backend (memfd, share=on).
+    sock = str(tmp_path / "vu.sock")
+    with vhost_user.backend(sock) as backend, guests.tap(1) as virtio_tap:
+        argv = [
+            "qemu-system-x86_64", "-accel", "tcg", "-M", "pc", "-display", "none", "-nodefaults",
+            "-S", "-m", "64", "-name", "guest=vho-vu",
+            "-object", "memory-backend-memfd,id=mem,size=64M,share=on", "-numa", "node,memdev=mem",
+            "-chardev", f"socket,id=c0,path={sock}", "-netdev", "vhost-user,id=vu0,chardev=c0",
+            "-device", "virtio-net-pci,netdev=vu0,id=nvu",
+            "-netdev", f"tap,id=t0,ifname={virtio_tap},script=no,downscript=no,vhost=off",
+            "-device", "virtio-net-pci,netdev=t0,id=net0",
+        ]  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            # Netdevs are made in order: the tap's fd shows the vhost-user one was made first.
+            deadline = time.monotonic() + 20
+            while "/dev/net/tun" not in guests.fd_targets(proc.pid).values():
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, backend.requests
+                time.sleep(0.1)
+            # The handshake QEMU 7.2 ran before going on: one SET_VRING_CALL per virtqueue.
+            assert backend.requests[:6] == [
+                "GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES",
+                "GET_QUEUE_NUM", "SET_OWNER", "GET_FEATURES",
+            ]  # fmt: skip
+            assert backend.requests.count("SET_VRING_CALL") == 2 and backend.error is None
+            done = vhostorch("check", "--pid", str(proc.pid), "--json")
+            report = json.loads(done.stdout)
+            (skipped,) = [n for n in report["nics"] if n.get("applicable") is False]
+            assert (skipped["name"], skipped["netdev"], skipped["kind"]) == (
+                "nvu", "vu0", "vhost-user"
+            )  # fmt: skip
+            assert "userspace backend" in skipped["reason"]
+            assert [n["name"] for n in report["nics"] if "applicable" not in n] == ["net0"]
+            nic_checks = {c["nic"] for c in report["checks"]} - {None}
+            assert nic_checks == {"net0"}
+            # net0 is judged: vhost=off on a host without vhost-net fails its request check.
+            (requested,) = [c for c in report["checks"] if c["id"] == "nic.vhost.requested"]
+            assert requested["nic"] == "net0" and requested["status"] == "fail"
+            text = vhostorch("check", "--pid", str(proc.pid)).stdout
+            assert "NIC nvu: not applicable: a vhost-user netdev" in text, text
         finally:
             proc.kill()
             proc.wait()
