@@ -22,7 +22,8 @@ from tests import kernel
 from vhostorch import taps
 from vhostorch.hook import install as hookfile
 from vhostorch.hook.metadata import NAMESPACE
-from vhostorch.hook.program import Places, qemu_user, run_hook
+from vhostorch.hook.program import qemu_user, run_hook
+from vhostorch.hook.state import Places
 from vhostorch.kernel import netns
 from vhostorch.model import TapSpec
 

@@ -22,7 +22,7 @@ import pytest
 from tests import kernel
 from tests.test_hook import HOOK, domain
 from vhostorch.hook import install as hookfile
-from vhostorch.hook.program import Places, file_stem
+from vhostorch.hook.state import Places, file_stem
 from vhostorch.kernel import netns
 
 PLACES = Places()  # the program's own places

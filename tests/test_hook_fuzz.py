@@ -26,7 +26,8 @@ from tests import kernel
 from vhostorch import taps
 from vhostorch.hook import install as hookfile
 from vhostorch.hook.metadata import NAMESPACE
-from vhostorch.hook.program import MAX_XML, Places, file_stem, run_hook
+from vhostorch.hook.program import MAX_XML, run_hook
+from vhostorch.hook.state import Places, file_stem
 from vhostorch.kernel import netns
 
 IN_PROCESS = int(os.environ.get("FUZZ_N", "10000"))

@@ -22,7 +22,7 @@ from vhostorch import taps
 from vhostorch.check import wiring
 from vhostorch.hook import install as hookfile
 from vhostorch.hook.metadata import ManagedTap, render
-from vhostorch.hook.program import Places
+from vhostorch.hook.state import Places
 from vhostorch.kernel import procfs
 from vhostorch.model import TapSpec
 

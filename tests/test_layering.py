@@ -13,9 +13,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # modules of its own area listed before it (and the stdlib). A package's __init__ is its
 # facade, last in its own list.
 ORDER: list[tuple[str, tuple[str, ...]]] = [
-    ("errors", ()), ("record", ()), ("lockfile", ()), ("claims", ()), ("model", ()),
+    ("errors", ()), ("record", ()), ("lockfile", ()), ("files", ()), ("claims", ()), ("model", ()),
     ("kernel", ("rtnl", "tun", "netns", "procfs", "__init__")),
-    ("taps", ("plan", "apply", "__init__")),
+    ("taps", ("plan", "apply", "teardown", "__init__")),
     ("vm", ("spec", "state", "__init__")),
     ("qemu", ("args", "monitor", "__init__")),
     ("libvirt", ("domxml", "qemuconf", "connection", "__init__")),
@@ -24,7 +24,7 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
                "bootunit", "doctor", "__init__")),
     ("backends", ("contract", "process", "qmp", "libvirt", "__init__")),
     ("orchestrate", ()),
-    ("hook", ("metadata", "program", "__init__", "install")),
+    ("hook", ("metadata", "state", "program", "__init__", "install")),
     ("lab", ("image", "watch", "run", "__init__")),
     ("cli", ("argv", "output", "taps", "check", "vm", "hook", "lab", "__init__")),
     ("__main__", ()),

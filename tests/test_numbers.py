@@ -25,7 +25,8 @@ from vhostorch import taps
 from vhostorch.errors import InvalidSpec
 from vhostorch.hook import metadata
 from vhostorch.hook.metadata import NAMESPACE
-from vhostorch.hook.program import Places, run_hook
+from vhostorch.hook.program import run_hook
+from vhostorch.hook.state import Places
 from vhostorch.kernel import netns
 from vhostorch.model import MAX_ID, TapSpec, parse_number, shown
 from vhostorch.vm import spec as vmspec

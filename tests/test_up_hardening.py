@@ -136,7 +136,7 @@ def test_a_tap_a_libvirt_domain_holds_is_refused_and_the_hook_refuses_ours(
     specs: str, names: list[str]
 ) -> None:
     from vhostorch.errors import OperationFailed
-    from vhostorch.hook import program
+    from vhostorch.hook import state as hookstate
 
     tap, mine = kernel.unique("vd"), kernel.unique("vd")
     name = kernel.unique("vho-c")
@@ -151,7 +151,7 @@ def test_a_tap_a_libvirt_domain_holds_is_refused_and_the_hook_refuses_ours(
     code, _, err = run("up", spec(specs, name, mine), "--wait", "0")
     assert code == 0, err
     with pytest.raises(OperationFailed, match="declared by domain 'up/"):
-        program._claim(program.Places(), mine, "some-domain")
+        hookstate.claim(hookstate.Places(), mine, "some-domain")
     assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
     assert left(name, [tap, mine]) == []
 

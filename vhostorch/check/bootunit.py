@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
+from vhostorch import files
 from vhostorch.errors import NotManaged, OperationFailed
 from vhostorch.record import Record
 
@@ -95,36 +96,6 @@ def _ours(path: str) -> str | None:
     return text
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Put ``data`` at ``path`` (0644 whatever the umask) by renaming a new file over it: a
-    random name made with O_EXCL|O_NOFOLLOW, so nothing planted in the directory is written
-    through, and rename replaces ``path`` itself, never what a symlink there points to."""
-    import secrets
-
-    directory, base = os.path.split(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.new")
-        try:
-            fd = os.open(tmp, flags, 0o600)
-            break
-        except FileExistsError:
-            continue
-    try:
-        try:
-            os.fchmod(fd, 0o644)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _links(unit_dir: str, path: str) -> tuple[str, ...]:
     """The ``X.wants`` directories whose link named NAME points at ``path``."""
     found = []
@@ -181,7 +152,7 @@ def install(unit_dir: str = UNIT_DIR) -> Installed:
     try:
         if old != text:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-            _write_atomically(path, text.encode())
+            files.replace(path, text.encode(), 0o644, durable=True)
         for wanted_by in WANTED_BY:
             _link(os.path.dirname(path), wanted_by, path)
     except OSError as err:

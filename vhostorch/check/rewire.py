@@ -184,15 +184,7 @@ def rewire(plan: Plan, refuse: bool) -> Check:
     return Check(ids.VM_REWIRE, PASS, message, evidence)
 
 
-def reports(
-    *,
-    pid: int | None = None,
-    domain: str | None = None,
-    qmp: str | None = None,
-    every: bool = False,
-    uri: str | None = None,
-    ask_monitor: bool = False,
-) -> list[Report]:
+def reports(target: targets.Target) -> list[Report]:
     """Arm the trace, pause and resume the target's QEMUs, then check them (targets.reports),
     each report with its vm.rewire check first.
 
@@ -201,11 +193,13 @@ def reports(
     checked without a pause and warn. Raises what targets.reports raises, TraceUnavailable,
     MonitorError, LibvirtFailed.
     """
-    if sum((pid is not None, domain is not None, every, qmp is not None)) != 1:
-        raise InvalidSpec("check: give one of --pid, --domain, --qmp or --all")
-    if (uri or ask_monitor) and domain is None:
+    target.check_one()
+    if (target.uri or target.ask_monitor) and target.domain is None:
         raise InvalidSpec("check: --connect and --monitor go with --domain")
-    chosen = plans(pid=pid, domain=domain, qmp=qmp, every=every, uri=uri)
+    every = target.every
+    chosen = plans(
+        pid=target.pid, domain=target.domain, qmp=target.qmp, every=every, uri=target.uri
+    )
     armed_here = wiring.arm()
     verdicts: dict[int, Check] = {}
     try:
@@ -215,9 +209,7 @@ def reports(
         if armed_here and not any(v.status == PASS for v in verdicts.values()):
             wiring.disarm()  # nothing was paused: leave the trace as it was
         raise
-    found = targets.reports(
-        pid=pid, domain=domain, qmp=qmp, every=every, uri=uri, ask_monitor=ask_monitor
-    )
+    found = targets.reports(target)
     done = []
     for report in found:
         verdict = verdicts.get(int(str(report.target.get("pid"))))

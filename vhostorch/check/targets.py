@@ -13,7 +13,7 @@ from vhostorch.libvirt import connection as virt
 from vhostorch.libvirt import domxml
 from vhostorch.qemu import args as qemuargs
 from vhostorch.qemu import monitor
-from vhostorch.record import TYPE_CHECKING
+from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vm import state as vmstate
 
 if TYPE_CHECKING:
@@ -22,30 +22,40 @@ if TYPE_CHECKING:
     from vhostorch.check.report import Report
 
 
-def reports(
-    *,
-    pid: int | None = None,
-    domain: str | None = None,
-    qmp: str | None = None,
-    every: bool = False,
-    uri: str | None = None,
-    ask_monitor: bool = False,
-) -> list[Report]:
-    """Check one target (exactly one of ``pid``, ``domain``, ``qmp``, ``every``).
+class Target(Record):
+    """What a check is about: exactly one of ``pid``, ``domain``, ``qmp``, ``every`` (all
+    QEMUs); ``uri`` and ``ask_monitor`` are for a domain (checked by who reads them)."""
+
+    pid: int | None = None
+    domain: str | None = None
+    qmp: str | None = None
+    every: bool = False
+    uri: str | None = None
+    ask_monitor: bool = False
+
+    def check_one(self) -> None:
+        """Raise InvalidSpec unless the target is exactly one thing."""
+        chosen = (self.pid is not None, self.domain is not None, self.every, self.qmp is not None)
+        if sum(chosen) != 1:
+            raise InvalidSpec("check: give one of --pid, --domain, --qmp or --all")
+
+
+def reports(target: Target) -> list[Report]:
+    """Check one target.
 
     Raises InvalidSpec for a bad combination, procfs.CannotInspect (or
     virt.DomainUnavailable) when the target cannot be looked at.
     """
-    if sum((pid is not None, domain is not None, every, qmp is not None)) != 1:
-        raise InvalidSpec("check: give one of --pid, --domain, --qmp or --all")
+    target.check_one()
+    pid, domain, qmp, uri = target.pid, target.domain, target.qmp, target.uri
     if uri and domain is None:
         raise InvalidSpec("check: --connect goes with --domain")
-    if ask_monitor and domain is None:
+    if target.ask_monitor and domain is None:
         raise InvalidSpec("check: --monitor goes with --domain (--pid and --qmp use QMP directly)")
     # Why a NIC does not use vhost is in libvirt's logs: read libvirtd's once for all QEMUs.
     log, logdir = inspect.LibvirtdLog(), inspect.DOMAIN_LOG_DIR
     if domain is not None:
-        return [_domain(domain, uri or virt.SYSTEM_URI, ask_monitor, log)]
+        return [_domain(domain, uri or virt.SYSTEM_URI, target.ask_monitor, log)]
     if qmp is not None:
         try:
             qemu = monitor.peer_pid(qmp)

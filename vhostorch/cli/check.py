@@ -105,7 +105,7 @@ def _reports(args: Parsed, rewire: bool = False) -> list[Report]:
     from vhostorch.check import rewire as rewiring
     from vhostorch.check import targets
 
-    return (rewiring.reports if rewire else targets.reports)(
+    target = targets.Target(
         pid=args.number("pid"),
         domain=args.text("domain"),
         qmp=args.text("qmp"),
@@ -113,6 +113,7 @@ def _reports(args: Parsed, rewire: bool = False) -> list[Report]:
         uri=args.text("connect"),
         ask_monitor=args.flag("monitor"),
     )
+    return (rewiring.reports if rewire else targets.reports)(target)
 
 
 FORMATS = ("table", "json", "openmetrics")

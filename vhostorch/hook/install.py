@@ -15,6 +15,7 @@ import os
 import re
 import sys
 
+from vhostorch import files
 from vhostorch.errors import InvalidSpec, NotManaged
 from vhostorch.record import Record
 
@@ -88,39 +89,6 @@ def _others(hooks_dir: str, mine: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Put ``data`` at ``path`` (mode 0755 whatever the umask) by renaming a new file over it.
-
-    The new file has a random name and is made with O_EXCL|O_NOFOLLOW, so nothing already
-    in the directory (a symlink planted at a guessable name) is ever written through;
-    rename replaces ``path`` itself, never what a symlink there points to.
-    """
-    import secrets
-
-    directory, base = os.path.split(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.new")
-        try:
-            fd = os.open(tmp, flags, 0o700)
-            break
-        except FileExistsError:
-            continue  # someone's file has that name: draw another
-    try:
-        try:
-            os.fchmod(fd, 0o755)  # O_CREAT's mode is masked by the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def install(name: str = DEFAULT_NAME, hooks_dir: str = HOOKS_DIR) -> Installed:
     """Write the hook (idempotent); replace only a hook vhostorch installed."""
     path = _path(name, hooks_dir)
@@ -128,7 +96,7 @@ def install(name: str = DEFAULT_NAME, hooks_dir: str = HOOKS_DIR) -> Installed:
     text = installed_program()
     if old != text:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        _write_atomically(path, text.encode())
+        files.replace(path, text.encode(), 0o755, durable=True)
     action = "unchanged" if old == text else "installed" if old is None else "updated"
     return Installed(path, action, _others(hooks_dir, name))
 

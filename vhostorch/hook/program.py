@@ -18,11 +18,10 @@ non-zero (its stderr becomes the error). A hook must never call back into libvir
     anything else   exit 0 at once and print nothing (for migrate and restore,
                     printing would replace the domain XML)
 
-What the hook holds is kept under /run/vhostorch/hook: DOMAIN.taps, the domain's record
-(each tap and whether the hook created it, borrowed it, or is about to create it), under a
-per-domain lock, and one claim file per tap, linked into place whole, so two domains
-declaring one tap cannot both have it. DOMAIN is the domain's name escaped for a file name
-(file_stem): libvirt allows names no file may have.
+What the hook holds is kept under /run/vhostorch/hook (hook.state): DOMAIN.taps, the
+domain's record (each tap and whether the hook created it, borrowed it, or is about to
+create it), under a per-domain lock, and one claim file per tap, so two domains declaring
+one tap cannot both have it.
 
 A crash must never leave a tap that blocks later starts. The record names a tap
 ("pending") before its claim or the tap itself exists, and a tap is only made while its
@@ -36,7 +35,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vhostorch import taps
+from vhostorch import files, taps
 from vhostorch.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -46,7 +45,8 @@ from vhostorch.errors import (
     OperationFailed,
     VhostorchError,
 )
-from vhostorch.hook import metadata
+from vhostorch.hook import metadata, state
+from vhostorch.hook.state import SYSLOG, Places
 from vhostorch.libvirt import domxml, qemuconf
 from vhostorch.lockfile import Lock
 from vhostorch.record import TYPE_CHECKING
@@ -63,69 +63,14 @@ if TYPE_CHECKING:
     from vhostorch.check.report import Report
     from vhostorch.libvirt.domxml import Domain
 
-RUN_DIR = "/run/vhostorch"
-SYSLOG = "/dev/log"
 # A domain XML is kilobytes (a <description> can make it more); libvirt's RPC carries at
 # most 4 MiB of it (REMOTE_STRING_MAX), so anything past this is not from libvirt.
 MAX_XML = 16 << 20
-# Where a name becomes a file name, at most this many bytes of it (NAME_MAX is 255, and
-# ".taps.tmp" and the like are added).
-MAX_STEM = 200
-_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+@,=")
-HOW = ("created", "borrowed", "pending")  # what a domain's record says of each tap
 EXIT_CODES = """exit codes (libvirt refuses the operation on any non-zero one):
   0  done, or nothing to do (no vhostorch metadata, or an operation the hook ignores)
   1  refused: a tap could not be made (prepare), or the check failed with
      verify="enforce" (started), or a tap could not be deleted (release)
   2  bad input: arguments, domain XML or vhostorch metadata (nothing was touched)"""
-
-
-class Places:
-    """Where the hook keeps its files and sends its syslog line (tests point them elsewhere)."""
-
-    def __init__(self, run_dir: str = RUN_DIR, syslog: str = SYSLOG) -> None:
-        self.run = run_dir
-        self.syslog = syslog
-        self.state = os.path.join(run_dir, "hook")
-        self.claims = os.path.join(self.state, "taps")
-
-    def result(self, domain: str) -> str:
-        return os.path.join(self.run, f"{file_stem(domain)}.json")
-
-    def held(self, domain: str) -> str:
-        return os.path.join(self.state, f"{file_stem(domain)}.taps")
-
-    def lock(self, domain: str) -> str:
-        return os.path.join(self.state, f"{file_stem(domain)}.lock")
-
-    def new_claim(self, domain: str) -> str:
-        """Where a claim is written whole before it is linked into place."""
-        return os.path.join(self.state, f"{file_stem(domain)}.claim")
-
-    def claim(self, tap: str) -> str:
-        return os.path.join(self.claims, tap)
-
-
-def file_stem(name: str) -> str:
-    """``name`` as the start of a file name: one file per name, whatever libvirt allows.
-
-    Letters, digits and ``-_.+@,=`` stay (so ordinary names keep their files); every
-    other byte of the UTF-8 name, and a leading dot, becomes ``%XX``, which reads back.
-    A stem longer than MAX_STEM keeps its first bytes and ends in ``~`` and the SHA-256
-    of the whole name (``~`` is always escaped, so such a stem is never a short one).
-    """
-    raw = os.fsencode(name)  # argv's undecodable bytes come back as they were
-    stem = "".join(
-        chr(b) if b in _PLAIN and not (i == 0 and b == 0x2E) else f"%{b:02X}"
-        for i, b in enumerate(raw)
-    )
-    if not raw:
-        stem = "%"  # no byte escapes to a lone %
-    if len(stem) > MAX_STEM:
-        import hashlib  # only for names this long
-
-        stem = f"{stem[: MAX_STEM - 65]}~{hashlib.sha256(raw).hexdigest()}"
-    return stem
 
 
 def qemu_user(conf: str = qemuconf.PATH) -> str | None:
@@ -135,106 +80,6 @@ def qemu_user(conf: str = qemuconf.PATH) -> str | None:
     except OSError:
         settings = {}
     return qemuconf.qemu_user(settings)
-
-
-# --- what the hook holds ----------------------------------------------------------
-
-
-def _read_held(places: Places, domain: str) -> dict[str, str]:
-    """Tap → how ``domain`` holds it (one of HOW; empty: holds nothing).
-
-    The file has one ``TAP created|borrowed|pending`` line per tap (not JSON: the json
-    module's import is a good part of the cost libvirt waits for).
-    """
-    try:
-        with open(places.held(domain)) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return {}
-    except OSError as err:
-        raise OperationFailed(f"hook state {places.held(domain)}: {err.strerror}") from None
-    held = {}
-    for line in lines:
-        tap, _, how = line.partition(" ")
-        if not tap or how not in HOW:
-            raise OperationFailed(f"hook state {places.held(domain)} is damaged: {line!r}")
-        held[tap] = how
-    return held
-
-
-def _write_held(places: Places, domain: str, held: dict[str, str]) -> None:
-    """Replace the record atomically (the domain's lock is held: the temporary name is the
-    domain's own)."""
-    path = places.held(domain)
-    if not held:
-        _remove(path)
-        return
-    text = "".join(f"{tap} {how}\n" for tap, how in sorted(held.items()))
-    _write_new(f"{path}.tmp", text.encode())
-    os.rename(f"{path}.tmp", path)
-
-
-def _write_new(path: str, data: bytes) -> None:
-    """Write ``path`` afresh, mode 0644 whatever the umask, never through a symlink."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o644)
-    try:
-        os.fchmod(fd, 0o644)  # O_CREAT's mode is masked by the umask
-        os.write(fd, data)  # a regular file on tmpfs: one write takes it all
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _holder(places: Places, tap: str) -> bytes | None:
-    """The name of the domain holding ``tap`` (None: no one)."""
-    try:
-        with open(places.claim(tap), "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-def _refuse_held(places: Places, tap: str, domain: str) -> None:
-    holder = _holder(places, tap)
-    if holder is not None and holder != os.fsencode(domain):
-        name = os.fsdecode(holder)
-        raise OperationFailed(f"tap {tap} is declared by domain {name!r} too, which holds it")
-
-
-def _claim(places: Places, tap: str, domain: str) -> bool:
-    """Claim ``tap`` for ``domain``; False when it already was (a rerun). Raises when
-    another domain holds it.
-
-    The claim is written in full under the domain's own name and then linked into place
-    (link fails if the name exists), so a claim is never seen empty or half written, even
-    after a SIGKILL.
-    """
-    os.makedirs(places.claims, mode=0o755, exist_ok=True)
-    new = places.new_claim(domain)
-    _write_new(new, os.fsencode(domain))
-    try:
-        os.link(new, places.claim(tap))
-    except FileExistsError:
-        holder = _holder(places, tap)
-        if holder is None:
-            return _claim(places, tap, domain)  # released meanwhile
-        _refuse_held(places, tap, domain)
-        return False
-    finally:
-        _remove(new)
-    return True
-
-
-def _unclaim(places: Places, tap: str, domain: str) -> None:
-    if _holder(places, tap) == os.fsencode(domain):
-        _remove(places.claim(tap))
 
 
 # --- operations ---------------------------------------------------------------------
@@ -250,14 +95,14 @@ def prepare(declared: metadata.Declared, places: Places) -> list[str]:
     domain = declared.domain
     specs = [t.spec for t in declared.taps]
     with Lock(places.lock(domain), places.held(domain)):
-        held = _read_held(places, domain)
+        held = state.read_held(places, domain)
         left = [tap for tap, how in held.items() if how == "pending"]
         if left:  # a prepare that was killed: take back what it left first
             _take_back(places, domain, held, left)
-            _write_held(places, domain, held)
+            state.write_held(places, domain, held)
         new = [spec.name for spec in specs if spec.name not in held]
         for tap in new:
-            _refuse_held(places, tap, domain)
+            state.refuse_held(places, tap, domain)
         # Plans and refuses without changing anything: which new taps exist already.
         planned = (
             taps.ensure(specs, keep_existing=True, adopt_foreign=False, dry_run=True) if new else []
@@ -266,10 +111,10 @@ def prepare(declared: metadata.Declared, places: Places) -> list[str]:
             if r.name in new:
                 held[r.name] = "pending" if r.action == "created" else "borrowed"
         if new:
-            _write_held(places, domain, held)
+            state.write_held(places, domain, held)
         try:
             for tap in new:
-                _claim(places, tap, domain)
+                state.claim(places, tap, domain)
             # A signal now waits until ensure is done: cut inside it, a tap can be made and
             # not yet marked as vhostorch's, or made and not yet known to its rollback.
             blocked = _signal.pthread_sigmask(_signal.SIG_BLOCK, _SIGNALS)
@@ -283,11 +128,11 @@ def prepare(declared: metadata.Declared, places: Places) -> list[str]:
             for r in results:
                 if held.get(r.name) == "pending":
                     held[r.name] = "created" if r.action == "created" else "borrowed"
-            _write_held(places, domain, held)
+            state.write_held(places, domain, held)
         except BaseException:
-            _remove(places.new_claim(domain))
+            files.remove(places.new_claim(domain))
             _take_back(places, domain, held, new)
-            _write_held(places, domain, held)
+            state.write_held(places, domain, held)
             raise
     return created
 
@@ -302,14 +147,14 @@ def _take_back(places: Places, domain: str, held: dict[str, str], names: list[st
     """
     errors = []
     mine = os.fsencode(domain)
-    made = [t for t in names if held.get(t) == "created" and _holder(places, t) == mine]
+    made = [t for t in names if held.get(t) == "created" and state.holder(places, t) == mine]
     if len(made) > 1:
         try:  # one batch, one RCU grace period for all (issue 14); all or nothing
             taps.delete(made)
         except OperationFailed:
             pass  # refused whole, nothing deleted: tap by tap below, each with its own error
     for tap in names:
-        ours = _holder(places, tap) == mine
+        ours = state.holder(places, tap) == mine
         if ours and held.get(tap) in ("created", "pending"):
             try:
                 try:
@@ -328,7 +173,7 @@ def _take_back(places: Places, domain: str, held: dict[str, str], names: list[st
                 errors.append(str(err))
                 continue
         if ours:
-            _remove(places.claim(tap))
+            files.remove(places.claim(tap))
         held.pop(tap, None)
     return errors
 
@@ -343,12 +188,12 @@ def release(domain: str, places: Places) -> None:
                                             places.result(domain))):  # fmt: skip
         return  # nothing of this domain's: most domains, and every one without metadata
     with Lock(places.lock(domain), places.held(domain)):
-        held = _read_held(places, domain)
+        held = state.read_held(places, domain)
         errors = _take_back(places, domain, held, sorted(held))
-        _write_held(places, domain, held)
+        state.write_held(places, domain, held)
         for path in (places.result(domain), places.result(domain) + ".tmp",
                      places.held(domain) + ".tmp", places.new_claim(domain)):  # fmt: skip
-            _remove(path)  # the started check of a domain now gone; what a kill left
+            files.remove(path)  # the started check of a domain now gone; what a kill left
     if errors:
         raise OperationFailed("; ".join(errors))
 
@@ -392,7 +237,7 @@ def started(
 def _record(
     declared: metadata.Declared, report: Report, enforced: list[str], places: Places
 ) -> list[str]:
-    """Write the started check's result to RUN_DIR/DOMAIN.json; return ``enforced``."""
+    """Write the started check's result (``places.result``); return ``enforced``."""
     import json
     import time
 
@@ -408,10 +253,7 @@ def _record(
         ),
         "check": report.to_json(),
     }
-    os.makedirs(places.run, mode=0o755, exist_ok=True)
-    tmp = places.result(declared.domain) + ".tmp"
-    _write_new(tmp, json.dumps(result, indent=1).encode())
-    os.rename(tmp, places.result(declared.domain))
+    state.write_result(places, declared.domain, json.dumps(result, indent=1))
     return enforced
 
 

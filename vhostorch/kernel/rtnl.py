@@ -281,15 +281,19 @@ class Rtnl:
         self._sock.send(self._message(msgtype, flags, body))
         return self._seq
 
+    def _received(self) -> Iterator[tuple[int, int, int, memoryview]]:
+        """Receive one datagram; yield (type, flags, sequence number, body) of each message."""
+        data = memoryview(self._sock.recv(_RECV))
+        pos = 0
+        while pos + _NLMSG.size <= len(data):
+            size, msgtype, flags, seq, _pid = _NLMSG.unpack_from(data, pos)
+            yield msgtype, flags, seq, data[pos + _NLMSG.size : pos + size]
+            pos += (size + 3) & ~3
+
     def _replies(self, seq: int) -> Iterator[tuple[int, memoryview]]:
         """Yield (type, body) of each reply to ``seq`` until the ack or the end of a dump."""
         while True:
-            data = memoryview(self._sock.recv(_RECV))
-            pos = 0
-            while pos + _NLMSG.size <= len(data):
-                size, msgtype, flags, mseq, _pid = _NLMSG.unpack_from(data, pos)
-                body = data[pos + _NLMSG.size : pos + size]
-                pos += (size + 3) & ~3
+            for msgtype, flags, mseq, body in self._received():
                 if mseq != seq:
                     continue
                 if msgtype == NLMSG_DONE:
@@ -332,18 +336,8 @@ class Rtnl:
             raise
         return None
 
-    def set_link(
-        self,
-        name: str,
-        *,
-        up: bool | None = None,
-        mtu: int | None = None,
-        mac: str | None = None,
-        master: int | None = None,
-        alias: str | None = None,
-    ) -> None:
-        """Change a link in one request; ``master=0`` detaches it, None leaves a field alone."""
-        request = set_link_request(name, up=up, mtu=mtu, mac=mac, master=master, alias=alias)
+    def change(self, request: Request) -> None:
+        """Send one request (a `set_link_request`) and wait for its acknowledgement."""
         self._call(request.msgtype, request.flags, request.body)
 
     def batch(self, requests: Sequence[Request]) -> list[NetlinkError | None]:
@@ -364,12 +358,7 @@ class Rtnl:
             last = self._seq
             answers: dict[int, NetlinkError | None] = {}
             while len(answers) < len(chunk):
-                data = memoryview(self._sock.recv(_RECV))
-                pos = 0
-                while pos + _NLMSG.size <= len(data):
-                    size, msgtype, flags, mseq, _pid = _NLMSG.unpack_from(data, pos)
-                    body = data[pos + _NLMSG.size : pos + size]
-                    pos += (size + 3) & ~3
+                for msgtype, flags, mseq, body in self._received():
                     if msgtype == NLMSG_ERROR and first <= mseq <= last:
                         code = -_ERR.unpack_from(body)[0]
                         answers[mseq] = NetlinkError(code, _extack(body, flags)) if code else None

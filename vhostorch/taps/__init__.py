@@ -1,8 +1,9 @@
 """Tap provisioning: read the namespace, plan the changes (pure), apply them all or none.
 
-The front doors (`ensure`, `create`, `delete`, `show`) and `apply` live in
-taps.apply; the steps, results and the pure planning in taps.plan. Import this
-package, not those modules: ``from vhostorch import taps; taps.ensure(...)``.
+The front doors `ensure`, `create`, `show` and `apply` live in taps.apply; the
+steps, results and the pure planning in taps.plan; deleting (`delete`, by link group
+for many) in taps.teardown. Import this package, not those modules:
+``from vhostorch import taps; taps.ensure(...)``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from vhostorch.taps.apply import (
     TapState,
     apply,
     create,
-    delete,
-    delete_on,
     ensure,
-    random_group,
     resolve_ids,
     show,
 )
@@ -35,10 +33,15 @@ from vhostorch.taps.plan import (
     SetLink,
     Step,
     TapResult,
-    check_group,
-    plan_delete,
     plan_ensure,
+)
+from vhostorch.taps.teardown import (
+    check_group,
+    delete,
+    delete_on,
+    plan_delete,
     plan_group_moves,
+    random_group,
 )
 
 if TYPE_CHECKING:

@@ -2,16 +2,16 @@
 
 `apply` runs a plan's steps through a host and, when one fails, runs the undo
 steps of those done; runs of independent link changes go to the host together,
-which sends them as one batch of netlink requests. `ensure`, `create`, `delete`
-and `show` are the front doors: each enters the tap's network namespace, opens
-rtnetlink there and turns any kernel error into a KernelError.
+which sends them as one batch of netlink requests. `ensure`, `create` and `show`
+are the front doors (`delete` is in taps.teardown): each enters the tap's network
+namespace (`in_namespace`), opens rtnetlink there and turns any kernel error into a
+KernelError.
 """
 
 from __future__ import annotations
 
 import errno
 import grp
-import os
 import pwd
 
 from vhostorch.errors import InUse, InvalidSpec, KernelError, OperationFailed, RollbackFailed
@@ -26,18 +26,14 @@ from vhostorch.taps.plan import (
     CreateTap,
     DeleteGroup,
     DeleteLink,
-    DeleteResult,
     Ids,
     RetuneTap,
     SetGroup,
     SetLink,
     TapResult,
-    check_group,
     device_kind,
     is_tap,
-    plan_delete,
     plan_ensure,
-    plan_group_moves,
     queue_mode,
     refuse_existing,
     refuse_foreign,
@@ -217,7 +213,7 @@ class KernelHost:
                 self._index.pop(name, None)
         else:
             self._rtnl.add_link(step.name, "bridge")
-            self._rtnl.set_link(step.name, alias=MANAGED_ALIAS)
+            self._rtnl.change(set_link_request(step.name, alias=MANAGED_ALIAS))
 
 
 def resolve_ids(spec: TapSpec) -> Ids:
@@ -282,7 +278,7 @@ def apply(changes: Sequence[Change], host: Host) -> None:
         raise
 
 
-def _in_namespace(name: str | None, work: Callable[[KernelHost], T]) -> T:
+def in_namespace(name: str | None, work: Callable[[KernelHost], T]) -> T:
     try:
         with netns.entered(name), Rtnl() as rtnl:
             return work(KernelHost(rtnl))
@@ -328,7 +324,7 @@ def ensure(
             apply(plan.changes, host)
         return list(plan.results)
 
-    return _in_namespace(namespace, work)
+    return in_namespace(namespace, work)
 
 
 def create(specs: Sequence[TapSpec]) -> list[TapResult]:
@@ -341,132 +337,7 @@ def create(specs: Sequence[TapSpec]) -> list[TapResult]:
         apply(plan.changes, host)
         return list(plan.results)
 
-    return _in_namespace(namespace, work)
-
-
-def random_group(taken: set[int]) -> int:
-    """A link group id no device in ``taken`` carries: 31 random bits, never 0.
-
-    The kernel keeps the group in an int and iproute2 prints and parses it as
-    one (`ip link set ... group 3000000000` is refused), so ids stay below 2**31.
-    """
-    while True:
-        group = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-        if group and group not in taken:
-            return group
-
-
-def _delete_by_group(
-    host: Host, doomed: Sequence[str], snapshot: dict[str, Link], group: int, force: bool
-) -> str | None:
-    """Delete the taps ``doomed`` in one request by link group; all or none.
-
-    Returns None when they are deleted, or the kernel's reason when it refused
-    the group delete (nothing deleted, the taps back in their groups: the caller
-    deletes them one by one). Raises when a check refuses, after restoring the groups.
-
-    The window: the last check (a dump read after the moves) and the delete are
-    two requests, and between them another process holding CAP_NET_ADMIN in the
-    namespace could put a device into the group or open one of the taps. The
-    kernel deletes whatever the group holds then. The group is 31 random bits
-    chosen among those no device carried, used for the few milliseconds
-    between the moves and the delete and never again, so a device lands in it
-    only if someone reads it from a dump and moves a device into it within
-    that time (no tool picks a group by itself: `ip` uses the numbers it is
-    given, 0 by default), and a guess at random hits one in 2**31. The same
-    window, between the check and the delete, exists for a tap being opened
-    with one delete per tap, as it did before batching.
-    """
-    moves = plan_group_moves(doomed, snapshot, group).changes
-    apply(moves, host)
-    try:
-        moved = [change.step for change in moves if isinstance(change.step, SetGroup)]
-        check_group(group, moved, host.snapshot(), force)
-        [refused] = host.do([DeleteGroup(group, tuple(doomed))])
-        if refused is None:
-            return None
-    except BaseException:
-        _restore_groups(moves, host)
-        raise
-    _restore_groups(moves, host)
-    return str(refused)
-
-
-def _restore_groups(moves: Sequence[Change], host: Host) -> None:
-    outcomes = host.do([undo for change in moves for undo in change.undo])
-    leftovers = [str(failed) for failed in outcomes if failed is not None]
-    if leftovers:
-        raise OperationFailed(
-            "restoring the link groups of the taps failed: " + "; ".join(leftovers)
-        )
-
-
-def delete_on(
-    host: Host,
-    names: Sequence[str],
-    *,
-    bridges: Sequence[str] = (),
-    force: bool = False,
-    dry_run: bool = False,
-    group: int | None = None,
-) -> list[TapResult]:
-    """`delete`'s work through ``host`` (in the namespace it was opened in)."""
-    snapshot = host.snapshot()
-    plan = plan_delete(names, snapshot, bridges=bridges, force=force)
-    results = list(plan.results)
-    if dry_run:
-        return results
-    doomed = [r.name for r in results if r.action == "deleted"]
-    rest: Sequence[Change] = plan.changes
-    fallback = None
-    if len(doomed) > 1:
-        taken = {link.group for link in snapshot.values()}
-        chosen = group if group is not None else random_group(taken)
-        fallback = _delete_by_group(host, doomed, snapshot, chosen, force)
-        if fallback is None:  # what is left: the bridges
-            gone = {DeleteLink(name) for name in doomed}
-            rest = [c for c in plan.changes if c.step not in gone]
-    apply(rest, host)
-    batched = len(doomed) > 1 and fallback is None
-    note = () if fallback is None else (f"one delete per tap: group delete refused ({fallback})",)
-    return [
-        DeleteResult(r.name, r.action, note if r.action == "deleted" else (), batched)
-        for r in results
-    ]
-
-
-def delete(
-    names: Sequence[str],
-    *,
-    netns: str | None = None,
-    bridges: Sequence[str] = (),
-    force: bool = False,
-    dry_run: bool = False,
-    group: int | None = None,
-) -> list[TapResult]:
-    """Delete taps vhostorch created (and listed bridges it created once empty).
-
-    Every refusal (not a tap, not ours, held open) happens before anything is deleted;
-    ``dry_run`` stops there. Two taps or more are deleted in one batch: moved into
-    link ``group`` (by default a random one no device carries), checked again, and
-    deleted with one RTM_DELLINK for the group (one RCU grace period for all, where
-    one delete per tap waits for one each). A device of another kind, or anyone
-    else's, found in the group refuses the batch and the taps go back to their
-    groups. If the kernel refuses the group delete, the taps are deleted one by one;
-    each result's ``batched`` says which happened.
-
-    Raises InvalidSpec for a bad name or group 0, NotManaged or InUse for a tap it
-    must not delete, OperationFailed (KernelError) when the kernel refuses.
-    """
-    for name in [*names, *bridges]:
-        check_ifname(name)
-    if group is not None and not 0 < group <= 0xFFFFFFFF:
-        raise InvalidSpec(f"link group {group}: a batch needs a group from 1 to 4294967295")
-
-    def work(host: KernelHost) -> list[TapResult]:
-        return delete_on(host, names, bridges=bridges, force=force, dry_run=dry_run, group=group)
-
-    return _in_namespace(netns, work)
+    return in_namespace(namespace, work)
 
 
 def _state(link: Link, names: dict[int, str], namespace: str | None) -> TapState:
@@ -508,4 +379,4 @@ def show(name: str | None = None, *, netns: str | None = None) -> list[TapState]
             raise OperationFailed(f"{name} is a {device_kind(link)} device, not a tap")
         return [_state(link, names, netns)]
 
-    return _in_namespace(netns, work)
+    return in_namespace(netns, work)

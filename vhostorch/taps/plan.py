@@ -1,13 +1,9 @@
 """Tap plans: the steps, their undo steps and the results, computed without touching the host.
 
-`plan_ensure` and `plan_delete` turn specs and a snapshot of the links into
+`plan_ensure` turns specs and a snapshot of the links into
 steps, each with the steps that undo it; they refuse (raise) before anything is
 touched whenever the snapshot already shows that the work cannot succeed.
 Everything here is pure: `taps.apply` reads the snapshot and runs the steps.
-
-Deleting many taps is done by link group (see `plan_group_moves` and
-`check_group`): the taps are moved into one group no other device carries, the
-group is checked again, and the kernel deletes the whole group in one request.
 
 Ownership is recorded on the device itself: vhostorch sets the interface alias
 to MANAGED_ALIAS on what it creates, and only deletes (or recreates) devices
@@ -160,7 +156,7 @@ def queue_mode(multi: bool) -> str:
     return "multi" if multi else "single"
 
 
-def _in_use(link: Link, what: str) -> InUse:
+def in_use(link: Link, what: str) -> InUse:
     assert link.tun is not None
     return InUse(
         f"tap {link.name}: {what}, and it is held open "
@@ -221,7 +217,7 @@ def _plan_tap(
     if ids.group is not None and t.group != ids.group:
         tunable.append(f"group {t.group} -> {ids.group}")
     if (fixed or tunable) and t.attached_queues:
-        raise _in_use(link, ", ".join(fixed + tunable))
+        raise in_use(link, ", ".join(fixed + tunable))
 
     if fixed:
         if not recreate:
@@ -320,91 +316,6 @@ def plan_ensure(
     ordered = [c for c in changes if not isinstance(c.step, SetLink)]
     ordered += [c for c in changes if isinstance(c.step, SetLink)]
     return Plan(tuple(ordered), tuple(results))
-
-
-def _refuse_delete(link: Link, force: bool) -> None:
-    """Raise unless ``link`` is a tap vhostorch may delete now (``force``: any unheld tap)."""
-    if not is_tap(link):
-        raise NotManaged(f"{link.name} is a {device_kind(link)} device, not a tap; not deleting it")
-    if link.alias != MANAGED_ALIAS and not force:
-        raise NotManaged(f"tap {link.name} was not created by vhostorch; not deleting it")
-    assert link.tun is not None
-    if link.tun.attached_queues:
-        raise _in_use(link, "deleting it was asked for")
-
-
-def plan_delete(
-    names: Sequence[str],
-    snapshot: dict[str, Link],
-    *,
-    bridges: Sequence[str] = (),
-    force: bool = False,
-) -> Plan:
-    """Pure: delete the taps vhostorch made (any tap with ``force``), and then each of
-    ``bridges`` that vhostorch made and that has no port left."""
-    changes: list[Change] = []
-    results: list[TapResult] = []
-    gone: set[str] = set()
-    for name in dict.fromkeys(names):
-        link = snapshot.get(name)
-        if link is None:
-            results.append(DeleteResult(name, "absent"))
-            continue
-        _refuse_delete(link, force)
-        changes.append(Change(DeleteLink(name)))
-        results.append(DeleteResult(name, "deleted"))
-        gone.add(name)
-    for bridge_name in dict.fromkeys(bridges):
-        bridge = snapshot.get(bridge_name)
-        if bridge is None or bridge.kind != "bridge" or bridge.alias != MANAGED_ALIAS:
-            continue
-        ports = [n for n, link in snapshot.items() if link.master == bridge.index and n not in gone]
-        if not ports:
-            changes.append(Change(DeleteLink(bridge_name)))
-    return Plan(tuple(changes), tuple(results))
-
-
-def plan_group_moves(names: Sequence[str], snapshot: dict[str, Link], group: int) -> Plan:
-    """Pure: move the taps ``names`` (as ``snapshot`` shows them) into link ``group``;
-    each move's undo puts the tap back in the group it was in."""
-    changes = []
-    for name in names:
-        link = snapshot[name]
-        changes.append(
-            Change(
-                SetGroup(name, link.index, group),
-                (SetGroup(name, link.index, link.group),),
-            )
-        )
-    return Plan(tuple(changes), ())
-
-
-def check_group(
-    group: int, moved: Sequence[SetGroup], snapshot: dict[str, Link], force: bool
-) -> None:
-    """Pure: raise unless link ``group`` holds exactly the taps ``moved`` put there, each
-    still one that may be deleted (not held, ours unless ``force``).
-
-    Run on a snapshot read after the moves: whatever a group delete would take
-    with it (a device someone else put in the group, a tap opened meanwhile)
-    refuses the whole batch here.
-    """
-    by_index = {link.index: link for link in snapshot.values()}
-    wanted = {move.index: move for move in moved}
-    for link in snapshot.values():
-        if link.group == group and link.index not in wanted:
-            raise NotManaged(
-                f"{device_kind(link)} {link.name} is in link group {group}, which vhostorch "
-                "chose to delete its taps by; not deleting anything"
-            )
-    for move in moved:
-        now = by_index.get(move.index)
-        if now is None or now.name != move.name or now.group != group:
-            raise OperationFailed(
-                f"tap {move.name} changed while it was being deleted (it was renamed, deleted "
-                f"or moved out of link group {group}); not deleting anything"
-            )
-        _refuse_delete(now, force)
 
 
 def refuse_foreign(specs: Sequence[TapSpec], snapshot: dict[str, Link]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from vhostorch import lockfile
+from vhostorch import files, lockfile
 from vhostorch.errors import OperationFailed
 from vhostorch.record import TYPE_CHECKING, Record
 
@@ -83,12 +83,9 @@ def make_dir(root: str) -> None:
 
 def save(state: VmState, root: str = STATE_DIR) -> None:
     make_dir(root)
-    tmp = _path(state.name, root) + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(fd, FILE_MODE)
-        json.dump(state.asdict(), f, indent=1)
-    os.rename(tmp, _path(state.name, root))
+    path = _path(state.name, root)
+    text = json.dumps(state.asdict(), indent=1)
+    files.replace(path, text.encode(), FILE_MODE, temporary=path + ".tmp")  # under the VM's Lock
 
 
 def _from_json(data: dict[str, object]) -> VmState:

@@ -105,9 +105,10 @@ def main():
 
     p = module.params
     with failing_on_error(module):
-        reports = targets.reports(
+        target = targets.Target(
             pid=p["pid"], domain=p["domain"], qmp=p["qmp"], every=p["all"], uri=p["connect"]
         )
+        reports = targets.reports(target)
     strict = p["strict"]
     ok = all(r.ok(strict) for r in reports)
     result = {"changed": False, "ok": ok, "reports": [r.to_json(strict) for r in reports]}

@@ -1,0 +1,247 @@
+"""Deleting taps: what may be deleted (pure), and deleting many in one request by link group.
+
+`plan_delete` turns names and a snapshot of the links into delete steps, refusing before
+anything is touched (not a tap, not vhostorch's, held open). Two taps or more are deleted
+by link group: `plan_group_moves` moves them into one group no other device carries,
+`check_group` checks the group again on a fresh snapshot, and the kernel deletes the whole
+group in one request (one RCU grace period for all). `delete_on` runs that through a host
+(taps.apply), and `delete` is the front door.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
+from vhostorch.model import check_ifname
+from vhostorch.record import TYPE_CHECKING
+from vhostorch.taps.apply import KernelHost, apply, in_namespace
+from vhostorch.taps.plan import (
+    MANAGED_ALIAS,
+    Change,
+    DeleteGroup,
+    DeleteLink,
+    DeleteResult,
+    Plan,
+    SetGroup,
+    TapResult,
+    device_kind,
+    in_use,
+    is_tap,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vhostorch.kernel.rtnl import Link
+    from vhostorch.taps.apply import Host
+
+
+def _refuse_delete(link: Link, force: bool) -> None:
+    """Raise unless ``link`` is a tap vhostorch may delete now (``force``: any unheld tap)."""
+    if not is_tap(link):
+        raise NotManaged(f"{link.name} is a {device_kind(link)} device, not a tap; not deleting it")
+    if link.alias != MANAGED_ALIAS and not force:
+        raise NotManaged(f"tap {link.name} was not created by vhostorch; not deleting it")
+    assert link.tun is not None
+    if link.tun.attached_queues:
+        raise in_use(link, "deleting it was asked for")
+
+
+def plan_delete(
+    names: Sequence[str],
+    snapshot: dict[str, Link],
+    *,
+    bridges: Sequence[str] = (),
+    force: bool = False,
+) -> Plan:
+    """Pure: delete the taps vhostorch made (any tap with ``force``), and then each of
+    ``bridges`` that vhostorch made and that has no port left."""
+    changes: list[Change] = []
+    results: list[TapResult] = []
+    gone: set[str] = set()
+    for name in dict.fromkeys(names):
+        link = snapshot.get(name)
+        if link is None:
+            results.append(DeleteResult(name, "absent"))
+            continue
+        _refuse_delete(link, force)
+        changes.append(Change(DeleteLink(name)))
+        results.append(DeleteResult(name, "deleted"))
+        gone.add(name)
+    for bridge_name in dict.fromkeys(bridges):
+        bridge = snapshot.get(bridge_name)
+        if bridge is None or bridge.kind != "bridge" or bridge.alias != MANAGED_ALIAS:
+            continue
+        ports = [n for n, link in snapshot.items() if link.master == bridge.index and n not in gone]
+        if not ports:
+            changes.append(Change(DeleteLink(bridge_name)))
+    return Plan(tuple(changes), tuple(results))
+
+
+def plan_group_moves(names: Sequence[str], snapshot: dict[str, Link], group: int) -> Plan:
+    """Pure: move the taps ``names`` (as ``snapshot`` shows them) into link ``group``;
+    each move's undo puts the tap back in the group it was in."""
+    changes = []
+    for name in names:
+        link = snapshot[name]
+        changes.append(
+            Change(
+                SetGroup(name, link.index, group),
+                (SetGroup(name, link.index, link.group),),
+            )
+        )
+    return Plan(tuple(changes), ())
+
+
+def check_group(
+    group: int, moved: Sequence[SetGroup], snapshot: dict[str, Link], force: bool
+) -> None:
+    """Pure: raise unless link ``group`` holds exactly the taps ``moved`` put there, each
+    still one that may be deleted (not held, ours unless ``force``).
+
+    Run on a snapshot read after the moves: whatever a group delete would take
+    with it (a device someone else put in the group, a tap opened meanwhile)
+    refuses the whole batch here.
+    """
+    by_index = {link.index: link for link in snapshot.values()}
+    wanted = {move.index: move for move in moved}
+    for link in snapshot.values():
+        if link.group == group and link.index not in wanted:
+            raise NotManaged(
+                f"{device_kind(link)} {link.name} is in link group {group}, which vhostorch "
+                "chose to delete its taps by; not deleting anything"
+            )
+    for move in moved:
+        now = by_index.get(move.index)
+        if now is None or now.name != move.name or now.group != group:
+            raise OperationFailed(
+                f"tap {move.name} changed while it was being deleted (it was renamed, deleted "
+                f"or moved out of link group {group}); not deleting anything"
+            )
+        _refuse_delete(now, force)
+
+
+def random_group(taken: set[int]) -> int:
+    """A link group id no device in ``taken`` carries: 31 random bits, never 0.
+
+    The kernel keeps the group in an int and iproute2 prints and parses it as
+    one (`ip link set ... group 3000000000` is refused), so ids stay below 2**31.
+    """
+    while True:
+        group = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        if group and group not in taken:
+            return group
+
+
+def _delete_by_group(
+    host: Host, doomed: Sequence[str], snapshot: dict[str, Link], group: int, force: bool
+) -> str | None:
+    """Delete the taps ``doomed`` in one request by link group; all or none.
+
+    Returns None when they are deleted, or the kernel's reason when it refused
+    the group delete (nothing deleted, the taps back in their groups: the caller
+    deletes them one by one). Raises when a check refuses, after restoring the groups.
+
+    The window: the last check (a dump read after the moves) and the delete are
+    two requests, and between them another process holding CAP_NET_ADMIN in the
+    namespace could put a device into the group or open one of the taps. The
+    kernel deletes whatever the group holds then. The group is 31 random bits
+    chosen among those no device carried, used for the few milliseconds
+    between the moves and the delete and never again, so a device lands in it
+    only if someone reads it from a dump and moves a device into it within
+    that time (no tool picks a group by itself: `ip` uses the numbers it is
+    given, 0 by default), and a guess at random hits one in 2**31. The same
+    window, between the check and the delete, exists for a tap being opened
+    with one delete per tap, as it did before batching.
+    """
+    moves = plan_group_moves(doomed, snapshot, group).changes
+    apply(moves, host)
+    try:
+        moved = [change.step for change in moves if isinstance(change.step, SetGroup)]
+        check_group(group, moved, host.snapshot(), force)
+        [refused] = host.do([DeleteGroup(group, tuple(doomed))])
+        if refused is None:
+            return None
+    except BaseException:
+        _restore_groups(moves, host)
+        raise
+    _restore_groups(moves, host)
+    return str(refused)
+
+
+def _restore_groups(moves: Sequence[Change], host: Host) -> None:
+    outcomes = host.do([undo for change in moves for undo in change.undo])
+    leftovers = [str(failed) for failed in outcomes if failed is not None]
+    if leftovers:
+        raise OperationFailed(
+            "restoring the link groups of the taps failed: " + "; ".join(leftovers)
+        )
+
+
+def delete_on(
+    host: Host,
+    names: Sequence[str],
+    *,
+    bridges: Sequence[str] = (),
+    force: bool = False,
+    dry_run: bool = False,
+    group: int | None = None,
+) -> list[TapResult]:
+    """`delete`'s work through ``host`` (in the namespace it was opened in)."""
+    snapshot = host.snapshot()
+    plan = plan_delete(names, snapshot, bridges=bridges, force=force)
+    results = list(plan.results)
+    if dry_run:
+        return results
+    doomed = [r.name for r in results if r.action == "deleted"]
+    rest: Sequence[Change] = plan.changes
+    fallback = None
+    if len(doomed) > 1:
+        taken = {link.group for link in snapshot.values()}
+        chosen = group if group is not None else random_group(taken)
+        fallback = _delete_by_group(host, doomed, snapshot, chosen, force)
+        if fallback is None:  # what is left: the bridges
+            gone = {DeleteLink(name) for name in doomed}
+            rest = [c for c in plan.changes if c.step not in gone]
+    apply(rest, host)
+    batched = len(doomed) > 1 and fallback is None
+    note = () if fallback is None else (f"one delete per tap: group delete refused ({fallback})",)
+    return [
+        DeleteResult(r.name, r.action, note if r.action == "deleted" else (), batched)
+        for r in results
+    ]
+
+
+def delete(
+    names: Sequence[str],
+    *,
+    netns: str | None = None,
+    bridges: Sequence[str] = (),
+    force: bool = False,
+    dry_run: bool = False,
+    group: int | None = None,
+) -> list[TapResult]:
+    """Delete taps vhostorch created (and listed bridges it created once empty).
+
+    Every refusal (not a tap, not ours, held open) happens before anything is deleted;
+    ``dry_run`` stops there. Two taps or more are deleted in one batch: moved into
+    link ``group`` (by default a random one no device carries), checked again, and
+    deleted with one RTM_DELLINK for the group (one RCU grace period for all, where
+    one delete per tap waits for one each). A device of another kind, or anyone
+    else's, found in the group refuses the batch and the taps go back to their
+    groups. If the kernel refuses the group delete, the taps are deleted one by one;
+    each result's ``batched`` says which happened.
+
+    Raises InvalidSpec for a bad name or group 0, NotManaged or InUse for a tap it
+    must not delete, OperationFailed (KernelError) when the kernel refuses.
+    """
+    for name in [*names, *bridges]:
+        check_ifname(name)
+    if group is not None and not 0 < group <= 0xFFFFFFFF:
+        raise InvalidSpec(f"link group {group}: a batch needs a group from 1 to 4294967295")
+
+    def work(host: KernelHost) -> list[TapResult]:
+        return delete_on(host, names, bridges=bridges, force=force, dry_run=dry_run, group=group)
+
+    return in_namespace(netns, work)
