@@ -5,9 +5,9 @@ In the test host (real vhost-net, KVM, libvirtd): `ethernet` (libvirt's own tap,
 to a bridge, and a NAT network), `direct` (macvtap: libvirt passes /dev/tapN character
 devices), each with 1 and 4 queue pairs, with and without an explicit
 `<driver name='vhost'/>` (libvirt's default for type='kvm' is vhost when it can open it),
-judged from the wiring trace and again with `--monitor`. The same domains carry an e1000
-on user-mode networking and an rtl8139 on a tap: both are listed as not applicable, with
-the reason, and judged by no check.
+on `pc` and `q35` machines, judged from the wiring trace and again with `--monitor`. The
+same domains carry an e1000 on user-mode networking and an rtl8139 on a tap: both are
+listed as not applicable, with the reason, and judged by no check.
 
 Not here: a NAT network with DHCP (libvirt runs dnsmasq for it, and this machine has no
 dnsmasq); the NAT network used has no DHCP and no DNS (`<dns enable='no'/>`), which
@@ -122,10 +122,16 @@ def check(*args: str) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("driver", [True, False], ids=["driver-vhost", "no-driver"])
-@pytest.mark.parametrize("queues", [1, 4])
+# Each type with 1 and 4 queue pairs, with and without <driver name='vhost'/>, and on both
+# machine types (q35: libvirt adds the PCIe controllers its NICs need), in four domains
+# (each costs the session about 15-25 s).
+@pytest.mark.parametrize(
+    ("queues", "driver", "machine"),
+    [(1, True, "pc"), (1, False, "q35"), (4, True, "q35"), (4, False, "pc")],
+    ids=["1-driver-vhost-pc", "1-no-driver-q35", "4-driver-vhost-q35", "4-no-driver-pc"],
+)
 def test_every_vhost_interface_type_passes_strict(
-    net: Net, traced: None, libvirtd: str, queues: int, driver: bool
+    net: Net, traced: None, libvirtd: str, queues: int, driver: bool, machine: str
 ) -> None:
     import libvirt
 
@@ -133,7 +139,8 @@ def test_every_vhost_interface_type_passes_strict(
     workdir = tempfile.mkdtemp(prefix="vho-types-")
     console = os.path.join(workdir, "console.log")
     with guests.tap(queues) as unmanaged:
-        xml = guests.typed_domain_xml(name, interfaces(net, queues, driver, unmanaged), console)
+        nics = interfaces(net, queues, driver, unmanaged)
+        xml = guests.typed_domain_xml(name, nics, console, machine=machine)
         conn = libvirt.open(libvirtd)
         dom = conn.createXML(xml, 0)
         try:
@@ -169,7 +176,9 @@ def test_every_vhost_interface_type_passes_strict(
                 assert skipped["net7"]["kind"] == "rtl8139"
                 assert "virtio-net" in skipped["net7"]["reason"]
                 assert not {c["nic"] for c in report["checks"]} & set(skipped)
-            _macvtap_as_it_is(report, dom.XMLDesc(0), queues)
+            live = dom.XMLDesc(0)
+            assert f"machine='pc-{'q35' if machine == 'q35' else 'i440fx'}-" in live
+            _macvtap_as_it_is(report, live, queues)
             # The plain table shows them too, outside the checks.
             text_out = vhostorch("check", "--domain", name, "--strict").stdout
             assert "NIC net7: not applicable: NIC model rtl8139" in text_out, text_out
