@@ -13,7 +13,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # modules of its own area listed before it (and the stdlib). A package's __init__ is its
 # facade, last in its own list.
 ORDER: list[tuple[str, tuple[str, ...]]] = [
-    ("errors", ()), ("record", ()), ("lockfile", ()), ("files", ()), ("claims", ()), ("model", ()),
+    ("errors", ()), ("record", ()), ("signals", ()), ("lockfile", ()), ("files", ()),
+    ("claims", ()), ("model", ()),
     ("kernel", ("rtnl", "tun", "netns", "procfs", "__init__")),
     ("taps", ("plan", "apply", "teardown", "__init__")),
     ("vm", ("spec", "state", "__init__")),

@@ -150,7 +150,7 @@ def test_a_tap_a_libvirt_domain_holds_is_refused_and_the_hook_refuses_ours(
         claims.release(tap, "some-domain")
     code, _, err = run("up", spec(specs, name, mine), "--wait", "0")
     assert code == 0, err
-    with pytest.raises(OperationFailed, match="declared by domain 'up/"):
+    with pytest.raises(OperationFailed, match=f"declared by VM '{name}' \\(vhostorch up\\)"):
         hookstate.claim(hookstate.Places(), mine, "some-domain")
     assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
     assert left(name, [tap, mine]) == []

@@ -1,32 +1,24 @@
-"""Who holds a tap: one claim file per tap, made with O_EXCL, shared by `up` and the hook.
+"""Who holds a tap: one claim file per tap, shared by `up` and the libvirt hook.
 
-A tap belongs to one VM. The claim is the file /run/vhostorch/hook/taps/TAP
-(the directory and format the libvirt hook has always used: the file holds the
-holder's name and nothing else), created with ``O_CREAT|O_EXCL``, so of two
-claimants racing for one tap exactly one wins, whatever the timing. The hook's
-holders are libvirt domain names; `up`'s are ``up/VM`` (see ``up_holder``): a
-libvirt domain name never has a '/', so the two never collide, and a tap held by
-a domain is refused to `up` and the other way round.
+A tap belongs to one VM. Its claim is the file /run/vhostorch/hook/taps/TAP, which holds
+the holder's name and nothing else (the directory and format the hook has always used).
+It is written whole and then linked into place (files.create), so of two claimants racing
+for one tap exactly one wins, whatever the timing, and no one ever reads a claim empty.
+The hook's holders are libvirt domain names; `up`'s are ``up/VM`` (``up_holder``): a
+domain name never has a '/', so the two never collide, and a tap held by a domain is
+refused to `up` and the other way round.
 """
 
 from __future__ import annotations
 
 import os
 
-from vhostorch.errors import OperationFailed
+from vhostorch import files
+from vhostorch.errors import Claimed, OperationFailed
 
 CLAIM_DIR = "/run/vhostorch/hook/taps"
-FILE_MODE = 0o600
+FILE_MODE = 0o600  # a claim names a VM or domain: root's business alone
 DIR_MODE = 0o700
-
-
-class Claimed(OperationFailed):
-    """The tap is held by another holder, kept in ``.holder``."""
-
-    def __init__(self, tap: str, holder: str) -> None:
-        super().__init__(f"tap {tap} is held by {describe(holder)}")
-        self.tap = tap
-        self.holder = holder
 
 
 def up_holder(vm: str) -> str:
@@ -48,48 +40,54 @@ def path(tap: str, root: str = CLAIM_DIR) -> str:
 
 
 def holder(tap: str, root: str = CLAIM_DIR) -> str | None:
-    """Who holds ``tap``, or None."""
+    """Who holds ``tap``, or None. Names are read as the file system gives them (a domain
+    name that is not valid UTF-8 round-trips through os.fsdecode)."""
     try:
-        with open(path(tap, root)) as f:
-            return f.read()
+        with open(path(tap, root), "rb") as f:
+            return os.fsdecode(f.read())
     except FileNotFoundError:
         return None
 
 
+# Where claims are written before they are linked into place: a name longer than any
+# interface name can be (IFNAMSIZ - 1 = 15 bytes), so it is never a tap's claim.
+SCRATCH = ".claims-being-made"
+
+
+def scratch(who: str, root: str = CLAIM_DIR) -> str:
+    """Where ``who`` writes a claim before linking it: a name of its own (a holder claims
+    under its own lock, one tap at a time), so what a kill left there is replaced next time."""
+    return os.path.join(root, SCRATCH, files.stem(who))
+
+
 def claim(tap: str, who: str, root: str = CLAIM_DIR) -> bool:
     """Claim ``tap`` for ``who``: True when claimed now, False when ``who`` held it already.
+    The caller holds ``who``'s lock (the VM's, or the domain's in the hook).
 
     Raises Claimed when another holder has it, OperationFailed when the file cannot be made.
     """
-    os.makedirs(root, mode=DIR_MODE, exist_ok=True)
+    os.makedirs(os.path.join(root, SCRATCH), mode=DIR_MODE, exist_ok=True)
     where = path(tap, root)
     while True:
         try:
-            fd = os.open(
-                where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                FILE_MODE,
-            )  # fmt: skip
-        except FileExistsError:
-            held = holder(tap, root)
-            if held is None:
-                continue  # released meanwhile: try again
-            if held == who:
-                return False
-            raise Claimed(tap, held) from None
+            if files.create(where, os.fsencode(who), FILE_MODE, temporary=scratch(who, root)):
+                return True
         except OSError as err:
-            raise OperationFailed(f"claim file {where}: {err.strerror}") from None
-        try:
-            os.fchmod(fd, FILE_MODE)  # the umask does not decide it
-            os.write(fd, who.encode())
-        finally:
-            os.close(fd)
-        return True
+            raise OperationFailed(f"claim file {where}: {err.strerror}") from err
+        held = holder(tap, root)
+        if held is None:
+            continue  # released meanwhile: try again
+        if held == who:
+            return False
+        raise Claimed(f"tap {tap} is held by {describe(held)}", tap, held)
 
 
 def release(tap: str, who: str, root: str = CLAIM_DIR) -> None:
     """Release ``tap`` when ``who`` holds it; anyone else's claim (or none) is left alone."""
-    try:
-        if holder(tap, root) == who:
-            os.unlink(path(tap, root))
-    except FileNotFoundError:
-        pass
+    if holder(tap, root) == who:
+        files.remove(path(tap, root))
+
+
+def forget(who: str, root: str = CLAIM_DIR) -> None:
+    """Remove what a claim of ``who`` cut short by a kill left half made (its claims stay)."""
+    files.remove(scratch(who, root))

@@ -18,6 +18,10 @@
           +-- LabError             the test host did not boot or reach its command   (exit 125)
                +-- LabTimeout      the command ran out of time; the host was stopped (exit 124)
                     +-- LabFrozen  the test host stopped making progress (.evidence)
+          +-- Claimed              another VM or domain holds the tap (.tap, .holder)
+
+    KeyboardInterrupt              (Python's: outside the tree, so no `except Exception` takes it)
+     +-- Interrupted               a stopping signal; what the command made is undone (exit 130)
 
 A class without an exit code of its own has its parent's. The code is ``exit_code`` on the
 class; each adapter maps it once: the command line (vhostorch.cli.main) uses it as it is,
@@ -180,3 +184,19 @@ class LabFrozen(LabTimeout):
     def __init__(self, message: str, evidence: str) -> None:
         super().__init__(message)
         self.evidence = evidence
+
+
+class Claimed(OperationFailed):
+    """The tap is claimed by another VM (``up``) or libvirt domain (the hook): ``.holder``."""
+
+    def __init__(self, message: str, tap: str, holder: str) -> None:
+        super().__init__(message)
+        self.tap = tap
+        self.holder = holder
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or SIGINT) stopped a command; the message names the signal. What the
+    command had made is undone, as on any failure (vhostorch.signals)."""
+
+    exit_code = EXIT_INTERRUPTED

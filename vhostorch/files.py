@@ -2,7 +2,8 @@
 
 `write` makes a file at a name nothing else uses (a temporary name, or one about to be
 linked elsewhere); `replace` puts new contents at a name by renaming such a file over it,
-so a reader sees the old file or the new one, never a part. Both open with O_NOFOLLOW, so
+so a reader sees the old file or the new one, never a part; `create` puts a whole file at
+a name only if none is there (a claim: of two creators, one wins). Both open with O_NOFOLLOW, so
 a symlink planted at the name is never written through, and set the mode with fchmod, so
 the umask does not decide it. Stdlib ``os`` only: the hook's start-up path writes with it.
 """
@@ -11,6 +12,10 @@ from __future__ import annotations
 
 import os
 
+# Where a name becomes a file name, at most this many bytes of it (NAME_MAX is 255, and
+# ".taps.tmp" and the like are added).
+MAX_STEM = 200
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+@,=")
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -47,21 +52,47 @@ def replace(
     through. ``durable``: on disk before the rename (files under /run, on tmpfs, are not
     kept across a crash, so they need not be).
     """
-    directory, base = os.path.split(path)
-    while True:
-        # os.urandom, not secrets.token_hex: the same bytes, without importing random
-        tmp = temporary or os.path.join(directory, f".{base}.{os.urandom(8).hex()}.new")
-        try:
-            fd = _open(tmp, exclusive=temporary is None)
-            break
-        except FileExistsError:
-            continue  # someone's file has that name: draw another
+    if temporary is None:
+        tmp, fd = _beside(path)
+    else:
+        tmp, fd = temporary, _open(temporary, exclusive=False)
     try:
         _fill(fd, data, mode, durable)
         os.rename(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        remove(tmp)  # gone already when a signal came after the rename
         raise
+
+
+def _beside(path: str) -> tuple[str, int]:
+    """A new file of a random name beside ``path``, made with O_EXCL, and its fd."""
+    directory, base = os.path.split(path)
+    while True:
+        # os.urandom, not secrets.token_hex: the same bytes, without importing random
+        tmp = os.path.join(directory, f".{base}.{os.urandom(8).hex()}.new")
+        try:
+            return tmp, _open(tmp, exclusive=True)
+        except FileExistsError:
+            continue  # someone's file has that name: draw another
+
+
+def create(path: str, data: bytes, mode: int, *, temporary: str) -> bool:
+    """Put ``data`` at ``path`` unless something is there already: True when it was put.
+
+    The file is written whole at ``temporary`` (a name the caller owns under its lock, on
+    the same file system, so that what a kill leaves there is known and replaced next
+    time) and then hard-linked to ``path`` (link fails if the name exists), so no reader
+    ever sees it empty or half written.
+    """
+    tmp, fd = temporary, _open(temporary, exclusive=False)
+    try:
+        _fill(fd, data, mode, False)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        remove(tmp)
+    return True
 
 
 def remove(path: str) -> None:
@@ -70,3 +101,25 @@ def remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def stem(name: str) -> str:
+    """``name`` as the start of a file name: one file per name, whatever libvirt allows.
+
+    Letters, digits and ``-_.+@,=`` stay (so ordinary names keep their files); every
+    other byte of the UTF-8 name, and a leading dot, becomes ``%XX``, which reads back.
+    A stem longer than MAX_STEM keeps its first bytes and ends in ``~`` and the SHA-256
+    of the whole name (``~`` is always escaped, so such a stem is never a short one).
+    """
+    raw = os.fsencode(name)  # argv's undecodable bytes come back as they were
+    stem = "".join(
+        chr(b) if b in _PLAIN and not (i == 0 and b == 0x2E) else f"%{b:02X}"
+        for i, b in enumerate(raw)
+    )
+    if not raw:
+        stem = "%"  # no byte escapes to a lone %
+    if len(stem) > MAX_STEM:
+        import hashlib  # only for names this long
+
+        stem = f"{stem[: MAX_STEM - 65]}~{hashlib.sha256(raw).hexdigest()}"
+    return stem

@@ -18,10 +18,9 @@ asks which backend it holds.
 from __future__ import annotations
 
 import os
-import signal
 import time
 
-from vhostorch import backends, claims, taps
+from vhostorch import backends, claims, signals, taps
 from vhostorch.backends import process
 from vhostorch.check import doctor, verify, wiring
 from vhostorch.check.report import FAIL, PASS, WARN, Check, Report
@@ -34,7 +33,6 @@ from vhostorch.vm.state import RUNNING, STARTING, NicState, VmState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from types import FrameType
 
     from vhostorch.vm.spec import NicSpec, VmSpec
 
@@ -134,61 +132,6 @@ def _workdir(name: str, root: str) -> str:
     return os.path.join(root, f"{name}.d")
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP during a command: rolled back as SIGINT is (the CLI says "interrupted")."""
-
-
-class _RollbackOnSignal:
-    """SIGINT, SIGTERM and SIGHUP raise Interrupted once; further ones are ignored while the
-    steps are undone (a second signal in the middle of undoing would leak what is left).
-    Only the main thread can have signal handlers: elsewhere this does nothing."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.deferring = False
-        self.pending = 0
-        self.old: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.deferring:
-            self.pending = self.pending or signum
-        elif not self.raised:
-            self.raised = True
-            raise Interrupted(signal.Signals(signum).name)
-
-    def deferred(self) -> _Deferred:
-        """Signals wait until the block ends (a step and the push of its undo, as one)."""
-        return _Deferred(self)
-
-    def __enter__(self) -> _RollbackOnSignal:
-        try:
-            for sig in self.SIGNALS:
-                self.old[sig] = signal.signal(sig, self._handle)
-        except ValueError:
-            pass  # not the main thread
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self.old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-
-
-class _Deferred:
-    def __init__(self, signals: _RollbackOnSignal) -> None:
-        self.signals = signals
-
-    def __enter__(self) -> None:
-        self.signals.deferring = True
-
-    def __exit__(self, *exc: object) -> None:
-        self.signals.deferring = False
-        pending, self.signals.pending = self.signals.pending, 0
-        if pending:
-            self.signals._handle(pending, None)
-
-
 def _safe(state: VmState, name: str, root: str) -> VmState:
     """``state`` with the work directory and QMP socket vhostorch gives VM ``name`` under
     ``root``, never the ones the file names: a forged state file must not make root remove
@@ -279,10 +222,10 @@ def up(
     before it. ``user`` is who QEMU runs as where the backend decides it (None: libvirt's
     QEMU user; "root" keeps root); ``warn`` is told when QEMU is to run as root.
     Raises InvalidSpec, OperationFailed (RollbackFailed when undoing failed too,
-    claims.Claimed when another VM or domain holds a tap), Interrupted.
+    errors.Claimed when another VM or domain holds a tap), errors.Interrupted.
     """
     runner = backends.get(backend)
-    with _RollbackOnSignal() as signals, vmstate.Lock(spec.name, root):
+    with signals.RollBack(), vmstate.Lock(spec.name, root):
         old = vmstate.load(spec.name, root)
         if old is not None and old.status == STARTING:
             # We hold the lock, which its `up` held throughout: that `up` is dead.
@@ -315,7 +258,7 @@ def up(
             pairs = [(nic, on) for nic, on, _ in decided]
             # Begun before the taps exist, so that starting QEMU can overlap making them.
             # A signal inside begin (in Popen, say) would leave a QEMU nothing undoes.
-            with signals.deferred():
+            with signals.Held():
                 start = runner.begin(spec, workdir, uri, user)
                 undo.push(start.what, start.abort)
             launched = start.process()
@@ -435,7 +378,7 @@ def down(name: str, *, root: str = vmstate.STATE_DIR) -> VmState:
     that died (state "starting"). Only the VM's own work directory under ``root`` is
     removed, and only its own QEMU (pid and start time) is signalled. Raises OperationFailed.
     """
-    with _RollbackOnSignal(), vmstate.Lock(name, root):
+    with signals.RollBack(), vmstate.Lock(name, root):
         state = _safe(_running(name, root), name, root)
         if state.status == STARTING:
             _recover(state, root)

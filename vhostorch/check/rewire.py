@@ -34,8 +34,8 @@ before they take effect; only SIGKILL can leave it paused (``virsh resume`` or Q
 from __future__ import annotations
 
 import os
-import signal
 
+from vhostorch import signals
 from vhostorch.check import ids, targets, wiring
 from vhostorch.check import observe as inspect
 from vhostorch.check.report import PASS, WARN, Check
@@ -53,9 +53,6 @@ if TYPE_CHECKING:
 
     Pause = Callable[[Callable[[], None] | None], monitor.Paused]
 
-# Held while a VM is paused: the resume must come before any of them acts.
-HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
 
 class Plan(Record):
     """How one QEMU is paused and resumed, or why it is not."""
@@ -68,11 +65,8 @@ class Plan(Record):
 
 def held(pause: Pause, while_paused: Callable[[], None] | None = None) -> monitor.Paused:
     """Run ``pause`` with SIGINT, SIGTERM and SIGHUP held; they act once it returned."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
-    try:
+    with signals.Held():
         return pause(while_paused)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _libvirt_names(pid_dir: str = inspect.PID_DIR) -> dict[int, str]:

@@ -35,11 +35,12 @@ from __future__ import annotations
 import os
 import sys
 
-from vhostorch import files, taps
+from vhostorch import claims, files, signals, taps
 from vhostorch.errors import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    Interrupted,
     InvalidSpec,
     NotManaged,
     OperationFailed,
@@ -51,13 +52,7 @@ from vhostorch.libvirt import domxml, qemuconf
 from vhostorch.lockfile import Lock
 from vhostorch.record import TYPE_CHECKING
 
-if not TYPE_CHECKING:
-    # signal's C half: signal.py imports enum, which costs more than the rest of the hook's
-    # start (libvirt waits for it); the functions and constants are the same.
-    import _signal
-
 if TYPE_CHECKING:
-    import signal as _signal
     from typing import BinaryIO, TextIO
 
     from vhostorch.check.report import Report
@@ -117,20 +112,17 @@ def prepare(declared: metadata.Declared, places: Places) -> list[str]:
                 state.claim(places, tap, domain)
             # A signal now waits until ensure is done: cut inside it, a tap can be made and
             # not yet marked as vhostorch's, or made and not yet known to its rollback.
-            blocked = _signal.pthread_sigmask(_signal.SIG_BLOCK, _SIGNALS)
-            try:
+            with signals.Held():
                 results = (
                     taps.ensure(specs, keep_existing=True, adopt_foreign=False) if specs else []
                 )
-            finally:
-                _signal.pthread_sigmask(_signal.SIG_SETMASK, blocked)
             created = [r.name for r in results if r.action == "created"]
             for r in results:
                 if held.get(r.name) == "pending":
                     held[r.name] = "created" if r.action == "created" else "borrowed"
             state.write_held(places, domain, held)
         except BaseException:
-            files.remove(places.new_claim(domain))
+            claims.forget(domain, places.claims)
             _take_back(places, domain, held, new)
             state.write_held(places, domain, held)
             raise
@@ -146,7 +138,7 @@ def _take_back(places: Places, domain: str, held: dict[str, str], names: list[st
     taps that could not be deleted (they stay in ``held``).
     """
     errors = []
-    mine = os.fsencode(domain)
+    mine = domain
     made = [t for t in names if held.get(t) == "created" and state.holder(places, t) == mine]
     if len(made) > 1:
         try:  # one batch, one RCU grace period for all (issue 14); all or nothing
@@ -191,8 +183,9 @@ def release(domain: str, places: Places) -> None:
         held = state.read_held(places, domain)
         errors = _take_back(places, domain, held, sorted(held))
         state.write_held(places, domain, held)
-        for path in (places.result(domain), places.result(domain) + ".tmp",
-                     places.held(domain) + ".tmp", places.new_claim(domain)):  # fmt: skip
+        left = (places.result(domain), places.result(domain) + ".tmp",
+                places.held(domain) + ".tmp", claims.scratch(domain, places.claims))  # fmt: skip
+        for path in left:
             files.remove(path)  # the started check of a domain now gone; what a kill left
     if errors:
         raise OperationFailed("; ".join(errors))
@@ -289,27 +282,6 @@ def _syslog(message: str, warning: bool, path: str = SYSLOG) -> None:
 # --- the program --------------------------------------------------------------------
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, SIGHUP or SIGINT: prepare rolls back as on any failure."""
-
-
-_SIGNALS: dict[int, str] = {
-    _signal.SIGINT: "SIGINT",
-    _signal.SIGTERM: "SIGTERM",
-    _signal.SIGHUP: "SIGHUP",
-}
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    _quiet()  # a second signal must not cut the rollback short
-    raise Interrupted(_SIGNALS.get(signum, str(signum)))
-
-
-def _quiet() -> None:
-    for sig in _SIGNALS:
-        _signal.signal(sig, _signal.SIG_IGN)
-
-
 def _xml(stdin: BinaryIO | None) -> str:
     if stdin is None:
         raise InvalidSpec("no domain XML: stdin is closed")
@@ -387,10 +359,9 @@ def _fail(stderr: TextIO | None, err: Exception | KeyboardInterrupt) -> int:
 
 def main() -> int:
     """Entry point of the installed hook program."""
-    for sig in _SIGNALS:
-        _signal.signal(sig, _interrupt)
     try:
-        stdin = sys.stdin.buffer if sys.stdin is not None else None
-        return run_hook(sys.argv[1:], stdin, sys.stderr)
+        with signals.RollBack():
+            stdin = sys.stdin.buffer if sys.stdin is not None else None
+            return run_hook(sys.argv[1:], stdin, sys.stderr)
     finally:
-        _quiet()  # done: a late signal must not turn into a traceback on the way out
+        signals.ignore()  # done: a late signal must not turn into a traceback on the way out

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import files
-from vhostorch.errors import OperationFailed
+from vhostorch import claims, files
+from vhostorch.errors import Claimed, OperationFailed
+from vhostorch.files import stem as file_stem
 
 RUN_DIR = "/run/vhostorch"
 SYSLOG = "/dev/log"
-# Where a name becomes a file name, at most this many bytes of it (NAME_MAX is 255, and
-# ".taps.tmp" and the like are added).
-MAX_STEM = 200
-_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+@,=")
 HOW = ("created", "borrowed", "pending")  # what a domain's record says of each tap
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -47,34 +44,8 @@ class Places:
     def lock(self, domain: str) -> str:
         return os.path.join(self.state, f"{file_stem(domain)}.lock")
 
-    def new_claim(self, domain: str) -> str:
-        """Where a claim is written whole before it is linked into place."""
-        return os.path.join(self.state, f"{file_stem(domain)}.claim")
-
     def claim(self, tap: str) -> str:
         return os.path.join(self.claims, tap)
-
-
-def file_stem(name: str) -> str:
-    """``name`` as the start of a file name: one file per name, whatever libvirt allows.
-
-    Letters, digits and ``-_.+@,=`` stay (so ordinary names keep their files); every
-    other byte of the UTF-8 name, and a leading dot, becomes ``%XX``, which reads back.
-    A stem longer than MAX_STEM keeps its first bytes and ends in ``~`` and the SHA-256
-    of the whole name (``~`` is always escaped, so such a stem is never a short one).
-    """
-    raw = os.fsencode(name)  # argv's undecodable bytes come back as they were
-    stem = "".join(
-        chr(b) if b in _PLAIN and not (i == 0 and b == 0x2E) else f"%{b:02X}"
-        for i, b in enumerate(raw)
-    )
-    if not raw:
-        stem = "%"  # no byte escapes to a lone %
-    if len(stem) > MAX_STEM:
-        import hashlib  # only for names this long
-
-        stem = f"{stem[: MAX_STEM - 65]}~{hashlib.sha256(raw).hexdigest()}"
-    return stem
 
 
 def read_held(places: Places, domain: str) -> dict[str, str]:
@@ -118,41 +89,26 @@ def write_result(places: Places, domain: str, text: str) -> None:
     files.replace(path, text.encode(), FILE_MODE, temporary=f"{path}.tmp")
 
 
-def holder(places: Places, tap: str) -> bytes | None:
-    """The name of the domain holding ``tap`` (None: no one)."""
-    try:
-        with open(places.claim(tap), "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+def holder(places: Places, tap: str) -> str | None:
+    """The name of the domain (or `up` VM) holding ``tap`` (None: no one)."""
+    return claims.holder(tap, places.claims)
+
+
+def _declared_too(tap: str, held_by: str) -> str:
+    return f"tap {tap} is declared by {claims.describe(held_by)} too, which holds it"
 
 
 def refuse_held(places: Places, tap: str, domain: str) -> None:
-    """Raise OperationFailed when a domain other than ``domain`` holds ``tap``."""
+    """Raise OperationFailed when a holder other than ``domain`` holds ``tap``."""
     held_by = holder(places, tap)
-    if held_by is not None and held_by != os.fsencode(domain):
-        name = os.fsdecode(held_by)
-        raise OperationFailed(f"tap {tap} is declared by domain {name!r} too, which holds it")
+    if held_by is not None and held_by != domain:
+        raise OperationFailed(_declared_too(tap, held_by))
 
 
 def claim(places: Places, tap: str, domain: str) -> bool:
-    """Claim ``tap`` for ``domain``; False when it already was (a rerun). Raises when
-    another domain holds it.
-
-    The claim is written in full under the domain's own name and then linked into place
-    (link fails if the name exists), so a claim is never seen empty or half written, even
-    after a SIGKILL.
-    """
-    os.makedirs(places.claims, mode=DIR_MODE, exist_ok=True)
-    new = places.new_claim(domain)
-    files.write(new, os.fsencode(domain), FILE_MODE)
+    """Claim ``tap`` for ``domain`` (vhostorch.claims, shared with `up`); False when it
+    already was (a rerun). Raises OperationFailed when another holder has it."""
     try:
-        os.link(new, places.claim(tap))
-    except FileExistsError:
-        if holder(places, tap) is None:
-            return claim(places, tap, domain)  # released meanwhile
-        refuse_held(places, tap, domain)
-        return False
-    finally:
-        files.remove(new)
-    return True
+        return claims.claim(tap, domain, places.claims)
+    except Claimed as err:
+        raise OperationFailed(_declared_too(tap, err.holder)) from err

@@ -109,10 +109,10 @@ def load(name: str, root: str = STATE_DIR) -> VmState | None:
 
 
 def remove(name: str, root: str = STATE_DIR) -> None:
-    try:
-        os.unlink(_path(name, root))
-    except FileNotFoundError:
-        pass
+    """Remove VM ``name``'s state, and the new state a signal cut short (under its Lock)."""
+    path = _path(name, root)
+    files.remove(path)
+    files.remove(path + ".tmp")
 
 
 def every(root: str = STATE_DIR) -> Iterator[VmState]:
