@@ -35,6 +35,7 @@ def _lane(directory: str, lane: int, cycles: int, seed: int, tally: dict[str, in
     rng = random.Random(seed)
     name, tap = kernel.unique(f"vho-s{lane}"), kernel.unique("vs")
     path = spec(directory, name, tap)
+    took = 0.3  # how long this lane's last clean `up` took: signals land within that span
     for cycle in range(cycles):
         if cycle % INJECT_EVERY == INJECT_EVERY - 1:
             sig = rng.choice([signal.SIGTERM, signal.SIGKILL])
@@ -44,7 +45,7 @@ def _lane(directory: str, lane: int, cycles: int, seed: int, tally: dict[str, in
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            time.sleep(rng.uniform(0.0, 0.8))
+            time.sleep(rng.uniform(0.0, took))
             proc.send_signal(sig)
             code = proc.wait(60)
             err = proc.stderr.read() if proc.stderr else ""
@@ -63,7 +64,9 @@ def _lane(directory: str, lane: int, cycles: int, seed: int, tally: dict[str, in
             else:
                 tally["recovered by the next up"] = tally.get("recovered by the next up", 0) + 1
             continue
+        began = time.monotonic()
         done = _vhostorch("up", path, "--wait", "0")
+        took = time.monotonic() - began
         assert done.returncode == 0, done.stderr
         done = _vhostorch("down", name)
         assert done.returncode == 0, done.stderr
