@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import stat
 import subprocess
 from pathlib import Path
 
@@ -131,3 +132,115 @@ def test_a_symlink_planted_at_the_unit_path_is_never_written_through(tmp_path: P
     assert install(tmp_path)[0] == 0
     assert victim.read_text() == "keep me\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def run_unit(verb: str, unit_dir: Path, umask: int = -1) -> subprocess.CompletedProcess[str]:
+    """``vhostorch trace VERB --unit-dir``, as a user runs it, cut off after 20 s (a hang is
+    the failure, not the test's)."""
+    exe = os.path.join(os.path.dirname(bootunit.sys.executable), "vhostorch")
+    return subprocess.run(
+        [exe, "trace", verb, "--unit-dir", str(unit_dir)],
+        capture_output=True, text=True, timeout=20, umask=umask,
+    )  # fmt: skip
+
+
+def doctor_boot_check(unit_dir: Path) -> dict[str, object]:
+    """doctor's host.trace.boot for ``unit_dir``, in a child cut off after 20 s."""
+    code = (
+        "import json, sys\n"
+        "from vhostorch.check import doctor\n"
+        "(c,) = [c for c in doctor.doctor(doctor.Paths(systemd=sys.argv[1])).checks"
+        " if c.id == 'host.trace.boot']\n"
+        "print(json.dumps({'status': c.status, 'message': c.message}))\n"
+    )
+    done = subprocess.run(
+        [bootunit.sys.executable, "-c", code, str(unit_dir)],
+        capture_output=True, text=True, timeout=20, check=True,
+    )  # fmt: skip
+    found = json.loads(done.stdout)
+    assert isinstance(found, dict)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_what_is_not_a_regular_file_at_the_unit_path_is_refused_in_one_line(
+    tmp_path: Path, kind: str
+) -> None:
+    # A FIFO is never opened (reading one waits for a writer: install, uninstall and doctor
+    # hung); a directory is refused as not ours, not an internal IsADirectoryError.
+    unit = tmp_path / bootunit.NAME
+    os.mkfifo(unit) if kind == "fifo" else unit.mkdir()
+    what = {"fifo": "is a FIFO", "directory": "is a directory"}[kind]
+    for verb in ("install-unit", "uninstall-unit"):
+        done = run_unit(verb, tmp_path)
+        assert done.returncode == 1, (verb, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and what in done.stderr, done.stderr
+        assert "not replacing it" in done.stderr and "internal error" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bootunit.NAME]  # nothing written
+    with pytest.raises(NotManaged, match=what):
+        bootunit.install(str(tmp_path))
+    found = bootunit.state(str(tmp_path))
+    assert not found.installed and found.refused and what in found.refused
+    check = doctor_boot_check(tmp_path)
+    assert check["status"] == "warn" and what in str(check["message"]), check
+    assert stat_kind(unit) == kind  # left as it was
+
+
+def stat_kind(path: Path) -> str:
+    mode = os.lstat(path).st_mode
+    return "fifo" if stat.S_ISFIFO(mode) else "directory" if stat.S_ISDIR(mode) else "other"
+
+
+def test_a_relative_wants_link_to_the_unit_is_ours_to_install_and_remove(tmp_path: Path) -> None:
+    # `ln -s ../vhostorch-trace.service multi-user.target.wants/` (as systemctl may write it):
+    # install and state read it as one comparison does, relative to the link's directory.
+    wants = tmp_path / "multi-user.target.wants"
+    wants.mkdir()
+    (wants / bootunit.NAME).symlink_to(f"../{bootunit.NAME}")
+    done = run_unit("install-unit", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert os.readlink(wants / bootunit.NAME) == f"../{bootunit.NAME}"  # left as it was
+    found = bootunit.state(str(tmp_path))
+    assert found.installed and set(found.enabled_by) == set(bootunit.WANTED_BY)
+    assert found.armed_at_boot
+    assert run_unit("uninstall-unit", tmp_path).returncode == 0
+    assert not (wants / bootunit.NAME).is_symlink() and not (tmp_path / bootunit.NAME).exists()
+
+
+def test_a_foreign_wants_link_refuses_the_install_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    # All or nothing: the link in the way is found before the unit or any other link is made.
+    wants = tmp_path / "virtqemud.service.wants"
+    wants.mkdir()
+    (wants / bootunit.NAME).symlink_to("/etc/systemd/system/someone-else.service")
+    done = run_unit("install-unit", tmp_path)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "does not point at" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["virtqemud.service.wants"]
+    assert [p.name for p in wants.iterdir()] == [bootunit.NAME]
+    # A file where a .wants directory goes is refused the same way.
+    (wants / bootunit.NAME).unlink()
+    wants.rmdir()
+    wants.write_text("")
+    done = run_unit("install-unit", tmp_path)
+    assert done.returncode == 1 and "is not a directory" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["virtqemud.service.wants"]
+
+
+def test_directories_made_are_0755_whatever_the_umask(tmp_path: Path) -> None:
+    new = tmp_path / "new" / "system"
+    done = run_unit("install-unit", new, umask=0o077)
+    assert done.returncode == 0, done.stderr
+    made = [tmp_path / "new", new, *(new / f"{w}.wants" for w in bootunit.WANTED_BY)]
+    assert {str(d): os.stat(d).st_mode & 0o777 for d in made} == {str(d): 0o755 for d in made}
+    assert os.stat(new / bootunit.NAME).st_mode & 0o777 == 0o644
+    # A directory already there keeps its mode.
+    kept = tmp_path / "kept"
+    (kept / "multi-user.target.wants").mkdir(parents=True)
+    os.chmod(kept, 0o750)
+    os.chmod(kept / "multi-user.target.wants", 0o700)
+    assert run_unit("install-unit", kept, umask=0o077).returncode == 0
+    assert os.stat(kept).st_mode & 0o777 == 0o750
+    assert os.stat(kept / "multi-user.target.wants").st_mode & 0o777 == 0o700
+    assert os.stat(kept / "libvirtd.service.wants").st_mode & 0o777 == 0o755

@@ -95,6 +95,28 @@ def create(path: str, data: bytes, mode: int, *, temporary: str) -> bool:
     return True
 
 
+def makedirs(path: str, mode: int) -> None:
+    """Make ``path`` and its missing parents as directories of ``mode``, whatever the umask
+    (mkdir's mode is masked by it); a directory already there keeps its mode."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        makedirs(parent, mode)
+    try:
+        os.mkdir(path, 0o700)  # nobody else can enter it before its mode is set
+    except FileExistsError:
+        if os.path.isdir(path):
+            return  # made meanwhile by someone else: theirs, and its mode too
+        raise
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def remove(path: str) -> None:
     """Unlink ``path``; one already gone is no error."""
     try:

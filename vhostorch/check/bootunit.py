@@ -20,6 +20,7 @@ when systemd runs, it is told to reload.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 
 from vhostorch import files
@@ -33,6 +34,7 @@ WANTED_BY = ("multi-user.target", "libvirtd.service", "virtqemud.service")
 BEFORE = ("libvirtd.service", "virtqemud.service", "libvirt-guests.service")
 # Where systemd keeps its runtime state when it is the running init (sd_booted(3)).
 SYSTEMD_RUNNING = "/run/systemd/system"
+DIR_MODE = 0o755  # the unit directory and its *.wants/, made here, whatever the umask
 
 
 def command(verb: str) -> str:
@@ -75,56 +77,95 @@ class BootState(Record):
     enabled_by: tuple[str, ...]  # the *.wants/ links that point at the unit
     exec_start: str | None
     runs: bool  # ExecStart's program exists and is executable
+    refused: str | None = None  # why what is at ``path`` is not vhostorch's unit
 
     @property
     def armed_at_boot(self) -> bool:
         return self.installed and "multi-user.target" in self.enabled_by and self.runs
 
 
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFLNK: "a symlink"}  # fmt: skip
+
+
 def _ours(path: str) -> str | None:
-    """The unit's text if vhostorch wrote it; None if absent. Raises NotManaged."""
+    """The unit's text if vhostorch wrote it; None if absent. Raises NotManaged.
+
+    Only a regular file can be ours: anything else is refused from lstat alone, never
+    opened (opening a FIFO for reading waits for a writer). The open adds O_NONBLOCK and
+    fstat checks again, for a FIFO put in its place meanwhile.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+        if kind != stat.S_IFREG:
+            what = _KINDS.get(kind, "not a regular file")
+            raise NotManaged(f"{path} is {what}, not a unit vhostorch wrote; not replacing it")
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotManaged(f"{path} is not a regular file; not replacing it")
+            text = f.read(1 << 16).decode(errors="replace")
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise NotManaged(f"{path} cannot be read ({err.strerror}); not replacing it") from err
-    with os.fdopen(fd, errors="replace") as f:
-        text = f.read(1 << 16)
+        why = err.strerror or str(err)
+        raise NotManaged(f"{path} cannot be read ({why}); not replacing it") from err
     if not text.startswith(MARKER):
         raise NotManaged(f"{path} exists and vhostorch did not write it; not replacing it")
     return text
 
 
+def _points_at(link: str, path: str) -> bool:
+    """Whether ``link`` is a symlink to ``path``: its target, relative to the link's own
+    directory if relative (as systemd reads it), normalised. The one comparison."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return False
+    return os.path.normpath(os.path.join(os.path.dirname(link), target)) == path
+
+
 def _links(unit_dir: str, path: str) -> tuple[str, ...]:
     """The ``X.wants`` directories whose link named NAME points at ``path``."""
-    found = []
     try:
         entries = sorted(os.listdir(unit_dir))
     except OSError:
         return ()
-    for entry in entries:
-        if not entry.endswith(".wants"):
+    return tuple(
+        entry.removesuffix(".wants")
+        for entry in entries
+        if entry.endswith(".wants") and _points_at(os.path.join(unit_dir, entry, NAME), path)
+    )
+
+
+def _missing_links(unit_dir: str, path: str) -> list[str]:
+    """The WANTED_BY links still to make; raises NotManaged, before anything is written,
+    when one is in the way (something else at the link's name, or at its ``.wants``)."""
+    missing = []
+    for wanted_by in WANTED_BY:
+        wants = os.path.join(unit_dir, f"{wanted_by}.wants")
+        link = os.path.join(wants, NAME)
+        if os.path.lexists(wants) and not os.path.isdir(wants):
+            raise NotManaged(f"{wants} is not a directory; not replacing it")
+        if _points_at(link, path):
             continue
-        link = os.path.join(unit_dir, entry, NAME)
-        try:
-            target = os.readlink(link)
-        except OSError:
-            continue
-        if os.path.normpath(os.path.join(os.path.dirname(link), target)) == path:
-            found.append(entry.removesuffix(".wants"))
-    return tuple(found)
+        if os.path.lexists(link):
+            raise NotManaged(f"{link} exists and does not point at {path}; not replacing it")
+        missing.append(wanted_by)
+    return missing
 
 
 def _link(unit_dir: str, wanted_by: str, path: str) -> None:
     wants = os.path.join(unit_dir, f"{wanted_by}.wants")
-    os.makedirs(wants, mode=0o755, exist_ok=True)
+    files.makedirs(wants, DIR_MODE)
     link = os.path.join(wants, NAME)
     try:
         os.symlink(path, link)
     except FileExistsError:
-        if os.path.islink(link) and os.readlink(link) == path:
-            return
+        if _points_at(link, path):
+            return  # made meanwhile, as we would have
         raise NotManaged(f"{link} exists and does not point at {path}; not replacing it") from None
 
 
@@ -147,17 +188,22 @@ def install(unit_dir: str = UNIT_DIR) -> Installed:
     Raises NotManaged (someone else's file or link is there), OperationFailed.
     """
     path = os.path.join(os.path.abspath(unit_dir), NAME)
+    directory = os.path.dirname(path)
     old = _ours(path)
+    missing = _missing_links(directory, path)  # all or nothing: refused before any write
     text = unit_text()
     try:
         if old != text:
-            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            files.makedirs(directory, DIR_MODE)
             files.replace(path, text.encode(), 0o644, durable=True)
-        for wanted_by in WANTED_BY:
-            _link(os.path.dirname(path), wanted_by, path)
+        for wanted_by in missing:
+            _link(directory, wanted_by, path)
     except OSError as err:
         raise OperationFailed(f"cannot install {path}: {err.strerror or err}") from err
-    action = "unchanged" if old == text else "installed" if old is None else "updated"
+    if old == text:
+        action = "updated" if missing else "unchanged"  # re-enabled: a link was missing
+    else:
+        action = "installed" if old is None else "updated"
     reloaded = _reload(os.path.dirname(path) == UNIT_DIR) if action != "unchanged" else False
     return Installed(path, action, True, reloaded)
 
@@ -186,14 +232,16 @@ def uninstall(unit_dir: str = UNIT_DIR) -> Installed:
 def state(unit_dir: str = UNIT_DIR) -> BootState:
     """Whether the unit is there, which ``*.wants/`` link it, and whether its ExecStart runs."""
     path = os.path.join(os.path.abspath(unit_dir), NAME)
+    refused = None
     try:
         text = _ours(path)
-    except NotManaged:
-        text = None
+    except NotManaged as err:
+        text, refused = None, str(err).removesuffix("; not replacing it")
     exec_start = None
     for line in (text or "").splitlines():
         if line.startswith("ExecStart="):
             exec_start = line.removeprefix("ExecStart=")
     program = exec_start.split()[0] if exec_start else ""
     runs = bool(program) and os.access(program, os.X_OK)
-    return BootState(path, text is not None, _links(os.path.dirname(path), path), exec_start, runs)
+    links = _links(os.path.dirname(path), path)
+    return BootState(path, text is not None, links, exec_start, runs, refused)

@@ -179,7 +179,10 @@ def trace_at_boot(paths: Paths) -> Check:
     if found.armed_at_boot:
         return Check(ids.HOST_TRACE_BOOT, PASS, f"{bootunit.NAME} arms the wiring trace at "
                      "boot, before libvirt starts VMs", evidence)  # fmt: skip
-    if not found.installed:
+    if found.refused:
+        why = found.refused
+        evidence["refused"] = found.refused
+    elif not found.installed:
         why = f"{found.path} is not installed (or not vhostorch's)"
     elif "multi-user.target" not in found.enabled_by:
         why = f"{bootunit.NAME} is not enabled (no multi-user.target.wants/ link)"
