@@ -93,7 +93,9 @@ def proc_tree(pid: int, proc: str = procfs.PROC) -> tuple[dict[str, str], dict[s
     for tid in os.listdir(f"{proc}/{pid}/task"):
         keep_file(f"{pid}/task/{tid}/comm")
         if (files.get(f"{pid}/task/{tid}/comm") or "").strip() == worker:
-            keep_file(f"{tid}/stat")  # a vhost_task worker's CPU time (observe.worker_cpu)
+            # A vhost_task worker's own CPU time (observe.worker_cpu): /proc/TID/stat would
+            # be the whole thread group's.
+            keep_file(f"{pid}/task/{tid}/stat")
     # The vhost workers that are kernel threads (Linux < 6.4), as vhost_kthreads finds them.
     for entry in os.listdir(proc):
         kthread = entry.isdigit() and _read(f"{proc}/{entry}/cmdline") == ""

@@ -16,6 +16,7 @@ Recorded in the test host (tests/record_observation.py; ``--kernel 6.12`` for th
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -152,3 +153,27 @@ def test_each_queue_pairs_worker_is_the_one_owned_for_its_vhost_fd(
             owned = [fd for fd in obs.wiring.owners if fd in {w["vhost_fd"] for w in found}]
             by_tid = sorted(found, key=lambda w: int(str(w["tid"])))
             assert [w["vhost_fd"] for w in by_tid] == owned[-queues:]
+
+
+def test_a_vhost_task_workers_cpu_time_is_its_own_not_its_thread_groups(
+    tmp_path: pathlib.Path,
+) -> None:
+    """On Linux >= 6.4 /proc/TID/stat of a thread sums its whole thread group (QEMU's CPU
+    time); the worker's own is /proc/QEMU/task/TID/stat. Written here as the kernel lays
+    them out, from the 6.12 recording: the group's total must not be taken for a worker's."""
+    from vhostorch.check import observe
+
+    obs = observations.observed("healthy-4q-linux-6.12", tmp_path)
+    proc, pid = tmp_path / "proc", obs.process.pid
+    fields = "S 1 1 1 0 -1 4194368 0 0 0 0 {utime} {stime} 0 0 20 0 1 0 100 0 0"
+    for n, tid in enumerate(obs.workers):
+        (proc / str(tid)).mkdir(exist_ok=True)
+        (proc / str(tid) / "stat").write_text(f"{tid} (qemu-system-x86) " + fields.format(
+            utime=100_000, stime=7_500) + "\n")  # fmt: skip
+        task = proc / str(pid) / "task" / str(tid)
+        task.mkdir(parents=True, exist_ok=True)
+        (task / "stat").write_text(f"{tid} (vhost-{pid}) " + fields.format(
+            utime=100 * (n + 1), stime=n) + "\n")  # fmt: skip
+    ticks = os.sysconf("SC_CLK_TCK")
+    got = observe.worker_cpu(obs.workers, pid, str(proc))
+    assert got == {tid: (100 * (n + 1) + n) / ticks for n, tid in enumerate(obs.workers)}

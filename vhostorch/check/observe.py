@@ -208,16 +208,25 @@ def device_access(pid: int, proc: str, dev: str) -> dict[str, object]:
     return facts
 
 
-def worker_cpu(tids: Iterable[int], proc: str = procfs.PROC) -> dict[int, float]:
-    """CPU seconds (utime + stime) of each vhost worker, by tid. Kernel threads (Linux < 6.4)
-    are not in QEMU's thread group; /proc/TID reads any thread by its id."""
+def worker_cpu(tids: Iterable[int], pid: int, proc: str = procfs.PROC) -> dict[int, float]:
+    """CPU seconds (utime + stime) of each vhost worker, by tid.
+
+    A vhost_task (Linux >= 6.4) is a thread of QEMU ``pid``: its own times are in
+    /proc/PID/task/TID/stat, while /proc/TID/stat sums the whole thread group (all of
+    QEMU's CPU time). A kernel thread (< 6.4) is a process of its own: /proc/TID/stat.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
     found = {}
     for tid in tids:
-        try:
-            with open(f"{proc}/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+        fields = None
+        for path in (f"{proc}/{pid}/task/{tid}/stat", f"{proc}/{tid}/stat"):
+            try:
+                with open(path) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                break
+            except (OSError, IndexError):
+                continue
+        if fields is None:
             continue
         # Fields 14 and 15 (utime, stime) are the 12th and 13th after the comm.
         found[tid] = (int(fields[11]) + int(fields[12])) / ticks
@@ -342,7 +351,7 @@ def observe(
         logs = Logs(source, lines, qlog, qlines)
         if short:
             device = device_access(pid, proc, dev)
-    cpu = worker_cpu(workers, proc) if workers else None
+    cpu = worker_cpu(workers, pid, proc) if workers else None
     return Observation(
         process, args, model, tuple(workers), taps, seen, present, domain, view, error, wired,
         note, plan, logs, device, cpu,
