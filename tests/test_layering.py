@@ -24,7 +24,7 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
                "fds", "running", "vrings", "reasons", "verify", "metrics", "targets", "rewire",
                "bootunit", "doctor", "__init__")),
     ("backends", ("contract", "process", "qmp", "libvirt", "__init__")),
-    ("orchestrate", ()),
+    ("orchestrate", ("decision", "settle", "__init__")),
     ("hook", ("metadata", "state", "program", "__init__", "install")),
     ("lab", ("image", "watch", "run", "__init__")),
     ("cli", ("argv", "output", "taps", "check", "vm", "hook", "lab", "__init__")),

@@ -146,7 +146,7 @@ def test_state_round_trips_and_the_lock_leaves_nothing_without_state(tmp_path: P
 
 def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
     from vhostorch.check.report import Check, Report
-    from vhostorch.orchestrate import _settled
+    from vhostorch.orchestrate.settle import _settled
 
     nics = (vmstate.NicState("t0", "nic.t0", "tap.t0", 1, "52:54:00:00:00:01", "required",
                              True, None, True),)  # fmt: skip

@@ -12,22 +12,23 @@ the taps it made, and only the work directory under the state directory.
 What differs between backends (``qmp``: QEMU started here, NICs added over QMP with
 fds opened here; ``libvirt``: a defined domain whose interfaces are ``type='ethernet'``
 on the taps made here) is behind vhostorch.backends.contract.Backend: nothing here
-asks which backend it holds.
+asks which backend it holds. Before a start, ``decision`` says which NICs get vhost;
+after it, ``settle`` waits for the guest driver and checks.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 from vhostorch import backends, claims, signals, taps
 from vhostorch.backends import process
-from vhostorch.check import doctor, verify, wiring
-from vhostorch.check.report import FAIL, PASS, WARN, Check, Report
+from vhostorch.check import wiring
 from vhostorch.errors import InvalidSpec, OperationFailed, RollbackFailed, VhostorchError
 from vhostorch.kernel import procfs
 from vhostorch.libvirt.connection import SYSTEM_URI
-from vhostorch.record import TYPE_CHECKING, Record
+from vhostorch.orchestrate.decision import Host, decide
+from vhostorch.orchestrate.settle import WAIT_DRIVER, Outcome, check, wait_for_vhost
+from vhostorch.record import TYPE_CHECKING
 from vhostorch.vm import state as vmstate
 from vhostorch.vm.state import RUNNING, STARTING, NicState, VmState
 
@@ -36,68 +37,7 @@ if TYPE_CHECKING:
 
     from vhostorch.vm.spec import NicSpec, VmSpec
 
-WAIT_DRIVER = 60.0  # seconds for the guest driver to start vhost on every NIC
 UNPLUG_TIMEOUT = 30.0
-# Between questions to QEMU while its guest boots; each costs the guest CPU time, which
-# shows in the nested test host (a quarter-second poll cost its guest 4 s of boot).
-POLL = 1.0
-
-
-class Outcome(Record):
-    """A VM vhostorch runs, the check made once its guest driver was up (or the wait ended)."""
-
-    state: VmState
-    report: Report
-    waited: float
-    driver_up: bool
-
-
-class Host(Record):
-    """What decides whether vhost can be had: doctor's checks for /dev/vhost-net and KVM."""
-
-    vhost: tuple[str, str]  # (status, doctor's message)
-    kvm: tuple[str, str]
-
-    @classmethod
-    def probe(cls, paths: doctor.Paths | None = None) -> Host:
-        paths = paths or doctor.Paths()
-        checks = doctor.vhost_net_checks(paths)
-        worst = next((c for c in checks if c.status != PASS), checks[0])
-        kvm = doctor.kvm_check(paths)
-        return cls((worst.status, worst.message), (kvm.status, kvm.message))
-
-
-def decide(
-    nics: Sequence[NicSpec], accel: str, backend: str, host: Host, first: int = 0
-) -> list[tuple[NicSpec, bool, str | None]]:
-    """Pure: for each NIC, whether QEMU gets vhost, and why not; refuses what cannot be had.
-
-    ``required`` needs /dev/vhost-net, with accel kvm a usable KVM, and what the
-    backend needs (libvirt uses vhost only for type='kvm' domains; QEMU itself uses
-    vhost under TCG too). ``preferred`` falls back to QEMU's data path, and says why.
-    Raises OperationFailed, InvalidSpec (an unknown backend).
-    """
-    if accel == "kvm" and host.kvm[0] == FAIL:
-        raise OperationFailed(f'accel = "kvm" but KVM is not usable: {host.kvm[1]}')
-    refused = backends.get(backend).vhost_refused(accel)
-    decided: list[tuple[NicSpec, bool, str | None]] = []
-    for index, nic in enumerate(nics, first):
-        why, detail = None, ""
-        if host.vhost[0] != PASS:
-            why = "this host has no usable /dev/vhost-net"
-            detail = f" ({host.vhost[1]})"
-        elif refused is not None:
-            why = refused
-        elif accel == "kvm" and host.kvm[0] != PASS:
-            why = f"KVM is not usable ({host.kvm[1]})"
-        if nic.vhost == "required" and why is not None:
-            raise OperationFailed(
-                f'nic[{index}] ({nic.tap.name}): vhost = "required" cannot be had: {why}{detail}; '
-                'nothing was started (vhost = "preferred" would start without it)'
-            )
-        on = nic.vhost != "off" and why is None
-        decided.append((nic, on, why if nic.vhost == "preferred" and not on else None))
-    return decided
 
 
 class _Undo:
@@ -282,7 +222,7 @@ def up(
             )
             state = bare.replace(nics=nics, status=RUNNING, making=(), launched_after=None)
             vmstate.save(state, root)
-            outcome = _wait_for_vhost(state, wait)
+            outcome = wait_for_vhost(state, wait)
         except BaseException as err:
             _fail(err, undo)
             raise
@@ -297,72 +237,6 @@ def _nic_state(
         nic.tap.name, device, netdev, nic.queues, nic.mac, nic.vhost, on, why,
         nic.tap.name in created,
     )  # fmt: skip
-
-
-def check(state: VmState) -> Report:
-    """The check of a VM vhostorch started, with what it set up as the expectation,
-    observed as its backend observes it. Raises procfs.CannotInspect, OperationFailed."""
-    return verify.verify(backends.of(state).observe(state))
-
-
-def _settled(report: Report, state: VmState) -> bool:
-    """Every vhost NIC's started check has a final answer (which answers are final is the
-    backend's to say: QEMU's monitor says "not yet", the wiring trace cannot)."""
-    final = backends.of(state).final_started()
-    for nic in state.nics:
-        if not nic.vhost_on:
-            continue
-        started = [c for c in report.checks if c.id == "nic.vhost.started" and c.nic == nic.device]
-        if started and started[0].status not in final:
-            return False
-        if any(_masked(c) for c in report.checks if c.nic == nic.device):
-            return False  # a vector the guest masks for a moment (an IRQ move) comes back
-    return True
-
-
-def _masked(check: Check) -> bool:
-    return check.id == "nic.call" and check.status == WARN and bool(check.evidence.get("masked"))
-
-
-def _wait_for_vhost(state: VmState, timeout: float) -> Outcome:
-    """Wait until every NIC's guest driver has started vhost, or ``timeout`` runs out; check.
-
-    The guest is booting meanwhile, so the wait must cost it little CPU: where the
-    backend can ask QEMU itself (QMP), one question per NIC every POLL seconds (in the
-    test host a new connection per question cost 125 ms of its CPU, a kept one 9 ms),
-    and the full check once at the end; otherwise (libvirt, through the trace) the
-    check as often.
-    """
-    begin = time.monotonic()
-    waiting = [n.device for n in state.nics if n.vhost_on]
-    asker = backends.of(state).asker(state) if waiting else None
-    try:
-        while True:
-            if not procfs.alive(state.pid):
-                raise OperationFailed(f"QEMU (pid {state.pid}) exited while its guest was starting")
-            waited = time.monotonic() - begin
-            if asker is not None and waiting and waited < timeout:
-                waiting = asker.waiting(waiting)
-                if waiting:
-                    time.sleep(POLL)
-                    continue
-            if asker is not None:
-                asker.close()  # before the check, which asks QEMU itself
-            report = _checked(state)
-            settled = _settled(report, state)
-            if settled or waited >= timeout:
-                return Outcome(state, report, waited, settled)
-            time.sleep(POLL)
-    finally:
-        if asker is not None:
-            asker.close()
-
-
-def _checked(state: VmState) -> Report:
-    try:
-        return check(state)
-    except procfs.CannotInspect as err:
-        raise OperationFailed(f"QEMU (pid {state.pid}) cannot be checked: {err}") from None
 
 
 def _running(name: str, root: str) -> VmState:
@@ -432,7 +306,7 @@ def nic_add(
         except BaseException as err:
             _fail(err, undo)
             raise
-        return _wait_for_vhost(state, wait)
+        return wait_for_vhost(state, wait)
 
 
 def nic_del(
@@ -453,3 +327,6 @@ def nic_del(
             taps.delete([tap])
         claims.release(tap, claims.up_holder(name))
         return state
+
+
+__all__ = ["WAIT_DRIVER", "Host", "Outcome", "check", "decide", "down", "nic_add", "nic_del", "up"]
