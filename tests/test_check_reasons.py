@@ -1,5 +1,6 @@
-"""Why vhost is not used (check.reasons) and the OpenMetrics output, on this machine's real
-QEMUs and libvirt domains.
+"""Why vhost is not used (check.reasons) and the metrics output (OpenMetrics, and the classic
+Prometheus text format node_exporter's textfile collector reads), on this machine's real QEMUs
+and libvirt domains.
 
 This machine has no /dev/vhost-net, so what is real here: libvirt could not open it
 (a type='kvm' domain without <driver>), vhost not requested (vhost=off, a type='qemu'
@@ -20,11 +21,13 @@ from typing import Any
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.parser import text_string_to_metric_families as classic_families
 
 from tests import kernel
 from tests.kernel import vhostorch
 from tests.test_check_host import _wait_for_tap_fd, domain, domain_xml, tap
-from vhostorch.check import observe, verify
+from vhostorch.check import metrics as metrics_text
+from vhostorch.check import observe, targets, verify
 from vhostorch.libvirt import connection, domxml
 
 NO_VHOST_NET = not os.path.exists("/dev/vhost-net")
@@ -37,12 +40,24 @@ def reasons(report: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
     return {nic["name"]: nic["reason"] for nic in report["nics"]}
 
 
-def metrics(*argv: str) -> tuple[int, dict[str, Any]]:
-    """``vhostorch check ARGV --format openmetrics``, parsed by prometheus_client's parser."""
-    done = vhostorch("check", *argv, "--format", "openmetrics")
-    assert done.stdout.endswith("# EOF\n"), done.stderr
-    families = {f.name: f for f in text_string_to_metric_families(done.stdout)}
-    return done.returncode, families
+# Each format read by prometheus_client's parser for it: the OpenMetrics one (strict: a
+# sample outside its family, a missing # EOF, is an error) and the classic text format's
+# (which, as node_exporter's expfmt, makes a sample named unlike every TYPE'd family a
+# family of its own, untyped).
+PARSERS = {"openmetrics": text_string_to_metric_families, "prometheus": classic_families}
+
+
+def parse(text: str, form: str) -> dict[str, Any]:
+    families = {f.name: f for f in PARSERS[form](text)}
+    assert len(families) == 6 and set(metrics_text.FORMATS) == set(PARSERS), sorted(families)
+    return families
+
+
+def metrics(*argv: str, form: str = "openmetrics") -> tuple[int, dict[str, Any]]:
+    """``vhostorch check ARGV --format FORM``, parsed by prometheus_client's parser for it."""
+    done = vhostorch("check", *argv, "--format", form)
+    assert done.stdout.endswith("# EOF\n") == (form == "openmetrics"), done.stderr
+    return done.returncode, parse(done.stdout, form)
 
 
 @contextmanager
@@ -191,12 +206,71 @@ def test_openmetrics_says_what_the_json_says(libvirtd: str) -> None:
         assert {s.labels["pid"] for s in one["vhostorch_check_status"].samples} == {str(pid)}
 
 
+def one_status_each(families: dict[str, Any], every: dict[str, Any]) -> None:
+    """Every check of every report in ``every`` (check --all --json) is four status series,
+    exactly one of them 1 (its verdict); and no series the JSON does not have."""
+    status: dict[tuple[str, ...], dict[str, float]] = {}
+    for s in families["vhostorch_check_status"].samples:
+        key = (s.labels["pid"], s.labels["check"], s.labels["nic"], s.labels["queue"])
+        assert s.labels["status"] not in status.setdefault(key, {}), s  # no series twice
+        status[key][s.labels["status"]] = s.value
+    for report in every["reports"]:
+        for c in report["checks"]:
+            queue = "" if c["queue"] is None else str(c["queue"])
+            got = status.pop((str(report["target"]["pid"]), c["id"], c["nic"] or "", queue))
+            assert got == {s: float(s == c["status"]) for s in ("pass", "warn", "fail",
+                                                                "unknown")}  # fmt: skip
+    assert status == {}
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.parametrize("form", ["prometheus", "openmetrics"])
+def test_each_metrics_format_types_the_counter_for_its_parser(form: str) -> None:
+    """--format prometheus for node_exporter's textfile collector (classic text format 0.0.4),
+    --format openmetrics for OpenMetrics scrapers: each read by its own parser, on real QEMUs,
+    types the worker CPU counter ``counter`` and gives every check one status series at 1."""
+    with tap() as one, tap() as two, plain_qemu(one, "off") as pid, plain_qemu(two, None):
+        every = json.loads(vhostorch("check", "--all", "--json").stdout)
+        code, families = metrics("--all", form=form)
+        assert code == (0 if every["ok"] else 1)
+        assert {str(pid)} <= {str(r["target"]["pid"]) for r in every["reports"]}
+        one_status_each(families, every)
+        cpu = families["vhostorch_vhost_worker_cpu_seconds"]
+        assert cpu.type == "counter" and not any(f.endswith("_total") for f in families)
+        # This machine has no /dev/vhost-net, so no QEMU here has a vhost worker: the same
+        # QEMU's report as a vhost-net host gives it (a worker per queue pair; one of the
+        # QEMU's own threads stands in for it) puts a sample in the counter family, which
+        # stays the one family of that name, typed counter, in the classic parser too.
+        (report,) = targets.reports(targets.Target(pid=pid))
+        tid = max(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        cpu_time = thread_cpu_seconds(pid, tid)
+        worker = {"queue_pair": 0, "vhost_fd": 99, "tid": tid, "cpu_seconds": cpu_time}
+        nics = tuple({**n, "workers": [worker]} for n in report.nics)
+        text = metrics_text.render([report.replace(nics=nics)], 0.5, form)
+        cpu = parse(text, form)["vhostorch_vhost_worker_cpu_seconds"]
+        assert cpu.type == "counter", text
+        (sample,) = cpu.samples
+        assert sample.name == "vhostorch_vhost_worker_cpu_seconds_total"
+        assert sample.labels == {"vm": report.target.get("name") or "", "pid": str(pid),
+                                 "nic": "net0", "queue_pair": "0", "tid": str(tid)}  # fmt: skip
+        assert sample.value == worker["cpu_seconds"]
+        counter_lines = [ln for ln in text.splitlines() if "vhost_worker_cpu_seconds" in ln]
+        typed = "vhostorch_vhost_worker_cpu_seconds" + ("_total" if form == "prometheus" else "")
+        assert counter_lines[1] == f"# TYPE {typed} counter"
+
+
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
-        (["--all", "--format", "yaml"], "--format must be one of table, json, openmetrics"),
+        (["--all", "--format", "yaml"], "one of table, json, openmetrics, prometheus"),
         (["--all", "--json", "--format", "openmetrics"], "contradict"),
         (["--all", "--watch", "5", "--format", "openmetrics"], "--watch prints changes"),
+        (["--all", "--watch", "5", "--format", "prometheus"], "not metrics (--format prometheus)"),
+        (["--all", "--json", "--format", "prometheus"], "contradict"),
     ],
 )
 def test_bad_format_is_a_one_line_refusal(argv: list[str], error: str) -> None:

@@ -1,6 +1,14 @@
-"""The check's reports as OpenMetrics text, for Prometheus (node_exporter's textfile collector).
+"""The check's reports as metrics text, in one of two formats that differ in two things:
 
-Families (every one a HELP and a TYPE line; the text ends with ``# EOF``):
+  openmetrics  OpenMetrics 1.0 (application/openmetrics-text), for scrapers that ask for it:
+               a counter family is named without ``_total`` in HELP and TYPE (its samples
+               keep it), and the text ends with ``# EOF``.
+  prometheus   the classic text exposition format 0.0.4, which node_exporter's textfile
+               collector parses (Go's expfmt TextParser): HELP and TYPE name the counter
+               with ``_total``, as its samples are named (expfmt reads a sample whose name is
+               not a TYPE'd family's as a family of its own, untyped), and no ``# EOF``.
+
+Families (every one a HELP and a TYPE line):
 
   vhostorch_check_status{vm,pid,nic,queue,check,status}   gauge, 1 for the check's verdict
       and 0 for the three other statuses (pass, warn, fail, unknown): alert on
@@ -28,10 +36,11 @@ if TYPE_CHECKING:
     from vhostorch.check.report import Report
 
 PREFIX = "vhostorch_"
+FORMATS = ("openmetrics", "prometheus")
 
 
 def _escape(value: object) -> str:
-    # OpenMetrics label values: backslash, double quote and line feed are escaped.
+    # Label values, in both formats: backslash, double quote and line feed are escaped.
     text = "" if value is None else str(value)
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -45,18 +54,23 @@ def _number(value: float) -> str:
 
 
 class _Family:
-    def __init__(self, name: str, kind: str, help: str) -> None:
+    """One metric family; ``suffix`` is what every sample's name adds (``_total`` for a
+    counter), which the classic format's HELP and TYPE name too and OpenMetrics' do not."""
+
+    def __init__(self, name: str, kind: str, help: str, suffix: str = "") -> None:
         self.name = PREFIX + name
         self.kind = kind
         self.help = help
+        self.suffix = suffix
         self.samples: list[str] = []
 
-    def add(self, labels: Sequence[tuple[str, object]], value: float, suffix: str = "") -> None:
+    def add(self, labels: Sequence[tuple[str, object]], value: float) -> None:
         where = _labels(labels) if labels else ""
-        self.samples.append(f"{self.name}{suffix}{where} {_number(value)}")
+        self.samples.append(f"{self.name}{self.suffix}{where} {_number(value)}")
 
-    def text(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", *self.samples]
+    def text(self, form: str) -> list[str]:
+        name = self.name + (self.suffix if form == "prometheus" else "")
+        return [f"# HELP {name} {self.help}", f"# TYPE {name} {self.kind}", *self.samples]
 
 
 def vm_name(report: Report) -> str:
@@ -64,8 +78,11 @@ def vm_name(report: Report) -> str:
     return str(target.get("domain") or target.get("name") or "")
 
 
-def render(reports: Sequence[Report], duration: float) -> str:
-    """The OpenMetrics text of ``reports``, checked in ``duration`` seconds."""
+def render(reports: Sequence[Report], duration: float, form: str = "openmetrics") -> str:
+    """The metrics text of ``reports``, checked in ``duration`` seconds, in ``form`` (one of
+    FORMATS)."""
+    if form not in FORMATS:
+        raise ValueError(f"no metrics format {form!r}")
     status = _Family(
         "check_status",
         "gauge",
@@ -81,6 +98,7 @@ def render(reports: Sequence[Report], duration: float) -> str:
         "vhost_worker_cpu_seconds",
         "counter",
         "CPU time (user and system) of the vhost worker thread serving a queue pair.",
+        "_total",
     )
     vm_ok = _Family("vm_ok", "gauge", "1 when no check of this QEMU failed.")
     for report in reports:
@@ -104,7 +122,7 @@ def render(reports: Sequence[Report], duration: float) -> str:
                     ("vm", vm), ("pid", pid), ("nic", nic["name"]),
                     ("queue_pair", w["queue_pair"]), ("tid", w["tid"]),
                 )  # fmt: skip
-                cpu.add(worker, float(w["cpu_seconds"]), "_total")
+                cpu.add(worker, float(w["cpu_seconds"]))
         vm_ok.add((("vm", vm), ("pid", pid)), 1 if report.ok() else 0)
     vms = _Family("check_vms", "gauge", "QEMU processes this check looked at.")
     vms.add((), len(reports))
@@ -112,5 +130,5 @@ def render(reports: Sequence[Report], duration: float) -> str:
     took.add((), round(duration, 6))
     lines = []
     for family in (status, reason, cpu, vm_ok, vms, took):
-        lines += family.text()
-    return "\n".join(lines) + "\n# EOF\n"
+        lines += family.text(form)
+    return "\n".join(lines) + ("\n# EOF\n" if form == "openmetrics" else "\n")

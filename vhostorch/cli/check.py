@@ -55,7 +55,8 @@ COMMANDS = (
             Option(
                 "--format",
                 VALUE,
-                "table (default), json (as --json) or openmetrics (Prometheus' text format)",
+                "table (default), json (as --json), prometheus (the classic text format, for "
+                "node_exporter's textfile collector) or openmetrics (for OpenMetrics scrapers)",
             ),
         ),
         CHECK_EXIT_CODES,
@@ -116,7 +117,8 @@ def _reports(args: Parsed, rewire: bool = False) -> list[Report]:
     return (rewiring.reports if rewire else targets.reports)(target)
 
 
-FORMATS = ("table", "json", "openmetrics")
+FORMATS = ("table", "json", "openmetrics", "prometheus")
+METRICS = ("openmetrics", "prometheus")  # check.metrics.FORMATS, without importing it
 
 
 def _format(args: Parsed) -> str:
@@ -136,10 +138,10 @@ def _print_reports(reports: list[Report], args: Parsed, took: float = 0.0) -> bo
     strict = args.flag("strict")
     ok = all(r.ok(strict) for r in reports)
     chosen = _format(args)
-    if chosen == "openmetrics":
+    if chosen in METRICS:
         from vhostorch.check import metrics
 
-        sys.stdout.write(metrics.render(reports, took))
+        sys.stdout.write(metrics.render(reports, took, chosen))
         return ok
     if chosen == "json":
         if args.command.path == ("check",) and args.flag("all"):
@@ -157,8 +159,8 @@ def _check(args: Parsed) -> int:
     watch = args.number("watch")
     if watch is not None and watch < 1:
         raise InvalidSpec("check: --watch needs at least 1 second")
-    if watch is not None and _format(args) == "openmetrics":
-        raise InvalidSpec("check: --watch prints changes, not metrics (--format openmetrics)")
+    if watch is not None and (chosen := _format(args)) in METRICS:
+        raise InvalidSpec(f"check: --watch prints changes, not metrics (--format {chosen})")
     import time
 
     begun = time.perf_counter()
