@@ -24,18 +24,23 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 
 # A QEMU stand-in: open /dev/net/tun once per queue as net/tap-linux.c does
-# (IFF_TAP|IFF_NO_PI, IFF_VNET_HDR when it can, IFF_MULTI_QUEUE when queues > 1),
-# report "ok" or the errno of the first failure, and hold the fds until stdin closes.
+# (IFF_TAP|IFF_NO_PI, IFF_VNET_HDR when it can, IFF_MULTI_QUEUE when queues > 1 or asked),
+# detach every queue if asked (TUNSETQUEUE IFF_DETACH_QUEUE, as QEMU does for the queues
+# its guest does not use), report "ok" or the errno of the first failure, and hold the fds
+# until stdin closes.
 _OPENER = r"""
 import fcntl, os, struct, sys
 name, queues, vnet = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-flags = 0x0002 | 0x1000 | (0x4000 if vnet else 0) | (0x0100 if queues > 1 else 0)
+multi, detach = sys.argv[4] == "1", sys.argv[5] == "1"
+flags = 0x0002 | 0x1000 | (0x4000 if vnet else 0) | (0x0100 if queues > 1 or multi else 0)
 fds = []
 try:
     for _ in range(queues):
         fd = os.open("/dev/net/tun", os.O_RDWR)
         fds.append(fd)
         fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", name.encode(), flags))
+    for fd in fds if detach else ():
+        fcntl.ioctl(fd, 0x400454D9, struct.pack("16sH22x", b"", 0x0400))  # TUNSETQUEUE
 except OSError as err:
     print(f"errno {err.errno}", flush=True)
     sys.exit(1)
@@ -197,9 +202,20 @@ def tun_flags(ns: str, dev: str) -> int:
 
 
 class Opener:
-    """A process in ``ns`` holding ``queues`` queues of tap ``name`` open, QEMU's way."""
+    """A process in ``ns`` holding ``queues`` queues of tap ``name`` open, QEMU's way
+    (``multi_queue``: IFF_MULTI_QUEUE even for one queue; ``detach``: every queue then
+    detached with TUNSETQUEUE, the fds kept)."""
 
-    def __init__(self, ns: str, name: str, queues: int, vnet_hdr: bool = True) -> None:
+    def __init__(
+        self,
+        ns: str,
+        name: str,
+        queues: int,
+        vnet_hdr: bool = True,
+        *,
+        multi_queue: bool = False,
+        detach: bool = False,
+    ) -> None:
         cmd = [
             "ip",
             "netns",
@@ -211,6 +227,8 @@ class Opener:
             name,
             str(queues),
             "1" if vnet_hdr else "0",
+            "1" if multi_queue else "0",
+            "1" if detach else "0",
         ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
+import os
 import pwd
-from collections.abc import Callable, Sequence
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Collection, Sequence
 
 import pytest
 
@@ -25,9 +31,9 @@ from tests.kernel import (
     tun_flags,
 )
 from vhostorch import taps
-from vhostorch.errors import InUse, Mismatch, NotManaged, OperationFailed
+from vhostorch.errors import InUse, Mismatch, NotManaged, OperationFailed, RollbackFailed
 from vhostorch.kernel import netns
-from vhostorch.kernel.rtnl import Link, Rtnl
+from vhostorch.kernel.rtnl import Link, Rtnl, set_link_request
 from vhostorch.model import TapSpec
 
 pytestmark = pytest.mark.kernel
@@ -244,8 +250,8 @@ class FailingHost:
     def __init__(self, real: taps.KernelHost, at: int) -> None:
         self.real, self.at, self.count = real, at, 0
 
-    def snapshot(self) -> dict[str, Link]:
-        return self.real.snapshot()
+    def snapshot(self, probe: Collection[str] = ()) -> dict[str, Link]:
+        return self.real.snapshot(probe)
 
     def do(self, steps: Sequence[taps.Step]) -> list[OperationFailed | None]:
         # Like the kernel with a batch: every step is attempted, the injected one fails.
@@ -451,12 +457,12 @@ class Meddler:
         self.before_check = before_check
         self.before_delete = before_delete
 
-    def snapshot(self) -> dict[str, Link]:
+    def snapshot(self, probe: Collection[str] = ()) -> dict[str, Link]:
         assert self.real is not None
         self.snapshots += 1
         if self.snapshots == 2 and self.before_check is not None:
             self.before_check(self.group)
-        return self.real.snapshot()
+        return self.real.snapshot(probe)
 
     def do(self, steps: Sequence[taps.Step]) -> list[OperationFailed | None]:
         assert self.real is not None
@@ -560,3 +566,210 @@ def test_a_failed_move_restores_every_group(ns: str) -> None:
             with pytest.raises(OperationFailed, match="injected"):
                 taps.delete_on(host, names)
         assert _seen(ns) == before, at
+
+
+def test_a_multi_queue_tap_with_every_queue_detached_is_held(ns: str) -> None:
+    """QEMU detaches the queues its guest does not use: numqueues 0, numdisabled 1 is a
+    running VM's tap, and neither a batch nor a single delete may take it."""
+    taps.ensure([TapSpec("m1", queues=2, netns=ns), TapSpec("t2", netns=ns)])
+    with Opener(ns, "m1", 1, multi_queue=True, detach=True) as qemu:
+        assert qemu.ok
+        data = link(ns, "m1")["linkinfo"]["info_data"]
+        assert (data["numqueues"], data["numdisabled"]) == (0, 1)
+        for names in (["m1", "t2"], ["m1"]):
+            got = kernel.vhostorch("tap", "delete", "--netns", ns, *names)
+            assert got.returncode == 1, got
+            assert (
+                "m1" in got.stderr and "held open (0 queue(s) attached, 1 detached)" in got.stderr
+            )
+            assert {"m1", "t2"} <= set(links(ns))
+        with pytest.raises(InUse, match="1 detached"):
+            taps.ensure([TapSpec("m1", netns=ns)], recreate=True)  # a recreate deletes too
+    assert [r.action for r in taps.delete(["m1", "t2"], netns=ns)] == ["deleted", "deleted"]
+
+
+def _carrier(ns: str, name: str) -> bool:
+    """IFLA_CARRIER as pyroute2 reads it (IFF_RUNNING follows it only after linkwatch)."""
+    from pyroute2 import NetNS
+
+    with NetNS(ns) as ipr:
+        [msg] = ipr.get_links(ipr.link_lookup(ifname=name)[0])
+    return bool(msg.get_attr("IFLA_CARRIER"))
+
+
+def test_a_single_queue_tap_held_with_carrier_switched_off_is_never_deleted(ns: str) -> None:
+    """Root can switch carrier off on a held single-queue tap; tun is asked instead."""
+    taps.ensure([TapSpec(n, netns=ns) for n in ("s1", "t2", "t3")])
+    with Opener(ns, "s1", 1) as qemu:
+        assert qemu.ok
+        run("ip", "-n", ns, "link", "set", "s1", "carrier", "off")
+        assert not _carrier(ns, "s1")
+        for names in (["s1", "t2"], ["s1"]):
+            got = kernel.vhostorch("tap", "delete", "--netns", ns, *names)
+            assert got.returncode == 1, got
+            assert "tap s1" in got.stderr and "held open" in got.stderr
+            assert {"s1", "t2"} <= set(links(ns))
+            assert not _carrier(ns, "s1")  # as the admin left it
+        with pytest.raises(InUse, match="tap s1"):
+            taps.ensure([TapSpec("s1", queues=2, netns=ns)], recreate=True)
+        # Unheld taps, carrier off as every unheld tap has it, are deleted as before.
+        assert [r.action for r in taps.delete(["t2", "t3"], netns=ns)] == ["deleted"] * 2
+    assert [r.action for r in taps.delete(["s1"], netns=ns)] == ["deleted"]
+
+
+def test_a_tap_of_the_same_name_held_in_another_namespace_is_no_bar(ns: str) -> None:
+    taps.ensure([TapSpec(n, netns=ns) for n in ("s1", "t2")])
+    with kernel.namespace() as other:
+        taps.ensure([TapSpec("s1", netns=other)])
+        with Opener(other, "s1", 1) as qemu:
+            assert qemu.ok
+            run("ip", "-n", other, "link", "set", "s1", "carrier", "off")
+            assert [r.action for r in taps.delete(["s1", "t2"], netns=ns)] == ["deleted"] * 2
+            with pytest.raises(InUse):
+                taps.delete(["s1"], netns=other)
+
+
+def test_a_failed_restore_keeps_the_failure_that_asked_for_it(ns: str) -> None:
+    _foreign(ns)
+    taps.ensure(_mixed(ns, 4))
+
+    def delete_mx1(group: int) -> None:
+        run("ip", "-n", ns, "link", "del", "mx1")
+
+    with pytest.raises(RollbackFailed) as e:
+        _delete_meddled(ns, [f"mx{i}" for i in range(4)], Meddler(before_check=delete_mx1))
+    err = e.value
+    assert "tap mx1 changed while it was being deleted" in str(err), err
+    assert "restoring the link groups of the taps failed too" in str(err), err
+    assert isinstance(err, RollbackFailed) and isinstance(err.cause, OperationFailed)
+    assert "changed while it was being deleted" in str(err.cause)
+    seen = _seen(ns)
+    assert "mx1" not in seen and all(seen[f"mx{i}"].group == 0 for i in (0, 2, 3))
+
+
+def _netns_stem(ns: str) -> str:
+    """The per-namespace lock file's path without its suffix (taps.teardown.NamespaceLock)."""
+    ino = os.stat(f"/run/netns/{ns}").st_ino
+    return f"/run/vhostorch/taps/netns-{ino}"
+
+
+def test_deletes_in_one_namespace_take_turns(ns: str) -> None:
+    """A delete waits while another holds the namespace's lock (flock, as a second
+    `vhostorch tap delete` would), then runs."""
+    taps.ensure([TapSpec(n, netns=ns) for n in ("a1", "a2", "a3")])
+    os.makedirs("/run/vhostorch/taps", mode=0o700, exist_ok=True)
+    path = _netns_stem(ns) + ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+        proc = subprocess.Popen(
+            [exe, "tap", "delete", "--netns", ns, "a1", "a2"], stderr=subprocess.PIPE, text=True
+        )
+        try:
+            time.sleep(1.0)
+            assert proc.poll() is None and {"a1", "a2"} <= set(links(ns))
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+    finally:
+        os.close(fd)
+    assert set(links(ns)) == {"lo", "a3"}
+    assert not os.path.exists(path)  # a delete that found no journal leaves no lock file
+
+
+def test_overlapping_concurrent_deletes_both_succeed_and_strand_nothing(ns: str) -> None:
+    exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+    for _ in range(15):
+        taps.ensure([TapSpec(n, netns=ns) for n in ("a1", "a2", "a3")])
+        procs = [
+            subprocess.Popen(
+                [exe, "tap", "delete", "--netns", ns, *names], stderr=subprocess.PIPE, text=True
+            )
+            for names in (["a1", "a2"], ["a2", "a3"])
+        ]
+        errors = [p.communicate(timeout=30)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], errors
+        assert set(links(ns)) == {"lo"}
+
+
+def _groups(ns: str, names: Sequence[str]) -> dict[str, int]:
+    with netns.entered(ns), Rtnl() as rtnl:
+        got = rtnl.links()
+    return {n: got[n].group for n in names if n in got}
+
+
+def _stop_mid_batch(ns: str, names: list[str], own: int) -> subprocess.Popen[str] | None:
+    """Start `vhostorch tap delete` of ``names`` (all in group ``own``) and SIGSTOP it
+    once the kernel shows one of them moved to another group and some not yet deleted:
+    the process is then stopped inside its batch. None if it finished first."""
+    exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+    proc = subprocess.Popen(
+        [exe, "tap", "delete", "--netns", ns, *names], stderr=subprocess.PIPE, text=True
+    )
+    while proc.poll() is None:
+        groups = _groups(ns, names)
+        if groups and any(g != own for g in groups.values()):
+            os.kill(proc.pid, signal.SIGSTOP)
+            groups = _groups(ns, names)
+            if groups and any(g != own for g in groups.values()):
+                return proc
+            os.kill(proc.pid, signal.SIGCONT)
+    proc.communicate()
+    return None
+
+
+def _many(ns: str, count: int, own: int) -> list[str]:
+    names = [f"sg{i}" for i in range(count)]
+    taps.ensure([TapSpec(n, netns=ns) for n in names])
+    with netns.entered(ns), Rtnl() as rtnl:
+        rtnl.batch([set_link_request(n, group=own) for n in names])
+    return names
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stopping_signal_mid_batch_strands_no_tap(ns: str, sig: int) -> None:
+    """A real signal to a real `vhostorch tap delete` stopped inside its batch (taps moved
+    into its group, not deleted yet): the batch ends first (deleted, or back in group 7),
+    then the command stops, exit 130. Never a tap left in the chosen group."""
+    for _ in range(10):
+        names = _many(ns, 1500, 7)
+        proc = _stop_mid_batch(ns, names, 7)
+        if proc is not None:
+            break
+    else:
+        pytest.fail("the delete never was caught inside its batch")
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    assert "interrupted" in stderr
+    left = _groups(ns, names)
+    assert all(g == 7 for g in left.values()), set(left.values())
+    assert not left or len(left) == len(names)  # all or none
+
+
+def test_sigkill_mid_batch_leaves_taps_the_next_delete_puts_back(ns: str) -> None:
+    """SIGKILL cannot be held: the taps stay in the chosen group, undeleted. The next
+    delete in the namespace puts them back in their own group first (the journal), and
+    deleting them then works."""
+    taps.ensure([TapSpec("other", netns=ns)])
+    for _ in range(10):
+        names = _many(ns, 1500, 7)
+        proc = _stop_mid_batch(ns, names, 7)
+        if proc is not None:
+            break
+    else:
+        pytest.fail("the delete never was caught inside its batch")
+    proc.kill()  # SIGKILL, our own child by its pid
+    proc.communicate(timeout=60)
+    stranded = _groups(ns, names)
+    assert stranded and any(g != 7 for g in stranded.values())  # what SIGKILL leaves
+    assert os.path.exists(_netns_stem(ns) + ".moved")
+    kernel.vhostorch("tap", "delete", "--netns", ns, "other", check=True)
+    assert set(_groups(ns, names).values()) == {7}  # every one back in its own group
+    assert not os.path.exists(_netns_stem(ns) + ".moved")
+    got = kernel.vhostorch("tap", "delete", "--netns", ns, *names, "--json", check=True)
+    assert "true" in got.stdout  # batched
+    assert set(links(ns)) == {"lo"}

@@ -102,9 +102,14 @@ def _tap(args: Parsed) -> int:
             results_text(results),
         )
     elif verb == "delete":
-        results = taps.delete(
-            names, netns=netns, bridges=args.texts("bridge"), force=args.flag("force")
-        )
+        from vhostorch import signals
+
+        # A stopping signal stops the command as for `up`: never inside a batch (which holds
+        # the signals until its taps are deleted or back in their groups), then Interrupted.
+        with signals.RollBack():
+            results = taps.delete(
+                names, netns=netns, bridges=args.texts("bridge"), force=args.flag("force")
+            )
         emit(
             {"ok": True, "taps": [r.asdict() for r in results]},
             args.flag("json"),

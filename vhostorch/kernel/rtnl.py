@@ -203,8 +203,10 @@ def parse_link(body: memoryview) -> Link:
             if kind == "tun" and IFLA_INFO_DATA in info:
                 tun = _tun_info(info[IFLA_INFO_DATA])
     if tun is not None and not tun.multi_queue:
-        # tun reports IFLA_TUN_NUM_QUEUES only for multi-queue devices; a
-        # single-queue tap has carrier exactly while its one queue is attached.
+        # tun reports IFLA_TUN_NUM_QUEUES only for multi-queue devices (tun_fill_info).
+        # Carrier on means the one queue is attached (tun turns it off at the last detach
+        # and refuses to turn it on without a queue), but root can switch carrier off on
+        # a held tap: off is a guess, which `Rtnl.tun_attached` asks the kernel about.
         tun = tun.replace(attached_queues=1 if carrier else 0)
     up = bool(flags & IFF_UP)
     return Link(index, name, kind, up, mtu, mac, master, alias, carrier, tun, group)
@@ -220,6 +222,7 @@ def set_link_request(
     master: int | None = None,
     alias: str | None = None,
     group: int | None = None,
+    carrier: bool | None = None,
 ) -> Request:
     """A change of the link called ``name`` (or numbered ``index``) in one request.
 
@@ -243,6 +246,8 @@ def set_link_request(
         body += _str(IFLA_IFALIAS, alias)
     if group is not None:
         body += _u32(IFLA_GROUP, group)
+    if carrier is not None:
+        body += _attr(IFLA_CARRIER, bytes([carrier]))
     return Request(RTM_NEWLINK, 0, body)
 
 
@@ -364,6 +369,36 @@ class Rtnl:
                         answers[mseq] = NetlinkError(code, _extack(body, flags)) if code else None
             outcomes += [answers[seq] for seq in range(first, last + 1)]
         return outcomes
+
+    def tun_attached(self, links: Sequence[Link]) -> list[bool | None]:
+        """Whether each single-queue tap of ``links`` has its queue attached (held open),
+        asked of tun itself: True, False, or None when the kernel does not say.
+
+        tun reports no queue count for a single-queue tap, and its carrier is no proof:
+        root can switch it off (`ip link set TAP carrier off`) while the tap is held. But
+        tun_net_change_carrier turns carrier on only while a queue is attached
+        (tun->numqueues), and refuses with EPERM otherwise. So carrier on is asked for:
+        EPERM is "not held" and nothing changed; accepted is "held", and carrier is put
+        back off as it was. Another answer (a kernel without ndo_change_carrier for tun,
+        before 5.0: EOPNOTSUPP) is None.
+        """
+        answers = self.batch([set_link_request(index=link.index, carrier=True) for link in links])
+        held: list[bool | None] = []
+        for answer in answers:
+            if answer is None:
+                held.append(True)
+            elif answer.errno == errno_mod.EPERM:
+                held.append(False)
+            else:
+                held.append(None)
+        back = [
+            set_link_request(index=link.index, carrier=False)
+            for link, on in zip(links, held, strict=True)
+            if on
+        ]
+        if back:
+            self.batch(back)  # a tap closed meanwhile is off already: any answer will do
+        return held
 
     def add_link(self, name: str, kind: str, *, up: bool = True) -> None:
         """Create a link of a netlink-creatable kind (a bridge); fails if the name is taken."""

@@ -40,7 +40,7 @@ from vhostorch.taps.plan import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Collection, Iterator, Sequence
     from typing import Protocol, TypeVar
 
     from vhostorch.kernel.rtnl import Link
@@ -52,7 +52,10 @@ if TYPE_CHECKING:
     class Host(Protocol):
         """Where plans are read from and applied: the kernel, or a test's wrapper around it."""
 
-        def snapshot(self) -> dict[str, Link]: ...
+        def snapshot(self, probe: Collection[str] = ()) -> dict[str, Link]:
+            """Every link by name. The taps named in ``probe`` are known held or not exactly
+            (a single-queue tap's carrier is only a guess: `KernelHost.snapshot`)."""
+            ...
 
         def do(self, steps: Sequence[Step]) -> list[OperationFailed | None]:
             """Run ``steps``, which do not depend on each other (so may be sent together):
@@ -120,6 +123,10 @@ class TapState(Record):
         )
 
 
+def _carrier_off_single_queue(link: Link) -> bool:
+    return is_tap(link) and link.tun is not None and not link.tun.multi_queue and not link.carrier
+
+
 def _describe(err: OSError) -> str:
     text = str(err) if isinstance(err, NetlinkError) else err.strerror or str(err)
     if err.errno == errno.EPERM:
@@ -140,9 +147,26 @@ class KernelHost:
         self._rtnl = rtnl
         self._index: dict[str, int] = {}
 
-    def snapshot(self) -> dict[str, Link]:
+    def snapshot(self, probe: Collection[str] = ()) -> dict[str, Link]:
+        """Every link by name; for the single-queue taps named in ``probe`` whose carrier
+        is off, whether they are held is asked of tun (`Rtnl.tun_attached`), as carrier
+        off is what an unheld tap shows and what root can switch a held one to. Where the
+        kernel does not say, a process with a tun fd on that name (/proc/*/fdinfo, any
+        namespace) counts as holding it."""
         links = self._rtnl.links()
         self._index = {name: link.index for name, link in links.items()}
+        unsure = [
+            links[name]
+            for name in dict.fromkeys(probe)
+            if name in links and _carrier_off_single_queue(links[name])
+        ]
+        if unsure:
+            for link, attached in zip(unsure, self._rtnl.tun_attached(unsure), strict=True):
+                if attached is None:
+                    attached = bool(tun.holders(link.name))
+                if attached:
+                    assert link.tun is not None
+                    links[link.name] = link.replace(tun=link.tun.replace(attached_queues=1))
         return links
 
     def _ifindex(self, name: str) -> int:
@@ -314,7 +338,8 @@ def ensure(
     ids = {spec.name: resolve_ids(spec) for spec in specs}
 
     def work(host: KernelHost) -> list[TapResult]:
-        snapshot = host.snapshot()
+        # With recreate, a tap may be deleted: whether it is held must be exact.
+        snapshot = host.snapshot([spec.name for spec in specs] if recreate else ())
         if not adopt_foreign:
             refuse_foreign(specs, snapshot)
         plan = plan_ensure(specs, snapshot, ids, recreate=recreate)

@@ -156,11 +156,26 @@ def queue_mode(multi: bool) -> str:
     return "multi" if multi else "single"
 
 
-def in_use(link: Link, what: str) -> InUse:
+def held(link: Link) -> bool:
+    """Whether a process holds tap ``link`` open: a queue attached, or one detached
+    (TUNSETQUEUE IFF_DETACH_QUEUE: QEMU detaches the queues its guest does not use, so a
+    running VM's multi-queue tap may show none attached and some disabled)."""
+    return link.tun is not None and bool(link.tun.attached_queues or link.tun.disabled_queues)
+
+
+def holding(link: Link) -> str:
+    """How ``link`` is held, for a message: its queues attached (and detached, if any)."""
     assert link.tun is not None
+    text = f"{link.tun.attached_queues} queue(s) attached"
+    if link.tun.disabled_queues:
+        text += f", {link.tun.disabled_queues} detached"
+    return text
+
+
+def in_use(link: Link, what: str) -> InUse:
     return InUse(
-        f"tap {link.name}: {what}, and it is held open "
-        f"({link.tun.attached_queues} queue(s) attached), so it cannot be changed now",
+        f"tap {link.name}: {what}, and it is held open ({holding(link)}), "
+        "so it cannot be changed now",
         link.name,
     )
 
@@ -216,7 +231,7 @@ def _plan_tap(
         tunable.append(f"owner {t.owner} -> {ids.owner}")
     if ids.group is not None and t.group != ids.group:
         tunable.append(f"group {t.group} -> {ids.group}")
-    if (fixed or tunable) and t.attached_queues:
+    if (fixed or tunable) and held(link):
         raise in_use(link, ", ".join(fixed + tunable))
 
     if fixed:
@@ -339,9 +354,8 @@ def refuse_existing(plan: Plan, snapshot: dict[str, Link]) -> None:
                 "create (vhostorch tap create does)"
             )
         link = snapshot.get(result.name)
-        if link is not None and link.tun is not None and link.tun.attached_queues:
+        if link is not None and held(link):
             raise InUse(
-                f"tap {link.name} is held open ({link.tun.attached_queues} queue(s) attached) "
-                "and a VM must not share it",
+                f"tap {link.name} is held open ({holding(link)}) and a VM must not share it",
                 link.name,
             )

@@ -6,13 +6,30 @@ by link group: `plan_group_moves` moves them into one group no other device carr
 `check_group` checks the group again on a fresh snapshot, and the kernel deletes the whole
 group in one request (one RCU grace period for all). `delete_on` runs that through a host
 (taps.apply), and `delete` is the front door.
+
+Deletes in one namespace take turns (`NamespaceLock`, an flock per network namespace under
+LOCK_DIR): two batches whose taps overlap would otherwise each see the other's moves as a
+change, and one's restore could put a tap back into the other's group, where nothing
+deletes it. A batch runs with the stopping signals held (signals.Held), from the record of
+the taps' groups to their delete or restore, so SIGTERM, SIGHUP or SIGINT act after it and
+never leave taps in the chosen group. Only SIGKILL (or a crash) can: the record (the
+journal, beside the lock) stays, and the next delete in that namespace puts every tap
+still in that group back in its own group before anything else; taps left in the chosen
+group are never deleted by anyone but a delete that names them.
 """
 
 from __future__ import annotations
 
 import os
 
-from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
+from vhostorch import files, lockfile, signals
+from vhostorch.errors import (
+    InvalidSpec,
+    NotManaged,
+    OperationFailed,
+    RollbackFailed,
+    VhostorchError,
+)
 from vhostorch.model import check_ifname
 from vhostorch.record import TYPE_CHECKING
 from vhostorch.taps.apply import KernelHost, apply, in_namespace
@@ -26,6 +43,7 @@ from vhostorch.taps.plan import (
     SetGroup,
     TapResult,
     device_kind,
+    held,
     in_use,
     is_tap,
 )
@@ -36,6 +54,8 @@ if TYPE_CHECKING:
     from vhostorch.kernel.rtnl import Link
     from vhostorch.taps.apply import Host
 
+LOCK_DIR = "/run/vhostorch/taps"
+
 
 def _refuse_delete(link: Link, force: bool) -> None:
     """Raise unless ``link`` is a tap vhostorch may delete now (``force``: any unheld tap)."""
@@ -43,8 +63,7 @@ def _refuse_delete(link: Link, force: bool) -> None:
         raise NotManaged(f"{link.name} is a {device_kind(link)} device, not a tap; not deleting it")
     if link.alias != MANAGED_ALIAS and not force:
         raise NotManaged(f"tap {link.name} was not created by vhostorch; not deleting it")
-    assert link.tun is not None
-    if link.tun.attached_queues:
+    if held(link):
         raise in_use(link, "deleting it was asked for")
 
 
@@ -135,7 +154,12 @@ def random_group(taken: set[int]) -> int:
 
 
 def _delete_by_group(
-    host: Host, doomed: Sequence[str], snapshot: dict[str, Link], group: int, force: bool
+    host: Host,
+    doomed: Sequence[str],
+    snapshot: dict[str, Link],
+    group: int,
+    force: bool,
+    journal: str | None,
 ) -> str | None:
     """Delete the taps ``doomed`` in one request by link group; all or none.
 
@@ -154,29 +178,89 @@ def _delete_by_group(
     given, 0 by default), and a guess at random hits one in 2**31. The same
     window, between the check and the delete, exists for a tap being opened
     with one delete per tap, as it did before batching.
+
+    The stopping signals wait (signals.Held) from the journal's writing to the
+    delete or the restore. ``journal`` (None: none kept) records the group and
+    each tap's own group first, for the next delete to restore after a SIGKILL
+    (`recover`); it is removed once the taps are deleted or back.
     """
     moves = plan_group_moves(doomed, snapshot, group).changes
-    apply(moves, host)
-    try:
-        moved = [change.step for change in moves if isinstance(change.step, SetGroup)]
-        check_group(group, moved, host.snapshot(), force)
-        [refused] = host.do([DeleteGroup(group, tuple(doomed))])
-        if refused is None:
-            return None
-    except BaseException:
-        _restore_groups(moves, host)
-        raise
-    _restore_groups(moves, host)
+    with signals.Held():
+        if journal is not None:
+            _write_journal(journal, group, moves)
+        apply(moves, host)
+        try:
+            moved = [change.step for change in moves if isinstance(change.step, SetGroup)]
+            check_group(group, moved, host.snapshot(doomed), force)
+            [refused] = host.do([DeleteGroup(group, tuple(doomed))])
+            if refused is None:
+                _forget(journal)
+                return None
+        except BaseException as err:
+            _restore_groups(moves, host, err)
+            _forget(journal)
+            raise
+        _restore_groups(moves, host, refused)
+        _forget(journal)
     return str(refused)
 
 
-def _restore_groups(moves: Sequence[Change], host: Host) -> None:
+def _restore_groups(moves: Sequence[Change], host: Host, why: BaseException) -> None:
+    """Put the moved taps back in their groups; ``why`` is the failure that asks for it,
+    kept in the message (and as the cause) when the restore fails too."""
     outcomes = host.do([undo for change in moves for undo in change.undo])
     leftovers = [str(failed) for failed in outcomes if failed is not None]
     if leftovers:
-        raise OperationFailed(
-            "restoring the link groups of the taps failed: " + "; ".join(leftovers)
-        )
+        cause = why if isinstance(why, VhostorchError) else OperationFailed(str(why) or repr(why))
+        raise RollbackFailed(
+            f"{why}; restoring the link groups of the taps failed too: " + "; ".join(leftovers),
+            cause,
+            leftovers,
+        ) from why
+
+
+def _write_journal(path: str, group: int, moves: Sequence[Change]) -> None:
+    """Record ``group`` and, per tap, its index, own group and name (one line each)."""
+    lines = [str(group)]
+    for change in moves:
+        for undo in change.undo:
+            assert isinstance(undo, SetGroup)
+            lines.append(f"{undo.index} {undo.group} {undo.name}")
+    files.replace(path, ("\n".join(lines) + "\n").encode(), 0o600)
+
+
+def _forget(journal: str | None) -> None:
+    if journal is not None:
+        files.remove(journal)
+
+
+def recover(host: Host, journal: str) -> list[str]:
+    """After a batch cut short by SIGKILL: put every tap ``journal`` names that is still in
+    its group back in its own group, and remove the journal. Returns the names put back.
+    A tap renamed, deleted or moved since is left as it is."""
+    try:
+        with open(journal) as recorded:
+            lines = recorded.read().split("\n")
+    except FileNotFoundError:
+        return []
+    try:
+        group = int(lines[0])
+        own = {}
+        for line in lines[1:]:
+            if line:
+                index, was, _name = line.split(" ", 2)
+                own[int(index)] = int(was)
+    except ValueError:
+        files.remove(journal)  # cut short while written: no tap had moved yet
+        return []
+    back = [
+        SetGroup(link.name, link.index, own[link.index])
+        for link in host.snapshot().values()
+        if link.index in own and link.group == group
+    ]
+    outcomes = host.do(back) if back else []
+    files.remove(journal)
+    return [step.name for step, failed in zip(back, outcomes, strict=True) if failed is None]
 
 
 def delete_on(
@@ -187,9 +271,11 @@ def delete_on(
     force: bool = False,
     dry_run: bool = False,
     group: int | None = None,
+    journal: str | None = None,
 ) -> list[TapResult]:
-    """`delete`'s work through ``host`` (in the namespace it was opened in)."""
-    snapshot = host.snapshot()
+    """`delete`'s work through ``host`` (in the namespace it was opened in); ``journal``:
+    where a batch records the taps' groups while they are moved (`_delete_by_group`)."""
+    snapshot = host.snapshot(names)
     plan = plan_delete(names, snapshot, bridges=bridges, force=force)
     results = list(plan.results)
     if dry_run:
@@ -200,7 +286,7 @@ def delete_on(
     if len(doomed) > 1:
         taken = {link.group for link in snapshot.values()}
         chosen = group if group is not None else random_group(taken)
-        fallback = _delete_by_group(host, doomed, snapshot, chosen, force)
+        fallback = _delete_by_group(host, doomed, snapshot, chosen, force, journal)
         if fallback is None:  # what is left: the bridges
             gone = {DeleteLink(name) for name in doomed}
             rest = [c for c in plan.changes if c.step not in gone]
@@ -221,6 +307,7 @@ def delete(
     force: bool = False,
     dry_run: bool = False,
     group: int | None = None,
+    lock_dir: str = LOCK_DIR,
 ) -> list[TapResult]:
     """Delete taps vhostorch created (and listed bridges it created once empty).
 
@@ -233,6 +320,10 @@ def delete(
     groups. If the kernel refuses the group delete, the taps are deleted one by one;
     each result's ``batched`` says which happened.
 
+    A held tap (a queue attached or detached; for a single-queue tap, asked of tun, not
+    read from its carrier) is never deleted. Deletes in one namespace take turns
+    (`NamespaceLock` in ``lock_dir``), and the stopping signals wait while a batch runs.
+
     Raises InvalidSpec for a bad name or group 0, NotManaged or InUse for a tap it
     must not delete, OperationFailed (KernelError) when the kernel refuses.
     """
@@ -242,6 +333,29 @@ def delete(
         raise InvalidSpec(f"link group {group}: a batch needs a group from 1 to 4294967295")
 
     def work(host: KernelHost) -> list[TapResult]:
-        return delete_on(host, names, bridges=bridges, force=force, dry_run=dry_run, group=group)
+        if dry_run:
+            return delete_on(host, names, bridges=bridges, force=force, dry_run=True)
+        with NamespaceLock(lock_dir) as lock:
+            recover(host, lock.journal)
+            return delete_on(
+                host, names, bridges=bridges, force=force, group=group, journal=lock.journal
+            )
 
     return in_namespace(netns, work)
+
+
+class NamespaceLock(lockfile.Lock):
+    """The turn of the calling thread's network namespace to delete taps: an flock on
+    ``lock_dir``/netns-INODE.lock (the namespace's inode: the same for every name and
+    path it has). ``journal`` is the record a batch keeps beside it; the lock file goes
+    once it is released with no journal left."""
+
+    def __init__(self, lock_dir: str = LOCK_DIR) -> None:
+        stem = os.path.join(lock_dir, f"netns-{os.stat('/proc/thread-self/ns/net').st_ino}")
+        self.journal = stem + ".moved"
+        files.makedirs(lock_dir, 0o700)
+        super().__init__(stem + ".lock", self.journal)
+
+    def __enter__(self) -> NamespaceLock:
+        super().__enter__()
+        return self
