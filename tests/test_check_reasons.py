@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -278,3 +279,44 @@ def test_bad_format_is_a_one_line_refusal(argv: list[str], error: str) -> None:
     assert done.returncode == 2 and error in done.stderr
     # Nothing on stdout, but with --json the error object.
     assert done.stdout == "" or json.loads(done.stdout)["ok"] is False
+
+
+def test_libvirtds_warning_goes_only_to_a_qemu_libvirt_started(tmp_path: pathlib.Path) -> None:
+    """libvirtd's warning names no domain and is matched by time: a QEMU started by hand
+    next to libvirtd starting another domain must not be given it (seen in the test host)."""
+    with tap() as dev:
+        proc = subprocess.Popen(
+            [
+                "qemu-system-x86_64", "-S", "-M", "pc", "-m", "32", "-nodefaults", "-display",
+                "none", "-name", "guest=byhand", "-netdev",
+                f"tap,id=n0,ifname={dev},script=no,downscript=no,vhost=off",
+                "-device", "virtio-net-pci,netdev=n0,id=net0",
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            _wait_for_tap_fd(proc.pid, dev)
+            started = observe.boot_time() + observe.procfs.read(proc.pid).start_ticks / os.sysconf(
+                "SC_CLK_TCK"
+            )
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started))
+            log = tmp_path / "libvirtd.log"
+            log.write_text(
+                f"{stamp}.000+0000: 4242: warning : qemuInterfaceOpenVhostNet:762 : "
+                "Unable to open vhost-net. Opened so far 0, requested 1\n"
+            )
+            pids = tmp_path / "pids"
+            pids.mkdir()
+            seen = observe.observe(
+                proc.pid, libvirtd_log=observe.LibvirtdLog(str(log)), pid_dir=str(pids)
+            )
+            assert seen.logs is not None and seen.logs.libvirtd_lines == ()
+            # The same QEMU, had libvirt started it as domain byhand: the warning is its.
+            (pids / "byhand.pid").write_text(f"{proc.pid}\n")
+            seen = observe.observe(
+                proc.pid, libvirtd_log=observe.LibvirtdLog(str(log)), pid_dir=str(pids)
+            )
+            assert seen.logs is not None and len(seen.logs.libvirtd_lines) == 1
+        finally:
+            proc.kill()  # the QEMU this test started
+            proc.wait()

@@ -130,6 +130,15 @@ def _thread(line: str) -> str:
     return line[29:].split(":", 1)[0].strip()
 
 
+def by_libvirt(pid: int, name: str, pid_dir: str = PID_DIR) -> bool:
+    """Whether libvirt started QEMU ``pid`` as domain ``name`` (its pid file holds ``pid``)."""
+    try:
+        with open(os.path.join(pid_dir, f"{name}.pid")) as f:
+            return int(f.read().strip()) == pid
+    except (OSError, ValueError):
+        return False
+
+
 def boot_time(proc: str = procfs.PROC) -> float:
     with open(f"{proc}/stat") as f:
         for line in f:
@@ -271,6 +280,7 @@ def observe(
     libvirtd_log: LibvirtdLog | None = None,
     domain_log_dir: str | None = None,
     dev: str = "/dev",
+    pid_dir: str = PID_DIR,
 ) -> Observation:
     """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU.
 
@@ -282,7 +292,8 @@ def observe(
     ``netns`` is the network namespace ``links`` reads in (this process's if
     None), ``vhost_net`` whether the host has /dev/vhost-net (looked at if None).
     ``libvirtd_log`` is libvirtd's log (None: not looked at), ``domain_log_dir`` holds
-    libvirt's per-domain logs (None: not looked at), ``dev`` is where /dev/vhost-net is.
+    libvirt's per-domain logs (None: not looked at), ``dev`` is where /dev/vhost-net is,
+    ``pid_dir`` where libvirt writes its QEMUs' pids (its log is read only for those).
     The logs and the device are read only for a QEMU they can tell something about.
     """
     process = procfs.read(pid, proc)
@@ -333,7 +344,10 @@ def observe(
         short = vhost_fds < sum(n.queue_pairs for n in tap_nics) or not tap_nics
         lines: tuple[str, ...] = ()
         source = None
-        if short and libvirtd_log is not None and args.name:
+        # libvirtd's warning names no domain: it is matched by time, so only to a QEMU
+        # libvirt started (its pid file says so). A QEMU started by hand next to a
+        # libvirtd starting another domain was once given that domain's warning.
+        if short and libvirtd_log is not None and args.name and by_libvirt(pid, args.name, pid_dir):
             try:
                 started = boot_time(proc) + since
                 warned = libvirtd_log.warnings()
