@@ -177,3 +177,27 @@ def test_a_vhost_task_workers_cpu_time_is_its_own_not_its_thread_groups(
     ticks = os.sysconf("SC_CLK_TCK")
     got = observe.worker_cpu(obs.workers, pid, str(proc))
     assert got == {tid: (100 * (n + 1) + n) / ticks for n, tid in enumerate(obs.workers)}
+
+
+@pytest.mark.parametrize(("name", "series", "model", "queues"), HEALTHY)
+def test_a_fallback_line_in_qemus_log_is_no_reason_for_a_nic_vhost_runs_on(
+    name: str, series: str, model: str, queues: int, tmp_path: pathlib.Path
+) -> None:
+    """A QEMU log that is appended to keeps an earlier run's 'falling back' line, and a line
+    of one NIC says nothing of the NIC beside it: a NIC whose vhost the trace or the monitor
+    saw running has no reason; without either, the line is given with what is not known."""
+    from vhostorch.check import reasons
+    from vhostorch.check.observe import Logs
+
+    line = "qemu-system-x86_64: unable to start vhost net: 7: falling back on userspace virtio"
+    stale = Logs("", (), "/var/log/qemu-stderr.log", (line,))
+    for monitor, trace in ((True, True), (False, True), (True, False)):
+        obs = observations.observed(name, tmp_path / f"{monitor}{trace}", monitor=monitor,
+                                    trace=trace).replace(logs=stale)  # fmt: skip
+        report = verify.verify(obs)
+        assert [n["reason"] for n in report.nics] == [None], (monitor, trace)
+    blind = observations.observed(name, tmp_path / "blind", monitor=False, trace=False)
+    nic = observations.nic_named(blind, "net0")
+    why = reasons.reason(blind.replace(logs=stale), nic, verify.nic_checks(blind, nic))
+    assert why is not None and why.code == reasons.QEMU_FALLBACK
+    assert "not known without QEMU's monitor or the wiring trace" in why.message

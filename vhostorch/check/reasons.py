@@ -54,7 +54,7 @@ import itertools
 
 from vhostorch.check.ids import CALL, VHOST_STARTED
 from vhostorch.check.nics import BY_LIBVIRT, virtio
-from vhostorch.check.report import FAIL
+from vhostorch.check.report import FAIL, PASS, UNKNOWN
 from vhostorch.qemu import args as qemuargs
 from vhostorch.record import TYPE_CHECKING, Record
 
@@ -159,15 +159,25 @@ def _not_at_work(obs: Observation, nic: Nic, checks: Sequence[Check]) -> Reason 
     """A NIC holding vhost fds: did QEMU fall back, and do its interrupts bypass QEMU?"""
     logs = obs.logs
     fell = [line for line in (logs.qemu_lines if logs else ()) if FALLBACK_WORDS[0] in line]
+    started = [c for c in checks if c.id == VHOST_STARTED]
+    seen = started[0].status if started else UNKNOWN
+    if seen == PASS:
+        # vhost runs on this NIC (its monitor or the trace saw it): a fallback line is
+        # another NIC's, or an earlier run's in a log that QEMU appends to.
+        fell = []
     device = virtio(obs, nic)
     evidence: dict[str, object] = {}
     if fell and logs is not None:
         evidence.update(log=logs.qemu_log, lines=fell)
     if device is not None and device.driver_ok and device.vm_running and not device.vhost_started:
         evidence["monitor"] = {"status": list(device.statuses), "vhost_started": False}
-    started = [c for c in checks if c.id == VHOST_STARTED]
-    if fell or "monitor" in evidence or (started and started[0].status == FAIL):
+    if fell or "monitor" in evidence or seen == FAIL:
         message = "QEMU could not start vhost and fell back on its userspace virtio"
+        if seen == UNKNOWN and "monitor" not in evidence:
+            message += (
+                " (its log says so; which NIC and which run the line is about is not known "
+                "without QEMU's monitor or the wiring trace)"
+            )
         return Reason(QEMU_FALLBACK, message, evidence)
     irqchip = kernel_irqchip(obs.process.argv)
     if irqchip in ("off", "false", "no"):
