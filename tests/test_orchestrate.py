@@ -173,6 +173,7 @@ class _Recorded:
     def __init__(self, tap: str, calls: list[str]) -> None:
         self.tap, self.calls = tap, calls
         self.what = "fake VM"
+        self.vm_id: str | None = None
 
     def _saw(self, call: str) -> None:
         here = os.path.exists(f"/sys/class/net/{self.tap}")

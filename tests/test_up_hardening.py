@@ -175,12 +175,21 @@ def test_sigterm_or_sighup_during_up_rolls_everything_back(
 ) -> None:
     name, tap = kernel.unique("vho-t"), kernel.unique("vg")
     names.append(name)
-    proc, qemu = _up_until_qemu(specs, name, tap)
-    proc.send_signal(sig)
-    code = proc.wait(60)
-    _, err = proc.communicate()
-    if code == 0:
-        pytest.fail("up finished before the signal: the test needs a slower start")
+    for _ in range(5):
+        proc, qemu = _up_until_qemu(specs, name, tap)
+        # Stopped where it is, so that the signal lands in the middle of `up` (a fast `up`
+        # can finish between seeing its QEMU and the signal: then it is taken down and
+        # tried again).
+        proc.send_signal(signal.SIGSTOP)
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        code = proc.wait(60)
+        _, err = proc.communicate()
+        if code != 0:
+            break
+        assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
+    else:
+        pytest.fail("up finished before the signal five times: the test needs a slower start")
     assert code == 130 and "interrupted" in err and err.count("\n") == 1, (code, err)
     assert not procfs.alive(qemu)
     assert left(name, [tap]) == []
@@ -336,4 +345,43 @@ def test_qemu_runs_as_libvirts_qemu_user_under_seccomp(specs: str, names: list[s
     code, out, err = run("up", spec(specs, name, tap), "--wait", "0", "--user", "root")
     assert code == 0 and "QEMU runs as root" in err, err
     assert run("down", name)[0] == 0
+    assert left(name, [tap]) == []
+
+
+def _domain_uuid(name: str) -> str | None:
+    done = subprocess.run(["virsh", "-q", "-c", "qemu:///system", "domuuid", name],
+                          capture_output=True, text=True)  # fmt: skip
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def test_a_libvirt_start_killed_before_its_pid_is_undone_by_its_uuid_alone(
+    specs: str, names: list[str], libvirtd: str
+) -> None:
+    """A SIGKILL between libvirt starting the domain and `up` recording its pid leaves the
+    state "starting", no pid, and the UUID vhostorch gave the domain (recorded before it was
+    defined). That instant cannot be hit on purpose from outside, so the state file is put
+    back to what `up` had written by then; the domain, libvirtd and `down` are real. A domain
+    of that name but another UUID is not vhostorch's start, and is left alone."""
+    name, tap = kernel.unique("vho-u"), kernel.unique("vu")
+    names.append(name)
+    code, _, err = run("up", spec(specs, name, tap), "--backend", "libvirt", "--wait", "0")
+    assert code == 0, err
+    running = state_of(name)
+    assert running is not None and running["vm_id"] == _domain_uuid(name)
+    path = os.path.join(vmstate.STATE_DIR, f"{name}.json")
+    killed = {**running, "status": "starting", "pid": 0, "start_time": None, "nics": [],
+              "claimed": [tap], "making": [tap], "launched_after": None}  # fmt: skip
+    with open(path, "w") as f:
+        json.dump({**killed, "vm_id": "00000000-0000-4000-8000-000000000001"}, f)
+    code, _, err = run("down", name)
+    # Not the UUID recorded: the domain is not touched, so its QEMU still holds the tap.
+    assert code == 1 and "held open" in err, err
+    assert _domain_uuid(name) == running["vm_id"]
+    with open(path, "w") as f:  # the same start, recorded as `up` recorded it
+        json.dump(killed, f)
+    os.makedirs(running["workdir"], exist_ok=True)
+    claims.claim(tap, claims.up_holder(name))
+    code, _, err = run("down", name)
+    assert code == 0, err
+    assert _domain_uuid(name) is None
     assert left(name, [tap]) == []

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
         what: str  # what ``abort`` and the backend's ``stop`` undo, named when undoing fails
 
+        @property
+        def vm_id(self) -> str | None:
+            """What will name the VM ``run`` makes, before its pid is known (libvirt: the
+            domain's UUID), kept in the state before ``run`` so ``stop`` finds it after a kill."""
+
         def process(self) -> tuple[int, int | None] | None:
             """(pid, start time) of the QEMU ``begin`` started, when it started one itself
             (recorded at once, so that a start killed later can be undone)."""

@@ -50,8 +50,14 @@ class _Start:
     """Nothing to begin: libvirt starts the domain once its taps exist."""
 
     def __init__(self, spec: VmSpec, workdir: str, uri: str) -> None:
+        import uuid
+
         self.spec, self.workdir, self.uri = spec, workdir, uri
         self.what = f"domain {spec.name}"
+        # The domain's UUID, drawn here so that it is recorded before the domain exists:
+        # what a killed or interrupted start made is then removed by it, and nothing else.
+        self.vm_id = str(uuid.uuid4())
+        self.defining = False
 
     def process(self) -> None:
         return None  # libvirt starts QEMU in ``run``; the domain is found by its name
@@ -59,7 +65,8 @@ class _Start:
     def run(self, nics: Sequence[tuple[NicSpec, bool]]) -> Started:
         name = self.spec.name
         os.makedirs(self.workdir, mode=0o755, exist_ok=True)
-        xml = domxml.render(self.spec, nics, process.files(self.workdir)[2])
+        xml = domxml.render(self.spec, nics, process.files(self.workdir)[2], self.vm_id)
+        self.defining = True
         virt.define_and_start(name, xml, self.uri)
         try:
             pid = inspect.domain_pid(name)
@@ -69,6 +76,8 @@ class _Start:
         return Started(pid, None, self.uri, process.start_time(pid))
 
     def abort(self) -> None:
+        if self.defining:  # a signal can come between the domain's start and its pid
+            virt.destroy_and_undefine(self.spec.name, self.uri, self.vm_id)
         process.remove_workdir(self.workdir)
 
 
@@ -92,7 +101,7 @@ class LibvirtBackend:
         return _ids(state.name, _uri(state), taps)
 
     def stop(self, state: VmState) -> None:
-        virt.destroy_and_undefine(state.name, _uri(state))
+        virt.destroy_and_undefine(state.name, _uri(state), state.vm_id)
         process.remove_workdir(state.workdir)
 
     def attach(self, state: VmState, nic: NicSpec, vhost_on: bool) -> None:

@@ -228,6 +228,7 @@ class _Start:
     the taps are made (tests/bench/test_bench_up.py measures what that saves)."""
 
     what = "QEMU"
+    vm_id = None  # QEMU is named by its pid and start time (``process``)
 
     def __init__(self, spec: VmSpec, workdir: str, user: process.RunAs | None) -> None:
         self.launch = process.Launch(spec, workdir, user)

@@ -126,6 +126,13 @@ def _lookup(libvirt: Any, conn: Any, name: str) -> Any | None:
         return None
 
 
+def _by_uuid(libvirt: Any, conn: Any, uuid: str) -> Any | None:
+    try:
+        return conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError:
+        return None
+
+
 def define_and_start(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
     """Define domain ``name`` from ``xml`` and start it; undefine it if it does not start.
 
@@ -151,11 +158,12 @@ def define_and_start(name: str, xml: str, uri: str = SYSTEM_URI) -> None:
         conn.close()
 
 
-def destroy_and_undefine(name: str, uri: str = SYSTEM_URI) -> None:
-    """Stop domain ``name`` (if it runs) and remove its definition; gone already is fine."""
+def destroy_and_undefine(name: str, uri: str = SYSTEM_URI, uuid: str | None = None) -> None:
+    """Stop domain ``name`` (if it runs) and remove its definition; gone already is fine.
+    With ``uuid``, only the domain of that UUID is the one (whatever its name now)."""
     libvirt, conn = _connection(uri)
     try:
-        dom = _lookup(libvirt, conn, name)
+        dom = _lookup(libvirt, conn, name) if uuid is None else _by_uuid(libvirt, conn, uuid)
         if dom is None:
             return
         try:

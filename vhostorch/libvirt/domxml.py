@@ -215,8 +215,11 @@ def interface_xml(nic: NicSpec, vhost_on: bool) -> str:
     return ET.tostring(interface(nic, vhost_on), encoding="unicode")
 
 
-def render(spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str) -> str:
-    """The domain XML of ``spec`` with ``nics`` ((spec, vhost on)); serial console to a file.
+def render(
+    spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str, uuid: str | None = None
+) -> str:
+    """The domain XML of ``spec`` with ``nics`` ((spec, vhost on)); serial console to a file;
+    ``uuid`` the domain's (None: libvirt draws one).
 
     ``type='kvm'`` for accel kvm (the only type for which libvirt uses vhost),
     ``type='qemu'`` (TCG) otherwise. ACPI is on: PCI hot-plug on 'pc' needs it (and
@@ -226,6 +229,8 @@ def render(spec: VmSpec, nics: Sequence[tuple[NicSpec, bool]], console: str) -> 
 
     domain = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(domain, "name", spec.name)
+    if uuid is not None:
+        _sub(domain, "uuid", uuid)
     _sub(domain, "memory", str(spec.memory), unit="MiB")
     _sub(domain, "vcpu", str(spec.cpus))
     os_ = _sub(domain, "os")

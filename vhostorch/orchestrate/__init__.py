@@ -105,7 +105,7 @@ def _recover(state: VmState, root: str) -> None:
         found = process.find(state.workdir, state.launched_after)
         if found is not None:
             state = state.replace(pid=found[0], start_time=found[1])
-    if state.pid:
+    if state.pid or state.vm_id:
         backends.of(state).stop(state)
     process.remove_workdir(state.workdir)
     _delete_made([*state.making, *(n.tap for n in state.nics if n.tap_created)])
@@ -204,7 +204,8 @@ def up(
             launched = start.process()
             if launched is not None:
                 state = state.replace(pid=launched[0], start_time=launched[1])
-                vmstate.save(state, root)
+            state = state.replace(vm_id=start.vm_id)
+            vmstate.save(state, root)
             state = state.replace(making=tuple(t for t in names if not _exists(t)))
             vmstate.save(state, root)
             created = _make_taps(spec.nics, undo, state.making)

@@ -63,6 +63,10 @@ class VmState(Record):
     launched_after: int | None = None
     claimed: tuple[str, ...] = ()
     making: tuple[str, ...] = ()
+    # What names the VM a backend makes before its pid is known (libvirt: the UUID given to
+    # the domain), recorded before it is made: a start killed then is undone by that name
+    # alone, never by a guess (another domain may have the VM's name).
+    vm_id: str | None = None
 
     def nic(self, tap: str) -> NicState | None:
         return next((n for n in self.nics if n.tap == tap), None)
