@@ -217,10 +217,20 @@ class Launch:
             time.sleep(0.02)
 
     def abort(self) -> None:
-        """Stop this QEMU, whatever stage it reached (our child: its pid is not reused)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        """Stop this QEMU, whatever stage it reached (our child: its pid is not reused until
+        it is reaped here). Not through Popen's poll or wait: a signal that interrupted an
+        earlier Popen.poll (the wait for QMP polls it) can leave Popen's internal lock held,
+        and Popen.wait then blocks for ever (seen: an `up` stuck 45 minutes after SIGTERM)."""
+        if self.proc.returncode is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                _, status = os.waitpid(self.proc.pid, 0)
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                pass  # reaped already
         remove_workdir(self.workdir)
 
 
