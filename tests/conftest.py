@@ -30,3 +30,16 @@ def libvirtd() -> Iterator[str]:
     finally:
         daemons.stop(daemons.OURS)
         daemons.OURS.clear()
+
+
+@pytest.fixture(scope="module")
+def traced(in_testhost: None) -> Iterator[None]:
+    """The wiring trace, armed before any guest of the module starts its driver (put back as it
+    was afterwards: it is host-wide)."""
+    from vhostorch.check import wiring
+
+    was_armed = wiring.armed()
+    wiring.arm()
+    yield
+    if not was_armed:
+        wiring.disarm()

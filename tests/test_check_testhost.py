@@ -7,7 +7,6 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,16 +23,6 @@ NIC_CHECKS = {
     "nic.vhost.requested", "nic.queues", "nic.tap.fds", "nic.vhost.fds", "nic.vhost.worker",
     "nic.vhost.started", "nic.vhost.memtable", "nic.kick", "nic.call", "nic.features",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def traced(in_testhost: None) -> Iterator[None]:
-    """The wiring trace, armed before any guest of this module starts its driver."""
-    was_armed = wiring.armed()
-    wiring.arm()
-    yield
-    if not was_armed:
-        wiring.disarm()
 
 
 def check(*args: str) -> tuple[int, dict[str, Any]]:

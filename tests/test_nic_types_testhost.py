@@ -28,7 +28,6 @@ import pytest
 
 from tests import guests, kernel
 from tests.kernel import vhostorch
-from vhostorch.check import wiring
 
 pytestmark = pytest.mark.testhost
 
@@ -79,15 +78,6 @@ def net(in_testhost: None, libvirtd: str) -> Iterator[Net]:
         conn.close()
         kernel.run("ip", "link", "del", n.lower)
         kernel.run("ip", "link", "del", n.bridge)
-
-
-@pytest.fixture(scope="module")
-def traced(in_testhost: None) -> Iterator[None]:
-    was_armed = wiring.armed()
-    wiring.arm()
-    yield
-    if not was_armed:
-        wiring.disarm()
 
 
 def interfaces(n: Net, queues: int, driver: bool, unmanaged_tap: str) -> str:

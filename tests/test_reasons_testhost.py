@@ -24,19 +24,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from tests import guests
 from tests.kernel import vhostorch
-from vhostorch.check import wiring
 
 pytestmark = pytest.mark.testhost
-
-
-@pytest.fixture(scope="module")
-def traced(in_testhost: None) -> Iterator[None]:
-    """The wiring trace, armed before any guest of this module starts its driver."""
-    was_armed = wiring.armed()
-    wiring.arm()
-    yield
-    if not was_armed:
-        wiring.disarm()
 
 
 def report_of(pid: int) -> dict[str, Any]:
