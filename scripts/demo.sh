@@ -20,22 +20,30 @@ fi
 echo "This machine has no usable /dev/vhost-net and KVM (vhostorch doctor says why):"
 echo "running the demo inside the test host, a stock kernel booted under QEMU/TCG."
 # The test host's console log and job files go to a directory of their own, removed when the
-# demo succeeds and kept (and named) when it fails.
+# demo succeeds or is interrupted, kept (and named) when it fails.
 results=$(mktemp -d /tmp/vho-demo-lab-XXXXXX)
+lab="" interrupted=""
+stop() {
+    interrupted=$1
+    [ -z "$lab" ] || kill -TERM "$lab" 2>/dev/null || true
+}
+trap 'stop 130' INT
+trap 'stop 143' TERM
+trap 'stop 129' HUP
 # lab run goes in the background so that a signal to this script reaches it at once (bash
 # runs a trap only after its foreground command ends); it stops the test host and exits.
 .venv/bin/vhostorch lab run --results "$results" -- bash scripts/demo-vm.sh &
 lab=$!
-trap 'kill -TERM "$lab" 2>/dev/null || true' INT TERM HUP
+[ -z "$interrupted" ] || stop "$interrupted"
 while :; do
     status=0
     wait "$lab" || status=$?
     # wait returns early (status > 128) when a trap ran; lab run is then still stopping.
     kill -0 "$lab" 2>/dev/null || break
 done
-if [ "$status" -eq 0 ]; then
+if [ "$status" -eq 0 ] || [ -n "$interrupted" ]; then
     rm -rf "$results"
 else
     echo "demo: failed (exit $status); the test host's console log is in $results" >&2
 fi
-exit "$status"
+exit "${interrupted:-$status}"

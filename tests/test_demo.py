@@ -146,3 +146,38 @@ def test_a_failing_demo_step_stops_the_demo_loudly_and_cleans_up() -> None:
                      r"had: this host has no usable /dev/vhost-net", done.stderr, re.M)  # fmt: skip
     assert "tap show" not in done.stderr and "demo: failed (exit 1)" in done.stderr
     assert not _demo_leftovers()
+
+
+@pytest.mark.testhost(outside=True)
+@pytest.mark.skipif(
+    os.path.exists("/dev/vhost-net"), reason="this machine has vhost-net: no test host to stop"
+)
+def test_a_signal_to_the_demo_stops_the_test_host_and_leaves_nothing() -> None:
+    # SIGTERM to demo.sh alone (as `kill PID` or systemd's stop sends it) while the test host
+    # boots: the test host is stopped at once, not left running the demo to its end.
+    demo = subprocess.Popen(
+        ["bash", "scripts/demo.sh"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert demo.stdout is not None
+        seen = ""
+        while "running the demo inside the test host" not in seen:
+            line = demo.stdout.readline()
+            assert line, seen
+            seen += line
+        time.sleep(3)  # lab run has started the test host's QEMU by now
+        assert any("vho-demo-lab-" in p for p in _demo_leftovers()), "no test host running"
+        demo.send_signal(signal.SIGTERM)
+        out, _ = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    assert demo.returncode == 128 + signal.SIGTERM, seen + out
+    assert not _demo_leftovers()
