@@ -161,9 +161,16 @@ def test_lab_build_is_cached_and_reports_its_files() -> None:
     assert "building" not in again.stderr and "fetching" not in again.stderr
     import json
 
-    image = json.loads(first.stdout)["image"]
+    built = json.loads(first.stdout)
+    image = built["image"]
     for key in ("kernel", "host_initrd", "guest_initrd"):
         assert os.path.getsize(image[key]) > 0
+    # What a guest inside the test host boots, for scripts that use only the CLI (the demo).
+    assert built["guest"] == {
+        "kernel": image["kernel"],
+        "initrd": image["guest_initrd"],
+        "cmdline": labimage.GUEST_APPEND,
+    }
     with open(image["kernel"], "rb") as f:
         assert f.read(4) == b"\x7fELF"  # booted through PVH, not decompressed under TCG
 

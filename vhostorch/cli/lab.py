@@ -65,10 +65,18 @@ def _lab(args: Parsed) -> int:
     kernel = labimage.kernel_series(args.text("kernel") or labimage.DEFAULT_KERNEL)
     if args.command.path[1] == "build":
         image = labimage.ensure_image(log=_log, kernel=kernel)
+        # What a VM started inside the test host boots (scripts/demo-vm.sh reads it here, so
+        # that no script has to import vhostorch's modules).
+        guest = {
+            "kernel": image.kernel,
+            "initrd": image.guest_initrd,
+            "cmdline": labimage.GUEST_APPEND,
+        }
         emit(
-            {"ok": True, "image": image.asdict()},
+            {"ok": True, "image": image.asdict(), "guest": guest},
             args.flag("json"),
-            "\n".join(f"{k}: {v}" for k, v in image.asdict().items()),
+            "\n".join(f"{k}: {v}" for k, v in image.asdict().items())
+            + f"\nguest_cmdline: {labimage.GUEST_APPEND}",
         )
         return EXIT_OK
     env = {}
