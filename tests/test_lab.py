@@ -225,7 +225,7 @@ def test_lab_run_boots_the_chosen_kernel(kernel: str, tmp_path: Path) -> None:
         (["lab", "build", "--kernel", "6.1.0"], "--kernel takes a series such as 6.12"),
         (["lab", "run", "--kernel", "6.x", "--", "true"], "not '6.x'"),
         (["lab", "run", "--env", "NOEQUALS", "--", "true"], "--env needs KEY=VALUE"),
-        (["lab", "run", "--timeout", "0", "--", "true"], "--timeout must be at least 1"),
+        (["lab", "run", "--timeout", "0", "--", "true"], "--timeout 0 is out of range 1..86400"),
         (["lab", "run", "--memory", "lots", "true"], "--memory needs a whole number"),
         (["lab", "build", "extra"], "unexpected argument 'extra'"),
     ],
