@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vhostorch import files
+from vhostorch import files, rootcode
 from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
 from vhostorch.record import Record
 
@@ -72,7 +72,7 @@ def exec_words(line: str) -> list[str]:
 def command(verb: str) -> str:
     """This vhostorch's ``trace VERB`` as an ExecStart line: this interpreter (a virtualenv's
     keeps its packages), isolated from the environment and the user's site."""
-    return f"{exec_word(sys.executable)} -I -m vhostorch trace {verb}"
+    return f"{exec_word(sys.executable)} {rootcode.UNIT_FLAGS} -m vhostorch trace {verb}"
 
 
 def unit_text() -> str:
@@ -219,13 +219,16 @@ def install(unit_dir: str = UNIT_DIR) -> Installed:
     """Write the unit (idempotent) and enable it; replace only a unit vhostorch wrote.
 
     Raises InvalidSpec (an empty directory), NotManaged (someone else's file or link is
-    there), OperationFailed (an interpreter path systemd does not run, a failed write).
+    there), OperationFailed (rootcode.refusal: root must not run this interpreter and package).
     """
     path = _unit_path(unit_dir)
     directory = os.path.dirname(path)
     old = _ours(path)
     missing = _missing_links(directory, path)  # all or nothing: refused before any write
     text = unit_text()
+    why = rootcode.refusal(sys.executable, rootcode.UNIT_FLAGS)
+    if why:
+        raise OperationFailed(f"not installing {path}: {why}")
     try:
         if old != text:
             files.makedirs(directory, DIR_MODE)

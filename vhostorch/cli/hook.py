@@ -12,7 +12,8 @@ runs it, then qemu.d/* in name order). What the hook does: pydoc vhostorch.hook.
 
 exit codes:
   0  done, or nothing to do
-  1  a file of that name exists that vhostorch did not install (left as it is)
+  1  a file of that name exists that vhostorch did not install (left as it is), or the
+     hook would make root run an interpreter or package others can change (doctor says which)
   2  bad usage"""
 
 HOOK_NAME = Option("--name", VALUE, "file name in qemu.d (default vhostorch)")

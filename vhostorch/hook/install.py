@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-from vhostorch import files
+from vhostorch import files, rootcode
 from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
 from vhostorch.record import Record
 
@@ -49,21 +49,22 @@ def installed_program() -> str:
     """The program as installed: this interpreter, and the directory this package is in."""
     # vhostorch/hook/install.py: the directory that holds the vhostorch package.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return program(f"{sys.executable} -IS", root)
+    return program(f"{sys.executable} {rootcode.HOOK_FLAGS}", root)
 
 
 def refusal(python: str = sys.executable) -> str | None:
     """Why the hook must not be installed to run ``python``, or None.
 
     A "#!" line has no quoting: the kernel splits it at the first blank, so an interpreter
-    path with one cannot be named there.
+    path with one cannot be named there. And root runs what it names on every VM start, so
+    all of it must be root's alone (vhostorch.rootcode).
     """
-    line = f"#!{python} -IS"
+    line = f"#!{python} {rootcode.HOOK_FLAGS}"
     if any(ch.isspace() for ch in python):
         return f"the interpreter path {python!r} has a blank, which a #! line cannot hold"
     if len(os.fsencode(line)) > SHEBANG_MAX:
         return f"the interpreter path {python!r} is too long for a #! line ({SHEBANG_MAX} bytes)"
-    return None
+    return rootcode.refusal(python, rootcode.HOOK_FLAGS)
 
 
 class Installed(Record):
@@ -118,7 +119,7 @@ def install(name: str = DEFAULT_NAME, hooks_dir: str = HOOKS_DIR) -> Installed:
     """Write the hook (idempotent); replace only a hook vhostorch installed.
 
     Raises InvalidSpec (bad name or directory), NotManaged (someone else's file is there),
-    OperationFailed (``refusal``: a #! line cannot name this interpreter).
+    OperationFailed (``refusal``: root must not run this interpreter and package).
     """
     path = _path(name, hooks_dir)
     old = _ours(path)
