@@ -61,7 +61,7 @@ SANDBOX = [
 ]  # fmt: skip
 ENV = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-    "LC_ALL": "C.UTF-8",  # stdout strict UTF-8: the harder case for undecodable paths
+    "PYTHONIOENCODING": "utf-8",  # stdout strict, as under en_US.UTF-8: the harder case
     "VHOSTORCH_CACHE": "/dev/null/vhoinp-cache",  # lab build/run never reach the real cache
 }
 

@@ -47,10 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
-    # A path of argv's undecodable bytes printed on stdout is escaped as on stderr (Python's
-    # stderr default), not an UnicodeEncodeError after the work is done.
+    # A path of argv's undecodable bytes goes back to stdout as the bytes it was, as Python
+    # does in the C locales; under another UTF-8 locale (errors="strict") printing it was an
+    # UnicodeEncodeError after the work was done.
     if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         if argv[:1] in (["--version"], ["-V"]):
             if argv[1:]:
