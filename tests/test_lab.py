@@ -112,10 +112,10 @@ def test_missing_qemu_is_a_clear_error() -> None:
 
 
 def test_not_enough_memory_is_a_clear_error() -> None:
-    done = vhostorch("lab", "run", "--memory", "100000000", "--", "true")
+    done = vhostorch("lab", "run", "--memory", "4194304", "--", "true")
     assert done.returncode == 125
     assert re.fullmatch(
-        r"vhostorch: error: not enough memory: the test host needs 100000256 MiB, \d+ MiB are "
+        r"vhostorch: error: not enough memory: the test host needs 4194560 MiB, \d+ MiB are "
         r"available\n",
         done.stderr,
     )
