@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vhostorch.check import bootunit
 from vhostorch.errors import InvalidSpec
 from vhostorch.hook import install as hookfile
 
@@ -49,12 +50,15 @@ def test_what_is_not_a_regular_file_at_the_hook_path_is_refused_unopened(
     assert secret.read_text() == hookfile.installed_program()
 
 
-def test_an_empty_hooks_dir_is_refused_never_the_real_one() -> None:
-    # `--hooks-dir ""` installed into /etc/libvirt/hooks (the parser refuses it now; the
-    # library refuses it too, for its other callers).
+def test_an_empty_directory_is_refused_never_the_real_one() -> None:
+    # `--hooks-dir ""` installed into /etc/libvirt/hooks and `--unit-dir ""` into
+    # /etc/systemd/system (the parser refuses both now; the library too, for other callers).
     for verb in (hookfile.install, hookfile.uninstall):
         with pytest.raises(InvalidSpec, match="hooks directory must be a path"):
             verb("vhostorch", "")
+    for unit_verb in (bootunit.install, bootunit.uninstall, bootunit.state):
+        with pytest.raises(InvalidSpec, match="unit directory must be a path"):
+            unit_verb("")  # the same for the boot unit's --unit-dir
 
 
 def test_an_interpreter_path_a_shebang_cannot_hold_is_refused(tmp_path: Path) -> None:
