@@ -244,3 +244,69 @@ def test_directories_made_are_0755_whatever_the_umask(tmp_path: Path) -> None:
     assert os.stat(kept).st_mode & 0o777 == 0o750
     assert os.stat(kept / "multi-user.target.wants").st_mode & 0o777 == 0o700
     assert os.stat(kept / "libvirtd.service.wants").st_mode & 0o777 == 0o755
+
+
+def test_a_wants_directory_that_is_a_symlink_is_never_followed_out_of_the_unit_dir(
+    tmp_path: Path,
+) -> None:
+    # A `.wants` pointing elsewhere led install to make its link there, and uninstall to
+    # delete a link there, outside the directory it was given.
+    units, outside = tmp_path / "units", tmp_path / "outside"
+    units.mkdir()
+    outside.mkdir()
+    (units / "libvirtd.service.wants").symlink_to(outside)
+    done = run_unit("install-unit", units)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "libvirtd.service.wants is a symlink; not following it" in done.stderr
+    assert list(outside.iterdir()) == []
+    assert [p.name for p in units.iterdir()] == ["libvirtd.service.wants"]  # nothing written
+    # Installed with real directories, then one is swapped for a symlink to a directory
+    # holding a link to the unit: uninstall removes the unit and its own links only.
+    (units / "libvirtd.service.wants").unlink()
+    assert run_unit("install-unit", units).returncode == 0
+    unit = units / bootunit.NAME
+    (units / "libvirtd.service.wants" / bootunit.NAME).unlink()
+    (units / "libvirtd.service.wants").rmdir()
+    (units / "libvirtd.service.wants").symlink_to(outside)
+    (outside / bootunit.NAME).symlink_to(unit)
+    assert bootunit.state(str(units)).enabled_by == ("multi-user.target", "virtqemud.service")
+    done = run_unit("uninstall-unit", units)
+    assert done.returncode == 0, done.stderr
+    assert os.readlink(outside / bootunit.NAME) == str(unit)  # not followed, left as it was
+    assert not unit.exists()
+
+
+def test_execstart_quotes_an_interpreter_path_as_systemd_reads_it(tmp_path: Path) -> None:
+    """A virtualenv under a directory with blanks, '%' and ';' in its name: the unit passes
+    systemd-analyze verify and its ExecStart runs (unquoted, systemd split the path at the
+    blank and read '%' as a specifier). A path systemd cannot run is refused in one line."""
+    venv = tmp_path / "venv of 100%; x"
+    (venv / "bin").mkdir(parents=True)
+    real = Path(bootunit.sys.prefix)  # this virtualenv: its interpreter, pyvenv.cfg, packages
+    (venv / "bin" / "python3").symlink_to(os.path.realpath(bootunit.sys.executable))
+    (venv / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
+    (venv / "lib").symlink_to(real / "lib")
+    units = tmp_path / "units"
+    done = subprocess.run(
+        [str(venv / "bin" / "python3"), "-m", "vhostorch", "trace", "install-unit",
+         "--unit-dir", str(units)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    unit = units / bootunit.NAME
+    start = unit_lines(unit)["ExecStart"][0]
+    assert start.startswith(f'"{venv}'.replace("%", "%%")), start
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True
+    )
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stderr
+    words = bootunit.exec_words(start)
+    assert words[0] == str(venv / "bin" / "python3") and words[-2:] == ["trace", "arm"]
+    found = bootunit.state(str(units))
+    assert found.runs and found.armed_at_boot
+    status = subprocess.run([*words[:-1], "status"], capture_output=True, text=True, env={})
+    assert status.returncode == 0 and status.stdout == vhostorch("trace", "status").stdout
+    assert bootunit.exec_word("/usr/bin/python3") == "/usr/bin/python3"  # plain: as it is
+    for bad in ("/opt/py\nthon", "/opt/$HOME/python", '/opt/"py"', "/opt/py\\"):
+        with pytest.raises(bootunit.OperationFailed, match="which systemd does not run"):
+            bootunit.exec_word(bad)

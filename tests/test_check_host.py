@@ -167,12 +167,13 @@ def _wait_for_tap_fd(pid: int, dev: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
-        (["check", "--pid", "999999999"], "no process 999999999"),
+        (["check", "--pid", "4194304"], "no process 4194304"),  # PID_MAX_LIMIT: never a pid
+        (["check", "--pid", "999999999"], "--pid 999999999 is out of range 1..4194304"),
         (["check", "--pid", str(os.getpid())], "is not a QEMU"),
         (["check", "--domain", "vho-no-such-domain"], "no domain 'vho-no-such-domain'"),
         (["check"], "give one of --pid, --domain, --qmp or --all"),
         (["check", "--pid", "1", "--all"], "give one of --pid, --domain, --qmp or --all"),
-        (["check", "--all", "--watch", "0"], "--watch needs at least 1 second"),
+        (["check", "--all", "--watch", "0"], "--watch 0 is out of range 1..86400"),
     ],
 )
 def test_check_targets_that_cannot_be_inspected_exit_2(

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +15,8 @@ from vhostorch import cli
 from vhostorch.cli.argv import parse
 from vhostorch.cli.output import EXIT_CODES
 from vhostorch.errors import LabTimeout
+
+EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 
 
 def _one_line_error(proc: object, code: int, *phrases: str) -> None:
@@ -96,7 +102,7 @@ def test_create_show_delete_round_trip_with_json(ns: str) -> None:
         (["tap", "create", "t0", "--queues", "0"], "queues 0 is out of range"),
         (["tap", "create", "t0", "--queues", "257"], "out of range 1..256"),
         (["tap", "create", "t0", "--queues", "many"], "needs a whole number"),
-        (["tap", "create", "t0", "--mtu", "67"], "MTU 67 is out of range"),
+        (["tap", "create", "t0", "--mtu", "67"], "--mtu 67 is out of range 68..65521"),
         (["tap", "create", "t0", "--mac", "01:00:5e:00:00:01"], "multicast"),
         (["tap", "create", "t0", "--mac", "zz"], "six hex octets"),
         (["tap", "create", "t0", "--owner", "no-such-user-x"], "'no-such-user-x' does not exist"),
@@ -194,3 +200,50 @@ def test_an_error_exits_with_its_own_code_on_one_line(
     assert capsys.readouterr().err == "vhostorch: error: lab run: the timeout ran out after 1 s\n"
     assert cli.main(["tap", "--help"]) == 0
     assert "tap create" in capsys.readouterr().out
+
+
+def test_version_prints_the_package_version() -> None:
+    from vhostorch import __version__
+
+    for flag in ("--version", "-V"):
+        done = vhostorch(flag)
+        assert (done.returncode, done.stdout, done.stderr) == (0, f"vhostorch {__version__}\n", "")
+    _one_line_error(vhostorch("--version", "tap"), 2, "--version takes no arguments")
+    assert "usage: vhostorch [--version] COMMAND" in vhostorch("--help").stdout
+
+
+def test_every_numeric_option_has_a_bound_and_no_value_is_ever_empty() -> None:
+    """Declared in the tables: a number beyond its bound, or an empty value, is refused while
+    parsing, naming the option (a 20-digit --watch reached time.sleep, an empty --unit-dir
+    meant /etc/systemd/system)."""
+    from vhostorch.cli.argv import INT, Option
+    from vhostorch.errors import InvalidSpec
+
+    with pytest.raises(ValueError, match="need one"):
+        Option("--n", INT, "a number without a bound")
+    for command in cli.COMMANDS:
+        for opt in command.options:
+            assert opt.kind != INT or 0 < opt.high < 10**20, opt
+    with pytest.raises(InvalidSpec, match=r"check: --watch 86401 is out of range 1\.\.86400"):
+        parse(cli.COMMANDS, ["check", "--all", "--watch", "86401"], EXIT_CODES)
+    with pytest.raises(InvalidSpec, match="--unit-dir needs a value, not an empty string"):
+        parse(cli.COMMANDS, ["trace", "install-unit", "--unit-dir="], EXIT_CODES)
+    with pytest.raises(InvalidSpec, match=r"tap show: --netns is not valid UTF-8: b'\\xff'"):
+        parse(cli.COMMANDS, ["tap", "show", "--netns", "\udcff"], EXIT_CODES)
+    path = parse(cli.COMMANDS, ["hook", "install", "--hooks-dir", "/x/\udcff"], EXIT_CODES)
+    assert path.text("hooks_dir") == "/x/\udcff"  # a path may hold any bytes
+
+
+def test_a_path_of_bytes_that_are_not_utf8_is_printed_escaped(tmp_path: pathlib.Path) -> None:
+    """A unit directory whose name is not UTF-8 works, and stdout gives its bytes back, under
+    any UTF-8 locale (PYTHONIOENCODING=utf-8 makes stdout strict, as en_US.UTF-8 does: it was
+    an UnicodeEncodeError after the unit was written, exit 1, "internal error")."""
+    where = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    done = subprocess.run(
+        [os.fsencode(EXE), b"trace", b"install-unit", b"--unit-dir", where],
+        capture_output=True,
+        env={"PYTHONIOENCODING": "utf-8", "PATH": os.environ["PATH"]},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == where + b"/vhostorch-trace.service: installed, enabled\n"
+    assert os.path.isfile(os.path.join(where, b"vhostorch-trace.service"))

@@ -286,7 +286,7 @@ def test_install_does_not_follow_a_symlink_at_a_temporary_name() -> None:
         # An update replaces the file atomically, never writing through a symlink at its path.
         os.unlink(done.path)
         os.symlink(secret, done.path)
-        with pytest.raises(Exception, match="vhostorch did not install it"):
+        with pytest.raises(Exception, match="is a symlink, not a hook vhostorch installed"):
             hookfile.install(hooks_dir=hooks)
         with open(secret) as f:
             assert f.read() == "root only\n"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import re
+import signal
 
 import pytest
 from hypothesis import given
@@ -145,3 +148,37 @@ def test_next_nic_index_takes_the_first_index_whose_defaults_are_free() -> None:
     # A NIC added with its own tap name but nic 1's default MAC still takes index 1.
     own = SimpleNamespace(tap="mine", mac=vmspec.default_mac("vm1", 1))
     assert vmspec.next_nic_index("vm1", [own]) == 2
+
+
+def test_only_a_regular_file_of_bounded_size_is_read_as_a_spec(tmp_path: pathlib.Path) -> None:
+    """A FIFO hung `up` (the read waits for a writer), /dev/zero read until memory ran out,
+    nesting past tomllib's recursion and bytes that are not UTF-8 were internal errors, and
+    a symlink to a spec still loads. Each bad one is one InvalidSpec naming the file."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    deep = write(tmp_path, "a = " + "[" * 100_000)
+    latin = tmp_path / "latin1.toml"
+    latin.write_bytes(b'name = "caf\xe9"\n')
+    long = tmp_path / "long.toml"
+    long.write_bytes(b"#" * (vmspec.MAX_SPEC_BYTES + 1))
+    refused = {
+        str(fifo): "is a FIFO, not a spec file",
+        "/dev/zero": "is a character device, not a spec file",
+        str(tmp_path): "is a directory, not a spec file",
+        deep: "arrays or tables nested too deeply",
+        str(latin): "not UTF-8 text (byte 11)",
+        str(long): f"longer than {vmspec.MAX_SPEC_BYTES} bytes",
+    }
+    signal.alarm(20)  # a hang fails here, not the whole run
+    try:
+        for path, why in refused.items():
+            with pytest.raises(InvalidSpec, match=f"^{re.escape(f'{path}: {why}')}"):
+                vmspec.load(path)
+    finally:
+        signal.alarm(0)
+    link = tmp_path / "link.toml"
+    link.symlink_to(write(tmp_path, FULL))
+    assert vmspec.load(str(link)).name == "vm1"
+    ok = tmp_path / "ok.toml"
+    ok.write_text(FULL + "#" * (vmspec.MAX_SPEC_BYTES - len(FULL.encode())))
+    assert vmspec.load(str(ok)).name == "vm1"  # exactly the bound: still a spec

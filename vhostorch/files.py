@@ -5,12 +5,15 @@ linked elsewhere); `replace` puts new contents at a name by renaming such a file
 so a reader sees the old file or the new one, never a part; `create` puts a whole file at
 a name only if none is there (a claim: of two creators, one wins). Both open with O_NOFOLLOW, so
 a symlink planted at the name is never written through, and set the mode with fchmod, so
-the umask does not decide it. Stdlib ``os`` only: the hook's start-up path writes with it.
+the umask does not decide it. `read_regular` is the read that goes with them: only a regular
+file, never a FIFO or device opened, at most so many bytes. Stdlib ``os`` (and ``stat``,
+which it imports) only: the hook's start-up path writes with it.
 """
 
 from __future__ import annotations
 
 import os
+import stat  # os imports it: no cost
 
 # Where a name becomes a file name, at most this many bytes of it (NAME_MAX is 255, and
 # ".taps.tmp" and the like are added).
@@ -145,3 +148,53 @@ def stem(name: str) -> str:
 
         stem = f"{stem[: MAX_STEM - 65]}~{hashlib.sha256(raw).hexdigest()}"
     return stem
+
+
+class NotRegular(OSError):
+    """What is at a path is not a regular file; ``what`` names it ("a FIFO", "a directory")."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"{path} is {what}")
+        self.what = what
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFLNK: "a symlink"}  # fmt: skip
+
+
+def _kind(path: str, mode: int) -> NotRegular:
+    return NotRegular(path, _KINDS.get(stat.S_IFMT(mode), "not a regular file"))
+
+
+def read_regular(path: str, limit: int, *, follow: bool = False) -> bytes:
+    """At most ``limit`` bytes of the regular file at ``path`` (ask for one more than you
+    accept to learn that a file is too long). Raises NotRegular for anything else, and the
+    OSError of a failed stat, open or read (FileNotFoundError when nothing is there).
+
+    Anything but a regular file is refused from its stat alone, never opened: opening a
+    FIFO for reading waits for a writer, and opening some devices acts (a watchdog starts
+    counting). The open adds O_NONBLOCK and fstat checks again, for a FIFO put in its place
+    meanwhile. ``follow``: a symlink is followed (a path the caller chose); otherwise it is
+    refused, as a symlink planted in a directory others write.
+    """
+    mode = (os.stat(path) if follow else os.lstat(path)).st_mode
+    if not stat.S_ISREG(mode):
+        raise _kind(path, mode)
+    nofollow = 0 if follow else os.O_NOFOLLOW
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | nofollow)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _kind(path, mode)
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

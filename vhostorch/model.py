@@ -25,6 +25,19 @@ _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _NAME_REST = _NAME_START | frozenset("0123456789.-")
 
 
+def check_text(value: str, what: str) -> str:
+    """Return ``value`` if it is text, else raise InvalidSpec: argv bytes that are not UTF-8
+    reach Python as lone surrogates (PEP 383), which no encoder, file name in a message or
+    JSON reader downstream should meet."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raw = value.encode(errors="surrogateescape")
+        cut = f"{raw[:24]!r}..." if len(raw) > 24 else repr(raw)
+        raise InvalidSpec(f"{what} is not valid UTF-8: {cut}") from None
+    return value
+
+
 def check_ifname(name: object, what: str = "interface name") -> str:
     """Return ``name`` if the kernel's dev_valid_name() would accept it, else raise InvalidSpec.
 
@@ -33,6 +46,7 @@ def check_ifname(name: object, what: str = "interface name") -> str:
     """
     if not isinstance(name, str) or not name:
         raise InvalidSpec(f"{what} must be a non-empty string")
+    check_text(name, what)
     size = len(name.encode())
     if size >= IFNAMSIZ:
         raise InvalidSpec(f"{what} {name!r} is {size} bytes long; the kernel allows at most 15")
@@ -48,6 +62,7 @@ def check_netns(name: object) -> str:
     """Return a valid named-namespace name (a file name under /run/netns)."""
     if not isinstance(name, str) or not name:
         raise InvalidSpec("network namespace name must be a non-empty string")
+    check_text(name, "network namespace name")
     if name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > 255:
         raise InvalidSpec(f"network namespace name {name!r} is not a valid file name")
     return name

@@ -20,11 +20,10 @@ when systemd runs, it is told to reload.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 
-from vhostorch import files
-from vhostorch.errors import NotManaged, OperationFailed
+from vhostorch import files, rootcode
+from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
 from vhostorch.record import Record
 
 UNIT_DIR = "/etc/systemd/system"
@@ -37,10 +36,43 @@ SYSTEMD_RUNNING = "/run/systemd/system"
 DIR_MODE = 0o755  # the unit directory and its *.wants/, made here, whatever the umask
 
 
+# Characters an Exec*= word may hold as they are; any other word is quoted (exec_word).
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+:,@=")
+
+
+def exec_word(program: str) -> str:
+    """``program`` as the first word of an Exec*= line, as systemd splits and unescapes it
+    (systemd.service(5), "Command lines"; systemd.unit(5), "Specifiers").
+
+    A path of plain characters stays as it is; any other is double-quoted (a blank splits
+    words otherwise) with ``%`` doubled (systemd reads ``%x`` as a specifier, quoted or not).
+    Raises OperationFailed for what systemd will not run or reads back otherwise: a quote or
+    a backslash ("Executable name contains special characters", systemd-analyze verify), a
+    control character, or ``$`` (variables are expanded in the argv[0] passed, not in the
+    path run, and ``$$`` is not undone in the path).
+    """
+    if program and set(program) <= _PLAIN:
+        return program
+    refused = sorted({ch for ch in program if ch in "\"'\\$" or not ch.isprintable()})
+    if refused:
+        raise OperationFailed(
+            f"the interpreter path {program!r} holds {''.join(refused)!r}, which systemd "
+            "does not run as a unit's program"
+        )
+    return '"' + program.replace("%", "%%") + '"'
+
+
+def exec_words(line: str) -> list[str]:
+    """The words of an Exec*= line as this module writes it (exec_word's inverse)."""
+    import shlex
+
+    return shlex.split(line.replace("%%", "%"))
+
+
 def command(verb: str) -> str:
     """This vhostorch's ``trace VERB`` as an ExecStart line: this interpreter (a virtualenv's
     keeps its packages), isolated from the environment and the user's site."""
-    return f"{sys.executable} -I -m vhostorch trace {verb}"
+    return f"{exec_word(sys.executable)} {rootcode.UNIT_FLAGS} -m vhostorch trace {verb}"
 
 
 def unit_text() -> str:
@@ -84,31 +116,19 @@ class BootState(Record):
         return self.installed and "multi-user.target" in self.enabled_by and self.runs
 
 
-_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFLNK: "a symlink"}  # fmt: skip
-
-
 def _ours(path: str) -> str | None:
     """The unit's text if vhostorch wrote it; None if absent. Raises NotManaged.
 
-    Only a regular file can be ours: anything else is refused from lstat alone, never
-    opened (opening a FIFO for reading waits for a writer). The open adds O_NONBLOCK and
-    fstat checks again, for a FIFO put in its place meanwhile.
+    Only a regular file can be ours: anything else (a FIFO, which would hang the read, a
+    symlink) is refused without being opened (files.read_regular).
     """
     try:
-        kind = stat.S_IFMT(os.lstat(path).st_mode)
-        if kind != stat.S_IFREG:
-            what = _KINDS.get(kind, "not a regular file")
-            raise NotManaged(f"{path} is {what}, not a unit vhostorch wrote; not replacing it")
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open(path, flags)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise NotManaged(f"{path} is not a regular file; not replacing it")
-            text = f.read(1 << 16).decode(errors="replace")
+        text = files.read_regular(path, 1 << 16).decode(errors="replace")
     except FileNotFoundError:
         return None
+    except files.NotRegular as err:
+        why = f"{err.what}, not a unit vhostorch wrote"
+        raise NotManaged(f"{path} is {why}; not replacing it") from None
     except OSError as err:
         why = err.strerror or str(err)
         raise NotManaged(f"{path} cannot be read ({why}); not replacing it") from err
@@ -128,7 +148,8 @@ def _points_at(link: str, path: str) -> bool:
 
 
 def _links(unit_dir: str, path: str) -> tuple[str, ...]:
-    """The ``X.wants`` directories whose link named NAME points at ``path``."""
+    """The ``X.wants`` directories whose link named NAME points at ``path``; a ``.wants``
+    that is a symlink is not followed (what it leads to is outside ``unit_dir``)."""
     try:
         entries = sorted(os.listdir(unit_dir))
     except OSError:
@@ -136,7 +157,9 @@ def _links(unit_dir: str, path: str) -> tuple[str, ...]:
     return tuple(
         entry.removesuffix(".wants")
         for entry in entries
-        if entry.endswith(".wants") and _points_at(os.path.join(unit_dir, entry, NAME), path)
+        if entry.endswith(".wants")
+        and not os.path.islink(os.path.join(unit_dir, entry))
+        and _points_at(os.path.join(unit_dir, entry, NAME), path)
     )
 
 
@@ -147,6 +170,9 @@ def _missing_links(unit_dir: str, path: str) -> list[str]:
     for wanted_by in WANTED_BY:
         wants = os.path.join(unit_dir, f"{wanted_by}.wants")
         link = os.path.join(wants, NAME)
+        # A symlink there would lead the link out of unit_dir (isdir follows it).
+        if os.path.islink(wants):
+            raise NotManaged(f"{wants} is a symlink; not following it out of {unit_dir}")
         if os.path.lexists(wants) and not os.path.isdir(wants):
             raise NotManaged(f"{wants} is not a directory; not replacing it")
         if _points_at(link, path):
@@ -169,6 +195,13 @@ def _link(unit_dir: str, wanted_by: str, path: str) -> None:
         raise NotManaged(f"{link} exists and does not point at {path}; not replacing it") from None
 
 
+def _unit_path(unit_dir: str) -> str:
+    """The unit's path in ``unit_dir``; an empty one is refused, never read as the cwd."""
+    if not unit_dir:
+        raise InvalidSpec("the unit directory must be a path, not an empty string")
+    return os.path.join(os.path.abspath(unit_dir), NAME)
+
+
 def _reload(root_is_live: bool) -> bool:
     """Tell a running systemd to read its units again; False when none runs here."""
     import subprocess
@@ -185,13 +218,17 @@ def _reload(root_is_live: bool) -> bool:
 def install(unit_dir: str = UNIT_DIR) -> Installed:
     """Write the unit (idempotent) and enable it; replace only a unit vhostorch wrote.
 
-    Raises NotManaged (someone else's file or link is there), OperationFailed.
+    Raises InvalidSpec (an empty directory), NotManaged (someone else's file or link is
+    there), OperationFailed (rootcode.refusal: root must not run this interpreter and package).
     """
-    path = os.path.join(os.path.abspath(unit_dir), NAME)
+    path = _unit_path(unit_dir)
     directory = os.path.dirname(path)
     old = _ours(path)
     missing = _missing_links(directory, path)  # all or nothing: refused before any write
     text = unit_text()
+    why = rootcode.refusal(sys.executable, rootcode.UNIT_FLAGS)
+    if why:
+        raise OperationFailed(f"not installing {path}: {why}")
     try:
         if old != text:
             files.makedirs(directory, DIR_MODE)
@@ -213,7 +250,7 @@ def uninstall(unit_dir: str = UNIT_DIR) -> Installed:
 
     Raises NotManaged, OperationFailed.
     """
-    path = os.path.join(os.path.abspath(unit_dir), NAME)
+    path = _unit_path(unit_dir)
     directory = os.path.dirname(path)
     present = _ours(path) is not None
     links = _links(directory, path)
@@ -231,7 +268,7 @@ def uninstall(unit_dir: str = UNIT_DIR) -> Installed:
 
 def state(unit_dir: str = UNIT_DIR) -> BootState:
     """Whether the unit is there, which ``*.wants/`` link it, and whether its ExecStart runs."""
-    path = os.path.join(os.path.abspath(unit_dir), NAME)
+    path = _unit_path(unit_dir)
     refused = None
     try:
         text = _ours(path)
@@ -241,7 +278,10 @@ def state(unit_dir: str = UNIT_DIR) -> BootState:
     for line in (text or "").splitlines():
         if line.startswith("ExecStart="):
             exec_start = line.removeprefix("ExecStart=")
-    program = exec_start.split()[0] if exec_start else ""
+    try:
+        program = exec_words(exec_start)[0] if exec_start else ""
+    except (ValueError, IndexError):  # unbalanced quotes, or nothing: not a program
+        program = ""
     runs = bool(program) and os.access(program, os.X_OK)
     links = _links(os.path.dirname(path), path)
     return BootState(path, text is not None, links, exec_start, runs, refused)

@@ -1,8 +1,8 @@
 """Host validation before any VM runs, in the spirit of virt-host-validate, for vhost.
 
 Checks (stable ids, listed in vhostorch.check.ids): host.vhost-net, host.vhost-net.access,
-host.tun, host.kvm, host.worker-model, host.trace, host.trace.boot, host.libvirt.acl,
-host.libvirt.user, host.nofile.
+host.tun, host.kvm, host.worker-model, host.trace, host.trace.boot, host.root-code,
+host.libvirt.acl, host.libvirt.user, host.nofile.
 """
 
 from __future__ import annotations
@@ -193,6 +193,25 @@ def trace_at_boot(paths: Paths) -> Check:
                  evidence)  # fmt: skip
 
 
+def root_code() -> Check:
+    """host.root-code: the code the hook and the boot unit make root run is root's alone."""
+    import sys
+
+    from vhostorch import rootcode
+
+    found = rootcode.findings(sys.executable, rootcode.UNIT_FLAGS)
+    found += [f for f in rootcode.findings(sys.executable, rootcode.HOOK_FLAGS) if f not in found]
+    evidence: dict[str, object] = {"interpreter": sys.executable, "package": rootcode.PACKAGE,
+                                   "findings": found}  # fmt: skip
+    if not found:
+        return Check(ids.HOST_ROOT_CODE, PASS, "the interpreter and the vhostorch package the "
+                     "hook and the boot unit run as root are root's alone", evidence)  # fmt: skip
+    more = f" (and {len(found) - 1} more, in the evidence)" if len(found) > 1 else ""
+    return Check(ids.HOST_ROOT_CODE, WARN, f"root would run code others can change: {found[0]}"
+                 f"{more}; hook install and trace install-unit refuse (install vhostorch where "
+                 "only root can write)", evidence)  # fmt: skip
+
+
 def _libvirt(paths: Paths) -> list[Check]:
     try:
         conf = qemuconf.read(paths.qemu_conf)
@@ -297,6 +316,6 @@ def doctor(paths: Paths | None = None) -> Report:
     """Validate this host for vhost-net before any VM runs."""
     paths = paths or Paths()
     checks = [*vhost_net_checks(paths), _tun(paths), kvm_check(paths), _worker_model()]
-    checks += [_trace(paths), trace_at_boot(paths)]
+    checks += [_trace(paths), trace_at_boot(paths), root_code()]
     checks += [*_libvirt(paths), _nofile()]
     return Report({"host": os.uname().nodename, "kernel": os.uname().release}, (), tuple(checks))

@@ -34,6 +34,7 @@ and the host checks ``doctor`` makes before any VM runs:
     host.worker-model       vhost workers are kernel threads (< 6.4) or threads of QEMU
     host.trace              the wiring trace is armed (needed by nic.kick and nic.call)
     host.trace.boot         the trace will be armed at next boot, before libvirt (boot unit)
+    host.root-code          what the hook and the boot unit make root run is root's alone
     host.libvirt.acl        libvirt's cgroup_device_acl lets QEMU open /dev/vhost-net
     host.libvirt.user       libvirt's QEMU user can open the devices
     host.nofile             the open-file limit fits a VM's fds
@@ -62,6 +63,7 @@ HOST_KVM = "host.kvm"
 HOST_WORKER_MODEL = "host.worker-model"
 HOST_TRACE = "host.trace"
 HOST_TRACE_BOOT = "host.trace.boot"
+HOST_ROOT_CODE = "host.root-code"
 HOST_LIBVIRT_ACL = "host.libvirt.acl"
 HOST_LIBVIRT_USER = "host.libvirt.user"
 HOST_NOFILE = "host.nofile"

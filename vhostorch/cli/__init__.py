@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+from vhostorch import __version__
 from vhostorch.cli import check, hook, lab, taps, vm
 from vhostorch.cli.argv import parse
 from vhostorch.cli.output import EXIT_CODES
@@ -18,7 +19,9 @@ from vhostorch.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     HelpRequested,
+    InvalidSpec,
     VhostorchError,
 )
 from vhostorch.record import TYPE_CHECKING
@@ -44,7 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
+    # A path of argv's undecodable bytes goes back to stdout as the bytes it was, as Python
+    # does in the C locales; under another UTF-8 locale (errors="strict") printing it was an
+    # UnicodeEncodeError after the work was done.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
+        if argv[:1] in (["--version"], ["-V"]):
+            if argv[1:]:
+                raise InvalidSpec(f"{argv[0]} takes no arguments")
+            print(f"vhostorch {__version__}")
+            return EXIT_OK
         args = parse(COMMANDS, argv, EXIT_CODES)
         return HANDLERS[args.command.path[0]](args)
     except HelpRequested as text:

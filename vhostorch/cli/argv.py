@@ -8,26 +8,44 @@ parser runs in a fresh process on every VM start. Errors are one line.
 from __future__ import annotations
 
 from vhostorch.errors import HelpRequested, InvalidSpec
-from vhostorch.model import parse_number
+from vhostorch.model import check_text, parse_number
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-FLAG, NEGATE, VALUE, INT, APPEND = "flag", "negate", "value", "int", "append"
+FLAG, NEGATE, VALUE, PATH, INT, APPEND = "flag", "negate", "value", "path", "int", "append"
 _POSITIONAL = "positional"  # the kind of Command.positional's words, for Parsed
+_TAKES_VALUE = (VALUE, PATH, INT, APPEND)
+MAX_SECONDS = 86400  # a day: the most any option counting seconds takes
 
 
 class Option(Record):
-    """``--name``; ``kind`` is FLAG (sets True), NEGATE (sets False), VALUE, INT or APPEND."""
+    """``--name``; ``kind`` is FLAG (sets True), NEGATE (sets False), VALUE, PATH, INT or APPEND.
+
+    A value is never empty (an empty string is refused, never read as the default). VALUE and
+    APPEND are text: bytes of argv that are not UTF-8 are refused. PATH is a file system
+    path, which may hold any bytes. INT is a whole number from ``low`` to ``high``: every
+    number has a bound, so that no value reaches a sleep, an allocation or a kernel call
+    unchecked.
+    """
 
     name: str
     kind: str
     help: str
     dest: str
+    low: int
+    high: int
 
-    def __init__(self, name: str, kind: str, help: str, dest: str = "") -> None:
-        self._init(name=name, kind=kind, help=help, dest=dest or name[2:].replace("-", "_"))
+    def __init__(
+        self, name: str, kind: str, help: str, dest: str = "", low: int = 0, high: int = 0
+    ) -> None:
+        if (kind == INT) != (high > 0):
+            raise ValueError(f"option {name}: a bound (high) is for INT options, and they need one")
+        self._init(
+            name=name, kind=kind, help=help, dest=dest or name[2:].replace("-", "_"), low=low,
+            high=high,
+        )  # fmt: skip
 
 
 class Command(Record):
@@ -58,7 +76,7 @@ class Command(Record):
     def help(self) -> str:
         lines = [self.usage(), "", self.summary, "", "options:"]
         for opt in self.options:
-            arg = f" {opt.dest.upper()}" if opt.kind in (VALUE, INT, APPEND) else ""
+            arg = f" {opt.dest.upper()}" if opt.kind in _TAKES_VALUE else ""
             named = f"  {opt.name + arg}"
             # A name too long for the column gets its help on the next line, as argparse does.
             lines += (
@@ -93,7 +111,7 @@ class Parsed:
         return bool(self._get(dest, (FLAG, NEGATE)))
 
     def text(self, dest: str) -> str | None:
-        value = self._get(dest, (VALUE,))
+        value = self._get(dest, (VALUE, PATH))
         return value if isinstance(value, str) else None
 
     def number(self, dest: str) -> int | None:
@@ -108,7 +126,7 @@ class Parsed:
 
 def _overview(commands: Sequence[Command], prefix: tuple[str, ...], epilog: str) -> str:
     lines = [
-        f"usage: vhostorch {' '.join(prefix) + ' ' if prefix else ''}COMMAND ...",
+        f"usage: vhostorch {' '.join(prefix) + ' ' if prefix else '[--version] '}COMMAND ...",
         "",
         "commands:",
     ]
@@ -148,7 +166,7 @@ def parse(commands: Sequence[Command], argv: Sequence[str], epilog: str) -> Pars
     values: dict[str, object] = {
         o.dest: ([] if o.kind == APPEND else o.kind == NEGATE)
         for o in command.options
-        if o.kind != VALUE and o.kind != INT
+        if o.kind in (FLAG, NEGATE, APPEND)
     }
     positionals: list[str] = []
     rest = list(argv[len(command.path) :])
@@ -182,9 +200,17 @@ def parse(commands: Sequence[Command], argv: Sequence[str], epilog: str) -> Pars
             if not rest or rest[0].startswith("--"):
                 raise InvalidSpec(f"{name}: {key} needs a value")
             inline = rest.pop(0)
+        if not inline:
+            raise InvalidSpec(f"{name}: {key} needs a value, not an empty string")
         if opt.kind == INT:
-            values[opt.dest] = parse_number(inline, f"{name}: {key}")
-        elif opt.kind == APPEND:
+            number = parse_number(inline, f"{name}: {key}")
+            if not opt.low <= number <= opt.high:
+                raise InvalidSpec(f"{name}: {key} {inline} is out of range {opt.low}..{opt.high}")
+            values[opt.dest] = number
+            continue
+        if opt.kind != PATH:
+            check_text(inline, f"{name}: {key}")
+        if opt.kind == APPEND:
             values.setdefault(opt.dest, [])
             list_value = values[opt.dest]
             assert isinstance(list_value, list)
@@ -198,5 +224,8 @@ def parse(commands: Sequence[Command], argv: Sequence[str], epilog: str) -> Pars
     most = 1 if command.arity == "?" else exact
     if most is not None and count > most:
         raise InvalidSpec(f"{name}: unexpected argument {positionals[most]!r}")
+    # A command line of its own ("...") may pass empty words to its program, not as the program.
+    if "" in (positionals[:1] if command.arity == "..." else positionals):
+        raise InvalidSpec(f"{name}: {command.positional} must not be an empty string")
     values[command.positional] = positionals
     return Parsed(command, values)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from vhostorch.cli.argv import FLAG, INT, VALUE, Command, Option, Parsed
+from vhostorch.cli.argv import FLAG, INT, MAX_SECONDS, PATH, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import EXIT_CODES, JSON, STRICT, emit, report_text
 from vhostorch.errors import EXIT_FAILED, EXIT_OK, InvalidSpec
 from vhostorch.record import TYPE_CHECKING
@@ -22,7 +22,8 @@ exit codes:
   2  the target could not be inspected (no such process or domain, permission, bad usage)"""
 
 UNIT = "vhostorch-trace.service"
-UNIT_DIR = Option("--unit-dir", VALUE, "systemd's unit directory (default /etc/systemd/system)")
+PID_MAX_LIMIT = 1 << 22  # include/linux/threads.h on 64-bit: no pid is larger
+UNIT_DIR = Option("--unit-dir", PATH, "systemd's unit directory (default /etc/systemd/system)")
 
 COMMANDS = (
     Command(
@@ -31,10 +32,10 @@ COMMANDS = (
         "",
         "0",
         (
-            Option("--pid", INT, "the QEMU process to check"),
+            Option("--pid", INT, "the QEMU process to check", low=1, high=PID_MAX_LIMIT),
             Option("--domain", VALUE, "the libvirt domain to check (its XML says what was asked)"),
             Option("--connect", VALUE, "libvirt URI for --domain (default qemu:///system)"),
-            Option("--qmp", VALUE, "the QMP socket of a QEMU you run (also read for its status)"),
+            Option("--qmp", PATH, "the QMP socket of a QEMU you run (also read for its status)"),
             Option("--all", FLAG, "every QEMU process on this host"),
             Option(
                 "--monitor",
@@ -43,7 +44,13 @@ COMMANDS = (
                 "domain tainted: custom-monitor)",
             ),
             STRICT,
-            Option("--watch", INT, "re-check every N seconds and report what changes"),
+            Option(
+                "--watch",
+                INT,
+                "re-check every N seconds and report what changes",
+                low=1,
+                high=MAX_SECONDS,
+            ),
             Option(
                 "--rewire",
                 FLAG,
@@ -157,8 +164,6 @@ def _print_reports(reports: list[Report], args: Parsed, took: float = 0.0) -> bo
 
 def _check(args: Parsed) -> int:
     watch = args.number("watch")
-    if watch is not None and watch < 1:
-        raise InvalidSpec("check: --watch needs at least 1 second")
     if watch is not None and (chosen := _format(args)) in METRICS:
         raise InvalidSpec(f"check: --watch prints changes, not metrics (--format {chosen})")
     import time
@@ -221,7 +226,8 @@ def _trace(args: Parsed) -> int:
 def _unit(args: Parsed, verb: str) -> int:
     from vhostorch.check import bootunit
 
-    unit_dir = args.text("unit_dir") or bootunit.UNIT_DIR
+    given = args.text("unit_dir")
+    unit_dir = bootunit.UNIT_DIR if given is None else given
     done = bootunit.install(unit_dir) if verb == "install-unit" else bootunit.uninstall(unit_dir)
     text = f"{done.path}: {done.action}" + (", enabled" if done.enabled else "")
     data = {"ok": True, "changed": done.action not in ("unchanged", "absent"), **done.asdict()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vhostorch.cli.argv import VALUE, Command, Option, Parsed
+from vhostorch.cli.argv import PATH, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import JSON, emit
 from vhostorch.errors import EXIT_OK
 
@@ -12,11 +12,12 @@ runs it, then qemu.d/* in name order). What the hook does: pydoc vhostorch.hook.
 
 exit codes:
   0  done, or nothing to do
-  1  a file of that name exists that vhostorch did not install (left as it is)
+  1  a file of that name exists that vhostorch did not install (left as it is), or the
+     hook would make root run an interpreter or package others can change (doctor says which)
   2  bad usage"""
 
 HOOK_NAME = Option("--name", VALUE, "file name in qemu.d (default vhostorch)")
-HOOKS_DIR = Option("--hooks-dir", VALUE, "libvirt's hook directory (default /etc/libvirt/hooks)")
+HOOKS_DIR = Option("--hooks-dir", PATH, "libvirt's hook directory (default /etc/libvirt/hooks)")
 
 COMMANDS = (
     Command(
@@ -41,8 +42,9 @@ COMMANDS = (
 def _hook(args: Parsed) -> int:
     from vhostorch.hook import install as hookfile
 
-    name = args.text("name") or hookfile.DEFAULT_NAME
-    hooks_dir = args.text("hooks_dir") or hookfile.HOOKS_DIR
+    name, given = args.text("name"), args.text("hooks_dir")
+    name = hookfile.DEFAULT_NAME if name is None else name
+    hooks_dir = hookfile.HOOKS_DIR if given is None else given
     if args.command.path[1] == "install":
         done = hookfile.install(name, hooks_dir)
         restart = "restart libvirtd (or virtqemud) so that it runs the hook"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from vhostorch.cli.argv import APPEND, INT, VALUE, Command, Option, Parsed
+from vhostorch.cli.argv import APPEND, INT, MAX_SECONDS, PATH, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import JSON, emit
 from vhostorch.errors import EXIT_OK, InvalidSpec
+from vhostorch.vm.spec import MAX_CPUS, MAX_MEMORY_MIB
 
 LAB_EXIT_CODES = """COMMAND runs as root in the same working directory, on a copy-on-write
 view of this machine's root; the test host has no network device. Its output
@@ -41,13 +42,29 @@ COMMANDS = (
         "...",
         (
             KERNEL,
-            Option("--timeout", INT, "seconds before everything is stopped (default 900)"),
-            Option("--memory", INT, "MiB of memory for the test host (default 3072)"),
             Option(
-                "--cpus", INT, "virtual CPUs of the test host (default 1; 2 can freeze under TCG)"
+                "--timeout",
+                INT,
+                "seconds before everything is stopped (default 900)",
+                low=1,
+                high=MAX_SECONDS,
+            ),
+            Option(
+                "--memory",
+                INT,
+                "MiB of memory for the test host (default 3072)",
+                low=1,
+                high=MAX_MEMORY_MIB,
+            ),
+            Option(
+                "--cpus",
+                INT,
+                "virtual CPUs of the test host (default 1; 2 can freeze under TCG)",
+                low=1,
+                high=MAX_CPUS,
             ),
             Option("--env", APPEND, "KEY=VALUE to set for COMMAND (repeatable)"),
-            Option("--results", VALUE, "directory shared back read-write (default: a new one)"),
+            Option("--results", PATH, "directory shared back read-write (default: a new one)"),
         ),
         LAB_EXIT_CODES,
     ),
@@ -85,10 +102,6 @@ def _lab(args: Parsed) -> int:
         if not eq or not key.isidentifier():
             raise InvalidSpec(f"lab run: --env needs KEY=VALUE, not {item!r}")
         env[key] = value
-    for dest in ("timeout", "memory", "cpus"):
-        given = args.number(dest)
-        if given is not None and given < 1:
-            raise InvalidSpec(f"lab run: --{dest} must be at least 1")
     outcome = lab.run(
         args.texts("COMMAND"),
         env=env,

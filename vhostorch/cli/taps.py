@@ -5,14 +5,17 @@ from __future__ import annotations
 from vhostorch.cli.argv import APPEND, FLAG, INT, NEGATE, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import EXIT_CODES, JSON, emit, results_text, table
 from vhostorch.errors import EXIT_OK, InvalidSpec
+from vhostorch.model import MAX_MTU, MAX_TAP_QUEUES, MIN_MTU
 
 NETNS = Option("--netns", VALUE, "named network namespace (as in `ip netns`)")
 # A tap's own settings, declared once: `nic add` makes a tap too, and describes them there
 # for a NIC (Option.replace(help=...)).
-QUEUES = Option("--queues", INT, "queue pairs QEMU will open (default 1)")
+QUEUES = Option(
+    "--queues", INT, "queue pairs QEMU will open (default 1)", low=1, high=MAX_TAP_QUEUES
+)
 OWNER = Option("--owner", VALUE, "user (name or uid) allowed to open it, e.g. libvirt-qemu")
 GROUP = Option("--group", VALUE, "group (name or gid) allowed to open it")
-MTU = Option("--mtu", INT, "MTU of the tap")
+MTU = Option("--mtu", INT, "MTU of the tap", low=MIN_MTU, high=MAX_MTU)
 BRIDGE = Option("--bridge", VALUE, "bridge to attach to; it must exist unless --create-bridge")
 
 COMMANDS = (

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
-from vhostorch.cli.argv import INT, VALUE, Command, Option, Parsed
+from vhostorch.cli.argv import INT, MAX_SECONDS, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import EXIT_CODES, JSON, STRICT, emit, report_text
 from vhostorch.cli.taps import BRIDGE, GROUP, MTU, OWNER, QUEUES
 from vhostorch.errors import EXIT_FAILED, EXIT_OK, InvalidSpec
+from vhostorch.model import check_ifname
 from vhostorch.record import TYPE_CHECKING
+from vhostorch.vm.spec import RING_SIZES
 
 if TYPE_CHECKING:
     from vhostorch.orchestrate import Outcome
@@ -21,7 +23,12 @@ exit codes:
   1  a check failed, or the VM could not be started (the host refused; nothing is left)
   2  bad usage or an invalid spec (nothing was touched)"""
 
-WAIT = Option("--wait", INT, "seconds to wait for the guest driver to start vhost (default 60)")
+WAIT = Option(
+    "--wait",
+    INT,
+    "seconds to wait for the guest driver to start vhost (default 60)",
+    high=MAX_SECONDS,
+)
 
 COMMANDS = (
     Command(
@@ -65,8 +72,20 @@ COMMANDS = (
             MTU.replace(help="MTU of the tap (and offered to the guest)"),
             OWNER.replace(help="tap owner"),
             GROUP.replace(help="tap group"),
-            Option("--rx-queue-size", INT, "rx ring size (256, 512, 1024)"),
-            Option("--tx-queue-size", INT, "tx ring size (256; QEMU caps it for kernel vhost)"),
+            Option(
+                "--rx-queue-size",
+                INT,
+                "rx ring size (256, 512, 1024)",
+                low=min(RING_SIZES),
+                high=max(RING_SIZES),
+            ),
+            Option(
+                "--tx-queue-size",
+                INT,
+                "tx ring size (256; QEMU caps it for kernel vhost)",
+                low=min(RING_SIZES),
+                high=max(RING_SIZES),
+            ),
             WAIT,
             STRICT,
             JSON,
@@ -113,8 +132,6 @@ def _wait(args: Parsed) -> float:
     from vhostorch import orchestrate
 
     wait = args.number("wait")
-    if wait is not None and wait < 0:
-        raise InvalidSpec("--wait must be 0 or more seconds")
     return orchestrate.WAIT_DRIVER if wait is None else float(wait)
 
 
@@ -167,7 +184,7 @@ def _nic(args: Parsed) -> int:
 
     if args.command.path[1] == "del":
         name, tap = args.texts("VM TAP")
-        state = orchestrate.nic_del(_vm_name(name), tap)
+        state = orchestrate.nic_del(_vm_name(name), check_ifname(tap, "tap name"))
         emit(
             {"ok": True, "vm": state.asdict()}, args.flag("json"), f"{state.name}: {tap} unplugged"
         )

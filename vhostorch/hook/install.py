@@ -15,8 +15,8 @@ import os
 import re
 import sys
 
-from vhostorch import files
-from vhostorch.errors import InvalidSpec, NotManaged
+from vhostorch import files, rootcode
+from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
 from vhostorch.record import Record
 
 HOOKS_DIR = "/etc/libvirt/hooks"
@@ -24,6 +24,9 @@ DEFAULT_NAME = "vhostorch"
 MARKER = "# vhostorch libvirt hook"
 REPO_ROOT = "os.path.dirname(os.path.dirname(os.path.realpath(__file__)))"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The kernel reads at most this much of a "#!" line (BINPRM_BUF_SIZE, Linux 5.1 and later);
+# a longer line is cut, and the hook would run some other program, or none.
+SHEBANG_MAX = 255
 
 
 def program(python: str, package_root: str | None) -> str:
@@ -46,7 +49,22 @@ def installed_program() -> str:
     """The program as installed: this interpreter, and the directory this package is in."""
     # vhostorch/hook/install.py: the directory that holds the vhostorch package.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return program(f"{sys.executable} -IS", root)
+    return program(f"{sys.executable} {rootcode.HOOK_FLAGS}", root)
+
+
+def refusal(python: str = sys.executable) -> str | None:
+    """Why the hook must not be installed to run ``python``, or None.
+
+    A "#!" line has no quoting: the kernel splits it at the first blank, so an interpreter
+    path with one cannot be named there. And root runs what it names on every VM start, so
+    all of it must be root's alone (vhostorch.rootcode).
+    """
+    line = f"#!{python} {rootcode.HOOK_FLAGS}"
+    if any(ch.isspace() for ch in python):
+        return f"the interpreter path {python!r} has a blank, which a #! line cannot hold"
+    if len(os.fsencode(line)) > SHEBANG_MAX:
+        return f"the interpreter path {python!r} is too long for a #! line ({SHEBANG_MAX} bytes)"
+    return rootcode.refusal(python, rootcode.HOOK_FLAGS)
 
 
 class Installed(Record):
@@ -56,18 +74,26 @@ class Installed(Record):
 
 
 def _path(name: str, hooks_dir: str) -> str:
+    if not hooks_dir:
+        raise InvalidSpec("the hooks directory must be a path, not an empty string")
     if not _NAME.fullmatch(name):
         raise InvalidSpec(f"hook name {name!r}: letters, digits, '.', '_', '-' (at most 64)")
     return os.path.join(hooks_dir, "qemu.d", name)
 
 
 def _ours(path: str) -> str | None:
-    """The text of the hook at ``path`` if vhostorch installed it; None if absent."""
+    """The text of the hook at ``path`` if vhostorch installed it; None if absent.
+
+    Only a regular file can be ours: anything else (a FIFO, which would hang the read, a
+    symlink) is refused without being opened (files.read_regular).
+    """
     try:
-        with open(path, errors="replace") as f:
-            text = f.read(1 << 16)
+        text = files.read_regular(path, 1 << 16).decode(errors="replace")
     except FileNotFoundError:
         return None
+    except files.NotRegular as err:
+        why = f"{err.what}, not a hook vhostorch installed"
+        raise NotManaged(f"{path} is {why}; not replacing it") from None
     except OSError as err:
         raise NotManaged(f"{path} cannot be read ({err.strerror}); not replacing it") from None
     lines = text.splitlines()
@@ -90,9 +116,16 @@ def _others(hooks_dir: str, mine: str) -> tuple[str, ...]:
 
 
 def install(name: str = DEFAULT_NAME, hooks_dir: str = HOOKS_DIR) -> Installed:
-    """Write the hook (idempotent); replace only a hook vhostorch installed."""
+    """Write the hook (idempotent); replace only a hook vhostorch installed.
+
+    Raises InvalidSpec (bad name or directory), NotManaged (someone else's file is there),
+    OperationFailed (``refusal``: root must not run this interpreter and package).
+    """
     path = _path(name, hooks_dir)
     old = _ours(path)
+    why = refusal()
+    if why:
+        raise OperationFailed(f"not installing {path}: {why}")
     text = installed_program()
     if old != text:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 # The error raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import InvalidSpec
 from vhostorch.errors import LabError as LabError
 from vhostorch.errors import LabFrozen as LabFrozen
 from vhostorch.errors import LabTimeout as LabTimeout
@@ -179,10 +180,10 @@ def run(
     ``results`` is the directory shared back (a new one under /tmp if None; it is
     kept either way). ``image`` defaults to the cached one of ``kernel`` (a series such
     as ``6.12``, or the default kernel), built if missing.
-    Raises LabError when the host cannot be built or booted or does not reach
-    the command, LabTimeout when ``timeout`` runs out, LabFrozen when it stops
-    making progress: a CPU stuck in its kernel for labwatch.FROZEN_AFTER seconds,
-    or no heartbeat for ``stalled_after`` seconds.
+    Raises InvalidSpec when ``results`` cannot be made, LabError when the host cannot be
+    built or booted or does not reach the command, LabTimeout when ``timeout`` runs out,
+    LabFrozen when it stops making progress: a CPU stuck in its kernel for
+    labwatch.FROZEN_AFTER seconds, or no heartbeat for ``stalled_after`` seconds.
     """
     if not command:
         raise LabError("no command given")
@@ -200,6 +201,11 @@ def run(
         )
     if results is not None:
         _check_results(os.path.realpath(results))
+        try:  # before the image is fetched or built: a directory that cannot be is bad input
+            os.makedirs(results, exist_ok=True)
+        except OSError as err:
+            raise InvalidSpec(f"the results directory {results!r} cannot be made: "
+                              f"{err.strerror or err}") from None  # fmt: skip
     image = image or ensure_image(log=log, kernel=kernel)
     results = os.path.realpath(results or tempfile.mkdtemp(prefix="vhostorch-lab-", dir="/tmp"))
     monitor = os.path.join(results, MONITOR)
@@ -274,7 +280,7 @@ def run(
 def _check_results(results: str) -> None:
     if any(c.isspace() for c in results):
         raise LabError(f"the results directory {results!r} must not contain spaces")
-    if len(os.path.join(results, MONITOR).encode()) > _SOCKET_PATH_MAX:
+    if len(os.fsencode(os.path.join(results, MONITOR))) > _SOCKET_PATH_MAX:
         raise LabError(
             f"the results directory {results!r} is too long: QEMU's monitor socket goes there "
             f"and a socket path has at most {_SOCKET_PATH_MAX} bytes"

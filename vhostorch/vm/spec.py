@@ -29,6 +29,7 @@ errors that name the field (``nic[1].queues``).
 
 from __future__ import annotations
 
+from vhostorch import files
 from vhostorch.errors import InvalidSpec
 from vhostorch.model import MAX_TAP_QUEUES, TapSpec, check_batch, check_int, parse_mac, shown
 from vhostorch.record import TYPE_CHECKING, Record
@@ -51,6 +52,7 @@ ACCELS = ("kvm", "tcg")
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
 MAX_CPUS = 288
 MAX_NAME = 64
+MAX_SPEC_BYTES = 1 << 20  # a spec is a few hundred bytes; a MiB leaves room for comments
 # QEMU accepts power-of-two ring sizes 256..1024; for kernel vhost it caps the tx ring at
 # 256 (only vhost-user and vDPA get more), so a larger tx_queue_size would be ignored.
 RING_SIZES = (256, 512, 1024)
@@ -300,16 +302,30 @@ def nic_from_mapping(vm: str, index: int, entry: object) -> NicSpec:
 
 
 def load(path: str) -> VmSpec:
-    """Read a VM spec from a TOML file. Raises InvalidSpec (with the file name)."""
+    """Read a VM spec from a TOML file. Raises InvalidSpec (with the file name).
+
+    Only a regular file of at most MAX_SPEC_BYTES is read: a FIFO or a device is refused
+    without being opened (a FIFO would wait for a writer, /dev/zero never ends).
+    """
     import tomllib
 
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        raw = files.read_regular(path, MAX_SPEC_BYTES + 1, follow=True)
+    except files.NotRegular as err:
+        raise InvalidSpec(f"{path}: is {err.what}, not a spec file") from None
     except OSError as err:
-        raise InvalidSpec(f"{path}: {err.strerror}") from None
+        raise InvalidSpec(f"{path}: {err.strerror or err}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise InvalidSpec(f"{path}: longer than {MAX_SPEC_BYTES} bytes; not a spec file")
+    try:
+        data = tomllib.loads(raw.decode())
+    except UnicodeDecodeError as err:
+        raise InvalidSpec(f"{path}: not UTF-8 text (byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
         raise InvalidSpec(f"{path}: not valid TOML: {err}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables by recursion.
+        raise InvalidSpec(f"{path}: arrays or tables nested too deeply") from None
     except ValueError:
         # tomllib lets int()'s own limit through: a decimal of more than 4300 digits.
         raise InvalidSpec(f"{path}: a number in it is too long to be read") from None
