@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests import kernel
-from vhostorch import cli, errors
+from vhostorch import __version__, cli, errors
 from vhostorch.check import ids, metrics, reasons
 from vhostorch.check.report import Check, Report
 from vhostorch.cli.argv import FLAG, NEGATE, Command, parse
@@ -34,6 +34,8 @@ COLLECTION_README = (ROOT / "ansible" / "README.md").read_text()
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 # Top-level words of the command line (tap, check, doctor, trace, up, down, nic, hook, lab).
 GROUPS = {c.path[0] for c in cli.COMMANDS}
+# Usages of the program itself rather than of one of its commands.
+GLOBAL_USAGES = ("vhostorch --help", "vhostorch COMMAND --help", "vhostorch --version")
 
 
 def blocks(language: str, text: str = README) -> list[str]:
@@ -66,6 +68,8 @@ def usages() -> list[str]:
                 found.append(line)
     for span in spans() + spans(COLLECTION_README):
         words = span.split()
+        if span in GLOBAL_USAGES or (words[0] == "vhostorch" and words[1:2] == [__version__]):
+            continue  # the program's own options and what --version prints: tested below
         if words[0] == "vhostorch" and len(words) > 1:
             found.append(span)
         elif words[0] in GROUPS and len(words) > 1 and re.fullmatch(r"[a-z-]+|--[a-z-]+", words[1]):
@@ -151,8 +155,24 @@ def test_each_usage_names_a_command_and_options_it_has(
                 assert word in declared.help, f"{usage!r}: {option} {word} is not in its help"
 
 
+def test_the_programs_own_options_shown_work(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = [s for s in spans() if s in GLOBAL_USAGES]
+    assert "vhostorch --version" in shown and "vhostorch --help" in shown
+    assert f"vhostorch {__version__}" in spans()  # what the README says --version prints
+    for usage in shown:
+        # COMMAND stands for any one of them: the first will do.
+        argv = [w for word in usage.split()[1:]
+                for w in (cli.COMMANDS[0].path if word == "COMMAND" else (word,))]  # fmt: skip
+        assert cli.main(argv) == errors.EXIT_OK, usage
+        out = capsys.readouterr().out
+        if argv == ["--version"]:
+            assert out == f"vhostorch {__version__}\n"
+        elif argv == ["--help"]:
+            assert all(" ".join(c.path) in out for c in cli.COMMANDS), out
+
+
 def test_each_bare_option_shown_is_an_option_of_some_command() -> None:
-    known = {o.name for c in cli.COMMANDS for o in c.options}
+    known = {o.name for c in cli.COMMANDS for o in c.options} | {"--help", "--version"}
     shown = {s.split()[0] for s in spans() if s.startswith("--")}
     assert shown and shown <= known, shown - known
 
@@ -468,9 +488,11 @@ def test_each_usage_parses_as_written() -> None:
             if found is None:
                 continue
             kinds = {o.name: o.kind for o in found.options}
+            bounds = {o.name: max(o.low, 1) for o in found.options if o.high}
             argv: list[str] = [*found.path]
             for option in dict.fromkeys(options):
-                argv += [option] if kinds[option] in (FLAG, NEGATE) else [option, "1"]
+                value = str(bounds[option]) if option in bounds else "1"
+                argv += [option] if kinds[option] in (FLAG, NEGATE) else [option, value]
             argv += {"0": [], "?": [], "2": ["x", "y"]}.get(found.arity, ["x"])
             parsed = parse(cli.COMMANDS, argv, "")
             assert parsed.command is found, usage

@@ -19,6 +19,7 @@
                +-- LabTimeout      the command ran out of time; the host was stopped (exit 124)
                     +-- LabFrozen  the test host stopped making progress (.evidence)
           +-- Claimed              another VM or domain holds the tap (.tap, .holder)
+          +-- NotRegular           not a regular file at a path; refused unopened (.what)
 
     KeyboardInterrupt              (Python's: outside the tree, so no `except Exception` takes it)
      +-- Interrupted               a stopping signal; what the command made is undone (exit 130)
@@ -200,3 +201,13 @@ class Interrupted(KeyboardInterrupt):
     command had made is undone, as on any failure (vhostorch.signals)."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class NotRegular(OperationFailed, OSError):
+    """What is at a path is not a regular file; ``what`` names it ("a FIFO", "a directory").
+    Also an OSError, as a failed open of that path would be."""
+
+    def __init__(self, path: str, what: str) -> None:
+        OperationFailed.__init__(self, f"{path} is {what}")
+        self.path = path
+        self.what = what

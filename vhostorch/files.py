@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import stat  # os imports it: no cost
 
+from vhostorch.errors import NotRegular
+
 # Where a name becomes a file name, at most this many bytes of it (NAME_MAX is 255, and
 # ".taps.tmp" and the like are added).
 MAX_STEM = 200
@@ -148,14 +150,6 @@ def stem(name: str) -> str:
 
         stem = f"{stem[: MAX_STEM - 65]}~{hashlib.sha256(raw).hexdigest()}"
     return stem
-
-
-class NotRegular(OSError):
-    """What is at a path is not a regular file; ``what`` names it ("a FIFO", "a directory")."""
-
-    def __init__(self, path: str, what: str) -> None:
-        super().__init__(f"{path} is {what}")
-        self.what = what
 
 
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
