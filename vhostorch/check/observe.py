@@ -281,6 +281,8 @@ def observe(
     domain_log_dir: str | None = None,
     dev: str = "/dev",
     pid_dir: str = PID_DIR,
+    char: Callable[[int, str], int | None] | None = None,
+    sys: str = procfs.SYS,
 ) -> Observation:
     """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU.
 
@@ -294,9 +296,10 @@ def observe(
     ``libvirtd_log`` is libvirtd's log (None: not looked at), ``domain_log_dir`` holds
     libvirt's per-domain logs (None: not looked at), ``dev`` is where /dev/vhost-net is,
     ``pid_dir`` where libvirt writes its QEMUs' pids (its log is read only for those).
+    ``char`` and ``sys`` tell what QEMU's fds are (procfs.read: device numbers, sysfs).
     The logs and the device are read only for a QEMU they can tell something about.
     """
-    process = procfs.read(pid, proc)
+    process = procfs.read(pid, proc, char=char, sys=sys)
     name = procfs.program(pid, proc)
     if not procfs.is_qemu(name):
         raise procfs.CannotInspect(f"process {pid} is not a QEMU (it runs {name or '?'})")
