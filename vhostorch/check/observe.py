@@ -377,20 +377,35 @@ def observe(
 
 def domain_pid(name: str, proc: str = procfs.PROC, pid_dir: str = PID_DIR) -> int:
     """The QEMU pid of running libvirt domain ``name``, without asking libvirt (a hook
-    must not): its pid file, else the QEMU whose command line has ``-name guest=NAME``."""
+    must not): libvirt's own pid file for it, nothing else. Raises procfs.CannotInspect.
+
+    libvirt's QEMU driver (qemu:///system) writes it into its run directory, which only
+    root can write, before the domain's hooks run. A command line saying ``-name
+    guest=NAME`` proves nothing: any user can start a QEMU so named, and was once taken
+    for the domain when the pid file was missing. The pid must still run a QEMU of that
+    name (a stale file whose pid was reused is refused).
+    """
+    path = os.path.join(pid_dir, f"{name}.pid")
     try:
-        with open(os.path.join(pid_dir, f"{name}.pid")) as f:
+        with open(path) as f:
             pid = int(f.read().strip())
-        if procfs.alive(pid, proc):
-            return pid
-    except (OSError, ValueError):
-        pass
-    for pid in procfs.qemu_pids(proc):
-        try:
-            with open(f"{proc}/{pid}/cmdline") as f:
-                argv = f.read().split("\0")
-        except OSError:
-            continue
-        if qemuargs.parse(argv).name == name:
-            return pid
-    raise procfs.CannotInspect(f"no QEMU process found for domain {name!r}")
+    except (OSError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) else "no pid in it"
+        raise procfs.CannotInspect(
+            f"no QEMU process found for domain {name!r}: libvirt's pid file {path}: {why}"
+        ) from None
+    try:
+        with open(f"{proc}/{pid}/cmdline") as f:
+            argv = f.read().split("\0")
+    except OSError:
+        argv = []
+    if not (
+        procfs.alive(pid, proc)
+        and procfs.is_qemu(procfs.program(pid, proc))
+        and qemuargs.parse(argv).name == name
+    ):
+        raise procfs.CannotInspect(
+            f"no QEMU process found for domain {name!r}: libvirt's pid file {path} names "
+            f"process {pid}, which is not that domain's QEMU (stale)"
+        )
+    return pid
