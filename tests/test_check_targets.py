@@ -7,6 +7,7 @@ domain's QEMU), and one that is SIGSTOPped must not make a check wait for its mo
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import pwd
@@ -20,7 +21,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests import kernel
-from vhostorch.check import observe
+from tests.kernel import vhostorch
+from vhostorch.check import observe, targets
 from vhostorch.kernel import procfs
 
 pytestmark = pytest.mark.kernel
@@ -89,3 +91,31 @@ def test_a_users_qemu_named_like_a_domain_is_not_that_domain(
     # ...and libvirt's word for it is taken.
     (pid_dir / f"{name}.pid").write_text(f"{nobody_qemu.pid}\n")
     assert observe.domain_pid(name, pid_dir=str(pid_dir)) == nobody_qemu.pid
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_stopped_qemu_is_reported_not_waited_for(nobody_qemu: UserQemu) -> None:
+    pid = nobody_qemu.pid
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while _state(pid) != "T":  # it stops when it next runs
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    start = time.monotonic()
+    observed = observe.observe(pid, monitor=targets._own_qmp(pid))
+    took = time.monotonic() - start
+    # Its QMP socket would take the connection and never greet: 5 s (the QMP timeout).
+    assert took < 1.0, took
+    assert observed.monitor is None
+    assert observed.monitor_error == (
+        f"QEMU (process {pid}) is stopped by a signal: its monitor cannot answer; not asked"
+    )
+    report = json.loads(vhostorch("check", "--pid", str(pid), "--json").stdout)
+    assert report["target"]["stopped"] == "stopped by a signal", report
+    # Running again, it is asked as before.
+    os.kill(pid, signal.SIGCONT)
+    assert observe.observe(pid, monitor=targets._own_qmp(pid)).monitor is not None

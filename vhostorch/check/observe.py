@@ -47,6 +47,7 @@ class Observation(Record):
     logs: Logs | None = None  # what the logs say about vhost for this QEMU (check.reasons)
     device: dict[str, object] | None = None  # /dev/vhost-net against QEMU's credentials
     worker_cpu: dict[int, float] | None = None  # vhost worker tid -> CPU seconds (utime+stime)
+    stopped: str | None = None  # why QEMU runs no code now (procfs.STOPPED_STATES), if it does not
 
 
 class Logs(Record):
@@ -321,7 +322,12 @@ def observe(
     else:
         taps = links(sorted(n for n in names if n))
     view, error = None, None
-    if monitor is not None:
+    halted = procfs.stopped(pid, proc)
+    if monitor is not None and halted:
+        # A stopped QEMU accepts the connection (the kernel queues it) and never greets:
+        # asking would wait the whole QMP timeout (5 s per stopped QEMU in check --all).
+        error = f"QEMU (process {pid}) is {halted}: its monitor cannot answer; not asked"
+    elif monitor is not None:
         try:
             view = monitor()
         except MonitorError as err:
@@ -371,7 +377,7 @@ def observe(
     cpu = worker_cpu(workers, pid, proc) if workers else None
     return Observation(
         process, args, model, tuple(workers), taps, seen, present, domain, view, error, wired,
-        note, plan, logs, device, cpu,
+        note, plan, logs, device, cpu, halted,
     )  # fmt: skip
 
 

@@ -341,6 +341,20 @@ def qemu_pids(proc: str = PROC) -> list[int]:
     return sorted(int(e) for e in os.listdir(proc) if e.isdigit() and is_qemu(program(e, proc)))
 
 
+# Process states (/proc/PID/stat field 3) in which a process runs no code until someone
+# else acts: stopped by a signal (SIGSTOP, SIGTSTP...) or stopped under a tracer.
+STOPPED_STATES = {"T": "stopped by a signal", "t": "stopped by its tracer"}
+
+
+def stopped(pid: int, proc: str = PROC) -> str | None:
+    """Why ``pid`` is stopped (STOPPED_STATES), or None when it is not (or is gone)."""
+    try:
+        with open(f"{proc}/{pid}/stat") as f:
+            return STOPPED_STATES.get(f.read().rsplit(")", 1)[1].split()[0])
+    except (OSError, IndexError):
+        return None
+
+
 def alive(pid: int, proc: str = PROC) -> bool:
     """Whether ``pid`` runs: it exists and is not a zombie waiting for its parent."""
     try:
