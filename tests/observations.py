@@ -2,7 +2,8 @@
 
 A recording holds exactly what ``check.observe.observe`` reads, as text: the
 QEMU's /proc files and symlinks (cmdline, comm, stat, exe, ns/net, fd targets,
-the fdinfo of tun/macvtap/vhost/eventfd/kvm fds, task/*/comm), its vhost
+the fdinfo of tun/macvtap/vhost/eventfd/kvm fds, task/*/comm, /proc/devices), the
+device number of each char device fd (``rdevs``: what an fd is, procfs.identify), its vhost
 workers (kernel threads: comm, cmdline; both kinds: stat), the wiring trace's
 lines for its pid, the taps as rtnetlink described them, QEMU's monitor view
 (x-query-virtio*), for a libvirt domain its live XML (``domain_xml``), and what
@@ -47,6 +48,9 @@ class Recording(TypedDict):
     monitor_error: str | None
     report: dict[str, object]
     domain_xml: NotRequired[str]  # a libvirt domain's live XML (recordings of domains only)
+    # "PID/fd/N" -> "MAJ:MIN" of each char device fd; recordings made before fds were known
+    # by device number lack it (see _recorded_rdevs).
+    rdevs: NotRequired[dict[str, str]]
 
 
 def _read(path: str) -> str | None:
@@ -64,10 +68,14 @@ def _link(path: str) -> str | None:
         return None
 
 
-def proc_tree(pid: int, proc: str = procfs.PROC) -> tuple[dict[str, str], dict[str, str]]:
-    """The files and symlinks ``observe`` reads for QEMU ``pid`` (paths relative to ``proc``)."""
+def proc_tree(
+    pid: int, proc: str = procfs.PROC
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """The files, symlinks and char device numbers ``observe`` reads for QEMU ``pid``
+    (paths relative to ``proc``)."""
     files: dict[str, str] = {}
     links: dict[str, str] = {}
+    rdevs: dict[str, str] = {}
 
     def keep_file(rel: str) -> None:
         text = _read(f"{proc}/{rel}")
@@ -82,12 +90,19 @@ def proc_tree(pid: int, proc: str = procfs.PROC) -> tuple[dict[str, str], dict[s
 
     for name in ("cmdline", "comm", "stat"):
         keep_file(f"{pid}/{name}")
+    keep_file("devices")
     keep_link(f"{pid}/exe")
     keep_link(f"{pid}/ns/net")
+    char = procfs.CharDevices(proc)
+    macvtap = procfs.char_major(procfs.MACVTAP_DRIVER, proc)
     for num in sorted(os.listdir(f"{proc}/{pid}/fd"), key=int):
         target = keep_link(f"{pid}/fd/{num}")
-        kept = (procfs.TUN, procfs.EVENTFD, procfs.VHOST_NET, procfs.KVM_VM)
-        if target in kept or (target or "").startswith(procfs.MACVTAP_PREFIX):
+        if target is None:
+            continue
+        number = char(pid, num) if target.startswith("/") else None
+        if number is not None:
+            rdevs[f"{pid}/fd/{num}"] = f"{os.major(number)}:{os.minor(number)}"
+        if procfs.wants_fdinfo(procfs.identify(target, number, macvtap)):
             keep_file(f"{pid}/fdinfo/{num}")
     worker = f"vhost-{pid}"[:15]
     for tid in os.listdir(f"{proc}/{pid}/task"):
@@ -103,7 +118,31 @@ def proc_tree(pid: int, proc: str = procfs.PROC) -> tuple[dict[str, str], dict[s
             keep_file(f"{entry}/comm")
             keep_file(f"{entry}/cmdline")
             keep_file(f"{entry}/stat")
-    return files, links
+    return files, links, rdevs
+
+
+# Recordings made before fds were known by device number hold readlink's paths only, read
+# in the host's own mount namespace, where the path is the device: these numbers are what
+# those paths are (include/linux/miscdevice.h). A macvtap's major is dynamic and was not
+# recorded: the replay gives it this one, in a /proc/devices of its own.
+_PATH_RDEVS = {procfs.TUN: "10:200", procfs.VHOST_NET: "10:238", procfs.KVM: "10:232"}
+_OLD_MACVTAP_MAJOR = 240
+
+
+def _recorded_rdevs(rec: Recording) -> dict[str, str]:
+    if "rdevs" in rec:
+        return rec["rdevs"]
+    found = {}
+    for rel, target in rec["symlinks"].items():
+        index = procfs.tap_index(target, procfs.MACVTAP_PREFIX)
+        if target in _PATH_RDEVS:
+            found[rel] = _PATH_RDEVS[target]
+        elif index is not None:
+            found[rel] = f"{_OLD_MACVTAP_MAJOR}:{index}"
+    rec["files"].setdefault(
+        "devices", f"Character devices:\n{_OLD_MACVTAP_MAJOR} {procfs.MACVTAP_DRIVER}\n"
+    )
+    return found
 
 
 def trace_lines(pid: int, tracefs: str = wiring.TRACEFS) -> str | None:
@@ -207,7 +246,7 @@ def snapshot(
             raise
         return view[0]
 
-    files, symlinks = proc_tree(pid)
+    files, symlinks, rdevs = proc_tree(pid)
     trace = trace_lines(pid)
     domain = None if domain_xml is None else domxml.parse(domain_xml)
     obs = inspect.observe(pid, domain=domain, monitor=ask if monitor else None, links=links)
@@ -223,6 +262,7 @@ def snapshot(
         monitor=view[0].asdict() if view else None,
         monitor_error=error[0] if error else None,
         report=verify(obs),
+        rdevs=rdevs,
     )
     if domain_xml is not None:
         rec["domain_xml"] = domain_xml
@@ -258,7 +298,16 @@ def write_trees(rec: Recording, root: pathlib.Path) -> tuple[str, str]:
 def replay(rec: Recording, root: pathlib.Path, *, monitor: bool = True) -> Observation:
     """``observe`` over the recorded trees under ``root`` (``monitor``: with the monitor view
     it recorded, else as a check without --qmp/--monitor sees it)."""
+    rdevs = _recorded_rdevs(rec)
     proc, tracefs = write_trees(rec, root)
+
+    def char(pid: int, fd: str) -> int | None:
+        number = rdevs.get(f"{pid}/fd/{fd}")
+        if number is None:
+            return None
+        major, minor = number.split(":")
+        return os.makedev(int(major), int(minor))
+
     taps = {name: _link_from(data) for name, data in rec["taps"].items()}
 
     def links(names: Iterable[str]) -> dict[str, Link | None]:
@@ -281,6 +330,8 @@ def replay(rec: Recording, root: pathlib.Path, *, monitor: bool = True) -> Obser
         netns=rec["netns"],
         vhost_net=rec["vhost_net"],
         monitor=ask if monitor and recorded_monitor else None,
+        char=char,
+        sys=str(root / "sys"),  # none: a macvtap's ifindex is its recorded node's name
     )
 
 

@@ -6,11 +6,15 @@ tests/test_up.py; here the spec's rule and what each backend asks QEMU or libvir
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import pytest
 
 from vhostorch.backends import process
 from vhostorch.errors import InvalidSpec
-from vhostorch.kernel.procfs import Fd, wants_fdinfo
+from vhostorch.kernel import procfs
+from vhostorch.kernel.procfs import Fd, identify, wants_fdinfo
 from vhostorch.libvirt import domxml
 from vhostorch.vm import spec as vmspec
 
@@ -60,12 +64,22 @@ def test_the_libvirt_backend_asks_for_root_ports_in_the_domain() -> None:
     assert "pcie-root-port" not in domxml.render(pc, [(n, True) for n in pc.nics], "/c")
 
 
-def test_a_macvtap_queue_is_known_by_its_device_name() -> None:
+def test_a_macvtap_queue_is_known_by_its_device_name(tmp_path: pathlib.Path) -> None:
     # drivers/net/tap.c names the device tap<ifindex>; seen in the test host: QEMU's fd
-    # -> /dev/tap12 for macvtap0 (ifindex 12), fdinfo without iff:.
-    assert Fd(55, "/dev/tap12", {}).macvtap_index == 12
-    assert Fd(55, "/dev/tap12", {}).tap is None
-    assert Fd(3, "/dev/tapx", {}).macvtap_index is None
-    assert Fd(3, "/dev/net/tun", {"iff": "vnet0"}).macvtap_index is None
-    assert wants_fdinfo("/dev/tap12") and wants_fdinfo("/dev/net/tun")
-    assert not wants_fdinfo("/dev/null")
+    # -> /dev/tap12 for macvtap0 (ifindex 12), fdinfo without iff:. Without sysfs (here an
+    # empty root) the node's own name says it; with sysfs, /sys/dev/char/MAJ:MIN does
+    # (tests/test_fd_identity.py, on a real macvtap).
+    macvtap = os.makedev(240, 3)
+    device = identify("/dev/tap12", macvtap, 240, str(tmp_path))
+    assert device == "/dev/tap12" and Fd(55, "/dev/tap12", {}, device).macvtap_index == 12
+    assert Fd(55, "/dev/tap12", {}, device).tap is None
+    assert identify("/dev/tapx", macvtap, 240, str(tmp_path)) is None
+    assert identify("/dev/tap12", macvtap, None, str(tmp_path)) is None  # macvtap not loaded
+    assert Fd(3, "/dev/net/tun", {"iff": "vnet0"}, procfs.TUN).macvtap_index is None
+    # What a path says counts for nothing: a device is its number.
+    assert identify("/root/dev/net/tun", os.makedev(10, 200), None) == procfs.TUN
+    assert identify("/dev/net/tun", os.makedev(1, 3), None) is None  # /dev/null's number
+    assert identify("/dev/net/tun", None, None) is None  # a regular file at that path
+    assert Fd(3, "/dev/net/tun", {"iff": "vnet0"}).tap is None
+    assert wants_fdinfo("/dev/tap12") and wants_fdinfo(procfs.TUN)
+    assert not wants_fdinfo(None)

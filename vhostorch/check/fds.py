@@ -117,8 +117,8 @@ def _macvtap(nic: Nic, link: Link, pairs: int, evidence: dict[str, object]) -> C
 def vhost_fds(obs: Observation, nic: Nic) -> Check:
     """nic.vhost.fds: one /dev/vhost-net fd per queue pair."""
     pairs = nic.netdev.queue_pairs
-    wrong = [fd.num for fd in nic.vhost_fds if fd.target != procfs.VHOST_NET]
-    good = [fd.num for fd in nic.vhost_fds if fd.target == procfs.VHOST_NET]
+    wrong = [fd.num for fd in nic.vhost_fds if fd.device != procfs.VHOST_NET]
+    good = [fd.num for fd in nic.vhost_fds if fd.device == procfs.VHOST_NET]
     evidence: dict[str, object] = {"expected": pairs, "fds": good}
     if good:
         evidence["assigned_by"] = nic.vhost_assigned_by

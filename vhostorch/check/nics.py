@@ -172,7 +172,7 @@ def _claim_fds(
                 fd
                 for fd in process.fds
                 if fd.num not in claimed
-                and (fd.target == procfs.TUN or fd.macvtap_index is not None)
+                and (fd.device == procfs.TUN or fd.macvtap_index is not None)
                 and link(fd) == nic.netdev.ifname
             ]
             claimed |= {fd.num for fd in nic.tap_fds}
@@ -190,7 +190,7 @@ def _claim_fds(
         if fd.num in tap_owner:
             owner = tap_owner[fd.num]
         elif (
-            fd.target == procfs.VHOST_NET
+            fd.device == procfs.VHOST_NET
             and fd.num not in claimed
             and owner is not None
             and owner.netdev.wants_vhost

@@ -47,6 +47,7 @@ class Observation(Record):
     logs: Logs | None = None  # what the logs say about vhost for this QEMU (check.reasons)
     device: dict[str, object] | None = None  # /dev/vhost-net against QEMU's credentials
     worker_cpu: dict[int, float] | None = None  # vhost worker tid -> CPU seconds (utime+stime)
+    stopped: str | None = None  # why QEMU runs no code now (procfs.STOPPED_STATES), if it does not
 
 
 class Logs(Record):
@@ -281,6 +282,8 @@ def observe(
     domain_log_dir: str | None = None,
     dev: str = "/dev",
     pid_dir: str = PID_DIR,
+    char: Callable[[int, str], int | None] | None = None,
+    sys: str = procfs.SYS,
 ) -> Observation:
     """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU.
 
@@ -294,9 +297,10 @@ def observe(
     ``libvirtd_log`` is libvirtd's log (None: not looked at), ``domain_log_dir`` holds
     libvirt's per-domain logs (None: not looked at), ``dev`` is where /dev/vhost-net is,
     ``pid_dir`` where libvirt writes its QEMUs' pids (its log is read only for those).
+    ``char`` and ``sys`` tell what QEMU's fds are (procfs.read: device numbers, sysfs).
     The logs and the device are read only for a QEMU they can tell something about.
     """
-    process = procfs.read(pid, proc)
+    process = procfs.read(pid, proc, char=char, sys=sys)
     name = procfs.program(pid, proc)
     if not procfs.is_qemu(name):
         raise procfs.CannotInspect(f"process {pid} is not a QEMU (it runs {name or '?'})")
@@ -318,7 +322,12 @@ def observe(
     else:
         taps = links(sorted(n for n in names if n))
     view, error = None, None
-    if monitor is not None:
+    halted = procfs.stopped(pid, proc)
+    if monitor is not None and halted:
+        # A stopped QEMU accepts the connection (the kernel queues it) and never greets:
+        # asking would wait the whole QMP timeout (5 s per stopped QEMU in check --all).
+        error = f"QEMU (process {pid}) is {halted}: its monitor cannot answer; not asked"
+    elif monitor is not None:
         try:
             view = monitor()
         except MonitorError as err:
@@ -368,26 +377,41 @@ def observe(
     cpu = worker_cpu(workers, pid, proc) if workers else None
     return Observation(
         process, args, model, tuple(workers), taps, seen, present, domain, view, error, wired,
-        note, plan, logs, device, cpu,
+        note, plan, logs, device, cpu, halted,
     )  # fmt: skip
 
 
 def domain_pid(name: str, proc: str = procfs.PROC, pid_dir: str = PID_DIR) -> int:
     """The QEMU pid of running libvirt domain ``name``, without asking libvirt (a hook
-    must not): its pid file, else the QEMU whose command line has ``-name guest=NAME``."""
+    must not): libvirt's own pid file for it, nothing else. Raises procfs.CannotInspect.
+
+    libvirt's QEMU driver (qemu:///system) writes it into its run directory, which only
+    root can write, before the domain's hooks run. A command line saying ``-name
+    guest=NAME`` proves nothing: any user can start a QEMU so named, and was once taken
+    for the domain when the pid file was missing. The pid must still run a QEMU of that
+    name (a stale file whose pid was reused is refused).
+    """
+    path = os.path.join(pid_dir, f"{name}.pid")
     try:
-        with open(os.path.join(pid_dir, f"{name}.pid")) as f:
+        with open(path) as f:
             pid = int(f.read().strip())
-        if procfs.alive(pid, proc):
-            return pid
-    except (OSError, ValueError):
-        pass
-    for pid in procfs.qemu_pids(proc):
-        try:
-            with open(f"{proc}/{pid}/cmdline") as f:
-                argv = f.read().split("\0")
-        except OSError:
-            continue
-        if qemuargs.parse(argv).name == name:
-            return pid
-    raise procfs.CannotInspect(f"no QEMU process found for domain {name!r}")
+    except (OSError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) else "no pid in it"
+        raise procfs.CannotInspect(
+            f"no QEMU process found for domain {name!r}: libvirt's pid file {path}: {why}"
+        ) from None
+    try:
+        with open(f"{proc}/{pid}/cmdline") as f:
+            argv = f.read().split("\0")
+    except OSError:
+        argv = []
+    if not (
+        procfs.alive(pid, proc)
+        and procfs.is_qemu(procfs.program(pid, proc))
+        and qemuargs.parse(argv).name == name
+    ):
+        raise procfs.CannotInspect(
+            f"no QEMU process found for domain {name!r}: libvirt's pid file {path} names "
+            f"process {pid}, which is not that domain's QEMU (stale)"
+        )
+    return pid

@@ -47,6 +47,8 @@ def verify(obs: Observation) -> Report:
     if not found and not not_applicable:
         checks.append(request.no_tap_nic())
     target: dict[str, object] = {"pid": obs.process.pid, "name": obs.args.name}
+    if obs.stopped is not None:
+        target["stopped"] = obs.stopped  # its monitor was not asked (check.observe)
     if obs.plan is not None:
         target["vhostorch"] = {"vm": obs.plan.name, "backend": obs.plan.backend}
     if obs.domain is not None:

@@ -77,7 +77,7 @@ def _unwired(obs: Observation, nic: Nic, queue: int) -> Shared | None:
 def _eventfd(obs: Observation, num: int) -> dict[str, object]:
     """What the eventfd QEMU gave now looks like (it must still be open as an eventfd)."""
     fd = obs.process.fd(num)
-    if fd is None or fd.target != procfs.EVENTFD:
+    if fd is None or fd.device != procfs.EVENTFD:
         return {"fd": num, "open_as_eventfd": False}
     return {"fd": num, "open_as_eventfd": True, "eventfd_id": fd.info.get("eventfd-id")}
 

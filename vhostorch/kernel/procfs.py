@@ -14,40 +14,64 @@ from vhostorch.errors import CannotInspect as CannotInspect
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 PROC = "/proc"
+SYS = "/sys"
 VHOST_NET = "/dev/vhost-net"
 TUN = "/dev/net/tun"
+KVM = "/dev/kvm"
 KVM_VM = "anon_inode:kvm-vm"
 EVENTFD = "anon_inode:[eventfd]"
+ANON_INODE = "anon_inode:"
+# A char device fd is known by its device number, never by the path readlink shows: that
+# path is the file's name in QEMU's mount namespace, as seen from ours. A QEMU run as
+# container runtimes run it (KubeVirt's virt-launcher: its own mount namespace, a private
+# /dev of mknod'ed nodes) shows /dev/net/tun as "/root/dev/net/tun" or any other name;
+# stat() of /proc/PID/fd/N follows the magic link to the open inode itself, whatever
+# namespace it was opened in. tun, vhost-net and kvm are misc devices with fixed minors
+# (include/linux/miscdevice.h: TUN_MINOR 200, VHOST_NET_MINOR 238, KVM_MINOR 232).
+MISC_MAJOR = 10
+_MISC = {200: TUN, 238: VHOST_NET, 232: KVM}
 # A macvtap queue: drivers/net/tap.c names each macvtap's character device
 # "tap<ifindex>" (device_create(..., "tap%d", dev->ifindex)), and libvirt opens it by
 # that name (virNetDevMacVLanTapOpen), once per queue. Its fdinfo has no iff: line
 # (tap.c has no show_fdinfo; seen on Linux 6.1: pos, flags, mnt_id, ino only), so the
-# link is known by its ifindex alone (tests/fixtures/observations/direct-*.json).
+# link is known by its ifindex alone (tests/fixtures/observations/direct-*.json). Its
+# major is dynamic (alloc_chrdev_region, "macvtap" in /proc/devices) and its minor is
+# no ifindex: the ifindex is the kernel's name for the device, /sys/dev/char/MAJ:MIN's.
 MACVTAP_PREFIX = "/dev/tap"
+MACVTAP_DRIVER = "macvtap"
 
 
 class Fd(Record):
-    """One open file of a process: its number, what it points to, and its fdinfo lines."""
+    """One open file of a process: its number, what readlink shows, its fdinfo lines, and
+    ``device``: what it is, known by device number (TUN, VHOST_NET, KVM, or
+    ``/dev/tap<ifindex>`` for a macvtap queue) or anon inode name (namespace-independent);
+    None for anything else."""
 
     num: int
     target: str
     info: dict[str, str]
+    device: str | None = None
 
     @property
     def tap(self) -> str | None:
         """The tap this /dev/net/tun fd is attached to (fdinfo ``iff:``), if any."""
-        return self.info.get("iff") if self.target == TUN else None
+        return self.info.get("iff") if self.device == TUN else None
 
     @property
     def macvtap_index(self) -> int | None:
-        """The ifindex of the macvtap link this ``/dev/tapN`` fd is a queue of, if it is one."""
-        index = self.target.removeprefix(MACVTAP_PREFIX)
-        if index == self.target or not (index.isascii() and index.isdigit()):
-            return None
-        return int(index)
+        """The ifindex of the macvtap link this fd is a queue of, if it is one."""
+        return tap_index(self.device or "", MACVTAP_PREFIX)
+
+
+def tap_index(name: str, prefix: str) -> int | None:
+    """N of a name ``prefix`` + N (decimal digits only), else None."""
+    index = name.removeprefix(prefix)
+    if index == name or not (index.isascii() and index.isdigit()):
+        return None
+    return int(index)
 
 
 class Thread(Record):
@@ -65,8 +89,9 @@ class Process(Record):
     threads: tuple[Thread, ...]
     start_ticks: int
 
-    def fds_to(self, target: str) -> list[Fd]:
-        return [fd for fd in self.fds if fd.target == target]
+    def fds_to(self, device: str) -> list[Fd]:
+        """The fds that are ``device`` (TUN, VHOST_NET, KVM, an anon inode name)."""
+        return [fd for fd in self.fds if fd.device == device]
 
     def fd(self, num: int) -> Fd | None:
         for fd in self.fds:
@@ -94,13 +119,123 @@ def parse_fdinfo(text: str) -> dict[str, str]:
 _FDINFO_FOR = (TUN, EVENTFD, VHOST_NET, KVM_VM)
 
 
-def wants_fdinfo(target: str) -> bool:
-    """Whether the fdinfo of an fd to ``target`` is read (and recorded with it)."""
-    return target in _FDINFO_FOR or Fd(0, target, {}).macvtap_index is not None
+def wants_fdinfo(device: str | None) -> bool:
+    """Whether the fdinfo of an fd that is ``device`` (Fd.device) is read (and recorded)."""
+    return device in _FDINFO_FOR or tap_index(device or "", MACVTAP_PREFIX) is not None
 
 
-def read(pid: int, proc: str = PROC) -> Process:
-    """Read process ``pid``. Raises CannotInspect (no such process, or not allowed to look)."""
+# The filesystems a device node is stat()ed on: those whose getattr never waits on another
+# process or host. A QEMU (or a look-alike an unprivileged user runs) may hold a file on
+# FUSE, whose daemon it controls, or on NFS: stat() of such an fd can block for ever.
+# Device nodes live on devtmpfs (the host's /dev) or tmpfs (a container's private /dev).
+LOCAL_FS = frozenset({"devtmpfs", "tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs"})
+
+
+class CharDevices:
+    """The device number of a char device fd of a process (None: not one, or on a
+    filesystem not in LOCAL_FS or on a mount neither its namespace nor ours has, or
+    closed meanwhile), read from the file itself."""
+
+    def __init__(self, proc: str = PROC) -> None:
+        self.proc = proc
+        self._own: dict[int, str] | None = None
+        self._mounts: dict[int, dict[int, str]] = {}
+
+    def __call__(self, pid: int, fd: str) -> int | None:
+        """Raises PermissionError when the fd may not be followed."""
+        import stat
+
+        base = f"{self.proc}/{pid}"
+        try:
+            mnt = parse_fdinfo(_read(f"{base}/fdinfo/{fd}")).get("mnt_id", "")
+            if self._fs_types(pid).get(int(mnt) if mnt.isdigit() else -1) not in LOCAL_FS:
+                return None
+            # stat() follows the magic link to the open inode, in whatever mount namespace.
+            st = os.stat(f"{base}/fd/{fd}")
+        except FileNotFoundError:
+            return None
+        return st.st_rdev if stat.S_ISCHR(st.st_mode) else None
+
+    def _fs_types(self, pid: int) -> dict[int, str]:
+        """Mount id -> filesystem type, for the mounts of ``pid``'s mount namespace and ours.
+
+        Mount ids are unique across namespaces. A fd another process opened and passed
+        (libvirtd opens the taps and /dev/vhost-net in the host's namespace for a QEMU in
+        its own) is on a mount of the opener's namespace: ours, when that is the host's.
+        """
+        if pid not in self._mounts:
+            if self._own is None:
+                self._own = _mount_types(f"{self.proc}/self/mountinfo")
+            self._mounts[pid] = {**self._own, **_mount_types(f"{self.proc}/{pid}/mountinfo")}
+        return self._mounts[pid]
+
+
+def _mount_types(path: str) -> dict[int, str]:
+    """Mount id -> filesystem type, from a mountinfo file ({} when it is gone)."""
+    found: dict[int, str] = {}
+    try:
+        text = _read(path)
+    except FileNotFoundError:
+        return found
+    for line in text.splitlines():
+        # ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+        head, sep, tail = line.partition(" - ")
+        mount_id = head.split(" ", 1)[0]
+        if sep and mount_id.isdigit() and tail:
+            found[int(mount_id)] = tail.split(" ", 1)[0]
+    return found
+
+
+def char_major(driver: str, proc: str = PROC) -> int | None:
+    """The major number of character device driver ``driver`` (/proc/devices), if loaded."""
+    try:
+        text = _read(f"{proc}/devices")
+    except OSError:
+        return None
+    chars = text.split("Block devices:")[0]
+    for line in chars.splitlines():
+        number, _, name = line.strip().partition(" ")
+        if name.strip() == driver and number.isdigit():
+            return int(number)
+    return None
+
+
+def identify(
+    target: str, number: int | None, macvtap_major: int | None, sys: str = SYS
+) -> str | None:
+    """What an fd is (see Fd.device), from readlink's ``target`` and the device number of
+    the char device it is (None: not one); ``sys`` is sysfs's root."""
+    if target.startswith(ANON_INODE):
+        return target
+    if number is None:
+        return None
+    major, minor = os.major(number), os.minor(number)
+    if major == MISC_MAJOR:
+        return _MISC.get(minor)
+    if macvtap_major is not None and major == macvtap_major:
+        # The kernel's name for the device (tap<ifindex>); the node's own name in QEMU's
+        # /dev only when sysfs does not say (no sysfs, or a replayed recording).
+        try:
+            name = os.path.basename(os.readlink(f"{sys}/dev/char/{major}:{minor}"))
+        except OSError:
+            name = os.path.basename(target)
+        index = tap_index(name, "tap")
+        return None if index is None else f"{MACVTAP_PREFIX}{index}"
+    return None
+
+
+def read(
+    pid: int,
+    proc: str = PROC,
+    *,
+    char: Callable[[int, str], int | None] | None = None,
+    sys: str = SYS,
+) -> Process:
+    """Read process ``pid``. Raises CannotInspect (no such process, or not allowed to look).
+
+    ``char`` gives the device number of fd N of ``pid`` (CharDevices(proc) if None; a
+    recording's table in replays), ``sys`` is sysfs's root (a macvtap queue's ifindex).
+    """
     base = f"{proc}/{pid}"
     try:
         argv = tuple(_read(f"{base}/cmdline").split("\0"))
@@ -117,18 +252,23 @@ def read(pid: int, proc: str = PROC) -> Process:
         raise CannotInspect(f"process {pid} is a kernel thread or a zombie, not a QEMU")
     # Field 22 (starttime) follows the parenthesised comm, which may itself hold spaces.
     start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    macvtap = char_major(MACVTAP_DRIVER, proc)
+    number_of = CharDevices(proc) if char is None else char
     fds = []
     for name in names:
         try:
             target = os.readlink(f"{base}/fd/{name}")
-            info = parse_fdinfo(_read(f"{base}/fdinfo/{name}")) if wants_fdinfo(target) else {}
+            # Sockets, pipes and anon inodes show no path: no device node to stat.
+            number = number_of(pid, name) if target.startswith("/") else None
+            device = identify(target, number, macvtap, sys)
+            info = parse_fdinfo(_read(f"{base}/fdinfo/{name}")) if wants_fdinfo(device) else {}
         except FileNotFoundError:
             continue  # closed while we looked
         except PermissionError:
             # Root may list a process's fds and still not follow them (another user
             # namespace's init, say).
             raise CannotInspect(f"not allowed to read the fds of process {pid}") from None
-        fds.append(Fd(int(name), target, info))
+        fds.append(Fd(int(name), target, info, device))
     fds.sort(key=lambda fd: fd.num)
     return Process(pid, comm, argv, tuple(fds), tuple(threads(pid, proc)), start_ticks)
 
@@ -199,6 +339,20 @@ def is_qemu(program: str) -> bool:
 def qemu_pids(proc: str = PROC) -> list[int]:
     """Every process whose program is a QEMU system emulator."""
     return sorted(int(e) for e in os.listdir(proc) if e.isdigit() and is_qemu(program(e, proc)))
+
+
+# Process states (/proc/PID/stat field 3) in which a process runs no code until someone
+# else acts: stopped by a signal (SIGSTOP, SIGTSTP...) or stopped under a tracer.
+STOPPED_STATES = {"T": "stopped by a signal", "t": "stopped by its tracer"}
+
+
+def stopped(pid: int, proc: str = PROC) -> str | None:
+    """Why ``pid`` is stopped (STOPPED_STATES), or None when it is not (or is gone)."""
+    try:
+        with open(f"{proc}/{pid}/stat") as f:
+            return STOPPED_STATES.get(f.read().rsplit(")", 1)[1].split()[0])
+    except (OSError, IndexError):
+        return None
 
 
 def alive(pid: int, proc: str = PROC) -> bool:
