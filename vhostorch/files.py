@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat  # os imports it: no cost
 
-from vhostorch.errors import NotRegular
+from vhostorch.errors import NotRegular as NotRegular
 
 # Where a name becomes a file name, at most this many bytes of it (NAME_MAX is 255, and
 # ".taps.tmp" and the like are added).
