@@ -9,8 +9,10 @@ from __future__ import annotations
 
 # The error raised here, also importable from here (the tree is in vhostorch.errors).
 from vhostorch.errors import DomainUnavailable as DomainUnavailable
+from vhostorch.errors import LeftPaused as LeftPaused
 from vhostorch.errors import LibvirtFailed as LibvirtFailed
 from vhostorch.qemu.monitor import (
+    RESUME_WITHIN,
     RUNNING,
     MonitorError,
     MonitorView,
@@ -235,14 +237,20 @@ def _run_state(dom: Any) -> str:
 
 
 def pause_resume(
-    name: str, uri: str = SYSTEM_URI, while_paused: Callable[[], None] | None = None
+    name: str,
+    uri: str = SYSTEM_URI,
+    while_paused: Callable[[], None] | None = None,
+    resume_within: float = RESUME_WITHIN,
 ) -> Paused:
     """Suspend and resume running domain ``name`` (virDomainSuspend/Resume: libvirt's own
     QMP ``stop``/``cont``, and it keeps its view of the domain's state), if it runs.
 
     A domain in any other state (paused, migrating...) is left as it is. Once the suspend
-    was asked, the domain is resumed if it is paused, whatever happened. Raises
-    DomainUnavailable, LibvirtFailed.
+    was asked, the domain is resumed if it is paused, whatever happened, and must be seen
+    running within ``resume_within`` s (on new connections if this one broke). libvirt waits
+    for QEMU's answer to ``stop`` for as long as QEMU takes (slow storage: see
+    monitor.RESUME_WITHIN). Raises DomainUnavailable, LibvirtFailed (the domain runs: it was
+    not paused, or runs again), LeftPaused (it may still be paused, and how to resume it).
     """
     import time
 
@@ -264,18 +272,45 @@ def pause_resume(
         except libvirt.libvirtError as err:
             raise LibvirtFailed(f"libvirt could not suspend {name}: {_message(err)}") from err
         finally:
-            _resume(libvirt, dom, name)
-        return Paused(state, (time.monotonic() - start) * 1000, f"libvirt:{name}")
+            trouble = _resume(libvirt, dom, name, uri, start + resume_within)
+        return Paused(state, (time.monotonic() - start) * 1000, f"libvirt:{name}", trouble)
     finally:
         conn.close()
 
 
-def _resume(libvirt: Any, dom: Any, name: str) -> None:
+def _resume(libvirt: Any, dom: Any, name: str, uri: str, deadline: float) -> str | None:
+    """Resume ``dom`` if it is paused and see it running by ``deadline``, on new connections
+    when this one fails; say so when it took one. Raises LeftPaused, LibvirtFailed (the
+    domain stopped meanwhile)."""
+    import time
+
+    resume = f"virsh -c {uri} resume {name}"
     try:
         if dom.state()[0] == VIR_DOMAIN_PAUSED:
             dom.resume()
+        if dom.state()[0] != VIR_DOMAIN_PAUSED:
+            return None
+        last = "libvirt still says paused after the resume"
     except libvirt.libvirtError as err:
-        raise LibvirtFailed(
-            f"libvirt could not resume {name}; it may be left paused (virsh resume "
-            f"{name}): {_message(err)}"
-        ) from err
+        last = _message(err)
+    first = last
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as err:
+            last = f"cannot connect to {uri}: {_message(err)}"
+            continue
+        try:
+            again = conn.lookupByName(name)
+            if not again.isActive():
+                raise LibvirtFailed(f"domain {name} stopped while paused ({first})")
+            if again.state()[0] == VIR_DOMAIN_PAUSED:
+                again.resume()
+            if again.state()[0] != VIR_DOMAIN_PAUSED:
+                return f"{first}: resumed on a new connection"
+        except libvirt.libvirtError as err:
+            last = _message(err)
+        finally:
+            conn.close()
+    raise LeftPaused(f"libvirt could not resume {name}: {last}", resume)
