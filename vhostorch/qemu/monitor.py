@@ -220,8 +220,13 @@ class QmpSocket:
         """Send ``command``; ``answer`` waits for what QEMU says to it."""
         task = self.loop.create_task(self.client.execute(command, arguments))
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        task.add_done_callback(self._settled)
         return Sent(command, qmp_request(command, arguments), task)
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self.pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # read, so that asyncio does not log one nobody waited for
 
     def answer(self, sent: Sent, within: float) -> Any:
         """QEMU's answer to ``sent``, waited for ``within`` s at most. On a timeout the command
