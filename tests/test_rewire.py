@@ -382,3 +382,23 @@ def test_a_slow_suspend_under_libvirt_is_bounded_then_resumed(libvirtd: str) -> 
         assert str(paused.trouble).startswith("libvirt's suspend not done within 3 s"), paused
         assert str(paused.trouble).endswith("resumed on a new connection"), paused
         assert _state(libvirtd, name) == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_a_qemu_whose_monitor_does_not_answer_is_its_own_warning_with_all() -> None:
+    """`check --all --rewire` over a QEMU whose monitor does not answer (SIGSTOPped): that
+    VM's vm.rewire warns and the run goes on (it used to raise, ending the run with no
+    report); one such target alone is refused, exit 1 (MonitorError)."""
+    with qemu() as (pid, _sock, observer):
+        (plan,) = rewire.plans(pid=pid, domain=None, qmp=None, every=True, uri=None)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            check = rewire.rewire(plan, refuse=False)
+            assert check.status == "warn" and check.evidence == {"paused": False}, check
+            assert check.message.startswith("not rewired: cannot reach QMP at ")
+            assert check.message.endswith(": no answer within 5 s")
+            with pytest.raises(monitor.MonitorError, match="no answer within 5 s"):
+                rewire.rewire(plan, refuse=True)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        settle(observer)
+        assert observer.events == [] and observer.status() == "running"

@@ -286,3 +286,27 @@ def test_rewire_resumes_a_vm_whose_stop_outlasts_the_qmp_timeout(untraced: None)
             finally:
                 observer.close()
     subprocess.run(["rm", "-rf", workdir], check=False)
+
+
+def test_rewire_says_a_vm_left_paused_and_how_to_resume_it(untraced: None) -> None:
+    """Storage stalled past the 60 s bound (a stop of about 80 s): `check --rewire` exits 1,
+    says at once on stderr, in one line, that the VM is left paused and how to resume it, and
+    its report's vm.rewire fails with the same words; it is true (the guest is paused once the
+    stop is done), and the way given resumes it."""
+    from tests.test_rewire import qemu, slow_drive, write_slowly
+
+    with qemu(*slow_drive(40)) as (pid, sock, observer):
+        write_slowly(observer)
+        done = vhostorch("check", "--pid", str(pid), "--rewire", "--json")
+        assert done.returncode == 1, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(f"vhostorch: warning: QEMU {pid} left paused: "), line
+        assert line.endswith(f"resume it with QMP cont on {sock} (qmp-shell {sock}, then: cont)")
+        (rewired,) = [c for c in json.loads(done.stdout)["checks"] if c["id"] == "vm.rewire"]
+        assert rewired["status"] == "fail" and rewired["evidence"]["resumed"] is False
+        assert line.endswith(rewired["message"]), rewired
+        observer.sock.settimeout(90)  # QEMU answers once the stop is done
+        assert observer.status() == "paused"
+        print(f"left paused: {line}")
+        observer.ask("cont")
+        assert observer.status() == "running"
