@@ -186,8 +186,13 @@ def rewire(plan: Plan, refuse: bool, warn: Callable[[str], None] | None = None) 
         if refuse:
             raise OperationFailed(f"check --rewire: {plan.what} cannot be paused: {plan.why_not}")
         return Check(ids.VM_REWIRE, WARN, message, {"paused": False})
+
+    def said(line: str) -> None:
+        if warn is not None:
+            warn(f"{plan.what} {line}")
+
     try:
-        paused = held(plan.pause, None, warn and (lambda line: warn(f"{plan.what} {line}")))
+        paused = held(plan.pause, None, said)
     except LeftPaused as err:
         return Check(ids.VM_REWIRE, FAIL, str(err), {"paused": True, "resumed": False,
                                                        "resume": err.resume})  # fmt: skip
