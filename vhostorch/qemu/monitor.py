@@ -135,11 +135,6 @@ def run_state(execute: Execute) -> str:
     return f"migrating ({moving})" if moving in MIGRATING else state
 
 
-def stop(execute: Execute) -> None:
-    """Pause the guest (QMP ``stop``; QEMU stops vhost before replying). Raises MonitorError."""
-    execute("stop", None)
-
-
 def cont(execute: Execute) -> None:
     """Resume the guest (QMP ``cont``; QEMU restarts vhost before replying). Raises MonitorError.
 
@@ -239,7 +234,7 @@ class QmpSocket:
 
         from qemu.qmp import ExecuteError, QMPError
 
-        command = sent.request["execute"]
+        command = sent.command
         try:
             return self.loop.run_until_complete(
                 asyncio.wait_for(asyncio.shield(sent.task), max(within, 0.0))
