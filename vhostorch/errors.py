@@ -12,6 +12,7 @@
           +-- RollbackFailed       undoing a partial change failed too (.cause, .leftovers)
           +-- MonitorError         QEMU's monitor unreachable or refused (.error_class, .sent)
           +-- LibvirtFailed        libvirt refused a change to a domain
+          +-- LeftPaused           a VM vhostorch paused may still be paused (.resume: how)
           +-- TraceUnavailable     the wiring trace cannot be armed or read here
           +-- CannotInspect        the process is gone, not readable or no QEMU      (exit 2)
           +-- DomainUnavailable    the libvirt domain cannot be inspected            (exit 2)
@@ -144,6 +145,16 @@ class MonitorError(OperationFailed):
 
 class LibvirtFailed(OperationFailed):
     """libvirt refused a change to a domain."""
+
+
+class LeftPaused(OperationFailed):
+    """A VM that vhostorch paused was not seen running again in time: it may still be paused.
+    ``why`` says what happened, ``resume`` how to resume it by hand."""
+
+    def __init__(self, why: str, resume: str) -> None:
+        super().__init__(f"left paused: {why}; resume it with {resume}")
+        self.why = why
+        self.resume = resume
 
 
 class TraceUnavailable(OperationFailed):

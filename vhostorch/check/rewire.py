@@ -27,8 +27,13 @@ after, the guest still pinging).
 
 A VM is paused only when it runs (not paused, not migrating: refused, left as it is).
 While it is paused, SIGINT, SIGTERM and SIGHUP are held, so the resume always happens
-before they take effect; only SIGKILL can leave it paused (``virsh resume`` or QMP
-``cont`` then).
+before they take effect. QEMU answers ``stop`` only once its block devices are drained and
+flushed, so on slow storage a pause lasts seconds: the resume is then queued behind the
+``stop``, tried again on new connections, and confirmed with ``query-status``, for
+monitor.RESUME_WITHIN seconds. A VM still not seen running then (storage stalled for good),
+or that libvirt or QEMU refuses to resume, is a ``vm.rewire`` failure that says how to
+resume it, and a warning line said before the held signals act; SIGKILL can leave it
+paused too (``virsh resume`` or QMP ``cont`` then).
 """
 
 from __future__ import annotations
@@ -38,8 +43,16 @@ import os
 from vhostorch import signals
 from vhostorch.check import ids, targets, wiring
 from vhostorch.check import observe as inspect
-from vhostorch.check.report import PASS, WARN, Check
-from vhostorch.errors import InvalidSpec, OperationFailed, VhostorchError
+from vhostorch.check.report import FAIL, PASS, WARN, Check
+from vhostorch.errors import (
+    DomainUnavailable,
+    InvalidSpec,
+    LeftPaused,
+    LibvirtFailed,
+    MonitorError,
+    OperationFailed,
+    VhostorchError,
+)
 from vhostorch.kernel import procfs
 from vhostorch.libvirt import connection as virt
 from vhostorch.qemu import args as qemuargs
@@ -63,10 +76,20 @@ class Plan(Record):
     why_not: str | None = None
 
 
-def held(pause: Pause, while_paused: Callable[[], None] | None = None) -> monitor.Paused:
-    """Run ``pause`` with SIGINT, SIGTERM and SIGHUP held; they act once it returned."""
+def held(
+    pause: Pause,
+    while_paused: Callable[[], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> monitor.Paused:
+    """Run ``pause`` with SIGINT, SIGTERM and SIGHUP held; they act once it returned, after
+    ``warn`` was told of a VM left paused (LeftPaused), so a signal cannot hide that."""
     with signals.Held():
-        return pause(while_paused)
+        try:
+            return pause(while_paused)
+        except LeftPaused as err:
+            if warn is not None:
+                warn(str(err))
+            raise
 
 
 def _libvirt_names(pid_dir: str = inspect.PID_DIR) -> dict[int, str]:
@@ -148,19 +171,35 @@ def plans(
     return found
 
 
-def rewire(plan: Plan, refuse: bool) -> Check:
+def rewire(plan: Plan, refuse: bool, warn: Callable[[str], None] | None = None) -> Check:
     """Pause and resume one QEMU (signals held); its vm.rewire verdict.
 
     With ``refuse``, a QEMU that cannot be paused or is not running raises
-    OperationFailed (nothing done); otherwise that is a warning. Raises MonitorError,
-    LibvirtFailed when pausing or resuming failed (the resume is tried in any case).
+    OperationFailed (nothing done), and one whose pause failed with the guest running
+    (MonitorError, LibvirtFailed, DomainUnavailable) raises that; otherwise these are
+    warnings. A guest left paused (LeftPaused) is a failure that says how to resume it, and
+    ``warn`` gets that in one line (``"QEMU PID left paused: ..."``) before any held signal
+    acts.
     """
     if plan.pause is None:
         message = f"not paused: {plan.why_not}"
         if refuse:
             raise OperationFailed(f"check --rewire: {plan.what} cannot be paused: {plan.why_not}")
         return Check(ids.VM_REWIRE, WARN, message, {"paused": False})
-    paused = held(plan.pause)
+
+    def said(line: str) -> None:
+        if warn is not None:
+            warn(f"{plan.what} {line}")
+
+    try:
+        paused = held(plan.pause, None, said)
+    except LeftPaused as err:
+        return Check(ids.VM_REWIRE, FAIL, str(err), {"paused": True, "resumed": False,
+                                                       "resume": err.resume})  # fmt: skip
+    except (MonitorError, LibvirtFailed, DomainUnavailable) as err:
+        if refuse:
+            raise
+        return Check(ids.VM_REWIRE, WARN, f"not rewired: {err}", {"paused": False})
     evidence: dict[str, object] = {"via": paused.via, "state": paused.state}
     if paused.ms is None:
         if refuse:
@@ -175,17 +214,22 @@ def rewire(plan: Plan, refuse: bool) -> Check:
         f"paused {paused.ms:.1f} ms and resumed ({paused.via}): QEMU stopped and restarted "
         "vhost, re-issuing its kick/call wiring under the armed trace"
     )
+    if paused.trouble is not None:  # resumed all the same, but the guest waited
+        evidence["trouble"] = paused.trouble
+        return Check(ids.VM_REWIRE, WARN, f"{message}; {paused.trouble}", evidence)
     return Check(ids.VM_REWIRE, PASS, message, evidence)
 
 
-def reports(target: targets.Target) -> list[Report]:
+def reports(target: targets.Target, warn: Callable[[str], None] | None = None) -> list[Report]:
     """Arm the trace, pause and resume the target's QEMUs, then check them (targets.reports),
     each report with its vm.rewire check first.
 
-    One target (--pid, --qmp, --domain) that cannot be paused or is not running is refused
-    (OperationFailed, exit 1; the trace is left as it was). With ``every``, such QEMUs are
-    checked without a pause and warn. Raises what targets.reports raises, TraceUnavailable,
-    MonitorError, LibvirtFailed.
+    One target (--pid, --qmp, --domain) that cannot be paused, is not running, or whose
+    pause failed is refused (OperationFailed, exit 1; the trace is left as it was). With
+    ``every``, such QEMUs are checked without a pause and warn, and the others are still
+    paused. A VM left paused fails its vm.rewire, and ``warn`` is told at once (see
+    ``rewire``). Raises what targets.reports raises, TraceUnavailable, MonitorError,
+    LibvirtFailed, DomainUnavailable.
     """
     target.check_one()
     if (target.uri or target.ask_monitor) and target.domain is None:
@@ -198,9 +242,9 @@ def reports(target: targets.Target) -> list[Report]:
     verdicts: dict[int, Check] = {}
     try:
         for plan in chosen:
-            verdicts[plan.pid] = rewire(plan, refuse=not every)
+            verdicts[plan.pid] = rewire(plan, refuse=not every, warn=warn)
     except VhostorchError:
-        if armed_here and not any(v.status == PASS for v in verdicts.values()):
+        if armed_here and not any(v.evidence.get("paused") for v in verdicts.values()):
             wiring.disarm()  # nothing was paused: leave the trace as it was
         raise
     found = targets.reports(target)

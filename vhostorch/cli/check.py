@@ -18,7 +18,8 @@ A verdict vhostorch cannot prove is unknown, never pass.
 exit codes:
   0  no check failed (with --strict: every check passed)
   1  a check failed (with --strict: or warned, or is unknown); with --rewire, also a VM
-     that is not running (paused, migrating) or cannot be paused, refused untouched
+     that is not running (paused, migrating) or cannot be paused, refused untouched, and
+     a VM left paused (vm.rewire fails and says how to resume it)
   2  the target could not be inspected (no such process or domain, permission, bad usage)"""
 
 UNIT = "vhostorch-trace.service"
@@ -121,7 +122,12 @@ def _reports(args: Parsed, rewire: bool = False) -> list[Report]:
         uri=args.text("connect"),
         ask_monitor=args.flag("monitor"),
     )
-    return (rewiring.reports if rewire else targets.reports)(target)
+    if not rewire:
+        return targets.reports(target)
+    # Said at once, in case a signal held during the pause ends the command before its report.
+    return rewiring.reports(
+        target, warn=lambda line: print(f"vhostorch: warning: {line}", file=sys.stderr, flush=True)
+    )
 
 
 FORMATS = ("table", "json", "openmetrics", "prometheus")

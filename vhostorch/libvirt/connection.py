@@ -9,8 +9,10 @@ from __future__ import annotations
 
 # The error raised here, also importable from here (the tree is in vhostorch.errors).
 from vhostorch.errors import DomainUnavailable as DomainUnavailable
+from vhostorch.errors import LeftPaused as LeftPaused
 from vhostorch.errors import LibvirtFailed as LibvirtFailed
 from vhostorch.qemu.monitor import (
+    RESUME_WITHIN,
     RUNNING,
     MonitorError,
     MonitorView,
@@ -235,19 +237,29 @@ def _run_state(dom: Any) -> str:
 
 
 def pause_resume(
-    name: str, uri: str = SYSTEM_URI, while_paused: Callable[[], None] | None = None
+    name: str,
+    uri: str = SYSTEM_URI,
+    while_paused: Callable[[], None] | None = None,
+    resume_within: float = RESUME_WITHIN,
 ) -> Paused:
     """Suspend and resume running domain ``name`` (virDomainSuspend/Resume: libvirt's own
     QMP ``stop``/``cont``, and it keeps its view of the domain's state), if it runs.
 
     A domain in any other state (paused, migrating...) is left as it is. Once the suspend
-    was asked, the domain is resumed if it is paused, whatever happened. Raises
-    DomainUnavailable, LibvirtFailed.
+    was asked, the domain is resumed if it is paused, whatever happened, and must be seen
+    running within ``resume_within`` s (on new connections if this one broke). libvirt
+    waits for QEMU's answer to ``stop`` for as long as QEMU takes (slow storage: see
+    monitor.RESUME_WITHIN); the suspend is waited for ``resume_within`` s at most, then the
+    resume is asked all the same (libvirt runs it once the suspend is done, or gives up
+    after its own wait for the domain's job). Raises DomainUnavailable, LibvirtFailed (the
+    domain runs: it was not paused, or runs again), LeftPaused (it may still be paused, and
+    how to resume it).
     """
     import time
 
     libvirt = _libvirt()
     conn = _open(libvirt, uri)
+    suspending = None
     try:
         dom = _running(libvirt, conn, name, uri)
         try:
@@ -257,25 +269,103 @@ def pause_resume(
         if state != RUNNING:
             return Paused(state, None, f"libvirt:{name}")
         start = time.monotonic()
+        late = None
         try:
-            dom.suspend()
-            if while_paused is not None:
+            suspending = _Suspend(libvirt, dom)
+            late = suspending.wait(resume_within)
+            if late is None and while_paused is not None:
                 while_paused()
         except libvirt.libvirtError as err:
             raise LibvirtFailed(f"libvirt could not suspend {name}: {_message(err)}") from err
         finally:
-            _resume(libvirt, dom, name)
-        return Paused(state, (time.monotonic() - start) * 1000, f"libvirt:{name}")
+            busy = suspending.worker.is_alive if suspending else lambda: False
+            trouble = _resume(libvirt, dom, name, uri, start + resume_within, late, busy)
+        return Paused(state, (time.monotonic() - start) * 1000, f"libvirt:{name}", trouble)
     finally:
-        conn.close()
+        if suspending is None or not suspending.worker.is_alive():
+            conn.close()  # else the suspend still uses it; the process's exit closes it
 
 
-def _resume(libvirt: Any, dom: Any, name: str) -> None:
-    try:
-        if dom.state()[0] == VIR_DOMAIN_PAUSED:
-            dom.resume()
-    except libvirt.libvirtError as err:
-        raise LibvirtFailed(
-            f"libvirt could not resume {name}; it may be left paused (virsh resume "
-            f"{name}): {_message(err)}"
-        ) from err
+class _Suspend:
+    """``dom.suspend()`` in a thread of its own, so that its wait can be bounded (the thread
+    inherits the signals held by the caller)."""
+
+    def __init__(self, libvirt: Any, dom: Any) -> None:
+        import threading
+
+        self.libvirt = libvirt
+        self.failed: Any = None
+        self.worker = threading.Thread(
+            target=self._run, args=(dom,), name="vhostorch-suspend", daemon=True
+        )
+        self.worker.start()
+
+    def _run(self, dom: Any) -> None:
+        try:
+            dom.suspend()
+        except self.libvirt.libvirtError as err:
+            self.failed = err
+
+    def wait(self, within: float) -> str | None:
+        """None once the suspend is done, what is wrong when it is not done within ``within``
+        s. Raises libvirtError (the suspend failed)."""
+        self.worker.join(within)
+        if self.worker.is_alive():
+            return (
+                f"libvirt's suspend not done within {within:.0f} s (QEMU answers stop only "
+                "once it drained and flushed every block device: slow or stalled storage)"
+            )
+        if self.failed is not None:
+            raise self.failed
+        return None
+
+
+def _resume(
+    libvirt: Any,
+    dom: Any,
+    name: str,
+    uri: str,
+    deadline: float,
+    late: str | None,
+    busy: Callable[[], bool],
+) -> str | None:
+    """Resume ``dom`` if it is paused and see it running by ``deadline`` (one try at least),
+    on new connections when this one fails; say what went wrong on the way (``late``: the
+    suspend still running, as ``busy()`` tells). Raises LeftPaused, LibvirtFailed (the
+    domain stopped meanwhile)."""
+    import time
+
+    resume = f"virsh -c {uri} resume {name}"
+    if late is None:
+        try:
+            if dom.state()[0] == VIR_DOMAIN_PAUSED:
+                dom.resume()
+            if dom.state()[0] != VIR_DOMAIN_PAUSED:
+                return None
+            late = "libvirt still says paused after the resume"
+        except libvirt.libvirtError as err:
+            late = _message(err)
+    last = late
+    while True:
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as err:
+            last = f"cannot connect to {uri}: {_message(err)}"
+        else:
+            try:
+                again = conn.lookupByName(name)
+                if not again.isActive():
+                    raise LibvirtFailed(f"domain {name} stopped while paused ({late})")
+                # While the suspend runs, libvirt may not say paused yet: resume all the same
+                # (it waits for the suspend's job, then resumes, or does nothing if running).
+                if busy() or again.state()[0] == VIR_DOMAIN_PAUSED:
+                    again.resume()
+                if not busy() and again.state()[0] != VIR_DOMAIN_PAUSED:
+                    return f"{late}: resumed on a new connection"
+            except libvirt.libvirtError as err:
+                last = _message(err)
+            finally:
+                conn.close()
+        if time.monotonic() >= deadline:
+            raise LeftPaused(f"libvirt could not resume {name}: {last}", resume)
+        time.sleep(0.2)

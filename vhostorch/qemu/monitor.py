@@ -13,11 +13,13 @@ for ``kick`` and ``call``, so it is not used.
 
 from __future__ import annotations
 
-# The error raised here, also importable from here (the tree is in vhostorch.errors).
+# The errors raised here, also importable from here (the tree is in vhostorch.errors).
+from vhostorch.errors import LeftPaused as LeftPaused
 from vhostorch.errors import MonitorError as MonitorError
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
+    import asyncio
     import socket
     from collections.abc import Callable
     from typing import Any
@@ -133,17 +135,20 @@ def run_state(execute: Execute) -> str:
     return f"migrating ({moving})" if moving in MIGRATING else state
 
 
-def stop(execute: Execute) -> None:
-    """Pause the guest (QMP ``stop``; QEMU stops vhost before replying). Raises MonitorError."""
-    execute("stop", None)
-
-
 def cont(execute: Execute) -> None:
     """Resume the guest (QMP ``cont``; QEMU restarts vhost before replying). Raises MonitorError.
 
     ``cont`` on a guest that runs already is accepted and changes nothing.
     """
     execute("cont", None)
+
+
+class Sent(Record):
+    """A command sent on a QmpSocket, its answer still to be read (QmpSocket.answer)."""
+
+    command: str
+    request: dict[str, object]
+    task: asyncio.Task[Any]
 
 
 class QmpSocket:
@@ -158,11 +163,18 @@ class QmpSocket:
         self.timeout = timeout
         self.loop = asyncio.new_event_loop()
         self.client = QMPClient("vhostorch")
+        self.pending: set[asyncio.Task[Any]] = set()
 
     def _run(self, coro: Any) -> Any:
         import asyncio
 
         return self.loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
+
+    def connected(self) -> bool:
+        """Whether the connection still stands (QEMU may still answer what was sent on it)."""
+        from qemu.qmp import Runstate
+
+        return bool(self.client.runstate == Runstate.RUNNING)
 
     def open(self, served_by: int | None = None) -> None:
         """Connect; with ``served_by``, only to that process (SO_PEERCRED of this very
@@ -186,20 +198,57 @@ class QmpSocket:
             self.close()
             if isinstance(err, MonitorError):
                 raise
-            raise MonitorError(f"cannot reach QMP at {self.path}: {_why(err)}") from err
+            # QEMU greets and negotiates in its main loop, which a command may hold (stop
+            # draining block devices): then the connection stands and nothing answers.
+            why = (
+                f"no answer within {self.timeout:.3g} s"
+                if isinstance(err, TimeoutError)
+                else _why(err)
+            )
+            raise MonitorError(f"cannot reach QMP at {self.path}: {why}") from err
 
     def execute(self, command: str, arguments: dict[str, Any] | None) -> Any:
+        """Send ``command`` and wait for its answer (``timeout`` s). Raises MonitorError."""
+        return self.answer(self.send(command, arguments), self.timeout)
+
+    def send(self, command: str, arguments: dict[str, Any] | None) -> Sent:
+        """Send ``command``; ``answer`` waits for what QEMU says to it."""
+        task = self.loop.create_task(self.client.execute(command, arguments))
+        self.pending.add(task)
+        task.add_done_callback(self._settled)
+        return Sent(command, qmp_request(command, arguments), task)
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self.pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # read, so that asyncio does not log one nobody waited for
+
+    def answer(self, sent: Sent, within: float) -> Any:
+        """QEMU's answer to ``sent``, waited for ``within`` s at most. On a timeout the command
+        is not withdrawn: QEMU runs a connection's commands in order, and one sent after it
+        still runs after it (``connected`` tells whether QEMU can still answer).
+
+        Raises MonitorError (``error_class`` set when QEMU answered with an error).
+        """
+        import asyncio
+
         from qemu.qmp import ExecuteError, QMPError
 
-        sent = qmp_request(command, arguments)
+        command = sent.command
         try:
-            return self._run(self.client.execute(command, arguments))
+            return self.loop.run_until_complete(
+                asyncio.wait_for(asyncio.shield(sent.task), max(within, 0.0))
+            )
         except ExecuteError as err:
             raise MonitorError(
-                f"QMP {command}: {err}", error_class=err.error_class, sent=sent
+                f"QMP {command}: {err}", error_class=err.error_class, sent=sent.request
             ) from err
-        except (QMPError, OSError, EOFError, TimeoutError) as err:
-            raise MonitorError(f"QMP {command}: {_why(err)}", sent=sent) from err
+        except TimeoutError as err:
+            raise MonitorError(
+                f"QMP {command}: no answer within {within:.1f} s", sent=sent.request
+            ) from err
+        except (QMPError, OSError, EOFError) as err:
+            raise MonitorError(f"QMP {command}: {_why(err)}", sent=sent.request) from err
 
     def pass_fd(self, fd: int, name: str) -> None:
         """Give QEMU a copy of ``fd`` (SCM_RIGHTS) under ``name`` (``getfd``), for netdev_add."""
@@ -214,6 +263,8 @@ class QmpSocket:
     def close(self) -> None:
         from qemu.qmp import QMPError
 
+        for task in list(self.pending):
+            task.cancel()  # QEMU still runs a command it read; its answer is not awaited
         try:
             self._run(self.client.disconnect())
         except (QMPError, OSError, EOFError, TimeoutError):
@@ -223,12 +274,22 @@ class QmpSocket:
 
 class Paused(Record):
     """What one pause and resume did: the run state found first (nothing was done unless it
-    was "running"), and how long the guest was held, in ms (from sending the pause until the
-    resume returned: an upper bound)."""
+    was "running"), how long the guest was held, in ms (from sending the pause until the
+    resume was confirmed: an upper bound), and what went wrong on the way, when the guest was
+    resumed all the same (``trouble``: a late ``stop``, a lost connection)."""
 
     state: str
     ms: float | None
     via: str
+    trouble: str | None = None
+
+
+# How long, from sending ``stop``, the guest is given to be running again before it is
+# reported left paused. QEMU answers ``stop`` only once every block device is drained and
+# flushed (softmmu/cpus.c do_vm_stop: the run state turns "paused" and STOP is sent first,
+# then bdrv_drain_all and bdrv_flush_all), and its main loop answers nothing else meanwhile:
+# on slow storage that is seconds, not milliseconds.
+RESUME_WITHIN = 60.0
 
 
 def pause_resume(
@@ -236,46 +297,140 @@ def pause_resume(
     served_by: int | None = None,
     while_paused: Callable[[], None] | None = None,
     timeout: float = 5.0,
+    resume_within: float = RESUME_WITHIN,
 ) -> Paused:
-    """``stop`` and ``cont`` the QEMU at QMP socket ``path`` on one connection, if it runs.
+    """``stop`` and ``cont`` the QEMU at QMP socket ``path``, if it runs.
 
     A guest found in any other state (paused, migrating...) is left as it is. Once ``stop``
-    was sent, ``cont`` is sent whatever happens (``while_paused`` raising, ``stop`` timing
-    out; a second connection if the first broke). Raises MonitorError.
+    was sent, the guest is resumed whatever happens (``while_paused`` raising, ``stop`` not
+    answered within ``timeout``, the connection lost) and ``query-status`` must say it runs,
+    within ``resume_within`` s of the ``stop``: ``cont`` is sent on the same connection,
+    where QEMU runs it after the ``stop`` even when that finishes late, and on new
+    connections if that one broke. Raises MonitorError (nothing left paused: the guest was
+    not paused, or runs again), LeftPaused (it may still be paused, and how to resume it).
     """
     import time
 
+    via = f"qmp:{path}"
     sock = QmpSocket(path, timeout)
     sock.open(served_by)
     try:
         state = run_state(sock.execute)
         if state != RUNNING:
-            return Paused(state, None, f"qmp:{path}")
+            return Paused(state, None, via)
         start = time.monotonic()
+        late = None
+        stopping = sock.send("stop", None)
         try:
-            stop(sock.execute)
-            if while_paused is not None:
+            try:
+                sock.answer(stopping, timeout)
+            except MonitorError as err:
+                if err.error_class is not None:
+                    raise  # refused, so not paused (the resume below makes sure of it)
+                late = err  # no answer yet, or the connection broke: it may pause later
+            if late is None and while_paused is not None:
                 while_paused()
         finally:
-            _resume(sock, path, served_by, timeout)
-        return Paused(state, (time.monotonic() - start) * 1000, f"qmp:{path}")
+            how = _resume(sock, path, served_by, timeout, start, resume_within, late)
+        return Paused(state, (time.monotonic() - start) * 1000, via, how)
     finally:
         sock.close()
 
 
-def _resume(sock: QmpSocket, path: str, served_by: int | None, timeout: float) -> None:
+def _resume(
+    sock: QmpSocket,
+    path: str,
+    served_by: int | None,
+    timeout: float,
+    started: float,
+    within: float,
+    late: MonitorError | None,
+) -> str | None:
+    """Make the guest run again within ``within`` s of ``started`` and confirm it; say how,
+    when it was not the plain way (``late``: what ``stop`` got instead of an answer). Raises
+    LeftPaused, MonitorError (QEMU is gone)."""
+    import time
+
+    resume = f"QMP cont on {path} (qmp-shell {path}, then: cont)"
+    deadline = started + within
+    if sock.connected():
+        try:
+            # Queued behind the stop: run as soon as the stop is done, however late.
+            sock.answer(sock.send("cont", None), deadline - time.monotonic())
+            status = _status(sock, deadline)
+        except MonitorError as err:
+            if err.error_class is not None:
+                raise LeftPaused(f"QEMU refused cont: {err}", resume) from err
+            if sock.connected():
+                raise LeftPaused(_stalled(within, err), resume) from err
+            late = late or err  # the connection broke: new ones below
+        else:
+            if status != RUNNING:
+                raise LeftPaused(f"QEMU says {status} after cont", resume)
+            if late is None:
+                return None
+            return (
+                f"{late}: QEMU drains and flushes every block device before it answers stop "
+                "(slow or stalled storage); the cont queued behind it resumed the guest"
+            )
+    last: MonitorError | None = late
+    while time.monotonic() < deadline:
+        try:
+            if _cont_afresh(path, served_by, min(timeout, deadline - time.monotonic())):
+                return f"{late or 'the QMP connection broke'}: resumed on a new connection"
+        except MonitorError as err:
+            if err.error_class is not None:
+                raise LeftPaused(f"QEMU refused cont: {err}", resume) from err
+            last = err
+        if served_by is not None and not _alive(served_by):
+            raise MonitorError(f"QEMU {served_by} exited while paused") from last
+        time.sleep(0.2)
+    raise LeftPaused(_stalled(within, last), resume)
+
+
+def _stalled(within: float, last: MonitorError | None) -> str:
+    why = f"not seen running within {within:.0f} s of stop: {last}"
+    if isinstance(last.__cause__ if last else None, TimeoutError):
+        why += (
+            " (QEMU's monitor answers nothing until stop has drained and flushed every block "
+            "device: slow or stalled storage)"
+        )
+    return why
+
+
+def _status(sock: QmpSocket, deadline: float) -> str:
+    import time
+
+    status = sock.answer(sock.send("query-status", None), deadline - time.monotonic())
+    return str(status.get("status")) if isinstance(status, dict) else "unknown"
+
+
+def _cont_afresh(path: str, served_by: int | None, timeout: float) -> bool:
+    """On a new connection: ``cont`` unless the guest runs, then whether it runs. Raises
+    MonitorError."""
+    import time
+
+    sock = QmpSocket(path, timeout)
+    sock.open(served_by)
     try:
-        cont(sock.execute)
-        return
-    except MonitorError as err:
-        if err.error_class is not None:
-            raise  # QEMU answered and refused: another connection would hear the same
-    again = QmpSocket(path, timeout)
-    again.open(served_by)
-    try:
-        cont(again.execute)
+        deadline = time.monotonic() + timeout
+        if _status(sock, deadline) != RUNNING:
+            cont(sock.execute)
+        return _status(sock, deadline) == RUNNING
     finally:
-        again.close()
+        sock.close()
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists
+    return True
 
 
 def qmp_request(command: str, arguments: dict[str, Any] | None) -> dict[str, object]:
