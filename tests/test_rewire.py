@@ -402,3 +402,26 @@ def test_a_qemu_whose_monitor_does_not_answer_is_its_own_warning_with_all() -> N
             os.kill(pid, signal.SIGCONT)
         settle(observer)
         assert observer.events == [] and observer.status() == "running"
+
+
+def test_a_stopped_qemu_is_not_paused_and_costs_no_timeout() -> None:
+    """A QEMU already stopped (SIGSTOP) when check --all --rewire looks is not asked to
+    pause: its monitor would never answer, and waiting for it cost 5 s per such QEMU."""
+    with qemu() as (pid, _sock, observer):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            (plan,) = rewire.plans(pid=pid, domain=None, qmp=None, every=True, uri=None)
+            check = rewire.rewire(plan, refuse=False)
+            took = time.monotonic() - started
+            assert plan.pause is None and plan.why_not is not None, plan
+            assert check.status == "warn" and check.evidence == {"paused": False}, check
+            assert (
+                check.message
+                == "not paused: it is stopped by a signal, so its monitor cannot answer"
+            )
+            assert took < 1.0, took
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        settle(observer)
+        assert observer.events == [] and observer.status() == "running"

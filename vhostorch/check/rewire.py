@@ -135,6 +135,12 @@ def _by_qmp(pid: int, path: str | None) -> Plan:
 def _own(pid: int, libvirt: dict[int, str]) -> Plan:
     """A QEMU found by pid: through libvirt when it is a domain (libvirt holds its monitor
     and must see the pause), else through its own QMP socket when that is trusted."""
+    halted = procfs.stopped(pid)
+    if halted is not None:
+        # A stopped QEMU lets its monitor's connection queue and never answers: asking it to
+        # pause would wait out the whole timeout (5 s each in check --all) and do nothing.
+        what = f"domain {libvirt[pid]}" if pid in libvirt else f"QEMU {pid}"
+        return Plan(pid, what, None, f"it is {halted}, so its monitor cannot answer")
     if pid in libvirt:
         return _by_libvirt(pid, libvirt[pid], virt.SYSTEM_URI)
     try:
