@@ -99,3 +99,58 @@ def test_a_macvtap_queue_under_another_name_is_known_by_its_device(
     assert seen is not None and seen.target == str(node)
     assert seen.macvtap_index == index and seen.device == f"/dev/tap{index}"
     assert seen.tap is None  # no iff: for a macvtap
+
+
+def test_a_log_is_read_through_the_process_fd_never_its_path(tmp_path: pathlib.Path) -> None:
+    """QEMU's stderr log is read through /proc/PID/fd/2: the file QEMU holds. Its path is
+    in a directory QEMU's user may write; a FIFO put there made root's open of the path wait
+    for a writer (check hung), a symlink made root read a file of its choosing."""
+    import subprocess
+
+    place = tmp_path / "qemu.d"
+    place.mkdir()
+    shutil.chown(place, "nobody")
+    log = place / "qemu.log"
+    log.write_text("vhost: the line QEMU wrote\n")
+    shutil.chown(log, "nobody")
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sleep", "60"],
+            stderr=err,
+        )
+    try:
+        # The QEMU user swaps the path for a FIFO, and then for a symlink to a root-only file.
+        log.unlink()
+        os.mkfifo(log)
+        fd = procfs.open_regular(proc.pid, 2)
+        assert fd is not None
+        with open(fd, "rb") as f:
+            assert f.read() == b"vhost: the line QEMU wrote\n"
+        log.unlink()
+        log.symlink_to("/etc/shadow")
+        fd = procfs.open_regular(proc.pid, 2)
+        assert fd is not None
+        with open(fd, "rb") as f:
+            assert f.read() == b"vhost: the line QEMU wrote\n"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stderr_that_is_a_fifo_or_a_device_is_never_opened(tmp_path: pathlib.Path) -> None:
+    import subprocess
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fifo, "wb") as w, open("/dev/null", "wb") as null:
+        procs = [subprocess.Popen(["sleep", "60"], stderr=out) for out in (w, null)]
+    try:
+        started = time.monotonic()
+        assert [procfs.open_regular(p.pid, 2) for p in procs] == [None, None]
+        assert time.monotonic() - started < 1
+    finally:
+        os.close(reader)
+        for p in procs:
+            p.kill()
+            p.wait()

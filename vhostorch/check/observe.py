@@ -79,12 +79,13 @@ OPEN_WINDOW = 10.0
 UNABLE_TO_OPEN = "Unable to open vhost-net"
 
 
-def tail_lines(path: str, limit: int = LOG_TAIL) -> list[str]:
-    """The last ``limit`` bytes of ``path`` as lines (the first, cut, dropped). Raises OSError."""
-    with open(path, "rb") as f:
+def tail_lines(file: str | int, limit: int = LOG_TAIL) -> list[str]:
+    """The last ``limit`` bytes of ``file`` (a path, or a descriptor it closes) as lines (the
+    first, cut, dropped). Raises OSError."""
+    with open(file, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - limit))
-        data = f.read().decode(errors="replace")
+        data = f.read(limit).decode(errors="replace")
     lines = data.splitlines()
     return lines[1:] if size > limit else lines
 
@@ -149,33 +150,42 @@ def boot_time(proc: str = procfs.PROC) -> float:
 
 
 def _qemu_log_lines(
-    pid: int, name: str | None, process: procfs.Process, domain_log_dir: str | None
+    pid: int, name: str | None, process: procfs.Process, domain_log_dir: str | None, proc: str
 ) -> tuple[str | None, tuple[str, ...]]:
     """QEMU's own log (libvirt's per-domain log, else the regular file its stderr is) and
     its lines about vhost since this QEMU started."""
-    paths = []
     if name and domain_log_dir:
-        paths.append((os.path.join(domain_log_dir, f"{name}.log"), True))
+        path = os.path.join(domain_log_dir, f"{name}.log")  # libvirt's, in a root-only place
+        found = _vhost_lines(path, by_libvirt=True)
+        if found is not None:
+            return path, found
     stderr = process.fd(2)
-    if (
-        stderr is not None
-        and stderr.target.startswith("/")
-        and not stderr.target.startswith("/dev/")
-    ):
-        paths.append((stderr.target, False))
-    for path, by_libvirt in paths:
-        try:
-            lines = tail_lines(path, 1 << 20)
-        except OSError:
-            continue
-        if by_libvirt:
-            # Each start appends a header line; only the last start's lines are this QEMU's.
-            starts = [i for i, line in enumerate(lines) if ": starting up " in line]
-            if not starts:
-                continue
-            lines = lines[starts[-1] :]
-        return path, tuple(line for line in lines if "vhost" in line)
+    if stderr is not None and stderr.target.startswith("/"):
+        # Read through QEMU's own fd, never the path readlink shows: that path may name
+        # another file in our namespace (a container's), or be in a directory QEMU's user
+        # writes, where a symlink or a FIFO may since have been put.
+        fd = procfs.open_regular(pid, 2, proc)
+        if fd is not None:
+            found = _vhost_lines(fd, by_libvirt=False)
+            if found is not None:
+                return stderr.target, found
     return None, ()
+
+
+def _vhost_lines(file: str | int, by_libvirt: bool) -> tuple[str, ...] | None:
+    """The lines about vhost of a QEMU log (a path, or a descriptor it closes); None when
+    it cannot be read, or is libvirt's and holds no start."""
+    try:
+        lines = tail_lines(file, 1 << 20)
+    except OSError:
+        return None
+    if by_libvirt:
+        # Each start appends a header line; only the last start's lines are this QEMU's.
+        starts = [i for i, line in enumerate(lines) if ": starting up " in line]
+        if not starts:
+            return None
+        lines = lines[starts[-1] :]
+    return tuple(line for line in lines if "vhost" in line)
 
 
 def device_access(pid: int, proc: str, dev: str) -> dict[str, object]:
@@ -370,7 +380,7 @@ def observe(
         qlog: str | None = None
         qlines: tuple[str, ...] = ()
         if vhost_fds:
-            qlog, qlines = _qemu_log_lines(pid, args.name, process, domain_log_dir)
+            qlog, qlines = _qemu_log_lines(pid, args.name, process, domain_log_dir, proc)
         logs = Logs(source, lines, qlog, qlines)
         if short:
             device = device_access(pid, proc, dev)

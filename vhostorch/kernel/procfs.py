@@ -170,6 +170,37 @@ class CharDevices:
         return self._mounts[pid]
 
 
+def open_regular(pid: int, fd: int, proc: str = PROC) -> int | None:
+    """A descriptor of our own on the regular file that fd ``fd`` of ``pid`` is (read-only,
+    O_NONBLOCK), or None when it is not a regular file on a LOCAL_FS filesystem, or is gone.
+
+    Opened through /proc's magic link: the very file the process holds, whatever path its
+    mount namespace shows and whatever was since put at that path (a file in a directory
+    the QEMU user writes may have become a symlink or a FIFO). A FIFO or device is refused
+    from its stat before any open (a FIFO's open for reading waits for a writer), and the
+    fstat after the open refuses one swapped in meanwhile by the process itself (dup2).
+    """
+    import stat
+
+    base = f"{proc}/{pid}"
+    try:
+        mnt = parse_fdinfo(_read(f"{base}/fdinfo/{fd}")).get("mnt_id", "")
+        types = {**_mount_types(f"{proc}/self/mountinfo"), **_mount_types(f"{base}/mountinfo")}
+        if types.get(int(mnt) if mnt.isdigit() else -1) not in LOCAL_FS:
+            return None
+        before = os.stat(f"{base}/fd/{fd}")
+        if not stat.S_ISREG(before.st_mode):
+            return None
+        own = os.open(f"{base}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    after = os.fstat(own)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+        os.close(own)
+        return None
+    return own
+
+
 def _mount_types(path: str) -> dict[int, str]:
     """Mount id -> filesystem type, from a mountinfo file ({} when it is gone)."""
     found: dict[int, str] = {}
