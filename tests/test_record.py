@@ -11,6 +11,7 @@ import pytest
 
 import vhostorch
 from vhostorch.check.report import Check
+from vhostorch.cli.argv import INT, Option
 from vhostorch.errors import InvalidSpec
 from vhostorch.model import TapSpec
 from vhostorch.record import Record
@@ -37,6 +38,7 @@ SAMPLES: dict[type[Record], Record] = {
     NicSpec: _NIC,
     VmSpec: VmSpec("vm0", (_NIC,), kernel="/boot/vmlinuz"),
     Check: Check("nic.vhost", "pass", "vhost is attached", {"fd": 7}, nic="net0", queue=0),
+    Option: Option("--mtu", INT, "MTU of the tap", low=68, high=65521),
 }
 
 
