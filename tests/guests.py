@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from tests import kernel
 from vhostorch import taps
 from vhostorch.lab.image import GUEST_APPEND, Image, ensure_image
-from vhostorch.model import TapSpec
+from vhostorch.taps import TapSpec
 
 _IMAGE: list[Image] = []
 

@@ -22,7 +22,7 @@ import pytest
 from tests import kernel
 from tests.kernel import vhostorch
 from vhostorch import taps
-from vhostorch.model import TapSpec
+from vhostorch.taps import TapSpec
 
 NO_VHOST_NET = not os.path.exists("/dev/vhost-net")
 

@@ -25,7 +25,7 @@ from vhostorch.hook.metadata import NAMESPACE
 from vhostorch.hook.program import qemu_user, run_hook
 from vhostorch.hook.state import Places
 from vhostorch.kernel import netns
-from vhostorch.model import TapSpec
+from vhostorch.taps import TapSpec
 
 HOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hooks", "qemu")
 

@@ -24,7 +24,7 @@ from vhostorch.hook import install as hookfile
 from vhostorch.hook.metadata import ManagedTap, render
 from vhostorch.hook.state import Places
 from vhostorch.kernel import procfs
-from vhostorch.model import TapSpec
+from vhostorch.taps import TapSpec
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # facade, last in its own list.
 ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ()), ("record", ()), ("signals", ()), ("lockfile", ()), ("files", ()),
-    ("claims", ()), ("model", ()), ("rootcode", ()),
+    ("claims", ()), ("inputs", ()), ("rootcode", ()),
     ("kernel", ("rtnl", "tun", "netns", "procfs", "__init__")),
-    ("taps", ("plan", "apply", "teardown", "__init__")),
+    ("taps", ("spec", "plan", "apply", "teardown", "__init__")),
     ("vm", ("spec", "state", "__init__")),
     ("qemu", ("args", "monitor", "__init__")),
     ("libvirt", ("domxml", "qemuconf", "connection", "__init__")),

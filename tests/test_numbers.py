@@ -27,8 +27,9 @@ from vhostorch.hook import metadata
 from vhostorch.hook.metadata import NAMESPACE
 from vhostorch.hook.program import run_hook
 from vhostorch.hook.state import Places
+from vhostorch.inputs import MAX_ID, parse_number, shown
 from vhostorch.kernel import netns
-from vhostorch.model import MAX_ID, TapSpec, parse_number, shown
+from vhostorch.taps import TapSpec
 from vhostorch.vm import spec as vmspec
 
 LONG = "1" * 5000  # past int()'s 4300-digit limit

@@ -15,8 +15,8 @@ from vhostorch.backends import qmp as qmpvm
 from vhostorch.check.report import FAIL, PASS, WARN
 from vhostorch.errors import OperationFailed
 from vhostorch.libvirt import domxml
-from vhostorch.model import TapSpec
 from vhostorch.orchestrate import Host, decide
+from vhostorch.taps import TapSpec
 from vhostorch.vm import spec as vmspec
 from vhostorch.vm import state as vmstate
 from vhostorch.vm.spec import NicSpec, VmSpec

@@ -11,9 +11,10 @@ import pytest
 
 import vhostorch
 from vhostorch.check.report import Check
+from vhostorch.cli.argv import INT, Option
 from vhostorch.errors import InvalidSpec
-from vhostorch.model import TapSpec
 from vhostorch.record import Record
+from vhostorch.taps import TapSpec
 from vhostorch.vm.spec import NicSpec, VmSpec
 
 for _module in pkgutil.walk_packages(vhostorch.__path__, "vhostorch."):
@@ -37,6 +38,7 @@ SAMPLES: dict[type[Record], Record] = {
     NicSpec: _NIC,
     VmSpec: VmSpec("vm0", (_NIC,), kernel="/boot/vmlinuz"),
     Check: Check("nic.vhost", "pass", "vhost is attached", {"fd": 7}, nic="net0", queue=0),
+    Option: Option("--mtu", INT, "MTU of the tap", low=68, high=65521),
 }
 
 
@@ -59,7 +61,7 @@ def _placeholder(cls: type[Record]) -> Record:
 
 def test_every_area_is_walked() -> None:
     modules = {cls.__module__.split(".")[1] for cls in RECORDS}
-    assert {"model", "taps", "kernel", "vm", "check", "hook"} <= modules
+    assert {"taps", "kernel", "vm", "check", "hook"} <= modules
     assert len(RECORDS) > 30
 
 

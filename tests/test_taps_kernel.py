@@ -34,7 +34,7 @@ from vhostorch import taps
 from vhostorch.errors import InUse, Mismatch, NotManaged, OperationFailed, RollbackFailed
 from vhostorch.kernel import netns
 from vhostorch.kernel.rtnl import Link, Rtnl, set_link_request
-from vhostorch.model import TapSpec
+from vhostorch.taps import TapSpec
 
 pytestmark = pytest.mark.kernel
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests import kernel
 from vhostorch import taps
-from vhostorch.model import TapSpec
+from vhostorch.taps import TapSpec
 
 pytestmark = [pytest.mark.bench, pytest.mark.kernel]
 

@@ -8,7 +8,7 @@ parser runs in a fresh process on every VM start. Errors are one line.
 from __future__ import annotations
 
 from vhostorch.errors import HelpRequested, InvalidSpec
-from vhostorch.model import check_text, parse_number
+from vhostorch.inputs import check_text, parse_number
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -117,6 +117,13 @@ class Parsed:
     def number(self, dest: str) -> int | None:
         value = self._get(dest, (INT,))
         return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def options(self) -> dict[str, object]:
+        """The options' values by dest (a flag's always, another's when given), for a command
+        that hands them on as a mapping (`tap create` to taps.tap_from_mapping)."""
+        return {
+            o.dest: self._values[o.dest] for o in self.command.options if o.dest in self._values
+        }
 
     def texts(self, dest: str) -> list[str]:
         """An APPEND option's values, or the positional words (``dest`` as in usage)."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 from vhostorch.cli.argv import APPEND, FLAG, INT, NEGATE, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import EXIT_CODES, JSON, emit, results_text, table
 from vhostorch.errors import EXIT_OK, InvalidSpec
-from vhostorch.model import MAX_MTU, MAX_TAP_QUEUES, MIN_MTU
+from vhostorch.taps.spec import MAX_MTU, MAX_TAP_QUEUES, MIN_MTU
 
 NETNS = Option("--netns", VALUE, "named network namespace (as in `ip netns`)")
 # A tap's own settings, declared once: `nic add` makes a tap too, and describes them there
-# for a NIC (Option.replace(help=...)).
+# for a NIC (Option.replace(help=...)). Each option's dest is the TapSpec attribute it sets
+# (taps.spec.ATTRS), so `tap create` hands its options to taps.tap_from_mapping as they are.
 QUEUES = Option(
     "--queues", INT, "queue pairs QEMU will open (default 1)", low=1, high=MAX_TAP_QUEUES
 )
@@ -72,7 +73,6 @@ SHOW_COLUMNS = (
 
 def _tap(args: Parsed) -> int:
     from vhostorch import taps
-    from vhostorch.model import TapSpec
 
     verb = args.command.path[1]
     names = args.texts("NAME")
@@ -81,23 +81,8 @@ def _tap(args: Parsed) -> int:
         mac = args.text("mac")
         if mac and len(names) > 1:
             raise InvalidSpec("--mac names one address, so give one tap with it")
-        queues = args.number("queues")
-        specs = [
-            TapSpec(
-                name,
-                queues=1 if queues is None else queues,
-                vnet_hdr=args.flag("vnet_hdr"),
-                owner=args.text("owner"),
-                group=args.text("group"),
-                mtu=args.number("mtu"),
-                mac=mac,
-                bridge=args.text("bridge"),
-                netns=netns,
-                up=args.flag("up"),
-                create_bridge=args.flag("create_bridge"),
-            )
-            for name in names
-        ]
+        options = args.options()
+        specs = [taps.tap_from_mapping(options, defaults={"name": name}) for name in names]
         results = taps.ensure(specs, recreate=args.flag("recreate"))
         emit(
             {"ok": True, "taps": [r.asdict() for r in results]},

@@ -8,7 +8,7 @@ from vhostorch.cli.argv import INT, MAX_SECONDS, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import EXIT_CODES, JSON, STRICT, emit, report_text
 from vhostorch.cli.taps import BRIDGE, GROUP, MTU, OWNER, QUEUES
 from vhostorch.errors import EXIT_FAILED, EXIT_OK, InvalidSpec
-from vhostorch.model import check_ifname
+from vhostorch.inputs import check_ifname
 from vhostorch.record import TYPE_CHECKING
 from vhostorch.vm.spec import RING_SIZES
 

@@ -28,17 +28,22 @@ from vhostorch.errors import InvalidSpec
 from vhostorch.libvirt import qemuconf
 from vhostorch.libvirt.domxml import driver_queues
 from vhostorch.libvirt.domxml import root as domain_root
-from vhostorch.model import TapSpec, parse_number
 from vhostorch.record import TYPE_CHECKING, Record
+from vhostorch.taps.spec import tap_from_mapping
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
+    from vhostorch.taps import TapSpec
+
 NAMESPACE = "http://vhostorch.org/xmlns/libvirt/1"
 POLICIES = ("warn", "enforce")
 DEFAULT_OWNER = qemuconf.DEFAULT_USERS[0]  # Debian's qemu.conf default user
-_TAP_ATTRS = {"dev", "bridge", "mtu", "owner", "group", "verify"}
+# The <vhostorch:tap> attributes that spell a tap's attributes (taps.spec.ATTRS); the
+# queues are the interface's, as libvirt will open the tap.
+_TAP_KEYS = {"name": "dev", "bridge": "bridge", "mtu": "mtu", "owner": "owner", "group": "group"}
+_TAP_ATTRS = {*_TAP_KEYS.values(), "verify"}
 _VM_ATTRS = {"verify"}
 
 
@@ -73,12 +78,6 @@ def _policy(value: str | None, where: str, default: str) -> str:
     if value not in POLICIES:
         raise InvalidSpec(f"{where}: verify must be one of {', '.join(POLICIES)}, not {value!r}")
     return value
-
-
-def _int(value: str | None, where: str) -> int | None:
-    if value is None:
-        return None
-    return parse_number(value, where)
 
 
 def _interfaces(root: Any) -> dict[str, tuple[Any, int]]:
@@ -130,13 +129,11 @@ def declared(root: Any, default_owner: str | None = DEFAULT_OWNER) -> Declared:
                 "<target managed='no'/>, or libvirt would make or remove the tap itself"
             )
         try:
-            spec = TapSpec(
-                dev,
-                queues=queues,
-                mtu=_int(tap.get("mtu"), "mtu"),
-                bridge=tap.get("bridge"),
-                owner=tap.get("owner", default_owner),
-                group=tap.get("group"),
+            spec = tap_from_mapping(
+                tap.attrib,
+                _TAP_KEYS,
+                defaults={"queues": queues, "owner": default_owner},
+                text=True,
             )
         except InvalidSpec as err:
             raise InvalidSpec(f"{where}: {err}") from None
@@ -154,9 +151,8 @@ def render(taps: Sequence[ManagedTap], verify: str = "warn") -> str:
     lines = [f"<vhostorch:vm xmlns:vhostorch={quoteattr(NAMESPACE)} verify={quoteattr(verify)}>"]
     for tap in taps:
         spec = tap.spec
-        attrs = {"dev": spec.name, "bridge": spec.bridge, "owner": spec.owner,
-                 "group": spec.group, "verify": tap.verify,
-                 "mtu": None if spec.mtu is None else str(spec.mtu)}  # fmt: skip
+        attrs = {key: getattr(spec, attr) for attr, key in _TAP_KEYS.items()}
+        attrs["verify"] = tap.verify
         text = " ".join(f"{k}={quoteattr(str(v))}" for k, v in attrs.items() if v is not None)
         lines.append(f"  <vhostorch:tap {text}/>")
     lines.append("</vhostorch:vm>")

@@ -11,7 +11,7 @@ import fcntl
 import os
 import struct
 
-from vhostorch.model import IFNAMSIZ
+from vhostorch.inputs import IFNAMSIZ
 from vhostorch.record import Record
 
 TUN_DEVICE = "/dev/net/tun"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vhostorch.errors import InvalidSpec
-from vhostorch.model import parse_number
+from vhostorch.inputs import parse_number
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:

@@ -1,9 +1,10 @@
 """Tap provisioning: read the namespace, plan the changes (pure), apply them all or none.
 
-The front doors `ensure`, `create`, `show` and `apply` live in taps.apply; the
+What a tap should be (`TapSpec`, and `tap_from_mapping`, the way every adapter makes one) lives
+in taps.spec; the front doors `ensure`, `create`, `show` and `apply` in taps.apply; the
 steps, results and the pure planning in taps.plan; deleting (`delete`, by link group
 for many) in taps.teardown. Import this package, not those modules:
-``from vhostorch import taps; taps.ensure(...)``.
+``from vhostorch import taps; taps.ensure([taps.TapSpec(...)])``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from vhostorch.taps.plan import (
     TapResult,
     plan_ensure,
 )
+from vhostorch.taps.spec import TapSpec, check_batch, tap_from_mapping
 from vhostorch.taps.teardown import (
     check_group,
     delete,
@@ -63,8 +65,10 @@ __all__ = [
     "SetLink",
     "Step",
     "TapResult",
+    "TapSpec",
     "TapState",
     "apply",
+    "check_batch",
     "check_group",
     "create",
     "delete",
@@ -76,4 +80,5 @@ __all__ = [
     "random_group",
     "resolve_ids",
     "show",
+    "tap_from_mapping",
 ]

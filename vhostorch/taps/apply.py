@@ -15,9 +15,9 @@ import grp
 import pwd
 
 from vhostorch.errors import InUse, InvalidSpec, KernelError, OperationFailed, RollbackFailed
+from vhostorch.inputs import check_ifname
 from vhostorch.kernel import netns, tun
 from vhostorch.kernel.rtnl import NetlinkError, Request, Rtnl, set_link_request
-from vhostorch.model import check_batch, check_ifname
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.taps.plan import (
     BATCHABLE,
@@ -38,14 +38,15 @@ from vhostorch.taps.plan import (
     refuse_existing,
     refuse_foreign,
 )
+from vhostorch.taps.spec import check_batch
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterator, Sequence
     from typing import Protocol, TypeVar
 
     from vhostorch.kernel.rtnl import Link
-    from vhostorch.model import TapSpec
     from vhostorch.taps.plan import Change, Step
+    from vhostorch.taps.spec import TapSpec
 
     T = TypeVar("T")
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from vhostorch.errors import InUse, Mismatch, NotManaged, OperationFailed
 from vhostorch.kernel.tun import TapFlags
-from vhostorch.model import check_batch
 from vhostorch.record import TYPE_CHECKING, Record
+from vhostorch.taps.spec import check_batch
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from vhostorch.kernel.rtnl import Link
-    from vhostorch.model import TapSpec
+    from vhostorch.taps.spec import TapSpec
 
 MANAGED_ALIAS = "vhostorch"
 NO_MASTER = ""  # SetLink.master value that detaches the link from its bridge

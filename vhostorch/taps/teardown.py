@@ -30,7 +30,7 @@ from vhostorch.errors import (
     RollbackFailed,
     VhostorchError,
 )
-from vhostorch.model import check_ifname
+from vhostorch.inputs import check_ifname
 from vhostorch.record import TYPE_CHECKING
 from vhostorch.taps.apply import KernelHost, apply, in_namespace
 from vhostorch.taps.plan import (

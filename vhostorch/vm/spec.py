@@ -29,14 +29,16 @@ errors that name the field (``nic[1].queues``).
 
 from __future__ import annotations
 
-from vhostorch import files
+from vhostorch import files, taps
 from vhostorch.errors import InvalidSpec
-from vhostorch.model import MAX_TAP_QUEUES, TapSpec, check_batch, check_int, parse_mac, shown
+from vhostorch.inputs import check_int, parse_mac, shown
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import Any, Protocol
+
+    from vhostorch.taps import TapSpec
 
     class Plugged(Protocol):
         """A NIC a VM has (vhostorch.vm.state.NicState is one)."""
@@ -206,7 +208,7 @@ class VmSpec(Record):
             raise InvalidSpec("cmdline must be a string")
         if not nics:
             raise InvalidSpec("a VM needs at least one nic")
-        check_batch([n.tap for n in nics])
+        taps.check_batch([n.tap for n in nics])
         macs = [n.mac for n in nics]
         if len(set(macs)) != len(macs):
             raise InvalidSpec("two NICs have the same MAC address")
@@ -218,10 +220,10 @@ class VmSpec(Record):
 
 _VM_KEYS = {"name", "memory", "cpus", "machine", "accel", "boot", "nic", "spare_ports"}
 _BOOT_KEYS = {"kernel", "initrd", "cmdline", "disk"}
-_NIC_KEYS = {
-    "tap", "queues", "vhost", "mac", "bridge", "mtu", "owner", "group", "rx_queue_size",
-    "tx_queue_size",
-}  # fmt: skip
+# The [[nic]] keys that spell a tap's attributes (taps.spec.ATTRS; `mac` is the guest's).
+_TAP_KEYS = {"name": "tap", "queues": "queues", "mtu": "mtu", "bridge": "bridge",
+             "owner": "owner", "group": "group"}  # fmt: skip
+_NIC_KEYS = {*_TAP_KEYS.values(), "vhost", "mac", "rx_queue_size", "tx_queue_size"}
 
 
 def _unknown(where: str, given: Mapping[str, object], known: set[str]) -> None:
@@ -280,16 +282,7 @@ def nic_from_mapping(vm: str, index: int, entry: object) -> NicSpec:
         raise InvalidSpec(f"{where} must be a table")
     _unknown(where, entry, _NIC_KEYS)
     try:
-        queues = entry.get("queues", 1)
-        check_int(queues, "queues", 1, MAX_TAP_QUEUES)
-        tap = TapSpec(
-            entry["tap"] if entry.get("tap") is not None else default_tap(vm, index),
-            queues=queues,
-            mtu=entry.get("mtu"),
-            bridge=entry.get("bridge"),
-            owner=entry.get("owner"),
-            group=entry.get("group"),
-        )
+        tap = taps.tap_from_mapping(entry, _TAP_KEYS, defaults={"name": default_tap(vm, index)})
         return NicSpec(
             tap,
             entry.get("mac") or default_mac(vm, index),

@@ -187,25 +187,13 @@ def main():
     )
     require_vhostorch(module)
     from vhostorch import taps
-    from vhostorch.model import TapSpec
 
     p = module.params
     with failing_on_error(module):
         before = _current(p["name"], p["netns"])
         if p["state"] == "present":
-            spec = TapSpec(
-                p["name"],
-                queues=p["queues"],
-                vnet_hdr=p["vnet_hdr"],
-                owner=p["owner"],
-                group=p["group"],
-                mtu=p["mtu"],
-                mac=p["mac"],
-                bridge=p["bridge"],
-                netns=p["netns"],
-                up=p["up"],
-                create_bridge=p["create_bridge"],
-            )
+            # The module's options are named as the tap's attributes (taps.spec.ATTRS).
+            spec = taps.tap_from_mapping(p)
             [result] = taps.ensure([spec], recreate=p["recreate"], dry_run=module.check_mode)
             changed = result.action != "unchanged"
             predicted = _expected(spec, before)

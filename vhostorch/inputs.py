@@ -1,21 +1,16 @@
-"""What the user asks for: frozen specs, validated when they are made (stdlib only).
+"""The values a user writes, checked and read: interface and namespace names, MAC addresses,
+whole numbers, user and group accounts (stdlib only).
 
-A field left as ``None`` is not managed: vhostorch neither sets nor resets it, so
-`ensure` never undoes what an operator configured by hand and did not ask about.
+Each check returns the value (normalised) or raises InvalidSpec with one line that names
+what was given; the specs (`taps.spec`, `vm.spec`) and the adapters (the CLI's options,
+the hook's XML) are made of these.
 """
 
 from __future__ import annotations
 
 from vhostorch.errors import InvalidSpec
-from vhostorch.record import TYPE_CHECKING, Record
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 IFNAMSIZ = 16  # kernel buffer size, NUL included
-MAX_TAP_QUEUES = 256  # drivers/net/tun.c
-MIN_MTU = 68  # tun's min_mtu (ETH_MIN_MTU)
-MAX_MTU = 65521  # a tap's max_mtu: 65535 less its 14-byte Ethernet header
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no owner" to tun, so it is not a valid id
 # No number vhostorch takes has more digits than 2**64. The bound also keeps int() away from
 # its 4300-digit limit (a ValueError) and from the quadratic cost of long decimal strings.
@@ -141,92 +136,3 @@ def check_int(value: object, what: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidSpec(f"{what} {shown(value)} is out of range {low}..{high}")
     return value
-
-
-class TapSpec(Record):
-    """One tap device as QEMU will open it.
-
-    ``queues`` is how many times QEMU opens the tap; the kernel needs
-    IFF_MULTI_QUEUE on the device exactly when that is more than one.
-    ``create_bridge`` says the bridge may be created when it is missing.
-    """
-
-    name: str
-    queues: int
-    vnet_hdr: bool
-    owner: str | int | None
-    group: str | int | None
-    mtu: int | None
-    mac: str | None
-    bridge: str | None
-    netns: str | None
-    up: bool
-    create_bridge: bool
-
-    def __init__(
-        self,
-        name: str,
-        queues: int = 1,
-        vnet_hdr: bool = True,
-        owner: str | int | None = None,
-        group: str | int | None = None,
-        mtu: int | None = None,
-        mac: str | None = None,
-        bridge: str | None = None,
-        netns: str | None = None,
-        up: bool = True,
-        create_bridge: bool = False,
-    ) -> None:
-        check_ifname(name, "tap name")
-        check_int(queues, "queues", 1, MAX_TAP_QUEUES)
-        for flag in (vnet_hdr, up, create_bridge):
-            if not isinstance(flag, bool):
-                raise InvalidSpec(f"tap {name}: vnet_hdr, up and create_bridge are true or false")
-        if mtu is not None:
-            check_int(mtu, "MTU", MIN_MTU, MAX_MTU)
-        if bridge is not None:
-            check_ifname(bridge, "bridge name")
-            if bridge == name:
-                raise InvalidSpec(f"tap {name!r} cannot be its own bridge")
-        elif create_bridge:
-            raise InvalidSpec(f"tap {name}: creating a bridge needs a bridge name")
-        if netns is not None:
-            check_netns(netns)
-        self._init(
-            name=name,
-            queues=queues,
-            vnet_hdr=vnet_hdr,
-            owner=parse_account(owner, "owner"),
-            group=parse_account(group, "group"),
-            mtu=mtu,
-            mac=None if mac is None else parse_mac(mac),
-            bridge=bridge,
-            netns=netns,
-            up=up,
-            create_bridge=create_bridge,
-        )
-
-    @property
-    def multi_queue(self) -> bool:
-        return self.queues > 1
-
-
-def check_batch(specs: Sequence[TapSpec]) -> str | None:
-    """Validate the taps of one VM together; return their common namespace.
-
-    One batch lives in one namespace because QEMU opens all its taps from its own.
-    """
-    if not specs:
-        raise InvalidSpec("no tap given")
-    names: set[str] = set()
-    for spec in specs:
-        if spec.name in names:
-            raise InvalidSpec(f"tap {spec.name!r} is given more than once")
-        names.add(spec.name)
-    spaces = {s.netns for s in specs}
-    if len(spaces) > 1:
-        raise InvalidSpec("the taps of one batch must all be in the same network namespace")
-    clash = {s.bridge for s in specs if s.bridge} & names
-    if clash:
-        raise InvalidSpec(f"{sorted(clash)[0]!r} is named both as a tap and as a bridge")
-    return specs[0].netns
