@@ -33,6 +33,9 @@ from vhostorch.taps.plan import (
     SetLink,
     Step,
     TapResult,
+    managed,
+    mark,
+    new_tag,
     plan_ensure,
 )
 from vhostorch.taps.teardown import (
@@ -70,6 +73,9 @@ __all__ = [
     "delete",
     "delete_on",
     "ensure",
+    "managed",
+    "mark",
+    "new_tag",
     "plan_delete",
     "plan_ensure",
     "plan_group_moves",
