@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -139,3 +140,133 @@ def test_50_concurrent_ups_over_10_taps_one_winner_each(tmp_path: object) -> Non
                 _vhostorch("down", name)
     for i, name in enumerate(names):
         assert left(name, [taps[i % 10]]) == []
+
+
+# --- issue 19: nic add / nic del and the hook under signals --------------------------------
+
+NIC_CYCLES = 30
+HOOK_CYCLES = 60
+
+
+def _count(tally: dict[str, int], key: str) -> None:
+    tally[key] = tally.get(key, 0) + 1
+
+
+def _signalled(cmd: list[str], rng: random.Random, within: float, tally: dict[str, int],
+               signals: tuple[signal.Signals, ...], **popen: Any) -> tuple[int, str]:  # fmt: skip
+    """Run ``cmd`` and send it one of ``signals`` at a random moment within ``within`` s."""
+    sig = rng.choice(signals)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    time.sleep(rng.uniform(0.0, within))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    _count(tally, f"{sig.name} sent")
+    if proc.returncode == 0:
+        _count(tally, "finished before the signal")
+    elif proc.returncode == -sig:
+        _count(tally, f"{sig.name}: ended by it")  # SIGKILL; or any, before Python set up
+    else:
+        assert proc.returncode in (130, 1), (cmd, proc.returncode, err)
+    return proc.returncode, err.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_nic_soak_with_signals_leaves_nothing(tmp_path: object) -> None:
+    """NIC_CYCLES hot-plug cycles on one booted VM; in each, nic add or nic del (or both) is
+    sent SIGTERM, SIGHUP or SIGKILL at a random moment; the user's recovery is to run
+    nic del again. After every cycle the VM is as `up` left it."""
+    from tests.test_up_hardening import Booted
+
+    directory = str(tmp_path)
+    os.chmod(directory, 0o755)
+    rng = random.Random(1900)
+    tally: dict[str, int] = {}
+    stopping = (signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
+    begin = time.monotonic()
+    vm = Booted(directory)
+    try:
+        took = {"add": 0.5, "del": 1.0}
+        for cycle in range(NIC_CYCLES):
+            tap = kernel.unique("vz")
+            add = [EXE, "nic", "add", vm.name, "--tap", tap, "--vhost", "off", "--wait", "0"]
+            began = time.monotonic()
+            if cycle % 3 != 2:
+                code, err = _signalled(add, rng, took["add"], tally, stopping)
+                assert code != 1, err  # 1: a rollback that failed
+                if code == 130:  # rolled back at once
+                    assert vm.as_before(tap) == [], err
+            else:
+                assert _vhostorch(*add[1:]).returncode == 0
+                took["add"] = time.monotonic() - began
+            delete = [EXE, "nic", "del", vm.name, tap]
+            if cycle % 3 != 1:
+                code, err = _signalled(delete, rng, took["del"], tally, stopping)
+                assert code != 1, err
+            while True:  # the user's recovery: nic del again, until there is nothing to delete
+                began = time.monotonic()
+                done = _vhostorch(*delete[1:])
+                if done.returncode == 0:
+                    took["del"] = time.monotonic() - began
+                    continue
+                assert done.returncode == 2 and "has no NIC on tap" in done.stderr, done.stderr
+                break
+            assert vm.as_before(tap) == [], cycle
+            _count(tally, "cycles")
+    finally:
+        assert _vhostorch("down", vm.name).returncode == 0
+    assert left(vm.name, [vm.tap]) == []
+    print(f"\nnic soak: {NIC_CYCLES} cycles in {time.monotonic() - begin:.0f} s: {tally}")
+
+
+@pytest.mark.slow
+def test_hook_soak_with_signals_leaves_nothing(ns: str) -> None:
+    """HOOK_CYCLES prepare/release cycles of one domain declaring 4 taps, in a throwaway
+    namespace; prepare in two cycles of three and release in one of three get SIGTERM,
+    SIGHUP, SIGINT or SIGKILL at a random moment, and release is run again until it
+    succeeds. After every cycle nothing of the domain's is left."""
+    from tests.test_hook import HOOK
+    from tests.test_hook_faults import left_of, tap_xml
+    from vhostorch.kernel import netns
+
+    rng = random.Random(1901)
+    tally: dict[str, int] = {}
+    name = kernel.unique("vho-hs")
+    taps = [f"h{name[-6:]}n{i}" for i in range(4)]
+    xml = tap_xml(name, taps)
+    stopping = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL)
+    prepare = [HOOK, name, "prepare", "begin", "-"]
+    release = [HOOK, name, "release", "end", "-"]
+    begin = time.monotonic()
+    took = 0.2
+    with netns.entered(ns):
+        for cycle in range(HOOK_CYCLES):
+            if cycle % 3 != 2:
+                sig = rng.choice(stopping)
+                proc = subprocess.Popen(prepare, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)  # fmt: skip
+                assert proc.stdin is not None
+                proc.stdin.write(xml)
+                proc.stdin.close()
+                proc.stdin = None
+                time.sleep(rng.uniform(0.0, took))
+                proc.send_signal(sig)
+                _, err = proc.communicate(timeout=60)
+                _count(tally, f"prepare {sig.name}")
+                if proc.returncode == 0:
+                    _count(tally, "prepare finished before the signal")
+                elif sig != signal.SIGKILL:
+                    assert proc.returncode == 1 and err.count(b"\n") == 1, err
+                    assert [t for t in taps if t in kernel.links(ns)] == []
+            else:
+                began = time.monotonic()
+                done = subprocess.run(prepare, input=xml, capture_output=True)
+                assert done.returncode == 0, done.stderr
+                took = time.monotonic() - began
+            if cycle % 3 == 1:
+                _signalled(release, rng, 0.05, tally, stopping, stdin=subprocess.DEVNULL)
+            while subprocess.run(release, capture_output=True).returncode != 0:
+                _count(tally, "release run again")
+            assert [t for t in taps if t in kernel.links(ns)] == [], cycle
+            assert left_of(name, taps) == [], cycle
+            _count(tally, "cycles")
+    print(f"\nhook soak: {HOOK_CYCLES} cycles in {time.monotonic() - begin:.0f} s: {tally}")

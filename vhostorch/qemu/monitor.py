@@ -162,7 +162,14 @@ class QmpSocket:
     def _run(self, coro: Any) -> Any:
         import asyncio
 
-        return self.loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
+        from vhostorch import signals
+
+        # A stopping signal waits for the exchange to end (the timeout bounds it): raised
+        # inside asyncio's machinery it would leave qemu.qmp's tasks half done and this
+        # connection open, and QEMU's monitor serves one client at a time, so a rollback
+        # (a hot-plug's unplug) could not reach it; it acts as soon as this returns.
+        with signals.Held():
+            return self.loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
 
     def open(self, served_by: int | None = None) -> None:
         """Connect; with ``served_by``, only to that process (SO_PEERCRED of this very
@@ -181,10 +188,15 @@ class QmpSocket:
                     "not asked"
                 )
             self._run(self.client.connect(sock))
-        except (QMPError, OSError, EOFError, TimeoutError, MonitorError) as err:
+        except BaseException as err:
+            # Closed whatever cut the connect short (a stopping signal too): QEMU's monitor
+            # serves one client at a time, so a connection left open here would keep the
+            # rollback's own (a hot-plug's unplug) waiting until it times out.
             sock.close()
             self.close()
-            if isinstance(err, MonitorError):
+            if isinstance(err, MonitorError) or not isinstance(
+                err, (QMPError, OSError, EOFError, TimeoutError)
+            ):
                 raise
             raise MonitorError(f"cannot reach QMP at {self.path}: {_why(err)}") from err
 
