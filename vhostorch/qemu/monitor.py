@@ -322,8 +322,13 @@ def connect_unix(path: str, timeout: float) -> socket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-    except OSError as err:
+    except BaseException as err:
+        # Closed whatever ends the connect (a stopping signal too, raised as the connection
+        # is made): QEMU's monitor serves one client at a time, so a socket left open here
+        # would keep out the rollback's own connection.
         sock.close()
+        if not isinstance(err, OSError):
+            raise
         raise MonitorError(f"cannot reach QMP at {path}: {err.strerror or err}") from err
     return sock
 
