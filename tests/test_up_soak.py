@@ -14,12 +14,11 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any
 
 import pytest
 
 from tests import kernel
-from tests.test_up_hardening import EXE, left, spec, state_of
+from tests.test_up_hardening import EXE, _locking, left, spec, state_of, wait_for
 from vhostorch import claims
 from vhostorch.kernel import tun
 
@@ -152,29 +151,55 @@ def _count(tally: dict[str, int], key: str) -> None:
     tally[key] = tally.get(key, 0) + 1
 
 
+def _started(cmd: list[str], stdin: bytes | None = None) -> tuple[subprocess.Popen[bytes], float]:
+    """``cmd`` running, once it holds its lock (the VM's, the domain's: its work has begun,
+    its signal handling is set up), and when that was seen."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdin is not None
+    if stdin:
+        proc.stdin.write(stdin)
+    proc.stdin.close()
+    proc.stdin = None
+    wait_for("the lock", lambda: _locking(proc.pid) or proc.poll() is not None)
+    return proc, time.monotonic()
+
+
+def _worked(cmd: list[str], stdin: bytes | None = None) -> float:
+    """Run ``cmd`` to its end (it must succeed); how long it worked holding its lock."""
+    proc, began = _started(cmd, stdin)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return time.monotonic() - began
+
+
 def _signalled(cmd: list[str], rng: random.Random, within: float, tally: dict[str, int],
-               signals: tuple[signal.Signals, ...], **popen: Any) -> tuple[int, str]:  # fmt: skip
-    """Run ``cmd`` and send it one of ``signals`` at a random moment within ``within`` s."""
+               signals: tuple[signal.Signals, ...], failing: tuple[int, ...] = (130,),
+               stdin: bytes | None = None) -> tuple[int, str]:  # fmt: skip
+    """Run ``cmd`` and send it one of ``signals`` at a random moment within ``within`` s of
+    its taking its lock; it must end in 0, ``failing`` or by the signal (SIGKILL; another
+    only once its work is done, on its way out)."""
     sig = rng.choice(signals)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    proc, _ = _started(cmd, stdin)
     time.sleep(rng.uniform(0.0, within))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    _count(tally, f"{sig.name} sent")
+    _count(tally, f"{cmd[2]} {sig.name}")  # add, del, prepare, release
     if proc.returncode == 0:
         _count(tally, "finished before the signal")
     elif proc.returncode == -sig:
-        _count(tally, f"{sig.name}: ended by it")  # SIGKILL; or any, before Python set up
+        _count(tally, f"ended by {sig.name}")
     else:
-        assert proc.returncode in (130, 1), (cmd, proc.returncode, err)
+        assert proc.returncode in failing, (cmd, proc.returncode, err)
+        _count(tally, f"exit {proc.returncode}")
     return proc.returncode, err.decode(errors="replace")
 
 
 @pytest.mark.slow
 def test_nic_soak_with_signals_leaves_nothing(tmp_path: object) -> None:
     """NIC_CYCLES hot-plug cycles on one booted VM; in each, nic add or nic del (or both) is
-    sent SIGTERM, SIGHUP or SIGKILL at a random moment; the user's recovery is to run
-    nic del again. After every cycle the VM is as `up` left it."""
+    sent SIGTERM, SIGHUP or SIGKILL at a random moment of its work; the user's recovery is
+    to run nic del again. After every cycle the VM is as `up` left it."""
     from tests.test_up_hardening import Booted
 
     directory = str(tmp_path)
@@ -185,31 +210,30 @@ def test_nic_soak_with_signals_leaves_nothing(tmp_path: object) -> None:
     begin = time.monotonic()
     vm = Booted(directory)
     try:
-        took = {"add": 0.5, "del": 1.0}
+        took = {"add": 0.5, "del": 1.0}  # how long the last clean one worked
         for cycle in range(NIC_CYCLES):
+            # Four kinds of cycle: add and del signalled; add signalled; neither (measured);
+            # del signalled.
+            kind = cycle % 4
             tap = kernel.unique("vz")
             add = [EXE, "nic", "add", vm.name, "--tap", tap, "--vhost", "off", "--wait", "0"]
-            began = time.monotonic()
-            if cycle % 3 != 2:
+            delete = [EXE, "nic", "del", vm.name, tap]
+            if kind in (0, 1):
                 code, err = _signalled(add, rng, took["add"], tally, stopping)
-                assert code != 1, err  # 1: a rollback that failed
                 if code == 130:  # rolled back at once
                     assert vm.as_before(tap) == [], err
             else:
-                assert _vhostorch(*add[1:]).returncode == 0
-                took["add"] = time.monotonic() - began
-            delete = [EXE, "nic", "del", vm.name, tap]
-            if cycle % 3 != 1:
-                code, err = _signalled(delete, rng, took["del"], tally, stopping)
-                assert code != 1, err
+                took["add"] = _worked(add)
+            if kind == 2:
+                took["del"] = _worked(delete)
+            elif kind != 1:  # 2: nothing to delete (the add was undone)
+                _signalled(delete, rng, took["del"], tally, stopping, (130, 2))
             while True:  # the user's recovery: nic del again, until there is nothing to delete
-                began = time.monotonic()
                 done = _vhostorch(*delete[1:])
-                if done.returncode == 0:
-                    took["del"] = time.monotonic() - began
-                    continue
-                assert done.returncode == 2 and "has no NIC on tap" in done.stderr, done.stderr
-                break
+                if done.returncode != 0:
+                    assert done.returncode == 2 and "has no NIC on tap" in done.stderr, done.stderr
+                    break
+                _count(tally, "nic del run again")
             assert vm.as_before(tap) == [], cycle
             _count(tally, "cycles")
     finally:
@@ -222,8 +246,8 @@ def test_nic_soak_with_signals_leaves_nothing(tmp_path: object) -> None:
 def test_hook_soak_with_signals_leaves_nothing(ns: str) -> None:
     """HOOK_CYCLES prepare/release cycles of one domain declaring 4 taps, in a throwaway
     namespace; prepare in two cycles of three and release in one of three get SIGTERM,
-    SIGHUP, SIGINT or SIGKILL at a random moment, and release is run again until it
-    succeeds. After every cycle nothing of the domain's is left."""
+    SIGHUP, SIGINT or SIGKILL at a random moment of their work, and release is run again
+    until it succeeds. After every cycle nothing of the domain's is left."""
     from tests.test_hook import HOOK
     from tests.test_hook_faults import left_of, tap_xml
     from vhostorch.kernel import netns
@@ -237,33 +261,20 @@ def test_hook_soak_with_signals_leaves_nothing(ns: str) -> None:
     prepare = [HOOK, name, "prepare", "begin", "-"]
     release = [HOOK, name, "release", "end", "-"]
     begin = time.monotonic()
-    took = 0.2
+    took = {"prepare": 0.05, "release": 0.05}
     with netns.entered(ns):
         for cycle in range(HOOK_CYCLES):
             if cycle % 3 != 2:
-                sig = rng.choice(stopping)
-                proc = subprocess.Popen(prepare, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE)  # fmt: skip
-                assert proc.stdin is not None
-                proc.stdin.write(xml)
-                proc.stdin.close()
-                proc.stdin = None
-                time.sleep(rng.uniform(0.0, took))
-                proc.send_signal(sig)
-                _, err = proc.communicate(timeout=60)
-                _count(tally, f"prepare {sig.name}")
-                if proc.returncode == 0:
-                    _count(tally, "prepare finished before the signal")
-                elif sig != signal.SIGKILL:
-                    assert proc.returncode == 1 and err.count(b"\n") == 1, err
+                code, err = _signalled(prepare, rng, took["prepare"], tally, stopping, (1,), xml)
+                if code == 1:  # rolled back at once, in one line
+                    assert err.count("\n") == 1, err
                     assert [t for t in taps if t in kernel.links(ns)] == []
             else:
-                began = time.monotonic()
-                done = subprocess.run(prepare, input=xml, capture_output=True)
-                assert done.returncode == 0, done.stderr
-                took = time.monotonic() - began
+                took["prepare"] = _worked(prepare, xml)
             if cycle % 3 == 1:
-                _signalled(release, rng, 0.05, tally, stopping, stdin=subprocess.DEVNULL)
+                _signalled(release, rng, took["release"], tally, stopping, (1,))
+            if cycle % 3 == 2:
+                took["release"] = _worked(release)
             while subprocess.run(release, capture_output=True).returncode != 0:
                 _count(tally, "release run again")
             assert [t for t in taps if t in kernel.links(ns)] == [], cycle

@@ -179,15 +179,16 @@ def release(domain: str, places: Places) -> None:
 
     A tap that cannot be deleted (held open) stays recorded, and the error names it.
     """
-    if not any(os.path.lexists(p) for p in (places.held(domain), places.lock(domain),
-                                            places.result(domain))):  # fmt: skip
+    # What a kill or a signal can leave besides the record: the started check, and the
+    # temporary names of the record, the check and a claim.
+    left = (places.result(domain), places.result(domain) + ".tmp",
+            places.held(domain) + ".tmp", claims.scratch(domain, places.claims))  # fmt: skip
+    if not any(os.path.lexists(p) for p in (places.held(domain), places.lock(domain), *left)):
         return  # nothing of this domain's: most domains, and every one without metadata
     with Lock(places.lock(domain), places.held(domain)):
         held, tag = state.read_held(places, domain)
         errors = _take_back(places, domain, held, sorted(held), tag)
         state.write_held(places, domain, held, tag)
-        left = (places.result(domain), places.result(domain) + ".tmp",
-                places.held(domain) + ".tmp", claims.scratch(domain, places.claims))  # fmt: skip
         for path in left:
             files.remove(path)  # the started check of a domain now gone; what a kill left
     if errors:
