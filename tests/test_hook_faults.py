@@ -311,13 +311,14 @@ def test_release_after_a_killed_prepare_spares_a_tap_someone_made_under_its_name
         proc.stdin.close()
         proc.stdin = None
         deadline = time.monotonic() + 30
-        while not _first_tap(taps) and proc.poll() is None and time.monotonic() < deadline:
+        # The second tap begun: the first is made for good (a tap lives only as long as the
+        # fd that made it until TUNSETPERSIST, so a kill before takes it along).
+        while not _first_tap(taps[1:]) and proc.poll() is None and time.monotonic() < deadline:
             pass
         assert proc.poll() is None, "prepare finished before the signal could be sent"
         proc.kill()  # our own child, by its pid
         proc.communicate(timeout=60)
     mine = kernel.links(ns)[taps[0]].get("ifalias", "")
-    assert mine.startswith("vhostorch:"), mine  # marked before it could outlive the hook
     ip = ["ip", "-n", ns]
     subprocess.run([*ip, "link", "delete", taps[0]], check=True)
     subprocess.run([*ip, "tuntap", "add", "dev", taps[0], "mode", "tap"], check=True)
@@ -325,6 +326,8 @@ def test_release_after_a_killed_prepare_spares_a_tap_someone_made_under_its_name
     done = run(ns, name, "release", "end", "-")
     assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
     links = kernel.links(ns)
+    assert taps[0] in links, "release deleted a tap someone made under a name it had made"
     assert links[taps[0]].get("ifalias") == "someone-else"  # not the hook's: left alone
+    assert mine.startswith("vhostorch:"), mine  # marked before it could outlive the hook
     assert [t for t in taps[1:] if t in links] == []
     assert left_of(name, taps) == []

@@ -391,8 +391,20 @@ def test_a_libvirt_start_killed_before_its_pid_is_undone_by_its_uuid_alone(
 
 
 def _alias(tap: str) -> str | None:
-    with open(f"/sys/class/net/{tap}/ifalias") as f:
-        return f.read().strip() or None
+    """The interface alias of ``tap``; "(deleted)" when there is no such device."""
+    try:
+        with open(f"/sys/class/net/{tap}/ifalias") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return "(deleted)"
+
+
+def _persistent(tap: str) -> bool:
+    try:
+        with open(f"/sys/class/net/{tap}/tun_flags") as f:
+            return bool(int(f.read(), 16) & kernel.IFF_PERSIST)
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _replace_with_someone_elses(tap: str) -> None:
@@ -404,40 +416,56 @@ def _replace_with_someone_elses(tap: str) -> None:
     subprocess.run(["ip", "link", "set", tap, "up", "alias", "someone-else"], check=True)
 
 
+def _killed_starting(specs: str, name: str, tap: str) -> int:
+    """An `up` killed (SIGKILL) while "starting", after it made its tap; its QEMU's pid."""
+    for _ in range(5):
+        proc, qemu = _up_until_qemu(specs, name, tap)
+        # Made for good (TUNSETPERSIST): before that, the kill takes the tap with it.
+        _until("persistent", proc, qemu, tap)
+        proc.send_signal(signal.SIGSTOP)  # where it is: still starting, or up already?
+        state = state_of(name)
+        proc.kill()
+        proc.wait()
+        proc.communicate()
+        if state is not None and state["status"] == "starting":
+            return qemu
+        assert run("down", name)[0] == 0  # it had finished: again
+    pytest.fail("up finished before the kill five times")
+
+
 @pytest.mark.parametrize("recovery", ["down", "up"])
 def test_after_a_killed_up_recovery_spares_a_tap_someone_made_under_its_name(
     recovery: str, specs: str, names: list[str]
 ) -> None:
-    """Item 4 (the start is still "starting") and item 8 (it had finished: "running")."""
+    """Item 4: recovery (down, the next up) of a start killed after making its tap; then
+    item 8: down of a running VM whose tap was replaced."""
     name, tap = kernel.unique("vho-r"), kernel.unique("vr")
     names.append(name)
-    proc, qemu = _up_until_qemu(specs, name, tap)
-    wait_for("the tap", lambda: link_exists(tap))
-    proc.kill()
-    proc.wait()
-    proc.communicate()
+    qemu = _killed_starting(specs, name, tap)
     made = _alias(tap)
-    assert made is not None and made.startswith("vhostorch:"), made  # the start's own mark
     try:
         _replace_with_someone_elses(tap)
         if recovery == "down":
             code, out, err = run("down", name)
             assert code == 0, err
+            assert _alias(tap) == "someone-else"  # it survived
             assert out["taps_left"] == [tap] and out["taps_removed"] == []
         else:  # the next up undoes the dead start, then takes the tap as it finds it
             code, out, err = run("up", spec(specs, name, tap), "--wait", "0")
             assert code == 0, err
+            assert _alias(tap) == "someone-else"
             assert out["vm"]["nics"][0]["tap_created"] is False
             code, out, err = run("down", name)
             assert code == 0 and out["taps_left"] == [], err
-        assert _alias(tap) == "someone-else"  # it survived
+        assert _alias(tap) == "someone-else"
+        assert made is not None and made.startswith("vhostorch:"), made  # the start's mark
         assert not procfs.alive(qemu)
         assert left(name, [tap]) == [f"tap {tap}"]  # state, claim, QEMU: all gone
-        # The text says so, in one line.
+        # Item 8: replaced while the VM runs; the text says so, in one line.
         subprocess.run(["ip", "link", "delete", tap], check=True)
         code, _, err = run("up", spec(specs, name, tap), "--wait", "0")
         assert code == 0, err
-        _replace_with_someone_elses(tap)  # item 8 by hand: while the VM runs
+        _replace_with_someone_elses(tap)
         done = subprocess.run([EXE, "down", name], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert done.stdout.count("\n") == 1 and f"left alone: {tap}" in done.stdout, done.stdout
@@ -516,11 +544,12 @@ def _locking(pid: int) -> bool:
 
 
 def _until(moment: str, proc: subprocess.Popen[str], pid: int, tap: str) -> None:
-    """Wait until a `nic add` of ``tap`` has claimed it, made it or passed QEMU its fds
-    (``moment``), or has ended."""
+    """Wait until a command making ``tap`` has claimed it, made it (for good: persistent),
+    or passed QEMU its fds (``moment``), or has ended."""
     reached = {
         "claimed": lambda: claims.holder(tap) is not None,
         "made": lambda: link_exists(tap),
+        "persistent": lambda: _persistent(tap),
         "plugged": lambda: _plugged(pid, tap),
     }[moment]
     wait_for(moment, lambda: reached() or proc.poll() is not None)
@@ -562,10 +591,11 @@ def test_a_nic_add_killed_outright_is_undone_by_the_next_nic_command(
     assert code == -signal.SIGKILL, (code, err)
     state = state_of(booted.name)
     assert state is not None
-    if state["plugging"] is None:  # killed after it had recorded the NIC: whole, on record
-        assert tap in booted.nics()
-    else:
-        assert state["plugging"]["tap"] == tap and state["claimed"] == [booted.tap, tap]
+    if tap in booted.nics():  # killed after it had recorded the NIC: whole, on record
+        assert state["plugging"] is None
+    else:  # what it was doing is on record
+        assert state.get("plugging", {})["tap"] == tap, state
+        assert state["claimed"] == [booted.tap, tap]
     if recovery == "nic add of another":
         other = kernel.unique("vk")
         code, _, err = run("nic", "add", booted.name, "--tap", other, "--vhost", "off",
