@@ -292,3 +292,42 @@ def test_install_does_not_follow_a_symlink_at_a_temporary_name() -> None:
             assert f.read() == "root only\n"
     finally:
         subprocess.run(["rm", "-rf", hooks], check=False)
+
+
+# --- issue 19, item 4: release spares a tap someone made under a name prepare was making ---
+
+
+def test_release_after_a_killed_prepare_spares_a_tap_someone_made_under_its_name(
+    ns: str, released: list[str]
+) -> None:
+    name = kernel.unique("vho-rep")
+    taps = [f"r{name[-6:]}n{i:02d}" for i in range(50)]
+    released.append(f"{ns} {name}")
+    with netns.entered(ns):
+        proc = subprocess.Popen([HOOK, name, "prepare", "begin", "-"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        assert proc.stdin is not None
+        proc.stdin.write(tap_xml(name, taps))
+        proc.stdin.close()
+        proc.stdin = None
+        deadline = time.monotonic() + 30
+        # The second tap begun: the first is made for good (a tap lives only as long as the
+        # fd that made it until TUNSETPERSIST, so a kill before takes it along).
+        while not _first_tap(taps[1:]) and proc.poll() is None and time.monotonic() < deadline:
+            pass
+        assert proc.poll() is None, "prepare finished before the signal could be sent"
+        proc.kill()  # our own child, by its pid
+        proc.communicate(timeout=60)
+    mine = kernel.links(ns)[taps[0]].get("ifalias", "")
+    ip = ["ip", "-n", ns]
+    subprocess.run([*ip, "link", "delete", taps[0]], check=True)
+    subprocess.run([*ip, "tuntap", "add", "dev", taps[0], "mode", "tap"], check=True)
+    subprocess.run([*ip, "link", "set", taps[0], "alias", "someone-else"], check=True)
+    done = run(ns, name, "release", "end", "-")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    links = kernel.links(ns)
+    assert taps[0] in links, "release deleted a tap someone made under a name it had made"
+    assert links[taps[0]].get("ifalias") == "someone-else"  # not the hook's: left alone
+    assert mine.startswith("vhostorch:"), mine  # marked before it could outlive the hook
+    assert [t for t in taps[1:] if t in links] == []
+    assert left_of(name, taps) == []

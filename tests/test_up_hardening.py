@@ -385,3 +385,261 @@ def test_a_libvirt_start_killed_before_its_pid_is_undone_by_its_uuid_alone(
     assert code == 0, err
     assert _domain_uuid(name) is None
     assert left(name, [tap]) == []
+
+
+# --- issue 19, items 4 and 8: recovery deletes only the tap vhostorch made ------------------
+
+
+def _alias(tap: str) -> str | None:
+    """The interface alias of ``tap``; "(deleted)" when there is no such device."""
+    try:
+        with open(f"/sys/class/net/{tap}/ifalias") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return "(deleted)"
+
+
+def _persistent(tap: str) -> bool:
+    try:
+        with open(f"/sys/class/net/{tap}/tun_flags") as f:
+            return bool(int(f.read(), 16) & kernel.IFF_PERSIST)
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _replace_with_someone_elses(tap: str) -> None:
+    """Delete ``tap`` and make another tap of that name, as another tool would (multi-queue
+    with vnet_hdr, as the spec's: a start could take it as it is)."""
+    subprocess.run(["ip", "link", "delete", tap], check=True)
+    add = ["ip", "tuntap", "add", "dev", tap, "mode", "tap", "multi_queue", "vnet_hdr"]
+    subprocess.run(add, check=True)
+    subprocess.run(["ip", "link", "set", tap, "up", "alias", "someone-else"], check=True)
+
+
+def _killed_starting(specs: str, name: str, tap: str) -> int:
+    """An `up` killed (SIGKILL) while "starting", after it made its tap; its QEMU's pid."""
+    for _ in range(5):
+        proc, qemu = _up_until_qemu(specs, name, tap)
+        # Made for good (TUNSETPERSIST): before that, the kill takes the tap with it.
+        _until("persistent", proc, qemu, tap)
+        proc.send_signal(signal.SIGSTOP)  # where it is: still starting, or up already?
+        state = state_of(name)
+        proc.kill()
+        proc.wait()
+        proc.communicate()
+        if state is not None and state["status"] == "starting":
+            return qemu
+        assert run("down", name)[0] == 0  # it had finished: again
+    pytest.fail("up finished before the kill five times")
+
+
+@pytest.mark.parametrize("recovery", ["down", "up"])
+def test_after_a_killed_up_recovery_spares_a_tap_someone_made_under_its_name(
+    recovery: str, specs: str, names: list[str]
+) -> None:
+    """Item 4: recovery (down, the next up) of a start killed after making its tap; then
+    item 8: down of a running VM whose tap was replaced."""
+    name, tap = kernel.unique("vho-r"), kernel.unique("vr")
+    names.append(name)
+    qemu = _killed_starting(specs, name, tap)
+    made = _alias(tap)
+    try:
+        _replace_with_someone_elses(tap)
+        if recovery == "down":
+            code, out, err = run("down", name)
+            assert code == 0, err
+            assert _alias(tap) == "someone-else"  # it survived
+            assert out["taps_left"] == [tap] and out["taps_removed"] == []
+        else:  # the next up undoes the dead start, then takes the tap as it finds it
+            code, out, err = run("up", spec(specs, name, tap), "--wait", "0")
+            assert code == 0, err
+            assert _alias(tap) == "someone-else"
+            assert out["vm"]["nics"][0]["tap_created"] is False
+            code, out, err = run("down", name)
+            assert code == 0 and out["taps_left"] == [], err
+        assert _alias(tap) == "someone-else"
+        assert made is not None and made.startswith("vhostorch:"), made  # the start's mark
+        assert not procfs.alive(qemu)
+        assert left(name, [tap]) == [f"tap {tap}"]  # state, claim, QEMU: all gone
+        # Item 8: replaced while the VM runs; the text says so, in one line.
+        subprocess.run(["ip", "link", "delete", tap], check=True)
+        code, _, err = run("up", spec(specs, name, tap), "--wait", "0")
+        assert code == 0, err
+        _replace_with_someone_elses(tap)
+        done = subprocess.run([EXE, "down", name], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("\n") == 1 and f"left alone: {tap}" in done.stdout, done.stdout
+        assert _alias(tap) == "someone-else"
+        assert left(name, [tap]) == [f"tap {tap}"]
+    finally:
+        subprocess.run(["ip", "link", "delete", tap], capture_output=True)
+
+
+# --- issue 19, item 5: nic add and nic del under signals --------------------------------------
+
+
+class Booted:
+    """A VM whose guest has booted (it answers ACPI hot-unplug), shared by a module's tests."""
+
+    def __init__(self, directory: str) -> None:
+        self.name, self.tap = kernel.unique("vho-n"), kernel.unique("vn")
+        code, out, err = run("up", spec(directory, self.name, self.tap), "--wait", "0")
+        assert code == 0, err
+        self.pid: int = out["vm"]["pid"]
+        console = os.path.join(out["vm"]["workdir"], "console.log")
+
+        def ready() -> bool:
+            with open(console, errors="replace") as f:
+                return "VHOSTORCH-GUEST: ready" in f.read()
+
+        wait_for("the guest", ready, timeout=180)
+
+    def nics(self) -> list[str]:
+        state = state_of(self.name)
+        assert state is not None
+        return [n["tap"] for n in state["nics"]]
+
+    def as_before(self, tap: str) -> list[str]:
+        """What differs from the VM as `up` left it, with ``tap`` hot-plugged and gone again."""
+        found = [f"tap {tap}"] if link_exists(tap) else []
+        found += [f"claim {tap}"] if claims.holder(tap) is not None else []
+        state = state_of(self.name) or {}
+        if [n["tap"] for n in state.get("nics", [])] != [self.tap]:
+            found.append(f"NICs {state.get('nics')}")
+        if state.get("claimed") != [self.tap] or state.get("making") or state.get("plugging"):
+            found.append(f"record {state.get('claimed')} {state.get('making')}")
+        if not procfs.alive(self.pid):
+            found.append("QEMU gone")
+        return found
+
+
+@pytest.fixture(scope="module")
+def booted() -> Iterator[Booted]:
+    directory = tempfile.mkdtemp(prefix="vho-nic-")
+    os.chmod(directory, 0o755)
+    vm = None
+    try:
+        vm = Booted(directory)
+        yield vm
+    finally:
+        if vm is not None:
+            subprocess.run([EXE, "down", vm.name], capture_output=True)
+            assert left(vm.name, [vm.tap]) == []
+        subprocess.run(["rm", "-rf", directory], check=False)
+
+
+def _nic(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([EXE, "nic", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def _plugged(pid: int, tap: str) -> bool:
+    return any(holder == pid for holder, _ in tun.holders(tap))
+
+
+def _locking(pid: int) -> bool:
+    """Whether process ``pid`` holds an flock (a VM's lock: its command is under way)."""
+    with open("/proc/locks") as f:
+        return any(line.split()[4] == str(pid) for line in f if "FLOCK" in line)
+
+
+def _until(moment: str, proc: subprocess.Popen[str], pid: int, tap: str) -> None:
+    """Wait until a command making ``tap`` has claimed it, made it (for good: persistent),
+    or passed QEMU its fds (``moment``), or has ended."""
+    reached = {
+        "claimed": lambda: claims.holder(tap) is not None,
+        "made": lambda: link_exists(tap),
+        "persistent": lambda: _persistent(tap),
+        "plugged": lambda: _plugged(pid, tap),
+    }[moment]
+    wait_for(moment, lambda: reached() or proc.poll() is not None)
+
+
+@pytest.mark.parametrize("moment", ["claimed", "made", "plugged"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_nic_add_undoes_it(
+    sig: signal.Signals, moment: str, booted: Booted
+) -> None:
+    for _ in range(5):
+        tap = kernel.unique("va")
+        proc = _nic("add", booted.name, "--tap", tap, "--vhost", "off", "--wait", "0")
+        _until(moment, proc, booted.pid, tap)
+        proc.send_signal(sig)
+        code = proc.wait(120)
+        _, err = proc.communicate()
+        if code == 130 or tap not in booted.nics():
+            break
+        # It had finished (and recorded the NIC) before the signal: take it out, try again.
+        assert run("nic", "del", booted.name, tap)[0] == 0
+    else:
+        pytest.fail("nic add finished before the signal five times")
+    assert code == 130 and err.count("\n") == 1 and "interrupted" in err, (code, err)
+    assert booted.as_before(tap) == []
+
+
+@pytest.mark.parametrize("moment", ["made", "plugged"])
+@pytest.mark.parametrize("recovery", ["nic del", "nic add of another"])
+def test_a_nic_add_killed_outright_is_undone_by_the_next_nic_command(
+    recovery: str, moment: str, booted: Booted
+) -> None:
+    tap = kernel.unique("vk")
+    proc = _nic("add", booted.name, "--tap", tap, "--vhost", "off", "--wait", "0")
+    _until(moment, proc, booted.pid, tap)
+    proc.kill()
+    code = proc.wait(60)
+    _, err = proc.communicate()
+    assert code == -signal.SIGKILL, (code, err)
+    state = state_of(booted.name)
+    assert state is not None
+    if tap in booted.nics():  # killed after it had recorded the NIC: whole, on record
+        assert state["plugging"] is None
+    else:  # what it was doing is on record
+        assert state.get("plugging", {})["tap"] == tap, state
+        assert state["claimed"] == [booted.tap, tap]
+    if recovery == "nic add of another":
+        other = kernel.unique("vk")
+        code, _, err = run("nic", "add", booted.name, "--tap", other, "--vhost", "off",
+                           "--wait", "0")  # fmt: skip
+        assert code == 0, err
+        assert run("nic", "del", booted.name, other)[0] == 0
+        if tap in booted.nics():
+            assert run("nic", "del", booted.name, tap)[0] == 0
+        assert booted.as_before(other) == []
+    else:
+        code, _, err = run("nic", "del", booted.name, tap)
+        assert code == 0, err
+    assert booted.as_before(tap) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("moment", ["unplugging", "deleting"])
+def test_a_signal_during_nic_del_leaves_the_nic_whole_or_gone(
+    sig: signal.Signals, moment: str, booted: Booted
+) -> None:
+    from vhostorch.taps.teardown import NamespaceLock
+
+    tap = kernel.unique("vd")
+    code, _, err = run("nic", "add", booted.name, "--tap", tap, "--vhost", "off", "--wait", "0")
+    assert code == 0, err
+    if moment == "unplugging":
+        proc = _nic("del", booted.name, tap)
+        wait_for("nic del under way", lambda: _locking(proc.pid))
+        time.sleep(0.05)  # the guest takes longer than that to release the device
+        proc.send_signal(sig)
+    else:
+        # Tap deletes in a namespace take turns: holding that turn stops nic del right after
+        # it has recorded the NIC gone, before it deletes the tap and gives back the claim.
+        with NamespaceLock():
+            proc = _nic("del", booted.name, tap)
+            wait_for("the NIC off the record", lambda: tap not in booted.nics())
+            time.sleep(0.1)
+            proc.send_signal(sig)
+            time.sleep(0.1)
+    code = proc.wait(120)
+    _, err = proc.communicate()
+    assert code in (0, 130), (code, err)
+    if tap in booted.nics():  # stopped while the guest was releasing it: whole, and recorded
+        assert link_exists(tap) and claims.holder(tap) == claims.up_holder(booted.name)
+        code, _, err = run("nic", "del", booted.name, tap)  # run again, it finishes
+        assert code == 0, err
+    assert booted.as_before(tap) == []

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests import kernel
-from tests.test_up_hardening import EXE, left, spec, state_of
+from tests.test_up_hardening import EXE, _locking, left, spec, state_of, wait_for
 from vhostorch import claims
 from vhostorch.kernel import tun
 
@@ -139,3 +139,145 @@ def test_50_concurrent_ups_over_10_taps_one_winner_each(tmp_path: object) -> Non
                 _vhostorch("down", name)
     for i, name in enumerate(names):
         assert left(name, [taps[i % 10]]) == []
+
+
+# --- issue 19: nic add / nic del and the hook under signals --------------------------------
+
+NIC_CYCLES = 30
+HOOK_CYCLES = 60
+
+
+def _count(tally: dict[str, int], key: str) -> None:
+    tally[key] = tally.get(key, 0) + 1
+
+
+def _started(cmd: list[str], stdin: bytes | None = None) -> tuple[subprocess.Popen[bytes], float]:
+    """``cmd`` running, once it holds its lock (the VM's, the domain's: its work has begun,
+    its signal handling is set up), and when that was seen."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdin is not None
+    if stdin:
+        proc.stdin.write(stdin)
+    proc.stdin.close()
+    proc.stdin = None
+    wait_for("the lock", lambda: _locking(proc.pid) or proc.poll() is not None)
+    return proc, time.monotonic()
+
+
+def _worked(cmd: list[str], stdin: bytes | None = None) -> float:
+    """Run ``cmd`` to its end (it must succeed); how long it worked holding its lock."""
+    proc, began = _started(cmd, stdin)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return time.monotonic() - began
+
+
+def _signalled(cmd: list[str], rng: random.Random, within: float, tally: dict[str, int],
+               signals: tuple[signal.Signals, ...], failing: tuple[int, ...] = (130,),
+               stdin: bytes | None = None) -> tuple[int, str]:  # fmt: skip
+    """Run ``cmd`` and send it one of ``signals`` at a random moment within ``within`` s of
+    its taking its lock; it must end in 0, ``failing`` or by the signal (SIGKILL; another
+    only once its work is done, on its way out)."""
+    sig = rng.choice(signals)
+    proc, _ = _started(cmd, stdin)
+    time.sleep(rng.uniform(0.0, within))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    _count(tally, f"{cmd[2]} {sig.name}")  # add, del, prepare, release
+    if proc.returncode == 0:
+        _count(tally, "finished before the signal")
+    elif proc.returncode == -sig:
+        _count(tally, f"ended by {sig.name}")
+    else:
+        assert proc.returncode in failing, (cmd, proc.returncode, err)
+        _count(tally, f"exit {proc.returncode}")
+    return proc.returncode, err.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_nic_soak_with_signals_leaves_nothing(tmp_path: object) -> None:
+    """NIC_CYCLES hot-plug cycles on one booted VM; in each, nic add or nic del (or both) is
+    sent SIGTERM, SIGHUP or SIGKILL at a random moment of its work; the user's recovery is
+    to run nic del again. After every cycle the VM is as `up` left it."""
+    from tests.test_up_hardening import Booted
+
+    directory = str(tmp_path)
+    os.chmod(directory, 0o755)
+    rng = random.Random(1900)
+    tally: dict[str, int] = {}
+    stopping = (signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
+    begin = time.monotonic()
+    vm = Booted(directory)
+    try:
+        took = {"add": 0.5, "del": 1.0}  # how long the last clean one worked
+        for cycle in range(NIC_CYCLES):
+            # Four kinds of cycle: add and del signalled; add signalled; neither (measured);
+            # del signalled.
+            kind = cycle % 4
+            tap = kernel.unique("vz")
+            add = [EXE, "nic", "add", vm.name, "--tap", tap, "--vhost", "off", "--wait", "0"]
+            delete = [EXE, "nic", "del", vm.name, tap]
+            if kind in (0, 1):
+                code, err = _signalled(add, rng, took["add"], tally, stopping)
+                if code == 130:  # rolled back at once
+                    assert vm.as_before(tap) == [], err
+            else:
+                took["add"] = _worked(add)
+            if kind == 2:
+                took["del"] = _worked(delete)
+            elif kind != 1:  # 2: nothing to delete (the add was undone)
+                _signalled(delete, rng, took["del"], tally, stopping, (130, 2))
+            while True:  # the user's recovery: nic del again, until there is nothing to delete
+                done = _vhostorch(*delete[1:])
+                if done.returncode != 0:
+                    assert done.returncode == 2 and "has no NIC on tap" in done.stderr, done.stderr
+                    break
+                _count(tally, "nic del run again")
+            assert vm.as_before(tap) == [], cycle
+            _count(tally, "cycles")
+    finally:
+        assert _vhostorch("down", vm.name).returncode == 0
+    assert left(vm.name, [vm.tap]) == []
+    print(f"\nnic soak: {NIC_CYCLES} cycles in {time.monotonic() - begin:.0f} s: {tally}")
+
+
+@pytest.mark.slow
+def test_hook_soak_with_signals_leaves_nothing(ns: str) -> None:
+    """HOOK_CYCLES prepare/release cycles of one domain declaring 4 taps, in a throwaway
+    namespace; prepare in two cycles of three and release in one of three get SIGTERM,
+    SIGHUP, SIGINT or SIGKILL at a random moment of their work, and release is run again
+    until it succeeds. After every cycle nothing of the domain's is left."""
+    from tests.test_hook import HOOK
+    from tests.test_hook_faults import left_of, tap_xml
+    from vhostorch.kernel import netns
+
+    rng = random.Random(1901)
+    tally: dict[str, int] = {}
+    name = kernel.unique("vho-hs")
+    taps = [f"h{name[-6:]}n{i}" for i in range(4)]
+    xml = tap_xml(name, taps)
+    stopping = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL)
+    prepare = [HOOK, name, "prepare", "begin", "-"]
+    release = [HOOK, name, "release", "end", "-"]
+    begin = time.monotonic()
+    took = {"prepare": 0.05, "release": 0.05}
+    with netns.entered(ns):
+        for cycle in range(HOOK_CYCLES):
+            if cycle % 3 != 2:
+                code, err = _signalled(prepare, rng, took["prepare"], tally, stopping, (1,), xml)
+                if code == 1:  # rolled back at once, in one line
+                    assert err.count("\n") == 1, err
+                    assert [t for t in taps if t in kernel.links(ns)] == []
+            else:
+                took["prepare"] = _worked(prepare, xml)
+            if cycle % 3 == 1:
+                _signalled(release, rng, took["release"], tally, stopping, (1,))
+            if cycle % 3 == 2:
+                took["release"] = _worked(release)
+            while subprocess.run(release, capture_output=True).returncode != 0:
+                _count(tally, "release run again")
+            assert [t for t in taps if t in kernel.links(ns)] == [], cycle
+            assert left_of(name, taps) == [], cycle
+            _count(tally, "cycles")
+    print(f"\nhook soak: {HOOK_CYCLES} cycles in {time.monotonic() - begin:.0f} s: {tally}")

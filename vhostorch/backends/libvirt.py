@@ -111,6 +111,8 @@ class LibvirtBackend:
         def gone(xml: str) -> bool:
             return all(i.target != nic.tap for i in domxml.parse(xml).interfaces)
 
+        if gone(virt.domain_xml(state.name, _uri(state))):
+            return  # never plugged (a nic add cut short) or unplugged already
         virt.detach(state.name, domxml.interface_ref(nic.mac), gone, timeout, _uri(state))
 
     def observe(self, state: VmState) -> Observation:

@@ -199,11 +199,12 @@ def _peripherals(sock: QmpSocket) -> set[str]:
     return {str(p.get("name")) for p in sock.execute("qom-list", {"path": "/machine/peripheral"})}
 
 
-def detach(qmp: str, tap: str, timeout: float = UNPLUG_TIMEOUT) -> None:
+def detach(qmp: str, tap: str, timeout: float = UNPLUG_TIMEOUT, queues: int = 0) -> None:
     """Unplug the NIC on ``tap``: device_del, wait for the guest to release it, netdev_del.
 
     Raises OperationFailed when the guest does not release it in time (the NIC
-    then stays as it was: attached, with its tap).
+    then stays as it was: attached, with its tap). Whatever part is gone already is
+    skipped, so an unplug cut short is finished by another.
     """
     device, netdev = ids(tap)
     sock = process.connect(qmp)
@@ -218,7 +219,18 @@ def detach(qmp: str, tap: str, timeout: float = UNPLUG_TIMEOUT) -> None:
                         "a running OS with ACPI hot-plug); it stays attached"
                     )
                 time.sleep(0.1)
-        sock.execute("netdev_del", {"id": netdev})
+        try:
+            sock.execute("netdev_del", {"id": netdev})
+        except MonitorError as err:
+            # Gone already: an unplug interrupted after this point, or a plug cut short
+            # before its netdev_add, is finished by running this again.
+            if err.error_class != "DeviceNotFound":
+                raise
+        # The fds a plug killed before its netdev_add had passed (getfd): QEMU keeps them,
+        # and the tap with them, until they are closed by name.
+        for i in range(queues):
+            for fdname in (f"{netdev}.q{i}", f"{netdev}.v{i}"):
+                _quietly(sock, "closefd", {"fdname": fdname})
     finally:
         sock.close()
 
@@ -302,7 +314,7 @@ class QmpBackend:
         attach(_socket(state), nic, vhost_on)
 
     def detach(self, state: VmState, nic: NicState, timeout: float) -> None:
-        detach(_socket(state), nic.tap, timeout)
+        detach(_socket(state), nic.tap, timeout, nic.queues)
 
     def observe(self, state: VmState) -> Observation:
         """QEMU's monitor is asked over the socket vhostorch started it with."""

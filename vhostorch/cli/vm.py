@@ -169,11 +169,20 @@ def _vm_name(given: str) -> str:
 def _down(args: Parsed) -> int:
     from vhostorch import orchestrate
 
-    state = orchestrate.down(_vm_name(args.texts("VM")[0]))
-    removed = [n.tap for n in state.nics if n.tap_created]
+    done = orchestrate.down(_vm_name(args.texts("VM")[0]))
+    state, removed, replaced = done.state, list(done.deleted), list(done.replaced)
     text = f"{state.name}: down (pid {state.pid} stopped"
-    text += f"; taps removed: {', '.join(removed)})" if removed else "; no tap to remove)"
-    emit({"ok": True, "vm": state.asdict(), "taps_removed": removed}, args.flag("json"), text)
+    text += f"; taps removed: {', '.join(removed)}" if removed else "; no tap to remove"
+    if replaced:
+        text += (
+            f"; left alone: {', '.join(replaced)} (a device that took the name of a tap "
+            "vhostorch made: not vhostorch's)"
+        )
+    emit(
+        {"ok": True, "vm": state.asdict(), "taps_removed": removed, "taps_left": replaced},
+        args.flag("json"),
+        text + ")",
+    )
     return EXIT_OK
 
 

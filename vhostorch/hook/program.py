@@ -24,10 +24,12 @@ create it), under a per-domain lock, and one claim file per tap, so two domains 
 one tap cannot both have it.
 
 A crash must never leave a tap that blocks later starts. The record names a tap
-("pending") before its claim or the tap itself exists, and a tap is only made while its
-claim is held; so whatever a SIGKILL leaves, the record says what it is, and release (or the
-domain's next prepare) deletes exactly the recorded taps whose claim the domain holds.
-SIGTERM, SIGHUP and SIGINT roll prepare back at once.
+("pending") before its claim or the tap itself exists, with the tag its alias will carry
+(taps.mark, set before the tap can outlive the hook), and a tap is only made while its
+claim is held; so whatever a SIGKILL leaves, the record says what it is, and release (or
+the domain's next prepare) deletes exactly the recorded taps whose claim the domain holds
+and that carry its mark: a device someone else made under that name meanwhile is left
+alone. SIGTERM, SIGHUP and SIGINT roll prepare back at once.
 """
 
 from __future__ import annotations
@@ -90,11 +92,14 @@ def prepare(declared: metadata.Declared, places: Places) -> list[str]:
     domain = declared.domain
     specs = [t.spec for t in declared.taps]
     with Lock(places.lock(domain), places.held(domain)):
-        held = state.read_held(places, domain)
+        held, tag = state.read_held(places, domain)
         left = [tap for tap, how in held.items() if how == "pending"]
         if left:  # a prepare that was killed: take back what it left first
-            _take_back(places, domain, held, left)
-            state.write_held(places, domain, held)
+            _take_back(places, domain, held, left, tag)
+            state.write_held(places, domain, held, tag)
+        if tag is None and not held:  # a record from before tags keeps vhostorch's plain alias
+            tag = taps.new_tag()
+        alias = taps.MANAGED_ALIAS if tag is None else taps.mark(tag)
         new = [spec.name for spec in specs if spec.name not in held]
         for tap in new:
             state.refuse_held(places, tap, domain)
@@ -106,61 +111,59 @@ def prepare(declared: metadata.Declared, places: Places) -> list[str]:
             if r.name in new:
                 held[r.name] = "pending" if r.action == "created" else "borrowed"
         if new:
-            state.write_held(places, domain, held)
+            state.write_held(places, domain, held, tag)
         try:
             for tap in new:
                 state.claim(places, tap, domain)
-            # A signal now waits until ensure is done: cut inside it, a tap can be made and
-            # not yet marked as vhostorch's, or made and not yet known to its rollback.
+            # A signal now waits until ensure is done, so that its own rollback (of a bridge
+            # port, an MTU: what the mark does not undo) is never cut short.
             with signals.Held():
                 results = (
-                    taps.ensure(specs, keep_existing=True, adopt_foreign=False) if specs else []
+                    taps.ensure(specs, keep_existing=True, adopt_foreign=False, alias=alias)
+                    if specs
+                    else []
                 )
             created = [r.name for r in results if r.action == "created"]
             for r in results:
                 if held.get(r.name) == "pending":
                     held[r.name] = "created" if r.action == "created" else "borrowed"
-            state.write_held(places, domain, held)
+            state.write_held(places, domain, held, tag)
         except BaseException:
             claims.forget(domain, places.claims)
-            _take_back(places, domain, held, new)
-            state.write_held(places, domain, held)
+            _take_back(places, domain, held, new, tag)
+            state.write_held(places, domain, held, tag)
             raise
     return created
 
 
-def _take_back(places: Places, domain: str, held: dict[str, str], names: list[str]) -> list[str]:
+def _take_back(
+    places: Places, domain: str, held: dict[str, str], names: list[str], tag: str | None
+) -> list[str]:
     """Delete the taps of ``names`` that ``domain``'s record says it created or was about to
-    create, while it holds their claim; give back the claims; drop them from ``held``.
+    create, while it holds their claim and they carry its mark (``tag``; a record from
+    before tags: vhostorch's plain alias); give back the claims; drop them from ``held``.
 
     A tap is only made while its claim is held, and the claim goes only after the tap:
-    without the claim, the tap is gone or is not this domain's. Returns the errors of the
-    taps that could not be deleted (they stay in ``held``).
+    without the claim, the tap is gone or is not this domain's; without the mark, it is a
+    device someone made under that name since, and is left alone. Returns the errors of
+    the taps that could not be deleted (they stay in ``held``).
     """
     errors = []
     mine = domain
+    alias = taps.MANAGED_ALIAS if tag is None else taps.mark(tag)
     made = [t for t in names if held.get(t) == "created" and state.holder(places, t) == mine]
     if len(made) > 1:
         try:  # one batch, one RCU grace period for all (issue 14); all or nothing
-            taps.delete(made)
+            taps.delete(made, marks=dict.fromkeys(made, alias))
         except OperationFailed:
             pass  # refused whole, nothing deleted: tap by tap below, each with its own error
     for tap in names:
         ours = state.holder(places, tap) == mine
         if ours and held.get(tap) in ("created", "pending"):
             try:
-                try:
-                    taps.delete([tap])
-                except NotManaged:
-                    if held.get(tap) != "pending":
-                        raise
-                    # A prepare killed (SIGKILL) inside the kernel steps of its create can
-                    # leave the tap before vhostorch's mark is on it. The record says this
-                    # domain was making it, and no tap of the name existed when it said so;
-                    # force still deletes only a tap, and none held open.
-                    taps.delete([tap], force=True)
+                taps.delete([tap], marks={tap: alias})  # "replaced": not ours, left alone
             except NotManaged:
-                pass  # replaced by a device vhostorch did not make: not ours to delete
+                pass  # changed into a device vhostorch did not make while being deleted
             except OperationFailed as err:
                 errors.append(str(err))
                 continue
@@ -176,15 +179,16 @@ def release(domain: str, places: Places) -> None:
 
     A tap that cannot be deleted (held open) stays recorded, and the error names it.
     """
-    if not any(os.path.lexists(p) for p in (places.held(domain), places.lock(domain),
-                                            places.result(domain))):  # fmt: skip
+    # What a kill or a signal can leave besides the record: the started check, and the
+    # temporary names of the record, the check and a claim.
+    left = (places.result(domain), places.result(domain) + ".tmp",
+            places.held(domain) + ".tmp", claims.scratch(domain, places.claims))  # fmt: skip
+    if not any(os.path.lexists(p) for p in (places.held(domain), places.lock(domain), *left)):
         return  # nothing of this domain's: most domains, and every one without metadata
     with Lock(places.lock(domain), places.held(domain)):
-        held = state.read_held(places, domain)
-        errors = _take_back(places, domain, held, sorted(held))
-        state.write_held(places, domain, held)
-        left = (places.result(domain), places.result(domain) + ".tmp",
-                places.held(domain) + ".tmp", claims.scratch(domain, places.claims))  # fmt: skip
+        held, tag = state.read_held(places, domain)
+        errors = _take_back(places, domain, held, sorted(held), tag)
+        state.write_held(places, domain, held, tag)
         for path in left:
             files.remove(path)  # the started check of a domain now gone; what a kill left
     if errors:

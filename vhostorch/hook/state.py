@@ -2,7 +2,8 @@
 and one claim file per tap, under /run/vhostorch/hook (`Places`, `file_stem`).
 
 DOMAIN.taps is the domain's record: each tap and whether the hook created it, borrowed it,
-or is about to create it, replaced whole under the per-domain lock DOMAIN.lock. A claim is
+or is about to create it, and the tag in the alias of the taps it makes for the domain
+(taps.mark), replaced whole under the per-domain lock DOMAIN.lock. A claim is
 one file per tap holding the domain's name, linked into place whole, so two domains
 declaring one tap cannot both have it. DOMAIN is the domain's name escaped for a file name
 (`file_stem`): libvirt allows names no file may have. The check made when a domain starts
@@ -22,6 +23,9 @@ from vhostorch.files import stem as file_stem
 RUN_DIR = "/run/vhostorch"
 SYSLOG = "/dev/log"
 HOW = ("created", "borrowed", "pending")  # what a domain's record says of each tap
+# The record's line that gives the tag of the taps the hook makes for the domain
+# (taps.mark); no interface name has a ':', so no tap's line starts so.
+TAG_LINE = ":tag"
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 
@@ -48,36 +52,42 @@ class Places:
         return os.path.join(self.claims, tap)
 
 
-def read_held(places: Places, domain: str) -> dict[str, str]:
-    """Tap → how ``domain`` holds it (one of HOW; empty: holds nothing).
+def read_held(places: Places, domain: str) -> tuple[dict[str, str], str | None]:
+    """Tap → how ``domain`` holds it (one of HOW; empty: holds nothing), and the tag of
+    the taps the hook made for it (None: none recorded, or a record from before tags).
 
-    The file has one ``TAP created|borrowed|pending`` line per tap (not JSON: the json
-    module's import is a good part of the cost libvirt waits for).
+    The file has one ``TAP created|borrowed|pending`` line per tap and a ``:tag TAG``
+    line (not JSON: the json module's import is a good part of the cost libvirt waits for).
     """
     try:
         with open(places.held(domain)) as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
-        return {}
+        return {}, None
     except OSError as err:
         raise OperationFailed(f"hook state {places.held(domain)}: {err.strerror}") from None
     held = {}
+    tag = None
     for line in lines:
         tap, _, how = line.partition(" ")
+        if tap == TAG_LINE and how:
+            tag = how
+            continue
         if not tap or how not in HOW:
             raise OperationFailed(f"hook state {places.held(domain)} is damaged: {line!r}")
         held[tap] = how
-    return held
+    return held, tag
 
 
-def write_held(places: Places, domain: str, held: dict[str, str]) -> None:
+def write_held(places: Places, domain: str, held: dict[str, str], tag: str | None) -> None:
     """Replace the record whole (the domain's lock is held: the temporary name is the
-    domain's own)."""
+    domain's own); an empty one goes, and its tag with it."""
     path = places.held(domain)
     if not held:
         files.remove(path)
         return
-    text = "".join(f"{tap} {how}\n" for tap, how in sorted(held.items()))
+    text = f"{TAG_LINE} {tag}\n" if tag else ""
+    text += "".join(f"{tap} {how}\n" for tap, how in sorted(held.items()))
     files.replace(path, text.encode(), FILE_MODE, temporary=f"{path}.tmp")
 
 

@@ -407,8 +407,13 @@ class Rtnl:
         body += _str(IFLA_IFNAME, name) + info
         self._call(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
 
-    def delete(self, name: str) -> None:
-        body = _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0) + _str(IFLA_IFNAME, name)
+    def delete(self, name: str, index: int = 0) -> None:
+        """Delete link ``name``, or the link numbered ``index`` when given (the name is then
+        not sent: rtnl_dellink looks a device up by index first, so the request fails with
+        ENODEV rather than reach another device of that name)."""
+        body = _IFINFO.pack(AF_UNSPEC, 0, index, 0, 0)
+        if not index:
+            body += _str(IFLA_IFNAME, name)
         self._call(RTM_DELLINK, 0, body)
 
     def delete_group(self, group: int) -> None:

@@ -12,7 +12,10 @@ import os
 import struct
 
 from vhostorch.inputs import IFNAMSIZ
-from vhostorch.record import Record
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 TUN_DEVICE = "/dev/net/tun"
 # linux/if_tun.h
@@ -67,11 +70,25 @@ def _own(fd: int, owner: int | None, group: int | None) -> None:
         fcntl.ioctl(fd, TUNSETGROUP, _id_arg(group))
 
 
-def create_tap(name: str, flags: TapFlags, owner: int | None, group: int | None) -> None:
-    """Create a persistent tap; raises OSError(EBUSY) if the name is taken."""
+def create_tap(
+    name: str,
+    flags: TapFlags,
+    owner: int | None,
+    group: int | None,
+    label: Callable[[], object] | None = None,
+) -> None:
+    """Create a persistent tap; raises OSError(EBUSY) if the name is taken.
+
+    ``label`` runs once the device exists and before it is made persistent: until then it
+    lives only as long as this fd (closing a non-persistent tap's last fd deletes it, and
+    a SIGKILL closes it), so what ``label`` sets on the device is on every tap this call
+    can leave behind.
+    """
     fd = _attach(name, flags.ifr_flags() | IFF_TUN_EXCL)
     try:
         _own(fd, owner, group)
+        if label is not None:
+            label()
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     finally:
         os.close(fd)

@@ -3,11 +3,16 @@
 An operation is a list of steps, each undone when a later one fails, or when the
 command is interrupted (SIGINT, SIGTERM, SIGHUP): decide (nothing touched yet) →
 state file ("starting") → tap claims → VM → taps → state file ("running"). Each
-step is written to the state file before it is taken, so a start that could not
+step is written to the state file before it is taken, so that a start that could not
 undo itself (SIGKILL, power cut) is undone by ``down`` or the next ``up``, exactly:
 its claims, the taps it was making, its QEMU (pid and start time, or its pid file).
+``nic add`` and ``nic del`` work the same way (what they will claim, make, plug and
+delete is recorded first; a signal undoes ``nic add``), and what one killed outright
+left is finished by the next ``nic`` command or by ``down``.
 ``down`` and ``nic del`` remove only what vhostorch created: the VM it started and
-the taps it made, and only the work directory under the state directory.
+the taps it made, and only the work directory under the state directory. A tap is
+known as made here by the tag of its VM in its interface alias (taps.mark), never by
+its name alone: a device someone made under that name since is left alone, and said.
 
 What differs between backends (``qmp``: QEMU started here, NICs added over QMP with
 fds opened here; ``libvirt``: a defined domain whose interfaces are ``type='ethernet'``
@@ -28,7 +33,7 @@ from vhostorch.kernel import procfs
 from vhostorch.libvirt.connection import SYSTEM_URI
 from vhostorch.orchestrate.decision import Host, decide
 from vhostorch.orchestrate.settle import WAIT_DRIVER, Outcome, check, wait_for_vhost
-from vhostorch.record import TYPE_CHECKING
+from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vm import state as vmstate
 from vhostorch.vm.state import RUNNING, STARTING, NicState, VmState
 
@@ -49,20 +54,24 @@ class _Undo:
     def push(self, what: str, step: Callable[[], object]) -> None:
         self.steps.append((what, step))
 
-    def run(self) -> list[str]:
-        """Run every step; return what could not be undone (each step runs even if one fails)."""
+    def run(self, stop: bool = False) -> list[str]:
+        """Run every step; return what could not be undone. Each step runs even if one
+        fails, unless ``stop``: then the first that fails ends the run (the steps before
+        it in the list are left to the record)."""
         left = []
         for what, step in reversed(self.steps):
             try:
                 step()
             except VhostorchError as err:
                 left.append(f"{what} ({err})")
+                if stop:
+                    break
         self.steps = []
         return left
 
 
-def _fail(err: BaseException, undo: _Undo) -> None:
-    left = undo.run()
+def _fail(err: BaseException, undo: _Undo, *, stop: bool = False) -> None:
+    left = undo.run(stop)
     if left:
         cause = err if isinstance(err, VhostorchError) else OperationFailed(str(err))
         raise RollbackFailed(f"{err}; and undoing failed for: {', '.join(left)}", cause, left)
@@ -91,6 +100,15 @@ def _safe(state: VmState, name: str, root: str) -> VmState:
     return state.replace(name=name, workdir=workdir, qmp=qmp)
 
 
+class Removed(Record):
+    """What `down` did: the VM's last state, the taps it deleted, and those it left alone
+    because the device of that name is no longer the one vhostorch made (``replaced``)."""
+
+    state: VmState
+    deleted: tuple[str, ...]
+    replaced: tuple[str, ...]
+
+
 def _releaser(tap: str, holder: str) -> Callable[[], None]:
     return lambda: claims.release(tap, holder)
 
@@ -99,7 +117,41 @@ def _exists(tap: str) -> bool:
     return os.path.exists(f"/sys/class/net/{tap}")
 
 
-def _recover(state: VmState, root: str) -> None:
+def _alias(state: VmState) -> str:
+    """The alias of the taps made for ``state``'s VM (a file from before tags: the plain
+    one, so that only a tap still carrying vhostorch's alias is taken for one of them)."""
+    return taps.MANAGED_ALIAS if state.tag is None else taps.mark(state.tag)
+
+
+def _delete_made(state: VmState, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Delete those of ``names`` (taps made for ``state``'s VM) that are still the device
+    made then: its mark is on them, so they are ours even when a kill cut the making
+    short. Returns (deleted, replaced: a device of that name that is not ours, left alone)."""
+    present = sorted(t for t in set(names) if _exists(t))
+    if not present:
+        return [], []
+    results = taps.delete(present, marks=dict.fromkeys(present, _alias(state)))
+    return (
+        [r.name for r in results if r.action == "deleted"],
+        [r.name for r in results if r.action == "replaced"],
+    )
+
+
+def _made(state: VmState) -> list[str]:
+    """The taps ``state`` says were made (or being made) for its VM."""
+    made = [*state.making, *(n.tap for n in state.nics if n.tap_created)]
+    if state.plugging is not None and state.plugging.tap_created:
+        made.append(state.plugging.tap)
+    return made
+
+
+def _release_all(state: VmState) -> None:
+    holder = claims.up_holder(state.name)
+    for tap in {*state.claimed, *(n.tap for n in state.nics)}:
+        claims.release(tap, holder)
+
+
+def _recover(state: VmState, root: str) -> Removed:
     """Undo what a start that died (SIGKILL, power cut) made, as its state file lists it."""
     if not state.pid and state.launched_after is not None:
         found = process.find(state.workdir, state.launched_after)
@@ -108,11 +160,36 @@ def _recover(state: VmState, root: str) -> None:
     if state.pid or state.vm_id:
         backends.of(state).stop(state)
     process.remove_workdir(state.workdir)
-    _delete_made([*state.making, *(n.tap for n in state.nics if n.tap_created)])
-    holder = claims.up_holder(state.name)
-    for tap in state.claimed:
-        claims.release(tap, holder)
+    deleted, replaced = _delete_made(state, _made(state))
+    _release_all(state)
     vmstate.remove(state.name, root)
+    return Removed(state, tuple(deleted), tuple(replaced))
+
+
+def _finish_hotplug(state: VmState, root: str) -> VmState:
+    """Finish what a ``nic add`` or ``nic del`` killed outright (SIGKILL) left, as the
+    state records it: unplug the NIC being added, delete the taps being made or deleted,
+    give back the claims no NIC uses. Returns the state as it is then."""
+    spare = [t for t in state.claimed if state.nic(t) is None]
+    if state.plugging is None and not state.making and not spare:
+        return state
+    if state.plugging is not None and procfs.alive(state.pid):
+        try:
+            backends.of(state).detach(state, state.plugging, UNPLUG_TIMEOUT)
+        except OperationFailed as err:
+            raise OperationFailed(
+                f"VM {state.name}: a nic add of tap {state.plugging.tap} was cut short and its "
+                f"NIC cannot be unplugged: {err}; vhostorch down {state.name} removes it"
+            ) from err
+    _delete_made(state, _made(state.replace(nics=())))
+    holder = claims.up_holder(state.name)
+    for tap in spare:
+        claims.release(tap, holder)
+    state = state.replace(
+        plugging=None, making=(), claimed=tuple(t for t in state.claimed if t not in spare)
+    )
+    vmstate.save(state, root)
+    return state
 
 
 def _arm_trace() -> None:
@@ -128,20 +205,13 @@ def _arm_trace() -> None:
         pass
 
 
-def _delete_made(names: Sequence[str]) -> None:
-    """Delete those of ``names`` that exist: taps this command claimed when they did not
-    exist, so its own even if killed half-made (before their vhostorch alias is set)."""
-    gone = sorted(t for t in names if _exists(t))
-    if gone:
-        taps.delete(gone, force=True)
-
-
-def _make_taps(nics: Sequence[NicSpec], undo: _Undo, making: Sequence[str]) -> set[str]:
-    """Make the taps of ``nics``; ``making`` (those absent, claimed by this command) are
-    undone even when the making itself is interrupted."""
+def _make_taps(nics: Sequence[NicSpec], undo: _Undo, state: VmState) -> set[str]:
+    """Make the taps of ``nics`` with ``state``'s mark; those it lists as ``making``
+    (absent, claimed by this command) are undone even when the making is interrupted."""
+    making = state.making
     if making:
-        undo.push(f"taps {', '.join(sorted(making))}", lambda: _delete_made(making))
-    results = taps.ensure([n.tap for n in nics], keep_existing=True)
+        undo.push(f"taps {', '.join(sorted(making))}", lambda: _delete_made(state, making))
+    results = taps.ensure([n.tap for n in nics], keep_existing=True, alias=_alias(state))
     return {r.name for r in results if r.action == "created"}
 
 
@@ -188,7 +258,7 @@ def up(
             names = tuple(n.tap.name for n in spec.nics)
             state = VmState(
                 spec.name, backend, 0, spec.accel, None, None, workdir, (), status=STARTING,
-                launched_after=process.boot_ticks() - 1, claimed=names,
+                launched_after=process.boot_ticks() - 1, claimed=names, tag=taps.new_tag(),
             )  # fmt: skip
             vmstate.save(state, root)
             undo.push("state file", lambda: vmstate.remove(spec.name, root))
@@ -208,7 +278,7 @@ def up(
             vmstate.save(state, root)
             state = state.replace(making=tuple(t for t in names if not _exists(t)))
             vmstate.save(state, root)
-            created = _make_taps(spec.nics, undo, state.making)
+            created = _make_taps(spec.nics, undo, state)
             _arm_trace()
             started = start.run(pairs)
             bare = state.replace(
@@ -247,26 +317,23 @@ def _running(name: str, root: str) -> VmState:
     return state
 
 
-def down(name: str, *, root: str = vmstate.STATE_DIR) -> VmState:
+def down(name: str, *, root: str = vmstate.STATE_DIR) -> Removed:
     """Stop VM ``name`` and remove what vhostorch created for it: the VM, its taps, its
     claims, its state. A VM whose QEMU is already gone is cleaned up too, and so is a start
-    that died (state "starting"). Only the VM's own work directory under ``root`` is
-    removed, and only its own QEMU (pid and start time) is signalled. Raises OperationFailed.
+    or hot-plug that died. Only the VM's own work directory under ``root`` is removed, only
+    its own QEMU (pid and start time) is signalled, and only the taps made for it (its
+    mark): a device that took one's name since is left alone (``Removed.replaced``), and
+    the VM's state and claims go all the same. Raises OperationFailed.
     """
     with signals.RollBack(), vmstate.Lock(name, root):
         state = _safe(_running(name, root), name, root)
         if state.status == STARTING:
-            _recover(state, root)
-            return state
+            return _recover(state, root)
         backends.of(state).stop(state)
-        created = [n.tap for n in state.nics if n.tap_created]
-        if created:
-            taps.delete(created)
-        holder = claims.up_holder(name)
-        for tap in {*state.claimed, *(n.tap for n in state.nics)}:
-            claims.release(tap, holder)
+        deleted, replaced = _delete_made(state, _made(state))
+        _release_all(state)
         vmstate.remove(name, root)
-    return state
+    return Removed(state, tuple(deleted), tuple(replaced))
 
 
 def nic_add(
@@ -277,11 +344,19 @@ def nic_add(
     root: str = vmstate.STATE_DIR,
     host: Host | None = None,
 ) -> Outcome:
-    """Hot-plug ``nic`` into running VM ``name`` (its tap made here), then check. All or nothing."""
-    with vmstate.Lock(name, root):
+    """Hot-plug ``nic`` into running VM ``name`` (its tap made here), then check.
+
+    All or nothing, as ``up``: a failure or an interrupting signal undoes the claim, the
+    tap and the plug. What it will claim, make and plug is recorded first, so that one
+    killed outright is undone by the next ``nic`` command or ``down``. Raises
+    InvalidSpec, OperationFailed (RollbackFailed when undoing failed too: what is left
+    stays recorded), errors.Interrupted.
+    """
+    with signals.RollBack(), vmstate.Lock(name, root):
         state = _safe(_running(name, root), name, root)
         if not procfs.alive(state.pid):
             raise OperationFailed(f"VM {name} is not running (its QEMU, pid {state.pid}, is gone)")
+        state = _finish_hotplug(state, root)
         if state.nic(nic.tap.name) is not None:
             raise InvalidSpec(f"VM {name} has a NIC on tap {nic.tap.name} already")
         if any(n.mac == nic.mac for n in state.nics):
@@ -291,43 +366,76 @@ def nic_add(
         [(_, on, why)] = decide([nic], state.accel, state.backend, host or Host.probe(), index)
         undo = _Undo()
         holder = claims.up_holder(name)
+        tap = nic.tap.name
+        before = state
+        plugging = _nic_state(nic, on, why, ("", ""), set() if _exists(tap) else {tap})
+        state = state.replace(
+            claimed=tuple(dict.fromkeys((*state.claimed, tap))),
+            making=(tap,) if plugging.tap_created else (),
+            plugging=plugging,
+        )
         try:
-            tap = nic.tap.name
+            vmstate.save(state, root)
+            undo.push("state file", lambda: vmstate.save(before, root))
             if claims.claim(tap, holder):
                 undo.push(f"claim on tap {tap}", _releaser(tap, holder))
-            created = _make_taps([nic], undo, [] if _exists(tap) else [tap])
+            created = _make_taps([nic], undo, state)
             _arm_trace()
-            runner.attach(state, nic, on)
-            [ids] = runner.nic_ids(state, [nic.tap.name])
+            # Plugged with its undo known, or not plugged: a signal inside attach could
+            # leave QEMU a netdev or device its rollback does not know of.
+            with signals.Held():
+                runner.attach(state, nic, on)
+                plugged = state
+                undo.push(
+                    f"NIC on tap {tap}",
+                    lambda: runner.detach(plugged, plugging, UNPLUG_TIMEOUT),
+                )
+            [ids] = runner.nic_ids(state, [tap])
             added = _nic_state(nic, on, why, ids, created)
-            state = state.with_nics((*state.nics, added)).replace(
-                claimed=(*state.claimed, nic.tap.name)
-            )
+            state = state.with_nics((*state.nics, added)).replace(making=(), plugging=None)
             vmstate.save(state, root)
+            undo.push("state file", lambda: vmstate.save(plugged, root))  # on record again
+            return wait_for_vhost(state, wait)
         except BaseException as err:
-            _fail(err, undo)
+            # Undone last-first, stopping at the first step that cannot be undone (a NIC the
+            # guest does not release keeps its tap and claim): the record then stays, and
+            # the next nic command or down finishes the job.
+            _fail(err, undo, stop=True)
             raise
-        return wait_for_vhost(state, wait)
 
 
 def nic_del(
     name: str, tap: str, *, timeout: float = UNPLUG_TIMEOUT, root: str = vmstate.STATE_DIR
 ) -> VmState:
-    """Unplug the NIC on ``tap`` from VM ``name`` and delete the tap if vhostorch made it."""
-    with vmstate.Lock(name, root):
+    """Unplug the NIC on ``tap`` from VM ``name`` and delete the tap if vhostorch made it.
+
+    Interrupted while the guest is releasing the NIC, it stops with the NIC still
+    recorded (it may be gone from the guest already): run again, it finishes. Once the
+    NIC is unplugged, the record, the tap and the claim go together (the stopping
+    signals wait meanwhile). Raises InvalidSpec, OperationFailed, errors.Interrupted.
+    """
+    with signals.RollBack(), vmstate.Lock(name, root):
         state = _safe(_running(name, root), name, root)
+        cut_short = state.plugging is not None and state.plugging.tap == tap
+        state = _finish_hotplug(state, root)
         nic = state.nic(tap)
+        if nic is None and cut_short:
+            return state  # a nic add of it killed outright: now undone, as asked
         if nic is None:
             raise InvalidSpec(f"VM {name} has no NIC on tap {tap}")
         backends.of(state).detach(state, nic, timeout)
-        state = state.with_nics(tuple(n for n in state.nics if n.tap != tap)).replace(
-            claimed=tuple(t for t in state.claimed if t != tap)
-        )
-        vmstate.save(state, root)
-        if nic.tap_created:
-            taps.delete([tap])
-        claims.release(tap, claims.up_holder(name))
+        with signals.Held():
+            # Recorded before it is done: a kill in between leaves the tap to be deleted
+            # and the claim to be given back on record (_finish_hotplug, down).
+            state = state.with_nics(tuple(n for n in state.nics if n.tap != tap)).replace(
+                making=(tap,) if nic.tap_created else ()
+            )
+            vmstate.save(state, root)
+            state = _finish_hotplug(state, root)
         return state
 
 
-__all__ = ["WAIT_DRIVER", "Host", "Outcome", "check", "decide", "down", "nic_add", "nic_del", "up"]
+__all__ = [
+    "WAIT_DRIVER", "Host", "Outcome", "Removed", "check", "decide", "down", "nic_add", "nic_del",
+    "up",
+]  # fmt: skip

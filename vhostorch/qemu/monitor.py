@@ -168,7 +168,14 @@ class QmpSocket:
     def _run(self, coro: Any) -> Any:
         import asyncio
 
-        return self.loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
+        from vhostorch import signals
+
+        # A stopping signal waits for the exchange to end (the timeout bounds it): raised
+        # inside asyncio's machinery it would leave qemu.qmp's tasks half done and this
+        # connection open, and QEMU's monitor serves one client at a time, so a rollback
+        # (a hot-plug's unplug) could not reach it; it acts as soon as this returns.
+        with signals.Held():
+            return self.loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
 
     def connected(self) -> bool:
         """Whether the connection still stands (QEMU may still answer what was sent on it)."""
@@ -193,10 +200,15 @@ class QmpSocket:
                     "not asked"
                 )
             self._run(self.client.connect(sock))
-        except (QMPError, OSError, EOFError, TimeoutError, MonitorError) as err:
+        except BaseException as err:
+            # Closed whatever cut the connect short (a stopping signal too): QEMU's monitor
+            # serves one client at a time, so a connection left open here would keep the
+            # rollback's own (a hot-plug's unplug) waiting until it times out.
             sock.close()
             self.close()
-            if isinstance(err, MonitorError):
+            if isinstance(err, MonitorError) or not isinstance(
+                err, (QMPError, OSError, EOFError, TimeoutError)
+            ):
                 raise
             # QEMU greets and negotiates in its main loop, which a command may hold (stop
             # draining block devices): then the connection stands and nothing answers.
@@ -234,11 +246,14 @@ class QmpSocket:
 
         from qemu.qmp import ExecuteError, QMPError
 
+        from vhostorch import signals
+
         command = sent.command
         try:
-            return self.loop.run_until_complete(
-                asyncio.wait_for(asyncio.shield(sent.task), max(within, 0.0))
-            )
+            with signals.Held():  # as in _run: a signal acts once the exchange has ended
+                return self.loop.run_until_complete(
+                    asyncio.wait_for(asyncio.shield(sent.task), max(within, 0.0))
+                )
         except ExecuteError as err:
             raise MonitorError(
                 f"QMP {command}: {err}", error_class=err.error_class, sent=sent.request
@@ -465,8 +480,13 @@ def connect_unix(path: str, timeout: float) -> socket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-    except OSError as err:
+    except BaseException as err:
+        # Closed whatever ends the connect (a stopping signal too, raised as the connection
+        # is made): QEMU's monitor serves one client at a time, so a socket left open here
+        # would keep out the rollback's own connection.
         sock.close()
+        if not isinstance(err, OSError):
+            raise
         raise MonitorError(f"cannot reach QMP at {path}: {err.strerror or err}") from err
     return sock
 

@@ -34,6 +34,9 @@ from vhostorch.taps.plan import (
     SetLink,
     Step,
     TapResult,
+    managed,
+    mark,
+    new_tag,
     plan_ensure,
 )
 from vhostorch.taps.spec import TapSpec, check_batch, tap_from_mapping
@@ -74,6 +77,9 @@ __all__ = [
     "delete",
     "delete_on",
     "ensure",
+    "managed",
+    "mark",
+    "new_tag",
     "plan_delete",
     "plan_ensure",
     "plan_group_moves",

@@ -33,6 +33,7 @@ from vhostorch.taps.plan import (
     TapResult,
     device_kind,
     is_tap,
+    managed,
     plan_ensure,
     queue_mode,
     refuse_existing,
@@ -223,15 +224,20 @@ class KernelHost:
         if isinstance(step, RetuneTap):
             tun.retune_tap(step.name, step.flags, step.owner, step.group)
         elif isinstance(step, CreateTap):
-            tun.create_tap(step.name, step.flags, step.owner, step.group)
+            alias = step.alias
+            label = None
+            if alias is not None:
+                label = lambda: self._rtnl.change(set_link_request(step.name, alias=alias))  # noqa: E731
+            tun.create_tap(step.name, step.flags, step.owner, step.group, label)
         elif isinstance(step, SetLink | SetGroup):
             request = self._request(step)
             [answer] = self._rtnl.batch([request])
             if answer is not None:
                 raise answer
         elif isinstance(step, DeleteLink):
-            self._rtnl.delete(step.name)
-            self._index.pop(step.name, None)
+            # By the ifindex the last snapshot showed when it has one: a device that took
+            # the name since is not the one that was checked, and is not deleted.
+            self._rtnl.delete(step.name, self._index.pop(step.name, 0))
         elif isinstance(step, DeleteGroup):
             self._rtnl.delete_group(step.group)
             for name in step.taps:
@@ -321,8 +327,12 @@ def ensure(
     keep_existing: bool = False,
     adopt_foreign: bool = True,
     dry_run: bool = False,
+    alias: str = MANAGED_ALIAS,
 ) -> list[TapResult]:
     """Make the taps of one VM match ``specs``, all or nothing.
+
+    A tap made here gets the interface alias ``alias``: MANAGED_ALIAS, or the `mark` of
+    the start making it (so that what a killed start left is known by more than its name).
 
     With ``keep_existing`` (what starting a VM uses) an existing tap is taken only
     as it is: one that differs from its spec, or that a process holds open, is
@@ -343,7 +353,7 @@ def ensure(
         snapshot = host.snapshot([spec.name for spec in specs] if recreate else ())
         if not adopt_foreign:
             refuse_foreign(specs, snapshot)
-        plan = plan_ensure(specs, snapshot, ids, recreate=recreate)
+        plan = plan_ensure(specs, snapshot, ids, recreate=recreate, alias=alias)
         if keep_existing:
             refuse_existing(plan, snapshot)
         if not dry_run:
@@ -384,7 +394,7 @@ def _state(link: Link, names: dict[int, str], namespace: str | None) -> TapState
         up=link.up,
         carrier=link.carrier,
         attached_queues=link.tun.attached_queues,
-        managed=link.alias == MANAGED_ALIAS,
+        managed=managed(link),
     )
 
 

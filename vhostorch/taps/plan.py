@@ -7,10 +7,17 @@ Everything here is pure: `taps.apply` reads the snapshot and runs the steps.
 
 Ownership is recorded on the device itself: vhostorch sets the interface alias
 to MANAGED_ALIAS on what it creates, and only deletes (or recreates) devices
-carrying it, so a cleanup never removes a tap or bridge someone else made.
+carrying it, so a cleanup never removes a tap or bridge someone else made. A tap
+made for one VM start or one hook call carries ``MANAGED_ALIAS:TAG`` instead
+(`mark`), TAG drawn for that start and recorded before the tap is made: what a
+killed start left is then recognised as that start's own device, never by its name
+alone. The alias is set before the tap is made persistent (kernel.tun.create_tap),
+so no kill leaves a tap of ours without it.
 """
 
 from __future__ import annotations
+
+import os
 
 from vhostorch.errors import InUse, Mismatch, NotManaged, OperationFailed
 from vhostorch.kernel.tun import TapFlags
@@ -24,14 +31,19 @@ if TYPE_CHECKING:
     from vhostorch.taps.spec import TapSpec
 
 MANAGED_ALIAS = "vhostorch"
+TAG_SEPARATOR = ":"  # MANAGED_ALIAS:TAG marks the taps of one start (`mark`)
 NO_MASTER = ""  # SetLink.master value that detaches the link from its bridge
 
 
 class CreateTap(Record):
+    """Make tap ``name``; ``alias`` is set on it before it is made persistent, so a kill at
+    any moment leaves no tap of that name without it."""
+
     name: str
     flags: TapFlags
     owner: int | None
     group: int | None
+    alias: str | None = None
 
     def __str__(self) -> str:
         return f"create tap {self.name}"
@@ -105,7 +117,8 @@ class Change(Record):
 
 
 class TapResult(Record):
-    """What happened to one tap: created, changed, recreated, unchanged, deleted or absent."""
+    """What happened to one tap: created, changed, recreated, unchanged, deleted or absent;
+    or replaced: the device of that name is not the one vhostorch made, and was left alone."""
 
     name: str
     action: str
@@ -147,6 +160,23 @@ def is_tap(link: Link) -> bool:
     return link.tun is not None and link.tun.tap
 
 
+def new_tag() -> str:
+    """A tag for `mark`: 64 random bits, drawn once per start and recorded before its first
+    tap is made."""
+    return os.urandom(8).hex()
+
+
+def mark(tag: str) -> str:
+    """The alias of the taps made by the start (or hook call) whose tag is ``tag``."""
+    return f"{MANAGED_ALIAS}{TAG_SEPARATOR}{tag}"
+
+
+def managed(link: Link) -> bool:
+    """Whether vhostorch made ``link``: its alias is MANAGED_ALIAS, or a start's `mark`."""
+    alias = link.alias or ""
+    return alias == MANAGED_ALIAS or alias.startswith(MANAGED_ALIAS + TAG_SEPARATOR)
+
+
 def _onoff(value: bool) -> str:
     return "on" if value else "off"
 
@@ -180,20 +210,13 @@ def in_use(link: Link, what: str) -> InUse:
     )
 
 
-def _new_tap(spec: TapSpec, ids: Ids) -> list[Change]:
+def _new_tap(spec: TapSpec, ids: Ids, alias: str) -> list[Change]:
     flags = TapFlags(spec.multi_queue, spec.vnet_hdr)
     set_all = SetLink(
-        spec.name,
-        up=True if spec.up else None,
-        mtu=spec.mtu,
-        mac=spec.mac,
-        master=spec.bridge,
-        alias=MANAGED_ALIAS,
+        spec.name, up=True if spec.up else None, mtu=spec.mtu, mac=spec.mac, master=spec.bridge
     )
-    return [
-        Change(CreateTap(spec.name, flags, ids.owner, ids.group), (DeleteLink(spec.name),)),
-        Change(set_all),
-    ]
+    create = CreateTap(spec.name, flags, ids.owner, ids.group, alias)
+    return [Change(create, (DeleteLink(spec.name),)), Change(set_all)]
 
 
 def _restore(link: Link, names: dict[int, str]) -> tuple[Step, ...]:
@@ -202,8 +225,8 @@ def _restore(link: Link, names: dict[int, str]) -> tuple[Step, ...]:
     flags = TapFlags(link.tun.multi_queue, link.tun.vnet_hdr)
     master = names.get(link.master) if link.master else None
     return (
-        CreateTap(link.name, flags, link.tun.owner, link.tun.group),
-        SetLink(link.name, up=link.up, mtu=link.mtu, mac=link.mac, master=master, alias=link.alias),
+        CreateTap(link.name, flags, link.tun.owner, link.tun.group, link.alias),
+        SetLink(link.name, up=link.up, mtu=link.mtu, mac=link.mac, master=master),
     )
 
 
@@ -213,6 +236,7 @@ def _plan_tap(
     link: Link,
     names: dict[int, str],
     recreate: bool,
+    alias: str,
 ) -> tuple[list[Change], TapResult]:
     """Changes that make the existing ``link`` match ``spec``."""
     if not is_tap(link):
@@ -240,12 +264,15 @@ def _plan_tap(
                 f"tap {spec.name}: {', '.join(fixed)} needs the tap to be recreated "
                 "(ask for a recreate, or delete it first)"
             )
-        if link.alias != MANAGED_ALIAS:
+        if not managed(link):
             raise NotManaged(
                 f"tap {spec.name}: {', '.join(fixed)} needs a recreate, "
                 "and vhostorch did not create this tap, so it will not delete it"
             )
-        recreated = [Change(DeleteLink(spec.name), _restore(link, names)), *_new_tap(spec, ids)]
+        recreated = [
+            Change(DeleteLink(spec.name), _restore(link, names)),
+            *_new_tap(spec, ids, alias),
+        ]
         return recreated, TapResult(spec.name, "recreated", tuple(fixed + tunable))
 
     changes: list[Change] = []
@@ -293,8 +320,10 @@ def plan_ensure(
     *,
     recreate: bool = False,
     exist_ok: bool = True,
+    alias: str = MANAGED_ALIAS,
 ) -> Plan:
-    """Pure: the changes that make every spec true, or the reason they cannot be made."""
+    """Pure: the changes that make every spec true, or the reason they cannot be made.
+    A tap made (or recreated) gets ``alias`` (a start's `mark`, or MANAGED_ALIAS)."""
     check_batch(specs)
     names = {link.index: name for name, link in snapshot.items()}
     changes: list[Change] = []
@@ -316,14 +345,14 @@ def plan_ensure(
                 changes.append(Change(CreateBridge(spec.bridge), (DeleteLink(spec.bridge),)))
         link = snapshot.get(spec.name)
         if link is None:
-            changes += _new_tap(spec, ids[spec.name])
+            changes += _new_tap(spec, ids[spec.name], alias)
             results.append(TapResult(spec.name, "created"))
             continue
         if not exist_ok:
             raise OperationFailed(
                 f"tap {spec.name}: a {device_kind(link)} device of that name exists"
             )
-        more, result = _plan_tap(spec, ids[spec.name], link, names, recreate)
+        more, result = _plan_tap(spec, ids[spec.name], link, names, recreate, alias)
         changes += more
         results.append(result)
     # Link changes last, after every tap and bridge exists: they then run as one
@@ -337,7 +366,7 @@ def refuse_foreign(specs: Sequence[TapSpec], snapshot: dict[str, Link]) -> None:
     """Raise NotManaged if a device named by ``specs`` exists and vhostorch did not create it."""
     for spec in specs:
         link = snapshot.get(spec.name)
-        if link is not None and link.alias != MANAGED_ALIAS:
+        if link is not None and not managed(link):
             raise NotManaged(
                 f"{device_kind(link)} {spec.name} exists and vhostorch did not create it; "
                 "not taking it over"

@@ -34,7 +34,6 @@ from vhostorch.inputs import check_ifname
 from vhostorch.record import TYPE_CHECKING
 from vhostorch.taps.apply import KernelHost, apply, in_namespace
 from vhostorch.taps.plan import (
-    MANAGED_ALIAS,
     Change,
     DeleteGroup,
     DeleteLink,
@@ -46,22 +45,35 @@ from vhostorch.taps.plan import (
     held,
     in_use,
     is_tap,
+    managed,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from vhostorch.kernel.rtnl import Link
     from vhostorch.taps.apply import Host
 
 LOCK_DIR = "/run/vhostorch/taps"
+NO_MARKS: Mapping[str, str] = {}  # never changed: the default of ``marks``
 
 
-def _refuse_delete(link: Link, force: bool) -> None:
-    """Raise unless ``link`` is a tap vhostorch may delete now (``force``: any unheld tap)."""
+def _made(link: Link, marks: Mapping[str, str]) -> bool:
+    """Whether ``link`` is the tap its ``marks`` entry names (its alias is that start's)."""
+    return is_tap(link) and link.alias == marks[link.name]
+
+
+def _refuse_delete(link: Link, force: bool, marks: Mapping[str, str] = NO_MARKS) -> None:
+    """Raise unless ``link`` is a tap vhostorch may delete now (``force``: any unheld tap;
+    one named in ``marks``: only the device that carries its mark)."""
+    if link.name in marks and not _made(link, marks):
+        raise NotManaged(
+            f"{device_kind(link)} {link.name} is not the tap vhostorch made under that name "
+            "(replaced); not deleting it"
+        )
     if not is_tap(link):
         raise NotManaged(f"{link.name} is a {device_kind(link)} device, not a tap; not deleting it")
-    if link.alias != MANAGED_ALIAS and not force:
+    if not managed(link) and not force:
         raise NotManaged(f"tap {link.name} was not created by vhostorch; not deleting it")
     if held(link):
         raise in_use(link, "deleting it was asked for")
@@ -73,9 +85,14 @@ def plan_delete(
     *,
     bridges: Sequence[str] = (),
     force: bool = False,
+    marks: Mapping[str, str] = NO_MARKS,
 ) -> Plan:
     """Pure: delete the taps vhostorch made (any tap with ``force``), and then each of
-    ``bridges`` that vhostorch made and that has no port left."""
+    ``bridges`` that vhostorch made and that has no port left.
+
+    ``marks`` gives, for taps a start made, the alias it made them with (`taps.mark`): only
+    the device of that name carrying it is deleted; another device of that name (someone
+    else's, made after ours was deleted) is left alone, its result "replaced"."""
     changes: list[Change] = []
     results: list[TapResult] = []
     gone: set[str] = set()
@@ -84,13 +101,16 @@ def plan_delete(
         if link is None:
             results.append(DeleteResult(name, "absent"))
             continue
-        _refuse_delete(link, force)
+        if name in marks and not _made(link, marks):
+            results.append(DeleteResult(name, "replaced"))
+            continue
+        _refuse_delete(link, force, marks)
         changes.append(Change(DeleteLink(name)))
         results.append(DeleteResult(name, "deleted"))
         gone.add(name)
     for bridge_name in dict.fromkeys(bridges):
         bridge = snapshot.get(bridge_name)
-        if bridge is None or bridge.kind != "bridge" or bridge.alias != MANAGED_ALIAS:
+        if bridge is None or bridge.kind != "bridge" or not managed(bridge):
             continue
         ports = [n for n, link in snapshot.items() if link.master == bridge.index and n not in gone]
         if not ports:
@@ -114,10 +134,15 @@ def plan_group_moves(names: Sequence[str], snapshot: dict[str, Link], group: int
 
 
 def check_group(
-    group: int, moved: Sequence[SetGroup], snapshot: dict[str, Link], force: bool
+    group: int,
+    moved: Sequence[SetGroup],
+    snapshot: dict[str, Link],
+    force: bool,
+    marks: Mapping[str, str] = NO_MARKS,
 ) -> None:
     """Pure: raise unless link ``group`` holds exactly the taps ``moved`` put there, each
-    still one that may be deleted (not held, ours unless ``force``).
+    still one that may be deleted (not held, ours unless ``force``, marked as ``marks``
+    says).
 
     Run on a snapshot read after the moves: whatever a group delete would take
     with it (a device someone else put in the group, a tap opened meanwhile)
@@ -138,7 +163,7 @@ def check_group(
                 f"tap {move.name} changed while it was being deleted (it was renamed, deleted "
                 f"or moved out of link group {group}); not deleting anything"
             )
-        _refuse_delete(now, force)
+        _refuse_delete(now, force, marks)
 
 
 def random_group(taken: set[int]) -> int:
@@ -160,6 +185,7 @@ def _delete_by_group(
     group: int,
     force: bool,
     journal: str | None,
+    marks: Mapping[str, str],
 ) -> str | None:
     """Delete the taps ``doomed`` in one request by link group; all or none.
 
@@ -191,7 +217,7 @@ def _delete_by_group(
         apply(moves, host)
         try:
             moved = [change.step for change in moves if isinstance(change.step, SetGroup)]
-            check_group(group, moved, host.snapshot(doomed), force)
+            check_group(group, moved, host.snapshot(doomed), force, marks)
             [refused] = host.do([DeleteGroup(group, tuple(doomed))])
             if refused is None:
                 _forget(journal)
@@ -272,11 +298,12 @@ def delete_on(
     dry_run: bool = False,
     group: int | None = None,
     journal: str | None = None,
+    marks: Mapping[str, str] = NO_MARKS,
 ) -> list[TapResult]:
     """`delete`'s work through ``host`` (in the namespace it was opened in); ``journal``:
     where a batch records the taps' groups while they are moved (`_delete_by_group`)."""
     snapshot = host.snapshot(names)
-    plan = plan_delete(names, snapshot, bridges=bridges, force=force)
+    plan = plan_delete(names, snapshot, bridges=bridges, force=force, marks=marks)
     results = list(plan.results)
     if dry_run:
         return results
@@ -286,7 +313,7 @@ def delete_on(
     if len(doomed) > 1:
         taken = {link.group for link in snapshot.values()}
         chosen = group if group is not None else random_group(taken)
-        fallback = _delete_by_group(host, doomed, snapshot, chosen, force, journal)
+        fallback = _delete_by_group(host, doomed, snapshot, chosen, force, journal, marks)
         if fallback is None:  # what is left: the bridges
             gone = {DeleteLink(name) for name in doomed}
             rest = [c for c in plan.changes if c.step not in gone]
@@ -308,8 +335,13 @@ def delete(
     dry_run: bool = False,
     group: int | None = None,
     lock_dir: str = LOCK_DIR,
+    marks: Mapping[str, str] = NO_MARKS,
 ) -> list[TapResult]:
     """Delete taps vhostorch created (and listed bridges it created once empty).
+
+    ``marks``: for taps one start made, name → the alias it made them with (`taps.mark`):
+    of those, only the very device made then is deleted, and a device that took the name
+    since is left alone (result "replaced"), whoever made it.
 
     Every refusal (not a tap, not ours, held open) happens before anything is deleted;
     ``dry_run`` stops there. Two taps or more are deleted in one batch: moved into
@@ -334,12 +366,13 @@ def delete(
 
     def work(host: KernelHost) -> list[TapResult]:
         if dry_run:
-            return delete_on(host, names, bridges=bridges, force=force, dry_run=True)
+            return delete_on(host, names, bridges=bridges, force=force, dry_run=True, marks=marks)
         with NamespaceLock(lock_dir) as lock:
             recover(host, lock.journal)
             return delete_on(
-                host, names, bridges=bridges, force=force, group=group, journal=lock.journal
-            )
+                host, names, bridges=bridges, force=force, group=group, journal=lock.journal,
+                marks=marks,
+            )  # fmt: skip
 
     return in_namespace(netns, work)
 

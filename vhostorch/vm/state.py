@@ -3,7 +3,12 @@
 ``up`` writes it before it touches anything (status "starting", with each thing it
 makes recorded before it is made: tap claims, taps, QEMU), so that ``down`` or the
 next ``up`` can undo exactly what a start killed by SIGKILL or a power cut made; it
-says "running" once the VM runs. Hot-plug rewrites it, ``down`` removes it;
+says "running" once the VM runs. The taps a VM's commands make carry the interface
+alias ``vhostorch:TAG`` (taps.mark), TAG drawn once and recorded before the first tap
+is made: a device that took a tap's name since is never taken for ours. Hot-plug
+rewrites it, recording first what it is about to claim, make and plug (``claimed``,
+``making``, ``plugging``), so that a ``nic add``/``nic del`` killed midway is finished
+by the next ``nic`` command or ``down``; ``down`` removes it;
 ``check`` reads it to know the NICs of a VM whose netdevs were added over QMP
 (they are not on QEMU's command line). Writes are atomic (rename), files are 0600
 and the directory 0711 whatever the umask, and every change to one VM holds that
@@ -67,6 +72,12 @@ class VmState(Record):
     # the domain), recorded before it is made: a start killed then is undone by that name
     # alone, never by a guess (another domain may have the VM's name).
     vm_id: str | None = None
+    # The tag in the alias of every tap made for this VM (taps.mark); None in files from
+    # before it existed (their taps carry the plain alias "vhostorch").
+    tag: str | None = None
+    # A hot-plug under way: the NIC being added (its ids are not known yet), kept until
+    # it is recorded in ``nics`` or undone.
+    plugging: NicState | None = None
 
     def nic(self, tap: str) -> NicState | None:
         return next((n for n in self.nics if n.tap == tap), None)
@@ -94,6 +105,8 @@ def save(state: VmState, root: str = STATE_DIR) -> None:
 
 def _from_json(data: dict[str, object]) -> VmState:
     nics = tuple(NicState(**n) for n in data.pop("nics"))  # type: ignore[attr-defined]
+    if data.get("plugging") is not None:
+        data["plugging"] = NicState(**data["plugging"])  # type: ignore[arg-type]
     for key in ("claimed", "making"):
         if key in data:
             data[key] = tuple(str(t) for t in data[key])  # type: ignore[attr-defined]
