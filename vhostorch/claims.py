@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import files
+from vhostorch import files, rundir
 from vhostorch.errors import Claimed, OperationFailed
 
-CLAIM_DIR = "/run/vhostorch/hook/taps"
+CLAIM_DIR = rundir.CLAIMS
 FILE_MODE = 0o600  # a claim names a VM or domain: root's business alone
-DIR_MODE = 0o700
 
 
 def up_holder(vm: str) -> str:
@@ -66,7 +65,8 @@ def claim(tap: str, who: str, root: str = CLAIM_DIR) -> bool:
 
     Raises Claimed when another holder has it, OperationFailed when the file cannot be made.
     """
-    os.makedirs(os.path.join(root, SCRATCH), mode=DIR_MODE, exist_ok=True)
+    levels = (rundir.CLAIMS_MODE, rundir.HOOK_MODE, rundir.RUN_MODE)
+    rundir.ensure(os.path.join(root, SCRATCH), rundir.CLAIMS_MODE, *levels)
     where = path(tap, root)
     while True:
         try:

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import claims, files
+from vhostorch import claims, files, rundir
 from vhostorch.errors import Claimed, OperationFailed
 from vhostorch.files import stem as file_stem
+from vhostorch.lockfile import Lock
 
-RUN_DIR = "/run/vhostorch"
+RUN_DIR = rundir.RUN
 SYSLOG = "/dev/log"
 HOW = ("created", "borrowed", "pending")  # what a domain's record says of each tap
 FILE_MODE = 0o644
-DIR_MODE = 0o755
 
 
 class Places:
@@ -84,9 +84,15 @@ def write_held(places: Places, domain: str, held: dict[str, str]) -> None:
 def write_result(places: Places, domain: str, text: str) -> None:
     """Replace the started check's result, RUN_DIR/DOMAIN.json, whole (its temporary name
     is the domain's own; release removes one a kill left)."""
-    os.makedirs(places.run, mode=DIR_MODE, exist_ok=True)
+    rundir.ensure(places.run, rundir.RUN_MODE)
     path = places.result(domain)
     files.replace(path, text.encode(), FILE_MODE, temporary=f"{path}.tmp")
+
+
+def domain_lock(places: Places, domain: str) -> Lock:
+    """``domain``'s lock, its directory made or checked (vhostorch.rundir) first."""
+    rundir.ensure(places.state, rundir.HOOK_MODE, rundir.RUN_MODE)
+    return Lock(places.lock(domain), places.held(domain))
 
 
 def holder(places: Places, tap: str) -> str | None:

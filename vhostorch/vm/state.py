@@ -6,8 +6,9 @@ next ``up`` can undo exactly what a start killed by SIGKILL or a power cut made;
 says "running" once the VM runs. Hot-plug rewrites it, ``down`` removes it;
 ``check`` reads it to know the NICs of a VM whose netdevs were added over QMP
 (they are not on QEMU's command line). Writes are atomic (rename), files are 0600
-and the directory 0711 whatever the umask, and every change to one VM holds that
-VM's lock, so two commands on one VM never interleave.
+whatever the umask, and every change to one VM holds that
+VM's lock, so two commands on one VM never interleave. The directory's place and mode are
+vhostorch.rundir's.
 """
 
 from __future__ import annotations
@@ -15,18 +16,15 @@ from __future__ import annotations
 import json
 import os
 
-from vhostorch import files, lockfile
+from vhostorch import files, lockfile, rundir
 from vhostorch.errors import OperationFailed
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-STATE_DIR = "/run/vhostorch/vms"
+STATE_DIR = rundir.VMS
 FILE_MODE = 0o600
-# Search only for others: an unprivileged QEMU reaches its own work directory (VM.d,
-# 0700, its own) through it, and nobody but root can list it or read a state file.
-DIR_MODE = 0o711
 STARTING = "starting"  # up has begun and not finished: what it made is listed
 RUNNING = "running"
 
@@ -80,9 +78,9 @@ def _path(name: str, root: str) -> str:
 
 
 def make_dir(root: str) -> None:
-    """``root`` as a directory only root can list or write, whatever the umask."""
-    os.makedirs(root, mode=DIR_MODE, exist_ok=True)
-    os.chmod(root, DIR_MODE)
+    """``root`` (the run directory's vms/) made or checked, with its mode and its parent's.
+    Raises OperationFailed when it is not root's alone."""
+    rundir.ensure(root, rundir.VMS_MODE, rundir.RUN_MODE)
 
 
 def save(state: VmState, root: str = STATE_DIR) -> None:
