@@ -3,8 +3,9 @@ mode, and the one function that makes or checks it (`ensure`).
 
     /run/vhostorch      0755  the hook's started-check results (DOMAIN.json, 0644)
       vms/              0711  each VM's state (NAME.json, 0600), lock and work directory
-                              NAME.d/ (QEMU's user's): others may pass through, to reach
-                              their work directory, and list or read nothing
+                              NAME.d/ (0711, root's: QEMU's stdout and stderr, and qemu/,
+                              QEMU's user's, for its QMP socket and console log): others may
+                              pass through, to reach qemu/, and list or read nothing
       hook/             0755  each domain's record of its taps (DOMAIN.taps) and lock
         taps/           0700  one claim file per tap (vhostorch.claims)
       taps/             0700  the per-namespace tap-delete locks (vhostorch.taps.teardown)

@@ -5,7 +5,7 @@ command is interrupted (SIGINT, SIGTERM, SIGHUP): decide (nothing touched yet) �
 state file ("starting") → tap claims → VM → taps → state file ("running"). Each
 step is written to the state file before it is taken, so a start that could not
 undo itself (SIGKILL, power cut) is undone by ``down`` or the next ``up``, exactly:
-its claims, the taps it was making, its QEMU (pid and start time, or its pid file).
+its claims, the taps it was making, its QEMU (pid and start time, or its QMP socket's server).
 ``down`` and ``nic del`` remove only what vhostorch created: the VM it started and
 the taps it made, and only the work directory under the state directory.
 

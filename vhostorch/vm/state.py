@@ -50,14 +50,14 @@ class VmState(Record):
     accel: str
     qmp: str | None  # the QMP backend's socket
     uri: str | None  # the libvirt backend's connection URI
-    workdir: str  # console log, QMP socket, pid file
+    workdir: str  # QEMU's log and console log, and its QMP socket (backends.process)
     nics: tuple[NicState, ...]
     status: str = RUNNING  # files written before the field existed were running VMs
     # QEMU's start time (/proc/PID/stat field 22, clock ticks after boot): with the pid,
     # what names that QEMU alone (pids are reused). None in files from before it existed.
     start_time: int | None = None
-    # While starting: the boot-relative tick before QEMU was launched (a QEMU found by its
-    # pid file must have started after it), the taps claimed and the taps being made.
+    # While starting: the boot-relative tick before QEMU was launched (a QEMU found by the
+    # socket it serves must have started after it), the taps claimed and the taps being made.
     launched_after: int | None = None
     claimed: tuple[str, ...] = ()
     making: tuple[str, ...] = ()
