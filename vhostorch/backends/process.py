@@ -23,6 +23,7 @@ serial console, through ``-add-fd``). QEMU's user owns only ``NAME.d/qemu/``, wh
 QEMU makes its QMP socket; root connects to that socket without following a link and
 asks nothing of whoever serves it unless it is this QEMU (its pid and start time, by
 SO_PEERCRED), and removes that directory by directory fd, never following a link.
+QEMU is started with no signal blocked, whatever `up` holds.
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ def start_time(pid: int) -> int | None:
     return procfs.start_time(pid)
 
 
+def _unblocked() -> None:
+    """In QEMU's process before exec: no signal blocked. The mask is inherited through
+    fork and exec, and QEMU was started while `up` held SIGINT, SIGTERM and SIGHUP
+    (signals.Held): blocked for life, they left `kill`, `systemctl stop` and `down`'s
+    SIGTERM without effect."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
 def make_workdir(workdir: str, user: RunAs | None) -> int:
     """A new work directory at ``workdir`` (root's, WORKDIR_MODE) with QEMU_DIR in it
     (``user``'s, 0700); an fd of the work directory. Whatever was at ``workdir`` is
@@ -225,6 +234,7 @@ class Launch:
                 group=None if user is None else user.gid,
                 extra_groups=None if user is None else list(user.groups),
                 umask=0o077,
+                preexec_fn=_unblocked,  # vhostorch has one thread: nothing to deadlock on
             )
         except FileNotFoundError:
             remove_workdir(workdir)
