@@ -96,13 +96,13 @@ def run_as(user: str | None) -> RunAs | None:
 
 QEMU_DIR = "qemu"  # in a work directory: the one directory QEMU's user owns
 LOG = "qemu.log"  # in a work directory: QEMU's stdout and stderr, root's
+CONSOLE = "console.log"  # in a work directory: the serial console, root's
+CONSOLE_FDSET = 1  # the -add-fd set QEMU finds the console's fd in
 LEGACY_PIDFILE = "qemu.pid"  # where QEMU wrote its pid before QEMU_DIR (state files of then)
 WORKDIR_MODE = 0o711  # QEMU's user passes through it to QEMU_DIR and can list nothing
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-CONSOLE = "console.log"  # in a work directory: the serial console, root's
-CONSOLE_FDSET = 1
+# New names in a new directory of root's: O_EXCL, and nothing to follow.
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def files(workdir: str) -> tuple[str, str]:
@@ -216,10 +216,12 @@ class Launch:
         self.qmp = files(workdir)[0]
         fd = make_workdir(workdir, user)
         try:
-            # New names in a new directory of root's: O_EXCL, and nothing to follow.
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            log = os.open(LOG, flags, 0o600, dir_fd=fd)
-            console = os.open(CONSOLE, flags, 0o600, dir_fd=fd)
+            log = os.open(LOG, _NEW, 0o600, dir_fd=fd)
+            try:
+                console = os.open(CONSOLE, _NEW, 0o600, dir_fd=fd)
+            except BaseException:
+                os.close(log)
+                raise
         finally:
             os.close(fd)
         try:
