@@ -169,3 +169,43 @@ def test_a_run_directory_an_older_version_made_0700_is_given_its_mode(ns: str, s
     found = _listing(listing)
     assert found["/run/vhostorch"] == ("755", "root")
     assert found["/run/vhostorch/vms"] == ("711", "root")
+
+
+@pytest.mark.parametrize("command", ["down", "hook prepare"])
+def test_a_fifo_planted_in_a_claims_directory_others_could_write_hangs_nothing(
+    command: str, ns: str, specs: str
+) -> None:
+    """An older version under umask 000 left hook/taps/ writable by all: any user could put a
+    FIFO at a claim's name, and `down` (releasing its VM's claim) or the hook's prepare
+    (asking who holds a declared tap) blocked for ever opening it."""
+    name, tap, tap2 = kernel.unique("vho-ff"), kernel.unique("vfa"), kernel.unique("vfb")
+    dom = kernel.unique("vho-dom")
+    xml = os.path.join(specs, "domain.xml")
+    with open(xml, "w") as f:
+        f.write(domain(dom, [(tap2, 1)], f"<vhostorch:tap dev='{tap2}'/>"))
+    fifo = tap if command == "down" else tap2
+    run = (
+        'timeout 20 "$EXE" down "$NAME"' if command == "down"
+        else 'timeout 20 "$HOOK" "$DOMAIN" prepare begin - < "$XML"'
+    )  # fmt: skip
+    script = "\n".join([
+        '"$EXE" up "$SPEC" --wait 0 > /dev/null',
+        "chmod 777 /run/vhostorch/hook/taps",  # as the older version made it
+        "setpriv --reuid=nobody --regid=nogroup --clear-groups sh -ec"
+        f' "cd /run/vhostorch/hook/taps; rm -f {fifo}; mkfifo {fifo}"',
+        "set +e", f'{run} 2> "$ERR"; echo $? > "$CODE"', "set -e",
+        "chmod 700 /run/vhostorch/hook/taps", f"rm -f /run/vhostorch/hook/taps/{fifo}",
+        '"$EXE" down "$NAME" > /dev/null', '"$HOOK" "$DOMAIN" release end - < /dev/null',
+    ])  # fmt: skip
+    err, code = os.path.join(specs, "err"), os.path.join(specs, "code")
+    done = fresh_boot(
+        ns, script, EXE=EXE, HOOK=HOOK, SPEC=spec(specs, name, tap), NAME=name, DOMAIN=dom,
+        XML=xml, ERR=err, CODE=code,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with open(err) as f:
+        said = f.read()
+    with open(code) as f:
+        assert f.read().strip() == "1", said  # 124: it hung until `timeout` killed it
+    assert said.count("\n") == 1 and "can be written by others" in said, said
+    assert {t.name for t in taps.show(netns=ns)} == set()

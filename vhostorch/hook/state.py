@@ -55,8 +55,7 @@ def read_held(places: Places, domain: str) -> dict[str, str]:
     module's import is a good part of the cost libvirt waits for).
     """
     try:
-        with open(places.held(domain)) as f:
-            lines = f.read().splitlines()
+        lines = files.read(places.held(domain)).decode(errors="replace").splitlines()
     except FileNotFoundError:
         return {}
     except OSError as err:
@@ -90,8 +89,9 @@ def write_result(places: Places, domain: str, text: str) -> None:
 
 
 def domain_lock(places: Places, domain: str) -> Lock:
-    """``domain``'s lock, its directory made or checked (vhostorch.rundir) first."""
-    rundir.ensure(places.state, rundir.HOOK_MODE, rundir.RUN_MODE)
+    """``domain``'s lock, its directory and the claims' made or checked (vhostorch.rundir)
+    first: the claims of every domain are read under it."""
+    rundir.ensure(places.claims, *claims.LEVELS)
     return Lock(places.lock(domain), places.held(domain))
 
 

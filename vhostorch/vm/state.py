@@ -101,8 +101,7 @@ def _from_json(data: dict[str, object]) -> VmState:
 def load(name: str, root: str = STATE_DIR) -> VmState | None:
     """The state of VM ``name``, or None when vhostorch has not started it."""
     try:
-        with open(_path(name, root)) as f:
-            return _from_json(json.load(f))
+        return _from_json(json.loads(files.read(_path(name, root))))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError) as err:
