@@ -209,3 +209,51 @@ def test_a_fifo_planted_in_a_claims_directory_others_could_write_hangs_nothing(
         assert f.read().strip() == "1", said  # 124: it hung until `timeout` killed it
     assert said.count("\n") == 1 and "can be written by others" in said, said
     assert {t.name for t in taps.show(netns=ns)} == set()
+
+
+# --- rundir.ensure itself, in a directory of the test's own ---------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o000, 0o022])
+def test_ensure_gives_each_level_its_mode_whatever_the_umask(umask: int, specs: str) -> None:
+    from vhostorch import rundir
+
+    claims = os.path.join(specs, "run", "hook", "taps")
+    old = os.umask(umask)
+    try:
+        rundir.ensure(claims, 0o700, 0o755, 0o711)
+    finally:
+        os.umask(old)
+    modes = {p: os.stat(os.path.join(specs, p)).st_mode & 0o7777 for p in
+             ("run", "run/hook", "run/hook/taps")}  # fmt: skip
+    assert modes == {"run": 0o711, "run/hook": 0o755, "run/hook/taps": 0o700}
+
+
+def test_ensure_refuses_what_others_can_change_and_heals_a_mode_of_its_own(specs: str) -> None:
+    import pwd
+
+    from vhostorch import rundir
+    from vhostorch.errors import OperationFailed
+
+    run = os.path.join(specs, "run")
+    os.mkdir(run, 0o700)
+    rundir.ensure(run, 0o755)  # root's, another mode: given its own
+    assert os.stat(run).st_mode & 0o7777 == 0o755
+    nobody = pwd.getpwnam("nobody")
+    os.chown(run, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(OperationFailed, match=f"{run} is owned by uid {nobody.pw_uid}"):
+        rundir.ensure(os.path.join(run, "vms"), 0o711, 0o755)
+    assert not os.path.exists(os.path.join(run, "vms"))  # nothing made in it
+    os.chown(run, 0, 0)
+    os.chmod(run, 0o1777)  # sticky does not make a level of the run directory safe
+    with pytest.raises(OperationFailed, match="can be written by others"):
+        rundir.ensure(run, 0o755)
+    os.chmod(run, 0o755)
+    os.symlink(run, os.path.join(specs, "link"))
+    with pytest.raises(OperationFailed, match="is a symlink or not a directory"):
+        rundir.ensure(os.path.join(specs, "link", "vms"), 0o711, 0o755)
+    # Above the levels, a sticky directory writable by all (/tmp) is fine.
+    sticky = os.path.join(specs, "tmp")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    rundir.ensure(os.path.join(sticky, "run"), 0o755)

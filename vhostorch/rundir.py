@@ -69,13 +69,15 @@ def ensure(path: str, *modes: int) -> None:
             child, made = _enter(fd, part, where)
             os.close(fd)
             fd = child
-            if made:
-                os.fchmod(fd, ABOVE_MODE if mode is None else mode)  # mkdir's mode is masked
-                continue
             found = os.fstat(fd)
-            _trust(found, where, mode is not None)
-            if mode is not None and found.st_mode & 0o7777 != mode:
-                os.fchmod(fd, mode)
+            if not made:
+                _trust(found, where, mode is not None)
+            want = ABOVE_MODE if made and mode is None else mode
+            if want is not None and found.st_mode & 0o7777 != want:
+                try:
+                    os.fchmod(fd, want)  # mkdir's mode is masked by the umask
+                except OSError as err:
+                    raise OperationFailed(f"run directory {where}: {err.strerror}") from None
     finally:
         os.close(fd)
 
