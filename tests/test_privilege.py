@@ -116,6 +116,40 @@ def test_up_makes_a_new_work_directory_and_never_writes_through_a_planted_link(
         subprocess.run(["rm", "-rf", workdir], check=False)
 
 
+def test_a_libvirt_start_never_reuses_a_work_directory_its_user_filled(
+    specs: str, names: list[str], libvirtd: str
+) -> None:
+    """The libvirt backend kept a work directory it found, for the console log libvirt opens:
+    one left by an older `up` is QEMU's user's, who can put a link at console.log (libvirt 9.0
+    here did not write through it; the directory was still the user's, and was reused)."""
+    name, tap = kernel.unique("vho-pv"), kernel.unique("vpv")
+    names.append(name)
+    fd, victim = tempfile.mkstemp(prefix="vho-priv-victim-")  # 0600, root's
+    os.write(fd, b"root's alone\n")
+    os.close(fd)
+    workdir = os.path.join(vmstate.STATE_DIR, f"{name}.d")
+    try:
+        vmstate.make_dir(vmstate.STATE_DIR)
+        qemu = pwd.getpwnam(QEMU_USER)
+        os.mkdir(workdir, 0o700)
+        os.chown(workdir, qemu.pw_uid, qemu.pw_gid)  # as `up` made it before this fix
+        as_qemu_user("ln", "-s", victim, f"{workdir}/console.log")
+        done = subprocess.run(
+            [EXE, "up", spec(specs, name, tap), "--backend", "libvirt", "--wait", "0"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with open(victim, "rb") as f:
+            assert f.read() == b"root's alone\n"  # nothing written through the link
+        found = os.lstat(workdir)
+        assert found.st_uid == 0 and not os.path.islink(f"{workdir}/console.log")
+        assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
+        assert left(name, [tap]) == []
+    finally:
+        os.unlink(victim)
+        subprocess.run(["rm", "-rf", workdir], check=False)
+
+
 FILLER = r"""
 import os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
