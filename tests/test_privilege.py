@@ -8,6 +8,7 @@ own. Every test ends with nothing left: no QEMU, tap, claim, state or work direc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -69,6 +70,29 @@ def as_qemu_user(*argv: str) -> None:
     subprocess.run([*AS_QEMU, *argv], check=True, capture_output=True)
 
 
+@contextlib.contextmanager
+def planted(name: str, link: str) -> Iterator[tuple[str, str]]:
+    """(victim, work directory): a file only root may write, and VM ``name``'s work directory
+    as an older `up` left it after a `down` whose removal its user defeated (the QEMU user's),
+    in which that user put ``link``, a link to the victim. Both go at the end."""
+    fd, victim = tempfile.mkstemp(prefix="vho-priv-victim-")  # 0600, root's
+    os.write(fd, b"root's alone\n")
+    os.close(fd)
+    workdir = os.path.join(vmstate.STATE_DIR, f"{name}.d")
+    try:
+        vmstate.make_dir(vmstate.STATE_DIR)
+        qemu = pwd.getpwnam(QEMU_USER)
+        os.mkdir(workdir, 0o700)
+        os.chown(workdir, qemu.pw_uid, qemu.pw_gid)
+        as_qemu_user("ln", "-s", victim, f"{workdir}/{link}")
+        yield victim, workdir
+        with open(victim, "rb") as f:
+            assert f.read() == b"root's alone\n"  # not truncated, not written
+    finally:
+        os.unlink(victim)
+        subprocess.run(["rm", "-rf", workdir], check=False)
+
+
 def gone(pid: int, timeout: float = 15) -> bool:
     deadline = time.monotonic() + timeout
     while procfs.alive(pid):
@@ -89,19 +113,8 @@ def test_up_makes_a_new_work_directory_and_never_writes_through_a_planted_link(
     handed the fd to QEMU (whose user then has it, through pidfd_getfd on its own QEMU)."""
     name, tap = kernel.unique("vho-pl"), kernel.unique("vpl")
     names.append(name)
-    fd, victim = tempfile.mkstemp(prefix="vho-priv-victim-")  # 0600, root's
-    os.write(fd, b"root's alone\n")
-    os.close(fd)
-    workdir = os.path.join(vmstate.STATE_DIR, f"{name}.d")
-    try:
-        vmstate.make_dir(vmstate.STATE_DIR)
-        qemu = pwd.getpwnam(QEMU_USER)
-        os.mkdir(workdir, 0o700)
-        os.chown(workdir, qemu.pw_uid, qemu.pw_gid)  # as `up` made it before this fix
-        as_qemu_user("ln", "-s", victim, f"{workdir}/qemu.log")
+    with planted(name, "qemu.log") as (victim, workdir):
         vm = up(specs, name, tap)
-        with open(victim, "rb") as f:
-            assert f.read() == b"root's alone\n"  # not truncated, not written
         fds = os.listdir(f"/proc/{vm['pid']}/fd")
         held = {os.readlink(f"/proc/{vm['pid']}/fd/{fd}") for fd in fds}
         assert victim not in held, held
@@ -111,9 +124,6 @@ def test_up_makes_a_new_work_directory_and_never_writes_through_a_planted_link(
         assert log.st_uid == 0 and not os.path.islink(f"{workdir}/qemu.log")
         assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
         assert left(name, [tap]) == []
-    finally:
-        os.unlink(victim)
-        subprocess.run(["rm", "-rf", workdir], check=False)
 
 
 def test_a_libvirt_start_never_reuses_a_work_directory_its_user_filled(
@@ -124,30 +134,16 @@ def test_a_libvirt_start_never_reuses_a_work_directory_its_user_filled(
     here did not write through it; the directory was still the user's, and was reused)."""
     name, tap = kernel.unique("vho-pv"), kernel.unique("vpv")
     names.append(name)
-    fd, victim = tempfile.mkstemp(prefix="vho-priv-victim-")  # 0600, root's
-    os.write(fd, b"root's alone\n")
-    os.close(fd)
-    workdir = os.path.join(vmstate.STATE_DIR, f"{name}.d")
-    try:
-        vmstate.make_dir(vmstate.STATE_DIR)
-        qemu = pwd.getpwnam(QEMU_USER)
-        os.mkdir(workdir, 0o700)
-        os.chown(workdir, qemu.pw_uid, qemu.pw_gid)  # as `up` made it before this fix
-        as_qemu_user("ln", "-s", victim, f"{workdir}/console.log")
+    with planted(name, "console.log") as (_, workdir):
         done = subprocess.run(
             [EXE, "up", spec(specs, name, tap), "--backend", "libvirt", "--wait", "0"],
             capture_output=True, text=True,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        with open(victim, "rb") as f:
-            assert f.read() == b"root's alone\n"  # nothing written through the link
         found = os.lstat(workdir)
         assert found.st_uid == 0 and not os.path.islink(f"{workdir}/console.log")
         assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
         assert left(name, [tap]) == []
-    finally:
-        os.unlink(victim)
-        subprocess.run(["rm", "-rf", workdir], check=False)
 
 
 FILLER = r"""
