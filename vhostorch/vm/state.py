@@ -6,9 +6,8 @@ next ``up`` can undo exactly what a start killed by SIGKILL or a power cut made;
 says "running" once the VM runs. Hot-plug rewrites it, ``down`` removes it;
 ``check`` reads it to know the NICs of a VM whose netdevs were added over QMP
 (they are not on QEMU's command line). Writes are atomic (rename), files are 0600
-whatever the umask, and every change to one VM holds that
-VM's lock, so two commands on one VM never interleave. The directory's place and mode are
-vhostorch.rundir's.
+whatever the umask, and every change to one VM holds that VM's lock, so two commands on
+one VM never interleave. The directory's place and mode are vhostorch.rundir's.
 """
 
 from __future__ import annotations
