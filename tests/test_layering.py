@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 # facade, last in its own list.
 ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ()), ("record", ()), ("signals", ()), ("lockfile", ()), ("files", ()),
-    ("claims", ()), ("inputs", ()), ("rootcode", ()),
+    ("rundir", ()), ("claims", ()), ("inputs", ()), ("rootcode", ()),
     ("kernel", ("rtnl", "tun", "netns", "procfs", "__init__")),
     ("taps", ("spec", "plan", "apply", "teardown", "__init__")),
     ("vm", ("spec", "state", "__init__")),

@@ -79,7 +79,7 @@ def spec(**changes: object) -> VmSpec:
 
 
 def test_qemu_command_line_has_no_network_and_a_paused_daemon_with_qmp() -> None:
-    argv = process.argv(spec(), "/run/w")
+    argv = process.argv(spec(), "/run/w", 7)
     assert "-netdev" not in argv and "-nic" not in argv and "-device" not in argv
     assert {"-S", "-nodefaults", "-no-user-config"} <= set(argv)
     # Not daemonized: -daemonize forks after the sandbox is set, which spawn=deny kills.
@@ -87,14 +87,18 @@ def test_qemu_command_line_has_no_network_and_a_paused_daemon_with_qmp() -> None
     assert argv[argv.index("-sandbox") + 1] == (
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     )
-    assert argv[argv.index("-qmp") + 1] == "unix:/run/w/qmp.sock,server=on,wait=off"
+    assert argv[argv.index("-qmp") + 1] == "unix:/run/w/qemu/qmp.sock,server=on,wait=off"
+    # The console is a file root made, handed over as an fd: QEMU opens no path of its own.
+    assert argv[argv.index("-add-fd") + 1] == "fd=7,set=1"
+    assert argv[argv.index("-serial") + 1] == "file:/dev/fdset/1"
+    assert "-pidfile" not in argv
     assert argv[argv.index("-append") + 1] == "console=ttyS0 a=<&>"  # one argv word, no shell
     assert argv[argv.index("-cpu") + 1] == "host"
-    assert "-cpu" not in process.argv(spec(accel="tcg"), "/w")
+    assert "-cpu" not in process.argv(spec(accel="tcg"), "/w", 7)
     with tempfile.NamedTemporaryFile(suffix=",x.img") as disk:
         disk.write(b"QFI\xfb" + bytes(60))
         disk.flush()
-        argv = process.argv(spec(boot={"disk": disk.name}), "/w")
+        argv = process.argv(spec(boot={"disk": disk.name}), "/w", 7)
         drive = argv[argv.index("-drive") + 1]
         assert drive == f"file={disk.name.replace(',', ',,')},if=virtio,format=qcow2"
 

@@ -46,10 +46,10 @@ def test_spare_ports_on_pc_are_refused() -> None:
 
 
 def test_the_qmp_backend_puts_the_root_ports_on_the_command_line() -> None:
-    argv = process.argv(_spec("q35", spare_ports=1), "/w")
+    argv = process.argv(_spec("q35", spare_ports=1), "/w", 7)
     ports = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert ports == [f"pcie-root-port,id=vho.port{i},chassis={i + 1}" for i in range(3)]
-    assert "-device" not in process.argv(_spec("pc"), "/w")
+    assert "-device" not in process.argv(_spec("pc"), "/w", 7)
 
 
 def test_the_libvirt_backend_asks_for_root_ports_in_the_domain() -> None:

@@ -269,10 +269,14 @@ def test_under_umask_000_nothing_is_world_writable(specs: str, names: list[str])
         "lock": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.lock")).st_mode,
         "dir": os.stat(vmstate.STATE_DIR).st_mode,
         "workdir": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.d")).st_mode,
+        "qemu": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.d", "qemu")).st_mode,
+        "log": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.d", "qemu.log")).st_mode,
+        "console": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.d", "console.log")).st_mode,
         "claim": os.stat(claims.path(tap)).st_mode,
     }
     assert {k: oct(stat.S_IMODE(m)) for k, m in modes.items()} == {
-        "state": "0o600", "lock": "0o600", "dir": "0o711", "workdir": "0o700", "claim": "0o600",
+        "state": "0o600", "lock": "0o600", "dir": "0o711", "workdir": "0o711", "qemu": "0o700",
+        "log": "0o600", "console": "0o600", "claim": "0o600",
     }  # fmt: skip
     assert run("down", name)[0] == 0
     assert left(name, [tap]) == []

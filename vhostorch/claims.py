@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import files
+from vhostorch import files, rundir
 from vhostorch.errors import Claimed, OperationFailed
 
-CLAIM_DIR = "/run/vhostorch/hook/taps"
+CLAIM_DIR = rundir.CLAIMS
+LEVELS = (rundir.CLAIMS_MODE, rundir.HOOK_MODE, rundir.RUN_MODE)  # hook/taps, hook, the run dir
 FILE_MODE = 0o600  # a claim names a VM or domain: root's business alone
-DIR_MODE = 0o700
 
 
 def up_holder(vm: str) -> str:
@@ -42,11 +42,13 @@ def path(tap: str, root: str = CLAIM_DIR) -> str:
 def holder(tap: str, root: str = CLAIM_DIR) -> str | None:
     """Who holds ``tap``, or None. Names are read as the file system gives them (a domain
     name that is not valid UTF-8 round-trips through os.fsdecode)."""
+    where = path(tap, root)
     try:
-        with open(path(tap, root), "rb") as f:
-            return os.fsdecode(f.read())
+        return os.fsdecode(files.read(where))
     except FileNotFoundError:
         return None
+    except OSError as err:
+        raise OperationFailed(f"claim file {where}: {err.strerror}") from None
 
 
 # Where claims are written before they are linked into place: a name longer than any
@@ -66,7 +68,7 @@ def claim(tap: str, who: str, root: str = CLAIM_DIR) -> bool:
 
     Raises Claimed when another holder has it, OperationFailed when the file cannot be made.
     """
-    os.makedirs(os.path.join(root, SCRATCH), mode=DIR_MODE, exist_ok=True)
+    rundir.ensure(os.path.join(root, SCRATCH), rundir.CLAIMS_MODE, *LEVELS)
     where = path(tap, root)
     while True:
         try:
@@ -83,7 +85,9 @@ def claim(tap: str, who: str, root: str = CLAIM_DIR) -> bool:
 
 
 def release(tap: str, who: str, root: str = CLAIM_DIR) -> None:
-    """Release ``tap`` when ``who`` holds it; anyone else's claim (or none) is left alone."""
+    """Release ``tap`` when ``who`` holds it; anyone else's claim (or none) is left alone.
+    Raises OperationFailed when the claim directory is not root's alone (vhostorch.rundir)."""
+    rundir.ensure(root, *LEVELS)
     if holder(tap, root) == who:
         files.remove(path(tap, root))
 

@@ -5,9 +5,10 @@ linked elsewhere); `replace` puts new contents at a name by renaming such a file
 so a reader sees the old file or the new one, never a part; `create` puts a whole file at
 a name only if none is there (a claim: of two creators, one wins). Both open with O_NOFOLLOW, so
 a symlink planted at the name is never written through, and set the mode with fchmod, so
-the umask does not decide it. `read_regular` is the read that goes with them: only a regular
-file, never a FIFO or device opened, at most so many bytes. Stdlib ``os`` (and ``stat``,
-which it imports) only: the hook's start-up path writes with it.
+the umask does not decide it. `read` reads such a file back, and nothing else put at its
+name (a link, a FIFO that would hang the reader, a device); `read_regular` reads a file a
+user names: only a regular file, never a FIFO or device opened, at most so many bytes.
+Stdlib ``os`` (and ``stat``, which it imports) only: the hook's start-up path writes with it.
 """
 
 from __future__ import annotations
@@ -118,6 +119,28 @@ def makedirs(path: str, mode: int) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def read(path: str, limit: int = 1 << 20) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``limit``; opened with O_NOFOLLOW
+    and O_NONBLOCK, so a link there is not followed and a FIFO does not block. Raises
+    OSError (FileNotFoundError when there is none; ELOOP for a link; EINVAL for what is not a
+    regular file; EFBIG past ``limit``)."""
+    import errno
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        data = b""
+        while chunk := os.read(fd, limit + 1 - len(data)):
+            data += chunk
+            if len(data) > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+        return data
     finally:
         os.close(fd)
 

@@ -6,9 +6,10 @@ import os
 
 
 class Lock:
-    """flock on ``path``, created if need be; on release the file is removed when
-    ``state`` (the file the lock guards) does not exist, so nothing stays behind.
-    A waiter that then holds a lock on the removed file retries on the new one."""
+    """flock on ``path``, created if need be, in a directory the caller made (vhostorch.rundir);
+    on release the file is removed when ``state`` (the file the lock guards) does not exist,
+    so nothing stays behind. A waiter that then holds a lock on the removed file retries on
+    the new one."""
 
     def __init__(self, path: str, state: str) -> None:
         self.path = path
@@ -18,7 +19,6 @@ class Lock:
     def __enter__(self) -> Lock:
         import fcntl
 
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             os.fchmod(fd, 0o600)  # not the umask's choice

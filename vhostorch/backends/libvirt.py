@@ -64,8 +64,10 @@ class _Start:
 
     def run(self, nics: Sequence[tuple[NicSpec, bool]]) -> Started:
         name = self.spec.name
-        os.makedirs(self.workdir, mode=0o755, exist_ok=True)
-        xml = domxml.render(self.spec, nics, process.files(self.workdir)[2], self.vm_id)
+        # New and root's (libvirt opens the console log): one found is removed, never reused.
+        process.remove_workdir(self.workdir)
+        os.mkdir(self.workdir, 0o755)
+        xml = domxml.render(self.spec, nics, process.files(self.workdir)[1], self.vm_id)
         self.defining = True
         virt.define_and_start(name, xml, self.uri)
         try:

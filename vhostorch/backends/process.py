@@ -14,19 +14,30 @@ paused (``-S``) and without any NIC; vhostorch.backends.qmp adds them and lets i
 A QEMU is named by its pid and its start time (field 22 of /proc/PID/stat): a pid
 alone can be reused by anything once QEMU is gone, so nothing is signalled unless
 both match, and signals go through a pidfd opened before the start time is compared.
+
+Root never trusts a file QEMU's user can change (a guest that escapes into QEMU is that
+user). A VM's work directory NAME.d is made fresh by each start (one found is renamed
+away and removed, never reused) and is root's, and so are the files root makes there and
+hands QEMU as fds: ``qemu.log`` (QEMU's stdout and stderr) and ``console.log`` (the
+serial console, through ``-add-fd``). QEMU's user owns only ``NAME.d/qemu/``, where
+QEMU makes its QMP socket; root connects to that socket without following a link and
+asks nothing of whoever serves it unless it is this QEMU (its pid and start time, by
+SO_PEERCRED), and removes that directory by directory fd, never following a link.
+QEMU is started with no signal blocked, whatever `up` holds.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import time
 from itertools import pairwise
 
 from vhostorch.errors import OperationFailed
 from vhostorch.kernel import procfs
-from vhostorch.qemu.monitor import MonitorError, QmpSocket
+from vhostorch.qemu.monitor import MonitorError, QmpSocket, connect_unix, peer
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vm.spec import disk_format
 
@@ -83,24 +94,33 @@ def run_as(user: str | None) -> RunAs | None:
     return None if found.uid == 0 else found
 
 
-def files(workdir: str) -> tuple[str, str, str]:
-    """(QMP socket, pid file, console log) in a VM's work directory."""
-    return (f"{workdir}/qmp.sock", f"{workdir}/qemu.pid", f"{workdir}/console.log")
+QEMU_DIR = "qemu"  # in a work directory: the one directory QEMU's user owns
+LOG = "qemu.log"  # in a work directory: QEMU's stdout and stderr, root's
+CONSOLE = "console.log"  # in a work directory: the serial console, root's
+CONSOLE_FDSET = 1  # the -add-fd set QEMU finds the console's fd in
+LEGACY_PIDFILE = "qemu.pid"  # where QEMU wrote its pid before QEMU_DIR (state files of then)
+WORKDIR_MODE = 0o711  # QEMU's user passes through it to QEMU_DIR and can list nothing
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# New names in a new directory of root's: O_EXCL, and nothing to follow.
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _log(workdir: str) -> str:
-    return f"{workdir}/qemu.log"
+def files(workdir: str) -> tuple[str, str]:
+    """(QMP socket, console log) of a VM's work directory: the socket in QEMU_DIR."""
+    return f"{workdir}/{QEMU_DIR}/qmp.sock", f"{workdir}/{CONSOLE}"
 
 
-def argv(spec: VmSpec, workdir: str, qemu: str = QEMU) -> list[str]:
-    """QEMU's command line for ``spec``: no NIC, a QMP socket, paused, sandboxed."""
-    qmp, pidfile, console = files(workdir)
+def argv(spec: VmSpec, workdir: str, console_fd: int, qemu: str = QEMU) -> list[str]:
+    """QEMU's command line for ``spec``: no NIC, a QMP socket, paused, sandboxed; its
+    serial console written to ``console_fd`` (QEMU inherits it: ``-add-fd``)."""
+    qmp = files(workdir)[0]
     args = [
         qemu, "-name", f"guest={spec.name},debug-threads=on", "-machine", spec.machine,
         "-accel", spec.accel, "-m", str(spec.memory), "-smp", str(spec.cpus),
         "-display", "none", "-nodefaults", "-no-user-config", "-S", "-sandbox", SANDBOX,
-        "-pidfile", pidfile, "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-serial", f"file:{console}",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-add-fd", f"fd={console_fd},set={CONSOLE_FDSET}",
+        "-serial", f"file:/dev/fdset/{CONSOLE_FDSET}",
     ]  # fmt: skip
     if spec.accel == "kvm":
         args += ["-cpu", "host"]
@@ -119,10 +139,12 @@ def argv(spec: VmSpec, workdir: str, qemu: str = QEMU) -> list[str]:
     return args
 
 
-def connect(qmp: str) -> QmpSocket:
-    """An open connection to the QMP socket ``qmp``. Raises MonitorError."""
+def connect(qmp: str, pid: int, started: int | None) -> QmpSocket:
+    """An open connection to the QMP socket ``qmp`` of QEMU ``pid`` started at ``started``
+    (a link there is not followed; any other server is refused before a byte is sent).
+    Raises MonitorError."""
     sock = QmpSocket(qmp, QMP_TIMEOUT)
-    sock.open()
+    sock.open(served_by=pid, started=started, follow=False)
     return sock
 
 
@@ -132,12 +154,51 @@ def boot_ticks() -> int:
 
 
 def start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (after the command name, which may hold spaces); None: gone."""
+    """Field 22 of /proc/PID/stat (procfs.start_time); None: gone."""
+    return procfs.start_time(pid)
+
+
+def _unblocked() -> None:
+    """In QEMU's process before exec: no signal blocked. The mask is inherited through
+    fork and exec, and QEMU was started while `up` held SIGINT, SIGTERM and SIGHUP
+    (signals.Held): blocked for life, they left `kill`, `systemctl stop` and `down`'s
+    SIGTERM without effect."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def make_workdir(workdir: str, user: RunAs | None) -> int:
+    """A new work directory at ``workdir`` (root's, WORKDIR_MODE) with QEMU_DIR in it
+    (``user``'s, 0700); an fd of the work directory. Whatever was at ``workdir`` is
+    removed first (remove_workdir): a directory found there may hold what QEMU's user
+    planted. ``workdir``'s parent is a run directory (rundir: only root writes there), so
+    the name is root's between making and opening. Raises OperationFailed."""
+    parent, name = os.path.split(workdir)
+    remove_workdir(workdir)
+    pfd = os.open(parent, _DIR)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+        try:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            raise OperationFailed(
+                f"work directory {workdir} is still there after removing it: not reused"
+            ) from None
+        fd = os.open(name, _DIR, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+    try:
+        os.mkdir(QEMU_DIR, 0o700, dir_fd=fd)
+        own = os.open(QEMU_DIR, _DIR, dir_fd=fd)
+        try:
+            os.fchmod(own, 0o700)  # mkdir's mode is masked by the umask
+            if user is not None:
+                os.fchown(own, user.uid, user.gid)  # QEMU makes its QMP socket here
+        finally:
+            os.close(own)
+        os.fchmod(fd, WORKDIR_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Launch:
@@ -152,40 +213,44 @@ class Launch:
     ) -> None:
         self.workdir = workdir
         self.qemu = qemu
-        self.qmp, self.pidfile, _ = files(workdir)
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
-        os.chmod(workdir, 0o700)
-        if user is not None:
-            os.chown(workdir, user.uid, user.gid)  # QEMU makes its socket, pid file and log here
-        log = os.open(_log(workdir), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.qmp = files(workdir)[0]
+        fd = make_workdir(workdir, user)
+        try:
+            log = os.open(LOG, _NEW, 0o600, dir_fd=fd)
+            try:
+                console = os.open(CONSOLE, _NEW, 0o600, dir_fd=fd)
+            except BaseException:
+                os.close(log)
+                raise
+        finally:
+            os.close(fd)
         try:
             self.proc = subprocess.Popen(
-                argv(spec, workdir, qemu),
+                argv(spec, workdir, console, qemu),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                pass_fds=(console,),
                 start_new_session=True,  # outlives `up`, and a terminal's ^C is not for it
                 user=None if user is None else user.uid,
                 group=None if user is None else user.gid,
                 extra_groups=None if user is None else list(user.groups),
                 umask=0o077,
+                preexec_fn=_unblocked,  # vhostorch has one thread: nothing to deadlock on
             )
         except FileNotFoundError:
             remove_workdir(workdir)
             raise OperationFailed(f"{qemu} is not installed (Debian: qemu-system-x86)") from None
         finally:
             os.close(log)
+            os.close(console)
         # Our child, not yet reaped: its pid cannot be reused while we read its start time.
         self.pid = self.proc.pid
         self.start_time = start_time(self.pid)
 
     def _exited(self) -> OperationFailed:
         self.proc.wait()
-        try:
-            with open(_log(self.workdir), errors="replace") as f:
-                said = f.read()
-        except OSError:
-            said = ""
+        said = _tail(self.workdir)
         remove_workdir(self.workdir)
         prefix = f"{os.path.basename(self.qemu)}: "
         lines = [
@@ -202,7 +267,7 @@ class Launch:
             if self.proc.poll() is not None:
                 raise self._exited()
             try:
-                sock = connect(self.qmp)
+                sock = self.connect()
                 try:
                     sock.execute("query-status", None)
                 finally:
@@ -215,6 +280,10 @@ class Launch:
                 self.abort()
                 raise OperationFailed(f"QEMU did not start within {START_TIMEOUT:.0f} s")
             time.sleep(0.02)
+
+    def connect(self) -> QmpSocket:
+        """An open connection to this QEMU's QMP socket. Raises MonitorError."""
+        return connect(self.qmp, self.pid, self.start_time)
 
     def abort(self) -> None:
         """Stop this QEMU, whatever stage it reached (our child: its pid is not reused until
@@ -242,18 +311,59 @@ def _argv(pid: int) -> list[bytes]:
         return []
 
 
-def _legacy_ours(pid: int, workdir: str) -> bool:
-    """For a state file without a start time: QEMU's binary, with exactly this work directory's
-    pid file on its command line, and that pid file names it. A process that merely mentions
-    the work directory (``tail -F .../console.log``) is not it."""
+def _is_qemu(pid: int) -> bool:
     try:
-        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system-")
     except OSError:
         return False
-    args = _argv(pid)
-    pidfile = files(workdir)[1]
-    named = any(a == b"-pidfile" and b == pidfile.encode() for a, b in pairwise(args))
-    return exe.startswith("qemu-system-") and named and _pid(pidfile) == pid
+
+
+def _small(workdir: str, name: str, limit: int) -> bytes | None:
+    """At most the last ``limit`` bytes of regular file ``name`` in ``workdir``, opened with
+    O_NOFOLLOW and O_NONBLOCK (a link, a FIFO or a device put there is not read); None when
+    there is none."""
+    try:
+        fd = os.open(workdir, _DIR)
+    except OSError:
+        return None
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        file = os.open(name, flags, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        size = os.fstat(file)
+        if not stat.S_ISREG(size.st_mode):
+            return None
+        return os.pread(file, limit, max(0, size.st_size - limit))
+    except OSError:
+        return None
+    finally:
+        os.close(file)
+
+
+def _tail(workdir: str) -> str:
+    """The end of QEMU's stdout and stderr (LOG: root's, but QEMU may have written much)."""
+    return (_small(workdir, LOG, 4096) or b"").decode(errors="replace")
+
+
+def _legacy_ours(pid: int, workdir: str) -> bool:
+    """For a state file without a start time (vhostorch before start times and QEMU_DIR):
+    QEMU's binary, with exactly this work directory's pid file on its command line, and
+    that pid file names it. A process that merely mentions the work directory (``tail -F
+    .../console.log``) is not it."""
+    pidfile = f"{workdir}/{LEGACY_PIDFILE}"
+    named = any(a == b"-pidfile" and b == pidfile.encode() for a, b in pairwise(_argv(pid)))
+    return _is_qemu(pid) and named and _legacy_pid(workdir) == pid
+
+
+def _legacy_pid(workdir: str) -> int | None:
+    try:
+        return int(_small(workdir, LEGACY_PIDFILE, 32) or b"")
+    except ValueError:
+        return None
 
 
 def ours(pid: int, started: int | None, workdir: str) -> bool:
@@ -264,21 +374,38 @@ def ours(pid: int, started: int | None, workdir: str) -> bool:
 
 
 def find(workdir: str, after: int) -> tuple[int, int] | None:
-    """(pid, start time) of the QEMU a start that died left in ``workdir``: named by its pid
-    file, started after ``after`` (boot ticks), and QEMU's binary with that pid file."""
-    pid = _pid(files(workdir)[1])
+    """(pid, start time) of the QEMU a start that died left in ``workdir``: the process
+    serving its QMP socket (SO_PEERCRED; a link there is not followed), as the user who
+    owns QEMU_DIR, running QEMU's binary with this very socket on its command line, and
+    started after ``after`` (boot ticks). QEMU's user can put another socket there: what
+    it leads to is then one of that user's own processes, or nothing."""
+    qmp = files(workdir)[0]
+    try:
+        owner = os.stat(os.path.dirname(qmp), follow_symlinks=False).st_uid
+        sock = connect_unix(qmp, QMP_TIMEOUT, follow=False)
+    except (OSError, MonitorError):
+        return _legacy_find(workdir, after)
+    try:
+        pid, uid, _ = peer(sock)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    mine = f"unix:{qmp},server=on,wait=off".encode()
+    named = any(a == b"-qmp" and b == mine for a, b in pairwise(_argv(pid)))
+    started = start_time(pid)
+    if uid != owner or not named or not _is_qemu(pid) or started is None or started < after:
+        return None
+    return pid, started
+
+
+def _legacy_find(workdir: str, after: int) -> tuple[int, int] | None:
+    """find for a work directory of vhostorch before QEMU_DIR: named by its pid file."""
+    pid = _legacy_pid(workdir)
     if pid is None or not _legacy_ours(pid, workdir):
         return None
     started = start_time(pid)
     return None if started is None or started < after else (pid, started)
-
-
-def _pid(pidfile: str) -> int | None:
-    try:
-        with open(pidfile) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -304,7 +431,7 @@ def stop(pid: int | None, started: int | None, workdir: str, timeout: float = QU
             pass
     try:
         if pidfd >= 0 and pid is not None and ours(pid, started, workdir):
-            _quit(files(workdir)[0])
+            _quit(workdir, pid, started)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 if _wait_gone(pid, timeout):
                     break
@@ -324,9 +451,11 @@ def stop(pid: int | None, started: int | None, workdir: str, timeout: float = QU
     remove_workdir(workdir)
 
 
-def _quit(qmp: str) -> None:
+def _quit(workdir: str, pid: int, started: int | None) -> None:
+    # Before QEMU_DIR (no start time either), the socket was the work directory's own.
+    qmp = files(workdir)[0] if started is not None else f"{workdir}/qmp.sock"
     try:
-        sock = connect(qmp)
+        sock = connect(qmp, pid, started)
         try:
             sock.execute("quit", None)
         finally:
@@ -336,7 +465,53 @@ def _quit(qmp: str) -> None:
 
 
 def remove_workdir(workdir: str) -> None:
-    """Remove a VM's work directory (console log, QMP socket, pid file); gone already is fine."""
+    """Remove a VM's work directory and all in it; gone already is fine.
+
+    It is first renamed, in its parent (a run directory: root's alone), to a name of its
+    own, so that one whose QEMU's user keeps adding to it is never found and reused; it and
+    its QEMU_DIR become root's and 0700 before they are emptied (nobody else can then add
+    to them), and nothing in them is followed (shutil.rmtree works by directory fd). What
+    still cannot be removed stays under that name, harmless.
+    """
     import shutil
 
-    shutil.rmtree(workdir, ignore_errors=True)
+    parent, name = os.path.split(workdir)
+    try:
+        pfd = os.open(parent, _DIR)
+    except OSError:
+        return
+    try:
+        gone = f".gone-{os.urandom(8).hex()}"
+        try:
+            os.rename(name, gone, src_dir_fd=pfd, dst_dir_fd=pfd)
+        except FileNotFoundError:
+            return
+        try:
+            fd = os.open(gone, _DIR, dir_fd=pfd)
+        except OSError:
+            os.unlink(gone, dir_fd=pfd)  # not a directory (a link, say): only root puts one here
+            return
+        try:
+            _seize(fd)
+            try:
+                own = os.open(QEMU_DIR, _DIR, dir_fd=fd)
+            except OSError:
+                pass  # none (a work directory from before QEMU_DIR), or not a directory
+            else:
+                try:
+                    _seize(own)
+                finally:
+                    os.close(own)
+        finally:
+            os.close(fd)
+        shutil.rmtree(gone, dir_fd=pfd, ignore_errors=True)
+    finally:
+        os.close(pfd)
+
+
+def _seize(fd: int) -> None:
+    try:
+        os.fchown(fd, os.geteuid(), os.getegid())
+        os.fchmod(fd, 0o700)
+    except OSError:
+        pass  # not root: it is ours already, or the removal fails and says nothing

@@ -23,13 +23,14 @@ from vhostorch.check import observe as inspect
 from vhostorch.check.report import FAIL, PASS, UNKNOWN
 from vhostorch.errors import OperationFailed
 from vhostorch.kernel import procfs, tun
-from vhostorch.qemu.monitor import MonitorError, QmpSocket, read_qmp, vhost_started
+from vhostorch.qemu.monitor import MonitorError, QmpSocket, read_virtio, vhost_started
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from vhostorch.check.observe import Observation
+    from vhostorch.qemu.monitor import MonitorView
     from vhostorch.vm.spec import NicSpec, VmSpec
     from vhostorch.vm.state import NicState, VmState
 
@@ -173,7 +174,7 @@ def start(launch: process.Launch, nics: Sequence[tuple[NicSpec, bool]]) -> int:
     """
     pid = launch.ready()
     try:
-        sock = process.connect(launch.qmp)
+        sock = launch.connect()
         try:
             for nic, vhost_on in nics:
                 add_nic(sock, nic, vhost_on)
@@ -186,9 +187,17 @@ def start(launch: process.Launch, nics: Sequence[tuple[NicSpec, bool]]) -> int:
     return pid
 
 
-def attach(qmp: str, nic: NicSpec, vhost_on: bool) -> None:
-    """Hot-plug ``nic`` into the running QEMU behind ``qmp``. Raises OperationFailed."""
-    sock = process.connect(qmp)
+def _connect(state: VmState) -> QmpSocket:
+    """A connection to the QEMU of ``state``, refused unless that QEMU serves it. Raises
+    OperationFailed (MonitorError)."""
+    if state.qmp is None:
+        raise OperationFailed(f"the state of VM {state.name} names no QMP socket")
+    return process.connect(state.qmp, state.pid, state.start_time)
+
+
+def attach(state: VmState, nic: NicSpec, vhost_on: bool) -> None:
+    """Hot-plug ``nic`` into the running QEMU of ``state``. Raises OperationFailed."""
+    sock = _connect(state)
     try:
         add_nic(sock, nic, vhost_on)
     finally:
@@ -199,7 +208,7 @@ def _peripherals(sock: QmpSocket) -> set[str]:
     return {str(p.get("name")) for p in sock.execute("qom-list", {"path": "/machine/peripheral"})}
 
 
-def detach(qmp: str, tap: str, timeout: float = UNPLUG_TIMEOUT, queues: int = 0) -> None:
+def detach(state: VmState, tap: str, timeout: float = UNPLUG_TIMEOUT, queues: int = 0) -> None:
     """Unplug the NIC on ``tap``: device_del, wait for the guest to release it, netdev_del.
 
     Raises OperationFailed when the guest does not release it in time (the NIC
@@ -207,7 +216,7 @@ def detach(qmp: str, tap: str, timeout: float = UNPLUG_TIMEOUT, queues: int = 0)
     skipped, so an unplug cut short is finished by another.
     """
     device, netdev = ids(tap)
-    sock = process.connect(qmp)
+    sock = _connect(state)
     try:
         if device in _peripherals(sock):
             sock.execute("device_del", {"id": device})
@@ -260,16 +269,15 @@ class _Asker:
     booting guest 125 ms of CPU, a kept one 9 ms. A question that fails or times out is
     asked again next time, on a new connection."""
 
-    def __init__(self, qmp: str) -> None:
-        self.qmp = qmp
+    def __init__(self, state: VmState) -> None:
+        self.state = state
         self.sock: QmpSocket | None = None
 
     def waiting(self, devices: Sequence[str]) -> list[str]:
         try:
             sock = self.sock
             if sock is None:
-                sock = QmpSocket(self.qmp, process.QMP_TIMEOUT)
-                sock.open()  # closes itself when it fails
+                sock = _connect(self.state)  # closes itself when it fails
                 self.sock = sock
             return [d for d in devices if not vhost_started(sock.execute, d)]
         except MonitorError:
@@ -280,12 +288,6 @@ class _Asker:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-def _socket(state: VmState) -> str:
-    if state.qmp is None:
-        raise OperationFailed(f"the state of VM {state.name} names no QMP socket")
-    return state.qmp
 
 
 class QmpBackend:
@@ -311,19 +313,26 @@ class QmpBackend:
         process.stop(state.pid or None, state.start_time, state.workdir)
 
     def attach(self, state: VmState, nic: NicSpec, vhost_on: bool) -> None:
-        attach(_socket(state), nic, vhost_on)
+        attach(state, nic, vhost_on)
 
     def detach(self, state: VmState, nic: NicState, timeout: float) -> None:
-        detach(_socket(state), nic.tap, timeout, nic.queues)
+        detach(state, nic.tap, timeout, nic.queues)
 
     def observe(self, state: VmState) -> Observation:
-        """QEMU's monitor is asked over the socket vhostorch started it with."""
-        qmp = _socket(state)
-        return inspect.observe(state.pid, monitor=lambda: read_qmp(qmp), plan=state)
+        """QEMU's monitor is asked over the socket vhostorch started it with, of that QEMU."""
+
+        def read() -> MonitorView:
+            sock = _connect(state)
+            try:
+                return read_virtio(sock.execute, f"qmp:{state.qmp}")
+            finally:
+                sock.close()
+
+        return inspect.observe(state.pid, monitor=read, plan=state)
 
     def final_started(self) -> tuple[str, ...]:
         """QEMU's monitor says "not yet" (warn) until the guest driver is up: the rest is final."""
         return (PASS, FAIL, UNKNOWN)
 
     def asker(self, state: VmState) -> _Asker | None:
-        return None if state.qmp is None else _Asker(state.qmp)
+        return None if state.qmp is None else _Asker(state)

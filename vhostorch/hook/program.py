@@ -51,7 +51,6 @@ from vhostorch.errors import (
 from vhostorch.hook import metadata, state
 from vhostorch.hook.state import SYSLOG, Places
 from vhostorch.libvirt import domxml, qemuconf
-from vhostorch.lockfile import Lock
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -91,7 +90,7 @@ def prepare(declared: metadata.Declared, places: Places) -> list[str]:
     """
     domain = declared.domain
     specs = [t.spec for t in declared.taps]
-    with Lock(places.lock(domain), places.held(domain)):
+    with state.domain_lock(places, domain):
         held, tag = state.read_held(places, domain)
         left = [tap for tap, how in held.items() if how == "pending"]
         if left:  # a prepare that was killed: take back what it left first
@@ -185,7 +184,7 @@ def release(domain: str, places: Places) -> None:
             places.held(domain) + ".tmp", claims.scratch(domain, places.claims))  # fmt: skip
     if not any(os.path.lexists(p) for p in (places.held(domain), places.lock(domain), *left)):
         return  # nothing of this domain's: most domains, and every one without metadata
-    with Lock(places.lock(domain), places.held(domain)):
+    with state.domain_lock(places, domain):
         held, tag = state.read_held(places, domain)
         errors = _take_back(places, domain, held, sorted(held), tag)
         state.write_held(places, domain, held, tag)

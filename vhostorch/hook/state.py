@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import claims, files
+from vhostorch import claims, files, rundir
 from vhostorch.errors import Claimed, OperationFailed
 from vhostorch.files import stem as file_stem
+from vhostorch.lockfile import Lock
 
-RUN_DIR = "/run/vhostorch"
+RUN_DIR = rundir.RUN
 SYSLOG = "/dev/log"
 HOW = ("created", "borrowed", "pending")  # what a domain's record says of each tap
 # The record's line that gives the tag of the taps the hook makes for the domain
 # (taps.mark); no interface name has a ':', so no tap's line starts so.
 TAG_LINE = ":tag"
 FILE_MODE = 0o644
-DIR_MODE = 0o755
 
 
 class Places:
@@ -60,8 +60,7 @@ def read_held(places: Places, domain: str) -> tuple[dict[str, str], str | None]:
     line (not JSON: the json module's import is a good part of the cost libvirt waits for).
     """
     try:
-        with open(places.held(domain)) as f:
-            lines = f.read().splitlines()
+        lines = files.read(places.held(domain)).decode(errors="replace").splitlines()
     except FileNotFoundError:
         return {}, None
     except OSError as err:
@@ -94,9 +93,16 @@ def write_held(places: Places, domain: str, held: dict[str, str], tag: str | Non
 def write_result(places: Places, domain: str, text: str) -> None:
     """Replace the started check's result, RUN_DIR/DOMAIN.json, whole (its temporary name
     is the domain's own; release removes one a kill left)."""
-    os.makedirs(places.run, mode=DIR_MODE, exist_ok=True)
+    rundir.ensure(places.run, rundir.RUN_MODE)
     path = places.result(domain)
     files.replace(path, text.encode(), FILE_MODE, temporary=f"{path}.tmp")
+
+
+def domain_lock(places: Places, domain: str) -> Lock:
+    """``domain``'s lock, its directory and the claims' made or checked (vhostorch.rundir)
+    first: the claims of every domain are read under it."""
+    rundir.ensure(places.claims, *claims.LEVELS)
+    return Lock(places.lock(domain), places.held(domain))
 
 
 def holder(places: Places, tap: str) -> str | None:

@@ -304,6 +304,15 @@ def read(
     return Process(pid, comm, argv, tuple(fds), tuple(threads(pid, proc)), start_ticks)
 
 
+def start_time(pid: int, proc: str = PROC) -> int | None:
+    """Field 22 of /proc/PID/stat, the start time in clock ticks after boot (after the
+    command name, which may hold spaces): with the pid, it names one process. None: gone."""
+    try:
+        return int(_read(f"{proc}/{pid}/stat").rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def threads(pid: int, proc: str = PROC) -> Iterator[Thread]:
     base = f"{proc}/{pid}/task"
     try:

@@ -5,7 +5,7 @@ command is interrupted (SIGINT, SIGTERM, SIGHUP): decide (nothing touched yet) �
 state file ("starting") → tap claims → VM → taps → state file ("running"). Each
 step is written to the state file before it is taken, so that a start that could not
 undo itself (SIGKILL, power cut) is undone by ``down`` or the next ``up``, exactly:
-its claims, the taps it was making, its QEMU (pid and start time, or its pid file).
+its claims, the taps it was making, its QEMU (pid and start time, or its QMP socket's server).
 ``nic add`` and ``nic del`` work the same way (what they will claim, make, plug and
 delete is recorded first; a signal undoes ``nic add``), and what one killed outright
 left is finished by the next ``nic`` command or by ``down``.

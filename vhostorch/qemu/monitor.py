@@ -13,9 +13,12 @@ for ``kick`` and ``call``, so it is not used.
 
 from __future__ import annotations
 
+import os
+
 # The errors raised here, also importable from here (the tree is in vhostorch.errors).
 from vhostorch.errors import LeftPaused as LeftPaused
 from vhostorch.errors import MonitorError as MonitorError
+from vhostorch.kernel import procfs
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -183,21 +186,31 @@ class QmpSocket:
 
         return bool(self.client.runstate == Runstate.RUNNING)
 
-    def open(self, served_by: int | None = None) -> None:
+    def open(
+        self, served_by: int | None = None, started: int | None = None, follow: bool = True
+    ) -> None:
         """Connect; with ``served_by``, only to that process (SO_PEERCRED of this very
-        connection, so the path cannot be swapped between the check and the use).
+        connection, so the path cannot be swapped between the check and the use), and with
+        ``started`` too, only while that pid is still the process started then (its start
+        time: pids are reused). ``follow`` False: a symlink at the path is not followed
+        (the socket of a QEMU vhostorch started is in its user's directory).
 
         Raises MonitorError, before a byte is sent when the peer is another process.
         """
         from qemu.qmp import QMPError
 
-        sock = connect_unix(self.path, self.timeout)
+        sock = connect_unix(self.path, self.timeout, follow)
         try:
             pid = peer(sock)[0]
             if served_by is not None and pid != served_by:
                 raise MonitorError(
                     f"QMP at {self.path} is served by process {pid}, not by QEMU {served_by}: "
                     "not asked"
+                )
+            if started is not None and procfs.start_time(pid) != started:
+                raise MonitorError(
+                    f"QMP at {self.path} is served by process {pid}, which is not the QEMU of "
+                    "that pid vhostorch started (gone, its pid reused): not asked"
                 )
             self._run(self.client.connect(sock))
         except BaseException as err:
@@ -472,22 +485,36 @@ def read_qmp(path: str, timeout: float = 5.0, served_by: int | None = None) -> M
         sock.close()
 
 
-def connect_unix(path: str, timeout: float) -> socket.socket:
-    """A stream connection to the unix socket at ``path``. Raises MonitorError."""
+def connect_unix(path: str, timeout: float, follow: bool = True) -> socket.socket:
+    """A stream connection to the unix socket at ``path``; ``follow`` False: only to a
+    socket there, never through a symlink (the socket is opened O_PATH|O_NOFOLLOW and
+    reached as /proc/self/fd/N, which also lifts sun_path's 108 bytes). Raises MonitorError.
+    """
     import socket
+    import stat
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    target, held = path, -1
     try:
-        sock.connect(path)
-    except BaseException as err:
-        # Closed whatever ends the connect (a stopping signal too, raised as the connection
-        # is made): QEMU's monitor serves one client at a time, so a socket left open here
-        # would keep out the rollback's own connection.
-        sock.close()
-        if not isinstance(err, OSError):
+        if not follow:
+            held = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if not stat.S_ISSOCK(os.fstat(held).st_mode):
+                raise MonitorError(f"cannot reach QMP at {path}: not a socket (not followed)")
+            target = f"/proc/self/fd/{held}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(target)
+        except BaseException:
+            # Closed whatever ends the connect (a stopping signal too, raised as the
+            # connection is made): QEMU's monitor serves one client at a time, so a socket
+            # left open here would keep out the rollback's own connection.
+            sock.close()
             raise
+    except OSError as err:
         raise MonitorError(f"cannot reach QMP at {path}: {err.strerror or err}") from err
+    finally:
+        if held >= 0:
+            os.close(held)
     return sock
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import files, lockfile, signals
+from vhostorch import files, lockfile, rundir, signals
 from vhostorch.errors import (
     InvalidSpec,
     NotManaged,
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from vhostorch.kernel.rtnl import Link
     from vhostorch.taps.apply import Host
 
-LOCK_DIR = "/run/vhostorch/taps"
+LOCK_DIR = rundir.TAP_LOCKS
 NO_MARKS: Mapping[str, str] = {}  # never changed: the default of ``marks``
 
 
@@ -386,7 +386,7 @@ class NamespaceLock(lockfile.Lock):
     def __init__(self, lock_dir: str = LOCK_DIR) -> None:
         stem = os.path.join(lock_dir, f"netns-{os.stat('/proc/thread-self/ns/net').st_ino}")
         self.journal = stem + ".moved"
-        files.makedirs(lock_dir, 0o700)
+        rundir.ensure(lock_dir, rundir.TAP_LOCKS_MODE, rundir.RUN_MODE)
         super().__init__(stem + ".lock", self.journal)
 
     def __enter__(self) -> NamespaceLock:

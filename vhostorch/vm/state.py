@@ -11,8 +11,8 @@ rewrites it, recording first what it is about to claim, make and plug (``claimed
 by the next ``nic`` command or ``down``; ``down`` removes it;
 ``check`` reads it to know the NICs of a VM whose netdevs were added over QMP
 (they are not on QEMU's command line). Writes are atomic (rename), files are 0600
-and the directory 0711 whatever the umask, and every change to one VM holds that
-VM's lock, so two commands on one VM never interleave.
+whatever the umask, and every change to one VM holds that VM's lock, so two commands on
+one VM never interleave. The directory's place and mode are vhostorch.rundir's.
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ from __future__ import annotations
 import json
 import os
 
-from vhostorch import files, lockfile
+from vhostorch import files, lockfile, rundir
 from vhostorch.errors import OperationFailed
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-STATE_DIR = "/run/vhostorch/vms"
+STATE_DIR = rundir.VMS
 FILE_MODE = 0o600
-# Search only for others: an unprivileged QEMU reaches its own work directory (VM.d,
-# 0700, its own) through it, and nobody but root can list it or read a state file.
-DIR_MODE = 0o711
 STARTING = "starting"  # up has begun and not finished: what it made is listed
 RUNNING = "running"
 
@@ -57,14 +54,14 @@ class VmState(Record):
     accel: str
     qmp: str | None  # the QMP backend's socket
     uri: str | None  # the libvirt backend's connection URI
-    workdir: str  # console log, QMP socket, pid file
+    workdir: str  # QEMU's log and console log, and its QMP socket (backends.process)
     nics: tuple[NicState, ...]
     status: str = RUNNING  # files written before the field existed were running VMs
     # QEMU's start time (/proc/PID/stat field 22, clock ticks after boot): with the pid,
     # what names that QEMU alone (pids are reused). None in files from before it existed.
     start_time: int | None = None
-    # While starting: the boot-relative tick before QEMU was launched (a QEMU found by its
-    # pid file must have started after it), the taps claimed and the taps being made.
+    # While starting: the boot-relative tick before QEMU was launched (a QEMU found by the
+    # socket it serves must have started after it), the taps claimed and the taps being made.
     launched_after: int | None = None
     claimed: tuple[str, ...] = ()
     making: tuple[str, ...] = ()
@@ -91,9 +88,9 @@ def _path(name: str, root: str) -> str:
 
 
 def make_dir(root: str) -> None:
-    """``root`` as a directory only root can list or write, whatever the umask."""
-    os.makedirs(root, mode=DIR_MODE, exist_ok=True)
-    os.chmod(root, DIR_MODE)
+    """``root`` (the run directory's vms/) made or checked, with its mode and its parent's.
+    Raises OperationFailed when it is not root's alone."""
+    rundir.ensure(root, rundir.VMS_MODE, rundir.RUN_MODE)
 
 
 def save(state: VmState, root: str = STATE_DIR) -> None:
@@ -116,8 +113,7 @@ def _from_json(data: dict[str, object]) -> VmState:
 def load(name: str, root: str = STATE_DIR) -> VmState | None:
     """The state of VM ``name``, or None when vhostorch has not started it."""
     try:
-        with open(_path(name, root)) as f:
-            return _from_json(json.load(f))
+        return _from_json(json.loads(files.read(_path(name, root))))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError) as err:
