@@ -26,6 +26,7 @@ from tests import kernel
 from tests.kernel import vhostorch
 from vhostorch.check import rewire
 from vhostorch.errors import OperationFailed
+from vhostorch.kernel import procfs
 from vhostorch.libvirt import connection as virt
 from vhostorch.qemu import monitor
 
@@ -410,6 +411,10 @@ def test_a_stopped_qemu_is_not_paused_and_costs_no_timeout() -> None:
     with qemu() as (pid, _sock, observer):
         os.kill(pid, signal.SIGSTOP)
         try:
+            deadline = time.monotonic() + 5  # the stop is delivered, not done, when kill returns
+            while procfs.stopped(pid) is None:
+                assert time.monotonic() < deadline, "QEMU did not stop"
+                time.sleep(0.01)
             started = time.monotonic()
             (plan,) = rewire.plans(pid=pid, domain=None, qmp=None, every=True, uri=None)
             check = rewire.rewire(plan, refuse=False)
