@@ -26,7 +26,7 @@ import pytest
 from tests import observations
 from vhostorch.check import metrics, verify
 from vhostorch.check.ids import HOST_KVM, VM_INSPECT
-from vhostorch.check.report import FAIL, PASS, UNKNOWN, Check, Report
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, Check, DomainTarget, HostTarget, Report
 from vhostorch.cli import check as cli_check
 from vhostorch.cli.argv import Parsed
 from vhostorch.cli.output import report_text
@@ -92,12 +92,12 @@ def host_report() -> Report:
         Check("host.vhost-net", PASS, "/dev/vhost-net exists (vhost_net)", {"module": "vhost_net"}),
         Check(HOST_KVM, FAIL, "/dev/kvm is missing", {}),
     )
-    return Report({"host": "h1", "kernel": "6.1.0-57-amd64"}, (), checks)
+    return Report(HostTarget("h1", "6.1.0-57-amd64"), (), checks)
 
 
 def domain_report() -> Report:
     unknown = Check(VM_INSPECT, UNKNOWN, "unknown: no QEMU process for domain d1")
-    return Report({"domain": "d1"}, (), (unknown,))
+    return Report(DomainTarget("d1"), (), (unknown,))
 
 
 @pytest.mark.parametrize("stem", ["host", "domain"])
