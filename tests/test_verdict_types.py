@@ -107,3 +107,36 @@ def test_no_verdict_is_decided_by_words_or_literal_ids() -> None:
 def test_the_scan_sees_both_kinds() -> None:
     source = 'a = c.id == "nic.call"\nb = "not a KVM irqfd" in c.message\nc = x in ("vm.kvm",)\n'
     assert [line for line, _ in _decisions(ast.parse(source))] == [1, 2, 3]
+
+
+MISTYPED = """
+from vhostorch.check.report import Check, Report, QemuTarget
+from vhostorch.orchestrate.decision import Host, decide
+from vhostorch.vm.spec import NicSpec, VmSpec
+
+Check("vm.kvm", "passed", "m")
+Check("nic.call", "fail", "m", cause="relayed")
+Host(("ok", "m"), ("pass", "m"))
+decide([], "kvn", "qmp", Host(("pass", "m"), ("pass", "m")))
+Report({"pid": 1}, (), ())
+
+
+def mode(nic: NicSpec, vm: VmSpec) -> bool:
+    return nic.vhost == "require" or vm.accel == "hvf"
+"""
+
+
+def test_mypy_strict_refuses_a_status_cause_mode_or_accel_that_does_not_exist(
+    tmp_path: pathlib.Path,
+) -> None:
+    import subprocess
+    import sys
+
+    source = tmp_path / "mistyped.py"
+    source.write_text(MISTYPED)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(source)],
+        capture_output=True, text=True, cwd=PACKAGE.parent, check=False,
+    )  # fmt: skip
+    lines = {int(line.split(":")[1]) for line in done.stdout.splitlines() if ": error:" in line}
+    assert lines == {6, 7, 8, 9, 10, 14}, done.stdout
