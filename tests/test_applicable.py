@@ -20,6 +20,7 @@ from tests import guests, vhost_user
 from tests.kernel import vhostorch
 from tests.observations import observed
 from vhostorch.check import applicable, verify
+from vhostorch.check.report import NotApplicable
 from vhostorch.cli.output import report_text
 from vhostorch.libvirt import domxml
 from vhostorch.qemu import args as qemuargs
@@ -126,7 +127,7 @@ def test_only_not_applicable_nics_is_no_failure_of_the_nics(tmp_path: pathlib.Pa
     ]  # fmt: skip
     report = verify.verify(obs.replace(args=qemuargs.parse(argv)))
     assert [c.id for c in report.checks] == ["host.vhost-net", "vm.kvm"]
-    assert [(n["name"], n["kind"]) for n in report.nics] == [
+    assert [(n.name, n.kind) for n in report.nics if isinstance(n, NotApplicable)] == [
         ("net0", "vhost-vdpa"), ("nic0", "user"), ("nvu", "vhost-user")
     ]  # fmt: skip
     assert report.ok(strict=True)

@@ -29,6 +29,7 @@ from tests.kernel import vhostorch
 from tests.test_check_host import _wait_for_tap_fd, domain, domain_xml, tap
 from vhostorch.check import metrics as metrics_text
 from vhostorch.check import observe, targets, verify
+from vhostorch.check.report import Worker
 from vhostorch.libvirt import connection, domxml
 
 NO_VHOST_NET = not os.path.exists("/dev/vhost-net")
@@ -249,16 +250,16 @@ def test_each_metrics_format_types_the_counter_for_its_parser(form: str) -> None
         (report,) = targets.reports(targets.Target(pid=pid))
         tid = max(int(t) for t in os.listdir(f"/proc/{pid}/task"))
         cpu_time = thread_cpu_seconds(pid, tid)
-        worker = {"queue_pair": 0, "vhost_fd": 99, "tid": tid, "cpu_seconds": cpu_time}
-        nics = tuple({**n, "workers": [worker]} for n in report.nics)
+        worker = Worker(0, 99, tid, cpu_time, "fd order")
+        nics = tuple(n.replace(workers=(worker,)) for n in report.nics)
         text = metrics_text.render([report.replace(nics=nics)], 0.5, form)
         cpu = parse(text, form)["vhostorch_vhost_worker_cpu_seconds"]
         assert cpu.type == "counter", text
         (sample,) = cpu.samples
         assert sample.name == "vhostorch_vhost_worker_cpu_seconds_total"
-        assert sample.labels == {"vm": report.target.get("name") or "", "pid": str(pid),
+        assert sample.labels == {"vm": metrics_text.vm_name(report), "pid": str(pid),
                                  "nic": "net0", "queue_pair": "0", "tid": str(tid)}  # fmt: skip
-        assert sample.value == worker["cpu_seconds"]
+        assert sample.value == worker.cpu_seconds
         counter_lines = [ln for ln in text.splitlines() if "vhost_worker_cpu_seconds" in ln]
         typed = "vhostorch_vhost_worker_cpu_seconds" + ("_total" if form == "prometheus" else "")
         assert counter_lines[1] == f"# TYPE {typed} counter"

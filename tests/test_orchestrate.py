@@ -149,7 +149,7 @@ def test_state_round_trips_and_the_lock_leaves_nothing_without_state(tmp_path: P
 
 
 def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
-    from vhostorch.check.report import Check, Report
+    from vhostorch.check.report import MASKED, RELAYED_INTERRUPT, Check, QemuTarget, Report
     from vhostorch.orchestrate.settle import _settled
 
     nics = (vmstate.NicState("t0", "nic.t0", "tap.t0", 1, "52:54:00:00:00:01", "required",
@@ -158,13 +158,14 @@ def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
     started = Check("nic.vhost.started", PASS, "up", nic="nic.t0")
 
     def report(call: Check) -> Report:
-        return Report({}, (), (started, call))
+        return Report(QemuTarget(123, "vm1"), (), (started, call))
 
-    masked = Check("nic.call", WARN, "masked", {"masked": True}, nic="nic.t0", queue=1)
+    at = {"nic": "nic.t0", "queue": 1}
+    masked = Check("nic.call", WARN, "masked", {"masked": True}, **at, cause=MASKED)
     assert not _settled(report(masked), state)
     for final in (
-        Check("nic.call", PASS, "irqfd", {"masked": False}, nic="nic.t0", queue=1),
-        Check("nic.call", FAIL, "no irqfd", {"masked": False}, nic="nic.t0", queue=1),
+        Check("nic.call", PASS, "irqfd", {"masked": False}, **at),
+        Check("nic.call", FAIL, "no irqfd", {"masked": False}, **at, cause=RELAYED_INTERRUPT),
     ):
         assert _settled(report(final), state)
 

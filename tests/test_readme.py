@@ -25,7 +25,7 @@ import pytest
 from tests import kernel
 from vhostorch import __version__, cli, errors
 from vhostorch.check import ids, metrics, reasons
-from vhostorch.check.report import Check, Report
+from vhostorch.check.report import Check, JudgedNic, QemuTarget, Reason, Report, Worker
 from vhostorch.cli.argv import FLAG, NEGATE, Command, parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,16 +310,18 @@ def test_the_metric_samples_are_what_check_renders() -> None:
     for line in block.splitlines():
         name, labels_text, value = sample.fullmatch(line).groups()  # type: ignore[union-attr]
         labels = dict(re.findall(r'(\w+)="([^"]*)"', labels_text))
-        target = {"pid": int(labels["pid"]), "name": labels["vm"]}
-        nic: dict[str, Any] = {"name": labels["nic"]}
+        target = QemuTarget(int(labels["pid"]), labels["vm"])
+        nic = JudgedNic(labels["nic"], "n0", None, 1, True, None, ())
         checks: tuple[Check, ...] = ()
         if name == "vhostorch_check_status":
-            checks = (Check(labels["check"], labels["status"], "", nic=labels["nic"] or None),)
+            status: Any = labels["status"]  # one of STATUSES, as the README shows it
+            checks = (Check(labels["check"], status, "", nic=labels["nic"] or None),)
         elif name == "vhostorch_nic_vhost_reason":
-            nic["reason"] = {"code": labels["reason"], "message": "", "evidence": {}}
+            code: Any = labels["reason"]  # a reason code, as the README shows it
+            nic = nic.replace(reason=Reason(code, "", {}))
         else:
-            worker = {"queue_pair": int(labels["queue_pair"]), "tid": int(labels["tid"])}
-            nic["workers"] = [{**worker, "cpu_seconds": float(value)}]
+            worker = Worker(int(labels["queue_pair"]), 3, int(labels["tid"]), float(value), "")
+            nic = nic.replace(workers=(worker,))
         report = Report(target=target, nics=(nic,), checks=checks)
         assert line in metrics.render([report], 0.1, "prometheus").splitlines()
     alert = next(s for s in spans() if s.startswith("vhostorch_check_status{"))
@@ -355,7 +357,7 @@ def test_the_reason_code_table_is_the_codes_check_gives() -> None:
 
 
 def test_the_json_shapes_shown_are_the_ones_printed() -> None:
-    report = Report(target={}, nics=(), checks=(Check("vm.kvm", "pass", "m"),))
+    report = Report(QemuTarget(1, None), (), (Check("vm.kvm", "pass", "m"),))
     shape = report.to_json()
     assert set(shape) == {"ok", "target", "nics", "checks"}
     assert {"id", "nic", "queue", "status", "message", "evidence"} <= set(shape["checks"][0])  # type: ignore[index]

@@ -23,7 +23,7 @@ import pytest
 
 from tests import observations
 from vhostorch.check import fds, verify
-from vhostorch.check.report import FAIL, PASS
+from vhostorch.check.report import FAIL, PASS, JudgedNic
 from vhostorch.kernel import procfs
 
 # (recording, kernel series, worker model, queue pairs)
@@ -142,17 +142,17 @@ def test_each_queue_pairs_worker_is_the_one_owned_for_its_vhost_fd(
         obs = observations.observed(name, tmp_path / str(traced), trace=traced)
         nic = observations.nic_named(obs, "net0")
         found = verify.workers(obs, nic)
-        assert [w["queue_pair"] for w in found] == list(range(queues))
-        assert [w["vhost_fd"] for w in found] == [fd.num for fd in nic.vhost_fds]
-        assert sorted(w["tid"] for w in found) == sorted(obs.workers)
-        assert {w["attributed_by"] for w in found} == {
+        assert [w.queue_pair for w in found] == list(range(queues))
+        assert [w.vhost_fd for w in found] == [fd.num for fd in nic.vhost_fds]
+        assert sorted(w.tid for w in found) == sorted(obs.workers)
+        assert {w.attributed_by for w in found} == {
             "VHOST_SET_OWNER order (traced)" if traced else "fd order"
         }
         if traced:
             assert obs.wiring is not None
-            owned = [fd for fd in obs.wiring.owners if fd in {w["vhost_fd"] for w in found}]
-            by_tid = sorted(found, key=lambda w: int(str(w["tid"])))
-            assert [w["vhost_fd"] for w in by_tid] == owned[-queues:]
+            owned = [fd for fd in obs.wiring.owners if fd in {w.vhost_fd for w in found}]
+            by_tid = sorted(found, key=lambda w: w.tid)
+            assert [w.vhost_fd for w in by_tid] == owned[-queues:]
 
 
 def test_a_vhost_task_workers_cpu_time_is_its_own_not_its_thread_groups(
@@ -195,7 +195,10 @@ def test_a_fallback_line_in_qemus_log_is_no_reason_for_a_nic_vhost_runs_on(
         obs = observations.observed(name, tmp_path / f"{monitor}{trace}", monitor=monitor,
                                     trace=trace).replace(logs=stale)  # fmt: skip
         report = verify.verify(obs)
-        assert [n["reason"] for n in report.nics] == [None], (monitor, trace)
+        assert [n.reason for n in report.nics if isinstance(n, JudgedNic)] == [None], (
+            monitor,
+            trace,
+        )
     blind = observations.observed(name, tmp_path / "blind", monitor=False, trace=False)
     nic = observations.nic_named(blind, "net0")
     why = reasons.reason(blind.replace(logs=stale), nic, verify.nic_checks(blind, nic))

@@ -19,7 +19,8 @@ and gets no check; ``verify`` judges the other NICs only.
 
 from __future__ import annotations
 
-from vhostorch.record import TYPE_CHECKING, Record
+from vhostorch.check.report import NotApplicable
+from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vhostorch.check.observe import Observation
@@ -47,25 +48,6 @@ _INTERFACE_REASONS = {
     "user": "<interface type='user'>: user-mode networking (slirp or passt) in userspace, no "
     "tap for vhost-net",
 }
-
-
-class NotApplicable(Record):
-    """One NIC vhost-net cannot serve: its name, netdev, what it is and why it is not judged."""
-
-    name: str
-    netdev: str | None
-    kind: str
-    reason: str
-
-    def entry(self) -> dict[str, object]:
-        """Its entry in a report's ``nics`` (entries of judged NICs have no ``applicable``)."""
-        return {
-            "name": self.name,
-            "netdev": self.netdev,
-            "kind": self.kind,
-            "applicable": False,
-            "reason": self.reason,
-        }
 
 
 def netdev_reason(kind: str) -> str:

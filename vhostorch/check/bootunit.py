@@ -24,7 +24,13 @@ import sys
 
 from vhostorch import files, rootcode
 from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
-from vhostorch.record import Record
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from typing import Literal
+
+    # What install and uninstall did (the JSON's "action"; "changed" unless unchanged/absent).
+    Action = Literal["installed", "updated", "unchanged", "removed", "absent"]
 
 UNIT_DIR = "/etc/systemd/system"
 NAME = "vhostorch-trace.service"
@@ -96,7 +102,7 @@ WantedBy={" ".join(WANTED_BY)}
 
 class Installed(Record):
     path: str
-    action: str  # installed, updated, unchanged, removed, absent
+    action: Action
     enabled: bool
     reloaded: bool = False
 
@@ -237,6 +243,7 @@ def install(unit_dir: str = UNIT_DIR) -> Installed:
             _link(directory, wanted_by, path)
     except OSError as err:
         raise OperationFailed(f"cannot install {path}: {err.strerror or err}") from err
+    action: Action
     if old == text:
         action = "updated" if missing else "unchanged"  # re-enabled: a link was missing
     else:
@@ -261,7 +268,7 @@ def uninstall(unit_dir: str = UNIT_DIR) -> Installed:
             os.unlink(path)
     except OSError as err:
         raise OperationFailed(f"cannot remove {path}: {err.strerror or err}") from err
-    action = "removed" if present or links else "absent"
+    action: Action = "removed" if present or links else "absent"
     reloaded = _reload(directory == UNIT_DIR) if action == "removed" else False
     return Installed(path, action, False, reloaded)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from vhostorch.check import ids
-from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check, Report
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check, HostTarget, Report
 from vhostorch.libvirt import qemuconf
 
 KVM_GET_API_VERSION = 0xAE00
@@ -318,4 +318,4 @@ def doctor(paths: Paths | None = None) -> Report:
     checks = [*vhost_net_checks(paths), _tun(paths), kvm_check(paths), _worker_model()]
     checks += [_trace(paths), trace_at_boot(paths), root_code()]
     checks += [*_libvirt(paths), _nofile()]
-    return Report({"host": os.uname().nodename, "kernel": os.uname().release}, (), tuple(checks))
+    return Report(HostTarget(os.uname().nodename, os.uname().release), (), tuple(checks))

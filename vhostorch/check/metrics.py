@@ -27,7 +27,7 @@ Families (every one a HELP and a TYPE line):
 
 from __future__ import annotations
 
-from vhostorch.check.report import STATUSES
+from vhostorch.check.report import STATUSES, DomainTarget, JudgedNic, QemuTarget
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -75,7 +75,9 @@ class _Family:
 
 def vm_name(report: Report) -> str:
     target = report.target
-    return str(target.get("domain") or target.get("name") or "")
+    if isinstance(target, QemuTarget):
+        return target.domain or target.name or ""
+    return target.domain if isinstance(target, DomainTarget) else ""
 
 
 def render(reports: Sequence[Report], duration: float, form: str = "openmetrics") -> str:
@@ -103,26 +105,26 @@ def render(reports: Sequence[Report], duration: float, form: str = "openmetrics"
     vm_ok = _Family("vm_ok", "gauge", "1 when no check of this QEMU failed.")
     for report in reports:
         vm = vm_name(report)
-        pid = report.target.get("pid", "")
+        pid = "" if report.pid is None else report.pid
         for c in report.checks:
             where = (("vm", vm), ("pid", pid), ("nic", c.nic), ("queue", c.queue), ("check", c.id))
             for s in STATUSES:
                 status.add((*where, ("status", s)), 1 if c.status == s else 0)
         for nic in report.nics:
-            why = nic.get("reason")
-            if isinstance(why, dict):
+            if not isinstance(nic, JudgedNic):
+                continue  # not applicable: no reason, no worker
+            if nic.reason is not None:
                 reason.add(
-                    (("vm", vm), ("pid", pid), ("nic", nic["name"]), ("reason", why["code"])), 1
+                    (("vm", vm), ("pid", pid), ("nic", nic.name), ("reason", nic.reason.code)), 1
                 )
-            workers = nic.get("workers")
-            for w in workers if isinstance(workers, list) else ():
-                if w["cpu_seconds"] is None:
+            for w in nic.workers:
+                if w.cpu_seconds is None:
                     continue  # a worker whose CPU time could not be read has no sample
                 worker = (
-                    ("vm", vm), ("pid", pid), ("nic", nic["name"]),
-                    ("queue_pair", w["queue_pair"]), ("tid", w["tid"]),
+                    ("vm", vm), ("pid", pid), ("nic", nic.name),
+                    ("queue_pair", w.queue_pair), ("tid", w.tid),
                 )  # fmt: skip
-                cpu.add(worker, float(w["cpu_seconds"]))
+                cpu.add(worker, float(w.cpu_seconds))
         vm_ok.add((("vm", vm), ("pid", pid)), 1 if report.ok() else 0)
     vms = _Family("check_vms", "gauge", "QEMU processes this check looked at.")
     vms.add((), len(reports))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from vhostorch.check.observe import Observation
+    from vhostorch.check.report import Cause, Status
     from vhostorch.kernel.rtnl import Link
     from vhostorch.libvirt.domxml import Interface
     from vhostorch.qemu.monitor import VirtioNet
@@ -53,14 +54,15 @@ class Nic:
     def check(
         self,
         id: str,
-        status: str,
+        status: Status,
         message: str,
         evidence: dict[str, object] | None = None,
         *,
         queue: int | None = None,
+        cause: Cause | None = None,
     ) -> Check:
         """A verdict about this NIC (and one of its virtqueues, with ``queue``)."""
-        return Check(id, status, message, evidence, nic=self.name, queue=queue)
+        return Check(id, status, message, evidence, nic=self.name, queue=queue, cause=cause)
 
 
 CMDLINE = "the QEMU command line"

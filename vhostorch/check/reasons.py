@@ -45,7 +45,6 @@ What the real thing does (QEMU 7.2, Linux 6.1 and 6.12, in the test host):
   root, which a mode 000 device does not stop, and when it cannot it logs 'Unable to
   open vhost-net' (libvirt-open-failed) or, with <driver name='vhost'/>, refuses the
   domain. ``doctor`` checks the device's access (host.vhost-net.access).
-A NIC whose vhost is attached and wired has no reason (None).
 """
 
 from __future__ import annotations
@@ -54,39 +53,31 @@ import itertools
 
 from vhostorch.check.ids import CALL, VHOST_STARTED
 from vhostorch.check.nics import BY_LIBVIRT, virtio
-from vhostorch.check.report import FAIL, PASS, UNKNOWN
+from vhostorch.check.report import FAIL, PASS, RELAYED_INTERRUPT, UNKNOWN, Reason
 from vhostorch.qemu import args as qemuargs
-from vhostorch.record import TYPE_CHECKING, Record
+from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Final
 
     from vhostorch.check.nics import Nic
     from vhostorch.check.observe import Observation
-    from vhostorch.check.report import Check
+    from vhostorch.check.report import Check, ReasonCode
 
-NOT_REQUESTED = "not-requested"
-LIBVIRT_OPEN_FAILED = "libvirt-open-failed"
-VHOST_NET_MISSING = "vhost-net-missing"
-QEMU_FALLBACK = "qemu-fallback"
-IRQCHIP_OFF = "irqchip-off"
-NO_MSIX = "no-msix"
-UNEXPLAINED = "unexplained"
-CODES = (
+NOT_REQUESTED: Final = "not-requested"
+LIBVIRT_OPEN_FAILED: Final = "libvirt-open-failed"
+VHOST_NET_MISSING: Final = "vhost-net-missing"
+QEMU_FALLBACK: Final = "qemu-fallback"
+IRQCHIP_OFF: Final = "irqchip-off"
+NO_MSIX: Final = "no-msix"
+UNEXPLAINED: Final = "unexplained"
+CODES: Final[tuple[ReasonCode, ...]] = (
     NOT_REQUESTED, LIBVIRT_OPEN_FAILED, VHOST_NET_MISSING, QEMU_FALLBACK,
     IRQCHIP_OFF, NO_MSIX, UNEXPLAINED,
 )  # fmt: skip
 # What QEMU (hw/net/virtio-net.c) prints when vhost_net_start fails.
 FALLBACK_WORDS = ("unable to start vhost net", "falling back on userspace virtio")
-
-
-class Reason(Record):
-    code: str
-    message: str
-    evidence: dict[str, object]
-
-    def to_json(self) -> dict[str, object]:
-        return {"code": self.code, "message": self.message, "evidence": self.evidence}
 
 
 def kernel_irqchip(argv: Sequence[str]) -> str | None:
@@ -190,11 +181,7 @@ def _not_at_work(obs: Observation, nic: Nic, checks: Sequence[Check]) -> Reason 
     if nic.device is not None and nic.device.vectors == 0:
         message = "the device has no MSI-X vectors (vectors=0): QEMU injects every interrupt"
         return Reason(NO_MSIX, message, {"vectors": 0})
-    relayed = [
-        c.queue
-        for c in checks
-        if c.id == CALL and c.status == FAIL and "not a KVM irqfd" in c.message
-    ]
+    relayed = [c.queue for c in checks if c.id == CALL and c.cause == RELAYED_INTERRUPT]
     if relayed:
         message = (
             "no call eventfd is a KVM irqfd although the in-kernel irqchip is on: the guest "

@@ -43,7 +43,7 @@ import os
 from vhostorch import signals
 from vhostorch.check import ids, targets, wiring
 from vhostorch.check import observe as inspect
-from vhostorch.check.report import FAIL, PASS, WARN, Check
+from vhostorch.check.report import FAIL, LEFT_PAUSED, NOT_PAUSED, PASS, WARN, Check
 from vhostorch.errors import (
     DomainUnavailable,
     InvalidSpec,
@@ -191,7 +191,7 @@ def rewire(plan: Plan, refuse: bool, warn: Callable[[str], None] | None = None) 
         message = f"not paused: {plan.why_not}"
         if refuse:
             raise OperationFailed(f"check --rewire: {plan.what} cannot be paused: {plan.why_not}")
-        return Check(ids.VM_REWIRE, WARN, message, {"paused": False})
+        return Check(ids.VM_REWIRE, WARN, message, {"paused": False}, cause=NOT_PAUSED)
 
     def said(line: str) -> None:
         if warn is not None:
@@ -200,12 +200,14 @@ def rewire(plan: Plan, refuse: bool, warn: Callable[[str], None] | None = None) 
     try:
         paused = held(plan.pause, None, said)
     except LeftPaused as err:
-        return Check(ids.VM_REWIRE, FAIL, str(err), {"paused": True, "resumed": False,
-                                                       "resume": err.resume})  # fmt: skip
+        left = {"paused": True, "resumed": False, "resume": err.resume}
+        return Check(ids.VM_REWIRE, FAIL, str(err), left, cause=LEFT_PAUSED)
     except (MonitorError, LibvirtFailed, DomainUnavailable) as err:
         if refuse:
             raise
-        return Check(ids.VM_REWIRE, WARN, f"not rewired: {err}", {"paused": False})
+        return Check(
+            ids.VM_REWIRE, WARN, f"not rewired: {err}", {"paused": False}, cause=NOT_PAUSED
+        )
     evidence: dict[str, object] = {"via": paused.via, "state": paused.state}
     if paused.ms is None:
         if refuse:
@@ -214,7 +216,7 @@ def rewire(plan: Plan, refuse: bool, warn: Callable[[str], None] | None = None) 
                 "(only a running VM is paused and resumed)"
             )
         message = f"not paused: it is {paused.state}, not running (left as it is)"
-        return Check(ids.VM_REWIRE, WARN, message, {**evidence, "paused": False})
+        return Check(ids.VM_REWIRE, WARN, message, {**evidence, "paused": False}, cause=NOT_PAUSED)
     evidence.update(paused=True, pause_ms=round(paused.ms, 1))
     message = (
         f"paused {paused.ms:.1f} ms and resumed ({paused.via}): QEMU stopped and restarted "
@@ -250,13 +252,13 @@ def reports(target: targets.Target, warn: Callable[[str], None] | None = None) -
         for plan in chosen:
             verdicts[plan.pid] = rewire(plan, refuse=not every, warn=warn)
     except VhostorchError:
-        if armed_here and not any(v.evidence.get("paused") for v in verdicts.values()):
+        if armed_here and all(v.cause == NOT_PAUSED for v in verdicts.values()):
             wiring.disarm()  # nothing was paused: leave the trace as it was
         raise
     found = targets.reports(target)
     done = []
     for report in found:
-        verdict = verdicts.get(int(str(report.target.get("pid"))))
+        verdict = None if report.pid is None else verdicts.get(report.pid)
         if verdict is not None:
             verdict = verdict.replace(evidence={**verdict.evidence, "armed_now": armed_here})
             report = report.replace(checks=(verdict, *report.checks))

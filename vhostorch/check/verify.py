@@ -11,13 +11,14 @@ of the vhost worker of each of its queue pairs.
 from __future__ import annotations
 
 from vhostorch.check import applicable, fds, machine, nics, reasons, request, running, vrings
-from vhostorch.check.report import Check, Report
+from vhostorch.check.report import JudgedNic, Managed, QemuTarget, Report, Worker
 from vhostorch.kernel import procfs
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vhostorch.check.nics import Nic
     from vhostorch.check.observe import Observation
+    from vhostorch.check.report import Check, Reason, ReportedNic
 
 
 def nic_checks(obs: Observation, nic: Nic) -> list[Check]:
@@ -38,7 +39,7 @@ def verify(obs: Observation) -> Report:
     """All checks for one QEMU."""
     checks = [machine.host_vhost_net(obs), machine.vm_kvm(obs)]
     found = nics.find(obs)
-    why: list[reasons.Reason | None] = []
+    why: list[Reason | None] = []
     for nic in found:
         mine = nic_checks(obs, nic)
         checks += mine
@@ -46,31 +47,32 @@ def verify(obs: Observation) -> Report:
     not_applicable = applicable.find(obs)  # listed in nics, never judged
     if not found and not not_applicable:
         checks.append(request.no_tap_nic())
-    target: dict[str, object] = {"pid": obs.process.pid, "name": obs.args.name}
-    if obs.stopped is not None:
-        target["stopped"] = obs.stopped  # its monitor was not asked (check.observe)
-    if obs.plan is not None:
-        target["vhostorch"] = {"vm": obs.plan.name, "backend": obs.plan.backend}
-    if obs.domain is not None:
-        target["domain"] = obs.domain.name
-        target["domain_type"] = obs.domain.type
-    nic_info: tuple[dict[str, object], ...] = tuple(
-        {
-            "name": nic.name,
-            "netdev": nic.netdev.id,
-            "tap": nics.tap_name(obs, nic),
-            "queue_pairs": nic.netdev.queue_pairs,
-            "vhost_requested": nic.netdev.wants_vhost,
-            "reason": None if reason is None else reason.to_json(),
-            "workers": workers(obs, nic),
-        }
+    domain = obs.domain
+    target = QemuTarget(
+        obs.process.pid,
+        obs.args.name,
+        stopped=obs.stopped,  # its monitor was not asked (check.observe)
+        vhostorch=None if obs.plan is None else Managed(obs.plan.name, obs.plan.backend),
+        domain=None if domain is None else domain.name,
+        domain_type=None if domain is None else domain.type,
+    )
+    nic_info: tuple[ReportedNic, ...] = tuple(
+        JudgedNic(
+            nic.name,
+            nic.netdev.id,
+            nics.tap_name(obs, nic),
+            nic.netdev.queue_pairs,
+            nic.netdev.wants_vhost,
+            reason,
+            workers(obs, nic),
+        )
         for nic, reason in zip(found, why, strict=True)
     )
-    nic_info += tuple(na.entry() for na in not_applicable)
+    nic_info += tuple(not_applicable)
     return Report(target, nic_info, tuple(checks))
 
 
-def workers(obs: Observation, nic: Nic) -> list[dict[str, object]]:
+def workers(obs: Observation, nic: Nic) -> tuple[Worker, ...]:
     """The vhost worker of each queue pair of ``nic`` with its CPU seconds.
 
     Each vhost device (one per queue pair) gets its worker at VHOST_SET_OWNER, one
@@ -82,23 +84,15 @@ def workers(obs: Observation, nic: Nic) -> list[dict[str, object]]:
     """
     every = [fd.num for fd in obs.process.fds_to(procfs.VHOST_NET)]
     if not nic.vhost_fds or len(every) != len(obs.workers) or obs.worker_cpu is None:
-        return []
+        return ()
     order, by = sorted(every), "fd order"
     owned = {fd: i for i, fd in enumerate(obs.wiring.owners)} if obs.wiring else {}
     if all(fd in owned for fd in every):  # the last VHOST_SET_OWNER of each fd counts
         order, by = sorted(every, key=owned.__getitem__), "VHOST_SET_OWNER order (traced)"
     by_fd = dict(zip(order, sorted(obs.workers), strict=True))
-    found: list[dict[str, object]] = []
-    for pair, fd in enumerate(nic.vhost_fds):
-        tid = by_fd.get(fd.num)
-        if tid is not None:
-            found.append(
-                {
-                    "queue_pair": pair,
-                    "vhost_fd": fd.num,
-                    "tid": tid,
-                    "cpu_seconds": obs.worker_cpu.get(tid),  # None: its stat was unreadable
-                    "attributed_by": by,
-                }
-            )
-    return found
+    cpu = obs.worker_cpu
+    return tuple(
+        Worker(pair, fd.num, tid, cpu.get(tid), by)  # no cpu: its stat was unreadable
+        for pair, fd in enumerate(nic.vhost_fds)
+        if (tid := by_fd.get(fd.num)) is not None
+    )

@@ -10,21 +10,38 @@ from __future__ import annotations
 
 from vhostorch.check.ids import CALL, KICK
 from vhostorch.check.nics import virtio
-from vhostorch.check.report import FAIL, PASS, UNKNOWN, WARN, Check
+from vhostorch.check.report import (
+    DRIVER_NOT_STARTED,
+    FAIL,
+    MASKED,
+    NO_EVENTFD,
+    NO_TRACE,
+    NO_VHOST_FD,
+    NOT_TRACED,
+    NOT_WIRED,
+    OTHER_QUEUE,
+    PASS,
+    RELAYED_INTERRUPT,
+    RELAYED_KICK,
+    UNKNOWN,
+    WARN,
+    Check,
+)
 from vhostorch.kernel import procfs
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vhostorch.check.nics import Nic
     from vhostorch.check.observe import Observation
+    from vhostorch.check.report import Cause, Status
     from vhostorch.check.wiring import Vring
 
-NO_TRACE = (
+NO_TRACE_NOTE = (
     "the kick/call wiring is set when the guest driver starts and is not visible "
     "afterwards; no attach-time trace was recorded for this QEMU"
 )
-# (status, message, evidence): one verdict that kick and call share.
-Shared = tuple[str, str, dict[str, object] | None]
+# (status, message, evidence, cause): one verdict that kick and call share.
+Shared = tuple["Status", str, dict[str, object] | None, "Cause"]
 
 
 def _vring(obs: Observation, nic: Nic, queue: int) -> tuple[Vring | None, dict[str, object]]:
@@ -39,9 +56,9 @@ def _unwired(obs: Observation, nic: Nic, queue: int) -> Shared | None:
     """The verdict for both kick and call when the vring cannot be judged (None when it can)."""
     pair, index = divmod(queue, 2)
     if obs.wiring is None or not obs.wiring.vrings:
-        return UNKNOWN, f"unknown: {obs.wiring_note or NO_TRACE}", None
+        return UNKNOWN, f"unknown: {obs.wiring_note or NO_TRACE_NOTE}", None, NO_TRACE
     if pair >= len(nic.vhost_fds):
-        return FAIL, f"fail: no vhost fd for queue pair {pair}", None
+        return FAIL, f"fail: no vhost fd for queue pair {pair}", None, NO_VHOST_FD
     vring, base = _vring(obs, nic, queue)
     device = virtio(obs, nic)
     # QEMU sets a placeholder call eventfd when it opens vhost; a vring is wired for
@@ -57,20 +74,21 @@ def _unwired(obs: Observation, nic: Nic, queue: int) -> Shared | None:
             WARN,
             "not wired yet: the guest driver has not started the device (no DRIVER_OK)",
             base,
+            DRIVER_NOT_STARTED,
         )
     if vring is not None and not running and device is None:
         message = (
             "not wired: vhost was not started on this vring (the guest driver is not up, or "
             "QEMU fell back; --monitor or a QMP socket tells which)"
         )
-        return WARN, message, base
+        return WARN, message, base, NOT_WIRED
     if vring is None:
         vhost_fd = base["vhost_fd"]
         message = (
             f"unknown: the trace shows no vring {index} on vhost fd {vhost_fd}: it was not "
             "wired since the trace was armed"
         )
-        return UNKNOWN, message, base
+        return UNKNOWN, message, base, NOT_TRACED
     return None
 
 
@@ -89,13 +107,14 @@ def _judgeable(
     eventfd; or the verdict, when the vring cannot be judged or has no such eventfd."""
     shared = _unwired(obs, nic, queue)
     if shared is not None:
-        return nic.check(check_id, *shared, queue=queue)
+        status, message, evidence, cause = shared
+        return nic.check(check_id, status, message, evidence, queue=queue, cause=cause)
     vring, base = _vring(obs, nic, queue)
     assert vring is not None
     fd = vring.kick if role == "kick" else vring.call
     if fd is None or fd < 0:
         message = f"vhost has no {role} eventfd for this vring"
-        return nic.check(check_id, FAIL, message, base, queue=queue)
+        return nic.check(check_id, FAIL, message, base, queue=queue, cause=NO_EVENTFD)
     return vring, base, fd
 
 
@@ -119,13 +138,13 @@ def kick(obs: Observation, nic: Nic, queue: int) -> Check:
             f"kick eventfd {fd} is not a KVM ioeventfd: QEMU relays the guest's "
             "notifications in userspace"
         )
-        return nic.check(KICK, FAIL, message, evidence, queue=queue)
+        return nic.check(KICK, FAIL, message, evidence, queue=queue, cause=RELAYED_KICK)
     if other:
         message = (
             f"kick eventfd {fd} is KVM's ioeventfd for queue {other[0]}'s notify "
             f"({where}), not this queue's"
         )
-        return nic.check(KICK, FAIL, message, evidence, queue=queue)
+        return nic.check(KICK, FAIL, message, evidence, queue=queue, cause=OTHER_QUEUE)
     message = f"kick eventfd {fd} is KVM's ioeventfd for this queue's notify ({where})"
     return nic.check(KICK, PASS, message, evidence, queue=queue)
 
@@ -148,13 +167,13 @@ def call(obs: Observation, nic: Nic, queue: int) -> Check:
             "queue's MSI-X vector right now (as it does while moving an interrupt), so QEMU "
             "holds vhost's interrupts until it unmasks; check again"
         )
-        return nic.check(CALL, WARN, message, evidence, queue=queue)
+        return nic.check(CALL, WARN, message, evidence, queue=queue, cause=MASKED)
     if vring.irqfd is None:
         message = (
             f"call eventfd {fd} is not a KVM irqfd: QEMU injects the interrupts itself "
             "(no MSI-X, or no in-kernel irqchip)"
         )
-        return nic.check(CALL, FAIL, message, evidence, queue=queue)
+        return nic.check(CALL, FAIL, message, evidence, queue=queue, cause=RELAYED_INTERRUPT)
     message = (
         f"call eventfd {fd} is KVM's irqfd for GSI {vring.irqfd['gsi']} (QEMU's "
         "virtio-pci makes irqfds only for MSI-X vectors, with an in-kernel irqchip)"

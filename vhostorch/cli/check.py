@@ -181,7 +181,7 @@ def _check(args: Parsed) -> int:
         return EXIT_OK if ok else EXIT_FAILED
 
     def key(report: Report) -> dict[tuple[object, ...], str]:
-        return {(report.target.get("pid"), c.id, c.nic, c.queue): c.status for c in report.checks}
+        return {(report.pid, c.id, c.nic, c.queue): c.status for c in report.checks}
 
     seen = {k: v for r in reports for k, v in key(r).items()}
     while True:

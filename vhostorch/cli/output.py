@@ -18,7 +18,7 @@ EXIT_CODES = """exit codes:
 
 JSON = Option("--json", FLAG, "print JSON")
 STRICT = Option("--strict", FLAG, "warn and unknown fail too")
-STATUSES = ("fail", "warn", "unknown", "pass")
+STATUSES = ("fail", "warn", "unknown", "pass")  # the summary's order
 
 
 def emit(data: object, as_json: bool, text: str) -> None:
@@ -47,15 +47,19 @@ def table(rows: list[list[str]]) -> str:
 
 
 def report_text(report: Report, strict: bool) -> str:
+    from vhostorch.check.report import DomainTarget, HostTarget, JudgedNic
+
     target = report.target
-    if "pid" in target:
-        title = f"QEMU pid {target['pid']}"
-        if target.get("domain"):
-            title += f", domain {target['domain']} (type {target.get('domain_type')})"
-        elif target.get("name"):
-            title += f" ({target['name']})"
+    if isinstance(target, HostTarget):
+        title = f"host {target.host} (Linux {target.kernel})"
+    elif isinstance(target, DomainTarget):
+        title = f"domain {target.domain}"  # made by the hook, which prints no table
     else:
-        title = f"host {target.get('host')} (Linux {target.get('kernel')})"
+        title = f"QEMU pid {target.pid}"
+        if target.domain:
+            title += f", domain {target.domain} (type {target.domain_type})"
+        elif target.name:
+            title += f" ({target.name})"
     per_nic = any(c.nic for c in report.checks)
     rows = [
         ["CHECK", "NIC", "QUEUE", "STATUS", "MESSAGE"]
@@ -70,14 +74,14 @@ def report_text(report: Report, strict: bool) -> str:
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     verdict = "OK" if report.ok(strict) else "FAILED"
     why = [
-        f"{nic['name']}: vhost not used ({reason['code']}): {reason['message']}"
+        f"{nic.name}: vhost not used ({nic.reason.code}): {nic.reason.message}"
         for nic in report.nics
-        if isinstance(reason := nic.get("reason"), dict)
+        if isinstance(nic, JudgedNic) and nic.reason is not None
     ]
     why += [
-        f"NIC {nic['name']}: not applicable: {nic['reason']}"
+        f"NIC {nic.name}: not applicable: {nic.reason}"
         for nic in report.nics
-        if nic.get("applicable") is False
+        if not isinstance(nic, JudgedNic)
     ]
     reasons = "".join(f"\n{line}" for line in why)
     return f"{title}\n{table(rows)}{reasons}\n{verdict}: {summary}"

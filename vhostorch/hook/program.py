@@ -201,7 +201,7 @@ def started(
     from vhostorch.check import observe as inspect
     from vhostorch.check import verify
     from vhostorch.check.ids import VM_INSPECT
-    from vhostorch.check.report import FAIL, UNKNOWN, Check, Report
+    from vhostorch.check.report import FAIL, UNKNOWN, Check, DomainTarget, JudgedNic, Report
     from vhostorch.kernel import procfs
 
     try:
@@ -210,11 +210,11 @@ def started(
     except procfs.CannotInspect as err:
         # Nothing proved: every verdict is unknown. Enforcing means proving, so it fails.
         unknown = Check(VM_INSPECT, UNKNOWN, f"unknown: {err}")
-        report = Report({"domain": declared.domain}, (), (unknown,))
+        report = Report(DomainTarget(declared.domain), (), (unknown,))
         if declared.enforce:
             return report, _record(declared, report, [f"cannot check: {err}"], places)
         return report, _record(declared, report, [], places)
-    taps_of = {str(n["name"]): n.get("tap") for n in report.nics}
+    taps_of = {n.name: n.tap for n in report.nics if isinstance(n, JudgedNic)}
     enforced = []
     for c in report.checks:
         if c.status != FAIL:
@@ -223,7 +223,7 @@ def started(
             applies = declared.enforce  # host- or VM-wide: it fails every NIC
         else:
             tap = taps_of.get(c.nic)
-            applies = declared.policy(tap if isinstance(tap, str) else None) == "enforce"
+            applies = declared.policy(tap) == "enforce"
         if applies:
             where = f" {c.nic}" + (f" queue {c.queue}" if c.queue is not None else "")
             enforced.append(f"{c.id}{where if c.nic else ''}: {c.message}")
@@ -254,6 +254,8 @@ def _record(
 
 
 def summary(domain: str, report: Report, enforced: list[str]) -> str:
+    from vhostorch.check.report import FAIL  # loaded already: the report is made
+
     counts: dict[str, int] = {}
     for c in report.checks:
         counts[c.status] = counts.get(c.status, 0) + 1
@@ -262,7 +264,7 @@ def summary(domain: str, report: Report, enforced: list[str]) -> str:
     if enforced:
         line += f"; enforced: {enforced[0]}"
     else:
-        failed = [c for c in report.checks if c.status == "fail"]
+        failed = [c for c in report.checks if c.status == FAIL]
         if failed:
             line += f"; {failed[0].id}: {failed[0].message}"
     return line

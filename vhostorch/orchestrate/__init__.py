@@ -35,6 +35,7 @@ from vhostorch.orchestrate.decision import Host, decide
 from vhostorch.orchestrate.settle import WAIT_DRIVER, Outcome, check, wait_for_vhost
 from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vm import state as vmstate
+from vhostorch.vm.spec import accel_of
 from vhostorch.vm.state import RUNNING, STARTING, NicState, VmState
 
 if TYPE_CHECKING:
@@ -363,7 +364,9 @@ def nic_add(
             raise InvalidSpec(f"VM {name} has a NIC with MAC {nic.mac} already")
         runner = backends.of(state)
         index = len(state.nics)
-        [(_, on, why)] = decide([nic], state.accel, state.backend, host or Host.probe(), index)
+        [(_, on, why)] = decide(
+            [nic], accel_of(state.accel), state.backend, host or Host.probe(), index
+        )
         undo = _Undo()
         holder = claims.up_holder(name)
         tap = nic.tap.name

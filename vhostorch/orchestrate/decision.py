@@ -12,14 +12,15 @@ from vhostorch.record import TYPE_CHECKING, Record
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from vhostorch.vm.spec import NicSpec
+    from vhostorch.check.report import Status
+    from vhostorch.vm.spec import Accel, NicSpec
 
 
 class Host(Record):
     """What decides whether vhost can be had: doctor's checks for /dev/vhost-net and KVM."""
 
-    vhost: tuple[str, str]  # (status, doctor's message)
-    kvm: tuple[str, str]
+    vhost: tuple[Status, str]  # (status, doctor's message)
+    kvm: tuple[Status, str]
 
     @classmethod
     def probe(cls, paths: doctor.Paths | None = None) -> Host:
@@ -31,7 +32,7 @@ class Host(Record):
 
 
 def decide(
-    nics: Sequence[NicSpec], accel: str, backend: str, host: Host, first: int = 0
+    nics: Sequence[NicSpec], accel: Accel, backend: str, host: Host, first: int = 0
 ) -> list[tuple[NicSpec, bool, str | None]]:
     """Pure: for each NIC, whether QEMU gets vhost, and why not; refuses what cannot be had.
 

@@ -10,7 +10,8 @@ import time
 
 from vhostorch import backends
 from vhostorch.check import verify
-from vhostorch.check.report import WARN, Check, Report
+from vhostorch.check.ids import CALL, VHOST_STARTED
+from vhostorch.check.report import MASKED, Check, Report
 from vhostorch.errors import OperationFailed
 from vhostorch.kernel import procfs
 from vhostorch.record import Record
@@ -44,7 +45,7 @@ def _settled(report: Report, state: VmState) -> bool:
     for nic in state.nics:
         if not nic.vhost_on:
             continue
-        started = [c for c in report.checks if c.id == "nic.vhost.started" and c.nic == nic.device]
+        started = [c for c in report.checks if c.id == VHOST_STARTED and c.nic == nic.device]
         if started and started[0].status not in final:
             return False
         if any(_masked(c) for c in report.checks if c.nic == nic.device):
@@ -53,7 +54,7 @@ def _settled(report: Report, state: VmState) -> bool:
 
 
 def _masked(check: Check) -> bool:
-    return check.id == "nic.call" and check.status == WARN and bool(check.evidence.get("masked"))
+    return check.id == CALL and check.cause == MASKED
 
 
 def wait_for_vhost(state: VmState, timeout: float) -> Outcome:

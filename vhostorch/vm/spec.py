@@ -36,7 +36,10 @@ from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from typing import Any, Protocol
+    from typing import Any, Final, Literal, Protocol
+
+    VhostMode = Literal["required", "preferred", "off"]
+    Accel = Literal["kvm", "tcg"]
 
     from vhostorch.taps import TapSpec
 
@@ -49,8 +52,8 @@ if TYPE_CHECKING:
         def mac(self) -> str: ...
 
 
-VHOST_MODES = ("required", "preferred", "off")
-ACCELS = ("kvm", "tcg")
+VHOST_MODES: Final[tuple[VhostMode, ...]] = ("required", "preferred", "off")
+ACCELS: Final[tuple[Accel, ...]] = ("kvm", "tcg")
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
 MAX_CPUS = 288
 MAX_NAME = 64
@@ -97,12 +100,20 @@ def default_mac(vm: str, index: int) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
+def accel_of(value: object) -> Accel:
+    """``value`` as an accelerator name. Raises InvalidSpec for one vhostorch does not know."""
+    found = next((accel for accel in ACCELS if accel == value), None)
+    if found is None:
+        raise InvalidSpec(f"accel must be one of {', '.join(ACCELS)}, not {shown(value)}")
+    return found
+
+
 class NicSpec(Record):
     """One virtio-net NIC: its tap (created by vhostorch), guest MAC, queues and vhost mode."""
 
     tap: TapSpec
     mac: str
-    vhost: str
+    vhost: VhostMode
     rx_queue_size: int | None
     tx_queue_size: int | None
 
@@ -149,7 +160,7 @@ class VmSpec(Record):
     memory: int
     cpus: int
     machine: str
-    accel: str
+    accel: Accel
     kernel: str | None
     initrd: str | None
     cmdline: str | None
@@ -183,8 +194,7 @@ class VmSpec(Record):
         check_vm_name(name)
         check_int(memory, "memory (MiB)", 16, MAX_MEMORY_MIB)
         check_int(cpus, "cpus", 1, MAX_CPUS)
-        if accel not in ACCELS:
-            raise InvalidSpec(f"accel must be one of {', '.join(ACCELS)}, not {shown(accel)}")
+        accel_of(accel)
         if not isinstance(machine, str) or not machine or "," in machine:
             raise InvalidSpec(
                 f"machine must be a QEMU machine type such as 'pc', not {shown(machine)}"

@@ -74,7 +74,7 @@ def finish_with_check(module, reports, result) -> None:
         report, first = failed[0]
         where = f" {first.nic}" if first.nic else ""
         module.fail_json(
-            msg=f"vhost check failed for QEMU pid {report.target.get('pid')}: "
+            msg=f"vhost check failed for QEMU pid {report.pid}: "
             f"{first.id}{where}: {first.message} ({len(failed)} in all)",
             **result,
         )
