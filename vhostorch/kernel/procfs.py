@@ -185,8 +185,13 @@ def open_regular(pid: int, fd: int, proc: str = PROC) -> int | None:
     base = f"{proc}/{pid}"
     try:
         mnt = parse_fdinfo(_read(f"{base}/fdinfo/{fd}")).get("mnt_id", "")
-        types = {**_mount_types(f"{proc}/self/mountinfo"), **_mount_types(f"{base}/mountinfo")}
-        if types.get(int(mnt) if mnt.isdigit() else -1) not in LOCAL_FS:
+        mount_id = int(mnt) if mnt.isdigit() else -1
+        ours = _mount_types(f"{proc}/self/mountinfo")
+        kind = ours.get(mount_id) or _mount_types(f"{base}/mountinfo").get(mount_id)
+        # An overlay (a container's or the test host's root) reaches its layers' filesystems:
+        # trusted only when it is a mount of our own namespace, which root made, not one
+        # of the process's (its user may stack one on a FUSE of its own).
+        if kind not in LOCAL_FS and not (kind == "overlay" and mount_id in ours):
             return None
         before = os.stat(f"{base}/fd/{fd}")
         if not stat.S_ISREG(before.st_mode):
