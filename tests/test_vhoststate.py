@@ -1,0 +1,117 @@
+"""vhostorch.kernel.vhoststate on this machine's own kernel (root, BPF iterators): what the
+program reads of a process's files is checked against /proc's fdinfo. vhost-net and KVM exist
+only in the test host (tests/test_vhoststate_testhost.py)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from vhostorch import errors
+from vhostorch.kernel import bpf, btf, vhoststate
+
+needs_btf = pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/btf/vmlinux") or os.geteuid() != 0,
+    reason="needs root and the kernel's BTF",
+)
+
+
+@pytest.fixture
+def child() -> Iterator[tuple[int, list[int]]]:
+    """A process holding three eventfds and a dup of the first; its pid and fds."""
+    code = (
+        "import os, sys, time\n"
+        "fds = [os.eventfd(0) for _ in range(3)]\n"
+        "fds.append(os.dup(fds[0]))\n"
+        "print(*fds, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout and proc.stdin
+    fds = [int(n) for n in proc.stdout.readline().split()]
+    try:
+        yield proc.pid, fds
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def _eventfd_id(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return int(next(line for line in f if line.startswith("eventfd-id:")).split()[1])
+
+
+@needs_btf
+def test_live_read_maps_eventfd_contexts_to_fdinfo(
+    child: tuple[int, list[int]], tmp_path: pathlib.Path
+) -> None:
+    pid, fds = child
+    views = vhoststate.read([pid], cache_dir=str(tmp_path))
+    assert set(views) == {pid}  # only the pid asked for
+    view = views[pid]
+    assert view.stable and view.vhost == () and view.kvm == ()
+    by_fd = {f.fd: f for f in view.files}
+    assert sorted(by_fd) == sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+    for fd in fds:
+        assert by_fd[fd].eventfd_id == _eventfd_id(pid, fd), by_fd[fd]
+        assert by_fd[fd].kind == "eventfd"
+    # A dup is the same file and context; distinct eventfds are distinct contexts.
+    first, *_, dup = fds
+    assert by_fd[dup].file == by_fd[first].file
+    assert view.eventfd_fds(by_fd[first].private_data) == sorted([first, dup])
+    assert len({by_fd[fd].private_data for fd in fds}) == 3
+    # Files that are no eventfd carry no id (stdin is a pipe).
+    assert by_fd[0].eventfd_id is None
+
+
+@needs_btf
+def test_one_pass_reads_many_processes(
+    child: tuple[int, list[int]], tmp_path: pathlib.Path
+) -> None:
+    pid, fds = child
+    views = vhoststate.read([pid, os.getpid(), 2**22 - 1], cache_dir=str(tmp_path))
+    assert set(views) == {pid, os.getpid()}  # a pid without a process is left out
+    assert {f.fd for f in views[pid].files} >= set(fds)
+
+
+@needs_btf
+def test_the_program_is_accepted_and_bounded() -> None:
+    found = vhoststate.layout(cache_dir=None)
+    program = vhoststate.program(found, list(range(1, vhoststate.MAX_PIDS + 1)))
+    program.assemble()  # no backward jump anywhere
+    func = found.funcs[vhoststate.ITERATOR]
+    assert func
+    os.close(bpf.load(program, func))
+
+
+def test_decode_refuses_partial_records() -> None:
+    found = btf.Layout({}, {})
+    with pytest.raises(errors.LiveUnavailable, match="not whole records"):
+        vhoststate.decode(b"\0" * 7, found)
+
+
+@needs_btf
+def test_not_root_is_a_reason_not_a_traceback() -> None:
+    code = (
+        "from vhostorch.kernel import vhoststate\n"
+        "print(vhoststate.available())\n"
+        "try:\n    vhoststate.read([1])\n"
+        "except vhoststate.LiveUnavailable as err:\n    print('refused:', err)\n"
+    )
+    done = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+         "-c", code],
+        capture_output=True, text=True, check=False, cwd=str(pathlib.Path(__file__).parent.parent),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        '(False, "reading the kernel\'s state needs root (CAP_BPF and CAP_PERFMON)")',
+        "refused: reading the kernel's state needs root (CAP_BPF and CAP_PERFMON)",
+    ]
