@@ -115,3 +115,66 @@ def test_not_root_is_a_reason_not_a_traceback() -> None:
         '(False, "reading the kernel\'s state needs root (CAP_BPF and CAP_PERFMON)")',
         "refused: reading the kernel's state needs root (CAP_BPF and CAP_PERFMON)",
     ]
+
+
+def _bpf_fds(pid: int) -> list[str]:
+    found = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("anon_inode:bpf"):
+            found.append(target)
+    return found
+
+
+@needs_btf
+def test_nothing_stays_attached(child: tuple[int, list[int]], tmp_path: pathlib.Path) -> None:
+    """The program, link and iterator are fds of the reader, all closed after a read (and
+    after a refused one): nothing of it outlives the call."""
+    pid, _ = child
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        vhoststate.read([pid], cache_dir=str(tmp_path))
+    p = bpf.Program()
+    p.exit()
+    with pytest.raises(errors.BpfRefused):
+        bpf.iterate(p, vhoststate.layout(cache_dir=str(tmp_path)).funcs[vhoststate.ITERATOR] or 0)
+    assert _bpf_fds(os.getpid()) == []
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+@needs_btf
+def test_two_reads_that_disagree_are_not_stable(tmp_path: pathlib.Path) -> None:
+    """Two passes over a process whose fd 100 became another eventfd between them (dup2,
+    told by a line on its stdin): the view is not stable (a caller then reports unknown);
+    two passes over the same state are."""
+    code = (
+        "import os, sys\nfds = [os.eventfd(0), os.eventfd(0)]\nos.dup2(fds[0], 100)\n"
+        "print(flush=True)\nsys.stdin.readline()\nos.dup2(fds[1], 100)\nprint(flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin and proc.stdout
+    found = vhoststate.layout(cache_dir=str(tmp_path))
+    func = found.funcs[vhoststate.ITERATOR]
+    assert func
+    fd = bpf.load(vhoststate.program(found, [proc.pid]), func)
+    try:
+        proc.stdout.readline()
+        before = vhoststate.decode(bpf.run(fd, proc.pid), found)
+        same = vhoststate.decode(bpf.run(fd, proc.pid), found)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        after = vhoststate.decode(bpf.run(fd, proc.pid), found)
+    finally:
+        os.close(fd)
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    assert vhoststate.compared(before, same)[proc.pid].stable
+    assert not vhoststate.compared(before, after)[proc.pid].stable
+    assert vhoststate.compared(before, {}) == {proc.pid: before[proc.pid].replace(stable=False)}

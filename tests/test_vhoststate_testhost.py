@@ -245,3 +245,28 @@ def test_btf_layout_has_module_types_and_is_cached(in_testhost: None, tmp_path: 
     # 6.1 keeps the worker in the device (a kernel thread), 6.5 on in each virtqueue.
     per_vq = found.members["vhost_net.vqs[0].vq.worker"] is not None
     assert per_vq == ((major, minor) >= (6, 5))
+
+
+def test_vhost_vsock_is_told_apart_from_vhost_net(in_testhost: None) -> None:
+    """A QEMU with a vhost-vsock device next to its vhost-net NIC: the vsock's vhost file
+    (misc 10:241) is known as such and read as no NIC."""
+    guests.load_modules(["vhost_vsock"])
+    with guests.tap(1) as name:
+        # A guest CID unique to this QEMU (CIDs are host-wide; 0-2 are reserved).
+        extra = [*guests.vhost_netdev(name, 1), "-S",
+                 "-device", f"vhost-vsock-pci,guest-cid={1000 + os.getpid() % 100000}"]  # fmt: skip
+        with guests.guest(extra) as g:
+            deadline = time.monotonic() + 180
+            while not {"/dev/vhost-net", "/dev/vhost-vsock"} <= set(
+                guests.fd_targets(g.pid).values()
+            ):
+                assert g.proc.poll() is None, guests.qemu_log(g)
+                assert time.monotonic() < deadline, "QEMU did not open its vhost devices"
+                time.sleep(0.2)
+            view = read_one(g.pid)
+            targets = guests.fd_targets(g.pid)
+            kinds = {f.fd: f.kind for f in view.files}
+            (vsock,) = [fd for fd, t in targets.items() if t == "/dev/vhost-vsock"]
+            (net,) = [fd for fd, t in targets.items() if t == "/dev/vhost-net"]
+            assert (kinds[vsock], kinds[net]) == ("vhost-vsock", "vhost-net")
+            assert [d.fd for d in view.vhost] == [net]

@@ -734,7 +734,13 @@ def read(
         # One pid: the link's filter (Linux >= 6.1) spares the walk over every task.
         runs = [chunk[0]] * 2 if len(chunk) == 1 else [None, None]
         first, second = (decode(out, found) for out in bpf.iterate(prog, func, runs))
-        for pid, view in first.items():
-            again = second.get(pid)
-            views[pid] = view.replace(stable=again is not None and again.wiring() == view.wiring())
+        views.update(compared(first, second))
     return views
+
+
+def compared(first: dict[int, KernelView], second: dict[int, KernelView]) -> dict[int, KernelView]:
+    """The first read's views, ``stable`` only where the second read agrees on the wiring."""
+    return {
+        pid: view.replace(stable=pid in second and second[pid].wiring() == view.wiring())
+        for pid, view in first.items()
+    }
