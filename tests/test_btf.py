@@ -122,3 +122,25 @@ def test_layout_is_cached_root_only_and_a_tampered_cache_is_not_believed(
     entry.symlink_to(tmp_path / "elsewhere")
     assert btf.layout(paths, funcs, cache_dir=str(cache)) == found
     assert not (tmp_path / "elsewhere").exists()
+
+
+@needs_btf
+def test_a_cache_directory_another_user_can_write_is_not_used(tmp_path: pathlib.Path) -> None:
+    """A directory the QEMU user (or anyone) can write is no place for root's cache: a
+    root-owned file renamed in there with the right key and wrong offsets is not believed,
+    and nothing is written there."""
+    paths, funcs = ["list_head.prev"], ["bpf_iter_task_file"]
+    own = tmp_path / "own"
+    true = btf.layout(paths, funcs, cache_dir=str(own))
+    (entry,) = own.iterdir()
+    forged = entry.read_text().replace('"list_head.prev": [8, 8]', '"list_head.prev": [0, 8]')
+    assert forged != entry.read_text()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chown(shared, 65534, 65534)  # nobody's, as a QEMU user's directory would be
+    planted = shared / entry.name
+    planted.write_text(forged)
+    planted.chmod(0o600)  # root's, mode as the real one: only the directory tells
+    assert btf.layout(paths, funcs, cache_dir=str(shared)) == true
+    assert [p.name for p in shared.iterdir()] == [entry.name]
+    assert planted.read_text() == forged  # left alone, not rewritten either

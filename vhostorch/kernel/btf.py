@@ -331,11 +331,21 @@ def _read_cache(path: str, key: list[object]) -> Layout | None:
     return Layout(fields, funcs)
 
 
+def _own_directory(path: str) -> bool:
+    """Whether ``path`` is (made if missing) a directory only we can change: in one another
+    user may write, a file of ours could be renamed in beside the real cache or replace it."""
+    try:
+        files.makedirs(path, 0o700)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
 def _write_cache(path: str, key: list[object], found: Layout) -> None:
     fields = {k: ([v.offset, v.size] if v else None) for k, v in found.members.items()}
     data = json.dumps({"key": key, "fields": fields, "funcs": found.funcs}).encode()
     try:
-        files.makedirs(os.path.dirname(path), 0o700)
         files.replace(path, data, 0o600)
     except OSError:
         pass  # a cache that cannot be written costs time, not correctness
@@ -378,11 +388,12 @@ def layout(
     root: str = BTF_ROOT,
     cache_dir: str | None = CACHE_DIR,
 ) -> Layout:
-    """`resolve`, through the per-boot cache in ``cache_dir`` (None: no cache).
+    """`resolve`, through the per-boot cache in ``cache_dir`` (None: no cache; nor is one
+    used in a directory that is not ours alone).
 
     :raises LiveUnavailable: as `resolve`.
     """
-    if cache_dir is None:
+    if cache_dir is None or not _own_directory(cache_dir):
         return resolve(paths, funcs, modules, root)
     key: list[object] = [
         *_identity(root, [VMLINUX, *modules]),
