@@ -28,6 +28,7 @@ def child() -> Iterator[tuple[int, list[int]]]:
         "import os, sys, time\n"
         "fds = [os.eventfd(0) for _ in range(3)]\n"
         "fds.append(os.dup(fds[0]))\n"
+        "os.eventfd_write(fds[1], 5)\n"
         "print(*fds, flush=True)\n"
         "sys.stdin.read()\n"
     )
@@ -41,6 +42,11 @@ def child() -> Iterator[tuple[int, list[int]]]:
     finally:
         proc.stdin.close()
         proc.wait(timeout=10)
+
+
+def _eventfd_count(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:  # printed in hex (fs/eventfd.c)
+        return int(next(line for line in f if line.startswith("eventfd-count:")).split()[1], 16)
 
 
 def _eventfd_id(pid: int, fd: int) -> int:
@@ -62,6 +68,7 @@ def test_live_read_maps_eventfd_contexts_to_fdinfo(
     for fd in fds:
         assert by_fd[fd].eventfd_id == _eventfd_id(pid, fd), by_fd[fd]
         assert by_fd[fd].kind == "eventfd"
+        assert by_fd[fd].eventfd_count == _eventfd_count(pid, fd) == (5 if fd == fds[1] else 0)
     # A dup is the same file and context; distinct eventfds are distinct contexts.
     first, *_, dup = fds
     assert by_fd[dup].file == by_fd[first].file

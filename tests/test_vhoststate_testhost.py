@@ -145,6 +145,10 @@ def _check_running(
             # modern notify address.
             kick_fds = view.eventfd_fds(q.kick)
             assert kick_fds, q
+            # A kick counter: vhost never reads its kick eventfd, so its count is every kick
+            # since vhost started; the driver kicked RX when it gave vhost its buffers.
+            (count,) = {f.eventfd_count for f in view.files if f.fd in kick_fds}
+            assert count is not None and (count > 0 or q.index == 1), (q, count)
             assert polls[vhoststate.VHOST_POLL_WAKEUP] & set(q.kick_waiters), q
             entries = io_by_ctx.get(q.kick or 0, [])
             legacy = [e.datamatch for e in entries if e.addr == bar[0] + LEGACY_NOTIFY]

@@ -94,7 +94,8 @@ _KVM_VM_NAME = int.from_bytes(b"kvm-vm\0\0", "little")
 FILE, VQ, IOEVENTFD, IRQFD, TRUNCATED = 1, 2, 3, 4, 5
 
 # Slots per kind
-F_FILE, F_PRIVATE, F_INODE, F_RDEV, F_MODE, F_DENTRY, F_NAME, F_NAMEP, F_EVENTFD_ID = range(2, 11)
+F_FILE, F_PRIVATE, F_INODE, F_RDEV, F_MODE, F_DENTRY, F_NAME, F_NAMEP = range(2, 10)
+F_EVENTFD_ID, F_EVENTFD_COUNT = 10, 11
 (V_KICK_FILE, V_KICK, V_WAITER0) = (2, 3, 4)
 V_CALL, V_BACKEND, V_BACKEND_FILE, V_FEATURES, V_AVAIL, V_USED = 8, 9, 10, 11, 12, 13
 V_REGIONS, V_UMEM, V_TID, V_KTID = 14, 15, 16, 17
@@ -116,9 +117,10 @@ def _paths() -> list[str]:
         "bpf_iter__task_file.meta", "bpf_iter__task_file.task", "bpf_iter__task_file.fd",
         "bpf_iter__task_file.file", "bpf_iter_meta.seq", "task_struct.tgid", "task_struct.pid",
         "file.private_data", "file.f_inode", "file.f_path.dentry", "inode.i_rdev",
-        "inode.i_mode", "dentry.d_name.name", "eventfd_ctx.id", "eventfd_ctx.wqh.head",
-        "list_head.next", "wait_queue_entry.func", "wait_queue_entry.entry", "socket.file",
-        "vhost_net.dev.umem", "vhost_net.dev.worker", "vhost_iotlb.nmaps",
+        "inode.i_mode", "dentry.d_name.name", "eventfd_ctx.id", "eventfd_ctx.count",
+        "eventfd_ctx.wqh.head", "list_head.next", "wait_queue_entry.func",
+        "wait_queue_entry.entry", "socket.file", "vhost_net.dev.umem", "vhost_net.dev.worker",
+        "vhost_iotlb.nmaps",
         "vhost_worker.vtsk", "vhost_worker.kthread_task", "vhost_task.task",
         *(f"{q}.{member}" for q in vq for member in per_vq),
         "kvm.ioeventfds", "_ioeventfd.list", "_ioeventfd.addr", "_ioeventfd.length",
@@ -194,7 +196,9 @@ class Kvm(Record):
 
 class OpenFile(Record):
     """One open file: ``private_data`` (for an eventfd, its context), its device number (the
-    kernel's dev_t), its anon inode name (first 7 bytes), ``eventfd_id`` for an eventfd."""
+    kernel's dev_t), its anon inode name (first 7 bytes), and for an eventfd its context's
+    ``eventfd_id`` and ``eventfd_count`` (fdinfo's; a kick eventfd's count grows with each
+    guest kick while vhost owns the queue, as vhost never reads it: a kick counter)."""
 
     fd: int
     file: int
@@ -202,6 +206,7 @@ class OpenFile(Record):
     rdev: int
     name: str
     eventfd_id: int | None
+    eventfd_count: int | None = None
 
     @property
     def kind(self) -> str | None:
@@ -481,6 +486,7 @@ def program(found: btf.Layout, pids: Sequence[int]) -> Program:
         w.get(R9, F_PRIVATE)
         p.jump(JEQ, R9, 0, "not_eventfd")
         w.read_path(F_EVENTFD_ID, R9, "eventfd_ctx.id")
+        w.read_path(F_EVENTFD_COUNT, R9, "eventfd_ctx.count")
         p.label("not_eventfd")
     w.write()
     # Which file is it? Its device, or its anon inode name; FILE's slots are still there.
@@ -650,6 +656,7 @@ def decode(data: bytes, found: btf.Layout) -> dict[int, KernelView]:
             files.setdefault(tgid, {})[fd] = OpenFile(
                 fd, s[F_FILE], s[F_PRIVATE], s[F_RDEV], name,
                 s[F_EVENTFD_ID] & 0xFFFFFFFF if is_eventfd else None,
+                s[F_EVENTFD_COUNT] if is_eventfd and f.get("eventfd_ctx.count") else None,
             )  # fmt: skip
         elif kind == VQ:
             vq = f"vhost_net.vqs[{index}].vq"
