@@ -83,7 +83,7 @@ VHOST_NET_VQS = 2  # VHOST_NET_VQ_RX, VHOST_NET_VQ_TX
 MAX_PIDS = 256  # per program: the pid filter is a chain of comparisons
 MAX_WAITERS = 4  # waiters looked at per kick eventfd (vhost's poll is one)
 MAX_IRQ_WAITERS = 2  # per irqfd's eventfd (KVM's irqfd_wakeup is one)
-MAX_IOEVENTFDS = 64  # three per virtio queue (MMIO, fast MMIO, legacy port) on QEMU 7.2
+MAX_IOEVENTFDS = 128  # three per virtio queue (MMIO, fast MMIO, legacy port) on QEMU 7.2
 MAX_IRQFDS = 32
 _NAME_BYTES = 8  # the anon inode names told apart fit in 8 bytes with their NUL
 _EVENTFD_NAME = int.from_bytes(b"[eventf\0", "little")  # "[eventfd]" read as 7 bytes + NUL
@@ -99,9 +99,11 @@ F_EVENTFD_ID, F_EVENTFD_COUNT = 10, 11
 (V_KICK_FILE, V_KICK, V_WAITER0) = (2, 3, 4)
 V_CALL, V_BACKEND, V_BACKEND_FILE, V_FEATURES, V_AVAIL, V_USED = 8, 9, 10, 11, 12, 13
 V_REGIONS, V_UMEM, V_TID, V_KTID = 14, 15, 16, 17
-IO_ADDR, IO_LEN, IO_EVENTFD, IO_DATAMATCH, IO_BUS, IO_WILDCARD, IO_NEXT = 2, 3, 4, 5, 6, 7, 8
+IO_COPY = 2  # struct _ioeventfd's first bytes, copied whole, from here to IO_NEXT
 IRQ_GSI, IRQ_EVENTFD, IRQ_WAITER0, IRQ_NEXT = 2, 3, 4, 6  # waiters in 4..5 (MAX_IRQ_WAITERS)
 SLOTS = V_KTID + 1  # the largest kind's
+IO_NEXT = SLOTS - 1
+IOEVENTFD_MEMBERS = ("addr", "length", "eventfd", "datamatch", "bus_idx", "wildcard")
 _RECORD = struct.Struct(f"<{SLOTS}Q")
 # The stack: the record, then scratch slots (fd, tgid, seq_file, list node, waiter node).
 _SCRATCH = -6 * 8
@@ -573,10 +575,14 @@ def _worker(w: _Writer, vq: str | None) -> None:
 
 def _walk(
     w: _Writer, head_path: str, node_path: str, kind: int, limit: int, fill: Sequence[str],
-    next_slot: int, waiters: tuple[int, int, int] | None = None,
+    next_slot: int, waiters: tuple[int, int, int] | None = None, copy: int = 0,
 ) -> None:  # fmt: skip
     """Records of ``kind`` for the first ``limit`` entries of the list at R8 + head_path
-    whose entries link through ``node_path``; a TRUNCATED record when there are more."""
+    whose entries link through ``node_path``; a TRUNCATED record when there are more.
+
+    Each entry's ``fill`` members go to slots 2.., one read each; with ``copy``, the
+    entry's first ``copy`` bytes go to slot 2 on in one read instead (decoded in Python by
+    the same offsets), which keeps a long list's program short."""
     if not (w.has(head_path) and w.has(node_path)):
         return
     p, done = w.p, w.label("walked")
@@ -592,10 +598,15 @@ def _walk(
         p.jump_reg(JEQ, R9, R2, done)
         p.jump(JEQ, R9, 0, done)
         p.alu(SUB, R9, node)
-        w.zero(next_slot + 1 if waiters is None else max(next_slot, waiters[1] + waiters[2]) + 1)
-        w.header(kind, index)
-        for slot, member in enumerate(fill, start=2):
-            w.read_path(slot, R9, f"{struct_name}.{member}")
+        if copy:  # the whole record was zeroed by FILE; this kind's slots are all written
+            w.header(kind, index)
+            w.read(2, R9, 0, copy)
+        else:
+            used = next_slot if waiters is None else max(next_slot, waiters[1] + waiters[2])
+            w.zero(used + 1)
+            w.header(kind, index)
+            for slot, member in enumerate(fill, start=2):
+                w.read_path(slot, R9, f"{struct_name}.{member}")
         w.read(next_slot, R9, node + w.off("list_head.next"))
         w.get(R1, next_slot)
         p.store(DW, FP, _NODE, R1)
@@ -614,10 +625,30 @@ def _walk(
 
 def _kvm(w: _Writer) -> None:
     """IOEVENTFD and IRQFD records for the struct kvm in R8."""
-    _walk(w, "kvm.ioeventfds", "_ioeventfd.list", IOEVENTFD, MAX_IOEVENTFDS,
-          ("addr", "length", "eventfd", "datamatch", "bus_idx", "wildcard"), IO_NEXT)  # fmt: skip
+    _walk(w, "kvm.ioeventfds", "_ioeventfd.list", IOEVENTFD, MAX_IOEVENTFDS, (), IO_NEXT,
+          copy=_ioeventfd_span(w.fields))  # fmt: skip
     _walk(w, "kvm.irqfds.items", "kvm_kernel_irqfd.list", IRQFD, MAX_IRQFDS,
           ("gsi", "eventfd"), IRQ_NEXT, (IRQ_EVENTFD, IRQ_WAITER0, MAX_IRQ_WAITERS))  # fmt: skip
+
+
+def _ioeventfd_span(members: dict[str, btf.Field | None]) -> int:
+    """How many of struct _ioeventfd's first bytes hold the members read.
+
+    :raises LiveUnavailable: more than a record holds (no kernel so far comes close).
+    """
+    ends = [f.offset + f.size for m in IOEVENTFD_MEMBERS if (f := members.get(f"_ioeventfd.{m}"))]
+    span = max(ends, default=0)
+    if span > (IO_NEXT - IO_COPY) * 8:
+        raise LiveUnavailable(f"struct _ioeventfd's members span {span} bytes, more than read")
+    return span
+
+
+def _member(raw: bytes, members: dict[str, btf.Field | None], path: str) -> int | None:
+    """A member of a struct copied whole into ``raw``; None where this kernel has none."""
+    field = members.get(path)
+    if field is None:
+        return None
+    return int.from_bytes(raw[field.offset : field.offset + field.size], "little")
 
 
 def _in_order(entries: dict[int, _T]) -> tuple[_T, ...]:
@@ -677,10 +708,14 @@ def decode(data: bytes, found: btf.Layout) -> dict[int, KernelView]:
                 fd, int(kthread),
             )  # fmt: skip
         elif kind == IOEVENTFD:
-            wildcard = bool(s[IO_WILDCARD] & 0xFF)
+            raw = struct.pack(f"<{IO_NEXT - IO_COPY}Q", *s[IO_COPY:IO_NEXT])
             ios.setdefault(key, {})[index] = IoEventFd(
-                s[IO_ADDR], s[IO_LEN] & 0xFFFFFFFF, None if wildcard else s[IO_DATAMATCH],
-                s[IO_EVENTFD], _opt(s[IO_BUS] & 0xFF, f.get("_ioeventfd.bus_idx") is not None),
+                _member(raw, f, "_ioeventfd.addr") or 0,
+                _member(raw, f, "_ioeventfd.length") or 0,
+                None if _member(raw, f, "_ioeventfd.wildcard") else
+                _member(raw, f, "_ioeventfd.datamatch"),
+                _member(raw, f, "_ioeventfd.eventfd") or 0,
+                _member(raw, f, "_ioeventfd.bus_idx"),
             )  # fmt: skip
         elif kind == IRQFD:
             waiters = tuple(w for w in s[IRQ_WAITER0 : IRQ_WAITER0 + MAX_IRQ_WAITERS] if w)
