@@ -242,6 +242,16 @@ def test_btf_layout_has_module_types_and_is_cached(in_testhost: None, tmp_path: 
     assert kvm.first_id == vmlinux.next_id
     assert vmlinux.field("_ioeventfd.addr") is None  # only in kvm's BTF
     assert kvm.field("_ioeventfd.addr") == found.members["_ioeventfd.addr"]
+    # Each module's split BTF continues vmlinux's ids, and holds the structs of its own
+    # source file, which vmlinux's does not.
+    own = {
+        "vhost": "vhost_virtqueue.kick", "vhost_net": "vhost_net.dev",
+        "kvm": "kvm_kernel_irqfd.gsi", "kvm_amd": "vcpu_svm.vmcb", "tun": "tun_struct.flags",
+    }  # fmt: skip
+    for module, path in own.items():
+        split = btf.load(module, base=vmlinux)
+        assert split.first_id == vmlinux.next_id and split.next_id > split.first_id, module
+        assert vmlinux.field(path) is None and split.field(path) is not None, (module, path)
     (cached,) = os.listdir(tmp_path)
     assert os.stat(tmp_path / cached).st_mode & 0o777 == 0o600
     assert btf.layout(vhoststate.PATHS, (vhoststate.ITERATOR,), vhoststate.MODULES,
