@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vhostorch"
 ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ()), ("record", ()), ("signals", ()), ("lockfile", ()), ("files", ()),
     ("rundir", ()), ("claims", ()), ("inputs", ()), ("rootcode", ()),
-    ("kernel", ("rtnl", "tun", "netns", "procfs", "__init__")),
+    ("kernel", ("rtnl", "tun", "netns", "procfs", "btf", "bpf", "vhoststate", "__init__")),
     ("taps", ("spec", "plan", "apply", "teardown", "__init__")),
     ("vm", ("spec", "state", "__init__")),
     ("qemu", ("args", "monitor", "__init__")),

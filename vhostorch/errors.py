@@ -21,6 +21,8 @@
                     +-- LabFrozen  the test host stopped making progress (.evidence)
           +-- Claimed              another VM or domain holds the tap (.tap, .holder)
           +-- NotRegular           not a regular file at a path; refused unopened (.what)
+          +-- LiveUnavailable      the kernel's live state cannot be read here (no BTF, no BPF)
+               +-- BpfRefused      the kernel refused a BPF request (.errno, .log: the verifier's)
 
     KeyboardInterrupt              (Python's: outside the tree, so no `except Exception` takes it)
      +-- Interrupted               a stopping signal; what the command made is undone (exit 130)
@@ -222,3 +224,18 @@ class NotRegular(OperationFailed, OSError):
         OperationFailed.__init__(self, f"{path} is {what}")
         self.path = path
         self.what = what
+
+
+class LiveUnavailable(OperationFailed):
+    """The kernel's own objects cannot be read here: no BTF for a type, no BPF iterators, not
+    root, or lockdown; the message says which."""
+
+
+class BpfRefused(LiveUnavailable):
+    """The kernel refused a bpf(2) request: ``errno`` is its answer, ``log`` the verifier's
+    whole log for a refused program (the message carries its first meaningful line)."""
+
+    def __init__(self, message: str, errno: int, log: str = "") -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.log = log
