@@ -22,7 +22,8 @@ import pytest
 
 from tests import guests, kernel
 from vhostorch import taps
-from vhostorch.check import doctor, wiring
+from vhostorch.check import wiring
+from vhostorch.host import doctor
 from vhostorch.kernel import procfs
 from vhostorch.vm import state as vmstate
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vhostorch.check import bootunit
 from vhostorch.errors import InvalidSpec
 from vhostorch.hook import install as hookfile
+from vhostorch.host import bootunit
 
 EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 

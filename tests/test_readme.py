@@ -390,9 +390,9 @@ def test_the_error_line_shown_is_what_tap_create_prints(ns: str) -> None:
 
 
 def test_paths_shown_are_where_vhostorch_puts_things(tmp_path: Path) -> None:
-    from vhostorch.check import bootunit
     from vhostorch.hook import install as hookfile
     from vhostorch.hook import state as hookstate
+    from vhostorch.host import bootunit
     from vhostorch.vm import state as vmstate
 
     shown = set(spans())

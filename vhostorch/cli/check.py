@@ -203,7 +203,7 @@ def _check(args: Parsed) -> int:
 
 
 def _doctor(args: Parsed) -> int:
-    from vhostorch.check import doctor
+    from vhostorch.host import doctor
 
     ok = _print_reports([doctor.doctor()], args)
     return EXIT_OK if ok else EXIT_FAILED
@@ -229,7 +229,7 @@ def _trace(args: Parsed) -> int:
 
 
 def _unit(args: Parsed, verb: str) -> int:
-    from vhostorch.check import bootunit
+    from vhostorch.host import bootunit
 
     given = args.text("unit_dir")
     unit_dir = bootunit.UNIT_DIR if given is None else given
