@@ -150,8 +150,8 @@ def test_hook_path_imports_nothing_slow() -> None:
         "<target dev='t' managed='no'/></interface></devices></domain>"
     )
     code = (
-        "import sys, vhostorch.hook.program as h;"
-        "h.metadata.parse(sys.stdin.read());"
+        "import sys; from vhostorch.hook import program;"
+        "program.metadata.parse(sys.stdin.read());"
         f"print(' '.join(sorted(m for m in {slow!r} if m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-IS", "-c", f"import sys; sys.path.insert(0, "

@@ -296,7 +296,7 @@ def _watch(
     cpus: int,
     pid: int,
 ) -> None:
-    """Raise LabFrozen if the test host has stopped making progress (see labwatch)."""
+    """Raise LabFrozen if the test host has stopped making progress (see watch)."""
     text = _read(console)
     if watch.frozen(text):
         evidence = watch.lockup(text, cpus) or ""
