@@ -23,8 +23,7 @@ import pathlib
 from collections.abc import Callable, Iterable
 from typing import NotRequired, TypedDict, cast
 
-from vhostorch.check import nics, wiring
-from vhostorch.check import observe as inspect
+from vhostorch.check import nics, observe, wiring
 from vhostorch.check.nics import Nic
 from vhostorch.check.observe import Observation
 from vhostorch.kernel import procfs
@@ -230,7 +229,7 @@ def snapshot(
     seen: dict[str, Link | None] = {}
 
     def links(names: Iterable[str]) -> dict[str, Link | None]:
-        found = inspect.read_links(names)
+        found = observe.read_links(names)
         seen.update(found)
         return found
 
@@ -249,7 +248,7 @@ def snapshot(
     files, symlinks, rdevs = proc_tree(pid)
     trace = trace_lines(pid)
     domain = None if domain_xml is None else domxml.parse(domain_xml)
-    obs = inspect.observe(pid, domain=domain, monitor=ask if monitor else None, links=links)
+    obs = observe.observe(pid, domain=domain, monitor=ask if monitor else None, links=links)
     rec = Recording(
         about=about,
         pid=pid,
@@ -321,7 +320,7 @@ def replay(rec: Recording, root: pathlib.Path, *, monitor: bool = True) -> Obser
 
     recorded_monitor = rec["monitor"] is not None or rec["monitor_error"] is not None
     xml = rec.get("domain_xml")
-    return inspect.observe(
+    return observe.observe(
         rec["pid"],
         domain=None if xml is None else domxml.parse(xml),
         proc=proc,

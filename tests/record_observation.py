@@ -219,7 +219,7 @@ def fixture_name(setup: str, kernel: str) -> str:
 
 
 def outside(names: Sequence[str], kernel: str = DEFAULT_KERNEL) -> int:
-    from vhostorch.lab import run as lab
+    from vhostorch.lab import run
 
     results = tempfile.mkdtemp(prefix="vho-record-", dir="/tmp")
     out = os.path.join(results, "observations")
@@ -227,7 +227,7 @@ def outside(names: Sequence[str], kernel: str = DEFAULT_KERNEL) -> int:
     command = [sys.executable, "-m", "tests.record_observation", "--inside", out, *names]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        done = lab.run(command, cwd=root, results=results, timeout=900, log=print, kernel=kernel)
+        done = run.run(command, cwd=root, results=results, timeout=900, log=print, kernel=kernel)
         if done.status != 0:
             print(f"the recorder failed in the test host (exit {done.status})", file=sys.stderr)
             return 1

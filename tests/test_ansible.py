@@ -22,9 +22,10 @@ import pytest
 
 from tests import guests, kernel
 from vhostorch import taps
-from vhostorch.check import doctor, wiring
+from vhostorch.check import wiring
+from vhostorch.host import doctor
 from vhostorch.kernel import procfs
-from vhostorch.vm import state as vmstate
+from vhostorch.vm import state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_0_1 = "740c2ef"  # the last commit of vhostorch 0.1.0
@@ -174,7 +175,7 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
         assert code == 0 and recap["failed"] == 0, out[-3000:]
         assert '+    "queue_mode": "multi"' in out, out[-3000:]  # the tap's diff
         assert recap["changed"] >= 3  # qemu.conf, tap, VM would change (the hook task is a command)
-        assert taps.show(netns=ns) == [] and vmstate.load(vm) is None
+        assert taps.show(netns=ns) == [] and state.load(vm) is None
         assert not os.path.exists(hooks) and not os.path.exists(units)
         with open(conf, "rb") as f:
             assert f.read() == original
@@ -184,8 +185,8 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
         assert recap["changed"] >= 4, out[-3000:]  # hook, qemu.conf, tap, VM
         [made] = taps.show(tap, netns=ns)
         assert (made.queue_mode, made.mtu) == ("multi", 9000)
-        state = vmstate.load(vm)
-        assert state is not None and procfs.alive(state.pid)
+        saved = state.load(vm)
+        assert saved is not None and procfs.alive(saved.pid)
         assert os.access(os.path.join(hooks, "qemu.d", "vhostorch"), os.X_OK)
         # The boot unit, enabled: linked from multi-user.target.wants/ as systemctl enable does.
         unit = os.path.join(units, "vhostorch-trace.service")
@@ -196,10 +197,10 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
 
         code, out, recap = ansible.play(play)
         assert code == 0 and recap["changed"] == 0 and recap["failed"] == 0, out[-3000:]
-        assert vmstate.load(vm) == state  # the same VM, not restarted
+        assert state.load(vm) == saved  # the same VM, not restarted
     finally:
         teardown(ansible, vm, [(tap, ns)])
-    assert taps.show(netns=ns) == [] and vmstate.load(vm) is None
+    assert taps.show(netns=ns) == [] and state.load(vm) is None
     assert not os.path.exists(f"/sys/class/net/{vm_tap}")
 
 
@@ -279,7 +280,7 @@ def test_a_bad_argument_fails_clearly_and_leaves_nothing(ansible: Ansible, case:
     assert code != 0 and recap.get("failed") == 1, out[-3000:]
     assert message in out, out[-3000:]
     assert "Traceback" not in out
-    assert not os.path.exists(f"/sys/class/net/{tap}") and vmstate.load(vm) is None
+    assert not os.path.exists(f"/sys/class/net/{tap}") and state.load(vm) is None
 
 
 def test_ansible_lint_is_clean() -> None:
@@ -349,7 +350,7 @@ def test_role_and_vhost_vms_pass_the_check_in_the_test_host(
         if not was_armed:
             wiring.disarm()
     for name, nic in ((vm, tap), (domain, domain_tap)):
-        assert vmstate.load(name) is None and not os.path.exists(f"/sys/class/net/{nic}")
+        assert state.load(name) is None and not os.path.exists(f"/sys/class/net/{nic}")
 
 
 def readme_block(language: str, containing: str) -> str:
@@ -402,8 +403,8 @@ def test_the_readme_inventory_check_fails_the_play_on_any_failing_host(ansible: 
             f"{vm_task(vm, tap, 'preferred', 'tcg')}"
         )
         assert code == 0, out[-3000:]
-        state = vmstate.load(vm)
-        assert state is not None
+        saved = state.load(vm)
+        assert saved is not None
 
         with open(inventory, "w") as f:
             f.write(f"[kvm_hosts]\nrelaxed {local} vhost_check_strict=false\nstrict {local}\n")
@@ -425,7 +426,7 @@ def test_the_readme_inventory_check_fails_the_play_on_any_failing_host(ansible: 
         assert "vhost-net proved on 2 hosts" in out, out[-3000:]
     finally:
         teardown(ansible, vm, [])
-    assert vmstate.load(vm) is None and not os.path.exists(f"/sys/class/net/{tap}")
+    assert state.load(vm) is None and not os.path.exists(f"/sys/class/net/{tap}")
 
 
 # The tests of ansible-test sanity that find nothing to test in this collection, and why (the

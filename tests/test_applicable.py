@@ -23,7 +23,7 @@ from vhostorch.check import applicable, verify
 from vhostorch.check.report import NotApplicable
 from vhostorch.cli.output import report_text
 from vhostorch.libvirt import domxml
-from vhostorch.qemu import args as qemuargs
+from vhostorch.qemu import args
 
 
 def test_a_real_qemu_mixing_nics_judges_only_its_virtio_tap_nic(tmp_path: pathlib.Path) -> None:
@@ -125,7 +125,7 @@ def test_only_not_applicable_nics_is_no_failure_of_the_nics(tmp_path: pathlib.Pa
         "-chardev", "socket,id=c0,path=/run/vu.sock", "-netdev", "vhost-user,id=vu,chardev=c0",
         "-device", "virtio-net-pci,netdev=vu,id=nvu",
     ]  # fmt: skip
-    report = verify.verify(obs.replace(args=qemuargs.parse(argv)))
+    report = verify.verify(obs.replace(args=args.parse(argv)))
     assert [c.id for c in report.checks] == ["host.vhost-net", "vm.kvm"]
     assert [(n.name, n.kind) for n in report.nics if isinstance(n, NotApplicable)] == [
         ("net0", "vhost-vdpa"), ("nic0", "user"), ("nvu", "vhost-user")
@@ -158,6 +158,6 @@ def test_hostdev_interfaces_are_not_applicable(tmp_path: pathlib.Path) -> None:
 
 def test_a_tap_netdev_on_an_e1000_is_not_a_vhost_nic() -> None:
     argv = ["qemu", "-netdev", "tap,id=t0,fd=5,vhost=on", "-device", "e1000,netdev=t0,id=e"]
-    parsed = qemuargs.parse(argv)
+    parsed = args.parse(argv)
     assert parsed.devices == () and [d.driver for d in parsed.other_nics] == ["e1000"]
     assert parsed.other_nic_for("t0") is not None

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.kernel import vhostorch
-from vhostorch.check import bootunit, doctor
 from vhostorch.errors import NotManaged
+from vhostorch.host import bootunit, doctor
 
 
 def install(unit_dir: Path, *more: str) -> tuple[int, dict[str, object], str]:
@@ -148,7 +148,7 @@ def doctor_boot_check(unit_dir: Path) -> dict[str, object]:
     """doctor's host.trace.boot for ``unit_dir``, in a child cut off after 20 s."""
     code = (
         "import json, sys\n"
-        "from vhostorch.check import doctor\n"
+        "from vhostorch.host import doctor\n"
         "(c,) = [c for c in doctor.doctor(doctor.Paths(systemd=sys.argv[1])).checks"
         " if c.id == 'host.trace.boot']\n"
         "print(json.dumps({'status': c.status, 'message': c.message}))\n"

@@ -236,7 +236,7 @@ def test_watch_reports_a_qemu_that_appears_and_goes() -> None:
     ],
 )
 def test_doctor_reads_libvirts_device_acl(tmp_path: pathlib.Path, acl: str, status: str) -> None:
-    from vhostorch.check import doctor
+    from vhostorch.host import doctor
 
     conf = tmp_path / "qemu.conf"
     conf.write_text(f'# a qemu.conf\nuser = "root"\n{acl}')
@@ -260,7 +260,7 @@ def test_a_process_whose_fds_cannot_be_read_is_a_one_line_refusal() -> None:
     "user", ["²", "9" * 5000, "4294967296", "no-such-user-here"], ids=["sup2", "5000", "2^32", "n"]
 )
 def test_doctor_names_a_qemu_user_that_is_not_one(tmp_path: pathlib.Path, user: str) -> None:
-    from vhostorch.check import doctor
+    from vhostorch.host import doctor
 
     conf = tmp_path / "qemu.conf"
     conf.write_text(f'user = "{user}"\n')

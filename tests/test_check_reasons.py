@@ -27,8 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families as classic_f
 from tests import kernel
 from tests.kernel import vhostorch
 from tests.test_check_host import _wait_for_tap_fd, domain, domain_xml, tap
-from vhostorch.check import metrics as metrics_text
-from vhostorch.check import observe, targets, verify
+from vhostorch.check import metrics, observe, targets, verify
 from vhostorch.check.report import Worker
 from vhostorch.libvirt import connection, domxml
 
@@ -51,11 +50,11 @@ PARSERS = {"openmetrics": text_string_to_metric_families, "prometheus": classic_
 
 def parse(text: str, form: str) -> dict[str, Any]:
     families = {f.name: f for f in PARSERS[form](text)}
-    assert len(families) == 6 and set(metrics_text.FORMATS) == set(PARSERS), sorted(families)
+    assert len(families) == 6 and set(metrics.FORMATS) == set(PARSERS), sorted(families)
     return families
 
 
-def metrics(*argv: str, form: str = "openmetrics") -> tuple[int, dict[str, Any]]:
+def scrape(*argv: str, form: str = "openmetrics") -> tuple[int, dict[str, Any]]:
     """``vhostorch check ARGV --format FORM``, parsed by prometheus_client's parser for it."""
     done = vhostorch("check", *argv, "--format", form)
     assert done.stdout.endswith("# EOF\n") == (form == "openmetrics"), done.stderr
@@ -106,7 +105,7 @@ def test_libvirt_that_could_not_open_vhost_net_is_the_reason(libvirtd: str) -> N
         mine = next(r for r in every["reports"] if r["target"]["name"] == name)
         assert reasons(mine)["net0"]["code"] == "libvirt-open-failed"  # type: ignore[index]
         # And the metrics say it with a reason label.
-        _, families = metrics("--domain", name)
+        _, families = scrape("--domain", name)
         (sample,) = families["vhostorch_nic_vhost_reason"].samples
         assert sample.labels == {
             "vm": name, "pid": str(mine["target"]["pid"]), "nic": "net0",
@@ -172,7 +171,7 @@ def test_openmetrics_says_what_the_json_says(libvirtd: str) -> None:
         domain(libvirtd, domain_xml(name, "kvm", dev, "")),
     ):
         every = json.loads(vhostorch("check", "--all", "--json").stdout)
-        code, families = metrics("--all")
+        code, families = scrape("--all")
         assert code == 1  # the exit code is the check's, whatever the format
         assert set(families) == {
             "vhostorch_check_status", "vhostorch_nic_vhost_reason",
@@ -204,7 +203,7 @@ def test_openmetrics_says_what_the_json_says(libvirtd: str) -> None:
         oks = {s.labels["pid"]: s.value for s in families["vhostorch_vm_ok"].samples}
         assert oks[str(pid)] == 0
         # --pid gives the one QEMU's series only.
-        _, one = metrics("--pid", str(pid))
+        _, one = scrape("--pid", str(pid))
         assert {s.labels["pid"] for s in one["vhostorch_check_status"].samples} == {str(pid)}
 
 
@@ -237,7 +236,7 @@ def test_each_metrics_format_types_the_counter_for_its_parser(form: str) -> None
     types the worker CPU counter ``counter`` and gives every check one status series at 1."""
     with tap() as one, tap() as two, plain_qemu(one, "off") as pid, plain_qemu(two, None):
         every = json.loads(vhostorch("check", "--all", "--json").stdout)
-        code, families = metrics("--all", form=form)
+        code, families = scrape("--all", form=form)
         assert code == (0 if every["ok"] else 1)
         assert {str(pid)} <= {str(r["target"]["pid"]) for r in every["reports"]}
         one_status_each(families, every)
@@ -252,12 +251,12 @@ def test_each_metrics_format_types_the_counter_for_its_parser(form: str) -> None
         cpu_time = thread_cpu_seconds(pid, tid)
         worker = Worker(0, 99, tid, cpu_time, "fd order")
         nics = tuple(n.replace(workers=(worker,)) for n in report.nics)
-        text = metrics_text.render([report.replace(nics=nics)], 0.5, form)
+        text = metrics.render([report.replace(nics=nics)], 0.5, form)
         cpu = parse(text, form)["vhostorch_vhost_worker_cpu_seconds"]
         assert cpu.type == "counter", text
         (sample,) = cpu.samples
         assert sample.name == "vhostorch_vhost_worker_cpu_seconds_total"
-        assert sample.labels == {"vm": metrics_text.vm_name(report), "pid": str(pid),
+        assert sample.labels == {"vm": metrics.vm_name(report), "pid": str(pid),
                                  "nic": "net0", "queue_pair": "0", "tid": str(tid)}  # fmt: skip
         assert sample.value == worker.cpu_seconds
         counter_lines = [ln for ln in text.splitlines() if "vhost_worker_cpu_seconds" in ln]

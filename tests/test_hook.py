@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests import kernel
 from vhostorch import taps
-from vhostorch.hook import install as hookfile
+from vhostorch.hook import install
 from vhostorch.hook.metadata import NAMESPACE
 from vhostorch.hook.program import qemu_user, run_hook
 from vhostorch.hook.state import Places
@@ -183,7 +183,7 @@ def test_every_other_operation_exits_at_once_and_prints_nothing() -> None:
 
 def test_hooks_qemu_is_the_program_vhostorch_installs() -> None:
     with open(HOOK) as f:
-        assert f.read() == hookfile.program("/usr/bin/env python3", None)
+        assert f.read() == install.program("/usr/bin/env python3", None)
     assert os.access(HOOK, os.X_OK)
 
 
@@ -348,7 +348,7 @@ def test_install_writes_only_its_own_file_and_leaves_other_hooks_alone() -> None
         path = os.path.join(hooks, "qemu.d", "vhostorch")
         assert os.access(path, os.X_OK)
         with open(path) as f:
-            assert f.read() == hookfile.installed_program()
+            assert f.read() == install.installed_program()
         # The installed program works as libvirt runs it: an ignored operation, nothing printed.
         ran = subprocess.run([path, "d1", "migrate", "begin", "-"], input=b"", capture_output=True)
         assert (ran.returncode, ran.stdout, ran.stderr) == (0, b"", b"")

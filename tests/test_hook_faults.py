@@ -21,7 +21,7 @@ import pytest
 
 from tests import kernel
 from tests.test_hook import HOOK, domain
-from vhostorch.hook import install as hookfile
+from vhostorch.hook import install
 from vhostorch.hook.state import Places, file_stem
 from vhostorch.kernel import netns
 
@@ -271,7 +271,7 @@ def test_install_does_not_follow_a_symlink_at_a_temporary_name() -> None:
             os.symlink(secret, os.path.join(hooks, "qemu.d", bait))
         old = os.umask(0)
         try:
-            done = hookfile.install(hooks_dir=hooks)
+            done = install.install(hooks_dir=hooks)
         finally:
             os.umask(old)
         with open(secret) as f:
@@ -280,14 +280,14 @@ def test_install_does_not_follow_a_symlink_at_a_temporary_name() -> None:
         st = os.lstat(done.path)
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
         with open(done.path) as f:
-            assert f.read() == hookfile.installed_program()
+            assert f.read() == install.installed_program()
         leftover = sorted(os.listdir(os.path.join(hooks, "qemu.d")))
         assert leftover == [".vhostorch.new", ".vhostorch.tmp", "vhostorch", "vhostorch.tmp"]
         # An update replaces the file atomically, never writing through a symlink at its path.
         os.unlink(done.path)
         os.symlink(secret, done.path)
         with pytest.raises(Exception, match="is a symlink, not a hook vhostorch installed"):
-            hookfile.install(hooks_dir=hooks)
+            install.install(hooks_dir=hooks)
         with open(secret) as f:
             assert f.read() == "root only\n"
     finally:

@@ -24,7 +24,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from tests import kernel
 from vhostorch import taps
-from vhostorch.hook import install as hookfile
+from vhostorch.hook import install
 from vhostorch.hook.metadata import NAMESPACE
 from vhostorch.hook.program import MAX_XML, run_hook
 from vhostorch.hook.state import Places, file_stem
@@ -191,7 +191,7 @@ def test_a_sample_through_the_installed_program_leaves_nothing(ns: str) -> None:
     workdir = tempfile.mkdtemp(prefix="vho-fuzz-prog-")
     program = os.path.join(workdir, "vhostorch")
     with open(program, "w") as f:
-        f.write(hookfile.installed_program())
+        f.write(install.installed_program())
     os.chmod(program, 0o755)
     tag = kernel.unique("")[:5]
     pool = [f"q{tag}{i}" for i in range(3)] + ["x" * 16, "a b"]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vhostorch.check import bootunit
 from vhostorch.errors import InvalidSpec
-from vhostorch.hook import install as hookfile
+from vhostorch.hook import install
+from vhostorch.host import bootunit
 
 EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 
@@ -36,7 +36,7 @@ def test_what_is_not_a_regular_file_at_the_hook_path_is_refused_unopened(
     path = tmp_path / "qemu.d" / "vhostorch"
     path.parent.mkdir()
     secret = tmp_path / "secret"
-    secret.write_text(hookfile.installed_program())  # what a planted link would point at
+    secret.write_text(install.installed_program())  # what a planted link would point at
     {"fifo": lambda: os.mkfifo(path), "symlink": lambda: path.symlink_to(secret),
      "directory": path.mkdir}[kind]()  # fmt: skip
     what = {"fifo": "is a FIFO", "symlink": "is a symlink", "directory": "is a directory"}[kind]
@@ -47,13 +47,13 @@ def test_what_is_not_a_regular_file_at_the_hook_path_is_refused_unopened(
         assert "not a hook vhostorch installed; not replacing it" in done.stderr
     mode = os.lstat(path).st_mode
     assert {"fifo": stat.S_ISFIFO, "symlink": stat.S_ISLNK, "directory": stat.S_ISDIR}[kind](mode)
-    assert secret.read_text() == hookfile.installed_program()
+    assert secret.read_text() == install.installed_program()
 
 
 def test_an_empty_directory_is_refused_never_the_real_one() -> None:
     # `--hooks-dir ""` installed into /etc/libvirt/hooks and `--unit-dir ""` into
     # /etc/systemd/system (the parser refuses both now; the library too, for other callers).
-    for verb in (hookfile.install, hookfile.uninstall):
+    for verb in (install.install, install.uninstall):
         with pytest.raises(InvalidSpec, match="hooks directory must be a path"):
             verb("vhostorch", "")
     for unit_verb in (bootunit.install, bootunit.uninstall, bootunit.state):
@@ -64,9 +64,9 @@ def test_an_empty_directory_is_refused_never_the_real_one() -> None:
 def test_an_interpreter_path_a_shebang_cannot_hold_is_refused(tmp_path: Path) -> None:
     """A "#!" line has no quoting (the kernel splits it at the first blank) and is cut at 255
     bytes: the hook would run some other program. Refused, nothing written."""
-    assert hookfile.refusal("/opt/my python/bin/python3")
-    assert "blank" in (hookfile.refusal("/opt/my python/bin/python3") or "")
-    assert "too long" in (hookfile.refusal("/" + "p" * 250) or "")
+    assert install.refusal("/opt/my python/bin/python3")
+    assert "blank" in (install.refusal("/opt/my python/bin/python3") or "")
+    assert "too long" in (install.refusal("/" + "p" * 250) or "")
     venv = tmp_path / "venv with blank"
     (venv / "bin").mkdir(parents=True)
     real = Path(sys.prefix)

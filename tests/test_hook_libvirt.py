@@ -20,7 +20,7 @@ import pytest
 from tests import daemons, guests, kernel
 from vhostorch import taps
 from vhostorch.check import wiring
-from vhostorch.hook import install as hookfile
+from vhostorch.hook import install
 from vhostorch.hook.metadata import ManagedTap, render
 from vhostorch.hook.state import Places
 from vhostorch.kernel import procfs
@@ -30,12 +30,12 @@ from vhostorch.taps import TapSpec
 @pytest.fixture(scope="module")
 def hooked(libvirtd: str) -> Iterator[str]:
     name = kernel.unique("vho-hook")
-    hookfile.install(name)
+    install.install(name)
     try:
         daemons.restart_libvirtd()
         yield libvirtd
     finally:
-        hookfile.uninstall(name)
+        install.uninstall(name)
         daemons.restart_libvirtd()
 
 

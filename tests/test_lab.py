@@ -13,9 +13,7 @@ import pytest
 
 from tests import testhost
 from tests.kernel import vhostorch
-from vhostorch.lab import image as labimage
-from vhostorch.lab import run as lab
-from vhostorch.lab import watch as labwatch
+from vhostorch.lab import image, run, watch
 from vhostorch.qemu import monitor
 
 VHOSTORCH = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "vhostorch")
@@ -30,7 +28,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.testhost(outside=True)
-def test_boot_reaches_the_command_in_under_15_s(testhost_boot: lab.Outcome) -> None:
+def test_boot_reaches_the_command_in_under_15_s(testhost_boot: run.Outcome) -> None:
     assert testhost_boot.boot_seconds is not None
     print(f"test host reached its command in {testhost_boot.boot_seconds:.1f} s")
     assert testhost_boot.boot_seconds < 15
@@ -80,17 +78,15 @@ def test_lab_run_timeout_stops_the_test_host_by_pid(tmp_path: Path) -> None:
 
 @pytest.mark.testhost(outside=True)
 def test_a_test_host_that_cannot_reach_its_command_says_why(tmp_path: Path) -> None:
-    image = labimage.ensure_image()
+    built = image.ensure_image()
     # A real initramfs without the 9p modules: it boots, cannot mount the root, powers off.
-    broken = labimage.initramfs(
-        image.root, image.kver, "host-init", ("virtio_pci",), str(tmp_path), "broken", None
+    broken = image.initramfs(
+        built.root, built.kver, "host-init", ("virtio_pci",), str(tmp_path), "broken", None
     )
-    with pytest.raises(
-        labimage.LabError, match=r"did not reach its command.*cannot mount the host"
-    ):
-        lab.run(
+    with pytest.raises(image.LabError, match=r"did not reach its command.*cannot mount the host"):
+        run.run(
             ["true"],
-            image=image.replace(host_initrd=broken),
+            image=built.replace(host_initrd=broken),
             results=str(tmp_path / "r"),
             timeout=120,
         )
@@ -162,16 +158,16 @@ def test_lab_build_is_cached_and_reports_its_files() -> None:
     import json
 
     built = json.loads(first.stdout)
-    image = built["image"]
+    cached = built["image"]
     for key in ("kernel", "host_initrd", "guest_initrd"):
-        assert os.path.getsize(image[key]) > 0
+        assert os.path.getsize(cached[key]) > 0
     # What a guest inside the test host boots, for scripts that use only the CLI (the demo).
     assert built["guest"] == {
-        "kernel": image["kernel"],
-        "initrd": image["guest_initrd"],
-        "cmdline": labimage.GUEST_APPEND,
+        "kernel": cached["kernel"],
+        "initrd": cached["guest_initrd"],
+        "cmdline": image.GUEST_APPEND,
     }
-    with open(image["kernel"], "rb") as f:
+    with open(cached["kernel"], "rb") as f:
         assert f.read(4) == b"\x7fELF"  # booted through PVH, not decompressed under TCG
 
 
@@ -185,16 +181,16 @@ def test_lab_build_kernel_series_fetches_the_newest_of_it_and_caches_it() -> Non
     assert newest, debian
     first = vhostorch("lab", "build", "--kernel", "6.12", "--json")
     assert first.returncode == 0, first.stderr
-    image = json.loads(first.stdout)["image"]
-    assert image["kver"] == newest.group(1)
-    assert image["root"] == f"{labimage.CACHE}/lab/{image['kver']}/root"
-    with open(image["kernel"], "rb") as f:
+    cached = json.loads(first.stdout)["image"]
+    assert cached["kver"] == newest.group(1)
+    assert cached["root"] == f"{image.CACHE}/lab/{cached['kver']}/root"
+    with open(cached["kernel"], "rb") as f:
         assert f.read(4) == b"\x7fELF"  # 6.12's bzImage is zstd: unpacked by zstd, not lzma
     again = vhostorch("lab", "build", "--kernel", "6.12", "--json")
     assert again.stdout == first.stdout and "fetching" not in again.stderr
     # The default stays linux-image-amd64's kernel (6.1), cached beside it.
     default = json.loads(vhostorch("lab", "build", "--json").stdout)["image"]
-    assert default["kver"].startswith("6.1.") and default["kver"] != image["kver"]
+    assert default["kver"].startswith("6.1.") and default["kver"] != cached["kver"]
     assert (
         vhostorch("lab", "build", "--kernel", "6.1", "--json").stdout
         == vhostorch("lab", "build", "--json").stdout
@@ -250,7 +246,7 @@ LOCKUP = Path(__file__).parent / "fixtures" / "soft-lockup-linux-6.1-tcg-smp2.tx
 
 
 def test_lockup_names_each_cpu_with_its_task_and_call_chain() -> None:
-    found = labwatch.lockup(LOCKUP.read_text(), cpus=2)
+    found = watch.lockup(LOCKUP.read_text(), cpus=2)
     assert found is not None
     head, cpu0, cpu1 = found.split("; ")
     assert head == "soft lockup, CPU#0 stuck for 44s [python:131]"
@@ -261,16 +257,16 @@ def test_lockup_names_each_cpu_with_its_task_and_call_chain() -> None:
 
 def test_lockup_says_which_cpu_gave_no_backtrace_and_none_without_a_lockup() -> None:
     text = LOCKUP.read_text()
-    found = labwatch.lockup(text, cpus=3)
+    found = watch.lockup(text, cpus=3)
     assert found is not None and found.endswith("CPU 2: no backtrace (not even an NMI got through)")
-    assert labwatch.lockup(text.split("watchdog: BUG")[0], cpus=2) is None
+    assert watch.lockup(text.split("watchdog: BUG")[0], cpus=2) is None
 
 
 def test_a_lockup_counts_as_a_freeze_only_once_it_lasts() -> None:
     text = LOCKUP.read_text()
-    assert not labwatch.frozen(text)  # 44 s and 71 s: a long stall, not yet a verdict
-    stuck = text.replace("stuck for 71s!", f"stuck for {labwatch.FROZEN_AFTER}s!")
-    assert labwatch.frozen(stuck)
+    assert not watch.frozen(text)  # 44 s and 71 s: a long stall, not yet a verdict
+    stuck = text.replace("stuck for 71s!", f"stuck for {watch.FROZEN_AFTER}s!")
+    assert watch.frozen(stuck)
 
 
 # Recorded on this machine: the test host (1 vCPU, its LAPIC timer one-shot then) stalled in a
@@ -287,7 +283,7 @@ def _hmp() -> dict[str, str]:
 @pytest.mark.parametrize("newline", ["\n", "\r\n"])  # HMP over QMP sends CRLF
 def test_stall_evidence_names_a_lost_wakeup(newline: str) -> None:
     hmp = {k: v.replace("\n", newline) for k, v in _hmp().items()}
-    found = labwatch.stall_evidence(hmp["info registers -a"], {0: hmp["info lapic 0"]})
+    found = watch.stall_evidence(hmp["info registers -a"], {0: hmp["info lapic 0"]})
     assert found.startswith("a lost wakeup: CPU 0 halted with interrupts on")
     assert found.endswith(
         "CPU 0: halted, interrupts on, RIP ffffffff81a592eb; "
@@ -311,17 +307,17 @@ def test_stall_evidence_blames_no_one_when_no_interrupt_was_lost(
     hmp = _hmp()
     registers, lapic = hmp["info registers -a"], hmp["info lapic 0"]
     assert change[0] in registers + lapic
-    found = labwatch.stall_evidence(registers.replace(*change), {0: lapic.replace(*change)})
+    found = watch.stall_evidence(registers.replace(*change), {0: lapic.replace(*change)})
     assert found.startswith("CPU 0: ") and state in found
 
 
 def test_stall_evidence_without_a_monitor_answer_says_so() -> None:
-    assert labwatch.stall_evidence("", {}) == "no CPU state from the monitor"
+    assert watch.stall_evidence("", {}) == "no CPU state from the monitor"
 
 
 def test_heartbeat_silence_is_timed_by_this_machines_clock(tmp_path: Path) -> None:
     path = tmp_path / "heartbeat"
-    beat = labwatch.Heartbeat(str(path), now=100.0)
+    beat = watch.Heartbeat(str(path), now=100.0)
     assert beat.silent_for(130.0) == 30.0  # never written: silent since the clock started
     path.write_text("12.51\n")
     assert beat.silent_for(140.0) == 0.0
@@ -341,7 +337,7 @@ def test_a_test_host_whose_cpus_stop_is_stopped_at_once_with_their_state(
     def pause() -> None:
         while not (results / "ready").exists():
             time.sleep(0.2)
-        sock = monitor.QmpSocket(str(results / lab.MONITOR), 10.0)
+        sock = monitor.QmpSocket(str(results / run.MONITOR), 10.0)
         sock.open()
         try:
             sock.execute("stop", None)
@@ -350,8 +346,8 @@ def test_a_test_host_whose_cpus_stop_is_stopped_at_once_with_their_state(
 
     threading.Thread(target=pause, daemon=True).start()
     started = time.monotonic()
-    with pytest.raises(lab.LabFrozen) as caught:
-        lab.run(["sleep", "600"], results=str(results), timeout=300, stalled_after=15)
+    with pytest.raises(run.LabFrozen) as caught:
+        run.run(["sleep", "600"], results=str(results), timeout=300, stalled_after=15)
     took = time.monotonic() - started
     found = re.search(
         r"no heartbeat for 1\d s \((.*)\); stopped it \(QEMU pid (\d+)\)$", str(caught.value)
@@ -361,7 +357,7 @@ def test_a_test_host_whose_cpus_stop_is_stopped_at_once_with_their_state(
     evidence = caught.value.evidence
     assert found[1] == evidence and "lost wakeup" not in evidence
     # Wherever `stop` caught the CPU, its LAPIC timer is periodic (nohz=off highres=off,
-    # see lab.qemu_command) and running.
+    # see run.qemu_command) and running.
     assert re.fullmatch(
         r"CPU 0: (halted|running), interrupts (on|off), RIP [0-9a-f]{16}; "
         r"LAPIC timer periodic armed, IRR ([\d ]+|none), ISR ([\d ]+|none)",

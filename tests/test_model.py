@@ -15,7 +15,7 @@ from vhostorch.errors import InvalidSpec
 from vhostorch.hook import metadata
 from vhostorch.inputs import check_ifname, parse_mac
 from vhostorch.taps.spec import ATTRS, MAX_MTU, MAX_TAP_QUEUES, MIN_MTU, TapSpec
-from vhostorch.vm import spec as vmspec
+from vhostorch.vm import spec
 
 ANSIBLE_TAP = pathlib.Path(__file__).resolve().parent.parent / "ansible/plugins/modules/tap.py"
 
@@ -144,7 +144,7 @@ def test_each_field_is_declared_once_and_each_adapter_spells_only_declared_ones(
     # name is the CLI's positional); a [[nic]] table and <vhostorch:tap> spell some of them.
     assert set(DECLARED) - {"name"} <= {o.dest for o in create.options}
     assert set(DECLARED) <= _ansible_options()
-    assert set(vmspec._TAP_KEYS) <= set(DECLARED)
+    assert set(spec._TAP_KEYS) <= set(DECLARED)
     assert set(metadata._TAP_KEYS) <= set(DECLARED)
 
 
@@ -187,9 +187,9 @@ def test_a_bad_value_is_refused_in_the_same_words_by_every_adapter(
     if words is None:
         assert taps.tap_from_mapping(given) == TapSpec("t0")
         return
-    if attr in vmspec._TAP_KEYS:
-        nic = {vmspec._TAP_KEYS[attr]: value}
-        assert _refusal(lambda: vmspec.nic_from_mapping("vm", 0, nic)) == f"nic[0]: {words}"
+    if attr in spec._TAP_KEYS:
+        nic = {spec._TAP_KEYS[attr]: value}
+        assert _refusal(lambda: spec.nic_from_mapping("vm", 0, nic)) == f"nic[0]: {words}"
     if attr in metadata._TAP_KEYS:
         dev = value if attr == "name" else "t0"
         tap = f"<v:tap {metadata._TAP_KEYS[attr]}='{value}'" + (

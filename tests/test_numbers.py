@@ -30,7 +30,7 @@ from vhostorch.hook.state import Places
 from vhostorch.inputs import MAX_ID, parse_number, shown
 from vhostorch.kernel import netns
 from vhostorch.taps import TapSpec
-from vhostorch.vm import spec as vmspec
+from vhostorch.vm import spec
 
 LONG = "1" * 5000  # past int()'s 4300-digit limit
 NOT_NUMBERS = ["²", "٣", "\uff11", " 1", "1 ", "1_0", "+5", "-5", "", "0x10", "1" * 21, LONG]
@@ -117,7 +117,7 @@ def _toml(tmp: pathlib.Path, nic: str) -> str:
 def test_bad_numbers_in_a_vm_spec_are_one_invalid_spec(tmp_path: pathlib.Path, nic: str) -> None:
     path = _toml(tmp_path, nic)
     with pytest.raises(InvalidSpec) as err:
-        vmspec.load(path)
+        spec.load(path)
     _one_line(f"{err.value}\n", path)
     proc = vhostorch("up", path)
     assert proc.returncode == 2, proc.stderr
@@ -125,7 +125,7 @@ def test_bad_numbers_in_a_vm_spec_are_one_invalid_spec(tmp_path: pathlib.Path, n
 
 
 def test_full_range_ids_in_a_vm_spec(tmp_path: pathlib.Path) -> None:
-    loaded = vmspec.load(_toml(tmp_path, "owner = 4294967294\ngroup = '2147483648'"))
+    loaded = spec.load(_toml(tmp_path, "owner = 4294967294\ngroup = '2147483648'"))
     assert (loaded.nics[0].tap.owner, loaded.nics[0].tap.group) == (MAX_ID, 2**31)
 
 

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from vhostorch.backends import process
-from vhostorch.backends import qmp as qmpvm
+from vhostorch.backends import process, qmp
 from vhostorch.check.report import FAIL, PASS, WARN
 from vhostorch.errors import OperationFailed
 from vhostorch.libvirt import domxml
 from vhostorch.orchestrate import Host, decide
 from vhostorch.taps import TapSpec
-from vhostorch.vm import spec as vmspec
-from vhostorch.vm import state as vmstate
+from vhostorch.vm import spec, state
 from vhostorch.vm.spec import NicSpec, VmSpec
+from vhostorch.vm.state import VmState
 
 GOOD = Host((PASS, "/dev/vhost-net is present"), (PASS, "/dev/kvm is usable (kvm_amd)"))
 NO_VHOST = Host((FAIL, "/dev/vhost-net is missing"), (PASS, "/dev/kvm is usable"))
@@ -67,7 +66,7 @@ def test_kvm_that_cannot_run_guests_refuses_required_and_kvm_missing_refuses_the
     assert decide([nic("off")], "tcg", "qmp", NO_KVM)[0][1] is False
 
 
-def spec(**changes: object) -> VmSpec:
+def vm_spec(**changes: object) -> VmSpec:
     base: dict[str, object] = {
         "name": "vm1", "cpus": 2, "memory": 384,
         "boot": {"kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0 a=<&>"},
@@ -75,11 +74,11 @@ def spec(**changes: object) -> VmSpec:
                 {"tap": "vm1-b", "vhost": "off"}],
     }  # fmt: skip
     base.update(changes)
-    return vmspec.from_mapping(base)
+    return spec.from_mapping(base)
 
 
 def test_qemu_command_line_has_no_network_and_a_paused_daemon_with_qmp() -> None:
-    argv = process.argv(spec(), "/run/w", 7)
+    argv = process.argv(vm_spec(), "/run/w", 7)
     assert "-netdev" not in argv and "-nic" not in argv and "-device" not in argv
     assert {"-S", "-nodefaults", "-no-user-config"} <= set(argv)
     # Not daemonized: -daemonize forks after the sandbox is set, which spawn=deny kills.
@@ -94,26 +93,26 @@ def test_qemu_command_line_has_no_network_and_a_paused_daemon_with_qmp() -> None
     assert "-pidfile" not in argv
     assert argv[argv.index("-append") + 1] == "console=ttyS0 a=<&>"  # one argv word, no shell
     assert argv[argv.index("-cpu") + 1] == "host"
-    assert "-cpu" not in process.argv(spec(accel="tcg"), "/w", 7)
+    assert "-cpu" not in process.argv(vm_spec(accel="tcg"), "/w", 7)
     with tempfile.NamedTemporaryFile(suffix=",x.img") as disk:
         disk.write(b"QFI\xfb" + bytes(60))
         disk.flush()
-        argv = process.argv(spec(boot={"disk": disk.name}), "/w", 7)
+        argv = process.argv(vm_spec(boot={"disk": disk.name}), "/w", 7)
         drive = argv[argv.index("-drive") + 1]
         assert drive == f"file={disk.name.replace(',', ',,')},if=virtio,format=qcow2"
 
 
 def test_device_arguments_size_the_device_for_its_queues() -> None:
-    four, one = spec().nics
-    assert qmpvm.device_args(four) == {
+    four, one = vm_spec().nics
+    assert qmp.device_args(four) == {
         "driver": "virtio-net-pci", "id": "nic.vm1-a", "netdev": "tap.vm1-a",
         "mac": four.mac, "mq": True, "vectors": 10, "rx_queue_size": 1024, "host_mtu": 9000,
     }  # fmt: skip
-    assert "mq" not in qmpvm.device_args(one) and "vectors" not in qmpvm.device_args(one)
+    assert "mq" not in qmp.device_args(one) and "vectors" not in qmp.device_args(one)
 
 
 def test_domain_xml_reads_back_as_what_the_spec_asks() -> None:
-    s = spec()
+    s = vm_spec()
     xml = domxml.render(s, [(s.nics[0], True), (s.nics[1], False)], "/run/w/console.log")
     domain = domxml.parse(xml)
     assert (domain.name, domain.type) == ("vm1", "kvm")
@@ -126,35 +125,35 @@ def test_domain_xml_reads_back_as_what_the_spec_asks() -> None:
     assert root.find("devices/interface/mtu").get("size") == "9000"  # type: ignore[union-attr]
     assert root.findtext("os/cmdline") == "console=ttyS0 a=<&>"
     assert root.find("features/acpi") is not None  # PCI hot-plug on 'pc' needs it
-    assert domxml.parse(domxml.render(spec(accel="tcg"), [], "/c")).type == "qemu"
+    assert domxml.parse(domxml.render(vm_spec(accel="tcg"), [], "/c")).type == "qemu"
 
 
 def test_state_round_trips_and_the_lock_leaves_nothing_without_state(tmp_path: Path) -> None:
     root = str(tmp_path)  # pytest's, removed with its other runs (a mkdtemp here was left behind)
-    nics = (vmstate.NicState("t0", "nic.t0", "tap.t0", 2, "52:54:00:00:00:01", "preferred",
+    nics = (state.NicState("t0", "nic.t0", "tap.t0", 2, "52:54:00:00:00:01", "preferred",
                              False, "no vhost", True),)  # fmt: skip
-    state = vmstate.VmState("vm1", "qmp", 123, "tcg", "/q", None, "/w", nics)
-    with vmstate.Lock("vm1", root):
-        vmstate.save(state, root)
-    assert vmstate.load("vm1", root) == state
-    assert vmstate.by_pid(123, root) == state and vmstate.by_pid(124, root) is None
-    with vmstate.Lock("vm1", root):
-        vmstate.remove("vm1", root)
+    saved = state.VmState("vm1", "qmp", 123, "tcg", "/q", None, "/w", nics)
+    with state.Lock("vm1", root):
+        state.save(saved, root)
+    assert state.load("vm1", root) == saved
+    assert state.by_pid(123, root) == saved and state.by_pid(124, root) is None
+    with state.Lock("vm1", root):
+        state.remove("vm1", root)
     assert os.listdir(root) == []
     with open(os.path.join(root, "vm2.json"), "w") as f:
         f.write("{not json")
     with pytest.raises(OperationFailed, match=r"vm2\.json is unreadable"):
-        vmstate.load("vm2", root)
-    assert list(vmstate.every(root)) == []  # a damaged file hides no other VM
+        state.load("vm2", root)
+    assert list(state.every(root)) == []  # a damaged file hides no other VM
 
 
 def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
     from vhostorch.check.report import MASKED, RELAYED_INTERRUPT, Check, QemuTarget, Report
     from vhostorch.orchestrate.settle import _settled
 
-    nics = (vmstate.NicState("t0", "nic.t0", "tap.t0", 1, "52:54:00:00:00:01", "required",
+    nics = (state.NicState("t0", "nic.t0", "tap.t0", 1, "52:54:00:00:00:01", "required",
                              True, None, True),)  # fmt: skip
-    state = vmstate.VmState("vm1", "qmp", 123, "kvm", "/q", None, "/w", nics)
+    saved = state.VmState("vm1", "qmp", 123, "kvm", "/q", None, "/w", nics)
     started = Check("nic.vhost.started", PASS, "up", nic="nic.t0")
 
     def report(call: Check) -> Report:
@@ -162,12 +161,12 @@ def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
 
     at = {"nic": "nic.t0", "queue": 1}
     masked = Check("nic.call", WARN, "masked", {"masked": True}, **at, cause=MASKED)
-    assert not _settled(report(masked), state)
+    assert not _settled(report(masked), saved)
     for final in (
         Check("nic.call", PASS, "irqfd", {"masked": False}, **at),
         Check("nic.call", FAIL, "no irqfd", {"masked": False}, **at, cause=RELAYED_INTERRUPT),
     ):
-        assert _settled(report(final), state)
+        assert _settled(report(final), saved)
 
 
 class _Recorded:
@@ -206,10 +205,10 @@ class _Recorded:
     def abort(self) -> None:
         self._saw("abort")
 
-    def stop(self, state: vmstate.VmState) -> None:
+    def stop(self, state: VmState) -> None:
         self._saw("stop")
 
-    def nic_ids(self, state: vmstate.VmState, taps: list[str]) -> list[tuple[str, str]]:
+    def nic_ids(self, state: VmState, taps: list[str]) -> list[tuple[str, str]]:
         self._saw("nic_ids")
         raise OperationFailed("no such NIC")
 
@@ -226,7 +225,7 @@ def test_a_third_backend_is_rolled_back_in_order_the_vm_stopped_before_its_taps_
     tap = unique("vk")
     calls: list[str] = []
     monkeypatch.setitem(backends._BY_NAME, "fake", lambda: _Recorded(tap, calls))
-    fake = vmspec.from_mapping({"name": "vm1", "boot": {"kernel": "/k"}, "nic": [{"tap": tap}]})
+    fake = spec.from_mapping({"name": "vm1", "boot": {"kernel": "/k"}, "nic": [{"tap": tap}]})
     with pytest.raises(OperationFailed, match="no such NIC"):
         orchestrate.up(fake, "fake", wait=0, root=str(tmp_path), host=GOOD)
     assert calls == [

@@ -26,7 +26,7 @@ from tests import guests, kernel
 from tests.test_up_hardening import left, state_of
 from vhostorch.backends import process
 from vhostorch.kernel import procfs, tun
-from vhostorch.vm import state as vmstate
+from vhostorch.vm import state
 
 pytestmark = pytest.mark.kernel
 
@@ -78,9 +78,9 @@ def planted(name: str, link: str) -> Iterator[tuple[str, str]]:
     fd, victim = tempfile.mkstemp(prefix="vho-priv-victim-")  # 0600, root's
     os.write(fd, b"root's alone\n")
     os.close(fd)
-    workdir = os.path.join(vmstate.STATE_DIR, f"{name}.d")
+    workdir = os.path.join(state.STATE_DIR, f"{name}.d")
     try:
-        vmstate.make_dir(vmstate.STATE_DIR)
+        state.make_dir(state.STATE_DIR)
         qemu = pwd.getpwnam(QEMU_USER)
         os.mkdir(workdir, 0o700)
         os.chown(workdir, qemu.pw_uid, qemu.pw_gid)
@@ -165,7 +165,7 @@ def test_down_removes_a_work_directory_its_user_keeps_filling(specs: str, names:
     pause: `down` must still leave no work directory for the next `up` to find."""
     name, tap = kernel.unique("vho-fi"), kernel.unique("vfi")
     names.append(name)
-    before = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    before = {n for n in os.listdir(state.STATE_DIR) if n.startswith(".gone-")}
     vm = up(specs, name, tap)
     own = os.path.dirname(vm["qmp"])  # the directory QEMU's user writes in
     filler = subprocess.Popen(
@@ -180,7 +180,7 @@ def test_down_removes_a_work_directory_its_user_keeps_filling(specs: str, names:
     finally:
         filler.kill()  # our own child, by its pid
         filler.wait()
-    after = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    after = {n for n in os.listdir(state.STATE_DIR) if n.startswith(".gone-")}
     assert after - before == set()  # removed whole, not only renamed away
     assert left(name, [tap]) == []
 
@@ -240,7 +240,7 @@ def test_a_start_killed_before_its_pid_is_found_by_its_own_socket_alone(
     killed = {**running, "status": "starting", "pid": 0, "start_time": None, "nics": [],
               "claimed": [tap1], "making": [tap1],
               "launched_after": running["start_time"] - 1}  # fmt: skip
-    with open(os.path.join(vmstate.STATE_DIR, f"{one}.json"), "w") as f:
+    with open(os.path.join(state.STATE_DIR, f"{one}.json"), "w") as f:
         json.dump(killed, f)
     if swapped:
         vm2 = up(specs, two, tap2)

@@ -16,17 +16,17 @@ from vhostorch.errors import InvalidSpec
 from vhostorch.kernel import procfs
 from vhostorch.kernel.procfs import Fd, identify, wants_fdinfo
 from vhostorch.libvirt import domxml
-from vhostorch.vm import spec as vmspec
+from vhostorch.vm import spec
 
 
-def _spec(machine: str, **more: object) -> vmspec.VmSpec:
+def _spec(machine: str, **more: object) -> spec.VmSpec:
     data = {"name": "vm", "machine": machine, "boot": {"kernel": "/k"}, "nic": [{}, {}], **more}
-    return vmspec.from_mapping(data)
+    return spec.from_mapping(data)
 
 
 def test_q35_gets_one_root_port_per_nic_and_four_spare_by_default() -> None:
-    spec = _spec("q35")
-    assert spec.spare_ports == vmspec.DEFAULT_SPARE_PORTS == 4 and spec.root_ports == 6
+    loaded = _spec("q35")
+    assert loaded.spare_ports == spec.DEFAULT_SPARE_PORTS == 4 and loaded.root_ports == 6
     assert _spec("pc-q35-7.2", spare_ports=0).root_ports == 2
     assert _spec("pc").root_ports == 0 and _spec("pc").spare_ports == 0
 

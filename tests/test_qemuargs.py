@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vhostorch.qemu import args as qemuargs
+from vhostorch.qemu import args
 
 # As libvirt 9.0 starts a type='kvm' domain with <driver name='vhost' queues='4'/> (seen in the
 # test host, tests/test_testhost.py), trimmed to the options that matter here.
@@ -22,14 +22,14 @@ LIBVIRT = [
 
 
 def test_libvirt_json_netdev_and_device() -> None:
-    args = qemuargs.parse(LIBVIRT)
-    assert args.name == "vm1"
-    assert args.accel == ("kvm",)
-    (netdev,) = args.netdevs
+    parsed = args.parse(LIBVIRT)
+    assert parsed.name == "vm1"
+    assert parsed.accel == ("kvm",)
+    (netdev,) = parsed.netdevs
     assert netdev.id == "hostnet0" and netdev.type == "tap"
     assert netdev.fds == (31, 33, 34, 35) and netdev.vhostfds == (36, 37, 38, 39)
     assert netdev.vhost is True and netdev.wants_vhost and netdev.queue_pairs == 4
-    device = args.device_for("hostnet0")
+    device = parsed.device_for("hostnet0")
     assert device is not None
     assert (device.id, device.mq, device.vectors, device.mac) == (
         "net0",
@@ -37,11 +37,11 @@ def test_libvirt_json_netdev_and_device() -> None:
         10,
         "52:54:00:12:34:56",
     )
-    assert args.qmp is None  # libvirt's monitor is a passed fd, not a path
+    assert parsed.qmp is None  # libvirt's monitor is a passed fd, not a path
 
 
 def test_key_value_form_with_escaped_commas_and_monitor_path() -> None:
-    args = qemuargs.parse([
+    parsed = args.parse([
         "qemu-system-x86_64", "-enable-kvm",
         "-netdev", "tap,id=n0,ifname=vt0,script=no,downscript=no,vhost=on,queues=4",
         "-device", "virtio-net-pci,netdev=n0,mq=on,vectors=10",
@@ -50,18 +50,18 @@ def test_key_value_form_with_escaped_commas_and_monitor_path() -> None:
         "-name", "odd,,name",
         "-qmp", "unix:/run/vm.qmp,server=on,wait=off",
     ])  # fmt: skip
-    assert args.accel == ("kvm",)
-    assert args.name == "odd,name"
-    assert [n.id for n in args.netdevs] == ["n0", "u0"]
-    n0 = args.netdevs[0]
+    assert parsed.accel == ("kvm",)
+    assert parsed.name == "odd,name"
+    assert [n.id for n in parsed.netdevs] == ["n0", "u0"]
+    n0 = parsed.netdevs[0]
     assert n0.ifname == "vt0" and n0.vhost is True and n0.queue_pairs == 4 and n0.fds == ()
-    assert [d.driver for d in args.devices] == ["virtio-net-pci"]  # e1000 is not virtio-net
-    assert args.qmp == "/run/vm.qmp"
+    assert [d.driver for d in parsed.devices] == ["virtio-net-pci"]  # e1000 is not virtio-net
+    assert parsed.qmp == "/run/vm.qmp"
 
 
 def test_vhost_off_missing_and_forced() -> None:
-    def netdev(opts: str) -> qemuargs.NetdevArg:
-        return qemuargs.parse(["qemu-system-x86_64", "-netdev", opts]).netdevs[0]
+    def netdev(opts: str) -> args.NetdevArg:
+        return args.parse(["qemu-system-x86_64", "-netdev", opts]).netdevs[0]
 
     assert netdev("tap,id=a,ifname=t").vhost is None
     assert not netdev("tap,id=a,ifname=t").wants_vhost
@@ -72,21 +72,21 @@ def test_vhost_off_missing_and_forced() -> None:
 
 
 def test_nic_shorthand_and_machine_accel() -> None:
-    args = qemuargs.parse([
+    parsed = args.parse([
         "qemu-system-x86_64", "-M", "q35,accel=kvm:tcg",
         "-nic", "tap,ifname=vt1,model=virtio-net-pci,vhost=on",
         "-chardev", "socket,id=mon0,path=/tmp/m.sock,server=on,wait=off",
         "-mon", "chardev=mon0,mode=control",
     ])  # fmt: skip
-    assert args.accel == ("kvm", "tcg")
-    (netdev,) = args.netdevs
+    assert parsed.accel == ("kvm", "tcg")
+    (netdev,) = parsed.netdevs
     assert netdev.ifname == "vt1" and netdev.wants_vhost
-    device = args.device_for(netdev.id)
+    device = parsed.device_for(netdev.id)
     assert device is not None and device.driver == "virtio-net-pci"
-    assert args.qmp == "/tmp/m.sock"
+    assert parsed.qmp == "/tmp/m.sock"
 
 
 def test_garbage_is_ignored_not_raised() -> None:
-    args = qemuargs.parse(["qemu-system-x86_64", "-netdev", "{not json", "-device", "-name"])
-    assert args.devices == ()
-    assert [n.type for n in args.netdevs] == [""]
+    parsed = args.parse(["qemu-system-x86_64", "-netdev", "{not json", "-device", "-name"])
+    assert parsed.devices == ()
+    assert [n.type for n in parsed.netdevs] == [""]

@@ -246,16 +246,20 @@ def test_the_python_block_runs_as_shown_in_a_throwaway_namespace(ns: str) -> Non
 
 
 def test_the_spec_block_loads_through_the_spec_loader(tmp_path: Path) -> None:
-    from vhostorch.vm import spec as vmspec
+    from vhostorch.vm import spec
 
     [block] = blocks("toml")
     path = tmp_path / "vm1.toml"
     path.write_text(block)
-    spec = vmspec.load(str(path))
+    loaded = spec.load(str(path))
     given = tomllib.loads(block)
-    assert (spec.name, spec.accel, spec.kernel) == (given["name"], "kvm", given["boot"]["kernel"])
-    assert spec.spare_ports == given["spare_ports"] and spec.pcie
-    [nic] = spec.nics
+    assert (loaded.name, loaded.accel, loaded.kernel) == (
+        given["name"],
+        "kvm",
+        given["boot"]["kernel"],
+    )
+    assert loaded.spare_ports == given["spare_ports"] and loaded.pcie
+    [nic] = loaded.nics
     [shown] = given["nic"]
     tap = nic.tap
     assert (tap.name, tap.queues, nic.vhost, tap.bridge, tap.mtu) == (
@@ -266,12 +270,12 @@ def test_the_spec_block_loads_through_the_spec_loader(tmp_path: Path) -> None:
     for key in ("memory", "cpus", "machine", "initrd", "cmdline", "disk", "mac", "owner",
                 "group", "rx_queue_size", "tx_queue_size"):  # fmt: skip
         assert re.search(rf"\b{key}\b", comments) or key in given, key
-        assert key in vmspec._VM_KEYS | vmspec._BOOT_KEYS | vmspec._NIC_KEYS, key
+        assert key in spec._VM_KEYS | spec._BOOT_KEYS | spec._NIC_KEYS, key
     for choice in ("kvm", "tcg"):
-        assert vmspec.VmSpec("v", spec.nics, accel=choice, kernel="/k").accel == choice
+        assert spec.VmSpec("v", loaded.nics, accel=choice, kernel="/k").accel == choice
     for mode in ("required", "preferred", "off"):
-        assert vmspec.nic_from_mapping("v", 0, {"vhost": mode}).vhost == mode
-    assert vmspec.default_tap("vm1", 0) == "vm1-n0"  # "default NAME-nI"
+        assert spec.nic_from_mapping("v", 0, {"vhost": mode}).vhost == mode
+    assert spec.default_tap("vm1", 0) == "vm1-n0"  # "default NAME-nI"
 
 
 def test_the_spec_classes_and_modules_named_exist() -> None:
@@ -284,9 +288,9 @@ def test_the_spec_classes_and_modules_named_exist() -> None:
             importlib.import_module(name)
         except ModuleNotFoundError:
             assert hasattr(importlib.import_module(module), attribute), span
-    from vhostorch.vm import spec as vmspec
+    from vhostorch.vm import spec
 
-    assert vmspec.NicSpec and errors.InvalidSpec  # `NicSpec`, `InvalidSpec` beside them
+    assert spec.NicSpec and errors.InvalidSpec  # `NicSpec`, `InvalidSpec` beside them
 
 
 def test_the_hook_block_is_read_by_the_metadata_parser() -> None:
@@ -390,22 +394,22 @@ def test_the_error_line_shown_is_what_tap_create_prints(ns: str) -> None:
 
 
 def test_paths_shown_are_where_vhostorch_puts_things(tmp_path: Path) -> None:
-    from vhostorch.check import bootunit
-    from vhostorch.hook import install as hookfile
-    from vhostorch.hook import state as hookstate
-    from vhostorch.vm import state as vmstate
+    from vhostorch.hook import install
+    from vhostorch.hook.state import RUN_DIR
+    from vhostorch.host import bootunit
+    from vhostorch.vm.state import STATE_DIR
 
     shown = set(spans())
-    assert f"{vmstate.STATE_DIR}/NAME.json" in shown
-    assert f"{hookstate.RUN_DIR}/DOMAIN.json" in shown
-    assert f"{hookfile.HOOKS_DIR}/qemu.d/NAME" in shown
-    assert f"default `{hookfile.DEFAULT_NAME}`" in README
+    assert f"{STATE_DIR}/NAME.json" in shown
+    assert f"{RUN_DIR}/DOMAIN.json" in shown
+    assert f"{install.HOOKS_DIR}/qemu.d/NAME" in shown
+    assert f"default `{install.DEFAULT_NAME}`" in README
     # `hook install [--hooks-dir DIR]` writes DIR/qemu.d/NAME, as it does under /etc/libvirt/hooks.
     done = kernel.vhostorch("hook", "install", "--hooks-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "qemu.d" / hookfile.DEFAULT_NAME).is_file()
+    assert (tmp_path / "qemu.d" / install.DEFAULT_NAME).is_file()
     assert kernel.vhostorch("hook", "uninstall", "--hooks-dir", str(tmp_path)).returncode == 0
-    assert not (tmp_path / "qemu.d" / hookfile.DEFAULT_NAME).exists()
+    assert not (tmp_path / "qemu.d" / install.DEFAULT_NAME).exists()
     assert cli.check.UNIT == "vhostorch-trace.service" and cli.check.UNIT in shown
     assert bootunit  # the boot unit's module, which `trace install-unit` writes
 
@@ -439,7 +443,7 @@ def slugs(markdown: str) -> set[str]:
 
 
 def test_ansible_content_named_exists() -> None:
-    from vhostorch.vm import spec as vmspec  # noqa: F401  (the modules drive the library)
+    from vhostorch.vm import spec  # noqa: F401  (the modules drive the library)
 
     for span in spans() + spans(COLLECTION_README):
         name = span.split()[-1]

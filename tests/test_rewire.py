@@ -27,7 +27,7 @@ from tests.kernel import vhostorch
 from vhostorch.check import rewire
 from vhostorch.errors import OperationFailed
 from vhostorch.kernel import procfs
-from vhostorch.libvirt import connection as virt
+from vhostorch.libvirt import connection
 from vhostorch.qemu import monitor
 
 
@@ -258,7 +258,7 @@ def test_a_libvirt_domain_is_suspended_and_resumed(libvirtd: str) -> None:
     with domain(libvirtd) as name:
         seen: list[int] = []
         paused = rewire.held(
-            lambda wp: virt.pause_resume(name, libvirtd, wp),
+            lambda wp: connection.pause_resume(name, libvirtd, wp),
             lambda: seen.append(_state(libvirtd, name)),
         )
         assert seen == [libvirt.VIR_DOMAIN_PAUSED]  # libvirt saw the pause itself
@@ -273,7 +273,7 @@ def test_a_suspended_domain_is_left_suspended_and_an_error_still_resumes(libvirt
         conn = libvirt.open(libvirtd)
         try:
             conn.lookupByName(name).suspend()
-            paused = virt.pause_resume(name, libvirtd)
+            paused = connection.pause_resume(name, libvirtd)
             assert paused.ms is None and paused.state == "paused"
             assert _state(libvirtd, name) == libvirt.VIR_DOMAIN_PAUSED
             conn.lookupByName(name).resume()
@@ -284,7 +284,7 @@ def test_a_suspended_domain_is_left_suspended_and_an_error_still_resumes(libvirt
             raise RuntimeError("boom while suspended")
 
         with pytest.raises(RuntimeError, match="boom"):
-            virt.pause_resume(name, libvirtd, fail)
+            connection.pause_resume(name, libvirtd, fail)
         assert _state(libvirtd, name) == libvirt.VIR_DOMAIN_RUNNING
 
 
@@ -378,7 +378,9 @@ def test_a_slow_suspend_under_libvirt_is_bounded_then_resumed(libvirtd: str) -> 
             assert libvirt_qemu.qemuMonitorCommand(conn.lookupByName(name), hmp, 1) == ""
         finally:
             conn.close()
-        paused = rewire.held(lambda wp: virt.pause_resume(name, libvirtd, wp, resume_within=3))
+        paused = rewire.held(
+            lambda wp: connection.pause_resume(name, libvirtd, wp, resume_within=3)
+        )
         assert paused.ms is not None and paused.ms > 10000, paused
         assert str(paused.trouble).startswith("libvirt's suspend not done within 3 s"), paused
         assert str(paused.trouble).endswith("resumed on a new connection"), paused

@@ -18,7 +18,8 @@ import pytest
 
 from tests import daemons, guests, kernel
 from tests.kernel import vhostorch
-from vhostorch.check import bootunit, observe, wiring
+from vhostorch.check import observe, wiring
+from vhostorch.host import bootunit
 from vhostorch.qemu import monitor
 
 pytestmark = pytest.mark.testhost

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from vhostorch import rootcode
-from vhostorch.check import bootunit
+from vhostorch.host import bootunit
 
 pytestmark = pytest.mark.kernel  # root: chown to nobody, root-owned copies
 

@@ -23,7 +23,7 @@ from tests import guests, kernel
 from tests.kernel import vhostorch
 from vhostorch.check import wiring
 from vhostorch.kernel import procfs, tun
-from vhostorch.vm import state as vmstate
+from vhostorch.vm import state
 
 BACKENDS = ["qmp", "libvirt"]
 # Every check of a healthy vhost NIC (kick and call once per virtqueue).
@@ -64,7 +64,7 @@ def domain_defined(name: str) -> bool:
 def leftovers(name: str, taps: list[str], pid: int | None) -> list[str]:
     """What a VM left behind after `down` (or a refused start): nothing, when all is well."""
     left = [f"tap {t}" for t in taps if link_exists(t)]
-    left += [f for f in os.listdir(vmstate.STATE_DIR) if f.startswith(f"{name}.")]
+    left += [f for f in os.listdir(state.STATE_DIR) if f.startswith(f"{name}.")]
     if pid is not None and procfs.alive(pid):
         left.append(f"QEMU pid {pid}")
     if domain_defined(name):
@@ -85,9 +85,9 @@ def root_ports(pid: int) -> int:
     """pcie-root-ports of QEMU ``pid`` with nothing plugged in, as QOM lists them (the bus of
     port ID is /machine/peripheral/ID/ID, with a child[N] per device on it), asked over the
     QMP socket on its command line (QMP backend) or through libvirt's monitor."""
-    from vhostorch.qemu import args as qemuargs
+    from vhostorch.qemu import args
 
-    parsed = qemuargs.parse(procfs.read(pid).argv)
+    parsed = args.parse(procfs.read(pid).argv)
     if parsed.qmp is not None and "/libvirt/" not in parsed.qmp:
         from vhostorch.qemu.monitor import QmpSocket
 
@@ -146,7 +146,7 @@ def downed() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        if vmstate.load(name) is not None:
+        if state.load(name) is not None:
             vhostorch("down", name)
 
 

@@ -25,7 +25,7 @@ from tests import guests, kernel
 from tests.test_up import link_exists, run
 from vhostorch import claims
 from vhostorch.kernel import procfs, tun
-from vhostorch.vm import state as vmstate
+from vhostorch.vm.state import STATE_DIR
 
 EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 
@@ -44,7 +44,7 @@ def names() -> Iterator[list[str]]:
     used: list[str] = []
     yield used
     for name in used:
-        if os.path.exists(os.path.join(vmstate.STATE_DIR, f"{name}.json")):
+        if os.path.exists(os.path.join(STATE_DIR, f"{name}.json")):
             subprocess.run([EXE, "down", name], capture_output=True)
 
 
@@ -55,7 +55,7 @@ def spec(directory: str, name: str, tap: str, queues: int = 2) -> str:
 
 def state_of(name: str) -> dict[str, Any] | None:
     try:
-        with open(os.path.join(vmstate.STATE_DIR, f"{name}.json")) as f:
+        with open(os.path.join(STATE_DIR, f"{name}.json")) as f:
             data: dict[str, Any] = json.load(f)
             return data
     except FileNotFoundError:
@@ -64,7 +64,7 @@ def state_of(name: str) -> dict[str, Any] | None:
 
 def qemus_of(name: str) -> list[int]:
     """QEMU processes whose command line names this VM's work directory."""
-    mark = f"{vmstate.STATE_DIR}/{name}.d/".encode()
+    mark = f"{STATE_DIR}/{name}.d/".encode()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -84,7 +84,7 @@ def left(name: str, taps: list[str]) -> list[str]:
     found = [f"tap {t}" for t in taps if link_exists(t)]
     found += [f"claim {t}" for t in taps if claims.holder(t) is not None]
     found += [f"QEMU {p}" for p in qemus_of(name)]
-    found += [f for f in os.listdir(vmstate.STATE_DIR) if f.startswith(f"{name}.")]
+    found += [f for f in os.listdir(STATE_DIR) if f.startswith(f"{name}.")]
     return found
 
 
@@ -136,7 +136,7 @@ def test_a_tap_a_libvirt_domain_holds_is_refused_and_the_hook_refuses_ours(
     specs: str, names: list[str]
 ) -> None:
     from vhostorch.errors import OperationFailed
-    from vhostorch.hook import state as hookstate
+    from vhostorch.hook import state
 
     tap, mine = kernel.unique("vd"), kernel.unique("vd")
     name = kernel.unique("vho-c")
@@ -151,7 +151,7 @@ def test_a_tap_a_libvirt_domain_holds_is_refused_and_the_hook_refuses_ours(
     code, _, err = run("up", spec(specs, name, mine), "--wait", "0")
     assert code == 0, err
     with pytest.raises(OperationFailed, match=f"declared by VM '{name}' \\(vhostorch up\\)"):
-        hookstate.claim(hookstate.Places(), mine, "some-domain")
+        state.claim(state.Places(), mine, "some-domain")
     assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
     assert left(name, [tap, mine]) == []
 
@@ -236,7 +236,7 @@ def test_down_spares_a_process_that_took_the_dead_qemus_pid(
     # A root `tail -F` on the console, with the pid the state file names (as if reused).
     tail = subprocess.Popen(["tail", "-F", f"{workdir}/console.log"], stderr=subprocess.DEVNULL)
     try:
-        path = os.path.join(vmstate.STATE_DIR, f"{name}.json")
+        path = os.path.join(STATE_DIR, f"{name}.json")
         with open(path) as f:
             data = json.load(f)
         data["pid"] = tail.pid
@@ -265,13 +265,13 @@ def test_under_umask_000_nothing_is_world_writable(specs: str, names: list[str])
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     modes = {
-        "state": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.json")).st_mode,
-        "lock": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.lock")).st_mode,
-        "dir": os.stat(vmstate.STATE_DIR).st_mode,
-        "workdir": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.d")).st_mode,
-        "qemu": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.d", "qemu")).st_mode,
-        "log": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.d", "qemu.log")).st_mode,
-        "console": os.stat(os.path.join(vmstate.STATE_DIR, f"{name}.d", "console.log")).st_mode,
+        "state": os.stat(os.path.join(STATE_DIR, f"{name}.json")).st_mode,
+        "lock": os.stat(os.path.join(STATE_DIR, f"{name}.lock")).st_mode,
+        "dir": os.stat(STATE_DIR).st_mode,
+        "workdir": os.stat(os.path.join(STATE_DIR, f"{name}.d")).st_mode,
+        "qemu": os.stat(os.path.join(STATE_DIR, f"{name}.d", "qemu")).st_mode,
+        "log": os.stat(os.path.join(STATE_DIR, f"{name}.d", "qemu.log")).st_mode,
+        "console": os.stat(os.path.join(STATE_DIR, f"{name}.d", "console.log")).st_mode,
         "claim": os.stat(claims.path(tap)).st_mode,
     }
     assert {k: oct(stat.S_IMODE(m)) for k, m in modes.items()} == {
@@ -293,7 +293,7 @@ def test_a_forged_state_file_does_not_make_down_remove_another_directory(
     victim = tempfile.mkdtemp(prefix="vho-victim-")
     with open(os.path.join(victim, "precious"), "w") as f:
         f.write("keep")
-    path = os.path.join(vmstate.STATE_DIR, f"{name}.json")
+    path = os.path.join(STATE_DIR, f"{name}.json")
     with open(path) as f:
         data = json.load(f)
     real_workdir = data["workdir"]
@@ -372,7 +372,7 @@ def test_a_libvirt_start_killed_before_its_pid_is_undone_by_its_uuid_alone(
     assert code == 0, err
     running = state_of(name)
     assert running is not None and running["vm_id"] == _domain_uuid(name)
-    path = os.path.join(vmstate.STATE_DIR, f"{name}.json")
+    path = os.path.join(STATE_DIR, f"{name}.json")
     killed = {**running, "status": "starting", "pid": 0, "start_time": None, "nics": [],
               "claimed": [tap], "making": [tap], "launched_after": None}  # fmt: skip
     with open(path, "w") as f:

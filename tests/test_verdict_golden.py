@@ -27,10 +27,10 @@ from tests import observations
 from vhostorch.check import metrics, verify
 from vhostorch.check.ids import HOST_KVM, VM_INSPECT
 from vhostorch.check.report import FAIL, PASS, UNKNOWN, Check, DomainTarget, HostTarget, Report
-from vhostorch.cli import check as cli_check
+from vhostorch.cli import check
 from vhostorch.cli.argv import Parsed
 from vhostorch.cli.output import report_text
-from vhostorch.qemu import args as qemuargs
+from vhostorch.qemu import args
 
 GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "verdicts"
 README = pathlib.Path(__file__).parent.parent / "README.md"
@@ -83,7 +83,7 @@ def test_a_stopped_qemu_with_nics_not_applicable_renders_as_before(
         "-chardev", "socket,id=c0,path=/run/vu.sock", "-netdev", "vhost-user,id=vu,chardev=c0",
         "-device", "virtio-net-pci,netdev=vu,id=nvu",
     ]  # fmt: skip
-    obs = obs.replace(args=qemuargs.parse(argv), stopped="T (stopped)")
+    obs = obs.replace(args=args.parse(argv), stopped="T (stopped)")
     compare("mixed-stopped", verify.verify(obs), tmp_path)
 
 
@@ -107,10 +107,10 @@ def test_host_and_domain_reports_render_as_before(stem: str) -> None:
 
 def test_check_all_json_wraps_the_reports(tmp_path: pathlib.Path) -> None:
     reports = [verify.verify(observations.observed(n, tmp_path / n)) for n in RECORDED[:2]]
-    args = Parsed(cli_check.COMMANDS[0], {"all": True, "json": True})
+    args = Parsed(check.COMMANDS[0], {"all": True, "json": True})
     out = io.StringIO()
     with redirect_stdout(out):
-        cli_check._print_reports(reports, args)
+        check._print_reports(reports, args)
     data = json.loads(out.getvalue())
     assert list(data) == ["ok", "reports"]
     assert data["reports"] == [json.loads(json.dumps(r.to_json())) for r in reports]
@@ -133,7 +133,7 @@ def test_json_has_the_documented_shape(name: str, tmp_path: pathlib.Path) -> Non
         assert list(data) == report_keys
         assert isinstance(data["ok"], bool) and isinstance(data["target"], dict)
         assert all(isinstance(nic, dict) and "name" in nic for nic in data["nics"])
-        for check in data["checks"]:
-            assert list(check) == check_keys
-            assert check["status"] in ("pass", "warn", "fail", "unknown")
-            assert isinstance(check["evidence"], dict)
+        for one in data["checks"]:
+            assert list(one) == check_keys
+            assert one["status"] in ("pass", "warn", "fail", "unknown")
+            assert isinstance(one["evidence"], dict)

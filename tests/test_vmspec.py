@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vhostorch.errors import InvalidSpec
-from vhostorch.vm import spec as vmspec
+from vhostorch.vm import spec
 
 FULL = """
 name = "vm1"
@@ -49,12 +49,12 @@ def write(tmp_path: pathlib.Path, text: str) -> str:
 
 
 def test_full_spec_loads_with_defaults_filled_in(tmp_path: pathlib.Path) -> None:
-    spec = vmspec.load(write(tmp_path, FULL))
-    assert (spec.name, spec.memory, spec.cpus, spec.machine, spec.accel) == (
+    loaded = spec.load(write(tmp_path, FULL))
+    assert (loaded.name, loaded.memory, loaded.cpus, loaded.machine, loaded.accel) == (
         "vm1", 1024, 2, "q35", "kvm"
     )  # fmt: skip
-    assert spec.kernel == "/srv/vm1/vmlinuz" and spec.disk is None
-    first, second = spec.nics
+    assert loaded.kernel == "/srv/vm1/vmlinuz" and loaded.disk is None
+    first, second = loaded.nics
     assert first.tap.name == "vm1-net0" and first.tap.multi_queue and first.queues == 4
     assert first.vectors == 10  # 2 per queue pair, control queue, config
     assert first.mac == "52:54:00:ab:cd:01"  # normalised
@@ -62,9 +62,7 @@ def test_full_spec_loads_with_defaults_filled_in(tmp_path: pathlib.Path) -> None
     assert (first.rx_queue_size, first.tx_queue_size) == (1024, 256)
     assert second.tap.name == "vm1-n1" and second.queues == 1 and second.vhost == "preferred"
     # A default MAC is stable for a VM and NIC index, and unicast and local to QEMU's OUI.
-    assert (
-        second.mac == vmspec.default_mac("vm1", 1) == vmspec.load(write(tmp_path, FULL)).nics[1].mac
-    )
+    assert second.mac == spec.default_mac("vm1", 1) == spec.load(write(tmp_path, FULL)).nics[1].mac
     assert second.mac.startswith("52:54:00:")
 
 
@@ -93,7 +91,7 @@ def test_bad_specs_are_refused_in_one_line_naming_the_field(
     assert change[0] in FULL
     path = write(tmp_path, FULL.replace(change[0], change[1], 1))
     with pytest.raises(InvalidSpec) as err:
-        vmspec.load(path)
+        spec.load(path)
     text = str(err.value)
     assert message in text and text.startswith(path) and "\n" not in text
 
@@ -101,24 +99,24 @@ def test_bad_specs_are_refused_in_one_line_naming_the_field(
 def test_duplicates_between_nics_are_refused(tmp_path: pathlib.Path) -> None:
     same_tap = FULL.replace('vhost = "preferred"', 'vhost = "preferred"\ntap = "vm1-net0"')
     with pytest.raises(InvalidSpec, match="given more than once"):
-        vmspec.load(write(tmp_path, same_tap))
+        spec.load(write(tmp_path, same_tap))
     same_mac = FULL.replace('vhost = "preferred"', 'vhost = "preferred"\nmac = "52:54:00:ab:cd:01"')
     with pytest.raises(InvalidSpec, match="same MAC"):
-        vmspec.load(write(tmp_path, same_mac))
+        spec.load(write(tmp_path, same_mac))
 
 
 def test_unreadable_and_malformed_files(tmp_path: pathlib.Path) -> None:
     with pytest.raises(InvalidSpec, match="No such file"):
-        vmspec.load(str(tmp_path / "missing.toml"))
+        spec.load(str(tmp_path / "missing.toml"))
     with pytest.raises(InvalidSpec, match="not valid TOML"):
-        vmspec.load(write(tmp_path, "name = \n"))
+        spec.load(write(tmp_path, "name = \n"))
     with pytest.raises(InvalidSpec, match="at least one nic"):
-        vmspec.load(write(tmp_path, 'name = "x"\n[boot]\ndisk = "/d.img"\n'))
+        spec.load(write(tmp_path, 'name = "x"\n[boot]\ndisk = "/d.img"\n'))
 
 
 @given(
     st.dictionaries(
-        st.sampled_from(sorted(vmspec._VM_KEYS | {"other"})),
+        st.sampled_from(sorted(spec._VM_KEYS | {"other"})),
         st.none()
         | st.integers()
         | st.text(max_size=5)
@@ -128,26 +126,26 @@ def test_unreadable_and_malformed_files(tmp_path: pathlib.Path) -> None:
 )
 def test_any_mapping_is_a_spec_or_one_invalid_spec_error(data: dict[str, object]) -> None:
     try:
-        spec = vmspec.from_mapping(data)
+        loaded = spec.from_mapping(data)
     except InvalidSpec as err:
         assert str(err) and "\n" not in str(err)
     else:
-        assert spec.nics
+        assert loaded.nics
 
 
 def test_next_nic_index_takes_the_first_index_whose_defaults_are_free() -> None:
     from types import SimpleNamespace
 
     def nic(i: int) -> SimpleNamespace:
-        return SimpleNamespace(tap=vmspec.default_tap("vm1", i), mac=vmspec.default_mac("vm1", i))
+        return SimpleNamespace(tap=spec.default_tap("vm1", i), mac=spec.default_mac("vm1", i))
 
-    assert vmspec.next_nic_index("vm1", []) == 0
-    assert vmspec.next_nic_index("vm1", [nic(0), nic(1)]) == 2
+    assert spec.next_nic_index("vm1", []) == 0
+    assert spec.next_nic_index("vm1", [nic(0), nic(1)]) == 2
     # nic 1 was unplugged: the next index is past the count, and skips nic 2's defaults.
-    assert vmspec.next_nic_index("vm1", [nic(0), nic(2)]) == 3
+    assert spec.next_nic_index("vm1", [nic(0), nic(2)]) == 3
     # A NIC added with its own tap name but nic 1's default MAC still takes index 1.
-    own = SimpleNamespace(tap="mine", mac=vmspec.default_mac("vm1", 1))
-    assert vmspec.next_nic_index("vm1", [own]) == 2
+    own = SimpleNamespace(tap="mine", mac=spec.default_mac("vm1", 1))
+    assert spec.next_nic_index("vm1", [own]) == 2
 
 
 def test_only_a_regular_file_of_bounded_size_is_read_as_a_spec(tmp_path: pathlib.Path) -> None:
@@ -160,25 +158,25 @@ def test_only_a_regular_file_of_bounded_size_is_read_as_a_spec(tmp_path: pathlib
     latin = tmp_path / "latin1.toml"
     latin.write_bytes(b'name = "caf\xe9"\n')
     long = tmp_path / "long.toml"
-    long.write_bytes(b"#" * (vmspec.MAX_SPEC_BYTES + 1))
+    long.write_bytes(b"#" * (spec.MAX_SPEC_BYTES + 1))
     refused = {
         str(fifo): "is a FIFO, not a spec file",
         "/dev/zero": "is a character device, not a spec file",
         str(tmp_path): "is a directory, not a spec file",
         deep: "arrays or tables nested too deeply",
         str(latin): "not UTF-8 text (byte 11)",
-        str(long): f"longer than {vmspec.MAX_SPEC_BYTES} bytes",
+        str(long): f"longer than {spec.MAX_SPEC_BYTES} bytes",
     }
     signal.alarm(20)  # a hang fails here, not the whole run
     try:
         for path, why in refused.items():
             with pytest.raises(InvalidSpec, match=f"^{re.escape(f'{path}: {why}')}"):
-                vmspec.load(path)
+                spec.load(path)
     finally:
         signal.alarm(0)
     link = tmp_path / "link.toml"
     link.symlink_to(write(tmp_path, FULL))
-    assert vmspec.load(str(link)).name == "vm1"
+    assert spec.load(str(link)).name == "vm1"
     ok = tmp_path / "ok.toml"
-    ok.write_text(FULL + "#" * (vmspec.MAX_SPEC_BYTES - len(FULL.encode())))
-    assert vmspec.load(str(ok)).name == "vm1"  # exactly the bound: still a spec
+    ok.write_text(FULL + "#" * (spec.MAX_SPEC_BYTES - len(FULL.encode())))
+    assert spec.load(str(ok)).name == "vm1"  # exactly the bound: still a spec

@@ -95,9 +95,9 @@ class Boot:
             return
         self.results = tempfile.mkdtemp(prefix=f"vhostorch-testhost-{self.kernel}-", dir="/tmp")
         left = list(self.nodeids)
-        # A test host that stops making progress (lab.LabFrozen: a CPU stuck in its kernel
+        # A test host that stops making progress (run.LabFrozen: a CPU stuck in its kernel
         # for minutes, or its heartbeat silent) is the emulated machine failing, not a test.
-        # QEMU 7.2's TCG did both; lab.qemu_command says what the test host does against
+        # QEMU 7.2's TCG did both; run.qemu_command says what the test host does against
         # each. Should it happen again, what was seen is printed and summarized at the end,
         # and the tests without a result run in one more boot; a second freeze fails them.
         for attempt in (1, 2):
@@ -114,7 +114,7 @@ class Boot:
     def _boot(self, nodeids: list[str], attempt: int) -> bool:
         """Run ``nodeids`` in one boot; True when it froze (and another boot may help)."""
         from vhostorch.errors import VhostorchError
-        from vhostorch.lab import run as lab
+        from vhostorch.lab import run
 
         report = os.path.join(self.results, f"report-{attempt}.json")
         command = [
@@ -138,7 +138,7 @@ class Boot:
             command = ["true"]
         print(f"\n[test host linux-{self.kernel}] booting for {len(nodeids)} test(s)", flush=True)
         try:
-            self.outcome = lab.run(
+            self.outcome = run.run(
                 command,
                 cwd=str(self.config.rootpath),
                 timeout=TIMEOUT,
@@ -146,7 +146,7 @@ class Boot:
                 log=print,
                 kernel=self.kernel,
             )
-        except lab.LabFrozen as err:
+        except run.LabFrozen as err:
             self._load(report)
             running = _read(report + ".running")
             running = f"after {running}" if running in self.report else running or "at start"

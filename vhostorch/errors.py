@@ -38,7 +38,7 @@ it is kept as ``__cause__`` (``raise ... from err``).
 
 from __future__ import annotations
 
-import errno as errno_mod
+import errno
 import os
 
 EXIT_OK = 0
@@ -112,7 +112,7 @@ class NetlinkError(KernelError, OSError):
         self.extack = extack
 
     def __str__(self) -> str:
-        text = self.strerror or errno_mod.errorcode.get(self.errno or 0, "error")
+        text = self.strerror or errno.errorcode.get(self.errno or 0, "error")
         return f"{text} ({self.extack})" if self.extack else text
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 # The package this module is in: vhostorch/.
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 HOOK_FLAGS = "-IS"  # how the libvirt hook runs the interpreter (hook.install)
-UNIT_FLAGS = "-I"  # how the trace unit runs it (check.bootunit)
+UNIT_FLAGS = "-I"  # how the trace unit runs it (host.bootunit)
 _MAX_LINKS = 40  # as the kernel's own limit on symlinks followed (MAXSYMLINKS)
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from tests import kernel
-from vhostorch.hook import install as hookfile
+from vhostorch.hook import install
 from vhostorch.hook.metadata import NAMESPACE
 from vhostorch.kernel import netns
 
@@ -56,7 +56,7 @@ def _timed(argv: list[str], xml: bytes) -> float:
 def test_hook_prepare_costs_libvirt_little_more_than_a_shell_hook(ns: str) -> None:
     workdir = tempfile.mkdtemp(prefix="vho-bench-hook-")
     ours, shell = os.path.join(workdir, "vhostorch"), os.path.join(workdir, "shell")
-    for path, text in ((ours, hookfile.installed_program()), (shell, SHELL_HOOK)):
+    for path, text in ((ours, install.installed_program()), (shell, SHELL_HOOK)):
         with open(path, "w") as f:
             f.write(text)
         os.chmod(path, 0o755)
@@ -105,7 +105,7 @@ def test_hook_release_is_faster_than_a_shell_hook_of_ip_link_del(ns: str) -> Non
     where `ip link del` per tap waits for one each."""
     workdir = tempfile.mkdtemp(prefix="vho-bench-hook-")
     ours, shell = os.path.join(workdir, "vhostorch"), os.path.join(workdir, "shell")
-    for path, text in ((ours, hookfile.installed_program()), (shell, SHELL_RELEASE)):
+    for path, text in ((ours, install.installed_program()), (shell, SHELL_RELEASE)):
         with open(path, "w") as f:
             f.write(text)
         os.chmod(path, 0o755)

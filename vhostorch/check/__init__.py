@@ -1,2 +1,3 @@
 """Proving vhost: the verdicts (report), the wiring trace, what is seen of a QEMU (observe), the
-pure verdict functions (verify), the targets a check is about, and the host check (doctor)."""
+pure verdict functions (verify), and the targets a check is about. Preparing the host (doctor,
+the boot unit) is vhostorch.host's."""

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 
-from vhostorch.check import wiring as wiring_trace
+from vhostorch.check import wiring
 from vhostorch.kernel import procfs
 from vhostorch.kernel.rtnl import Link, Rtnl
-from vhostorch.qemu import args as qemuargs
+from vhostorch.qemu import args
 from vhostorch.qemu.monitor import MonitorError
 from vhostorch.record import TYPE_CHECKING, Record
 
@@ -26,13 +26,14 @@ if TYPE_CHECKING:
 
     from vhostorch.check.wiring import Wiring
     from vhostorch.libvirt.domxml import Domain
+    from vhostorch.qemu.args import QemuArgs
     from vhostorch.qemu.monitor import MonitorView
     from vhostorch.vm.state import VmState
 
 
 class Observation(Record):
     process: procfs.Process
-    args: qemuargs.QemuArgs
+    args: QemuArgs
     worker_model: str
     workers: tuple[int, ...]
     taps: dict[str, Link | None]
@@ -283,7 +284,7 @@ def observe(
     proc: str = procfs.PROC,
     kthreads: dict[str, list[int]] | None = None,
     monitor: Callable[[], MonitorView] | None = None,
-    tracefs: str = wiring_trace.TRACEFS,
+    tracefs: str = wiring.TRACEFS,
     plan: VmState | None = None,
     links: Callable[[Iterable[str]], dict[str, Link | None]] = read_links,
     netns: str | None = None,
@@ -314,12 +315,12 @@ def observe(
     name = procfs.program(pid, proc)
     if not procfs.is_qemu(name):
         raise procfs.CannotInspect(f"process {pid} is not a QEMU (it runs {name or '?'})")
-    args = qemuargs.parse(process.argv)
+    parsed = args.parse(process.argv)
     model, workers = procfs.vhost_workers(
         process, procfs.vhost_kthreads(proc) if kthreads is None else kthreads
     )
     names = {fd.tap for fd in process.fds if fd.tap}
-    names |= {n.ifname for n in args.netdevs if n.ifname}
+    names |= {n.ifname for n in parsed.netdevs if n.ifname}
     if domain is not None:
         names |= {i.target for i in domain.interfaces if i.target}
     if plan is not None:
@@ -343,7 +344,7 @@ def observe(
         except MonitorError as err:
             error = str(err)
     since = process.start_ticks / os.sysconf("SC_CLK_TCK")
-    wired = wiring_trace.read(pid, since, tracefs)
+    wired = wiring.read(pid, since, tracefs)
     note = None
     if wired is None:
         note = "the wiring trace is not armed (vhostorch trace arm, before the guest driver starts)"
@@ -354,7 +355,7 @@ def observe(
         )
     present = vhost_net_present(dev) if vhost_net is None else vhost_net
     vhost_fds = len(process.fds_to(procfs.VHOST_NET))
-    tap_nics = [n for n in args.netdevs if n.type in ("tap", "bridge")]
+    tap_nics = [n for n in parsed.netdevs if n.type in ("tap", "bridge")]
     wanting = bool(tap_nics) or domain is not None or plan is not None
     logs, device = None, None
     if wanting:
@@ -366,7 +367,12 @@ def observe(
         # libvirtd's warning names no domain: it is matched by time, so only to a QEMU
         # libvirt started (its pid file says so). A QEMU started by hand next to a
         # libvirtd starting another domain was once given that domain's warning.
-        if short and libvirtd_log is not None and args.name and by_libvirt(pid, args.name, pid_dir):
+        if (
+            short
+            and libvirtd_log is not None
+            and parsed.name
+            and by_libvirt(pid, parsed.name, pid_dir)
+        ):
             try:
                 started = boot_time(proc) + since
                 warned = libvirtd_log.warnings()
@@ -380,13 +386,13 @@ def observe(
         qlog: str | None = None
         qlines: tuple[str, ...] = ()
         if vhost_fds:
-            qlog, qlines = _qemu_log_lines(pid, args.name, process, domain_log_dir, proc)
+            qlog, qlines = _qemu_log_lines(pid, parsed.name, process, domain_log_dir, proc)
         logs = Logs(source, lines, qlog, qlines)
         if short:
             device = device_access(pid, proc, dev)
     cpu = worker_cpu(workers, pid, proc) if workers else None
     return Observation(
-        process, args, model, tuple(workers), taps, seen, present, domain, view, error, wired,
+        process, parsed, model, tuple(workers), taps, seen, present, domain, view, error, wired,
         note, plan, logs, device, cpu, halted,
     )  # fmt: skip
 
@@ -418,7 +424,7 @@ def domain_pid(name: str, proc: str = procfs.PROC, pid_dir: str = PID_DIR) -> in
     if not (
         procfs.alive(pid, proc)
         and procfs.is_qemu(procfs.program(pid, proc))
-        and qemuargs.parse(argv).name == name
+        and args.parse(argv).name == name
     ):
         raise procfs.CannotInspect(
             f"no QEMU process found for domain {name!r}: libvirt's pid file {path} names "

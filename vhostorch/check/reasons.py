@@ -54,7 +54,7 @@ import itertools
 from vhostorch.check.ids import CALL, VHOST_STARTED
 from vhostorch.check.nics import BY_LIBVIRT, virtio
 from vhostorch.check.report import FAIL, PASS, RELAYED_INTERRUPT, UNKNOWN, Reason
-from vhostorch.qemu import args as qemuargs
+from vhostorch.qemu import args
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def kernel_irqchip(argv: Sequence[str]) -> str | None:
     value = None
     for opt, arg in itertools.pairwise(argv):
         if opt.lstrip("-") in ("machine", "M"):
-            opts = qemuargs.split_opts(arg, "type")
+            opts = args.split_opts(arg, "type")
             for key in ("kernel_irqchip", "kernel-irqchip"):
                 if key in opts:
                     value = opts[key]

@@ -41,8 +41,7 @@ from __future__ import annotations
 import os
 
 from vhostorch import signals
-from vhostorch.check import ids, targets, wiring
-from vhostorch.check import observe as inspect
+from vhostorch.check import ids, observe, targets, wiring
 from vhostorch.check.report import FAIL, LEFT_PAUSED, NOT_PAUSED, PASS, WARN, Check
 from vhostorch.errors import (
     DomainUnavailable,
@@ -54,9 +53,8 @@ from vhostorch.errors import (
     VhostorchError,
 )
 from vhostorch.kernel import procfs
-from vhostorch.libvirt import connection as virt
-from vhostorch.qemu import args as qemuargs
-from vhostorch.qemu import monitor
+from vhostorch.libvirt import connection
+from vhostorch.qemu import args, monitor
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -92,7 +90,7 @@ def held(
             raise
 
 
-def _libvirt_names(pid_dir: str = inspect.PID_DIR) -> dict[int, str]:
+def _libvirt_names(pid_dir: str = observe.PID_DIR) -> dict[int, str]:
     """QEMU pid → libvirt domain name, from libvirt's pid files (the hook's way, no libvirtd)."""
     names = {}
     try:
@@ -112,7 +110,7 @@ def _libvirt_names(pid_dir: str = inspect.PID_DIR) -> dict[int, str]:
 
 def _by_libvirt(pid: int, name: str, uri: str) -> Plan:
     def pause(while_paused: Callable[[], None] | None) -> monitor.Paused:
-        return virt.pause_resume(name, uri, while_paused)
+        return connection.pause_resume(name, uri, while_paused)
 
     return Plan(pid, f"domain {name}", pause)
 
@@ -142,10 +140,10 @@ def _own(pid: int, libvirt: dict[int, str]) -> Plan:
         what = f"domain {libvirt[pid]}" if pid in libvirt else f"QEMU {pid}"
         return Plan(pid, what, None, f"it is {halted}, so its monitor cannot answer")
     if pid in libvirt:
-        return _by_libvirt(pid, libvirt[pid], virt.SYSTEM_URI)
+        return _by_libvirt(pid, libvirt[pid], connection.SYSTEM_URI)
     try:
         with open(f"{procfs.PROC}/{pid}/cmdline") as f:
-            path = qemuargs.parse(f.read().split("\0")).qmp
+            path = args.parse(f.read().split("\0")).qmp
     except OSError as err:
         raise procfs.CannotInspect(f"cannot read process {pid}: {err.strerror}") from err
     return _by_qmp(pid, path)
@@ -156,7 +154,7 @@ def plans(
 ) -> list[Plan]:
     """How each QEMU of the target is paused. Raises CannotInspect, DomainUnavailable."""
     if domain is not None:
-        return [_by_libvirt(inspect.domain_pid(domain), domain, uri or virt.SYSTEM_URI)]
+        return [_by_libvirt(observe.domain_pid(domain), domain, uri or connection.SYSTEM_URI)]
     if qmp is not None:
         try:
             qemu = monitor.peer_pid(qmp)

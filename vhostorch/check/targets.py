@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import os
 
-from vhostorch.check import observe as inspect
-from vhostorch.check import verify
+from vhostorch.check import observe, verify
 from vhostorch.errors import InvalidSpec
 from vhostorch.kernel import procfs
-from vhostorch.libvirt import connection as virt
-from vhostorch.libvirt import domxml
-from vhostorch.qemu import args as qemuargs
-from vhostorch.qemu import monitor
+from vhostorch.libvirt import connection, domxml
+from vhostorch.qemu import args, monitor
 from vhostorch.record import TYPE_CHECKING, Record
-from vhostorch.vm import state as vmstate
+from vhostorch.vm import state
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -44,7 +41,7 @@ def reports(target: Target) -> list[Report]:
     """Check one target.
 
     Raises InvalidSpec for a bad combination, procfs.CannotInspect (or
-    virt.DomainUnavailable) when the target cannot be looked at.
+    DomainUnavailable) when the target cannot be looked at.
     """
     target.check_one()
     pid, domain, qmp, uri = target.pid, target.domain, target.qmp, target.uri
@@ -53,26 +50,26 @@ def reports(target: Target) -> list[Report]:
     if target.ask_monitor and domain is None:
         raise InvalidSpec("check: --monitor goes with --domain (--pid and --qmp use QMP directly)")
     # Why a NIC does not use vhost is in libvirt's logs: read libvirtd's once for all QEMUs.
-    log, logdir = inspect.LibvirtdLog(), inspect.DOMAIN_LOG_DIR
+    log, logdir = observe.LibvirtdLog(), observe.DOMAIN_LOG_DIR
     if domain is not None:
-        return [_domain(domain, uri or virt.SYSTEM_URI, target.ask_monitor, log)]
+        return [_domain(domain, uri or connection.SYSTEM_URI, target.ask_monitor, log)]
     if qmp is not None:
         try:
             qemu = monitor.peer_pid(qmp)
         except monitor.MonitorError as err:
             raise procfs.CannotInspect(str(err)) from err
-        observed = inspect.observe(
+        observed = observe.observe(
             qemu,
             monitor=lambda: monitor.read_qmp(qmp, served_by=qemu),
-            plan=vmstate.by_pid(qemu),
+            plan=state.by_pid(qemu),
             libvirtd_log=log,
             domain_log_dir=logdir,
         )
         return [verify.verify(observed)]
     # A VM vhostorch started is checked against what it set up (NICs added over QMP).
-    plans = {state.pid: state for state in vmstate.every()}
+    plans = {known.pid: known for known in state.every()}
     if pid is not None:
-        observed = inspect.observe(
+        observed = observe.observe(
             pid, monitor=_own_qmp(pid), plan=plans.get(pid), libvirtd_log=log, domain_log_dir=logdir
         )
         return [verify.verify(observed)]
@@ -80,7 +77,7 @@ def reports(target: Target) -> list[Report]:
     found = []
     for qemu in procfs.qemu_pids():
         try:
-            observed = inspect.observe(
+            observed = observe.observe(
                 qemu,
                 kthreads=kthreads,
                 monitor=_own_qmp(qemu),
@@ -94,17 +91,17 @@ def reports(target: Target) -> list[Report]:
     return found
 
 
-def _domain(name: str, uri: str, ask_monitor: bool, log: inspect.LibvirtdLog) -> Report:
-    domain = domxml.parse(virt.domain_xml(name, uri))
-    reader = (lambda: virt.read_monitor(name, uri)) if ask_monitor else None
-    pid = inspect.domain_pid(name)
-    observed = inspect.observe(
+def _domain(name: str, uri: str, ask_monitor: bool, log: observe.LibvirtdLog) -> Report:
+    domain = domxml.parse(connection.domain_xml(name, uri))
+    reader = (lambda: connection.read_monitor(name, uri)) if ask_monitor else None
+    pid = observe.domain_pid(name)
+    observed = observe.observe(
         pid,
         domain=domain,
         monitor=reader,
-        plan=vmstate.by_pid(pid),
+        plan=state.by_pid(pid),
         libvirtd_log=log,
-        domain_log_dir=inspect.DOMAIN_LOG_DIR,
+        domain_log_dir=observe.DOMAIN_LOG_DIR,
     )
     return verify.verify(observed)
 
@@ -118,7 +115,7 @@ def _own_qmp(qemu: int, proc: str = procfs.PROC) -> Callable[[], monitor.Monitor
     """
     try:
         with open(f"{proc}/{qemu}/cmdline") as f:
-            path = qemuargs.parse(f.read().split("\0")).qmp
+            path = args.parse(f.read().split("\0")).qmp
     except OSError:
         return None
     if not path:

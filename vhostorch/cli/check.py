@@ -110,9 +110,8 @@ COMMANDS = (
 )
 
 
-def _reports(args: Parsed, rewire: bool = False) -> list[Report]:
-    from vhostorch.check import rewire as rewiring
-    from vhostorch.check import targets
+def _reports(args: Parsed, with_rewire: bool = False) -> list[Report]:
+    from vhostorch.check import rewire, targets
 
     target = targets.Target(
         pid=args.number("pid"),
@@ -122,10 +121,10 @@ def _reports(args: Parsed, rewire: bool = False) -> list[Report]:
         uri=args.text("connect"),
         ask_monitor=args.flag("monitor"),
     )
-    if not rewire:
+    if not with_rewire:
         return targets.reports(target)
     # Said at once, in case a signal held during the pause ends the command before its report.
-    return rewiring.reports(
+    return rewire.reports(
         target, warn=lambda line: print(f"vhostorch: warning: {line}", file=sys.stderr, flush=True)
     )
 
@@ -175,7 +174,7 @@ def _check(args: Parsed) -> int:
     import time
 
     begun = time.perf_counter()
-    reports = _reports(args, rewire=args.flag("rewire"))  # only the first round pauses
+    reports = _reports(args, with_rewire=args.flag("rewire"))  # only the first round pauses
     ok = _print_reports(reports, args, time.perf_counter() - begun)
     if watch is None:
         return EXIT_OK if ok else EXIT_FAILED
@@ -204,7 +203,7 @@ def _check(args: Parsed) -> int:
 
 
 def _doctor(args: Parsed) -> int:
-    from vhostorch.check import doctor
+    from vhostorch.host import doctor
 
     ok = _print_reports([doctor.doctor()], args)
     return EXIT_OK if ok else EXIT_FAILED
@@ -230,7 +229,7 @@ def _trace(args: Parsed) -> int:
 
 
 def _unit(args: Parsed, verb: str) -> int:
-    from vhostorch.check import bootunit
+    from vhostorch.host import bootunit
 
     given = args.text("unit_dir")
     unit_dir = bootunit.UNIT_DIR if given is None else given

@@ -40,16 +40,16 @@ COMMANDS = (
 
 
 def _hook(args: Parsed) -> int:
-    from vhostorch.hook import install as hookfile
+    from vhostorch.hook import install
 
     name, given = args.text("name"), args.text("hooks_dir")
-    name = hookfile.DEFAULT_NAME if name is None else name
-    hooks_dir = hookfile.HOOKS_DIR if given is None else given
+    name = install.DEFAULT_NAME if name is None else name
+    hooks_dir = install.HOOKS_DIR if given is None else given
     if args.command.path[1] == "install":
-        done = hookfile.install(name, hooks_dir)
+        done = install.install(name, hooks_dir)
         restart = "restart libvirtd (or virtqemud) so that it runs the hook"
     else:
-        done = hookfile.uninstall(name, hooks_dir)
+        done = install.uninstall(name, hooks_dir)
         restart = "restart libvirtd (or virtqemud) so that it stops looking for it"
     text = f"{done.path}: {done.action}"
     if done.action in ("installed", "removed"):

@@ -76,24 +76,23 @@ def _log(line: str) -> None:
 
 
 def _lab(args: Parsed) -> int:
-    from vhostorch.lab import image as labimage
-    from vhostorch.lab import run as lab
+    from vhostorch.lab import image, run
 
-    kernel = labimage.kernel_series(args.text("kernel") or labimage.DEFAULT_KERNEL)
+    kernel = image.kernel_series(args.text("kernel") or image.DEFAULT_KERNEL)
     if args.command.path[1] == "build":
-        image = labimage.ensure_image(log=_log, kernel=kernel)
+        built = image.ensure_image(log=_log, kernel=kernel)
         # What a VM started inside the test host boots (scripts/demo-vm.sh reads it here, so
         # that no script has to import vhostorch's modules).
         guest = {
-            "kernel": image.kernel,
-            "initrd": image.guest_initrd,
-            "cmdline": labimage.GUEST_APPEND,
+            "kernel": built.kernel,
+            "initrd": built.guest_initrd,
+            "cmdline": image.GUEST_APPEND,
         }
         emit(
-            {"ok": True, "image": image.asdict(), "guest": guest},
+            {"ok": True, "image": built.asdict(), "guest": guest},
             args.flag("json"),
-            "\n".join(f"{k}: {v}" for k, v in image.asdict().items())
-            + f"\nguest_cmdline: {labimage.GUEST_APPEND}",
+            "\n".join(f"{k}: {v}" for k, v in built.asdict().items())
+            + f"\nguest_cmdline: {image.GUEST_APPEND}",
         )
         return EXIT_OK
     env = {}
@@ -102,7 +101,7 @@ def _lab(args: Parsed) -> int:
         if not eq or not key.isidentifier():
             raise InvalidSpec(f"lab run: --env needs KEY=VALUE, not {item!r}")
         env[key] = value
-    outcome = lab.run(
+    outcome = run.run(
         args.texts("COMMAND"),
         env=env,
         timeout=args.number("timeout") or 900,

@@ -137,19 +137,19 @@ def _wait(args: Parsed) -> float:
 
 def _up(args: Parsed) -> int:
     from vhostorch import backends, orchestrate
-    from vhostorch.libvirt import connection as virt
-    from vhostorch.vm import spec as vmspec
+    from vhostorch.libvirt import connection
+    from vhostorch.vm import spec
 
-    spec = vmspec.load(args.texts("SPEC")[0])
+    wanted = spec.load(args.texts("SPEC")[0])
     backend = args.text("backend") or "qmp"
     if args.text("connect") and backend not in backends.taking_uri():
         raise InvalidSpec(f"up: --connect goes with --backend {' or '.join(backends.taking_uri())}")
     import sys
 
     outcome = orchestrate.up(
-        spec,
+        wanted,
         backend,
-        uri=args.text("connect") or virt.SYSTEM_URI,
+        uri=args.text("connect") or connection.SYSTEM_URI,
         wait=_wait(args),
         user=args.text("user"),
         warn=lambda line: print(f"vhostorch: warning: {line}", file=sys.stderr),
@@ -159,11 +159,11 @@ def _up(args: Parsed) -> int:
 
 def _vm_name(given: str) -> str:
     """A VM name, or the name in a spec file (``down spec.toml`` as well as ``down vm1``)."""
-    from vhostorch.vm import spec as vmspec
+    from vhostorch.vm import spec
 
     if given.endswith(".toml") or os.sep in given:
-        return vmspec.load(given).name
-    return vmspec.check_vm_name(given)
+        return spec.load(given).name
+    return spec.check_vm_name(given)
 
 
 def _down(args: Parsed) -> int:
@@ -188,19 +188,18 @@ def _down(args: Parsed) -> int:
 
 def _nic(args: Parsed) -> int:
     from vhostorch import orchestrate
-    from vhostorch.vm import spec as vmspec
-    from vhostorch.vm import state as vmstate
+    from vhostorch.vm import spec, state
 
     if args.command.path[1] == "del":
         name, tap = args.texts("VM TAP")
-        state = orchestrate.nic_del(_vm_name(name), check_ifname(tap, "tap name"))
+        after = orchestrate.nic_del(_vm_name(name), check_ifname(tap, "tap name"))
         emit(
-            {"ok": True, "vm": state.asdict()}, args.flag("json"), f"{state.name}: {tap} unplugged"
+            {"ok": True, "vm": after.asdict()}, args.flag("json"), f"{after.name}: {tap} unplugged"
         )
         return EXIT_OK
     name = _vm_name(args.texts("VM")[0])
-    current = vmstate.load(name)
-    index = vmspec.next_nic_index(name, current.nics if current else ())
+    current = state.load(name)
+    index = spec.next_nic_index(name, current.nics if current else ())
     entry = {
         "tap": args.text("tap"), "queues": args.number("queues"), "vhost": args.text("vhost"),
         "mac": args.text("mac"), "bridge": args.text("bridge"), "mtu": args.number("mtu"),
@@ -208,7 +207,7 @@ def _nic(args: Parsed) -> int:
         "rx_queue_size": args.number("rx_queue_size"),
         "tx_queue_size": args.number("tx_queue_size"),
     }  # fmt: skip
-    nic = vmspec.nic_from_mapping(name, index, {k: v for k, v in entry.items() if v is not None})
+    nic = spec.nic_from_mapping(name, index, {k: v for k, v in entry.items() if v is not None})
     outcome = orchestrate.nic_add(name, nic, wait=_wait(args))
     return _outcome(outcome, args, f"{nic.tap.name} plugged in")
 

@@ -198,15 +198,14 @@ def started(
     declared: metadata.Declared, domain: Domain, places: Places
 ) -> tuple[Report, list[str]]:
     """Check the domain's QEMU; write the result; return it and the enforced failures."""
-    from vhostorch.check import observe as inspect
-    from vhostorch.check import verify
+    from vhostorch.check import observe, verify
     from vhostorch.check.ids import VM_INSPECT
     from vhostorch.check.report import FAIL, UNKNOWN, Check, DomainTarget, JudgedNic, Report
     from vhostorch.kernel import procfs
 
     try:
-        pid = inspect.domain_pid(declared.domain)
-        report = verify.verify(inspect.observe(pid, domain=domain))
+        pid = observe.domain_pid(declared.domain)
+        report = verify.verify(observe.observe(pid, domain=domain))
     except procfs.CannotInspect as err:
         # Nothing proved: every verdict is unknown. Enforcing means proving, so it fails.
         unknown = Check(VM_INSPECT, UNKNOWN, f"unknown: {err}")

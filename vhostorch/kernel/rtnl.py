@@ -10,7 +10,7 @@ independent requests per sendmsg, their acknowledgements read together.
 from __future__ import annotations
 
 import _socket  # not `socket`: its enum set-up costs ~14 ms at import
-import errno as errno_mod
+import errno
 import struct
 
 # The error raised here, also importable from here (the tree is in vhostorch.errors).
@@ -336,7 +336,7 @@ class Rtnl:
                 if msgtype == RTM_NEWLINK:
                     return parse_link(reply)
         except NetlinkError as err:
-            if err.errno == errno_mod.ENODEV:
+            if err.errno == errno.ENODEV:
                 return None
             raise
         return None
@@ -387,7 +387,7 @@ class Rtnl:
         for answer in answers:
             if answer is None:
                 held.append(True)
-            elif answer.errno == errno_mod.EPERM:
+            elif answer.errno == errno.EPERM:
                 held.append(False)
             else:
                 held.append(None)

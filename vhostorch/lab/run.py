@@ -26,7 +26,7 @@ from vhostorch.errors import InvalidSpec
 from vhostorch.errors import LabError as LabError
 from vhostorch.errors import LabFrozen as LabFrozen
 from vhostorch.errors import LabTimeout as LabTimeout
-from vhostorch.lab import watch as labwatch
+from vhostorch.lab import watch
 from vhostorch.lab.image import DEFAULT_KERNEL, FILES, IMAGE_ENV, Image, ensure_image
 from vhostorch.record import TYPE_CHECKING, Record
 
@@ -172,7 +172,7 @@ def run(
     output: Callable[[bytes], None] | None = None,
     log: Callable[[str], None] | None = None,
     image: Image | None = None,
-    stalled_after: float = labwatch.STALLED_AFTER,
+    stalled_after: float = watch.STALLED_AFTER,
     kernel: str = DEFAULT_KERNEL,
 ) -> Outcome:
     """Run ``command`` in a fresh test host and return its outcome.
@@ -183,7 +183,7 @@ def run(
     Raises InvalidSpec when ``results`` cannot be made, LabError when the host cannot be
     built or booted or does not reach the command, LabTimeout when ``timeout`` runs out,
     LabFrozen when it stops making progress: a CPU stuck in its kernel for
-    labwatch.FROZEN_AFTER seconds, or no heartbeat for ``stalled_after`` seconds.
+    watch.FROZEN_AFTER seconds, or no heartbeat for ``stalled_after`` seconds.
     """
     if not command:
         raise LabError("no command given")
@@ -210,7 +210,7 @@ def run(
     results = os.path.realpath(results or tempfile.mkdtemp(prefix="vhostorch-lab-", dir="/tmp"))
     monitor = os.path.join(results, MONITOR)
     os.makedirs(results, exist_ok=True)
-    for stale in ("exit-status", "ready", "console.log", labwatch.HEARTBEAT, MONITOR):
+    for stale in ("exit-status", "ready", "console.log", watch.HEARTBEAT, MONITOR):
         if os.path.exists(os.path.join(results, stale)):
             os.unlink(os.path.join(results, stale))
     shutil.copy(os.path.join(FILES, "stage2"), os.path.join(results, "stage2"))
@@ -237,13 +237,13 @@ def run(
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     looked = 0.0
-    heartbeat: labwatch.Heartbeat | None = None
+    heartbeat: watch.Heartbeat | None = None
     try:
         while True:
             now = time.monotonic()
             if boot is None and os.path.exists(os.path.join(results, "ready")):
                 boot = now - start
-                heartbeat = labwatch.Heartbeat(os.path.join(results, labwatch.HEARTBEAT), now)
+                heartbeat = watch.Heartbeat(os.path.join(results, watch.HEARTBEAT), now)
             if now - looked > 5:
                 looked = now
                 _watch(console, heartbeat, now, stalled_after, monitor, cpus, proc.pid)
@@ -289,17 +289,17 @@ def _check_results(results: str) -> None:
 
 def _watch(
     console: str,
-    heartbeat: labwatch.Heartbeat | None,
+    heartbeat: watch.Heartbeat | None,
     now: float,
     stalled_after: float,
     monitor: str,
     cpus: int,
     pid: int,
 ) -> None:
-    """Raise LabFrozen if the test host has stopped making progress (see labwatch)."""
+    """Raise LabFrozen if the test host has stopped making progress (see watch)."""
     text = _read(console)
-    if labwatch.frozen(text):
-        evidence = labwatch.lockup(text, cpus) or ""
+    if watch.frozen(text):
+        evidence = watch.lockup(text, cpus) or ""
         raise LabFrozen(f"the test host froze ({evidence}); stopped it (QEMU pid {pid})", evidence)
     silent = heartbeat.silent_for(now) if heartbeat is not None else 0.0
     if silent >= stalled_after:
@@ -319,7 +319,7 @@ def _ask_monitor(path: str, cpus: int) -> str:
     try:
         sock.open()  # closes itself when it fails
         try:
-            return labwatch.monitor_evidence(
+            return watch.monitor_evidence(
                 lambda line: str(sock.execute("human-monitor-command", {"command-line": line})),
                 cpus,
             )

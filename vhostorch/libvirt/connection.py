@@ -1,7 +1,7 @@
 """libvirt, through libvirt-python: the only module that imports it.
 
 For checking, a running domain's live XML is all that is needed (its QEMU's pid
-is inspect.domain_pid); the connection is opened and closed here and never
+is check.observe.domain_pid); the connection is opened and closed here and never
 handed out.
 """
 

@@ -4,9 +4,9 @@ the spec, the backend and what this host offers)."""
 from __future__ import annotations
 
 from vhostorch import backends
-from vhostorch.check import doctor
 from vhostorch.check.report import FAIL, PASS
 from vhostorch.errors import OperationFailed
+from vhostorch.host import doctor
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:

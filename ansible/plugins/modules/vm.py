@@ -192,11 +192,11 @@ NIC_KEYS = (
 
 
 def _spec(p):
-    from vhostorch.vm import spec as vmspec
+    from vhostorch.vm import spec
 
     boot = {k: p[k] for k in ("kernel", "initrd", "cmdline", "disk") if p[k] is not None}
     nics = [{k: v for k, v in nic.items() if k in NIC_KEYS and v is not None} for nic in p["nics"]]
-    return vmspec.from_mapping(
+    return spec.from_mapping(
         {
             "name": p["name"],
             "memory": p["memory"],
@@ -251,13 +251,12 @@ def main():
     require_vhostorch(module)
     from vhostorch import orchestrate
     from vhostorch.kernel import procfs
-    from vhostorch.vm import spec as vmspec
-    from vhostorch.vm import state as vmstate
+    from vhostorch.vm import spec, state
 
     p = module.params
     with failing_on_error(module):
-        name = vmspec.check_vm_name(p["name"])
-        current = vmstate.load(name)
+        name = spec.check_vm_name(p["name"])
+        current = state.load(name)
         running = current is not None and procfs.alive(current.pid)
         if p["state"] == "absent":
             if current is None:
@@ -265,9 +264,9 @@ def main():
             if not module.check_mode:
                 orchestrate.down(name)
             module.exit_json(changed=True, vm=current.asdict())
-        spec = _spec(p)
+        asked = _spec(p)
         if running:
-            wanted = sorted(n.tap.name for n in spec.nics)
+            wanted = sorted(n.tap.name for n in asked.nics)
             has = sorted(n.tap for n in current.nics)
             if wanted != has or current.backend != p["backend"]:
                 module.fail_json(
@@ -285,7 +284,7 @@ def main():
             orchestrate.down(name)  # its QEMU is gone: clean up what is left, then start anew
         if p["wait"] < 0:
             module.fail_json(msg="wait must be 0 or more seconds")
-        outcome = orchestrate.up(spec, p["backend"], uri=p["connect"], wait=float(p["wait"]))
+        outcome = orchestrate.up(asked, p["backend"], uri=p["connect"], wait=float(p["wait"]))
         result = {"changed": True, "vm": outcome.state.asdict(), "waited": outcome.waited}
         _checked(module, outcome.report, result)
 

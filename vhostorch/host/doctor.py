@@ -168,8 +168,8 @@ def _trace(paths: Paths) -> Check:
 
 
 def trace_at_boot(paths: Paths) -> Check:
-    """host.trace.boot: the boot unit is installed, enabled and runnable (check.bootunit)."""
-    from vhostorch.check import bootunit
+    """host.trace.boot: the boot unit is installed, enabled and runnable (host.bootunit)."""
+    from vhostorch.host import bootunit
 
     found = bootunit.state(paths.systemd)
     evidence: dict[str, object] = {"unit": found.path, "installed": found.installed,
