@@ -14,15 +14,12 @@ import pathlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
 from tests.support import kernel
+from tests.support.domains import domain, domain_xml, tap, wait_for_tap_fd
 from tests.support.kernel import vhostorch
-from vhostorch import taps
-from vhostorch.taps import TapSpec
 
 NO_VHOST_NET = not os.path.exists("/dev/vhost-net")
 
@@ -49,48 +46,6 @@ def test_doctor_reports_vhost_net_as_this_host_has_it() -> None:
     text = vhostorch("doctor")
     assert text.returncode == done.returncode
     assert "host.vhost-net" in text.stdout and ("FAILED" if NO_VHOST_NET else "OK") in text.stdout
-
-
-@contextmanager
-def tap() -> Iterator[str]:
-    name = kernel.unique("vc")
-    taps.ensure([TapSpec(name)])
-    try:
-        yield name
-    finally:
-        taps.delete([name])
-
-
-@contextmanager
-def domain(uri: str, xml: str) -> Iterator[object]:
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        dom = conn.createXML(xml, 0)
-        try:
-            yield dom
-        finally:
-            dom.destroy()
-    finally:
-        conn.close()
-
-
-def domain_xml(name: str, kind: str, dev: str, driver: str) -> str:
-    return f"""<domain type='{kind}'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <interface type='ethernet'>
-      <target dev='{dev}' managed='no'/>
-      <model type='virtio'/>
-      {driver}
-    </interface>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
 
 
 @pytest.mark.skipif(not NO_VHOST_NET, reason="needs a host without /dev/vhost-net (as this one)")
@@ -141,7 +96,7 @@ def test_check_fails_a_qemu_started_without_vhost(tmp_path: object) -> None:
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            done = _wait_for_tap_fd(proc.pid, dev)
+            done = wait_for_tap_fd(proc.pid, dev)
             report = json.loads(done.stdout)
             assert done.returncode == 1
             assert statuses(report, "nic.vhost.requested") == ["fail"]
@@ -150,18 +105,6 @@ def test_check_fails_a_qemu_started_without_vhost(tmp_path: object) -> None:
         finally:
             proc.kill()  # the QEMU this test started
             proc.wait()
-
-
-def _wait_for_tap_fd(pid: int, dev: str) -> subprocess.CompletedProcess[str]:
-    deadline = time.monotonic() + 20
-    while True:
-        done = vhostorch("check", "--pid", str(pid), "--json")
-        if done.stdout and json.loads(done.stdout)["nics"]:
-            tap_fds = [c for c in json.loads(done.stdout)["checks"] if c["id"] == "nic.tap.fds"]
-            if tap_fds and tap_fds[0]["status"] == "pass":
-                return done
-        assert time.monotonic() < deadline, done.stdout + done.stderr
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as classic_families
 
-from tests.kernel.test_check_host import _wait_for_tap_fd, domain, domain_xml, tap
 from tests.support import kernel
+from tests.support.domains import domain, domain_xml, tap, wait_for_tap_fd
 from tests.support.kernel import vhostorch
 from vhostorch.check import metrics as metrics_text
 from vhostorch.check import observe, targets, verify
@@ -76,7 +76,7 @@ def plain_qemu(dev: str, vhost: str | None, log: pathlib.Path | None = None) -> 
         stdin=subprocess.DEVNULL, stdout=out, stderr=out,
     )  # fmt: skip
     try:
-        _wait_for_tap_fd(proc.pid, dev)
+        wait_for_tap_fd(proc.pid, dev)
         yield proc.pid
     finally:
         proc.kill()  # the QEMU this test started
@@ -296,7 +296,7 @@ def test_libvirtds_warning_goes_only_to_a_qemu_libvirt_started(tmp_path: pathlib
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            _wait_for_tap_fd(proc.pid, dev)
+            wait_for_tap_fd(proc.pid, dev)
             started = observe.boot_time() + observe.procfs.read(proc.pid).start_ticks / os.sysconf(
                 "SC_CLK_TCK"
             )

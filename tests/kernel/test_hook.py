@@ -19,34 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support import kernel
+from tests.support.hook import HOOK, domain
 from vhostorch import taps
 from vhostorch.hook import install as hookfile
-from vhostorch.hook.metadata import NAMESPACE
 from vhostorch.hook.program import qemu_user, run_hook
 from vhostorch.hook.state import Places
 from vhostorch.kernel import netns
 from vhostorch.taps import TapSpec
-
-HOOK = os.path.abspath(os.path.join(__file__, "..", "..", "..", "hooks", "qemu"))
-
-
-def domain(name: str, nics: list[tuple[str, int]], meta: str | None, vm: str = "") -> str:
-    """A domain XML with ethernet interfaces on ``nics`` (tap, queues) and ``meta``
-    (the <vhostorch:tap> elements; None: no vhostorch metadata at all)."""
-    ifaces = "".join(
-        f"<interface type='ethernet'><target dev='{dev}' managed='no'/><model type='virtio'/>"
-        f"<driver name='vhost' queues='{queues}'/></interface>"
-        for dev, queues in nics
-    )
-    block = (
-        ""
-        if meta is None
-        else f"<vhostorch:vm xmlns:vhostorch='{NAMESPACE}' {vm}>{meta}</vhostorch:vm>"
-    )
-    return (
-        f"<domain type='kvm'><name>{name}</name><metadata>{block}</metadata>"
-        f"<devices>{ifaces}</devices></domain>"
-    )
 
 
 @pytest.fixture

@@ -19,13 +19,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel.test_hook import HOOK, domain
 from tests.support import kernel
+from tests.support.hook import HOOK, PLACES, domain, left_of, tap_xml
 from vhostorch.hook import install as hookfile
-from vhostorch.hook.state import Places, file_stem
+from vhostorch.hook.state import file_stem
 from vhostorch.kernel import netns
-
-PLACES = Places()  # the program's own places
 
 
 def run(ns: str | None, *argv: str, xml: bytes | None = b"", umask: int | None = None,
@@ -42,23 +40,6 @@ def run(ns: str | None, *argv: str, xml: bytes | None = b"", umask: int | None =
     with netns.entered(ns):
         return subprocess.run(cmd, input=xml, capture_output=True, timeout=timeout,
                               preexec_fn=child)  # fmt: skip
-
-
-def left_of(name: str, taps: list[str]) -> list[str]:
-    """Files of domain ``name`` and claims of ``taps`` still in the hook's directories."""
-    stem = file_stem(name)
-    found = []
-    for directory in (PLACES.state, PLACES.run):
-        if os.path.isdir(directory):
-            found += [f for f in os.listdir(directory) if f.startswith(stem)]
-    if os.path.isdir(PLACES.claims):
-        found += [f"taps/{f}" for f in os.listdir(PLACES.claims) if f in taps]
-    return found
-
-
-def tap_xml(name: str, taps: list[str]) -> bytes:
-    meta = "".join(f"<vhostorch:tap dev='{t}'/>" for t in taps)
-    return domain(name, [(t, 1) for t in taps], meta).encode()
 
 
 @pytest.fixture

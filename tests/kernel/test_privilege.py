@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.test_up_hardening import left, state_of
 from tests.support import guests, kernel
+from tests.support.vms import left, state_of
 from vhostorch.backends import process
 from vhostorch.kernel import procfs, tun
 from vhostorch.vm import state as vmstate

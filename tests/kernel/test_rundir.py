@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel.test_hook import HOOK, domain
 from tests.support import guests, kernel
+from tests.support.hook import HOOK, domain
 from vhostorch import taps
 
 pytestmark = pytest.mark.kernel

@@ -13,21 +13,28 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from tests.support import guests, kernel
-from tests.testhost.test_up import link_exists, run
+from tests.support import kernel
+from tests.support.vms import (
+    EXE,
+    Booted,
+    left,
+    link_exists,
+    locking,
+    qemus_of,
+    run,
+    spec,
+    state_of,
+    wait_for,
+)
 from vhostorch import claims
 from vhostorch.kernel import procfs, tun
 from vhostorch.vm import state as vmstate
-
-EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 
 
 @pytest.fixture
@@ -46,56 +53,6 @@ def names() -> Iterator[list[str]]:
     for name in used:
         if os.path.exists(os.path.join(vmstate.STATE_DIR, f"{name}.json")):
             subprocess.run([EXE, "down", name], capture_output=True)
-
-
-def spec(directory: str, name: str, tap: str, queues: int = 2) -> str:
-    nic = {"tap": tap, "queues": queues, "vhost": "preferred"}
-    return guests.spec_file(directory, name, [nic], accel="tcg")
-
-
-def state_of(name: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(vmstate.STATE_DIR, f"{name}.json")) as f:
-            data: dict[str, Any] = json.load(f)
-            return data
-    except FileNotFoundError:
-        return None
-
-
-def qemus_of(name: str) -> list[int]:
-    """QEMU processes whose command line names this VM's work directory."""
-    mark = f"{vmstate.STATE_DIR}/{name}.d/".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if cmdline.startswith(b"qemu-system") and mark in cmdline and procfs.alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
-def left(name: str, taps: list[str]) -> list[str]:
-    """Everything a VM can leave: taps, claims, QEMUs, state, lock and work directory."""
-    found = [f"tap {t}" for t in taps if link_exists(t)]
-    found += [f"claim {t}" for t in taps if claims.holder(t) is not None]
-    found += [f"QEMU {p}" for p in qemus_of(name)]
-    found += [f for f in os.listdir(vmstate.STATE_DIR) if f.startswith(f"{name}.")]
-    return found
-
-
-def wait_for(what: str, ready: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = ready()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.01)
 
 
 # --- item 1: a tap belongs to one VM -------------------------------------------------
@@ -482,41 +439,6 @@ def test_after_a_killed_up_recovery_spares_a_tap_someone_made_under_its_name(
 # --- issue 19, item 5: nic add and nic del under signals --------------------------------------
 
 
-class Booted:
-    """A VM whose guest has booted (it answers ACPI hot-unplug), shared by a module's tests."""
-
-    def __init__(self, directory: str) -> None:
-        self.name, self.tap = kernel.unique("vho-n"), kernel.unique("vn")
-        code, out, err = run("up", spec(directory, self.name, self.tap), "--wait", "0")
-        assert code == 0, err
-        self.pid: int = out["vm"]["pid"]
-        console = os.path.join(out["vm"]["workdir"], "console.log")
-
-        def ready() -> bool:
-            with open(console, errors="replace") as f:
-                return "VHOSTORCH-GUEST: ready" in f.read()
-
-        wait_for("the guest", ready, timeout=180)
-
-    def nics(self) -> list[str]:
-        state = state_of(self.name)
-        assert state is not None
-        return [n["tap"] for n in state["nics"]]
-
-    def as_before(self, tap: str) -> list[str]:
-        """What differs from the VM as `up` left it, with ``tap`` hot-plugged and gone again."""
-        found = [f"tap {tap}"] if link_exists(tap) else []
-        found += [f"claim {tap}"] if claims.holder(tap) is not None else []
-        state = state_of(self.name) or {}
-        if [n["tap"] for n in state.get("nics", [])] != [self.tap]:
-            found.append(f"NICs {state.get('nics')}")
-        if state.get("claimed") != [self.tap] or state.get("making") or state.get("plugging"):
-            found.append(f"record {state.get('claimed')} {state.get('making')}")
-        if not procfs.alive(self.pid):
-            found.append("QEMU gone")
-        return found
-
-
 @pytest.fixture(scope="module")
 def booted() -> Iterator[Booted]:
     directory = tempfile.mkdtemp(prefix="vho-nic-")
@@ -539,12 +461,6 @@ def _nic(*args: str) -> subprocess.Popen[str]:
 
 def _plugged(pid: int, tap: str) -> bool:
     return any(holder == pid for holder, _ in tun.holders(tap))
-
-
-def _locking(pid: int) -> bool:
-    """Whether process ``pid`` holds an flock (a VM's lock: its command is under way)."""
-    with open("/proc/locks") as f:
-        return any(line.split()[4] == str(pid) for line in f if "FLOCK" in line)
 
 
 def _until(moment: str, proc: subprocess.Popen[str], pid: int, tap: str) -> None:
@@ -627,7 +543,7 @@ def test_a_signal_during_nic_del_leaves_the_nic_whole_or_gone(
     assert code == 0, err
     if moment == "unplugging":
         proc = _nic("del", booted.name, tap)
-        wait_for("nic del under way", lambda: _locking(proc.pid))
+        wait_for("nic del under way", lambda: locking(proc.pid))
         time.sleep(0.05)  # the guest takes longer than that to release the device
         proc.send_signal(sig)
     else:

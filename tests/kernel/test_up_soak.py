@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.kernel.test_up_hardening import EXE, _locking, left, spec, state_of, wait_for
 from tests.support import kernel
+from tests.support.vms import EXE, left, locking, spec, state_of, wait_for
 from vhostorch import claims
 from vhostorch.kernel import tun
 
@@ -161,7 +161,7 @@ def _started(cmd: list[str], stdin: bytes | None = None) -> tuple[subprocess.Pop
         proc.stdin.write(stdin)
     proc.stdin.close()
     proc.stdin = None
-    wait_for("the lock", lambda: _locking(proc.pid) or proc.poll() is not None)
+    wait_for("the lock", lambda: locking(proc.pid) or proc.poll() is not None)
     return proc, time.monotonic()
 
 
@@ -200,7 +200,7 @@ def test_nic_soak_with_signals_leaves_nothing(tmp_path: object) -> None:
     """NIC_CYCLES hot-plug cycles on one booted VM; in each, nic add or nic del (or both) is
     sent SIGTERM, SIGHUP or SIGKILL at a random moment of its work; the user's recovery is
     to run nic del again. After every cycle the VM is as `up` left it."""
-    from tests.kernel.test_up_hardening import Booted
+    from tests.support.vms import Booted
 
     directory = str(tmp_path)
     os.chmod(directory, 0o755)
@@ -248,8 +248,7 @@ def test_hook_soak_with_signals_leaves_nothing(ns: str) -> None:
     namespace; prepare in two cycles of three and release in one of three get SIGTERM,
     SIGHUP, SIGINT or SIGKILL at a random moment of their work, and release is run again
     until it succeeds. After every cycle nothing of the domain's is left."""
-    from tests.kernel.test_hook import HOOK
-    from tests.kernel.test_hook_faults import left_of, tap_xml
+    from tests.support.hook import HOOK, left_of, tap_xml
     from vhostorch.kernel import netns
 
     rng = random.Random(1901)

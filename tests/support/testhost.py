@@ -148,7 +148,7 @@ class Boot:
             )
         except lab.LabFrozen as err:
             self._load(report)
-            running = _read(report + ".running")
+            running = lab.read_text(report + ".running").strip()
             running = f"after {running}" if running in self.report else running or "at start"
             self.frozen.append(f"linux-{self.kernel}, {running}: {err.evidence}")
             print(f"[test host linux-{self.kernel}] froze ({running}): {err.evidence}", flush=True)
@@ -157,7 +157,7 @@ class Boot:
         except VhostorchError as err:
             # Tests that finished before it stopped keep their results.
             self.error = f"the test host failed before this test finished: {err}"
-            hang = _read(report + ".hang")
+            hang = lab.read_text(report + ".hang").strip()
             if hang:
                 self.error += "\n" + hang
             self._load(report)
@@ -183,14 +183,6 @@ class Boot:
     def cleanup(self) -> None:
         if self.results:
             shutil.rmtree(self.results, ignore_errors=True)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 # The session's boots by kernel series, in the order the kernels were given.

@@ -28,6 +28,7 @@ import pytest
 
 from tests.support import guests, kernel
 from tests.support.kernel import vhostorch
+from vhostorch.lab.run import read_text
 
 pytestmark = pytest.mark.testhost
 
@@ -98,14 +99,6 @@ def interfaces(n: Net, queues: int, driver: bool, unmanaged_tap: str) -> str:
     ])  # fmt: skip
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
 def check(*args: str) -> tuple[int, dict[str, Any]]:
     done = vhostorch("check", *args, "--json")
     assert done.stdout, done.stderr
@@ -140,7 +133,7 @@ def test_every_vhost_interface_type_passes_strict(
             while "VHOSTORCH-GUEST: ready" not in text:
                 assert time.monotonic() < deadline, text[-2000:]
                 time.sleep(0.5)
-                text = _read(console)
+                text = read_text(console)
             assert text.count("VHOSTORCH-GUEST: nic eth") == len(TYPES), text[-2000:]
             for extra in ((), ("--monitor",)):
                 deadline = time.monotonic() + 30

@@ -239,7 +239,7 @@ def test_rewire_resumes_a_vm_whose_stop_outlasts_the_qmp_timeout(untraced: None)
     "cannot reach QMP ...: CancelledError" and leave the guest paused. With --all, a second
     QEMU whose monitor does not answer (SIGSTOPped) is that VM's warning, and the run goes
     on to pause and prove the first; it used to end the run with no report."""
-    from tests.kernel.test_rewire import Observer, qemu, slow_drive, write_slowly
+    from tests.support.observer import Observer, qemu, slow_drive, write_slowly
 
     workdir = tempfile.mkdtemp(prefix="vho-rwslow-")
     sock, seen = os.path.join(workdir, "qmp.sock"), os.path.join(workdir, "observer.sock")
@@ -293,7 +293,7 @@ def test_rewire_says_a_vm_left_paused_and_how_to_resume_it(untraced: None) -> No
     says at once on stderr, in one line, that the VM is left paused and how to resume it, and
     its report's vm.rewire fails with the same words; it is true (the guest is paused once the
     stop is done), and the way given resumes it."""
-    from tests.kernel.test_rewire import qemu, slow_drive, write_slowly
+    from tests.support.observer import qemu, slow_drive, write_slowly
 
     with qemu(*slow_drive(40)) as (pid, sock, observer):
         write_slowly(observer)

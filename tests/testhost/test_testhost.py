@@ -17,6 +17,7 @@ import time
 import pytest
 
 from tests.support import guests, kernel
+from vhostorch.lab.run import read_text
 
 pytestmark = pytest.mark.testhost
 
@@ -104,22 +105,14 @@ def test_libvirt_kvm_domain_with_vhost_queues_holds_the_vhost_fds(
                 assert count(targets, "/dev/net/tun") == 4, targets
                 assert len(guests.vhost_workers(pid)) == 4
                 deadline = time.monotonic() + 60
-                while "VHOSTORCH-GUEST: nic eth0 up" not in _read(console):
-                    assert time.monotonic() < deadline, _read(console)[-2000:]
+                while "VHOSTORCH-GUEST: nic eth0 up" not in read_text(console):
+                    assert time.monotonic() < deadline, read_text(console)[-2000:]
                     time.sleep(0.2)
             finally:
                 dom.destroy()
         finally:
             conn.close()
             subprocess.run(["rm", "-rf", workdir], check=False)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
 
 
 def _syscalls(pid: int) -> int:

@@ -21,8 +21,10 @@ import pytest
 
 from tests.support import guests, kernel
 from tests.support.kernel import vhostorch
+from tests.support.vms import link_exists, run
 from vhostorch.check import wiring
 from vhostorch.kernel import procfs, tun
+from vhostorch.lab.run import read_text
 from vhostorch.vm import state as vmstate
 
 BACKENDS = ["qmp", "libvirt"]
@@ -31,27 +33,6 @@ NIC_CHECKS = {
     "nic.vhost.requested", "nic.queues", "nic.tap.fds", "nic.vhost.fds", "nic.vhost.worker",
     "nic.vhost.started", "nic.vhost.memtable", "nic.kick", "nic.call", "nic.features",
 }  # fmt: skip
-
-
-def run(*args: str) -> tuple[int, dict[str, Any], str]:
-    done = vhostorch(*args, "--json")
-    try:
-        data = json.loads(done.stdout)
-    except ValueError:
-        data = {}
-    return done.returncode, data, done.stderr
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def link_exists(name: str) -> bool:
-    return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
 
 
 def domain_defined(name: str) -> bool:
@@ -279,8 +260,8 @@ def test_preferred_starts_tcg_and_the_check_reports_the_fallback(
     # Unplugging needs the guest's ACPI hot-plug: wait until it has booted (TCG is slow).
     console = os.path.join(out["vm"]["workdir"], "console.log")
     deadline = time.monotonic() + 120
-    while "VHOSTORCH-GUEST: ready" not in _read(console):
-        assert time.monotonic() < deadline, _read(console)[-2000:]
+    while "VHOSTORCH-GUEST: ready" not in read_text(console):
+        assert time.monotonic() < deadline, read_text(console)[-2000:]
         time.sleep(0.5)
 
     code, out, err = run("nic", "add", name, "--tap", second, "--vhost", "off")
