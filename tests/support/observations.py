@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterable
 from typing import NotRequired, TypedDict, cast
 
@@ -344,6 +345,12 @@ def observed(
     if not trace:
         rec["trace"] = None
     return replay(rec, root, monitor=monitor)
+
+
+def says(message: str, expected: str) -> bool:
+    """``message`` is ``expected``, where "..." in ``expected`` stands for any text (a scenario
+    table's way to give a message whose numbers vary)."""
+    return re.fullmatch(".*".join(map(re.escape, expected.split("..."))), message, re.S) is not None
 
 
 def nic_named(obs: Observation, name: str) -> Nic:

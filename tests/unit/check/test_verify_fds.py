@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 from tests.support import observations
+from tests.support.observations import says
 from vhostorch.check import fds
 from vhostorch.check.report import FAIL, PASS
 
 
 def test_tap_fds(tmp_path: pathlib.Path) -> None:
-    obs = observations.observed("healthy-4q", tmp_path / "a")
+    obs = observations.observed("healthy-4q", tmp_path)
     nic = observations.nic_named(obs, "net0")
     check = fds.tap_fds(obs, nic)
     (tap,) = obs.taps
@@ -19,39 +22,60 @@ def test_tap_fds(tmp_path: pathlib.Path) -> None:
     held = check.evidence["fds"]
     assert check.evidence["taps"] == [tap] and isinstance(held, list) and len(held) == 4
     assert check.evidence["multi_queue"] is True and check.evidence["vnet_hdr"] is True
-    # The same QEMU, its tap seen as single-queue: the queue modes disagree.
+
+
+def test_tap_fds_of_a_single_queue_tap_fail(tmp_path: pathlib.Path) -> None:
+    """The same QEMU, its tap seen as single-queue: the queue modes disagree."""
     rec = observations.load("healthy-4q")
+    (tap,) = rec["taps"]
     link = rec["taps"][tap]
     assert link is not None
     tun = link["tun"]
     assert isinstance(tun, dict)
     tun["multi_queue"] = False
-    obs = observations.replay(rec, tmp_path / "b")
+    obs = observations.replay(rec, tmp_path)
     check = fds.tap_fds(obs, observations.nic_named(obs, "net0"))
     assert check.status == FAIL
     assert check.message == f"tap {tap} is single-queue but QEMU uses 4 queue(s)"
 
 
-def test_vhost_fds(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    ("nic", "status", "message"),
+    [
+        pytest.param("net0", PASS, "1 /dev/vhost-net fd(s) for 1 queue pair(s)", id="vhost-on"),
+        pytest.param("net1", FAIL, "0 /dev/vhost-net fd(s) for 1 queue pair(s)", id="vhost-off"),
+    ],
+)
+def test_vhost_fds(nic: str, status: str, message: str, tmp_path: pathlib.Path) -> None:
     obs = observations.observed("second-nic-vhost-off", tmp_path)
-    good = fds.vhost_fds(obs, observations.nic_named(obs, "net0"))
-    assert (good.id, good.status) == ("nic.vhost.fds", PASS)
-    assert good.message == "1 /dev/vhost-net fd(s) for 1 queue pair(s)"
-    assert good.evidence["fds"] == [fd.num for fd in obs.process.fds_to("/dev/vhost-net")]
-    bad = fds.vhost_fds(obs, observations.nic_named(obs, "net1"))
-    assert bad.status == FAIL
-    assert bad.message == "0 /dev/vhost-net fd(s) for 1 queue pair(s)"
-    assert bad.evidence == {"expected": 1, "fds": []}
+    check = fds.vhost_fds(obs, observations.nic_named(obs, nic))
+    assert (check.id, check.status, check.message) == ("nic.vhost.fds", status, message)
+    held = [fd.num for fd in obs.process.fds_to("/dev/vhost-net")] if status == PASS else []
+    assert check.evidence["fds"] == held
+    if status == FAIL:
+        assert check.evidence == {"expected": 1, "fds": []}
 
 
-def test_worker(tmp_path: pathlib.Path) -> None:
-    obs = observations.observed("healthy-4q", tmp_path / "a")
+@pytest.mark.parametrize(
+    ("name", "nic", "status", "message"),
+    [
+        pytest.param("healthy-4q", "net0", PASS,
+                     "4 vhost-... worker(s) (kernel threads) for 4 vhost device(s)", id="4q"),
+        pytest.param("second-nic-vhost-off", "net1", FAIL, "no vhost device, so no worker",
+                     id="vhost-off"),
+    ],
+)  # fmt: skip
+def test_worker(name: str, nic: str, status: str, message: str, tmp_path: pathlib.Path) -> None:
+    obs = observations.observed(name, tmp_path)
+    check = fds.worker(obs, observations.nic_named(obs, nic))
+    assert (check.id, check.status) == ("nic.vhost.worker", status)
+    assert says(check.message, message), check.message
+
+
+def test_the_workers_of_a_healthy_vm_are_its_kernel_threads(tmp_path: pathlib.Path) -> None:
+    obs = observations.observed("healthy-4q", tmp_path)
     check = fds.worker(obs, observations.nic_named(obs, "net0"))
-    assert (check.id, check.status) == ("nic.vhost.worker", PASS)
     pid = obs.process.pid
     assert check.message == f"4 vhost-{pid} worker(s) (kernel threads) for 4 vhost device(s)"
     assert check.evidence["model"] == "kthread"
     assert check.evidence["tids"] == list(obs.workers) and len(obs.workers) == 4
-    off = observations.observed("second-nic-vhost-off", tmp_path / "b")
-    check = fds.worker(off, observations.nic_named(off, "net1"))
-    assert (check.status, check.message) == (FAIL, "no vhost device, so no worker")

@@ -132,27 +132,27 @@ def test_new_kernels_put_other_workers_in_qemu_too(tmp_path: pathlib.Path) -> No
     assert "kvm-nx-lpage-re" not in {t.comm for t in old.process.threads}
 
 
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "untraced"])
 @pytest.mark.parametrize(("name", "series", "model", "queues"), HEALTHY)
 def test_each_queue_pairs_worker_is_the_one_owned_for_its_vhost_fd(
-    name: str, series: str, model: str, queues: int, tmp_path: pathlib.Path
+    name: str, series: str, model: str, queues: int, traced: bool, tmp_path: pathlib.Path
 ) -> None:
     """Workers are made at VHOST_SET_OWNER with growing tids: the trace's owner order pairs
     each vhost fd with its worker; without the trace, fd order stands in and says so."""
-    for traced in (True, False):
-        obs = observations.observed(name, tmp_path / str(traced), trace=traced)
-        nic = observations.nic_named(obs, "net0")
-        found = verify.workers(obs, nic)
-        assert [w.queue_pair for w in found] == list(range(queues))
-        assert [w.vhost_fd for w in found] == [fd.num for fd in nic.vhost_fds]
-        assert sorted(w.tid for w in found) == sorted(obs.workers)
-        assert {w.attributed_by for w in found} == {
-            "VHOST_SET_OWNER order (traced)" if traced else "fd order"
-        }
-        if traced:
-            assert obs.wiring is not None
-            owned = [fd for fd in obs.wiring.owners if fd in {w.vhost_fd for w in found}]
-            by_tid = sorted(found, key=lambda w: w.tid)
-            assert [w.vhost_fd for w in by_tid] == owned[-queues:]
+    obs = observations.observed(name, tmp_path, trace=traced)
+    nic = observations.nic_named(obs, "net0")
+    found = verify.workers(obs, nic)
+    assert [w.queue_pair for w in found] == list(range(queues))
+    assert [w.vhost_fd for w in found] == [fd.num for fd in nic.vhost_fds]
+    assert sorted(w.tid for w in found) == sorted(obs.workers)
+    assert {w.attributed_by for w in found} == {
+        "VHOST_SET_OWNER order (traced)" if traced else "fd order"
+    }
+    if traced:
+        assert obs.wiring is not None
+        owned = [fd for fd in obs.wiring.owners if fd in {w.vhost_fd for w in found}]
+        by_tid = sorted(found, key=lambda w: w.tid)
+        assert [w.vhost_fd for w in by_tid] == owned[-queues:]
 
 
 def test_a_vhost_task_workers_cpu_time_is_its_own_not_its_thread_groups(
@@ -179,27 +179,41 @@ def test_a_vhost_task_workers_cpu_time_is_its_own_not_its_thread_groups(
     assert got == {tid: (100 * (n + 1) + n) / ticks for n, tid in enumerate(obs.workers)}
 
 
+FALLBACK = "qemu-system-x86_64: unable to start vhost net: 7: falling back on userspace virtio"
+
+
+@pytest.mark.parametrize(
+    ("monitor", "trace"),
+    [(True, True), (False, True), (True, False)],
+    ids=["monitor-and-trace", "trace", "monitor"],
+)
 @pytest.mark.parametrize(("name", "series", "model", "queues"), HEALTHY)
 def test_a_fallback_line_in_qemus_log_is_no_reason_for_a_nic_vhost_runs_on(
-    name: str, series: str, model: str, queues: int, tmp_path: pathlib.Path
-) -> None:
+    name: str, series: str, model: str, queues: int, monitor: bool, trace: bool,
+    tmp_path: pathlib.Path,
+) -> None:  # fmt: skip
     """A QEMU log that is appended to keeps an earlier run's 'falling back' line, and a line
     of one NIC says nothing of the NIC beside it: a NIC whose vhost the trace or the monitor
-    saw running has no reason; without either, the line is given with what is not known."""
+    saw running has no reason."""
+    from vhostorch.check.observe import Logs
+
+    stale = Logs("", (), "/var/log/qemu-stderr.log", (FALLBACK,))
+    obs = observations.observed(name, tmp_path, monitor=monitor, trace=trace)
+    report = verify.verify(obs.replace(logs=stale))
+    assert [n.reason for n in report.nics if isinstance(n, JudgedNic)] == [None]
+
+
+@pytest.mark.parametrize(("name", "series", "model", "queues"), HEALTHY)
+def test_a_fallback_line_seen_without_monitor_or_trace_is_given_with_what_is_not_known(
+    name: str, series: str, model: str, queues: int, tmp_path: pathlib.Path
+) -> None:
+    """Without the monitor or the trace nothing says vhost runs: the log's 'falling back'
+    line is the reason, given with what is not known."""
     from vhostorch.check import reasons
     from vhostorch.check.observe import Logs
 
-    line = "qemu-system-x86_64: unable to start vhost net: 7: falling back on userspace virtio"
-    stale = Logs("", (), "/var/log/qemu-stderr.log", (line,))
-    for monitor, trace in ((True, True), (False, True), (True, False)):
-        obs = observations.observed(name, tmp_path / f"{monitor}{trace}", monitor=monitor,
-                                    trace=trace).replace(logs=stale)  # fmt: skip
-        report = verify.verify(obs)
-        assert [n.reason for n in report.nics if isinstance(n, JudgedNic)] == [None], (
-            monitor,
-            trace,
-        )
-    blind = observations.observed(name, tmp_path / "blind", monitor=False, trace=False)
+    stale = Logs("", (), "/var/log/qemu-stderr.log", (FALLBACK,))
+    blind = observations.observed(name, tmp_path, monitor=False, trace=False)
     nic = observations.nic_named(blind, "net0")
     why = reasons.reason(blind.replace(logs=stale), nic, verify.nic_checks(blind, nic))
     assert why is not None and why.code == reasons.QEMU_FALLBACK

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 from tests.support import observations
 from vhostorch.check import nics
 
@@ -23,14 +25,20 @@ def test_four_queue_pairs_get_four_tap_fds_and_their_vhost_fds_by_the_trace(
     assert [backends[v.num] for v in nic.vhost_fds] == [t.num for t in nic.tap_fds]
 
 
-def test_the_vhost_fd_of_two_nics_goes_to_the_one_that_asked(tmp_path: pathlib.Path) -> None:
-    traced = observations.observed("second-nic-vhost-off", tmp_path / "a")
-    fast, slow = nics.find(traced)
+@pytest.mark.parametrize(
+    ("trace", "assigned_by"),
+    [
+        pytest.param(True, "VHOST_NET_SET_BACKEND (traced)", id="traced"),
+        # Without the trace, QEMU's fd order says the same (it opens vhost right after its tap).
+        pytest.param(False, "fd order (QEMU opens each after its tap)", id="untraced"),
+    ],
+)
+def test_the_vhost_fd_of_two_nics_goes_to_the_one_that_asked(
+    trace: bool, assigned_by: str, tmp_path: pathlib.Path
+) -> None:
+    obs = observations.observed("second-nic-vhost-off", tmp_path, trace=trace)
+    fast, slow = nics.find(obs)
     assert (fast.name, slow.name) == ("net0", "net1")
-    assert len(fast.vhost_fds) == 1 and slow.vhost_fds == []
-    assert fast.vhost_assigned_by.startswith("VHOST_NET_SET_BACKEND")
-    # Without the trace, QEMU's fd order says the same (it opens vhost right after its tap).
-    untraced = observations.observed("second-nic-vhost-off", tmp_path / "b", trace=False)
-    fast2, slow2 = nics.find(untraced)
-    assert fast2.vhost_fds == fast.vhost_fds and slow2.vhost_fds == []
-    assert fast2.vhost_assigned_by == "fd order (QEMU opens each after its tap)"
+    vhost = [fd.num for fd in obs.process.fds_to("/dev/vhost-net")]
+    assert [fd.num for fd in fast.vhost_fds] == vhost and len(vhost) == 1 and slow.vhost_fds == []
+    assert fast.vhost_assigned_by == assigned_by

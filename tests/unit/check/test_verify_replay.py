@@ -17,14 +17,17 @@ RECORDED = sorted(path.stem for path in observations.FIXTURES.glob("*.json"))
 def test_the_recordings_cover_healthy_and_broken_setups() -> None:
     assert {"healthy-1q", "healthy-4q", "second-nic-vhost-off", "device-4q-tap-2q",
             "no-guest-driver"} <= set(RECORDED)  # fmt: skip
-    for name in RECORDED:
-        about = observations.load(name)["about"]
-        assert about["kernel"] and about["qemu"].startswith("QEMU emulator version")
-        # The recorder moved to tests/support/; the older recordings name its first place.
-        assert about["recorded_by"] in (
-            ".venv/bin/python -m tests.support.record_observation",
-            ".venv/bin/python -m tests.record_observation",
-        )
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_each_recording_says_what_recorded_it(name: str) -> None:
+    about = observations.load(name)["about"]
+    assert about["kernel"] and about["qemu"].startswith("QEMU emulator version")
+    # The recorder moved to tests/support/; the older recordings name its first place.
+    assert about["recorded_by"] in (
+        ".venv/bin/python -m tests.support.record_observation",
+        ".venv/bin/python -m tests.record_observation",
+    )
 
 
 @pytest.mark.parametrize("name", RECORDED)

@@ -4,74 +4,119 @@ nic.features, from QEMU's monitor and, without it, from the wiring trace."""
 from __future__ import annotations
 
 import pathlib
+from typing import Any
+
+import pytest
 
 from tests.support import observations
+from tests.support.observations import says
 from vhostorch.check import running
 from vhostorch.check.report import PASS, UNKNOWN, WARN
 
+# Each scenario: (recording, what of it is seen, status, message; "..." stands for any text).
+MONITOR, TRACE, BLIND = {}, {"monitor": False}, {"monitor": False, "trace": False}
+STARTED = [
+    pytest.param("healthy-4q", MONITOR, PASS, "...", id="monitor"),
+    pytest.param("healthy-4q", TRACE, PASS, "...", id="trace"),
+    pytest.param("no-guest-driver", MONITOR, WARN,
+                 "the guest driver has not started the device yet...", id="idle-monitor"),
+    pytest.param("no-guest-driver", TRACE, WARN, "not started (yet)...", id="idle-trace"),
+    pytest.param("healthy-1q", BLIND, UNKNOWN, f"unknown: {running.NO_MONITOR}", id="blind"),
+]  # fmt: skip
+MEMTABLE = [
+    pytest.param("healthy-1q", MONITOR, PASS, "vhost holds ... guest memory region(s)",
+                 id="monitor"),
+    pytest.param("healthy-4q", TRACE, PASS, "...", id="trace"),
+    pytest.param("no-guest-driver", MONITOR, UNKNOWN,
+                 "unknown: vhost is not started, so QEMU reports no vhost device", id="idle"),
+]  # fmt: skip
+FEATURES = [
+    pytest.param("healthy-1q", MONITOR, PASS, "...", id="monitor"),
+    pytest.param("healthy-4q", TRACE, PASS, "...", id="trace"),
+    pytest.param("no-guest-driver", MONITOR, UNKNOWN, "unknown: vhost is not started",
+                 id="idle"),
+]  # fmt: skip
 
-def test_started(tmp_path: pathlib.Path) -> None:
-    obs = observations.observed("healthy-4q", tmp_path / "a")
+
+@pytest.mark.parametrize(("name", "seen", "status", "message"), STARTED)
+def test_started(
+    name: str, seen: dict[str, Any], status: str, message: str, tmp_path: pathlib.Path
+) -> None:
+    obs = observations.observed(name, tmp_path, **seen)
     check = running.started(obs, observations.nic_named(obs, "net0"))
-    assert (check.id, check.status) == ("nic.vhost.started", PASS)
+    assert (check.id, check.status) == ("nic.vhost.started", status)
+    assert says(check.message, message), check.message
+
+
+def test_started_from_the_monitor_is_vhost_started_and_driver_ok(tmp_path: pathlib.Path) -> None:
+    obs = observations.observed("healthy-4q", tmp_path)
+    check = running.started(obs, observations.nic_named(obs, "net0"))
     assert check.evidence["vhost_started"] is True
     statuses = check.evidence["status"]
     assert isinstance(statuses, list) and "VIRTIO_CONFIG_S_DRIVER_OK" in statuses
-    traced = observations.observed("healthy-4q", tmp_path / "b", monitor=False)
+
+
+def test_started_from_the_trace_joins_each_vring_to_its_tap_fd(tmp_path: pathlib.Path) -> None:
+    traced = observations.observed("healthy-4q", tmp_path, monitor=False)
     nic = observations.nic_named(traced, "net0")
     check = running.started(traced, nic)
-    assert check.status == PASS and check.evidence["source"] == "wiring trace"
+    assert check.evidence["source"] == "wiring trace"
     # Each vring of each vhost fd was joined to that queue pair's tap fd.
     assert check.evidence["backends"] == {
         v.num: [t.num, t.num] for v, t in zip(nic.vhost_fds, nic.tap_fds, strict=True)
     }
-    idle = observations.observed("no-guest-driver", tmp_path / "c")
-    check = running.started(idle, observations.nic_named(idle, "net0"))
-    assert check.status == WARN
-    assert check.message.startswith("the guest driver has not started the device yet")
-    idle = observations.observed("no-guest-driver", tmp_path / "d", monitor=False)
-    check = running.started(idle, observations.nic_named(idle, "net0"))
-    assert check.status == WARN and check.message.startswith("not started (yet)")
-    blind = observations.observed("healthy-1q", tmp_path / "e", monitor=False, trace=False)
-    check = running.started(blind, observations.nic_named(blind, "net0"))
-    assert (check.status, check.message) == (UNKNOWN, f"unknown: {running.NO_MONITOR}")
 
 
-def test_memtable(tmp_path: pathlib.Path) -> None:
-    obs = observations.observed("healthy-1q", tmp_path / "a")
+@pytest.mark.parametrize(("name", "seen", "status", "message"), MEMTABLE)
+def test_memtable(
+    name: str, seen: dict[str, Any], status: str, message: str, tmp_path: pathlib.Path
+) -> None:
+    obs = observations.observed(name, tmp_path, **seen)
     check = running.memtable(obs, observations.nic_named(obs, "net0"))
-    assert (check.id, check.status) == ("nic.vhost.memtable", PASS)
+    assert (check.id, check.status) == ("nic.vhost.memtable", status)
+    assert says(check.message, message), check.message
+
+
+def test_memtable_from_the_monitor_counts_the_memory_sections(tmp_path: pathlib.Path) -> None:
+    obs = observations.observed("healthy-1q", tmp_path)
+    check = running.memtable(obs, observations.nic_named(obs, "net0"))
     sections = check.evidence["n-mem-sections"]
     assert isinstance(sections, int) and sections > 0
     assert check.message == f"vhost holds {sections} guest memory region(s)"
-    traced = observations.observed("healthy-4q", tmp_path / "b", monitor=False)
+
+
+def test_memtable_from_the_trace_has_regions_per_vhost_fd(tmp_path: pathlib.Path) -> None:
+    traced = observations.observed("healthy-4q", tmp_path, monitor=False)
     nic = observations.nic_named(traced, "net0")
     check = running.memtable(traced, nic)
-    assert check.status == PASS
     regions = check.evidence["regions"]
     assert isinstance(regions, dict) and set(regions) == {fd.num for fd in nic.vhost_fds}
     assert all(n and n > 0 for n in regions.values())
-    idle = observations.observed("no-guest-driver", tmp_path / "c")
-    check = running.memtable(idle, observations.nic_named(idle, "net0"))
-    assert check.status == UNKNOWN
-    assert check.message == "unknown: vhost is not started, so QEMU reports no vhost device"
 
 
-def test_features(tmp_path: pathlib.Path) -> None:
-    obs = observations.observed("healthy-1q", tmp_path / "a")
+@pytest.mark.parametrize(("name", "seen", "status", "message"), FEATURES)
+def test_features(
+    name: str, seen: dict[str, Any], status: str, message: str, tmp_path: pathlib.Path
+) -> None:
+    obs = observations.observed(name, tmp_path, **seen)
     check = running.features(obs, observations.nic_named(obs, "net0"))
-    assert (check.id, check.status) == ("nic.features", PASS)
+    assert (check.id, check.status) == ("nic.features", status)
+    assert says(check.message, message), check.message
+
+
+def test_features_from_the_monitor_include_the_header_layout(tmp_path: pathlib.Path) -> None:
+    obs = observations.observed("healthy-1q", tmp_path)
+    check = running.features(obs, observations.nic_named(obs, "net0"))
     acked = check.evidence["acked"]
     assert isinstance(acked, list) and set(running.HEADER_LAYOUT_FEATURES) <= set(acked)
-    traced = observations.observed("healthy-4q", tmp_path / "b", monitor=False)
-    nic = observations.nic_named(traced, "net0")
-    check = running.features(traced, nic)
-    assert check.status == PASS and check.evidence["source"] == "wiring trace"
+
+
+def test_features_from_the_trace_are_one_set_for_every_queue_pair(tmp_path: pathlib.Path) -> None:
+    traced = observations.observed("healthy-4q", tmp_path, monitor=False)
+    check = running.features(traced, observations.nic_named(traced, "net0"))
+    assert check.evidence["source"] == "wiring trace"
     # Every queue pair's vhost device was set to the same features, the header layout's among them.
     told = check.evidence["features"]
     assert isinstance(told, dict) and len(set(told.values())) == 1 and len(told) == 4
     names = check.evidence["names"]
     assert isinstance(names, list) and set(running.HEADER_LAYOUT_FEATURES) <= set(names)
-    idle = observations.observed("no-guest-driver", tmp_path / "c")
-    check = running.features(idle, observations.nic_named(idle, "net0"))
-    assert (check.status, check.message) == (UNKNOWN, "unknown: vhost is not started")

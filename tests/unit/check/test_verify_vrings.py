@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 from tests.support import observations
+from tests.support.observations import says
 from vhostorch.check import vrings
 from vhostorch.check.report import PASS, UNKNOWN, WARN
 
@@ -27,23 +30,34 @@ def test_kick(tmp_path: pathlib.Path) -> None:
     assert len({k["eventfd_id"] for k in kicked if isinstance(k, dict)}) == 8
 
 
+# Each scenario: (recording, its trace seen, queue, status, message; "..." stands for any text).
+CALL = [
+    pytest.param("no-guest-driver", True, 0, WARN,
+                 "not wired yet: the guest driver has not started the device (no DRIVER_OK)",
+                 id="idle"),
+    pytest.param("healthy-1q", False, 1, UNKNOWN, "...the wiring trace is not armed...",
+                 id="untraced"),
+]  # fmt: skip
+
+
 def test_call(tmp_path: pathlib.Path) -> None:
-    obs = observations.observed("healthy-4q", tmp_path / "a")
+    obs = observations.observed("healthy-4q", tmp_path)
     nic = observations.nic_named(obs, "net0")
     calls = [vrings.call(obs, nic, queue) for queue in range(8)]
     assert {(c.id, c.status) for c in calls} == {("nic.call", PASS)}
     irqfds = [c.evidence["irqfd"] for c in calls]
     assert len({i["gsi"] for i in irqfds if isinstance(i, dict)}) == 8
     assert all(c.evidence["masked"] is False for c in calls)
-    idle = observations.observed("no-guest-driver", tmp_path / "b")
-    check = vrings.call(idle, observations.nic_named(idle, "net0"), 0)
-    assert check.status == WARN
-    assert check.message == (
-        "not wired yet: the guest driver has not started the device (no DRIVER_OK)"
-    )
-    untraced = observations.observed("healthy-1q", tmp_path / "c", trace=False)
-    check = vrings.call(untraced, observations.nic_named(untraced, "net0"), 1)
-    assert check.status == UNKNOWN and "the wiring trace is not armed" in check.message
+
+
+@pytest.mark.parametrize(("name", "trace", "queue", "status", "message"), CALL)
+def test_call_not_proved(
+    name: str, trace: bool, queue: int, status: str, message: str, tmp_path: pathlib.Path
+) -> None:
+    obs = observations.observed(name, tmp_path, trace=trace)
+    check = vrings.call(obs, observations.nic_named(obs, "net0"), queue)
+    assert (check.id, check.status) == ("nic.call", status)
+    assert says(check.message, message), check.message
 
 
 def test_every_virtqueue_gets_kick_then_call(tmp_path: pathlib.Path) -> None:
