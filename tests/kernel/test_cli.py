@@ -6,17 +6,14 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
-from tests.support.kernel import link, links, run, vhostorch
+from tests.support.kernel import EXE, link, links, run, vhostorch
 from vhostorch import cli
 from vhostorch.cli.argv import parse
 from vhostorch.cli.output import EXIT_CODES
 from vhostorch.errors import LabTimeout
-
-EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 
 
 def _one_line_error(proc: object, code: int, *phrases: str) -> None:

@@ -27,19 +27,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.support.kernel import EXE
 from vhostorch import cli
 from vhostorch.cli.argv import APPEND, FLAG, INT, NEGATE, PATH, VALUE, Command, Option
 
 pytestmark = pytest.mark.kernel  # root: a mount namespace and tmpfs per case
 
-EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 BAD = b"\xff\xfevho"  # not UTF-8: Python's argv holds it as lone surrogates (PEP 383)
 NOWHERE = b"/dev/null/vhoinp"  # under a file: no directory can be made there
 CASE_TIMEOUT = 20.0

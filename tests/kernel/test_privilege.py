@@ -14,7 +14,6 @@ import os
 import pwd
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.support import guests, kernel
+from tests.support.kernel import EXE
 from tests.support.vms import left, state_of
 from vhostorch.backends import process
 from vhostorch.kernel import procfs, tun
@@ -30,7 +30,6 @@ from vhostorch.vm import state as vmstate
 
 pytestmark = pytest.mark.kernel
 
-EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 QEMU_USER = process.default_user() or "libvirt-qemu"
 AS_QEMU = ["setpriv", f"--reuid={QEMU_USER}", "--regid=kvm", "--init-groups"]
 

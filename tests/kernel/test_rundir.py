@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -19,11 +18,10 @@ import pytest
 
 from tests.support import guests, kernel
 from tests.support.hook import HOOK, domain
+from tests.support.kernel import EXE
 from vhostorch import taps
 
 pytestmark = pytest.mark.kernel
-
-EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 
 
 @pytest.fixture

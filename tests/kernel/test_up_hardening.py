@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support import kernel
+from tests.support.kernel import EXE
 from tests.support.vms import (
-    EXE,
     Booted,
     left,
     link_exists,

@@ -18,7 +18,8 @@ import time
 import pytest
 
 from tests.support import kernel
-from tests.support.vms import EXE, left, locking, spec, state_of, wait_for
+from tests.support.kernel import EXE
+from tests.support.vms import left, locking, spec, state_of, wait_for
 from vhostorch import claims
 from vhostorch.kernel import tun
 

@@ -48,6 +48,9 @@ print("ok", flush=True)
 sys.stdin.read()
 """
 
+# The installed command line, beside the Python that runs the tests.
+EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+
 
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
@@ -262,5 +265,4 @@ def qemu_can_open(ns: str, name: str, queues: int, vnet_hdr: bool = True) -> str
 
 def vhostorch(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run the installed command line as a user would."""
-    exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
-    return subprocess.run([exe, *args], capture_output=True, text=True, check=check)
+    return subprocess.run([EXE, *args], capture_output=True, text=True, check=check)

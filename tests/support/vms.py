@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -29,9 +28,6 @@ def run(*args: str) -> tuple[int, dict[str, Any], str]:
 
 def link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
-
-
-EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 
 
 def spec(directory: str, name: str, tap: str, queues: int = 2) -> str:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.kernel import EXE
 from vhostorch.check import bootunit
 from vhostorch.errors import InvalidSpec
 from vhostorch.hook import install as hookfile
-
-EXE = os.path.join(os.path.dirname(sys.executable), "vhostorch")
 
 
 def hook(verb: str, hooks_dir: Path | str, python: str = EXE) -> subprocess.CompletedProcess[str]:
