@@ -4,6 +4,7 @@ nic.features, from QEMU's monitor and, without it, from the wiring trace."""
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,40 +12,43 @@ import pytest
 from tests.support import observations
 from tests.support.observations import says
 from vhostorch.check import running
-from vhostorch.check.report import PASS, UNKNOWN, WARN
+from vhostorch.check.report import PASS, UNKNOWN, WARN, Check
 
-# Each scenario: (recording, what of it is seen, status, message; "..." stands for any text).
+# Each scenario: (check, recording, what of it is seen, status, message; "..." stands for any
+# text).
 MONITOR, TRACE, BLIND = {}, {"monitor": False}, {"monitor": False, "trace": False}
-STARTED = [
-    pytest.param("healthy-4q", MONITOR, PASS, "...", id="monitor"),
-    pytest.param("healthy-4q", TRACE, PASS, "...", id="trace"),
-    pytest.param("no-guest-driver", MONITOR, WARN,
-                 "the guest driver has not started the device yet...", id="idle-monitor"),
-    pytest.param("no-guest-driver", TRACE, WARN, "not started (yet)...", id="idle-trace"),
-    pytest.param("healthy-1q", BLIND, UNKNOWN, f"unknown: {running.NO_MONITOR}", id="blind"),
+SCENARIOS = [
+    pytest.param(running.started, "healthy-4q", MONITOR, PASS, "...", id="started-monitor"),
+    pytest.param(running.started, "healthy-4q", TRACE, PASS, "...", id="started-trace"),
+    pytest.param(running.started, "no-guest-driver", MONITOR, WARN,
+                 "the guest driver has not started the device yet...", id="started-idle-monitor"),
+    pytest.param(running.started, "no-guest-driver", TRACE, WARN, "not started (yet)...",
+                 id="started-idle-trace"),
+    pytest.param(running.started, "healthy-1q", BLIND, UNKNOWN,
+                 f"unknown: {running.NO_MONITOR}", id="started-blind"),
+    pytest.param(running.memtable, "healthy-1q", MONITOR, PASS,
+                 "vhost holds ... guest memory region(s)", id="memtable-monitor"),
+    pytest.param(running.memtable, "healthy-4q", TRACE, PASS, "...", id="memtable-trace"),
+    pytest.param(running.memtable, "no-guest-driver", MONITOR, UNKNOWN,
+                 "unknown: vhost is not started, so QEMU reports no vhost device",
+                 id="memtable-idle"),
+    pytest.param(running.features, "healthy-1q", MONITOR, PASS, "...", id="features-monitor"),
+    pytest.param(running.features, "healthy-4q", TRACE, PASS, "...", id="features-trace"),
+    pytest.param(running.features, "no-guest-driver", MONITOR, UNKNOWN,
+                 "unknown: vhost is not started", id="features-idle"),
 ]  # fmt: skip
-MEMTABLE = [
-    pytest.param("healthy-1q", MONITOR, PASS, "vhost holds ... guest memory region(s)",
-                 id="monitor"),
-    pytest.param("healthy-4q", TRACE, PASS, "...", id="trace"),
-    pytest.param("no-guest-driver", MONITOR, UNKNOWN,
-                 "unknown: vhost is not started, so QEMU reports no vhost device", id="idle"),
-]  # fmt: skip
-FEATURES = [
-    pytest.param("healthy-1q", MONITOR, PASS, "...", id="monitor"),
-    pytest.param("healthy-4q", TRACE, PASS, "...", id="trace"),
-    pytest.param("no-guest-driver", MONITOR, UNKNOWN, "unknown: vhost is not started",
-                 id="idle"),
-]  # fmt: skip
+IDS = {running.started: "nic.vhost.started", running.memtable: "nic.vhost.memtable",
+       running.features: "nic.features"}  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "seen", "status", "message"), STARTED)
-def test_started(
-    name: str, seen: dict[str, Any], status: str, message: str, tmp_path: pathlib.Path
-) -> None:
+@pytest.mark.parametrize(("check_of", "name", "seen", "status", "message"), SCENARIOS)
+def test_verdict(
+    check_of: Callable[..., Check], name: str, seen: dict[str, Any], status: str,
+    message: str, tmp_path: pathlib.Path,
+) -> None:  # fmt: skip
     obs = observations.observed(name, tmp_path, **seen)
-    check = running.started(obs, observations.nic_named(obs, "net0"))
-    assert (check.id, check.status) == ("nic.vhost.started", status)
+    check = check_of(obs, observations.nic_named(obs, "net0"))
+    assert (check.id, check.status) == (IDS[check_of], status)
     assert says(check.message, message), check.message
 
 
@@ -67,16 +71,6 @@ def test_started_from_the_trace_joins_each_vring_to_its_tap_fd(tmp_path: pathlib
     }
 
 
-@pytest.mark.parametrize(("name", "seen", "status", "message"), MEMTABLE)
-def test_memtable(
-    name: str, seen: dict[str, Any], status: str, message: str, tmp_path: pathlib.Path
-) -> None:
-    obs = observations.observed(name, tmp_path, **seen)
-    check = running.memtable(obs, observations.nic_named(obs, "net0"))
-    assert (check.id, check.status) == ("nic.vhost.memtable", status)
-    assert says(check.message, message), check.message
-
-
 def test_memtable_from_the_monitor_counts_the_memory_sections(tmp_path: pathlib.Path) -> None:
     obs = observations.observed("healthy-1q", tmp_path)
     check = running.memtable(obs, observations.nic_named(obs, "net0"))
@@ -92,16 +86,6 @@ def test_memtable_from_the_trace_has_regions_per_vhost_fd(tmp_path: pathlib.Path
     regions = check.evidence["regions"]
     assert isinstance(regions, dict) and set(regions) == {fd.num for fd in nic.vhost_fds}
     assert all(n and n > 0 for n in regions.values())
-
-
-@pytest.mark.parametrize(("name", "seen", "status", "message"), FEATURES)
-def test_features(
-    name: str, seen: dict[str, Any], status: str, message: str, tmp_path: pathlib.Path
-) -> None:
-    obs = observations.observed(name, tmp_path, **seen)
-    check = running.features(obs, observations.nic_named(obs, "net0"))
-    assert (check.id, check.status) == ("nic.features", status)
-    assert says(check.message, message), check.message
 
 
 def test_features_from_the_monitor_include_the_header_layout(tmp_path: pathlib.Path) -> None:
