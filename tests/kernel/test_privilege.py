@@ -34,24 +34,6 @@ QEMU_USER = process.default_user() or "libvirt-qemu"
 AS_QEMU = ["setpriv", f"--reuid={QEMU_USER}", "--regid=kvm", "--init-groups"]
 
 
-@pytest.fixture
-def specs() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="vho-priv-")
-    os.chmod(path, 0o755)
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
-
-
-@pytest.fixture
-def names() -> Iterator[list[str]]:
-    """VM names a test used: whatever they left is taken down at the end."""
-    used: list[str] = []
-    yield used
-    for name in used:
-        if state_of(name) is not None:
-            subprocess.run([EXE, "down", name], capture_output=True)
-
-
 def spec(directory: str, name: str, tap: str) -> str:
     return guests.spec_file(directory, name, [{"tap": tap, "vhost": "preferred"}], accel="tcg")
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,14 +20,6 @@ from tests.support.kernel import EXE
 from vhostorch import taps
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def specs() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="vho-rundir-")
-    os.chmod(path, 0o755)
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
 
 
 def spec(directory: str, name: str, tap: str) -> str:

@@ -36,25 +36,6 @@ from vhostorch import claims
 from vhostorch.kernel import procfs, tun
 from vhostorch.vm import state as vmstate
 
-
-@pytest.fixture
-def specs() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="vho-hard-")
-    os.chmod(path, 0o755)
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
-
-
-@pytest.fixture
-def names() -> Iterator[list[str]]:
-    """VM names a test used: whatever they left is taken down at the end."""
-    used: list[str] = []
-    yield used
-    for name in used:
-        if os.path.exists(os.path.join(vmstate.STATE_DIR, f"{name}.json")):
-            subprocess.run([EXE, "down", name], capture_output=True)
-
-
 # --- item 1: a tap belongs to one VM -------------------------------------------------
 
 
