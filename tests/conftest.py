@@ -6,14 +6,14 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-from tests import kernel
+from tests.support import kernel
 
 # Hypothesis' per-example deadline measures the machine's load, not behaviour: on a shared
 # 2-core machine a hook fuzz example once took 541 ms for the first run and 14 ms for the next.
 settings.register_profile("vhostorch", deadline=None)
 settings.load_profile("vhostorch")
 
-pytest_plugins = ["tests.testhost"]
+pytest_plugins = ["tests.support.testhost"]
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def ns() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[str]:
     """qemu:///system served by a libvirtd (started here if none runs, and then stopped)."""
-    from tests import daemons
+    from tests.support import daemons
 
     daemons.OURS.extend(daemons.start())
     try:

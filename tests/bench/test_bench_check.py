@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 
-from tests import kernel
+from tests.support import kernel
 from vhostorch import taps
 from vhostorch.taps import TapSpec
 

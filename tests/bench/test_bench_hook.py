@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 
-from tests import kernel
+from tests.support import kernel
 from vhostorch.hook import install
 from vhostorch.hook.metadata import NAMESPACE
 from vhostorch.kernel import netns

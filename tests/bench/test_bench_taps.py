@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests import kernel
+from tests.support import kernel
 from vhostorch import taps
 from vhostorch.taps import TapSpec
 

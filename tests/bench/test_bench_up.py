@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests import guests, kernel
+from tests.support import guests, kernel
 from vhostorch.check import wiring
 from vhostorch.lab.image import GUEST_APPEND
 

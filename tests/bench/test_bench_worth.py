@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests import guests
+from tests.support import guests
 
 pytestmark = [pytest.mark.bench, pytest.mark.testhost]
 

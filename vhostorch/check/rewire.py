@@ -22,7 +22,7 @@ QEMU facts relied on (QEMU 7.2, as Debian 12 ships it; the same code today):
 - both run inside the ``stop``/``cont`` command (``vm_stop``/``vm_start`` notify the
   run-state handlers before the reply), so once ``cont`` returned the trace holds them.
 
-The test host proves it end to end (tests/test_rewire_testhost.py: unknown before, pass
+The test host proves it end to end (tests/testhost/test_rewire_testhost.py: unknown before, pass
 after, the guest still pinging).
 
 A VM is paused only when it runs (not paused, not migrating: refused, left as it is).

@@ -146,7 +146,8 @@ def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list
     ]
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
+    """A log's text so far (bytes that are not UTF-8 replaced); "" when there is none yet."""
     try:
         with open(path, errors="replace") as f:
             return f.read()
@@ -157,7 +158,7 @@ def _read(path: str) -> str:
 def _tail(path: str, lines: int = 5) -> str:
     if not os.path.exists(path):
         return "(no console log)"
-    return " | ".join(_read(path).strip().splitlines()[-lines:]) or "(console log empty)"
+    return " | ".join(read_text(path).strip().splitlines()[-lines:]) or "(console log empty)"
 
 
 def run(
@@ -297,7 +298,7 @@ def _watch(
     pid: int,
 ) -> None:
     """Raise LabFrozen if the test host has stopped making progress (see watch)."""
-    text = _read(console)
+    text = read_text(console)
     if watch.frozen(text):
         evidence = watch.lockup(text, cpus) or ""
         raise LabFrozen(f"the test host froze ({evidence}); stopped it (QEMU pid {pid})", evidence)

@@ -1,0 +1,121 @@
+"""Which QEMU a check looks at, and what looking costs (issue 19, point 10).
+
+Real QEMUs (TCG, paused) run by an unprivileged user (nobody, via setpriv): one named
+like a libvirt domain must never be taken for it (only libvirt's pid file names a
+domain's QEMU), and one that is SIGSTOPped must not make a check wait for its monitor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import kernel
+from tests.support.kernel import vhostorch
+from vhostorch.check import observe, targets
+from vhostorch.kernel import procfs
+
+pytestmark = pytest.mark.kernel
+
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+class UserQemu:
+    """QEMU run by nobody, named ``guest=NAME``, with a QMP socket of its own."""
+
+    def __init__(self, root: str, name: str) -> None:
+        self.sock = os.path.join(root, "qmp.sock")
+        argv = [
+            QEMU, "-accel", "tcg", "-M", "none", "-S", "-display", "none", "-nodefaults",
+            "-name", f"guest={name}", "-qmp", f"unix:{self.sock},server=on,wait=off",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            AS_NOBODY + argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.pid = self.proc.pid  # setpriv execs QEMU: the same pid
+        deadline = time.monotonic() + 10
+        while not (os.path.exists(self.sock) and procfs.program(self.pid).startswith("qemu")):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.proc.stderr
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)  # a stopped process acts on SIGKILL anyway
+        self.proc.kill()  # our own child, by its pid
+        self.proc.wait()
+
+
+@pytest.fixture
+def nobody_qemu() -> Iterator[UserQemu]:
+    root = tempfile.mkdtemp(prefix="vhocontainer-")  # pytest's tmp_path is root's only
+    nobody = pwd.getpwnam("nobody")
+    os.chown(root, nobody.pw_uid, nobody.pw_gid)
+    try:
+        qemu = UserQemu(root, kernel.unique("vhocontainer-"))
+        try:
+            yield qemu
+        finally:
+            qemu.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _name(qemu: UserQemu) -> str:
+    with open(f"/proc/{qemu.pid}/cmdline") as f:
+        argv = f.read().split("\0")
+    return argv[argv.index("-name") + 1].removeprefix("guest=")
+
+
+def test_a_users_qemu_named_like_a_domain_is_not_that_domain(
+    nobody_qemu: UserQemu, tmp_path: pathlib.Path
+) -> None:
+    name = _name(nobody_qemu)
+    pid_dir = tmp_path / "run"  # libvirt's run directory, without a pid file for the domain
+    pid_dir.mkdir()
+    with pytest.raises(procfs.CannotInspect, match=r"libvirt's pid file .*No such file"):
+        observe.domain_pid(name, pid_dir=str(pid_dir))
+    # A stale pid file (its pid now someone else's) is refused too...
+    (pid_dir / f"{name}.pid").write_text(f"{os.getpid()}\n")
+    with pytest.raises(procfs.CannotInspect, match="not that domain's QEMU"):
+        observe.domain_pid(name, pid_dir=str(pid_dir))
+    # ...and libvirt's word for it is taken.
+    (pid_dir / f"{name}.pid").write_text(f"{nobody_qemu.pid}\n")
+    assert observe.domain_pid(name, pid_dir=str(pid_dir)) == nobody_qemu.pid
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_stopped_qemu_is_reported_not_waited_for(nobody_qemu: UserQemu) -> None:
+    pid = nobody_qemu.pid
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while _state(pid) != "T":  # it stops when it next runs
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    start = time.monotonic()
+    observed = observe.observe(pid, monitor=targets._own_qmp(pid))
+    took = time.monotonic() - start
+    # Its QMP socket would take the connection and never greet: 5 s (the QMP timeout).
+    assert took < 1.0, took
+    assert observed.monitor is None
+    assert observed.monitor_error == (
+        f"QEMU (process {pid}) is stopped by a signal: its monitor cannot answer; not asked"
+    )
+    report = json.loads(vhostorch("check", "--pid", str(pid), "--json").stdout)
+    assert report["target"]["stopped"] == "stopped by a signal", report
+    # Running again, it is asked as before.
+    os.kill(pid, signal.SIGCONT)
+    assert observe.observe(pid, monitor=targets._own_qmp(pid)).monitor is not None

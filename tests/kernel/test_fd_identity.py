@@ -1,0 +1,156 @@
+"""QEMU's fds are known by what they are (device numbers, anon inode names, fdinfo), never
+by the path readlink shows, which is a name in QEMU's own mount namespace (issue 19).
+
+On this machine (tun and macvtap, no vhost-net): a real QEMU (TCG, paused) contained as
+container runtimes run it, its /dev/net/tun a node made with mknod in a private tmpfs;
+and a real macvtap queue opened through a node of another name. The same with vhost-net
+and a running guest is in tests/testhost/test_check_testhost.py (the test host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import stat
+import time
+
+import pytest
+
+from tests.support import container, kernel, observations
+from tests.support.kernel import vhostorch
+from vhostorch.kernel import procfs
+
+pytestmark = pytest.mark.kernel
+
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+
+
+def _fd_targets(pid: int, wanted: str, timeout: float = 10) -> list[str]:
+    """readlink of each fd of ``pid``, once one reads ``wanted`` (QEMU opens its tap after
+    it starts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        targets = []
+        for num in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/{pid}/fd/{num}"))
+            except FileNotFoundError:
+                continue
+        if wanted in targets or time.monotonic() > deadline:
+            return targets
+        time.sleep(0.05)
+
+
+def test_a_contained_qemus_tap_is_found_by_device_number(tmp_path: pathlib.Path) -> None:
+    tap = kernel.unique("vhoct")
+    sock = str(tmp_path / "qmp.sock")
+    argv = [
+        QEMU, "-accel", "tcg", "-M", "pc", "-S", "-display", "none", "-nodefaults",
+        "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off",
+        "-device", "virtio-net-pci,netdev=n0,id=net0",
+        "-qmp", f"unix:{sock},server=on,wait=off",
+    ]  # fmt: skip
+    with container.qemu(argv, str(tmp_path / "qemu.log")) as c:
+        # The host sees the node under QEMU's root, not as /dev/net/tun.
+        targets = _fd_targets(c.pid, f"{c.root}/dev/net/tun")
+        assert "/dev/net/tun" not in targets
+        done = vhostorch("check", "--pid", str(c.pid), "--json")
+        report = json.loads(done.stdout)
+        (fds,) = [check for check in report["checks"] if check["id"] == "nic.tap.fds"]
+        assert fds["status"] == "pass", fds
+        (tun,) = procfs.read(c.pid).fds_to(procfs.TUN)
+        assert tun.tap == tap and tun.target == f"{c.root}/dev/net/tun"
+        assert fds["evidence"]["taps"] == [tap] and fds["evidence"]["fds"] == [tun.num]
+        # A recording of it keeps the device numbers, and its replay knows the fds again.
+        files, links, rdevs = observations.proc_tree(c.pid)
+        assert rdevs[f"{c.pid}/fd/{tun.num}"] == "10:200"
+        rec = observations.Recording(
+            about={}, pid=c.pid, netns=None, vhost_net=False, files=files, symlinks=links,
+            trace=None, taps={}, monitor=None, monitor_error=None, report={}, rdevs=rdevs,
+        )  # fmt: skip
+        replayed = observations.replay(rec, tmp_path / "replay")
+        assert replayed.process.fds_to(procfs.TUN) == [tun]
+        # check --all would find it (proved in the test host, where no other QEMU's monitor
+        # is disturbed): its exe reads <root>/usr/bin/..., the file's own name is the same.
+        assert os.readlink(f"/proc/{c.pid}/exe").startswith(c.root)
+        assert c.pid in procfs.qemu_pids()
+
+
+def test_a_macvtap_queue_under_another_name_is_known_by_its_device(
+    ns: str, tmp_path: pathlib.Path
+) -> None:
+    kernel.run("ip", "-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    kernel.run("ip", "-n", ns, "link", "add", "link", "d0", "name", "mvt0", "type", "macvtap")
+    index = kernel.link(ns, "mvt0")["ifindex"]
+    # The node as the kernel made it, read in the link's namespace (sysfs there shows it).
+    dev = kernel.run(
+        "ip", "netns", "exec", ns, "cat", f"/sys/class/net/mvt0/macvtap/tap{index}/dev"
+    ).stdout  # fmt: skip
+    major, minor = (int(n) for n in dev.split(":"))
+    node = tmp_path / "queue0"  # a runtime's name for it, not tap<ifindex>
+    os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+    fd = os.open(node, os.O_RDWR)
+    try:
+        seen = procfs.read(os.getpid()).fd(fd)
+    finally:
+        os.close(fd)
+    assert seen is not None and seen.target == str(node)
+    assert seen.macvtap_index == index and seen.device == f"/dev/tap{index}"
+    assert seen.tap is None  # no iff: for a macvtap
+
+
+def test_a_log_is_read_through_the_process_fd_never_its_path(tmp_path: pathlib.Path) -> None:
+    """QEMU's stderr log is read through /proc/PID/fd/2: the file QEMU holds. Its path is
+    in a directory QEMU's user may write; a FIFO put there made root's open of the path wait
+    for a writer (check hung), a symlink made root read a file of its choosing."""
+    import subprocess
+
+    place = tmp_path / "qemu.d"
+    place.mkdir()
+    shutil.chown(place, "nobody")
+    log = place / "qemu.log"
+    log.write_text("vhost: the line QEMU wrote\n")
+    shutil.chown(log, "nobody")
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sleep", "60"],
+            stderr=err,
+        )
+    try:
+        # The QEMU user swaps the path for a FIFO, and then for a symlink to a root-only file.
+        log.unlink()
+        os.mkfifo(log)
+        fd = procfs.open_regular(proc.pid, 2)
+        assert fd is not None
+        with open(fd, "rb") as f:
+            assert f.read() == b"vhost: the line QEMU wrote\n"
+        log.unlink()
+        log.symlink_to("/etc/shadow")
+        fd = procfs.open_regular(proc.pid, 2)
+        assert fd is not None
+        with open(fd, "rb") as f:
+            assert f.read() == b"vhost: the line QEMU wrote\n"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stderr_that_is_a_fifo_or_a_device_is_never_opened(tmp_path: pathlib.Path) -> None:
+    import subprocess
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fifo, "wb") as w, open("/dev/null", "wb") as null:
+        procs = [subprocess.Popen(["sleep", "60"], stderr=out) for out in (w, null)]
+    try:
+        started = time.monotonic()
+        assert [procfs.open_regular(p.pid, 2) for p in procs] == [None, None]
+        assert time.monotonic() - started < 1
+    finally:
+        os.close(reader)
+        for p in procs:
+            p.kill()
+            p.wait()

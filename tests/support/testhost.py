@@ -1,0 +1,370 @@
+"""pytest plugin: tests marked ``testhost`` run inside the test host, one boot per kernel
+per session.
+
+The kernels are ``--testhost-kernels`` (or $VHOSTORCH_LAB_KERNELS), series
+separated by spaces or commas, "6.1 6.12" by default: 6.1 (Debian 12's default,
+vhost workers are kernel threads) and 6.12 (vhost workers are vhost_task
+threads inside QEMU). Outside, each such test is replaced by one stand-in per
+kernel (``test_x[linux-6.12]``, ``test_x[a-linux-6.12]`` for a parametrized
+one) whose result is read from that kernel's boot report, so it passes or fails
+here with the inner failure text and output; a failure on any kernel fails the
+run. For a quick loop on one kernel: ``pytest -m testhost --testhost-kernels 6.12``.
+Inside (VHOSTORCH_IN_TESTHOST=1), the same tests run for real and this plugin
+writes the report. ``@pytest.mark.testhost(outside=True)`` marks a slow test
+that runs here and may use the ``testhost_boot`` fixture (the outcome of the
+first kernel's boot) or boot the test host itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+INSIDE = os.environ.get("VHOSTORCH_IN_TESTHOST") == "1"
+TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "1500"))
+TEST_TIMEOUT = 240
+KERNELS_ENV = "VHOSTORCH_LAB_KERNELS"
+# 6.1: Debian 12's default kernel (linux-image-amd64), vhost workers are kernel threads.
+# 6.12: Debian 12's newer series, vhost workers are vhost_task threads of QEMU (>= 6.4).
+DEFAULT_KERNELS = "6.1 6.12"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--testhost-report", default=None, help="(inside) write results here")
+    parser.addoption(
+        "--testhost-kernels",
+        default=None,
+        help=f"kernel series the testhost tests run on, one boot each (default: "
+        f"${KERNELS_ENV} or {DEFAULT_KERNELS!r}); e.g. '6.12' for a quick loop on one",
+    )
+
+
+def kernels(config: pytest.Config) -> list[str]:
+    """The kernel series to boot, in order, each once; a bad value stops the session."""
+    from vhostorch.errors import InvalidSpec
+    from vhostorch.lab.image import kernel_series
+
+    given = config.getoption("--testhost-kernels") or os.environ.get(KERNELS_ENV)
+    chosen: list[str] = []
+    for word in (given or DEFAULT_KERNELS).replace(",", " ").split():
+        try:
+            series = kernel_series(word)
+        except InvalidSpec as err:
+            raise pytest.UsageError(str(err)) from None
+        if series not in chosen:
+            chosen.append(series)
+    if not chosen:
+        raise pytest.UsageError(f"--testhost-kernels / ${KERNELS_ENV} names no kernel")
+    return chosen
+
+
+def kernel_id(name: str, kernel: str) -> str:
+    """``test_x`` → ``test_x[linux-6.12]``; ``test_x[a]`` → ``test_x[a-linux-6.12]``."""
+    if name.endswith("]"):
+        return f"{name[:-1]}-linux-{kernel}]"
+    return f"{name}[linux-{kernel}]"
+
+
+def _outside_only(item: pytest.Item) -> bool:
+    marker = item.get_closest_marker("testhost")
+    return marker is not None and bool(marker.kwargs.get("outside"))
+
+
+class Boot:
+    """One kernel's boot in this session: which tests it runs and, once run, their results."""
+
+    def __init__(self, config: pytest.Config, nodeids: list[str], kernel: str) -> None:
+        self.config = config
+        self.nodeids = nodeids
+        self.kernel = kernel
+        self.outcome: Any = None
+        self.error: str | None = None
+        self.report: dict[str, dict[str, Any]] = {}
+        self.results = ""
+        self.frozen: list[str] = []
+
+    def run(self) -> None:
+        if self.outcome is not None or self.error is not None:
+            return
+        self.results = tempfile.mkdtemp(prefix=f"vhostorch-testhost-{self.kernel}-", dir="/tmp")
+        left = list(self.nodeids)
+        # A test host that stops making progress (run.LabFrozen: a CPU stuck in its kernel
+        # for minutes, or its heartbeat silent) is the emulated machine failing, not a test.
+        # QEMU 7.2's TCG did both; run.qemu_command says what the test host does against
+        # each. Should it happen again, what was seen is printed and summarized at the end,
+        # and the tests without a result run in one more boot; a second freeze fails them.
+        for attempt in (1, 2):
+            if not self._boot(left, attempt) or attempt == 2:
+                return
+            left = [n for n in left if n not in self.report]
+            if not left:
+                return
+            print(
+                f"[test host linux-{self.kernel}] booting again for the {len(left)} test(s) left",
+                flush=True,
+            )
+
+    def _boot(self, nodeids: list[str], attempt: int) -> bool:
+        """Run ``nodeids`` in one boot; True when it froze (and another boot may help)."""
+        from vhostorch.errors import VhostorchError
+        from vhostorch.lab import run
+
+        report = os.path.join(self.results, f"report-{attempt}.json")
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "--color=no",
+            # A hang inside fails that test with its stack, not the whole boot at the deadline.
+            f"--timeout={TEST_TIMEOUT}",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=--strict-markers",
+            f"--testhost-report={report}",
+            *nodeids,
+        ]
+        if self.config.getoption("capture") == "no":
+            command.insert(3, "-s")  # -s here: stream the tests' own output from in there too
+        if not nodeids:
+            command = ["true"]
+        print(f"\n[test host linux-{self.kernel}] booting for {len(nodeids)} test(s)", flush=True)
+        try:
+            self.outcome = run.run(
+                command,
+                cwd=str(self.config.rootpath),
+                timeout=TIMEOUT,
+                results=self.results,
+                log=print,
+                kernel=self.kernel,
+            )
+        except run.LabFrozen as err:
+            self._load(report)
+            running = run.read_text(report + ".running").strip()
+            running = f"after {running}" if running in self.report else running or "at start"
+            self.frozen.append(f"linux-{self.kernel}, {running}: {err.evidence}")
+            print(f"[test host linux-{self.kernel}] froze ({running}): {err.evidence}", flush=True)
+            self.error = f"the test host failed before this test finished: {err}"
+            return True
+        except VhostorchError as err:
+            # Tests that finished before it stopped keep their results.
+            self.error = f"the test host failed before this test finished: {err}"
+            hang = run.read_text(report + ".hang").strip()
+            if hang:
+                self.error += "\n" + hang
+            self._load(report)
+            return False
+        self.error = None
+        print(
+            f"[test host linux-{self.kernel}] exit {self.outcome.status}, booted in "
+            f"{self.outcome.boot_seconds:.1f} s, {self.outcome.seconds:.1f} s in all",
+            flush=True,
+        )
+        if nodeids and not self._load(report):  # with none, `true` ran and wrote none
+            self.error = f"the test host gave no report; exit {self.outcome.status}"
+        return False
+
+    def _load(self, path: str) -> bool:
+        try:
+            with open(path) as f:
+                self.report.update(json.load(f))
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def cleanup(self) -> None:
+        if self.results:
+            shutil.rmtree(self.results, ignore_errors=True)
+
+
+# The session's boots by kernel series, in the order the kernels were given.
+BOOTS = pytest.StashKey[dict[str, Boot]]()
+
+
+class RemoteFailure(Exception):
+    """A test failed inside the test host; the message is its report there."""
+
+
+class Remote(pytest.Item):
+    """A ``testhost`` test on one kernel seen from outside: its result comes from that
+    kernel's boot, where the test has its own node id (``inner``)."""
+
+    kernel = ""
+    inner = ""
+
+    def runtest(self) -> None:
+        boot = self.config.stash[BOOTS][self.kernel]
+        boot.run()
+        result = boot.report.get(self.inner)
+        if result is None:
+            raise RemoteFailure(boot.error or "no result from the test host for this test")
+        if result["outcome"] == "skipped":
+            pytest.skip(f"in the test host: {result['text']}")
+        if result["outcome"] != "passed":
+            raise RemoteFailure(result["text"])
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, RemoteFailure):
+            return f"[in the test host, linux-{self.kernel}]\n{excinfo.value}"
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, f"{self.name} (in the test host)"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if INSIDE:
+        outer = [i for i in items if _outside_only(i)]
+        if outer:
+            config.hook.pytest_deselected(items=outer)
+            items[:] = [i for i in items if not _outside_only(i)]
+        # Tests that run libvirt domains go last: twice, after one of them, the next
+        # VHOST_SET_OWNER in the test host blocked in the kernel (see _Watchdog).
+        items.sort(key=lambda i: "libvirtd" in getattr(i, "fixturenames", ()))
+        return
+    inner = [i for i in items if i.get_closest_marker("testhost") and not _outside_only(i)]
+    chosen = kernels(config)
+    config.stash[BOOTS] = {k: Boot(config, [i.nodeid for i in inner], k) for k in chosen}
+    expanded: list[pytest.Item] = []
+    for item in items:
+        if item not in inner:
+            expanded.append(item)
+            continue
+        for kernel in chosen:
+            remote = Remote.from_parent(item.parent, name=kernel_id(item.name, kernel))
+            remote.kernel, remote.inner = kernel, item.nodeid
+            remote.own_markers.extend(item.iter_markers())
+            expanded.append(remote)
+    items[:] = expanded
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    boots = terminalreporter.config.stash.get(BOOTS, {})
+    frozen = [line for boot in boots.values() for line in boot.frozen]
+    if frozen:
+        terminalreporter.section("the test host froze")
+        for line in frozen:
+            terminalreporter.write_line(line)
+    ran = [boot for boot in boots.values() if boot.outcome is not None]
+    if ran:
+        terminalreporter.section("test host boots")
+        for boot in ran:
+            terminalreporter.write_line(
+                f"linux-{boot.kernel}: {len(boot.nodeids)} test(s), booted in "
+                f"{boot.outcome.boot_seconds or 0:.1f} s, {boot.outcome.seconds:.0f} s in all"
+            )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for boot in config.stash.get(BOOTS, {}).values():
+        boot.cleanup()
+
+
+@pytest.fixture(scope="session")
+def testhost_boot(request: pytest.FixtureRequest) -> Any:
+    """The outcome of the first kernel's test-host boot (booting now if no test did yet)."""
+    boot = next(iter(request.config.stash[BOOTS].values()))
+    boot.run()
+    if boot.error:
+        pytest.fail(boot.error, pytrace=False)
+    return boot.outcome
+
+
+class _Reporter:
+    """Inside: collect each test's phases; write {nodeid: {outcome, text}} at the end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.results: dict[str, dict[str, Any]] = {}
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        entry = self.results.setdefault(report.nodeid, {"outcome": "passed", "text": ""})
+        if report.outcome == "passed" or entry["outcome"] != "passed":
+            return
+        text = report.longreprtext
+        if report.skipped and isinstance(report.longrepr, tuple):
+            text = str(report.longrepr[2])
+        for title, content in report.sections:
+            text += f"\n----- {title} -----\n{content}"
+        entry.update(outcome=report.outcome, text=f"({report.when}) {text}".strip())
+
+    @pytest.hookimpl
+    def pytest_runtest_logfinish(self) -> None:
+        # Written after every test, so a boot stopped midway still reports what finished.
+        with open(self.path + ".part", "w") as f:
+            json.dump(self.results, f)
+        os.replace(self.path + ".part", self.path)
+
+
+class _Watchdog:
+    """Inside: if a test outlasts the per-test timeout (a task stuck in the kernel cannot
+    be interrupted), write the kernel stacks of every task in D state next to the report."""
+
+    def __init__(self, path: str, running: str) -> None:
+        import threading
+
+        self.path = path
+        self.running = running
+        self.started = 0.0
+        self.test = ""
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    @pytest.hookimpl
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        import time
+
+        self.test, self.started = nodeid, time.monotonic()
+        # Read from outside if the whole test host freezes: which test it was running.
+        with open(self.running, "w") as f:
+            f.write(nodeid)
+
+    def _watch(self) -> None:
+        import time
+
+        while True:
+            time.sleep(10)
+            if self.started and time.monotonic() - self.started > TEST_TIMEOUT + 20:
+                with open(self.path, "w") as f:
+                    f.write(f"{self.test} stuck; tasks in D state:\n{_blocked_tasks()}")
+                self.started = 0.0
+
+
+def _blocked_tasks() -> str:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if ") D " not in f.read():
+                    continue
+            with open(f"/proc/{pid}/comm") as f, open(f"/proc/{pid}/stack") as g:
+                found.append(f"{pid} {f.read().strip()}\n{g.read()}")
+        except OSError:
+            continue
+    return "\n".join(found) or "(none)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("--testhost-report")
+    if path:
+        config.pluginmanager.register(_Reporter(path), "vhostorch-testhost-reporter")
+        config.pluginmanager.register(
+            _Watchdog(path + ".hang", path + ".running"), "vhostorch-testhost-watchdog"
+        )
+
+
+@pytest.fixture(scope="session")
+def in_testhost() -> Iterator[None]:
+    """For tests that must only ever run inside the test host (they change the host)."""
+    if not INSIDE:
+        pytest.fail("this test changes the host it runs on: run it with -m testhost")
+    yield
