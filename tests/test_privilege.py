@@ -185,6 +185,33 @@ def test_down_removes_a_work_directory_its_user_keeps_filling(specs: str, names:
     assert left(name, [tap]) == []
 
 
+NESTER = r"""
+import os, sys
+os.chdir(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    os.mkdir("d")
+    os.chdir("d")
+"""
+
+
+def test_down_removes_a_work_directory_its_user_nested_deeper_than_python_recurses(
+    specs: str, names: list[str]
+) -> None:
+    """The user nests 3000 directories in its QEMU's directory: shutil.rmtree recursed once
+    per level, `down` stopped QEMU then failed 'internal error: RecursionError' with the
+    VM's state and tap left, and the tree stayed under a .gone- name."""
+    name, tap = kernel.unique("vho-ne"), kernel.unique("vne")
+    names.append(name)
+    before = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    vm = up(specs, name, tap)
+    as_qemu_user("/usr/bin/python3", "-c", NESTER, os.path.dirname(vm["qmp"]), "3000")
+    done = subprocess.run([EXE, "down", name], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    after = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    assert after - before == set()
+    assert left(name, [tap]) == []
+
+
 @pytest.mark.parametrize("how", ["symlink", "hardlink"])
 @pytest.mark.parametrize("command", ["down", "nic add"])
 def test_a_socket_the_qemu_user_swapped_in_is_never_asked(

@@ -504,7 +504,17 @@ def remove_workdir(workdir: str) -> None:
                     os.close(own)
         finally:
             os.close(fd)
-        shutil.rmtree(gone, dir_fd=pfd, ignore_errors=True)
+        try:
+            shutil.rmtree(gone, dir_fd=pfd, ignore_errors=True)
+        except RecursionError:
+            # shutil.rmtree recurses once per level (Python 3.11): QEMU's user nested
+            # directories deeper than the recursion limit, and `down` failed half done
+            # (state and taps left). coreutils rm walks any depth by directory fd and
+            # follows no link; the name is root's, in a directory only root writes.
+            subprocess.run(
+                ["rm", "-rf", "--one-file-system", "--", os.path.join(parent, gone)],
+                stdin=subprocess.DEVNULL, capture_output=True, check=False,
+            )  # fmt: skip
     finally:
         os.close(pfd)
 
