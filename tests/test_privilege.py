@@ -212,6 +212,41 @@ def test_down_removes_a_work_directory_its_user_nested_deeper_than_python_recurs
     assert left(name, [tap]) == []
 
 
+FILL = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+for i in range(int(sys.argv[2])):
+    os.close(os.open(f"f{i}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+"""
+
+
+@pytest.mark.slow
+def test_a_removal_killed_half_way_is_finished_by_the_next(specs: str, names: list[str]) -> None:
+    """The user fills its QEMU's directory (200,000 files), `down` is SIGKILLed while it
+    empties it: the renamed directory stayed in /run for good, as no later removal looked
+    for it (each `down` of a filled VM could leave its files there until reboot)."""
+    name, tap = kernel.unique("vho-hk"), kernel.unique("vhk")
+    names.append(name)
+    before = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    vm = up(specs, name, tap)
+    as_qemu_user("/usr/bin/python3", "-c", FILL, os.path.dirname(vm["qmp"]), "200000")
+    down = subprocess.Popen([EXE, "down", name], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while os.path.lexists(vm["workdir"]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    down.kill()  # our own child, by its pid: mid-removal
+    down.wait()
+    killed = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")} - before
+    assert killed, "the removal was not caught half way"
+    subprocess.run([EXE, "down", name], capture_output=True)
+    vm = up(specs, name, tap)
+    assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
+    after = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    assert after & killed == set()
+    assert left(name, [tap]) == []
+
+
 @pytest.mark.parametrize("how", ["symlink", "hardlink"])
 @pytest.mark.parametrize("command", ["down", "nic add"])
 def test_a_socket_the_qemu_user_swapped_in_is_never_asked(
