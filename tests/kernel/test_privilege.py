@@ -166,6 +166,156 @@ def test_down_removes_a_work_directory_its_user_keeps_filling(specs: str, names:
     assert left(name, [tap]) == []
 
 
+NESTER = r"""
+import os, sys
+os.chdir(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    os.mkdir("d")
+    os.chdir("d")
+"""
+
+
+def test_down_removes_a_work_directory_its_user_nested_deeper_than_python_recurses(
+    specs: str, names: list[str]
+) -> None:
+    """The user nests 3000 directories in its QEMU's directory: shutil.rmtree recursed once
+    per level, `down` stopped QEMU then failed 'internal error: RecursionError' with the
+    VM's state and tap left, and the tree stayed under a .gone- name."""
+    name, tap = kernel.unique("vho-ne"), kernel.unique("vne")
+    names.append(name)
+    before = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    vm = up(specs, name, tap)
+    as_qemu_user("/usr/bin/python3", "-c", NESTER, os.path.dirname(vm["qmp"]), "3000")
+    done = subprocess.run([EXE, "down", name], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    after = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    assert after - before == set()
+    assert left(name, [tap]) == []
+
+
+FILL = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+for i in range(int(sys.argv[2])):
+    os.close(os.open(f"f{i}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+"""
+
+
+@pytest.mark.slow
+def test_a_removal_killed_half_way_is_finished_by_the_next(specs: str, names: list[str]) -> None:
+    """The user fills its QEMU's directory (200,000 files), `down` is SIGKILLed while it
+    empties it: the renamed directory stayed in /run for good, as no later removal looked
+    for it (each `down` of a filled VM could leave its files there until reboot)."""
+    name, tap = kernel.unique("vho-hk"), kernel.unique("vhk")
+    names.append(name)
+    before = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    vm = up(specs, name, tap)
+    as_qemu_user("/usr/bin/python3", "-c", FILL, os.path.dirname(vm["qmp"]), "200000")
+    down = subprocess.Popen([EXE, "down", name], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while os.path.lexists(vm["workdir"]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    down.kill()  # our own child, by its pid: mid-removal
+    down.wait()
+    killed = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")} - before
+    assert killed, "the removal was not caught half way"
+    subprocess.run([EXE, "down", name], capture_output=True)
+    vm = up(specs, name, tap)
+    assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
+    after = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    assert after & killed == set()
+    assert left(name, [tap]) == []
+
+
+STEAL = r"""
+# As QEMU's user: take QEMU's listening QMP socket (pidfd_getfd), keep QEMU's monitor busy
+# with a client of our own, and answer root's connections on the taken listener.
+import ctypes, json, os, socket, sys
+qemu, path, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = os.pidfd_open(qemu)
+listener = None
+for fd in os.listdir(f"/proc/{qemu}/fd"):
+    got = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd
+    if got < 0:
+        continue
+    try:
+        s = socket.socket(fileno=got)
+    except OSError:  # not a socket
+        os.close(got)
+        continue
+    try:
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and s.getsockname() == path:
+            listener = s
+            break
+    except OSError:
+        pass
+    s.close()
+assert listener is not None, "no listener"
+hog = socket.socket(socket.AF_UNIX)
+hog.connect(path)
+hog.recv(4096)  # QEMU's monitor now serves this client alone
+GREET = b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, '
+GREET += b'"capabilities": []}}\r\n'
+ODD = {"x-query-virtio": [{"name": "virtio-net", "path": 7}], "qom-list": ["x"]}
+ODD_STATUS = {"status": ["x"], "num-vqs": "many", "vhost-started": "yes"}
+print("serving", flush=True)
+decoder = json.JSONDecoder()
+while True:
+    conn, _ = listener.accept()
+    conn.sendall(GREET)
+    buf = ""
+    try:
+        while data := conn.recv(65536):
+            buf += data.decode()
+            while buf.strip():
+                try:
+                    req, end = decoder.raw_decode(buf.lstrip())
+                except ValueError:
+                    break
+                buf = buf.lstrip()[end:]
+                cmd, rid = req.get("execute"), json.dumps(req.get("id")).encode()
+                if cmd == "qmp_capabilities":
+                    answer = b'{"return": {}'
+                elif mode == "deep":
+                    answer = b'{"return": ' + b"[" * 100000 + b"]" * 100000
+                else:
+                    answer = b'{"return": ' + json.dumps(ODD.get(cmd, ODD_STATUS)).encode()
+                conn.sendall(answer + b', "id": ' + rid + b"}\r\n")
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("answers", ["types", "deep"])
+def test_answers_the_qemu_user_gives_in_qemus_place_never_end_check_all(
+    answers: str, specs: str, names: list[str]
+) -> None:
+    """QEMU's user takes QEMU's listening QMP socket (pidfd_getfd: same uid, so SO_PEERCRED
+    still names QEMU), keeps QEMU's monitor busy and answers root itself: answers of other
+    types ('types') or 100,000 nested brackets ('deep'). check --all and check --pid
+    ended 'internal error' (AttributeError, RecursionError), with no report of any VM."""
+    name, tap = kernel.unique("vho-st"), kernel.unique("vst")
+    names.append(name)
+    vm = up(specs, name, tap)
+    thief = subprocess.Popen(
+        [*AS_QEMU, "/usr/bin/python3", "-c", STEAL, str(vm["pid"]), vm["qmp"], answers],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert thief.stdout is not None and thief.stdout.readline().strip() == "serving"
+        for argv in (["--all"], ["--pid", str(vm["pid"])]):
+            done = subprocess.run([EXE, "check", *argv], capture_output=True, text=True)
+            assert "internal error" not in done.stderr, done.stderr
+            assert f"QEMU pid {vm['pid']} ({name})" in done.stdout, done.stderr
+    finally:
+        thief.kill()  # our own child, by its pid
+        thief.wait()
+    assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
+    assert left(name, [tap]) == []
+
+
 @pytest.mark.parametrize("how", ["symlink", "hardlink"])
 @pytest.mark.parametrize("command", ["down", "nic add"])
 def test_a_socket_the_qemu_user_swapped_in_is_never_asked(

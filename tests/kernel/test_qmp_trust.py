@@ -209,3 +209,26 @@ def test_a_relative_qmp_path_is_not_asked() -> None:
         qemu.kill()
         qemu.wait()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_what_a_fake_qemu_names_itself_reaches_roots_terminal_escaped(nobody_dir: str) -> None:
+    """Any user's look-alike QEMU chooses its -name and netdev ids: `check --all`'s table
+    printed them raw, so ESC sequences reached root's terminal (set its title, cleared it)
+    and a newline forged a line of the report."""
+    exe = _copy_as(nobody_dir, "qemu-system-x86_64")
+    name = "guest=ev\x1b]0;PWNED\x07il\nOK: 9 pass"
+    netdev = "tap,id=n\x1b[2J,vhost=on"
+    proc = subprocess.Popen(
+        [*AS_NOBODY, exe, "-c", "import time; time.sleep(60)", "-name", name, "-netdev", netdev],
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # exec'd: its command line is the look-alike's
+        for argv in (["--pid", str(proc.pid)], ["--all"]):
+            done = vhostorch("check", *argv)
+            mine = done.stdout[done.stdout.index(f"QEMU pid {proc.pid}") :]
+            assert "\x1b" not in done.stdout and "\x07" not in done.stdout, done.stdout
+            assert "\nOK: 9 pass" not in mine, mine
+            assert "(ev\\x1b]0;PWNED\\x07il\\x0aOK: 9 pass)" in mine.splitlines()[0], mine
+    finally:
+        proc.kill()  # our own child, by its pid
+        proc.wait()

@@ -773,3 +773,32 @@ def test_sigkill_mid_batch_leaves_taps_the_next_delete_puts_back(ns: str) -> Non
     got = kernel.vhostorch("tap", "delete", "--netns", ns, *names, "--json", check=True)
     assert "true" in got.stdout  # batched
     assert set(links(ns)) == {"lo"}
+
+
+def test_tap_create_under_sigterm_makes_all_or_nothing(ns: str) -> None:
+    """`tap create` of four taps and their bridge, SIGTERM as soon as the kernel says the first
+    link is made: it left the bridge and one tap (exit -15, not a word)."""
+    names = [f"vtsig{i}" for i in range(4)]
+    exe = os.path.join(os.path.dirname(sys.executable), "vhostorch")
+    for _ in range(5):
+        watch = subprocess.Popen(
+            ["ip", "-n", ns, "-o", "monitor", "link"], stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(0.2)  # listening before the first link is made
+        create = subprocess.Popen(
+            [exe, "tap", "create", *names, "--netns", ns, "--queues", "4",
+             "--bridge", "brsig", "--create-bridge"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert watch.stdout is not None
+        watch.stdout.readline()  # the first link (the bridge) is made
+        create.send_signal(signal.SIGTERM)  # our own child, by its pid
+        create.wait()
+        watch.kill()  # our own child, by its pid
+        watch.wait()
+        made = {link.name for link in taps.show(netns=ns)} & set(names)
+        bridge = subprocess.run(["ip", "-n", ns, "link", "show", "brsig"], capture_output=True)
+        assert made in (set(), set(names)), made
+        assert (bridge.returncode == 0) == bool(made), "a bridge left without its taps"
+        subprocess.run([exe, "tap", "delete", *names, "--netns", ns], capture_output=True)
+        subprocess.run(["ip", "-n", ns, "link", "del", "brsig"], capture_output=True)

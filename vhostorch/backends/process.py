@@ -28,6 +28,7 @@ QEMU is started with no signal blocked, whatever `up` holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -471,42 +472,68 @@ def remove_workdir(workdir: str) -> None:
     own, so that one whose QEMU's user keeps adding to it is never found and reused; it and
     its QEMU_DIR become root's and 0700 before they are emptied (nobody else can then add
     to them), and nothing in them is followed (shutil.rmtree works by directory fd). What
-    still cannot be removed stays under that name, harmless.
+    still cannot be removed stays under that name, and so does what a removal killed half
+    way left: each removal removes every such name it finds too.
     """
-    import shutil
-
     parent, name = os.path.split(workdir)
     try:
         pfd = os.open(parent, _DIR)
     except OSError:
         return
     try:
-        gone = f".gone-{os.urandom(8).hex()}"
+        gone = f"{_GONE}{os.urandom(8).hex()}"
         try:
             os.rename(name, gone, src_dir_fd=pfd, dst_dir_fd=pfd)
         except FileNotFoundError:
-            return
-        try:
-            fd = os.open(gone, _DIR, dir_fd=pfd)
-        except OSError:
-            os.unlink(gone, dir_fd=pfd)  # not a directory (a link, say): only root puts one here
-            return
-        try:
-            _seize(fd)
-            try:
-                own = os.open(QEMU_DIR, _DIR, dir_fd=fd)
-            except OSError:
-                pass  # none (a work directory from before QEMU_DIR), or not a directory
-            else:
-                try:
-                    _seize(own)
-                finally:
-                    os.close(own)
-        finally:
-            os.close(fd)
-        shutil.rmtree(gone, dir_fd=pfd, ignore_errors=True)
+            pass  # none: what earlier removals left is still removed below
+        # A removal killed half way (SIGKILL while emptying a directory QEMU's user had
+        # filled: 200,000 files there) left its name, and nothing else ever removed it.
+        for entry in os.listdir(pfd):
+            if entry.startswith(_GONE):
+                _purge(pfd, parent, entry)
     finally:
         os.close(pfd)
+
+
+_GONE = ".gone-"  # the name prefix a work directory is renamed to before it is removed
+
+
+def _purge(pfd: int, parent: str, gone: str) -> None:
+    """Remove ``gone`` (in ``parent``, open as ``pfd``): seized, then emptied by dir fd."""
+    import shutil
+
+    try:
+        fd = os.open(gone, _DIR, dir_fd=pfd)
+    except FileNotFoundError:
+        return  # another removal took it
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(gone, dir_fd=pfd)  # not a directory (a link, say): only root puts one here
+        return
+    try:
+        _seize(fd)
+        try:
+            own = os.open(QEMU_DIR, _DIR, dir_fd=fd)
+        except OSError:
+            pass  # none (a work directory from before QEMU_DIR), or not a directory
+        else:
+            try:
+                _seize(own)
+            finally:
+                os.close(own)
+    finally:
+        os.close(fd)
+    try:
+        shutil.rmtree(gone, dir_fd=pfd, ignore_errors=True)
+    except RecursionError:
+        # shutil.rmtree recurses once per level (Python 3.11): QEMU's user nested
+        # directories deeper than the recursion limit, and `down` failed half done
+        # (state and taps left). coreutils rm walks any depth by directory fd and
+        # follows no link; the name is root's, in a directory only root writes.
+        subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", os.path.join(parent, gone)],
+            stdin=subprocess.DEVNULL, capture_output=True, check=False,
+        )  # fmt: skip
 
 
 def _seize(fd: int) -> None:

@@ -39,6 +39,19 @@ def results_text(results: Sequence[TapResult]) -> str:
     return "\n".join(lines)
 
 
+def shown(text: str) -> str:
+    """``text`` with every character that is not printable (control characters, line breaks,
+    bidi overrides) written as an escape: what a report shows comes from processes any user
+    runs (a QEMU's -name, its netdev ids), and ESC sequences or a newline there reached root's
+    terminal (set its title, cleared it, forged a line of the report)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+        for c in text
+    )
+
+
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -69,7 +82,7 @@ def report_text(report: Report, strict: bool) -> str:
     for c in report.checks:
         queue = "-" if c.queue is None else str(c.queue)
         where = [c.nic or "-", queue] if per_nic else []
-        rows.append([c.id, *where, c.status, c.message])
+        rows.append([shown(cell) for cell in (c.id, *where, c.status, c.message)])
     counts = {s: sum(1 for c in report.checks if c.status == s) for s in STATUSES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     verdict = "OK" if report.ok(strict) else "FAILED"
@@ -83,5 +96,5 @@ def report_text(report: Report, strict: bool) -> str:
         for nic in report.nics
         if not isinstance(nic, JudgedNic)
     ]
-    reasons = "".join(f"\n{line}" for line in why)
-    return f"{title}\n{table(rows)}{reasons}\n{verdict}: {summary}"
+    reasons = "".join(f"\n{shown(line)}" for line in why)
+    return f"{shown(title)}\n{table(rows)}{reasons}\n{verdict}: {summary}"

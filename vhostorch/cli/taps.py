@@ -83,7 +83,13 @@ def _tap(args: Parsed) -> int:
             raise InvalidSpec("--mac names one address, so give one tap with it")
         options = args.options()
         specs = [taps.tap_from_mapping(options, defaults={"name": name}) for name in names]
-        results = taps.ensure(specs, recreate=args.flag("recreate"))
+        from vhostorch import signals
+
+        # All or nothing under a stopping signal too: it acts once ensure is done (as in the
+        # hook). Its default action cut the batch short, and a SIGTERM as the taps were
+        # being made left some of them and the bridge it had made, exit -15, not a word.
+        with signals.Held():
+            results = taps.ensure(specs, recreate=args.flag("recreate"))
         emit(
             {"ok": True, "taps": [r.asdict() for r in results]},
             args.flag("json"),

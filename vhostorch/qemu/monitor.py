@@ -77,8 +77,22 @@ class MonitorView(Record):
         return None
 
 
+# What reading a QMP answer of an unexpected shape raises: QEMU's user can answer root in
+# QEMU's place (pidfd_getfd of QEMU's listening socket passes the SO_PEERCRED check, and a
+# guest that escapes into QEMU is that user), so an answer is input like any other.
+MALFORMED = (AttributeError, KeyError, TypeError, ValueError, IndexError)
+
+
 def read_virtio(execute: Execute, source: str) -> MonitorView:
-    """Ask the monitor about every virtio-net device. Raises MonitorError."""
+    """Ask the monitor about every virtio-net device. Raises MonitorError (an answer of
+    another shape than QEMU's too: one hostile VM ended check --all, 'internal error')."""
+    try:
+        return _read_virtio(execute, source)
+    except MALFORMED as err:
+        raise MonitorError(f"{source}: a malformed answer ({type(err).__name__}: {err})") from err
+
+
+def _read_virtio(execute: Execute, source: str) -> MonitorView:
     nics = []
     for entry in execute("x-query-virtio", None):
         if entry.get("name") != "virtio-net":
@@ -220,7 +234,7 @@ class QmpSocket:
             sock.close()
             self.close()
             if isinstance(err, MonitorError) or not isinstance(
-                err, (QMPError, OSError, EOFError, TimeoutError)
+                err, (QMPError, OSError, EOFError, TimeoutError, RecursionError)
             ):
                 raise
             # QEMU greets and negotiates in its main loop, which a command may hold (stop
@@ -275,7 +289,9 @@ class QmpSocket:
             raise MonitorError(
                 f"QMP {command}: no answer within {within:.1f} s", sent=sent.request
             ) from err
-        except (QMPError, OSError, EOFError) as err:
+        except (QMPError, OSError, EOFError, RecursionError) as err:
+            # RecursionError: json's decoder recurses once per level, and QEMU's user can
+            # answer in QEMU's place (MALFORMED): 100,000 nested brackets ended check --all.
             raise MonitorError(f"QMP {command}: {_why(err)}", sent=sent.request) from err
 
     def pass_fd(self, fd: int, name: str) -> None:
@@ -295,8 +311,8 @@ class QmpSocket:
             task.cancel()  # QEMU still runs a command it read; its answer is not awaited
         try:
             self._run(self.client.disconnect())
-        except (QMPError, OSError, EOFError, TimeoutError):
-            pass  # closing a connection that may already be gone
+        except (QMPError, OSError, EOFError, TimeoutError, RecursionError):
+            pass  # closing a connection that may already be gone (or that sent too deep)
         self.loop.close()
 
 
