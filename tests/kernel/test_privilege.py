@@ -183,12 +183,12 @@ def test_down_removes_a_work_directory_its_user_nested_deeper_than_python_recurs
     VM's state and tap left, and the tree stayed under a .gone- name."""
     name, tap = kernel.unique("vho-ne"), kernel.unique("vne")
     names.append(name)
-    before = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    before = {n for n in os.listdir(state.STATE_DIR) if n.startswith(".gone-")}
     vm = up(specs, name, tap)
     as_qemu_user("/usr/bin/python3", "-c", NESTER, os.path.dirname(vm["qmp"]), "3000")
     done = subprocess.run([EXE, "down", name], capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == "", done.stderr
-    after = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    after = {n for n in os.listdir(state.STATE_DIR) if n.startswith(".gone-")}
     assert after - before == set()
     assert left(name, [tap]) == []
 
@@ -208,7 +208,7 @@ def test_a_removal_killed_half_way_is_finished_by_the_next(specs: str, names: li
     for it (each `down` of a filled VM could leave its files there until reboot)."""
     name, tap = kernel.unique("vho-hk"), kernel.unique("vhk")
     names.append(name)
-    before = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    before = {n for n in os.listdir(state.STATE_DIR) if n.startswith(".gone-")}
     vm = up(specs, name, tap)
     as_qemu_user("/usr/bin/python3", "-c", FILL, os.path.dirname(vm["qmp"]), "200000")
     down = subprocess.Popen([EXE, "down", name], stdout=subprocess.DEVNULL)
@@ -218,12 +218,12 @@ def test_a_removal_killed_half_way_is_finished_by_the_next(specs: str, names: li
     time.sleep(0.05)
     down.kill()  # our own child, by its pid: mid-removal
     down.wait()
-    killed = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")} - before
+    killed = {n for n in os.listdir(state.STATE_DIR) if n.startswith(".gone-")} - before
     assert killed, "the removal was not caught half way"
     subprocess.run([EXE, "down", name], capture_output=True)
     vm = up(specs, name, tap)
     assert subprocess.run([EXE, "down", name], capture_output=True).returncode == 0
-    after = {n for n in os.listdir(vmstate.STATE_DIR) if n.startswith(".gone-")}
+    after = {n for n in os.listdir(state.STATE_DIR) if n.startswith(".gone-")}
     assert after & killed == set()
     assert left(name, [tap]) == []
 
