@@ -3,15 +3,18 @@ arguments, the domain XML, and the state files (the real runs are in test_up.py)
 
 from __future__ import annotations
 
+import ast
 import os
+import pathlib
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from vhostorch.backends import process
-from vhostorch.backends import qmp as qmpvm
+from vhostorch.backends import process, qmp
+from vhostorch.backends.contract import Begun, Description, Plugged
 from vhostorch.check.report import FAIL, PASS, WARN
 from vhostorch.errors import OperationFailed
 from vhostorch.libvirt import domxml
@@ -20,6 +23,11 @@ from vhostorch.taps import TapSpec
 from vhostorch.vm import spec as vmspec
 from vhostorch.vm import state as vmstate
 from vhostorch.vm.spec import NicSpec, VmSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vhostorch.check.observe import Observation
 
 GOOD = Host((PASS, "/dev/vhost-net is present"), (PASS, "/dev/kvm is usable (kvm_amd)"))
 NO_VHOST = Host((FAIL, "/dev/vhost-net is missing"), (PASS, "/dev/kvm is usable"))
@@ -105,11 +113,11 @@ def test_qemu_command_line_has_no_network_and_a_paused_daemon_with_qmp() -> None
 
 def test_device_arguments_size_the_device_for_its_queues() -> None:
     four, one = spec().nics
-    assert qmpvm.device_args(four) == {
+    assert qmp.device_args(four) == {
         "driver": "virtio-net-pci", "id": "nic.vm1-a", "netdev": "tap.vm1-a",
         "mac": four.mac, "mq": True, "vectors": 10, "rx_queue_size": 1024, "host_mtu": 9000,
     }  # fmt: skip
-    assert "mq" not in qmpvm.device_args(one) and "vectors" not in qmpvm.device_args(one)
+    assert "mq" not in qmp.device_args(one) and "vectors" not in qmp.device_args(one)
 
 
 def test_domain_xml_reads_back_as_what_the_spec_asks() -> None:
@@ -171,47 +179,83 @@ def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
 
 
 class _Recorded:
-    """A third backend, registered for one test: what orchestrate asked of it, in order."""
-
-    takes_uri = False
+    """A third backend, registered for one test: what orchestrate asked of it, in order. It
+    implements the whole contract (backends.contract.Backend: seven members)."""
 
     def __init__(self, tap: str, calls: list[str]) -> None:
         self.tap, self.calls = tap, calls
-        self.what = "fake VM"
-        self.vm_id: str | None = None
 
     def _saw(self, call: str) -> None:
         here = os.path.exists(f"/sys/class/net/{self.tap}")
         self.calls.append(f"{call} ({'tap present' if here else 'no tap'})")
 
-    def vhost_refused(self, accel: str) -> str | None:
-        return None
+    def describe(self) -> Description:
+        return Description("qmp", False, None, (PASS, FAIL))
 
-    def begin(self, spec: VmSpec, workdir: str, uri: str, user: str | None = None) -> _Recorded:
+    def begin(self, spec: VmSpec, workdir: str, uri: str | None, user: str | None) -> Begun:
         self._saw("begin")
-        return self
+        return Begun("fake VM", os.getpid(), runs_as="nobody")
 
-    def runs_as(self, user: str | None) -> None:
-        return None
+    def plug(self, state: vmstate.VmState, nics: Sequence[tuple[NicSpec, bool]]) -> Plugged:
+        self._saw("plug")
+        ids = tuple((f"nic.{n.tap.name}", f"tap.{n.tap.name}") for n, _ in nics)
+        return Plugged(os.getpid(), None, None, ids)
 
-    def process(self) -> None:
-        return None
-
-    def run(self, nics: object) -> object:
-        from vhostorch.backends.contract import Started
-
-        self._saw("run")
-        return Started(os.getpid(), None, None)
-
-    def abort(self) -> None:
-        self._saw("abort")
+    def unplug(self, state: vmstate.VmState, nic: vmstate.NicState, timeout: float) -> None:
+        self._saw("unplug")
 
     def stop(self, state: vmstate.VmState) -> None:
         self._saw("stop")
 
-    def nic_ids(self, state: vmstate.VmState, taps: list[str]) -> list[tuple[str, str]]:
-        self._saw("nic_ids")
+    def observe(self, state: vmstate.VmState) -> Observation:
+        self._saw("observe")
         raise OperationFailed("no such NIC")
+
+    def ask(self, state: vmstate.VmState, devices: Sequence[str]) -> list[str] | None:
+        if devices:
+            self._saw("ask")
+        return None
+
+
+def test_the_contract_has_at_most_seven_members_and_each_backend_describes_itself() -> None:
+    """os-vif's PluginBase is describe, plug and unplug: the fewer members a backend must
+    implement, the likelier the next one is written."""
+    from vhostorch import backends
+    from vhostorch.backends import contract
+
+    source = pathlib.Path(contract.__file__).read_text()
+    tree = ast.parse(source)
+    [protocol] = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "Backend"]
+    members = [n.name for n in protocol.body if isinstance(n, ast.FunctionDef)]
+    assert len(members) <= 7 and len(protocol.body) - 1 == len(members), members
+    protocols = [
+        n.name for n in ast.walk(tree)
+        if isinstance(n, ast.ClassDef) and any(ast.unparse(b) == "Protocol" for b in n.bases)
+    ]  # fmt: skip
+    assert protocols == ["Backend"]
+    assert set(members) <= {m for m in dir(_Recorded) if not m.startswith("_")}
+    for name in backends.NAMES:
+        assert backends.get(name).describe().name == name
+    assert backends.taking_uri() == ("libvirt",)
+
+
+def test_orchestrate_imports_no_backend_module() -> None:
+    """Only the registry and the contract: what a backend keeps, and where, is its own."""
+    import vhostorch.orchestrate
+
+    allowed = {"vhostorch.backends", "vhostorch.backends.contract"}
+    for path in pathlib.Path(vhostorch.orchestrate.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported = {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+                reached = {
+                    m
+                    for m in imported
+                    if m.startswith(("vhostorch.backends.", "vhostorch.libvirt", "vhostorch.qemu"))
+                }
+                assert reached <= allowed | {
+                    f"vhostorch.backends.contract.{a.name}" for a in node.names
+                }, (path.name, reached)
 
 
 @pytest.mark.kernel
@@ -229,9 +273,9 @@ def test_a_third_backend_is_rolled_back_in_order_the_vm_stopped_before_its_taps_
     fake = vmspec.from_mapping({"name": "vm1", "boot": {"kernel": "/k"}, "nic": [{"tap": tap}]})
     with pytest.raises(OperationFailed, match="no such NIC"):
         orchestrate.up(fake, "fake", wait=0, root=str(tmp_path), host=GOOD)
+    # The VM is begun before its taps are made, and stopped (once) before they go.
     assert calls == [
-        "begin (no tap)", "run (tap present)", "nic_ids (tap present)", "stop (tap present)",
-        "abort (no tap)",
+        "begin (no tap)", "plug (tap present)", "observe (tap present)", "stop (tap present)",
     ]  # fmt: skip
     assert not os.path.exists(f"/sys/class/net/{tap}")
     assert [f for f in os.listdir(tmp_path) if f.endswith(".json")] == []

@@ -148,7 +148,7 @@ def _up(args: Parsed) -> int:
 
     outcome = orchestrate.up(
         spec,
-        backend,
+        backends.name_of(backend),
         uri=args.text("connect") or virt.SYSTEM_URI,
         wait=_wait(args),
         user=args.text("user"),
