@@ -279,3 +279,31 @@ def test_a_third_backend_is_rolled_back_in_order_the_vm_stopped_before_its_taps_
     ]  # fmt: skip
     assert not os.path.exists(f"/sys/class/net/{tap}")
     assert [f for f in os.listdir(tmp_path) if f.endswith(".json")] == []
+
+
+def test_a_start_killed_outright_is_undone_by_its_backends_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a killed `up` left is found by the backend (the QMP backend: the QEMU serving
+    its socket), not by orchestrate: `down` hands the recorded state to ``stop``."""
+    from vhostorch import backends, orchestrate
+
+    calls: list[str] = []
+    seen: list[vmstate.VmState] = []
+
+    class Stopped(_Recorded):
+        def stop(self, state: vmstate.VmState) -> None:
+            seen.append(state)
+            super().stop(state)
+
+    monkeypatch.setitem(backends._BY_NAME, "fake", lambda: Stopped("vho-none", calls))
+    workdir = str(tmp_path / "vm1.d")
+    killed = vmstate.VmState(
+        "vm1", "fake", 0, "tcg", None, None, workdir, (), status=vmstate.STARTING,  # type: ignore[arg-type]
+        launched_after=1234, vm_id="an-id",
+    )  # fmt: skip
+    with vmstate.Lock("vm1", str(tmp_path)):
+        vmstate.save(killed, str(tmp_path))
+    removed = orchestrate.down("vm1", root=str(tmp_path))
+    assert calls == ["stop (no tap)"] and seen == [killed] and removed.state == killed
+    assert vmstate.load("vm1", str(tmp_path)) is None
