@@ -160,10 +160,6 @@ def test_hook_path_imports_nothing_slow() -> None:
     assert out.stdout.strip() == "", out.stdout
 
 
-# The areas where a module may still be imported under another module's name.
-# Pending: backends/ and orchestrate/ are de-aliased on the backend-contract branch (issue 20,
-# point 1), which rewrites them; the lead empties this set when merging it.
-ALIASES_PENDING = {"backends", "orchestrate"}
 # Aliases that do not lie, with the reason: the alias is the module type checkers should see.
 ALIASES_KEPT = {
     # signals.py imports the C module `_signal` at run time (signal's enum costs the hook's
@@ -205,8 +201,6 @@ def test_no_module_is_imported_under_another_name() -> None:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE)
-        if rel.parts[0] in ALIASES_PENDING:
-            continue
         found += [
             f"{rel}: {module} as {alias}"
             for module, alias in _module_aliases(path)

@@ -1,6 +1,7 @@
 """The backends a VM can be run with, by name: the only place that tells them apart.
 
-A third backend is one module implementing backends.contract.Backend, and one line here.
+A third backend is one module implementing backends.contract.Backend, its name in
+``BackendName`` (vm.spec: the VM's state and the check's report carry it), and one line here.
 """
 
 from __future__ import annotations
@@ -12,28 +13,38 @@ from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Final
 
     from vhostorch.backends.contract import Backend
+    from vhostorch.vm.spec import BackendName
     from vhostorch.vm.state import VmState
 
-_BY_NAME: dict[str, Callable[[], Backend]] = {"qmp": QmpBackend, "libvirt": LibvirtBackend}
-NAMES = tuple(_BY_NAME)  # the first is the default
+_BY_NAME: dict[BackendName, Callable[[], Backend]] = {"qmp": QmpBackend, "libvirt": LibvirtBackend}
+NAMES: Final[tuple[BackendName, ...]] = tuple(_BY_NAME)  # the first is the default
+
+
+def name_of(value: object) -> BackendName:
+    """``value`` as a backend's name. Raises InvalidSpec for a name not in NAMES."""
+    found = next((name for name in _BY_NAME if name == value), None)
+    if found is None:
+        raise InvalidSpec(f"backend must be one of {', '.join(NAMES)}, not {value!r}")
+    return found
 
 
 def get(name: str) -> Backend:
-    """The backend called ``name``. Raises InvalidSpec for a name not in NAMES."""
-    try:
-        make = _BY_NAME[name]
-    except KeyError:
-        raise InvalidSpec(f"backend must be one of {', '.join(NAMES)}, not {name!r}") from None
-    return make()
+    """A new backend object of the backend called ``name`` (it serves one command). Raises
+    InvalidSpec for a name not in NAMES."""
+    return _BY_NAME[name_of(name)]()
 
 
-def taking_uri() -> tuple[str, ...]:
+def taking_uri() -> tuple[BackendName, ...]:
     """The backends for which a libvirt URI (``up --connect``) means something."""
-    return tuple(name for name in NAMES if get(name).takes_uri)
+    return tuple(name for name in NAMES if get(name).describe().takes_uri)
 
 
 def of(state: VmState) -> Backend:
-    """The backend that runs the VM of ``state``. Raises InvalidSpec."""
+    """A backend object of the backend that runs the VM of ``state``. Raises InvalidSpec."""
     return get(state.backend)
+
+
+__all__ = ["NAMES", "get", "name_of", "of", "taking_uri"]

@@ -1,12 +1,19 @@
-"""The backend contract: what orchestrate asks of a way to run a VM, and the record it gets back.
+"""The backend contract: the seven members orchestrate asks of a way to run a VM, and the records
+it gets back.
 
-A backend is one module of this package with a class that has the methods of
-``Backend``, named in the registry (vhostorch.backends); orchestrate never asks
-which backend it holds. What a backend answers for a running VM it reads from
-the VM's state (vm.state.VmState: its pid, QMP socket or libvirt URI, NICs), so
-a VM started by one vhostorch process is stopped or hot-plugged by another.
+A backend is one module of this package with a class that has the methods of ``Backend``,
+named in the registry (vhostorch.backends); orchestrate never asks which backend it holds.
+As os-vif's ``PluginBase`` (``describe``, ``plug``, ``unplug``), it says what it is with
+``describe``, and the rest is starting, plugging and stopping. A backend object serves
+one command (the registry makes a new one each time): a start it ``begin``\\ s is finished
+by its ``plug`` and undone by its ``stop``. What it answers for a VM another command
+started it reads from the VM's state (vm.state.VmState: its pid and start time, libvirt
+URI and domain UUID, work directory, NICs), so a VM started by one vhostorch process is
+stopped or hot-plugged by another, and a start killed outright (SIGKILL) is undone by
+``stop`` from what the state recorded. Where a backend keeps its files (QEMU's QMP socket,
+logs) under the work directory is its own business.
 
-The protocols exist for mypy only: importing typing costs ~10 ms (record.py),
+The protocol exists for mypy only: importing typing costs ~10 ms (record.py),
 and `vhostorch up` loads none of it.
 """
 
@@ -19,97 +26,82 @@ if TYPE_CHECKING:
     from typing import Protocol
 
     from vhostorch.check.observe import Observation
-    from vhostorch.vm.spec import NicSpec, VmSpec
+    from vhostorch.check.report import Status
+    from vhostorch.vm.spec import BackendName, NicSpec, VmSpec
     from vhostorch.vm.state import NicState, VmState
 
 
-class Started(Record):
-    """A VM running with its NICs: its QEMU's pid and how to reach it (kept in its state)."""
+class Description(Record):
+    """What a backend is, what it needs and what it can do (os-vif's ``describe()``)."""
+
+    name: BackendName
+    # Needs: whether a libvirt connection URI (``up --connect``) means anything to it.
+    takes_uri: bool
+    # Needs: why it gives a NIC vhost only under accel "kvm"; None: under TCG too.
+    vhost_needs_kvm: str | None
+    # Can tell: the statuses of a NIC's ``nic.vhost.started`` check that will not change
+    # as the guest boots (QEMU's monitor says "not yet"; the wiring trace cannot).
+    final_started: tuple[Status, ...]
+
+
+class Begun(Record):
+    """A VM whose start has begun: what names it, recorded before anything else happens, so
+    that ``stop`` finds it after a kill."""
+
+    what: str  # what ``stop`` undoes ("QEMU", "domain NAME"), named when undoing fails
+    pid: int = 0  # its QEMU's, when ``begin`` started one (0: not yet)
+    start_time: int | None = None  # that QEMU's, from /proc/PID/stat
+    vm_id: str | None = None  # what names the VM before its pid is known (libvirt: a UUID)
+    uri: str | None = None  # the libvirt connection URI, when the backend is libvirt
+    runs_as: str | None = None  # who QEMU runs as ("root" is warned of); None: not its to say
+
+
+class Plugged(Record):
+    """A VM with its NICs plugged: its QEMU (known once the VM runs) and each NIC's ids."""
 
     pid: int
+    start_time: int | None
     qmp: str | None  # the QMP socket vhostorch talks to, when the backend has one
-    uri: str | None  # the libvirt connection URI, when the backend is libvirt
-    start_time: int | None = None  # QEMU's, from /proc/PID/stat, when the backend knows it
+    ids: tuple[tuple[str, str], ...]  # (device id or alias, netdev id) of each NIC plugged
 
 
 if TYPE_CHECKING:
 
-    class Start(Protocol):
-        """A VM being started: begun before its taps exist, so that its set-up overlaps theirs."""
-
-        what: str  # what ``abort`` and the backend's ``stop`` undo, named when undoing fails
-
-        @property
-        def vm_id(self) -> str | None:
-            """What will name the VM ``run`` makes, before its pid is known (libvirt: the
-            domain's UUID), kept in the state before ``run`` so ``stop`` finds it after a kill."""
-
-        def process(self) -> tuple[int, int | None] | None:
-            """(pid, start time) of the QEMU ``begin`` started, when it started one itself
-            (recorded at once, so that a start killed later can be undone)."""
-
-        def run(self, nics: Sequence[tuple[NicSpec, bool]]) -> Started:
-            """Start the VM with ``nics`` ((spec, vhost on)) on their taps, which exist now.
-
-            A VM that does not come up is stopped again. Raises OperationFailed.
-            """
-
-        def abort(self) -> None:
-            """Undo ``begin``, whatever stage the start reached before ``run`` returned."""
-
-    class Asker(Protocol):
-        """Asks QEMU itself, cheaply, whether vhost has started (the guest boots meanwhile)."""
-
-        def waiting(self, devices: Sequence[str]) -> list[str]:
-            """The ``devices`` whose vhost has not started yet; all of them when QEMU did not
-            answer (the wait asks again, and the final check reports what it finds)."""
-
-        def close(self) -> None:
-            """Release what the questions held; a later ``waiting`` opens it again."""
-
     class Backend(Protocol):
         """A way to run a VM whose NICs are taps vhostorch made, with vhost where allowed."""
 
-        takes_uri: bool  # whether ``begin``'s libvirt URI (``up --connect``) means anything to it
+        def describe(self) -> Description:
+            """What this backend is, needs and can do (read before anything is started)."""
 
-        def vhost_refused(self, accel: str) -> str | None:
-            """Why this backend cannot give a NIC vhost under ``accel``, or None."""
+        def begin(self, spec: VmSpec, workdir: str, uri: str | None, user: str | None) -> Begun:
+            """Begin starting ``spec`` before its taps exist, so that its set-up overlaps
+            theirs (``workdir`` is its own, made new; ``uri`` a libvirt URI, None: the
+            system's; ``user`` who QEMU runs as where the backend decides it, None: its
+            default). Raises OperationFailed."""
 
-        def begin(self, spec: VmSpec, workdir: str, uri: str, user: str | None = None) -> Start:
-            """Begin starting ``spec`` (``workdir`` is its own, ``uri`` a libvirt URI, ``user``
-            who QEMU runs as where the backend decides it; None: its default).
+        def plug(self, state: VmState, nics: Sequence[tuple[NicSpec, bool]]) -> Plugged:
+            """Plug ``nics`` ((spec, vhost on); their taps exist) into the VM of ``state``:
+            the VM this object began starts with them and runs; a running one has them
+            hot-plugged, each all or nothing. Raises OperationFailed."""
 
-            Raises OperationFailed."""
-
-        def runs_as(self, user: str | None) -> str | None:
-            """Who QEMU will run as for ``user`` ("root" is warned about); None when the
-            backend does not decide it (libvirt's qemu.conf does)."""
-
-        def nic_ids(self, state: VmState, taps: Sequence[str]) -> list[tuple[str, str]]:
-            """(device id or alias, netdev id) of the NIC on each of ``taps`` of running ``state``.
-
-            Raises OperationFailed."""
-
-        def stop(self, state: VmState) -> None:
-            """Stop the VM and remove its work directory; a VM gone already is fine.
-
-            Raises OperationFailed."""
-
-        def attach(self, state: VmState, nic: NicSpec, vhost_on: bool) -> None:
-            """Hot-plug ``nic`` (its tap exists) into running ``state``. Raises OperationFailed."""
-
-        def detach(self, state: VmState, nic: NicState, timeout: float) -> None:
-            """Unplug ``nic``, waiting up to ``timeout`` s for the guest to release it.
+        def unplug(self, state: VmState, nic: NicState, timeout: float) -> None:
+            """Unplug ``nic``, waiting up to ``timeout`` s for the guest to release it; a NIC
+            not plugged, or plugged in part by a ``plug`` cut short, is fine.
 
             Raises OperationFailed (the NIC then stays attached)."""
+
+        def stop(self, state: VmState) -> None:
+            """Stop the VM of ``state`` and remove its work directory, whatever stage its start
+            reached (one this object began, or one a killed command recorded as starting);
+            a VM gone already is fine. Raises OperationFailed."""
 
         def observe(self, state: VmState) -> Observation:
             """What the check of running ``state`` is made from.
 
             Raises procfs.CannotInspect, OperationFailed."""
 
-        def final_started(self) -> tuple[str, ...]:
-            """The statuses of a NIC's ``nic.vhost.started`` check that will not change."""
-
-        def asker(self, state: VmState) -> Asker | None:
-            """How the wait asks QEMU whether vhost started; None when it checks instead."""
+        def ask(self, state: VmState, devices: Sequence[str]) -> list[str] | None:
+            """The ``devices`` whose vhost has not started yet, asked of QEMU itself and
+            cheaply (the guest boots meanwhile); all of them when QEMU did not answer; None
+            when this backend cannot ask (the wait then checks). No ``devices``: nothing more
+            to ask, and what the questions held is released."""

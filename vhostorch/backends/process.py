@@ -149,11 +149,6 @@ def connect(qmp: str, pid: int, started: int | None) -> QmpSocket:
     return sock
 
 
-def boot_ticks() -> int:
-    """Now, in the clock ticks after boot that /proc/PID/stat's start time counts."""
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
-
-
 def start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (procfs.start_time); None: gone."""
     return procfs.start_time(pid)

@@ -18,8 +18,8 @@ import os
 import time
 
 from vhostorch.backends import process
-from vhostorch.backends.contract import Started
-from vhostorch.check import observe as inspect
+from vhostorch.backends.contract import Begun, Description, Plugged
+from vhostorch.check import observe
 from vhostorch.check.report import FAIL, PASS, UNKNOWN
 from vhostorch.errors import OperationFailed
 from vhostorch.kernel import procfs, tun
@@ -187,12 +187,18 @@ def start(launch: process.Launch, nics: Sequence[tuple[NicSpec, bool]]) -> int:
     return pid
 
 
+def _socket(state: VmState) -> str:
+    """The QMP socket of the QEMU of ``state``: where vhostorch has it made in the VM's work
+    directory, never a path the state file names."""
+    return process.files(state.workdir)[0]
+
+
 def _connect(state: VmState) -> QmpSocket:
     """A connection to the QEMU of ``state``, refused unless that QEMU serves it. Raises
     OperationFailed (MonitorError)."""
     if state.qmp is None:
         raise OperationFailed(f"the state of VM {state.name} names no QMP socket")
-    return process.connect(state.qmp, state.pid, state.start_time)
+    return process.connect(_socket(state), state.pid, state.start_time)
 
 
 def attach(state: VmState, nic: NicSpec, vhost_on: bool) -> None:
@@ -244,40 +250,19 @@ def detach(state: VmState, tap: str, timeout: float = UNPLUG_TIMEOUT, queues: in
         sock.close()
 
 
-class _Start:
-    """QEMU launched at ``begin``: it needs no NIC to start, so it builds the machine while
-    the taps are made (tests/bench/test_bench_up.py measures what that saves)."""
+class _Asking:
+    """One kept connection for the wait's questions: in the test host a new connection per
+    question cost the booting guest 125 ms of CPU, a kept one 9 ms. A question that fails or
+    times out is asked again next time, on a new connection."""
 
-    what = "QEMU"
-    vm_id = None  # QEMU is named by its pid and start time (``process``)
-
-    def __init__(self, spec: VmSpec, workdir: str, user: process.RunAs | None) -> None:
-        self.launch = process.Launch(spec, workdir, user)
-
-    def process(self) -> tuple[int, int | None] | None:
-        return self.launch.pid, self.launch.start_time
-
-    def run(self, nics: Sequence[tuple[NicSpec, bool]]) -> Started:
-        return Started(start(self.launch, nics), self.launch.qmp, None, self.launch.start_time)
-
-    def abort(self) -> None:
-        self.launch.abort()
-
-
-class _Asker:
-    """Asks on one kept connection: in the test host a new connection per question cost the
-    booting guest 125 ms of CPU, a kept one 9 ms. A question that fails or times out is
-    asked again next time, on a new connection."""
-
-    def __init__(self, state: VmState) -> None:
-        self.state = state
+    def __init__(self) -> None:
         self.sock: QmpSocket | None = None
 
-    def waiting(self, devices: Sequence[str]) -> list[str]:
+    def waiting(self, state: VmState, devices: Sequence[str]) -> list[str]:
         try:
             sock = self.sock
             if sock is None:
-                sock = _connect(self.state)  # closes itself when it fails
+                sock = _connect(state)  # closes itself when it fails
                 self.sock = sock
             return [d for d in devices if not vhost_started(sock.execute, d)]
         except MonitorError:
@@ -291,48 +276,75 @@ class _Asker:
 
 
 class QmpBackend:
-    """backends.contract.Backend for a QEMU vhostorch starts and plugs NICs into over QMP."""
+    """backends.contract.Backend for a QEMU vhostorch starts and plugs NICs into over QMP.
 
-    takes_uri = False
+    QEMU is launched at ``begin``: it needs no NIC to start, so it builds the machine while
+    the taps are made (tests/bench/test_bench_up.py measures what that saves).
+    """
 
-    def vhost_refused(self, accel: str) -> str | None:
-        return None  # QEMU uses vhost under TCG too
+    def __init__(self) -> None:
+        self.launch: process.Launch | None = None  # the QEMU ``begin`` launched
+        self.ran = False  # whether it was let run (``plug``)
+        self.asking = _Asking()
 
-    def begin(self, spec: VmSpec, workdir: str, uri: str, user: str | None = None) -> _Start:
-        return _Start(spec, workdir, process.run_as(user))
+    def describe(self) -> Description:
+        # QEMU uses vhost under TCG too; its monitor says "not yet" (warn) until the guest
+        # driver is up: every other status is final.
+        return Description("qmp", False, None, (PASS, FAIL, UNKNOWN))
 
-    def runs_as(self, user: str | None) -> str:
-        """Who QEMU will run as; "root" when no unprivileged user is to be had."""
+    def begin(self, spec: VmSpec, workdir: str, uri: str | None, user: str | None) -> Begun:
         found = process.run_as(user)
-        return process.ROOT if found is None else found.user
+        self.launch = process.Launch(spec, workdir, found)
+        runs_as = process.ROOT if found is None else found.user
+        return Begun("QEMU", self.launch.pid, self.launch.start_time, runs_as=runs_as)
 
-    def nic_ids(self, state: VmState, taps: Sequence[str]) -> list[tuple[str, str]]:
-        return [ids(tap) for tap in taps]
+    def plug(self, state: VmState, nics: Sequence[tuple[NicSpec, bool]]) -> Plugged:
+        ids_ = tuple(ids(nic.tap.name) for nic, _ in nics)
+        launch = self.launch
+        if launch is not None and not self.ran:
+            pid = start(launch, nics)
+            self.ran = True
+            return Plugged(pid, launch.start_time, launch.qmp, ids_)
+        for nic, vhost_on in nics:
+            attach(state, nic, vhost_on)
+        return Plugged(state.pid, state.start_time, state.qmp, ids_)
+
+    def unplug(self, state: VmState, nic: NicState, timeout: float) -> None:
+        self.asking.close()  # QEMU's QMP server serves one client at a time
+        detach(state, nic.tap, timeout, nic.queues)
 
     def stop(self, state: VmState) -> None:
+        self.asking.close()
+        launch = self.launch
+        if launch is not None and not self.ran:
+            launch.abort()  # ours, never let run: killed and reaped at once
+            return
+        if not state.pid and state.launched_after is not None:
+            # A start killed before it recorded QEMU's pid: the QEMU serving its socket.
+            found = process.find(state.workdir, state.launched_after)
+            if found is not None:
+                state = state.replace(pid=found[0], start_time=found[1])
         process.stop(state.pid or None, state.start_time, state.workdir)
-
-    def attach(self, state: VmState, nic: NicSpec, vhost_on: bool) -> None:
-        attach(state, nic, vhost_on)
-
-    def detach(self, state: VmState, nic: NicState, timeout: float) -> None:
-        detach(state, nic.tap, timeout, nic.queues)
+        if launch is not None:
+            launch.abort()  # reaps it (our child)
 
     def observe(self, state: VmState) -> Observation:
         """QEMU's monitor is asked over the socket vhostorch started it with, of that QEMU."""
+        self.asking.close()
 
         def read() -> MonitorView:
             sock = _connect(state)
             try:
-                return read_virtio(sock.execute, f"qmp:{state.qmp}")
+                return read_virtio(sock.execute, f"qmp:{_socket(state)}")
             finally:
                 sock.close()
 
-        return inspect.observe(state.pid, monitor=read, plan=state)
+        return observe.observe(state.pid, monitor=read, plan=state)
 
-    def final_started(self) -> tuple[str, ...]:
-        """QEMU's monitor says "not yet" (warn) until the guest driver is up: the rest is final."""
-        return (PASS, FAIL, UNKNOWN)
-
-    def asker(self, state: VmState) -> _Asker | None:
-        return None if state.qmp is None else _Asker(state)
+    def ask(self, state: VmState, devices: Sequence[str]) -> list[str] | None:
+        if state.qmp is None:
+            return None
+        if not devices:
+            self.asking.close()
+            return []
+        return self.asking.waiting(state, devices)

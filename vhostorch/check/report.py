@@ -21,6 +21,8 @@ from vhostorch.record import TYPE_CHECKING, Record
 if TYPE_CHECKING:
     from typing import Final, Literal
 
+    from vhostorch.vm.spec import BackendName
+
     Status = Literal["pass", "warn", "fail", "unknown"]
     # Which failure of its family a check is, where code (check.reasons, orchestrate.settle,
     # check.rewire) tells them apart; None for a pass, and for a check that needs none.
@@ -163,7 +165,7 @@ class Managed(Record):
     """A QEMU vhostorch started: its VM's name and the backend that runs it."""
 
     vm: str
-    backend: str
+    backend: BackendName
 
 
 class QemuTarget(Record):

@@ -148,7 +148,7 @@ def _up(args: Parsed) -> int:
 
     outcome = orchestrate.up(
         wanted,
-        backend,
+        backends.name_of(backend),
         uri=args.text("connect") or connection.SYSTEM_URI,
         wait=_wait(args),
         user=args.text("user"),

@@ -318,6 +318,13 @@ def start_time(pid: int, proc: str = PROC) -> int | None:
         return None
 
 
+def boot_ticks() -> int:
+    """Now, in the clock ticks after boot that start_time counts."""
+    import time
+
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
 def threads(pid: int, proc: str = PROC) -> Iterator[Thread]:
     base = f"{proc}/{pid}/task"
     try:

@@ -25,23 +25,24 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import backends, claims, signals, taps
-from vhostorch.backends import process
+from vhostorch import backends, claims, signals, taps, vm
 from vhostorch.check import wiring
 from vhostorch.errors import InvalidSpec, OperationFailed, RollbackFailed, VhostorchError
 from vhostorch.kernel import procfs
-from vhostorch.libvirt.connection import SYSTEM_URI
 from vhostorch.orchestrate.decision import Host, decide
 from vhostorch.orchestrate.settle import WAIT_DRIVER, Outcome, check, wait_for_vhost
 from vhostorch.record import TYPE_CHECKING, Record
-from vhostorch.vm import state as vmstate
 from vhostorch.vm.spec import accel_of
 from vhostorch.vm.state import RUNNING, STARTING, NicState, VmState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from vhostorch.vm.spec import NicSpec, VmSpec
+    from vhostorch.backends.contract import Backend, Begun
+    from vhostorch.orchestrate.decision import Decided
+    from vhostorch.vm.spec import BackendName, NicSpec, VmSpec
+
+    Step = tuple[str | Callable[[], str], Callable[[], object], Callable[[], object] | None]
 
 UNPLUG_TIMEOUT = 30.0
 
@@ -50,9 +51,10 @@ class _Undo:
     """Undo steps, run last-first when a later step fails."""
 
     def __init__(self) -> None:
-        self.steps: list[tuple[str, Callable[[], object]]] = []
+        self.steps: list[tuple[str | Callable[[], str], Callable[[], object]]] = []
 
-    def push(self, what: str, step: Callable[[], object]) -> None:
+    def push(self, what: str | Callable[[], str], step: Callable[[], object]) -> None:
+        """Add ``step``; ``what`` names it (a callable: named when it fails, as it is then)."""
         self.steps.append((what, step))
 
     def run(self, stop: bool = False) -> list[str]:
@@ -64,7 +66,7 @@ class _Undo:
             try:
                 step()
             except VhostorchError as err:
-                left.append(f"{what} ({err})")
+                left.append(f"{what if isinstance(what, str) else what()} ({err})")
                 if stop:
                     break
         self.steps = []
@@ -83,9 +85,10 @@ def _workdir(name: str, root: str) -> str:
 
 
 def _safe(state: VmState, name: str, root: str) -> VmState:
-    """``state`` with the work directory and QMP socket vhostorch gives VM ``name`` under
-    ``root``, never the ones the file names: a forged state file must not make root remove
-    or talk to anything else. Raises OperationFailed when they differ or lead elsewhere."""
+    """``state`` with the work directory vhostorch gives VM ``name`` under ``root``, never
+    the one the file names: a forged state file must not make root remove anything else
+    (the backend finds its files, QEMU's QMP socket among them, in that directory alone).
+    Raises OperationFailed when they differ or lead elsewhere."""
     workdir = _workdir(name, root)
     real = os.path.realpath(workdir)
     if (
@@ -97,8 +100,7 @@ def _safe(state: VmState, name: str, root: str) -> VmState:
             f"state of VM {name}: work directory {state.workdir!r} is not {workdir} (or leads "
             "elsewhere); refusing to touch it"
         )
-    qmp = None if state.qmp is None else process.files(workdir)[0]
-    return state.replace(name=name, workdir=workdir, qmp=qmp)
+    return state.replace(name=name, workdir=workdir)
 
 
 class Removed(Record):
@@ -112,6 +114,10 @@ class Removed(Record):
 
 def _releaser(tap: str, holder: str) -> Callable[[], None]:
     return lambda: claims.release(tap, holder)
+
+
+def _deleter(state: VmState, making: Sequence[str]) -> Callable[[], object]:
+    return lambda: _delete_made(state, making)
 
 
 def _exists(tap: str) -> bool:
@@ -153,17 +159,12 @@ def _release_all(state: VmState) -> None:
 
 
 def _recover(state: VmState, root: str) -> Removed:
-    """Undo what a start that died (SIGKILL, power cut) made, as its state file lists it."""
-    if not state.pid and state.launched_after is not None:
-        found = process.find(state.workdir, state.launched_after)
-        if found is not None:
-            state = state.replace(pid=found[0], start_time=found[1])
-    if state.pid or state.vm_id:
-        backends.of(state).stop(state)
-    process.remove_workdir(state.workdir)
+    """Undo what a start that died (SIGKILL, power cut) made, as its state file lists it
+    (its backend finds the VM it was starting from what the state recorded)."""
+    backends.of(state).stop(state)
     deleted, replaced = _delete_made(state, _made(state))
     _release_all(state)
-    vmstate.remove(state.name, root)
+    vm.state.remove(state.name, root)
     return Removed(state, tuple(deleted), tuple(replaced))
 
 
@@ -176,7 +177,7 @@ def _finish_hotplug(state: VmState, root: str) -> VmState:
         return state
     if state.plugging is not None and procfs.alive(state.pid):
         try:
-            backends.of(state).detach(state, state.plugging, UNPLUG_TIMEOUT)
+            backends.of(state).unplug(state, state.plugging, UNPLUG_TIMEOUT)
         except OperationFailed as err:
             raise OperationFailed(
                 f"VM {state.name}: a nic add of tap {state.plugging.tap} was cut short and its "
@@ -189,7 +190,7 @@ def _finish_hotplug(state: VmState, root: str) -> VmState:
     state = state.replace(
         plugging=None, making=(), claimed=tuple(t for t in state.claimed if t not in spare)
     )
-    vmstate.save(state, root)
+    vm.state.save(state, root)
     return state
 
 
@@ -206,23 +207,19 @@ def _arm_trace() -> None:
         pass
 
 
-def _make_taps(nics: Sequence[NicSpec], undo: _Undo, state: VmState) -> set[str]:
-    """Make the taps of ``nics`` with ``state``'s mark; those it lists as ``making``
-    (absent, claimed by this command) are undone even when the making is interrupted."""
-    making = state.making
-    if making:
-        undo.push(f"taps {', '.join(sorted(making))}", lambda: _delete_made(state, making))
+def _make_taps(nics: Sequence[NicSpec], state: VmState) -> set[str]:
+    """Make the taps of ``nics`` with ``state``'s mark; the names of those made."""
     results = taps.ensure([n.tap for n in nics], keep_existing=True, alias=_alias(state))
     return {r.name for r in results if r.action == "created"}
 
 
 def up(
     spec: VmSpec,
-    backend: str = "qmp",
+    backend: BackendName = "qmp",
     *,
-    uri: str = SYSTEM_URI,
+    uri: str | None = None,
     wait: float = WAIT_DRIVER,
-    root: str = vmstate.STATE_DIR,
+    root: str = vm.state.STATE_DIR,
     host: Host | None = None,
     user: str | None = None,
     warn: Callable[[str], object] | None = None,
@@ -230,14 +227,15 @@ def up(
     """Make the taps, start the VM, wait for its guest driver to start vhost, check it.
 
     All or nothing: a failure or an interrupting signal at any step undoes the steps
-    before it. ``user`` is who QEMU runs as where the backend decides it (None: libvirt's
-    QEMU user; "root" keeps root); ``warn`` is told when QEMU is to run as root.
+    before it (_Up lists them). ``uri`` is a libvirt URI (None: the system's), ``user``
+    who QEMU runs as where the backend decides it (None: libvirt's QEMU user; "root"
+    keeps root); ``warn`` is told when QEMU is to run as root.
     Raises InvalidSpec, OperationFailed (RollbackFailed when undoing failed too,
     errors.Claimed when another VM or domain holds a tap), errors.Interrupted.
     """
     runner = backends.get(backend)
-    with signals.RollBack(), vmstate.Lock(spec.name, root):
-        old = vmstate.load(spec.name, root)
+    with signals.RollBack(), vm.state.Lock(spec.name, root):
+        old = vm.state.load(spec.name, root)
         if old is not None and old.status == STARTING:
             # We hold the lock, which its `up` held throughout: that `up` is dead.
             _recover(_safe(old, spec.name, root), root)
@@ -250,55 +248,142 @@ def up(
                 f"vhostorch down {spec.name} cleans it up"
             )
         decided = decide(spec.nics, spec.accel, backend, host or Host.probe())
-        if runner.runs_as(user) == process.ROOT and warn is not None:
+        start = _Up(spec, backends.name_of(backend), runner, decided, root)
+        _take(start.steps(uri, user, warn, wait))
+        assert start.outcome is not None  # the last step's
+        return start.outcome
+
+
+def _take(steps: Sequence[Step], *, stop: bool = False) -> None:
+    """Take ``steps`` ((what, do, undo)) in order; on a failure or an interrupting signal,
+    undo those begun, last first (``stop``: _Undo.run). A step's undo is registered before
+    it is taken, so that one cut short is undone too: each undo copes with a step that did
+    part of its work, or none."""
+    undo = _Undo()
+    try:
+        for what, do, undone in steps:
+            if undone is not None:
+                undo.push(what, undone)
+            do()
+    except BaseException as err:
+        _fail(err, undo, stop=stop)
+        raise
+
+
+class _Up:
+    """The steps of ``up``, and what they share. Each is written to the state file before
+    it is taken (``making``, the QEMU's pid or the domain's UUID), so that a start killed
+    outright is undone by ``down`` or the next ``up`` (_recover)."""
+
+    def __init__(
+        self, spec: VmSpec, name: BackendName, runner: Backend, decided: Decided, root: str
+    ) -> None:
+        self.spec, self.runner, self.decided, self.root = spec, runner, decided, root
+        self.names = tuple(n.tap.name for n in spec.nics)
+        self.holder = claims.up_holder(spec.name)
+        self.recorded = False
+        self.claimed: list[str] = []
+        self.begun: Begun | None = None
+        self.stopping = False
+        self.making: tuple[str, ...] = ()
+        self.made: set[str] = set()
+        self.outcome: Outcome | None = None
+        self.state = VmState(
+            spec.name, name, 0, spec.accel, None, None, _workdir(spec.name, root), (),
+            status=STARTING, launched_after=procfs.boot_ticks() - 1, claimed=self.names,
+            tag=taps.new_tag(),
+        )  # fmt: skip
+
+    def steps(
+        self, uri: str | None, user: str | None, warn: Callable[[str], object] | None, wait: float
+    ) -> list[Step]:
+        """(what, do, undo) of each step, in order: the VM is begun before its taps are
+        made, so that starting QEMU overlaps making them, and stopped before they go."""
+        return [
+            ("state file", self._record, self._unrecord),
+            ("tap claims", self._claim, self._release),
+            (self._vm, lambda: self._begin(uri, user, warn), self._stop),
+            (self._taps, self._make_taps, lambda: _delete_made(self.state, self.making)),
+            (self._vm, self._run, self._stop),  # the VM then holds the taps
+            ("state file", self._record_running, None),
+            ("wait", lambda: self._wait(wait), None),
+        ]
+
+    def _vm(self) -> str:
+        return "VM" if self.begun is None else self.begun.what
+
+    def _taps(self) -> str:
+        return f"taps {', '.join(sorted(self.making))}"
+
+    def _record(self) -> None:
+        vm.state.save(self.state, self.root)
+        self.recorded = True
+
+    def _unrecord(self) -> None:
+        if self.recorded:  # none made: the run directory may be what failed
+            vm.state.remove(self.spec.name, self.root)
+
+    def _claim(self) -> None:
+        for tap in self.names:
+            claims.claim(tap, self.holder)
+            self.claimed.append(tap)
+
+    def _release(self) -> None:
+        failed = []
+        for tap in reversed(self.claimed):
+            try:
+                claims.release(tap, self.holder)
+            except VhostorchError as err:
+                failed.append(f"claim on tap {tap}: {err}")
+        if failed:
+            raise OperationFailed("; ".join(failed))
+
+    def _begin(
+        self, uri: str | None, user: str | None, warn: Callable[[str], object] | None
+    ) -> None:
+        # Held: a signal inside begin (in Popen, say) would leave a QEMU nothing undoes.
+        with signals.Held():
+            begun = self.runner.begin(self.spec, self.state.workdir, uri, user)
+            self.begun = begun
+        self.state = self.state.replace(
+            pid=begun.pid, start_time=begun.start_time, vm_id=begun.vm_id, uri=begun.uri
+        )
+        vm.state.save(self.state, self.root)
+        if begun.runs_as == "root" and warn is not None:
             warn("QEMU runs as root: no unprivileged QEMU user here (--user names one)")
-        undo = _Undo()
-        holder = claims.up_holder(spec.name)
-        try:
-            workdir = _workdir(spec.name, root)
-            names = tuple(n.tap.name for n in spec.nics)
-            state = VmState(
-                spec.name, backend, 0, spec.accel, None, None, workdir, (), status=STARTING,
-                launched_after=process.boot_ticks() - 1, claimed=names, tag=taps.new_tag(),
-            )  # fmt: skip
-            vmstate.save(state, root)
-            undo.push("state file", lambda: vmstate.remove(spec.name, root))
-            for tap in names:
-                claims.claim(tap, holder)
-                undo.push(f"claim on tap {tap}", _releaser(tap, holder))
-            pairs = [(nic, on) for nic, on, _ in decided]
-            # Begun before the taps exist, so that starting QEMU can overlap making them.
-            # A signal inside begin (in Popen, say) would leave a QEMU nothing undoes.
-            with signals.Held():
-                start = runner.begin(spec, workdir, uri, user)
-                undo.push(start.what, start.abort)
-            launched = start.process()
-            if launched is not None:
-                state = state.replace(pid=launched[0], start_time=launched[1])
-            state = state.replace(vm_id=start.vm_id)
-            vmstate.save(state, root)
-            state = state.replace(making=tuple(t for t in names if not _exists(t)))
-            vmstate.save(state, root)
-            created = _make_taps(spec.nics, undo, state)
-            _arm_trace()
-            started = start.run(pairs)
-            bare = state.replace(
-                pid=started.pid, qmp=started.qmp, uri=started.uri, start_time=started.start_time
-            )
-            # The VM now holds the taps: it must stop before they can go.
-            undo.push(start.what, lambda: runner.stop(bare))
-            ids = runner.nic_ids(bare, [nic.tap.name for nic, _ in pairs])
-            nics = tuple(
-                _nic_state(nic, on, why, nic_ids, created)
-                for (nic, on, why), nic_ids in zip(decided, ids, strict=True)
-            )
-            state = bare.replace(nics=nics, status=RUNNING, making=(), launched_after=None)
-            vmstate.save(state, root)
-            outcome = wait_for_vhost(state, wait)
-        except BaseException as err:
-            _fail(err, undo)
-            raise
-        return outcome
+
+    def _stop(self) -> None:
+        # Once: the VM is stopped before its taps go, and a stop that failed is said once.
+        if self.begun is not None and not self.stopping:
+            self.stopping = True
+            self.runner.stop(self.state)
+
+    def _make_taps(self) -> None:
+        """The taps, made with the VM's mark; those absent (``making``) are recorded first,
+        and deleted by the undo even when the making is interrupted."""
+        self.making = tuple(t for t in self.names if not _exists(t))
+        self.state = self.state.replace(making=self.making)
+        vm.state.save(self.state, self.root)
+        self.made = _make_taps(self.spec.nics, self.state)
+        _arm_trace()
+
+    def _run(self) -> None:
+        pairs = [(nic, on) for nic, on, _ in self.decided]
+        plugged = self.runner.plug(self.state, pairs)
+        nics = tuple(
+            _nic_state(nic, on, why, ids, self.made)
+            for (nic, on, why), ids in zip(self.decided, plugged.ids, strict=True)
+        )
+        self.state = self.state.replace(
+            pid=plugged.pid, start_time=plugged.start_time, qmp=plugged.qmp, nics=nics
+        )
+
+    def _record_running(self) -> None:
+        self.state = self.state.replace(status=RUNNING, making=(), launched_after=None)
+        vm.state.save(self.state, self.root)
+
+    def _wait(self, wait: float) -> None:
+        self.outcome = wait_for_vhost(self.state, wait, self.runner)
 
 
 def _nic_state(
@@ -312,13 +397,13 @@ def _nic_state(
 
 
 def _running(name: str, root: str) -> VmState:
-    state = vmstate.load(name, root)
+    state = vm.state.load(name, root)
     if state is None:
         raise OperationFailed(f"vhostorch has not started a VM named {name!r}")
     return state
 
 
-def down(name: str, *, root: str = vmstate.STATE_DIR) -> Removed:
+def down(name: str, *, root: str = vm.state.STATE_DIR) -> Removed:
     """Stop VM ``name`` and remove what vhostorch created for it: the VM, its taps, its
     claims, its state. A VM whose QEMU is already gone is cleaned up too, and so is a start
     or hot-plug that died. Only the VM's own work directory under ``root`` is removed, only
@@ -326,14 +411,14 @@ def down(name: str, *, root: str = vmstate.STATE_DIR) -> Removed:
     mark): a device that took one's name since is left alone (``Removed.replaced``), and
     the VM's state and claims go all the same. Raises OperationFailed.
     """
-    with signals.RollBack(), vmstate.Lock(name, root):
+    with signals.RollBack(), vm.state.Lock(name, root):
         state = _safe(_running(name, root), name, root)
         if state.status == STARTING:
             return _recover(state, root)
         backends.of(state).stop(state)
         deleted, replaced = _delete_made(state, _made(state))
         _release_all(state)
-        vmstate.remove(name, root)
+        vm.state.remove(name, root)
     return Removed(state, tuple(deleted), tuple(replaced))
 
 
@@ -342,7 +427,7 @@ def nic_add(
     nic: NicSpec,
     *,
     wait: float = WAIT_DRIVER,
-    root: str = vmstate.STATE_DIR,
+    root: str = vm.state.STATE_DIR,
     host: Host | None = None,
 ) -> Outcome:
     """Hot-plug ``nic`` into running VM ``name`` (its tap made here), then check.
@@ -353,7 +438,7 @@ def nic_add(
     InvalidSpec, OperationFailed (RollbackFailed when undoing failed too: what is left
     stays recorded), errors.Interrupted.
     """
-    with signals.RollBack(), vmstate.Lock(name, root):
+    with signals.RollBack(), vm.state.Lock(name, root):
         state = _safe(_running(name, root), name, root)
         if not procfs.alive(state.pid):
             raise OperationFailed(f"VM {name} is not running (its QEMU, pid {state.pid}, is gone)")
@@ -378,27 +463,29 @@ def nic_add(
             plugging=plugging,
         )
         try:
-            vmstate.save(state, root)
-            undo.push("state file", lambda: vmstate.save(before, root))
+            vm.state.save(state, root)
+            undo.push("state file", lambda: vm.state.save(before, root))
             if claims.claim(tap, holder):
                 undo.push(f"claim on tap {tap}", _releaser(tap, holder))
-            created = _make_taps([nic], undo, state)
+            if state.making:
+                undo.push(f"taps {tap}", _deleter(state, state.making))
+            created = _make_taps([nic], state)
             _arm_trace()
-            # Plugged with its undo known, or not plugged: a signal inside attach could
+            # Plugged with its undo known, or not plugged: a signal inside plug could
             # leave QEMU a netdev or device its rollback does not know of.
             with signals.Held():
-                runner.attach(state, nic, on)
+                done = runner.plug(state, [(nic, on)])
                 plugged = state
                 undo.push(
                     f"NIC on tap {tap}",
-                    lambda: runner.detach(plugged, plugging, UNPLUG_TIMEOUT),
+                    lambda: runner.unplug(plugged, plugging, UNPLUG_TIMEOUT),
                 )
-            [ids] = runner.nic_ids(state, [tap])
+            [ids] = done.ids
             added = _nic_state(nic, on, why, ids, created)
             state = state.with_nics((*state.nics, added)).replace(making=(), plugging=None)
-            vmstate.save(state, root)
-            undo.push("state file", lambda: vmstate.save(plugged, root))  # on record again
-            return wait_for_vhost(state, wait)
+            vm.state.save(state, root)
+            undo.push("state file", lambda: vm.state.save(plugged, root))  # on record again
+            return wait_for_vhost(state, wait, runner)
         except BaseException as err:
             # Undone last-first, stopping at the first step that cannot be undone (a NIC the
             # guest does not release keeps its tap and claim): the record then stays, and
@@ -408,7 +495,7 @@ def nic_add(
 
 
 def nic_del(
-    name: str, tap: str, *, timeout: float = UNPLUG_TIMEOUT, root: str = vmstate.STATE_DIR
+    name: str, tap: str, *, timeout: float = UNPLUG_TIMEOUT, root: str = vm.state.STATE_DIR
 ) -> VmState:
     """Unplug the NIC on ``tap`` from VM ``name`` and delete the tap if vhostorch made it.
 
@@ -417,7 +504,7 @@ def nic_del(
     NIC is unplugged, the record, the tap and the claim go together (the stopping
     signals wait meanwhile). Raises InvalidSpec, OperationFailed, errors.Interrupted.
     """
-    with signals.RollBack(), vmstate.Lock(name, root):
+    with signals.RollBack(), vm.state.Lock(name, root):
         state = _safe(_running(name, root), name, root)
         cut_short = state.plugging is not None and state.plugging.tap == tap
         state = _finish_hotplug(state, root)
@@ -426,14 +513,14 @@ def nic_del(
             return state  # a nic add of it killed outright: now undone, as asked
         if nic is None:
             raise InvalidSpec(f"VM {name} has no NIC on tap {tap}")
-        backends.of(state).detach(state, nic, timeout)
+        backends.of(state).unplug(state, nic, timeout)
         with signals.Held():
             # Recorded before it is done: a kill in between leaves the tap to be deleted
             # and the claim to be given back on record (_finish_hotplug, down).
             state = state.with_nics(tuple(n for n in state.nics if n.tap != tap)).replace(
                 making=(tap,) if nic.tap_created else ()
             )
-            vmstate.save(state, root)
+            vm.state.save(state, root)
             state = _finish_hotplug(state, root)
         return state
 

@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from vhostorch.check.report import Status
-    from vhostorch.vm.spec import Accel, NicSpec
+    from vhostorch.vm.spec import Accel, BackendName, NicSpec
+
+    # Each NIC, whether QEMU gets vhost for it, and why a preferred one does not.
+    Decided = list[tuple[NicSpec, bool, str | None]]
 
 
 class Host(Record):
@@ -32,8 +35,8 @@ class Host(Record):
 
 
 def decide(
-    nics: Sequence[NicSpec], accel: Accel, backend: str, host: Host, first: int = 0
-) -> list[tuple[NicSpec, bool, str | None]]:
+    nics: Sequence[NicSpec], accel: Accel, backend: BackendName, host: Host, first: int = 0
+) -> Decided:
     """Pure: for each NIC, whether QEMU gets vhost, and why not; refuses what cannot be had.
 
     ``required`` needs /dev/vhost-net, with accel kvm a usable KVM, and what the
@@ -43,8 +46,8 @@ def decide(
     """
     if accel == "kvm" and host.kvm[0] == FAIL:
         raise OperationFailed(f'accel = "kvm" but KVM is not usable: {host.kvm[1]}')
-    refused = backends.get(backend).vhost_refused(accel)
-    decided: list[tuple[NicSpec, bool, str | None]] = []
+    refused = None if accel == "kvm" else backends.get(backend).describe().vhost_needs_kvm
+    decided: Decided = []
     for index, nic in enumerate(nics, first):
         why, detail = None, ""
         if host.vhost[0] != PASS:

@@ -1,7 +1,7 @@
 """Waiting for a started VM's guest driver to start vhost on every NIC, then its check.
 
 A guest boots while it is waited for, so the wait costs it as little CPU as it can (what
-each backend can ask QEMU is behind backends.contract.Asker).
+each backend can ask QEMU is behind backends.contract.Backend.ask).
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from vhostorch.check.ids import CALL, VHOST_STARTED
 from vhostorch.check.report import MASKED, Check, Report
 from vhostorch.errors import OperationFailed
 from vhostorch.kernel import procfs
-from vhostorch.record import Record
+from vhostorch.record import TYPE_CHECKING, Record
 from vhostorch.vm.state import VmState
+
+if TYPE_CHECKING:
+    from vhostorch.backends.contract import Backend
 
 WAIT_DRIVER = 60.0  # seconds for the guest driver to start vhost on every NIC
 # Between questions to QEMU while its guest boots; each costs the guest CPU time, which
@@ -32,16 +35,17 @@ class Outcome(Record):
     driver_up: bool
 
 
-def check(state: VmState) -> Report:
+def check(state: VmState, backend: Backend | None = None) -> Report:
     """The check of a VM vhostorch started, with what it set up as the expectation,
-    observed as its backend observes it. Raises procfs.CannotInspect, OperationFailed."""
-    return verify.verify(backends.of(state).observe(state))
+    observed as its backend (``backend``, else a new one) observes it. Raises
+    procfs.CannotInspect, OperationFailed."""
+    return verify.verify((backend or backends.of(state)).observe(state))
 
 
-def _settled(report: Report, state: VmState) -> bool:
+def _settled(report: Report, state: VmState, backend: Backend | None = None) -> bool:
     """Every vhost NIC's started check has a final answer (which answers are final is the
     backend's to say: QEMU's monitor says "not yet", the wiring trace cannot)."""
-    final = backends.of(state).final_started()
+    final = (backend or backends.of(state)).describe().final_started
     for nic in state.nics:
         if not nic.vhost_on:
             continue
@@ -57,42 +61,40 @@ def _masked(check: Check) -> bool:
     return check.id == CALL and check.cause == MASKED
 
 
-def wait_for_vhost(state: VmState, timeout: float) -> Outcome:
+def wait_for_vhost(state: VmState, timeout: float, backend: Backend | None = None) -> Outcome:
     """Wait until every NIC's guest driver has started vhost, or ``timeout`` runs out; check.
 
     The guest is booting meanwhile, so the wait must cost it little CPU: where the
     backend can ask QEMU itself (QMP), one question per NIC every POLL seconds (in the
     test host a new connection per question cost 125 ms of its CPU, a kept one 9 ms),
     and the full check once at the end; otherwise (libvirt, through the trace) the
-    check as often.
+    check as often. ``backend`` is the VM's (None: a new one).
     """
+    backend = backend or backends.of(state)
     begin = time.monotonic()
-    waiting = [n.device for n in state.nics if n.vhost_on]
-    asker = backends.of(state).asker(state) if waiting else None
+    waiting: list[str] | None = [n.device for n in state.nics if n.vhost_on]
     try:
         while True:
             if not procfs.alive(state.pid):
                 raise OperationFailed(f"QEMU (pid {state.pid}) exited while its guest was starting")
             waited = time.monotonic() - begin
-            if asker is not None and waiting and waited < timeout:
-                waiting = asker.waiting(waiting)
+            if waiting and waited < timeout:
+                waiting = backend.ask(state, waiting)  # None: it cannot ask
                 if waiting:
                     time.sleep(POLL)
                     continue
-            if asker is not None:
-                asker.close()  # before the check, which asks QEMU itself
-            report = _checked(state)
-            settled = _settled(report, state)
+            backend.ask(state, ())  # done asking, before the check, which asks QEMU itself
+            report = _checked(state, backend)
+            settled = _settled(report, state, backend)
             if settled or waited >= timeout:
                 return Outcome(state, report, waited, settled)
             time.sleep(POLL)
     finally:
-        if asker is not None:
-            asker.close()
+        backend.ask(state, ())
 
 
-def _checked(state: VmState) -> Report:
+def _checked(state: VmState, backend: Backend) -> Report:
     try:
-        return check(state)
+        return check(state, backend)
     except procfs.CannotInspect as err:
         raise OperationFailed(f"QEMU (pid {state.pid}) cannot be checked: {err}") from None

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
     VhostMode = Literal["required", "preferred", "off"]
     Accel = Literal["kvm", "tcg"]
+    # The backends a VM can run with (vhostorch.backends: each is registered there by it).
+    BackendName = Literal["qmp", "libvirt"]
 
     from vhostorch.taps import TapSpec
 

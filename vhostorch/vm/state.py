@@ -27,6 +27,8 @@ from vhostorch.record import TYPE_CHECKING, Record
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from vhostorch.vm.spec import BackendName
+
 STATE_DIR = rundir.VMS
 FILE_MODE = 0o600
 STARTING = "starting"  # up has begun and not finished: what it made is listed
@@ -49,12 +51,12 @@ class NicState(Record):
 
 class VmState(Record):
     name: str
-    backend: str
+    backend: BackendName
     pid: int
     accel: str
     qmp: str | None  # the QMP backend's socket
     uri: str | None  # the libvirt backend's connection URI
-    workdir: str  # QEMU's log and console log, and its QMP socket (backends.process)
+    workdir: str  # the backend's files (QEMU's logs and QMP socket: backends.process)
     nics: tuple[NicState, ...]
     status: str = RUNNING  # files written before the field existed were running VMs
     # QEMU's start time (/proc/PID/stat field 22, clock ticks after boot): with the pid,

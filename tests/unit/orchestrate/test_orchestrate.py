@@ -3,14 +3,18 @@ arguments, the domain XML, and the state files (the real runs are in test_up.py)
 
 from __future__ import annotations
 
+import ast
 import os
+import pathlib
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from vhostorch.backends import process, qmp
+from vhostorch.backends.contract import Begun, Description, Plugged
 from vhostorch.check.report import FAIL, PASS, WARN
 from vhostorch.errors import OperationFailed
 from vhostorch.libvirt import domxml
@@ -19,6 +23,11 @@ from vhostorch.taps import TapSpec
 from vhostorch.vm import spec, state
 from vhostorch.vm.spec import NicSpec, VmSpec
 from vhostorch.vm.state import VmState
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vhostorch.check.observe import Observation
 
 GOOD = Host((PASS, "/dev/vhost-net is present"), (PASS, "/dev/kvm is usable (kvm_amd)"))
 NO_VHOST = Host((FAIL, "/dev/vhost-net is missing"), (PASS, "/dev/kvm is usable"))
@@ -170,47 +179,83 @@ def test_up_waits_out_a_vector_the_guest_masked_for_a_moment() -> None:
 
 
 class _Recorded:
-    """A third backend, registered for one test: what orchestrate asked of it, in order."""
-
-    takes_uri = False
+    """A third backend, registered for one test: what orchestrate asked of it, in order. It
+    implements the whole contract (backends.contract.Backend: seven members)."""
 
     def __init__(self, tap: str, calls: list[str]) -> None:
         self.tap, self.calls = tap, calls
-        self.what = "fake VM"
-        self.vm_id: str | None = None
 
     def _saw(self, call: str) -> None:
         here = os.path.exists(f"/sys/class/net/{self.tap}")
         self.calls.append(f"{call} ({'tap present' if here else 'no tap'})")
 
-    def vhost_refused(self, accel: str) -> str | None:
-        return None
+    def describe(self) -> Description:
+        return Description("qmp", False, None, (PASS, FAIL))
 
-    def begin(self, spec: VmSpec, workdir: str, uri: str, user: str | None = None) -> _Recorded:
+    def begin(self, spec: VmSpec, workdir: str, uri: str | None, user: str | None) -> Begun:
         self._saw("begin")
-        return self
+        return Begun("fake VM", os.getpid(), runs_as="nobody")
 
-    def runs_as(self, user: str | None) -> None:
-        return None
+    def plug(self, state: state.VmState, nics: Sequence[tuple[NicSpec, bool]]) -> Plugged:
+        self._saw("plug")
+        ids = tuple((f"nic.{n.tap.name}", f"tap.{n.tap.name}") for n, _ in nics)
+        return Plugged(os.getpid(), None, None, ids)
 
-    def process(self) -> None:
-        return None
-
-    def run(self, nics: object) -> object:
-        from vhostorch.backends.contract import Started
-
-        self._saw("run")
-        return Started(os.getpid(), None, None)
-
-    def abort(self) -> None:
-        self._saw("abort")
+    def unplug(self, state: state.VmState, nic: state.NicState, timeout: float) -> None:
+        self._saw("unplug")
 
     def stop(self, state: VmState) -> None:
         self._saw("stop")
 
-    def nic_ids(self, state: VmState, taps: list[str]) -> list[tuple[str, str]]:
-        self._saw("nic_ids")
+    def observe(self, state: VmState) -> Observation:
+        self._saw("observe")
         raise OperationFailed("no such NIC")
+
+    def ask(self, state: state.VmState, devices: Sequence[str]) -> list[str] | None:
+        if devices:
+            self._saw("ask")
+        return None
+
+
+def test_the_contract_has_at_most_seven_members_and_each_backend_describes_itself() -> None:
+    """os-vif's PluginBase is describe, plug and unplug: the fewer members a backend must
+    implement, the likelier the next one is written."""
+    from vhostorch import backends
+    from vhostorch.backends import contract
+
+    source = pathlib.Path(contract.__file__).read_text()
+    tree = ast.parse(source)
+    [protocol] = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "Backend"]
+    members = [n.name for n in protocol.body if isinstance(n, ast.FunctionDef)]
+    assert len(members) <= 7 and len(protocol.body) - 1 == len(members), members
+    protocols = [
+        n.name for n in ast.walk(tree)
+        if isinstance(n, ast.ClassDef) and any(ast.unparse(b) == "Protocol" for b in n.bases)
+    ]  # fmt: skip
+    assert protocols == ["Backend"]
+    assert set(members) <= {m for m in dir(_Recorded) if not m.startswith("_")}
+    for name in backends.NAMES:
+        assert backends.get(name).describe().name == name
+    assert backends.taking_uri() == ("libvirt",)
+
+
+def test_orchestrate_imports_no_backend_module() -> None:
+    """Only the registry and the contract: what a backend keeps, and where, is its own."""
+    import vhostorch.orchestrate
+
+    allowed = {"vhostorch.backends", "vhostorch.backends.contract"}
+    for path in pathlib.Path(vhostorch.orchestrate.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported = {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+                reached = {
+                    m
+                    for m in imported
+                    if m.startswith(("vhostorch.backends.", "vhostorch.libvirt", "vhostorch.qemu"))
+                }
+                assert reached <= allowed | {
+                    f"vhostorch.backends.contract.{a.name}" for a in node.names
+                }, (path.name, reached)
 
 
 @pytest.mark.kernel
@@ -228,9 +273,37 @@ def test_a_third_backend_is_rolled_back_in_order_the_vm_stopped_before_its_taps_
     fake = spec.from_mapping({"name": "vm1", "boot": {"kernel": "/k"}, "nic": [{"tap": tap}]})
     with pytest.raises(OperationFailed, match="no such NIC"):
         orchestrate.up(fake, "fake", wait=0, root=str(tmp_path), host=GOOD)
+    # The VM is begun before its taps are made, and stopped (once) before they go.
     assert calls == [
-        "begin (no tap)", "run (tap present)", "nic_ids (tap present)", "stop (tap present)",
-        "abort (no tap)",
+        "begin (no tap)", "plug (tap present)", "observe (tap present)", "stop (tap present)",
     ]  # fmt: skip
     assert not os.path.exists(f"/sys/class/net/{tap}")
     assert [f for f in os.listdir(tmp_path) if f.endswith(".json")] == []
+
+
+def test_a_start_killed_outright_is_undone_by_its_backends_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a killed `up` left is found by the backend (the QMP backend: the QEMU serving
+    its socket), not by orchestrate: `down` hands the recorded state to ``stop``."""
+    from vhostorch import backends, orchestrate
+
+    calls: list[str] = []
+    seen: list[state.VmState] = []
+
+    class Stopped(_Recorded):
+        def stop(self, state: state.VmState) -> None:
+            seen.append(state)
+            super().stop(state)
+
+    monkeypatch.setitem(backends._BY_NAME, "fake", lambda: Stopped("vho-none", calls))
+    workdir = str(tmp_path / "vm1.d")
+    killed = state.VmState(
+        "vm1", "fake", 0, "tcg", None, None, workdir, (), status=state.STARTING,  # type: ignore[arg-type]
+        launched_after=1234, vm_id="an-id",
+    )  # fmt: skip
+    with state.Lock("vm1", str(tmp_path)):
+        state.save(killed, str(tmp_path))
+    removed = orchestrate.down("vm1", root=str(tmp_path))
+    assert calls == ["stop (no tap)"] and seen == [killed] and removed.state == killed
+    assert state.load("vm1", str(tmp_path)) is None
