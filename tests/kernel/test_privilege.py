@@ -295,7 +295,8 @@ def test_answers_the_qemu_user_gives_in_qemus_place_never_end_check_all(
     """QEMU's user takes QEMU's listening QMP socket (pidfd_getfd: same uid, so SO_PEERCRED
     still names QEMU), keeps QEMU's monitor busy and answers root itself: answers of other
     types ('types') or 100,000 nested brackets ('deep'). check --all and check --pid
-    ended 'internal error' (AttributeError, RecursionError), with no report of any VM."""
+    ended 'internal error' (AttributeError, RecursionError), with no report of any VM, and
+    so did `nic add` and `nic del`."""
     name, tap = kernel.unique("vho-st"), kernel.unique("vst")
     names.append(name)
     vm = up(specs, name, tap)
@@ -309,6 +310,16 @@ def test_answers_the_qemu_user_gives_in_qemus_place_never_end_check_all(
             done = subprocess.run([EXE, "check", *argv], capture_output=True, text=True)
             assert "internal error" not in done.stderr, done.stderr
             assert f"QEMU pid {vm['pid']} ({name})" in done.stdout, done.stderr
+        # A hot-plug and an unplug are refused in one line, and leave the VM as it was
+        # (they ended 'internal error': a property list of strings was read as dicts).
+        extra = kernel.unique("vsx")
+        for argv in (["nic", "add", name, "--tap", extra, "--vhost", "off"],
+                     ["nic", "del", name, tap]):  # fmt: skip
+            done = subprocess.run([EXE, *argv], capture_output=True, text=True)
+            assert done.returncode == 1, done.stderr
+            assert "internal error" not in done.stderr and len(done.stderr.splitlines()) == 1
+        assert [n["tap"] for n in (state_of(name) or {})["nics"]] == [tap]
+        assert [f for f in left(name, [extra]) if f.startswith(("tap ", "claim "))] == []
     finally:
         thief.kill()  # our own child, by its pid
         thief.wait()

@@ -149,8 +149,8 @@ def free_port(sock: QmpSocket) -> str | None:
         key=lambda p: int(p.removeprefix(process.ROOT_PORT) or 0),
     )
     for port in ports:
-        props = sock.execute("qom-list", {"path": f"/machine/peripheral/{port}/{port}"})
-        if not any(str(p.get("name", "")).startswith("child[") for p in props):
+        props = sock.qom_names(f"/machine/peripheral/{port}/{port}")
+        if not any(name.startswith("child[") for name in props):
             return port
     if not ports:
         return None
@@ -211,7 +211,7 @@ def attach(state: VmState, nic: NicSpec, vhost_on: bool) -> None:
 
 
 def _peripherals(sock: QmpSocket) -> set[str]:
-    return {str(p.get("name")) for p in sock.execute("qom-list", {"path": "/machine/peripheral"})}
+    return set(sock.qom_names("/machine/peripheral"))
 
 
 def detach(state: VmState, tap: str, timeout: float = UNPLUG_TIMEOUT, queues: int = 0) -> None:

@@ -250,6 +250,16 @@ class QmpSocket:
         """Send ``command`` and wait for its answer (``timeout`` s). Raises MonitorError."""
         return self.answer(self.send(command, arguments), self.timeout)
 
+    def qom_names(self, path: str) -> list[str]:
+        """The names of the properties ``qom-list`` gives for ``path``. Raises MonitorError,
+        also for an answer not of QEMU's shape: whoever holds QEMU's socket may answer."""
+        answer = self.execute("qom-list", {"path": path})
+        if not isinstance(answer, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) for p in answer
+        ):
+            raise MonitorError(f"QMP qom-list {path}: the answer is not a list of properties")
+        return [p["name"] for p in answer]
+
     def send(self, command: str, arguments: dict[str, Any] | None) -> Sent:
         """Send ``command``; ``answer`` waits for what QEMU says to it."""
         task = self.loop.create_task(self.client.execute(command, arguments))
