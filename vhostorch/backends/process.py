@@ -23,6 +23,10 @@ serial console, through ``-add-fd``). QEMU's user owns only ``NAME.d/qemu/``, wh
 QEMU makes its QMP socket; root connects to that socket without following a link and
 asks nothing of whoever serves it unless it is this QEMU (its pid and start time, by
 SO_PEERCRED), and removes that directory by directory fd, never following a link.
+SO_PEERCRED names who made the listening socket, so it keeps out every other VM and user
+but not QEMU's own user, who can take QEMU's listener (pidfd_getfd) and answer in its
+place: QMP answers are read as untrusted input (a malformed one is a MonitorError), and
+root hands that socket only fds QEMU already holds or needs for this very VM.
 QEMU is started with no signal blocked, whatever `up` holds.
 """
 
