@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
+from vhostorch.check import live, verify
 from vhostorch.check import observe as inspect
-from vhostorch.check import verify
 from vhostorch.errors import InvalidSpec
 from vhostorch.kernel import procfs
 from vhostorch.libvirt import connection as virt
@@ -68,14 +68,14 @@ def reports(target: Target) -> list[Report]:
             libvirtd_log=log,
             domain_log_dir=logdir,
         )
-        return [verify.verify(observed)]
+        return _verified([observed])
     # A VM vhostorch started is checked against what it set up (NICs added over QMP).
     plans = {state.pid: state for state in vmstate.every()}
     if pid is not None:
         observed = inspect.observe(
             pid, monitor=_own_qmp(pid), plan=plans.get(pid), libvirtd_log=log, domain_log_dir=logdir
         )
-        return [verify.verify(observed)]
+        return _verified([observed])
     kthreads = procfs.vhost_kthreads()
     found = []
     for qemu in procfs.qemu_pids():
@@ -90,8 +90,14 @@ def reports(target: Target) -> list[Report]:
             )
         except procfs.CannotInspect:
             continue  # it exited while we looked
-        found.append(verify.verify(observed))
-    return found
+        found.append(observed)
+    return _verified(found)
+
+
+def _verified(observed: list[inspect.Observation]) -> list[Report]:
+    """Each observation checked, with what the kernel holds now for all of them, read at once
+    (check.live: one program load and one pass, whatever the number of QEMUs)."""
+    return [verify.verify(o) for o in live.gather(observed)]
 
 
 def _domain(name: str, uri: str, ask_monitor: bool, log: inspect.LibvirtdLog) -> Report:
@@ -106,7 +112,7 @@ def _domain(name: str, uri: str, ask_monitor: bool, log: inspect.LibvirtdLog) ->
         libvirtd_log=log,
         domain_log_dir=inspect.DOMAIN_LOG_DIR,
     )
-    return verify.verify(observed)
+    return _verified([observed])[0]
 
 
 def _own_qmp(qemu: int, proc: str = procfs.PROC) -> Callable[[], monitor.MonitorView] | None:
