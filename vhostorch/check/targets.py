@@ -32,6 +32,7 @@ class Target(Record):
     every: bool = False
     uri: str | None = None
     ask_monitor: bool = False
+    live: bool = True  # read the kernel's present state (check.live) where it can be
 
     def check_one(self) -> None:
         """Raise InvalidSpec unless the target is exactly one thing."""
@@ -55,7 +56,7 @@ def reports(target: Target) -> list[Report]:
     # Why a NIC does not use vhost is in libvirt's logs: read libvirtd's once for all QEMUs.
     log, logdir = inspect.LibvirtdLog(), inspect.DOMAIN_LOG_DIR
     if domain is not None:
-        return [_domain(domain, uri or virt.SYSTEM_URI, target.ask_monitor, log)]
+        return [_domain(domain, uri or virt.SYSTEM_URI, target.ask_monitor, log, target.live)]
     if qmp is not None:
         try:
             qemu = monitor.peer_pid(qmp)
@@ -68,14 +69,14 @@ def reports(target: Target) -> list[Report]:
             libvirtd_log=log,
             domain_log_dir=logdir,
         )
-        return _verified([observed])
+        return _verified([observed], target.live)
     # A VM vhostorch started is checked against what it set up (NICs added over QMP).
     plans = {state.pid: state for state in vmstate.every()}
     if pid is not None:
         observed = inspect.observe(
             pid, monitor=_own_qmp(pid), plan=plans.get(pid), libvirtd_log=log, domain_log_dir=logdir
         )
-        return _verified([observed])
+        return _verified([observed], target.live)
     kthreads = procfs.vhost_kthreads()
     found = []
     for qemu in procfs.qemu_pids():
@@ -91,16 +92,18 @@ def reports(target: Target) -> list[Report]:
         except procfs.CannotInspect:
             continue  # it exited while we looked
         found.append(observed)
-    return _verified(found)
+    return _verified(found, target.live)
 
 
-def _verified(observed: list[inspect.Observation]) -> list[Report]:
+def _verified(observed: list[inspect.Observation], use_live: bool) -> list[Report]:
     """Each observation checked, with what the kernel holds now for all of them, read at once
     (check.live: one program load and one pass, whatever the number of QEMUs)."""
-    return [verify.verify(o) for o in live.gather(observed)]
+    return [verify.verify(o) for o in (live.gather(observed) if use_live else observed)]
 
 
-def _domain(name: str, uri: str, ask_monitor: bool, log: inspect.LibvirtdLog) -> Report:
+def _domain(
+    name: str, uri: str, ask_monitor: bool, log: inspect.LibvirtdLog, use_live: bool
+) -> Report:
     domain = domxml.parse(virt.domain_xml(name, uri))
     reader = (lambda: virt.read_monitor(name, uri)) if ask_monitor else None
     pid = inspect.domain_pid(name)
@@ -112,7 +115,7 @@ def _domain(name: str, uri: str, ask_monitor: bool, log: inspect.LibvirtdLog) ->
         libvirtd_log=log,
         domain_log_dir=inspect.DOMAIN_LOG_DIR,
     )
-    return _verified([observed])[0]
+    return _verified([observed], use_live)[0]
 
 
 def _own_qmp(qemu: int, proc: str = procfs.PROC) -> Callable[[], monitor.MonitorView] | None:
