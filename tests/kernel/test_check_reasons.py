@@ -16,8 +16,6 @@ import os
 import pathlib
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -25,7 +23,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as classic_families
 
 from tests.support import kernel
-from tests.support.domains import domain, domain_xml, tap, wait_for_tap_fd
+from tests.support.domains import domain, domain_xml, plain_qemu, tap, wait_for_tap_fd
 from tests.support.kernel import vhostorch
 from vhostorch.check import metrics, observe, targets, verify
 from vhostorch.check.report import Worker
@@ -59,29 +57,6 @@ def scrape(*argv: str, form: str = "openmetrics") -> tuple[int, dict[str, Any]]:
     done = vhostorch("check", *argv, "--format", form)
     assert done.stdout.endswith("# EOF\n") == (form == "openmetrics"), done.stderr
     return done.returncode, parse(done.stdout, form)
-
-
-@contextmanager
-def plain_qemu(dev: str, vhost: str | None, log: pathlib.Path | None = None) -> Iterator[int]:
-    netdev = f"tap,id=n0,ifname={dev},script=no,downscript=no"
-    if vhost is not None:
-        netdev += f",vhost={vhost}"
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            "qemu-system-x86_64", "-S", "-M", "pc", "-m", "32", "-nodefaults", "-display", "none",
-            "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,id=net0",
-        ],
-        stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-    )  # fmt: skip
-    try:
-        wait_for_tap_fd(proc.pid, dev)
-        yield proc.pid
-    finally:
-        proc.kill()  # the QEMU this test started
-        proc.wait()
-        if log:
-            out.close()  # type: ignore[union-attr]
 
 
 @needs_no_vhost_net

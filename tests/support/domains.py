@@ -4,6 +4,7 @@ tap, the domain XML, the domain itself, and the wait until check sees the tap's 
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -67,3 +68,26 @@ def wait_for_tap_fd(pid: int, dev: str) -> subprocess.CompletedProcess[str]:
                 return done
         assert time.monotonic() < deadline, done.stdout + done.stderr
         time.sleep(0.1)
+
+
+@contextmanager
+def plain_qemu(dev: str, vhost: str | None, log: pathlib.Path | None = None) -> Iterator[int]:
+    netdev = f"tap,id=n0,ifname={dev},script=no,downscript=no"
+    if vhost is not None:
+        netdev += f",vhost={vhost}"
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-S", "-M", "pc", "-m", "32", "-nodefaults", "-display", "none",
+            "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,id=net0",
+        ],
+        stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+    )  # fmt: skip
+    try:
+        wait_for_tap_fd(proc.pid, dev)
+        yield proc.pid
+    finally:
+        proc.kill()  # the QEMU this test started
+        proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]

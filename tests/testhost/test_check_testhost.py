@@ -91,12 +91,19 @@ def test_healthy_vhost_nic_passes_every_check(traced: None, queues: int) -> None
                 "name": "net0", "netdev": "n0", "tap": name, "queue_pairs": queues,
                 "vhost_requested": True, "reason": None, "workers": nic["workers"],
             }  # fmt: skip
-            # One worker per queue pair, paired with its vhost fd by the traced owner order.
+            # One worker per queue pair, as the kernel names it for its vhost device...
             assert [w["queue_pair"] for w in nic["workers"]] == list(range(queues))
             assert sorted(w["tid"] for w in nic["workers"]) == guests.vhost_workers(g.pid)
-            assert {w["attributed_by"] for w in nic["workers"]} == {
+            assert {w["attributed_by"] for w in nic["workers"]} == {"the kernel (live)"}
+            # ...and the same pairing from the traced owner order when the kernel is not read.
+            _, traced_only = check("--pid", str(g.pid), "--strict", "--no-live")
+            [by_trace] = traced_only["nics"]
+            assert {w["attributed_by"] for w in by_trace["workers"]} == {
                 "VHOST_SET_OWNER order (traced)"
             }
+            assert [(w["queue_pair"], w["tid"]) for w in by_trace["workers"]] == [
+                (w["queue_pair"], w["tid"]) for w in nic["workers"]
+            ]
             # The same QEMU named by its QMP socket gives the same verdicts.
             code_qmp, by_socket = check("--qmp", sock, "--strict")
             assert code_qmp == 0
@@ -170,17 +177,24 @@ def test_libvirt_domain_with_vhost_passes_with_the_monitor(traced: None, libvirt
             assert code == 0 and report["ok"] is True, json.dumps(failed, indent=1)
             assert report["target"]["domain"] == name
             assert by_id(report)["nic.tap.fds"][0]["evidence"]["taps"] == [dev]
-            # Without --monitor, started, memtable and features come from the wiring trace.
-            code_plain, plain = check("--domain", name, "--strict")
+            # Without --monitor, started, memtable and features come from the kernel's present
+            # state, and with it unread (--no-live) from the wiring trace.
+            code_plain, plain = check("--domain", name, "--strict", "--no-live")
             assert code_plain == 0
             for check_id in ("nic.vhost.started", "nic.vhost.memtable", "nic.features"):
                 assert by_id(plain)[check_id][0]["evidence"]["source"] == "wiring trace"
-            # Without the trace either, they are unknown, with the reason, never passed.
+            # Without the trace: from the kernel they pass; unread, they are unknown, with the
+            # reason, never passed.
             wiring.disarm()
             try:
-                code_bare, bare = check("--domain", name)
+                code_live, from_live = check("--domain", name, "--strict")
+                code_bare, bare = check("--domain", name, "--no-live")
             finally:
                 wiring.arm()
+            assert code_live == 0, json.dumps(from_live["checks"], indent=1)
+            for check_id in ("nic.vhost.started", "nic.vhost.memtable", "nic.features",
+                             "nic.kick", "nic.call"):  # fmt: skip
+                assert {c["evidence"]["source"] for c in by_id(from_live)[check_id]} == {"live"}
             assert code_bare == 0  # unknown is not a failure
             for check_id in ("nic.kick", "nic.call"):
                 for c in by_id(bare)[check_id]:
@@ -249,3 +263,59 @@ def test_containerised_vm_with_vhost_passes_every_check(traced: None) -> None:
                 assert code_all == 0 and mine["ok"] is True, json.dumps(every, indent=1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _qmp(sock: str, pid: int, command: str) -> None:
+    """One QMP command on the VM's socket, closed after: check --pid asks the same socket."""
+    from vhostorch.qemu import monitor
+
+    qmp = monitor.QmpSocket(sock, 30)
+    qmp.open(pid)
+    try:
+        qmp.execute(command, None)
+    finally:
+        qmp.close()
+
+
+def test_healthy_vhost_nic_passes_strict_from_the_live_state_without_the_trace(
+    in_testhost: None,
+) -> None:
+    """Issue 23: no wiring trace and no pause: kick and call are proved from what the kernel
+    holds now; a VM paused over QMP is judged from the present (not passed), and passes again
+    once it runs."""
+    assert not wiring.armed(), "this test proves kick and call without the trace"
+    queues, sock = 2, qmp_socket()
+    with guests.tap(queues) as name:
+        extra = [*guests.vhost_netdev(name, queues), "-qmp", f"unix:{sock},server=on,wait=off"]
+        with guests.guest(extra) as g:
+            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=180)
+            code, report = check("--pid", str(g.pid), "--strict")
+            failed = [c for c in report["checks"] if c["status"] != "pass"]
+            assert code == 0 and report["ok"] is True, json.dumps(failed, indent=1)
+            checks = by_id(report)
+            vrings = checks["nic.kick"] + checks["nic.call"]
+            assert len(vrings) == 4 * queues
+            assert {c["evidence"]["source"] for c in vrings} == {"live"}
+            for c in checks["nic.kick"]:
+                assert c["evidence"]["polled"] is True and c["evidence"]["ioeventfds"], c
+                assert isinstance(c["evidence"]["ring"]["last_avail_idx"], int), c
+            for c in checks["nic.call"]:
+                assert isinstance(c["evidence"]["irqfd"]["gsi"], int), c
+            # The guest posted its RX buffers: each RX queue's kick eventfd counted kicks.
+            rx = [c for c in checks["nic.kick"] if c["queue"] % 2 == 0]
+            assert all(c["evidence"]["kick"]["count"] > 0 for c in rx), rx
+            # Each queue pair's worker is the one the kernel names, none inferred.
+            [nic] = report["nics"]
+            assert {w["attributed_by"] for w in nic["workers"]} == {"the kernel (live)"}
+            assert sorted(w["tid"] for w in nic["workers"]) == guests.vhost_workers(g.pid)
+            # Paused: QEMU stops vhost; the present says so, never a pass from the past.
+            _qmp(sock, g.pid, "stop")
+            code, paused = check("--pid", str(g.pid))
+            for c in by_id(paused)["nic.kick"] + by_id(paused)["nic.call"]:
+                assert c["status"] in ("warn", "unknown") and "paused" in c["message"], c
+            assert check("--pid", str(g.pid), "--strict")[0] == 1
+            _qmp(sock, g.pid, "cont")
+            deadline = time.monotonic() + 30
+            while (found := check("--pid", str(g.pid), "--strict"))[0] != 0:
+                assert time.monotonic() < deadline, json.dumps(found[1], indent=1)
+                time.sleep(1)

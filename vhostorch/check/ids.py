@@ -32,7 +32,8 @@ and the host checks ``doctor`` makes before any VM runs:
     host.tun                /dev/net/tun opens read-write
     host.kvm                /dev/kvm answers KVM's API (and which module serves it)
     host.worker-model       vhost workers are kernel threads (< 6.4) or threads of QEMU
-    host.trace              the wiring trace is armed (needed by nic.kick and nic.call)
+    host.live               the kernel's live state can be read (nic.kick and nic.call, no trace)
+    host.trace              the wiring trace is armed (nic.kick and nic.call where live cannot)
     host.trace.boot         the trace will be armed at next boot, before libvirt (boot unit)
     host.root-code          what the hook and the boot unit make root run is root's alone
     host.libvirt.acl        libvirt's cgroup_device_acl lets QEMU open /dev/vhost-net
@@ -61,6 +62,7 @@ HOST_VHOST_NET_ACCESS = "host.vhost-net.access"
 HOST_TUN = "host.tun"
 HOST_KVM = "host.kvm"
 HOST_WORKER_MODEL = "host.worker-model"
+HOST_LIVE = "host.live"
 HOST_TRACE = "host.trace"
 HOST_TRACE_BOOT = "host.trace.boot"
 HOST_ROOT_CODE = "host.root-code"

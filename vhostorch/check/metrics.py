@@ -18,6 +18,13 @@ Families (every one a HELP and a TYPE line):
       use vhost (or not fully), reason its stable code (check.reasons)
   vhostorch_vhost_worker_cpu_seconds_total{vm,pid,nic,queue_pair,tid}  counter, CPU time
       (utime + stime) of the vhost worker of each queue pair
+  vhostorch_vring_kicks_total{vm,pid,nic,queue}            counter, the guest's kicks of a
+      virtqueue since vhost started it (its kick eventfd's count, which vhost never drains)
+  vhostorch_vring_last_avail_index{vm,pid,nic,queue}       gauge, vhost's last_avail_idx
+  vhostorch_vring_last_used_index{vm,pid,nic,queue}        gauge, vhost's last_used_idx
+      (ring progress: 16-bit, wrapping; a queue whose indices never move carries nothing)
+      These three come from the kernel's live state (check.live) and are left out, HELP and
+      TYPE too, when it was not read (no such sample in any report).
   vhostorch_vm_ok{vm,pid}                                   gauge, 1 when no check failed
   vhostorch_check_vms                                       gauge, the QEMUs checked
   vhostorch_check_duration_seconds                          gauge, how long the check took
@@ -27,13 +34,14 @@ Families (every one a HELP and a TYPE line):
 
 from __future__ import annotations
 
+from vhostorch.check.ids import KICK
 from vhostorch.check.report import STATUSES, DomainTarget, JudgedNic, QemuTarget
 from vhostorch.record import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from vhostorch.check.report import Report
+    from vhostorch.check.report import Check, Report
 
 PREFIX = "vhostorch_"
 FORMATS = ("openmetrics", "prometheus")
@@ -103,6 +111,14 @@ def render(reports: Sequence[Report], duration: float, form: str = "openmetrics"
         "_total",
     )
     vm_ok = _Family("vm_ok", "gauge", "1 when no check of this QEMU failed.")
+    kicks = _Family(
+        "vring_kicks",
+        "counter",
+        "Guest kicks of a virtqueue since vhost started it (its kick eventfd's count).",
+        "_total",
+    )
+    avail = _Family("vring_last_avail_index", "gauge", "vhost's last_avail_idx of a virtqueue.")
+    used = _Family("vring_last_used_index", "gauge", "vhost's last_used_idx of a virtqueue.")
     for report in reports:
         vm = vm_name(report)
         pid = "" if report.pid is None else report.pid
@@ -110,6 +126,7 @@ def render(reports: Sequence[Report], duration: float, form: str = "openmetrics"
             where = (("vm", vm), ("pid", pid), ("nic", c.nic), ("queue", c.queue), ("check", c.id))
             for s in STATUSES:
                 status.add((*where, ("status", s)), 1 if c.status == s else 0)
+            _vring(c, where[:4], kicks, avail, used)
         for nic in report.nics:
             if not isinstance(nic, JudgedNic):
                 continue  # not applicable: no reason, no worker
@@ -131,6 +148,24 @@ def render(reports: Sequence[Report], duration: float, form: str = "openmetrics"
     took = _Family("check_duration_seconds", "gauge", "How long vhostorch check took.")
     took.add((), round(duration, 6))
     lines = []
-    for family in (status, reason, cpu, vm_ok, vms, took):
-        lines += family.text(form)
+    for family in (status, reason, cpu, vm_ok, kicks, avail, used, vms, took):
+        if family.samples or family not in (kicks, avail, used):
+            lines += family.text(form)
     return "\n".join(lines) + ("\n# EOF\n" if form == "openmetrics" else "\n")
+
+
+def _vring(
+    c: Check, where: Sequence[tuple[str, object]], kicks: _Family, avail: _Family, used: _Family
+) -> None:
+    """A live nic.kick's kick count and ring indices as samples (check.live's evidence)."""
+    evidence = c.evidence or {}
+    if c.id != KICK or evidence.get("source") != "live":
+        return
+    count = evidence.get("kick")
+    if isinstance(count, dict) and isinstance(count.get("count"), int):
+        kicks.add(where, count["count"])
+    ring = evidence.get("ring")
+    if isinstance(ring, dict):
+        for family, key in ((avail, "last_avail_idx"), (used, "last_used_idx")):
+            if isinstance(ring.get(key), int):
+                family.add(where, ring[key])

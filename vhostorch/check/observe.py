@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from vhostorch.check.wiring import Wiring
+    from vhostorch.kernel.vhoststate import KernelView
     from vhostorch.libvirt.domxml import Domain
     from vhostorch.qemu.args import QemuArgs
     from vhostorch.qemu.monitor import MonitorView
@@ -49,6 +50,9 @@ class Observation(Record):
     device: dict[str, object] | None = None  # /dev/vhost-net against QEMU's credentials
     worker_cpu: dict[int, float] | None = None  # vhost worker tid -> CPU seconds (utime+stime)
     stopped: str | None = None  # why QEMU runs no code now (procfs.STOPPED_STATES), if it does not
+    live: KernelView | None = None  # what the kernel holds now (check.live), where it was read
+    live_note: str | None = None  # why it could not be read, when it was tried
+    vhost_poll: tuple[int, ...] = ()  # vhost_poll_wakeup's addresses: vhost's waiter on a kick
 
 
 class Logs(Record):

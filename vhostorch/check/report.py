@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         "other-queue",  # the kick eventfd is KVM's ioeventfd for another queue
         "masked",  # the call eventfd is QEMU's masked notifier (the guest masked the vector)
         "relayed-interrupt",  # the call eventfd is no KVM irqfd: QEMU injects interrupts
+        "unstable-read",  # two reads of the kernel's live state disagreed: kick/call unknown
         "not-paused",  # vm.rewire: the VM was not paused (nothing was touched)
         "left-paused",  # vm.rewire: the VM was paused and could not be resumed
     ]
@@ -62,6 +63,7 @@ RELAYED_KICK: Final = "relayed-kick"
 OTHER_QUEUE: Final = "other-queue"
 MASKED: Final = "masked"
 RELAYED_INTERRUPT: Final = "relayed-interrupt"
+UNSTABLE_READ: Final = "unstable-read"
 NOT_PAUSED: Final = "not-paused"
 LEFT_PAUSED: Final = "left-paused"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from vhostorch.check import observe, verify
+from vhostorch.check import live, observe, verify
 from vhostorch.errors import InvalidSpec
 from vhostorch.kernel import procfs
 from vhostorch.libvirt import connection, domxml
@@ -29,6 +29,7 @@ class Target(Record):
     every: bool = False
     uri: str | None = None
     ask_monitor: bool = False
+    live: bool = True  # read the kernel's present state (check.live) where it can be
 
     def check_one(self) -> None:
         """Raise InvalidSpec unless the target is exactly one thing."""
@@ -52,7 +53,7 @@ def reports(target: Target) -> list[Report]:
     # Why a NIC does not use vhost is in libvirt's logs: read libvirtd's once for all QEMUs.
     log, logdir = observe.LibvirtdLog(), observe.DOMAIN_LOG_DIR
     if domain is not None:
-        return [_domain(domain, uri or connection.SYSTEM_URI, target.ask_monitor, log)]
+        return [_domain(domain, uri or connection.SYSTEM_URI, target.ask_monitor, log, target.live)]
     if qmp is not None:
         try:
             qemu = monitor.peer_pid(qmp)
@@ -65,14 +66,14 @@ def reports(target: Target) -> list[Report]:
             libvirtd_log=log,
             domain_log_dir=logdir,
         )
-        return [verify.verify(observed)]
+        return _verified([observed], target.live)
     # A VM vhostorch started is checked against what it set up (NICs added over QMP).
     plans = {known.pid: known for known in state.every()}
     if pid is not None:
         observed = observe.observe(
             pid, monitor=_own_qmp(pid), plan=plans.get(pid), libvirtd_log=log, domain_log_dir=logdir
         )
-        return [verify.verify(observed)]
+        return _verified([observed], target.live)
     kthreads = procfs.vhost_kthreads()
     found = []
     for qemu in procfs.qemu_pids():
@@ -87,11 +88,19 @@ def reports(target: Target) -> list[Report]:
             )
         except procfs.CannotInspect:
             continue  # it exited while we looked
-        found.append(verify.verify(observed))
-    return found
+        found.append(observed)
+    return _verified(found, target.live)
 
 
-def _domain(name: str, uri: str, ask_monitor: bool, log: observe.LibvirtdLog) -> Report:
+def _verified(observed: list[observe.Observation], use_live: bool) -> list[Report]:
+    """Each observation checked, with what the kernel holds now for all of them, read at once
+    (check.live: one program load and one pass, whatever the number of QEMUs)."""
+    return [verify.verify(o) for o in (live.gather(observed) if use_live else observed)]
+
+
+def _domain(
+    name: str, uri: str, ask_monitor: bool, log: observe.LibvirtdLog, use_live: bool
+) -> Report:
     domain = domxml.parse(connection.domain_xml(name, uri))
     reader = (lambda: connection.read_monitor(name, uri)) if ask_monitor else None
     pid = observe.domain_pid(name)
@@ -103,7 +112,7 @@ def _domain(name: str, uri: str, ask_monitor: bool, log: observe.LibvirtdLog) ->
         libvirtd_log=log,
         domain_log_dir=observe.DOMAIN_LOG_DIR,
     )
-    return verify.verify(observed)
+    return _verified([observed], use_live)[0]
 
 
 def _own_qmp(qemu: int, proc: str = procfs.PROC) -> Callable[[], monitor.MonitorView] | None:

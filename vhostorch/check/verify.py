@@ -10,7 +10,17 @@ of the vhost worker of each of its queue pairs.
 
 from __future__ import annotations
 
-from vhostorch.check import applicable, fds, machine, nics, reasons, request, running, vrings
+from vhostorch.check import (
+    applicable,
+    fds,
+    live,
+    machine,
+    nics,
+    reasons,
+    request,
+    running,
+    vrings,
+)
 from vhostorch.check.report import JudgedNic, Managed, QemuTarget, Report, Worker
 from vhostorch.kernel import procfs
 from vhostorch.record import TYPE_CHECKING
@@ -29,9 +39,12 @@ def nic_checks(obs: Observation, nic: Nic) -> list[Check]:
     checks += [fds.vhost_fds(obs, nic), fds.worker(obs, nic)]
     if not nic.vhost_fds:
         return checks  # nothing further can be attached
-    checks += [running.started(obs, nic), running.memtable(obs, nic)]
+    # QEMU's monitor says most (it was asked for); else what the kernel holds now; else the
+    # wiring trace (check.running).
+    judge = live if obs.monitor is None and obs.live is not None else running
+    checks += [judge.started(obs, nic), judge.memtable(obs, nic)]
     checks += vrings.vrings(obs, nic)
-    checks.append(running.features(obs, nic))
+    checks.append(judge.features(obs, nic))
     return checks
 
 
@@ -80,8 +93,12 @@ def workers(obs: Observation, nic: Nic) -> tuple[Worker, ...]:
     in the order they were owned. The wiring trace tells that order; without it, fd
     order stands in for it (QEMU opens and owns each device in turn), which a fd number
     reused after a hot-unplug can break, so each entry says which order it used. No
-    worker is attributed unless there are as many workers as vhost fds.
+    worker is attributed unless there are as many workers as vhost fds. Where the kernel's
+    state was read (check.live), it names each device's worker and nothing is inferred.
     """
+    kernel = _live_workers(obs, nic)
+    if kernel:
+        return kernel
     every = [fd.num for fd in obs.process.fds_to(procfs.VHOST_NET)]
     if not nic.vhost_fds or len(every) != len(obs.workers) or obs.worker_cpu is None:
         return ()
@@ -96,3 +113,21 @@ def workers(obs: Observation, nic: Nic) -> tuple[Worker, ...]:
         for pair, fd in enumerate(nic.vhost_fds)
         if (tid := by_fd.get(fd.num)) is not None
     )
+
+
+def _live_workers(obs: Observation, nic: Nic) -> tuple[Worker, ...]:
+    """Each queue pair's worker as the kernel names it (check.live); () unless all are."""
+    if obs.live is None or obs.worker_cpu is None:
+        return ()
+    cpu, found = obs.worker_cpu, []
+    by_fd = {d.fd: d for d in obs.live.vhost}
+    for pair, fd in enumerate(nic.vhost_fds):
+        device = by_fd.get(fd.num)
+        if device is None:
+            return ()
+        tids = {q.worker_tid for q in device.queues if q.worker_tid}
+        tid = device.worker_tid or (tids.pop() if len(tids) == 1 else None)  # >= 6.5: per vq
+        if tid is None:
+            return ()
+        found.append(Worker(pair, fd.num, tid, cpu.get(tid), "the kernel (live)"))
+    return tuple(found)

@@ -8,6 +8,7 @@ as an irqfd; otherwise a userspace QEMU thread relays every notification.
 
 from __future__ import annotations
 
+from vhostorch.check import live
 from vhostorch.check.ids import CALL, KICK
 from vhostorch.check.nics import virtio
 from vhostorch.check.report import (
@@ -49,14 +50,21 @@ def _vring(obs: Observation, nic: Nic, queue: int) -> tuple[Vring | None, dict[s
     assert obs.wiring is not None
     pair, index = divmod(queue, 2)
     vhost_fd = nic.vhost_fds[pair].num
-    return obs.wiring.vring(vhost_fd, index), {"vhost_fd": vhost_fd, "vring": index}
+    return obs.wiring.vring(vhost_fd, index), {
+        "source": "trace",
+        "vhost_fd": vhost_fd,
+        "vring": index,
+    }
 
 
 def _unwired(obs: Observation, nic: Nic, queue: int) -> Shared | None:
     """The verdict for both kick and call when the vring cannot be judged (None when it can)."""
     pair, index = divmod(queue, 2)
     if obs.wiring is None or not obs.wiring.vrings:
-        return UNKNOWN, f"unknown: {obs.wiring_note or NO_TRACE_NOTE}", None, NO_TRACE
+        note = obs.wiring_note or NO_TRACE_NOTE
+        if obs.live_note:  # the kernel's present state was tried first
+            note += f"; the kernel's live state cannot be read here: {obs.live_note}"
+        return UNKNOWN, f"unknown: {note}", None, NO_TRACE
     if pair >= len(nic.vhost_fds):
         return FAIL, f"fail: no vhost fd for queue pair {pair}", None, NO_VHOST_FD
     vring, base = _vring(obs, nic, queue)
@@ -182,8 +190,12 @@ def call(obs: Observation, nic: Nic, queue: int) -> Check:
 
 
 def vrings(obs: Observation, nic: Nic) -> list[Check]:
-    """nic.kick and nic.call for every virtqueue of the NIC, queue by queue."""
+    """nic.kick and nic.call for every virtqueue of the NIC, queue by queue: from the kernel's
+    present state where it was read (check.live), else from the wiring trace."""
     checks = []
     for queue in range(2 * nic.netdev.queue_pairs):
-        checks += [kick(obs, nic, queue), call(obs, nic, queue)]
+        if obs.live is not None and queue // 2 < len(nic.vhost_fds):
+            checks += [live.kick(obs, nic, queue), live.call(obs, nic, queue)]
+        else:
+            checks += [kick(obs, nic, queue), call(obs, nic, queue)]
     return checks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from vhostorch.cli.argv import FLAG, INT, MAX_SECONDS, PATH, VALUE, Command, Option, Parsed
+from vhostorch.cli.argv import FLAG, INT, MAX_SECONDS, NEGATE, PATH, VALUE, Command, Option, Parsed
 from vhostorch.cli.output import EXIT_CODES, JSON, STRICT, emit, report_text
 from vhostorch.errors import EXIT_FAILED, EXIT_OK, InvalidSpec
 from vhostorch.record import TYPE_CHECKING
@@ -58,6 +58,13 @@ COMMANDS = (
                 "first arm the trace and pause and resume each VM (milliseconds: QMP stop/cont, "
                 "libvirt suspend/resume for a domain) so QEMU wires kick and call again; a VM "
                 "not running (paused, migrating) is refused, exit 1",
+            ),
+            Option(
+                "--no-live",
+                NEGATE,
+                "do not read the kernel's present state (a BPF iterator): kick and call from "
+                "the wiring trace only, as on a host where it cannot be read",
+                "live",
             ),
             JSON,
             Option(
@@ -120,6 +127,7 @@ def _reports(args: Parsed, with_rewire: bool = False) -> list[Report]:
         every=args.flag("all"),
         uri=args.text("connect"),
         ask_monitor=args.flag("monitor"),
+        live=args.flag("live"),
     )
     if not with_rewire:
         return targets.reports(target)

@@ -1,7 +1,7 @@
 """Host validation before any VM runs, in the spirit of virt-host-validate, for vhost.
 
 Checks (stable ids, listed in vhostorch.check.ids): host.vhost-net, host.vhost-net.access,
-host.tun, host.kvm, host.worker-model, host.trace, host.trace.boot, host.root-code,
+host.tun, host.kvm, host.worker-model, host.live, host.trace, host.trace.boot, host.root-code,
 host.libvirt.acl, host.libvirt.user, host.nofile.
 """
 
@@ -316,6 +316,8 @@ def doctor(paths: Paths | None = None) -> Report:
     """Validate this host for vhost-net before any VM runs."""
     paths = paths or Paths()
     checks = [*vhost_net_checks(paths), _tun(paths), kvm_check(paths), _worker_model()]
-    checks += [_trace(paths), trace_at_boot(paths), root_code()]
+    from vhostorch.check import live  # host.live: reading the kernel's state, not a trace
+
+    checks += [live.host_check(), _trace(paths), trace_at_boot(paths), root_code()]
     checks += [*_libvirt(paths), _nofile()]
     return Report(HostTarget(os.uname().nodename, os.uname().release), (), tuple(checks))
