@@ -1,6 +1,7 @@
 """The systemd unit that arms the wiring trace at boot, before libvirt starts any VM:
 writing it (``install``, ``uninstall``) and reading whether it will run (``state``).
 
+Where the kernel's live state cannot be read (check.live: no BTF, no bpf, lockdown),
 nic.kick and nic.call are proved only for vrings wired while the trace is armed, so it
 must be armed before libvirtd (or virtqemud) and libvirt-guests start autostarted and
 resumed domains. The unit is ``Type=oneshot`` with ``RemainAfterExit=yes``: its
