@@ -17,7 +17,12 @@ import sys
 
 from vhostorch import files, rootcode
 from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
-from vhostorch.record import Record
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Action = Literal["installed", "updated", "unchanged", "removed", "absent"]
 
 HOOKS_DIR = "/etc/libvirt/hooks"
 DEFAULT_NAME = "vhostorch"
@@ -69,7 +74,7 @@ def refusal(python: str = sys.executable) -> str | None:
 
 class Installed(Record):
     path: str
-    action: str  # installed, updated, unchanged, removed, absent
+    action: Action
     other_hooks: tuple[str, ...]
 
 
@@ -130,7 +135,7 @@ def install(name: str = DEFAULT_NAME, hooks_dir: str = HOOKS_DIR) -> Installed:
     if old != text:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         files.replace(path, text.encode(), 0o755, durable=True)
-    action = "unchanged" if old == text else "installed" if old is None else "updated"
+    action: Action = "unchanged" if old == text else "installed" if old is None else "updated"
     return Installed(path, action, _others(hooks_dir, name))
 
 

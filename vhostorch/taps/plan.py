@@ -26,9 +26,14 @@ from vhostorch.taps.spec import check_batch
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Literal
 
     from vhostorch.kernel.rtnl import Link
     from vhostorch.taps.spec import TapSpec
+
+    Action = Literal[
+        "created", "changed", "recreated", "unchanged", "deleted", "absent", "replaced"
+    ]
 
 MANAGED_ALIAS = "vhostorch"
 TAG_SEPARATOR = ":"  # MANAGED_ALIAS:TAG marks the taps of one start (`mark`)
@@ -121,7 +126,7 @@ class TapResult(Record):
     or replaced: the device of that name is not the one vhostorch made, and was left alone."""
 
     name: str
-    action: str
+    action: Action
     changes: tuple[str, ...] = ()
 
 
@@ -309,7 +314,7 @@ def _plan_tap(
     if want:
         unset = SetLink(spec.name)
         changes.append(Change(unset.replace(**want), (unset.replace(**was),)))
-    action = "changed" if changes else "unchanged"
+    action: Action = "changed" if changes else "unchanged"
     return changes, TapResult(spec.name, action, tuple(tunable + described))
 
 

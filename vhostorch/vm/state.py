@@ -26,13 +26,16 @@ from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from typing import Literal
 
-    from vhostorch.vm.spec import BackendName
+    from vhostorch.vm.spec import Accel, BackendName, VhostMode
+
+    Status = Literal["starting", "running"]
 
 STATE_DIR = rundir.VMS
 FILE_MODE = 0o600
-STARTING = "starting"  # up has begun and not finished: what it made is listed
-RUNNING = "running"
+STARTING: Status = "starting"  # up has begun and not finished: what it made is listed
+RUNNING: Status = "running"
 
 
 class NicState(Record):
@@ -43,7 +46,7 @@ class NicState(Record):
     netdev: str
     queues: int
     mac: str
-    vhost: str  # the spec's mode: required | preferred | off
+    vhost: VhostMode  # the spec's mode
     vhost_on: bool  # what QEMU was told (preferred falls back to off without /dev/vhost-net)
     fallback: str | None  # why a preferred NIC runs without vhost
     tap_created: bool  # created for this VM, so removed with it
@@ -53,12 +56,12 @@ class VmState(Record):
     name: str
     backend: BackendName
     pid: int
-    accel: str
+    accel: Accel
     qmp: str | None  # the QMP backend's socket
     uri: str | None  # the libvirt backend's connection URI
     workdir: str  # the backend's files (QEMU's logs and QMP socket: backends.process)
     nics: tuple[NicState, ...]
-    status: str = RUNNING  # files written before the field existed were running VMs
+    status: Status = RUNNING  # files written before the field existed were running VMs
     # QEMU's start time (/proc/PID/stat field 22, clock ticks after boot): with the pid,
     # what names that QEMU alone (pids are reused). None in files from before it existed.
     start_time: int | None = None
