@@ -49,3 +49,18 @@ def traced(in_testhost: None) -> Iterator[None]:
     yield
     if not was_armed:
         wiring.disarm()
+
+
+@pytest.fixture
+def untraced(in_testhost: None) -> Iterator[None]:
+    """The trace disarmed (VMs then start unwired; a module's `traced` may have armed it),
+    and put back as it was afterwards."""
+    from vhostorch.check import wiring
+
+    was = wiring.armed()
+    wiring.disarm()
+    yield
+    if was:
+        wiring.arm()
+    else:
+        wiring.disarm()

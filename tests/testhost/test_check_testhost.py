@@ -278,7 +278,7 @@ def _qmp(sock: str, pid: int, command: str) -> None:
 
 
 def test_healthy_vhost_nic_passes_strict_from_the_live_state_without_the_trace(
-    in_testhost: None,
+    untraced: None,
 ) -> None:
     """Issue 23: no wiring trace and no pause: kick and call are proved from what the kernel
     holds now; a VM paused over QMP is judged from the present (not passed), and passes again

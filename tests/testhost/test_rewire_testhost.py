@@ -11,7 +11,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,18 +22,6 @@ from vhostorch.host import bootunit
 from vhostorch.qemu import monitor
 
 pytestmark = pytest.mark.testhost
-
-
-@pytest.fixture
-def untraced(in_testhost: None) -> Iterator[None]:
-    """The trace disarmed (VMs then start unwired), and put back as it was afterwards."""
-    was = wiring.armed()
-    wiring.disarm()
-    yield
-    if was:
-        wiring.arm()
-    else:
-        wiring.disarm()
 
 
 def check(*args: str) -> tuple[int, dict[str, Any]]:
