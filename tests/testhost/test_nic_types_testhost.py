@@ -160,7 +160,7 @@ def test_every_vhost_interface_type_passes_strict(
                 assert skipped["net7"]["kind"] == "rtl8139"
                 assert "virtio-net" in skipped["net7"]["reason"]
                 assert not {c["nic"] for c in report["checks"]} & set(skipped)
-            _passes_from_the_live_state(name)
+            _passes_from_the_live_state(name, queues)
             live = dom.XMLDesc(0)
             assert f"machine='pc-{'q35' if machine == 'q35' else 'i440fx'}-" in live
             _macvtap_as_it_is(report, live, queues)
@@ -173,9 +173,11 @@ def test_every_vhost_interface_type_passes_strict(
             subprocess.run(["rm", "-rf", workdir], check=False)
 
 
-def _passes_from_the_live_state(name: str) -> None:
+def _passes_from_the_live_state(name: str, queues: int) -> None:
     """Issue 23: the same running domain with the trace disarmed, no monitor and no pause passes
-    --strict from what the kernel holds now (kick, call, started, memtable, features)."""
+    --strict from what the kernel holds now (kick, call, started, memtable, features). The
+    4-queue domains (six vhost NICs, 48 vrings) may hold more irqfds than the reader
+    walks (check.live's bounds): those vrings are unknown and say so, never failed or passed."""
     from vhostorch.check import wiring
 
     wiring.disarm()
@@ -184,9 +186,14 @@ def _passes_from_the_live_state(name: str) -> None:
     finally:
         wiring.arm()  # the module's other domains are checked from the trace too
     failed = [c for c in report["checks"] if c["status"] != "pass"]
-    assert code == 0 and report["ok"] is True, json.dumps(failed, indent=1)
+    beyond = [c for c in failed if c["status"] == "unknown"
+              and c["id"] in ("nic.kick", "nic.call")
+              and "longer than the reader walks" in c["message"]]  # fmt: skip
+    assert failed == beyond, json.dumps(failed, indent=1)
+    if queues == 1:
+        assert code == 0 and report["ok"] is True and not failed, json.dumps(failed, indent=1)
     live_ids = ("nic.kick", "nic.call", "nic.vhost.started", "nic.vhost.memtable", "nic.features")
-    judged = [c for c in report["checks"] if c["id"] in live_ids]
+    judged = [c for c in report["checks"] if c["id"] in live_ids and c not in beyond]
     assert judged and {c["evidence"]["source"] for c in judged} == {"live"}, judged
 
 
