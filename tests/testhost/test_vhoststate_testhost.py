@@ -80,7 +80,7 @@ def test_live_state_of_a_running_vm_matches_every_other_source(in_testhost: None
                     f" {uncached * 1e3:.0f} ms"
                 )
                 # Paused, QEMU stops vhost and takes its ioeventfds and irqfds away.
-                monitor.stop(qmp.execute)
+                qmp.execute("stop", None)
                 try:
                     paused = read_one(g.pid)
                     (kvm,) = paused.kvm
