@@ -20,6 +20,7 @@ import os
 
 from vhostorch.check.ids import CALL, FEATURES, KICK, VHOST_MEMTABLE, VHOST_STARTED
 from vhostorch.check.report import (
+    BEYOND_READER,
     FAIL,
     MASKED,
     NOT_WIRED,
@@ -132,7 +133,7 @@ def kick(obs: Observation, nic: Nic, queue: int) -> Check:
     evidence = {**base, "kick": _counts(obs, vq.kick), "ioeventfds": notify, "polled": polled}
     if not notify and not all(k.complete for k in obs.live.kvm):
         message = "unknown: KVM's ioeventfd list is longer than the reader walks"
-        return nic.check(KICK, UNKNOWN, message, evidence, queue=queue, cause=NOT_WIRED)
+        return nic.check(KICK, UNKNOWN, message, evidence, queue=queue, cause=BEYOND_READER)
     if not notify:
         message = (
             "the kick eventfd vhost polls is not a KVM ioeventfd: QEMU relays the guest's "
@@ -166,7 +167,7 @@ def call(obs: Observation, nic: Nic, queue: int) -> Check:
         return nic.check(CALL, PASS, message, evidence, queue=queue)
     if not all(k.complete for k in obs.live.kvm):
         message = "unknown: KVM's irqfd list is longer than the reader walks"
-        return nic.check(CALL, UNKNOWN, message, evidence, queue=queue, cause=NOT_WIRED)
+        return nic.check(CALL, UNKNOWN, message, evidence, queue=queue, cause=BEYOND_READER)
     if others:
         message = (
             "the call eventfd is no KVM irqfd while other vrings' are: QEMU's masked notifier "

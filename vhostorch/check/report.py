@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         "masked",  # the call eventfd is QEMU's masked notifier (the guest masked the vector)
         "relayed-interrupt",  # the call eventfd is no KVM irqfd: QEMU injects interrupts
         "unstable-read",  # two reads of the kernel's live state disagreed: kick/call unknown
+        "beyond-reader",  # the vring's eventfd is past what the live reader walks of KVM's lists
         "not-paused",  # vm.rewire: the VM was not paused (nothing was touched)
         "left-paused",  # vm.rewire: the VM was paused and could not be resumed
     ]
@@ -64,6 +65,7 @@ OTHER_QUEUE: Final = "other-queue"
 MASKED: Final = "masked"
 RELAYED_INTERRUPT: Final = "relayed-interrupt"
 UNSTABLE_READ: Final = "unstable-read"
+BEYOND_READER: Final = "beyond-reader"
 NOT_PAUSED: Final = "not-paused"
 LEFT_PAUSED: Final = "left-paused"
 

@@ -12,6 +12,7 @@ from vhostorch.check import live
 from vhostorch.check.ids import CALL, KICK
 from vhostorch.check.nics import virtio
 from vhostorch.check.report import (
+    BEYOND_READER,
     DRIVER_NOT_STARTED,
     FAIL,
     MASKED,
@@ -195,7 +196,14 @@ def vrings(obs: Observation, nic: Nic) -> list[Check]:
     checks = []
     for queue in range(2 * nic.netdev.queue_pairs):
         if obs.live is not None and queue // 2 < len(nic.vhost_fds):
-            checks += [live.kick(obs, nic, queue), live.call(obs, nic, queue)]
+            present = (live.kick(obs, nic, queue), live.call(obs, nic, queue))
+            for found, from_trace in zip(present, (kick, call), strict=True):
+                # Past the reader's bounds the present is not known: the trace, where it saw
+                # the vring wired, still knows its past (its evidence says "source": "trace").
+                if found.cause == BEYOND_READER:
+                    past = from_trace(obs, nic, queue)
+                    found = found if past.status == UNKNOWN else past
+                checks.append(found)
         else:
             checks += [kick(obs, nic, queue), call(obs, nic, queue)]
     return checks
