@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat  # os imports it: no cost
 
+from vhostorch.errors import NotManaged
 from vhostorch.errors import NotRegular as NotRegular
 
 # Where a name becomes a file name, at most this many bytes of it (NAME_MAX is 255, and
@@ -215,3 +216,19 @@ def read_regular(path: str, limit: int, *, follow: bool = False) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def read_installed(path: str, what: str) -> str | None:
+    """The text of a file vhostorch may have installed at ``path`` (a hook, a unit), None when
+    nothing is there. Raises NotManaged, naming ``what`` ("a hook vhostorch installed"), for
+    anything but a regular file (refused unopened: a FIFO would hang the read) or one that
+    cannot be read; whether the text is vhostorch's is the caller's to judge."""
+    try:
+        return read_regular(path, 1 << 16).decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    except NotRegular as err:
+        raise NotManaged(f"{path} is {err.what}, not {what}; not replacing it") from None
+    except OSError as err:
+        why = err.strerror or str(err)
+        raise NotManaged(f"{path} cannot be read ({why}); not replacing it") from err

@@ -90,17 +90,11 @@ def _ours(path: str) -> str | None:
     """The text of the hook at ``path`` if vhostorch installed it; None if absent.
 
     Only a regular file can be ours: anything else (a FIFO, which would hang the read, a
-    symlink) is refused without being opened (files.read_regular).
+    symlink) is refused without being opened (files.read_installed).
     """
-    try:
-        text = files.read_regular(path, 1 << 16).decode(errors="replace")
-    except FileNotFoundError:
+    text = files.read_installed(path, "a hook vhostorch installed")
+    if text is None:
         return None
-    except files.NotRegular as err:
-        why = f"{err.what}, not a hook vhostorch installed"
-        raise NotManaged(f"{path} is {why}; not replacing it") from None
-    except OSError as err:
-        raise NotManaged(f"{path} cannot be read ({err.strerror}); not replacing it") from None
     lines = text.splitlines()
     if len(lines) < 2 or not lines[1].startswith(MARKER):
         raise NotManaged(f"{path} exists and vhostorch did not install it; not replacing it")

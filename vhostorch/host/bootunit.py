@@ -127,18 +127,11 @@ def _ours(path: str) -> str | None:
     """The unit's text if vhostorch wrote it; None if absent. Raises NotManaged.
 
     Only a regular file can be ours: anything else (a FIFO, which would hang the read, a
-    symlink) is refused without being opened (files.read_regular).
+    symlink) is refused without being opened (files.read_installed).
     """
-    try:
-        text = files.read_regular(path, 1 << 16).decode(errors="replace")
-    except FileNotFoundError:
+    text = files.read_installed(path, "a unit vhostorch wrote")
+    if text is None:
         return None
-    except files.NotRegular as err:
-        why = f"{err.what}, not a unit vhostorch wrote"
-        raise NotManaged(f"{path} is {why}; not replacing it") from None
-    except OSError as err:
-        why = err.strerror or str(err)
-        raise NotManaged(f"{path} cannot be read ({why}); not replacing it") from err
     if not text.startswith(MARKER):
         raise NotManaged(f"{path} exists and vhostorch did not write it; not replacing it")
     return text
