@@ -144,7 +144,8 @@ def kick(obs: Observation, nic: Nic, queue: int) -> Check:
         message = "the kick eventfd is KVM's ioeventfd but vhost does not poll it now"
         return nic.check(KICK, FAIL, message, evidence, queue=queue, cause=RELAYED_KICK)
     where = ", ".join(f"{n['addr']:#x}" for n in notify)
-    message = f"the kick eventfd is KVM's ioeventfd ({where}) and vhost polls it (live)"
+    polls = "vhost polls it" if polled else "whether vhost polls it is hidden (kallsyms)"
+    message = f"the kick eventfd is KVM's ioeventfd ({where}) and {polls} (live)"
     return nic.check(KICK, PASS, message, evidence, queue=queue)
 
 
