@@ -33,12 +33,14 @@ VMS = f"{RUN}/vms"
 HOOK = f"{RUN}/hook"
 CLAIMS = f"{HOOK}/taps"
 TAP_LOCKS = f"{RUN}/taps"
+BTF = f"{RUN}/btf"  # kernel.btf's per-boot cache of structure offsets
 
 RUN_MODE = 0o755
 VMS_MODE = 0o711
 HOOK_MODE = 0o755
 CLAIMS_MODE = 0o700
 TAP_LOCKS_MODE = 0o700
+BTF_MODE = 0o700
 # A directory made above the run directory because it was missing (a test's root, say).
 ABOVE_MODE = 0o755
 

@@ -25,10 +25,11 @@ import os
 import stat
 import struct
 
-from vhostorch import files
+from vhostorch import files, rundir
 
 # The error raised here, also importable from here (the tree is in vhostorch.errors).
 from vhostorch.errors import LiveUnavailable as LiveUnavailable
+from vhostorch.errors import OperationFailed
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 BTF_ROOT = "/sys/kernel/btf"
 VMLINUX = "vmlinux"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
-CACHE_DIR = "/run/vhostorch/btf"
+CACHE_DIR = rundir.BTF
 # Bump when what a cache file holds, or how a path is resolved, changes.
 _CACHE_FORMAT = 1
 _CACHE_LIMIT = 1 << 20
@@ -334,12 +335,14 @@ def _read_cache(path: str, key: list[object]) -> Layout | None:
 def _own_directory(path: str) -> bool:
     """Whether ``path`` is (made if missing) a directory only we can change: in one another
     user may write, a file of ours could be renamed in beside the real cache or replace it."""
+    # The run directory's own level, made with its one mode (rundir): a cache made first
+    # must not leave /run/vhostorch 0700, which QEMU's user could then not enter.
+    modes = (rundir.BTF_MODE, rundir.RUN_MODE) if path == rundir.BTF else (rundir.BTF_MODE,)
     try:
-        files.makedirs(path, 0o700)
-        st = os.lstat(path)
-    except OSError:
+        rundir.ensure(path, *modes)
+    except (OSError, OperationFailed):
         return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    return True
 
 
 def _write_cache(path: str, key: list[object], found: Layout) -> None:
