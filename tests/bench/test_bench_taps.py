@@ -24,6 +24,9 @@ from vhostorch.taps import TapSpec
 pytestmark = [pytest.mark.bench, pytest.mark.kernel]
 
 COUNT = 1000
+# Best of five: one create takes ~0.15 s, so a single descheduling on a loaded machine moves
+# a round's ratio by 0.2x (seen: 1.36x in CI, 1.15-1.27x here, against 1.04x when quiet).
+CREATE_ROUNDS = 5
 
 
 def _timed(work: object) -> float:
@@ -50,22 +53,25 @@ def _teardown(ns: str, names: list[str]) -> None:
     kernel.run("ip", "netns", "del", ns, check=False)
 
 
-def _create_both(names: list[str], bridge: bool) -> tuple[float, float, str, str]:
+def _create_both(names: list[str], bridge: bool, round_: int = 0) -> tuple[float, float, str, str]:
     """Create ``names`` (up; on br0 if ``bridge``) with ip -batch in one fresh namespace
-    and vhostorch in another."""
+    and vhostorch in another; which goes first alternates with ``round_``, so neither
+    always meets the kernel just after the other's teardown."""
     ns_ip = kernel.unique("vho-b-")
     ns_vho = kernel.unique("vho-b-")
     for ns in (ns_ip, ns_vho):
         kernel.run("ip", "netns", "add", ns)
         kernel.run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
     attach = "master br0 " if bridge else ""
-    ip_create = _ip_batch(
-        ns_ip,
-        [f"tuntap add dev {n} mode tap vnet_hdr" for n in names]
-        + [f"link set {n} {attach}up" for n in names],
-    )
     specs = [TapSpec(n, bridge="br0" if bridge else None, netns=ns_vho) for n in names]
-    vho_create = _timed(lambda: taps.ensure(specs))
+    lines = [f"tuntap add dev {n} mode tap vnet_hdr" for n in names]
+    lines += [f"link set {n} {attach}up" for n in names]
+    if round_ % 2:
+        vho_create = _timed(lambda: taps.ensure(specs))
+        ip_create = _ip_batch(ns_ip, lines)
+    else:
+        ip_create = _ip_batch(ns_ip, lines)
+        vho_create = _timed(lambda: taps.ensure(specs))
     for ns in (ns_ip, ns_vho):
         got = kernel.links(ns)
         assert len(got) == COUNT + 2
@@ -77,12 +83,13 @@ def _create_both(names: list[str], bridge: bool) -> tuple[float, float, str, str
 
 
 def test_bench_1000_taps_create_up_and_delete() -> None:
-    """Issue 14: create 1000 taps up, no bridge (best of 3 rounds), ≤ 1.0x of ip -batch;
-    delete them (every round; the worst ratio counts) ≤ 0.1x of ip -batch's `link del`."""
+    """Issue 14: create 1000 taps up, no bridge (best of 5 rounds, the order alternating),
+    ≤ 1.0x of ip -batch; delete them (every round; the worst ratio counts) ≤ 0.1x of
+    ip -batch's `link del`."""
     names = [f"b{i}" for i in range(COUNT)]
     ip_creates, vho_creates, ip_deletes, vho_deletes = [], [], [], []
-    for _ in range(3):
-        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=False)
+    for round_ in range(CREATE_ROUNDS):
+        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=False, round_=round_)
         try:
             ip_deletes.append(_ip_batch(ns_ip, [f"link del {n}" for n in names]))
             started = time.perf_counter()
@@ -97,8 +104,9 @@ def test_bench_1000_taps_create_up_and_delete() -> None:
         vho_creates.append(vho_create)
         if ip_deletes[-1] > 5:
             break  # ~17 s a round for ip: one delete measurement says enough
-    while len(ip_creates) < 3:  # the other create rounds, emptied without being timed
-        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=False)
+    while len(ip_creates) < CREATE_ROUNDS:  # the other create rounds, their deletes not timed
+        round_ = len(ip_creates)
+        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=False, round_=round_)
         _teardown(ns_ip, names)
         _teardown(ns_vho, names)
         ip_creates.append(ip_create)
@@ -123,11 +131,11 @@ def test_bench_1000_taps_create_up_and_delete() -> None:
 
 
 def test_bench_1000_taps_on_a_bridge() -> None:
-    """Create and attach to a bridge, best of 3 (the delete is measured above)."""
+    """Create and attach to a bridge, best of 5 (the delete is measured above)."""
     names = [f"b{i}" for i in range(COUNT)]
     ip_creates, vho_creates = [], []
-    for _ in range(3):
-        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=True)
+    for round_ in range(CREATE_ROUNDS):
+        ip_create, vho_create, ns_ip, ns_vho = _create_both(names, bridge=True, round_=round_)
         _teardown(ns_ip, names)
         _teardown(ns_vho, names)
         ip_creates.append(ip_create)
@@ -135,7 +143,8 @@ def test_bench_1000_taps_on_a_bridge() -> None:
     create_ratio = min(vho_creates) / min(ip_creates)
     print(
         f"\nbench 1000 taps create+attach: vhostorch {min(vho_creates):.3f} s, ip -batch "
-        f"{min(ip_creates):.3f} s (best of 3), ratio {create_ratio:.2f}x (target 1.5x)"
+        f"{min(ip_creates):.3f} s (best of {len(ip_creates)}), ratio {create_ratio:.2f}x "
+        "(target 1.5x)"
     )
     assert create_ratio < 2.5
 
