@@ -1,5 +1,6 @@
 """pytest plugin: tests marked ``testhost`` run inside the test host, one boot per kernel
-per session.
+per session, the boots side by side (one vCPU each: as many at once as this machine has
+CPUs, or $VHOSTORCH_LAB_PARALLEL), each line of their output prefixed with the kernel.
 
 The kernels are ``--testhost-kernels`` (or $VHOSTORCH_LAB_KERNELS), series
 separated by spaces or commas, "6.1 6.12" by default: 6.1 (Debian 12's default,
@@ -22,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +33,8 @@ INSIDE = os.environ.get("VHOSTORCH_IN_TESTHOST") == "1"
 TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "1500"))
 TEST_TIMEOUT = 240
 KERNELS_ENV = "VHOSTORCH_LAB_KERNELS"
+PARALLEL_ENV = "VHOSTORCH_LAB_PARALLEL"
+SLOWEST = 12  # tests listed per session at the end, with their seconds
 # 6.1: Debian 12's default kernel (linux-image-amd64), vhost workers are kernel threads.
 # 6.12: Debian 12's newer series, vhost workers are vhost_task threads of QEMU (>= 6.4).
 DEFAULT_KERNELS = "6.1 6.12"
@@ -89,6 +93,26 @@ class Boot:
         self.report: dict[str, dict[str, Any]] = {}
         self.results = ""
         self.frozen: list[str] = []
+        self._thread: threading.Thread | None = None
+
+    def start(self, slots: threading.Semaphore) -> None:
+        """Run this boot in the background once a slot is free (see `_together`)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run_in, args=(slots,), daemon=True)
+            self._thread.start()
+
+    def _run_in(self, slots: threading.Semaphore) -> None:
+        with slots:
+            try:
+                self.run()
+            except BaseException as err:  # reported by the tests waiting for it
+                self.error = f"the test-host session crashed: {type(err).__name__}: {err}"
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self.run()
 
     def run(self) -> None:
         if self.outcome is not None or self.error is not None:
@@ -143,6 +167,7 @@ class Boot:
                 cwd=str(self.config.rootpath),
                 timeout=TIMEOUT,
                 results=self.results,
+                output=_Lines(f"[{self.kernel}] "),
                 log=print,
                 kernel=self.kernel,
             )
@@ -187,6 +212,50 @@ class Boot:
 
 # The session's boots by kernel series, in the order the kernels were given.
 BOOTS = pytest.StashKey[dict[str, Boot]]()
+STARTED = pytest.StashKey[bool]()
+
+
+def _together(config: pytest.Config) -> dict[str, Boot]:
+    """The session's boots, all started at the first that is needed: each test host has one
+    vCPU (lab.run says why), so as many run at once as this machine has CPUs
+    ($VHOSTORCH_LAB_PARALLEL to choose; 1: one after the other). Their images are made
+    first, one at a time, as they share a cache."""
+    from vhostorch.errors import VhostorchError
+    from vhostorch.lab.image import ensure_image
+
+    boots = config.stash[BOOTS]
+    if not config.stash.get(STARTED, False):
+        config.stash[STARTED] = True
+        for boot in boots.values():
+            if boot.nodeids:
+                try:
+                    ensure_image(log=print, kernel=boot.kernel)
+                except VhostorchError as err:  # its tests fail with it; the others still run
+                    boot.error = f"the test host's image could not be made: {err}"
+        parallel = int(os.environ.get(PARALLEL_ENV, "0")) or os.cpu_count() or 1
+        slots = threading.Semaphore(max(1, parallel))
+        for boot in boots.values():
+            boot.start(slots)
+    return boots
+
+
+class _Lines:
+    """Output of one test host, a whole line at a time, each prefixed with its kernel (two
+    sessions print at once)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix.encode()
+        self.partial = b""
+
+    def __call__(self, chunk: bytes) -> None:
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        if lines:
+            with _PRINTING:
+                sys.stdout.buffer.write(b"".join(self.prefix + line + b"\n" for line in lines))
+                sys.stdout.buffer.flush()
+
+
+_PRINTING = threading.Lock()
 
 
 class RemoteFailure(Exception):
@@ -201,8 +270,8 @@ class Remote(pytest.Item):
     inner = ""
 
     def runtest(self) -> None:
-        boot = self.config.stash[BOOTS][self.kernel]
-        boot.run()
+        boot = _together(self.config)[self.kernel]
+        boot.wait()
         result = boot.report.get(self.inner)
         if result is None:
             raise RemoteFailure(boot.error or "no result from the test host for this test")
@@ -262,6 +331,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                 f"linux-{boot.kernel}: {len(boot.nodeids)} test(s), booted in "
                 f"{boot.outcome.boot_seconds or 0:.1f} s, {boot.outcome.seconds:.0f} s in all"
             )
+            # Where a session's time goes, for keeping CI inside its budget.
+            slowest = sorted(boot.report.items(), key=lambda kv: -kv[1].get("seconds", 0))
+            for nodeid, entry in slowest[:SLOWEST]:
+                terminalreporter.write_line(f"  {entry.get('seconds', 0):6.1f} s  {nodeid}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -272,8 +345,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def testhost_boot(request: pytest.FixtureRequest) -> Any:
     """The outcome of the first kernel's test-host boot (booting now if no test did yet)."""
-    boot = next(iter(request.config.stash[BOOTS].values()))
-    boot.run()
+    boot = next(iter(_together(request.config).values()))
+    boot.wait()
     if boot.error:
         pytest.fail(boot.error, pytrace=False)
     return boot.outcome
@@ -288,7 +361,10 @@ class _Reporter:
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        entry = self.results.setdefault(report.nodeid, {"outcome": "passed", "text": ""})
+        entry = self.results.setdefault(
+            report.nodeid, {"outcome": "passed", "text": "", "seconds": 0.0}
+        )
+        entry["seconds"] += report.duration  # setup, call and teardown
         if report.outcome == "passed" or entry["outcome"] != "passed":
             return
         text = report.longreprtext
