@@ -89,6 +89,30 @@ def test_one_pass_reads_many_processes(
 
 
 @needs_btf
+def test_many_pids_are_read_with_one_program_per_max_pids(
+    child: tuple[int, list[int]], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check --all: one load and one unfiltered pass (read twice) per MAX_PIDS processes,
+    whatever their number; every process asked for that exists is in the answer."""
+    pid, _ = child
+    loads: list[list[int | None]] = []
+    real = bpf.iterate
+
+    def counted(program: bpf.Program, func: int, runs: list[int | None]) -> list[bytes]:
+        loads.append(list(runs))
+        return real(program, func, runs)
+
+    monkeypatch.setattr(bpf, "iterate", counted)
+    # Pids above pid_max's largest value (2**22): no such process.
+    absent = range(2**22 + 1, 2**22 + 1 + 2 * vhoststate.MAX_PIDS)
+    pids = [pid, os.getpid(), *absent]
+    assert len(set(pids)) == 2 * vhoststate.MAX_PIDS + 2  # three programs: 256, 256, 2 pids
+    views = vhoststate.read(pids, cache_dir=str(tmp_path))
+    assert loads == [[None, None]] * 3
+    assert set(views) == {pid, os.getpid()}
+
+
+@needs_btf
 def test_the_program_is_accepted_and_bounded() -> None:
     found = vhoststate.layout(cache_dir=None)
     program = vhoststate.program(found, list(range(1, vhoststate.MAX_PIDS + 1)))

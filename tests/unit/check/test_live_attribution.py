@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 from tests.support import observations
-from vhostorch.check import nics, verify
+from vhostorch.check import live, nics, verify
 from vhostorch.check.observe import Observation
-from vhostorch.kernel import procfs
+from vhostorch.kernel import procfs, vhoststate
 from vhostorch.kernel.vhoststate import KernelView, OpenFile, VhostNet, Virtqueue
 
 TUN_FILE, VHOST_FILE = 0xFFFF_8880_0000_0000, 0xFFFF_8881_0000_0000  # made-up kernel addresses
@@ -111,3 +113,28 @@ def test_a_vhost_fd_joined_to_no_tap_of_a_nic_is_not_given_to_one(tmp_path: path
     assert [fd.num for fd in found["net0"].vhost_fds] == [vfd]
     assert found["net0"].vhost_assigned_by == "the kernel (live)"
     assert found["net1"].vhost_fds == []
+
+
+def test_every_qemu_is_read_in_one_call_of_the_reader(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check --all (check.targets) gives check.live.gather every observation at once, and it
+    asks the reader once for every QEMU holding a vhost-net fd (one program load per
+    ``MAX_PIDS`` of them, tests/kernel/test_check_live.py), none for a QEMU holding none."""
+    names = ("healthy-1q", "healthy-4q", "second-nic-vhost-off", "bridge-1q")
+    observed = [observations.observed(n, tmp_path / n, trace=False) for n in names]
+    holders = [o.process.pid for o in observed if o.process.fds_to(procfs.VHOST_NET)]
+    assert len(holders) == len(names)
+    without = observed[0].replace(process=observed[0].process.replace(pid=99999, fds=()))
+    calls: list[list[int]] = []
+
+    def read(pids: list[int]) -> dict[int, KernelView]:
+        calls.append(list(pids))
+        return {o.process.pid: view(o, {}) for o in observed}
+
+    monkeypatch.setattr(vhoststate, "available", lambda: (True, ""))
+    monkeypatch.setattr(vhoststate, "read", read)
+    monkeypatch.setattr(vhoststate, "symbols", lambda names: {})
+    gathered = live.gather([*observed, without])
+    assert calls == [holders]
+    assert [o.live is not None for o in gathered] == [True] * len(names) + [False]
