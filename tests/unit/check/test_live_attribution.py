@@ -68,6 +68,11 @@ def test_each_vhost_fd_goes_to_the_tap_the_kernel_holds_as_its_backend(
     report = verify.verify(live).to_json()
     (fds,) = [c for c in report["checks"] if c["id"] == "nic.vhost.fds"]  # type: ignore[union-attr]
     assert fds["evidence"]["assigned_by"] == "the kernel (live)"
+    (worker,) = [c for c in report["checks"] if c["id"] == "nic.vhost.worker"]  # type: ignore[union-attr]
+    assert worker["evidence"]["kernel_models"] == dict.fromkeys(vhosts, "kthread")
+    assert worker["message"].endswith(
+        "; the kernel keeps this NIC's as kernel threads (vhost_dev.worker) (live)"
+    )
     (reported,) = report["nics"]  # type: ignore[misc]
     assert [(w["queue_pair"], w["vhost_fd"], w["tid"]) for w in reported["workers"]] == [
         (pair, vfd, 1000 + vfd) for pair, vfd in enumerate(reversed(vhosts))
