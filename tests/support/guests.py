@@ -255,13 +255,19 @@ NETWORK_MODULES = (
 
 def load_modules(names: Sequence[str]) -> None:
     """modprobe ``names`` from the test host's kernel tree (its lab.env names it)."""
+    modprobe("-a", *names)
+
+
+def modprobe(*argv: str) -> None:
+    """modprobe ARGV (a module and its parameters, or -a and modules) from the test host's
+    kernel tree (its lab.env names it)."""
     env: dict[str, str] = {}
     with open(os.path.join(os.environ["VHOSTORCH_LAB_RESULTS"], "lab.env")) as f:
         for line in f:
             key, _, value = line.strip().partition("=")
             env[key] = value.strip("'")
     done = subprocess.run(
-        ["modprobe", "-d", env["LAB_ROOT"], "-S", env["LAB_KVER"], "-a", *names],
+        ["modprobe", "-d", env["LAB_ROOT"], "-S", env["LAB_KVER"], *argv],
         capture_output=True,
         text=True,
     )

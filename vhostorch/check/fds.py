@@ -145,11 +145,35 @@ def worker(obs: Observation, nic: Nic) -> Check:
     }
     if not nic.vhost_fds:
         return nic.check(VHOST_WORKER, FAIL, "no vhost device, so no worker", evidence)
+    kernel = _kernel_models(obs, nic)
+    if kernel:
+        evidence["kernel_models"] = kernel
     workers = f"{len(obs.workers)} vhost-{obs.process.pid} worker(s)"
     if len(obs.workers) >= total:
-        # Linux < 6.4: kernel threads; >= 6.4: vhost_task threads of QEMU (procfs.vhost_workers).
+        # Linux < 6.4: kernel threads; >= 6.4: vhost_task threads of QEMU (procfs.vhost_workers),
+        # or kernel threads again where vhost's fork-owner mode is off (vhoststate.worker_model).
         where = "kernel threads" if obs.worker_model == "kthread" else "threads of QEMU"
         message = f"{workers} ({where}) for {total} vhost device(s)"
+        if kernel:
+            models = ", ".join(KERNEL_MODELS.get(m, m) for m in sorted(set(kernel.values())))
+            message += f"; the kernel keeps this NIC's as {models} (live)"
         return nic.check(VHOST_WORKER, PASS, message, evidence)
     message = f"{workers} for {total} vhost device(s): VHOST_SET_OWNER did not start them all"
     return nic.check(VHOST_WORKER, FAIL, message, evidence)
+
+
+# vhoststate.worker_model's names, as a message says them.
+KERNEL_MODELS = {
+    "kthread": "kernel threads (vhost_dev.worker)",
+    "vhost_task": "vhost_tasks (worker->vtsk)",
+    "kthread_task": "kernel threads of the fork-owner mode (worker->kthread_task)",
+}
+
+
+def _kernel_models(obs: Observation, nic: Nic) -> dict[int, str]:
+    """How the kernel keeps the worker of each of the NIC's vhost devices (check.live), by
+    vhost fd; {} where it was not read."""
+    if obs.live is None:
+        return {}
+    by_fd = {d.fd: d.worker_model for d in obs.live.vhost}
+    return {fd.num: by_fd[fd.num] for fd in nic.vhost_fds if fd.num in by_fd}

@@ -2,7 +2,8 @@
 
 A NIC is a virtio-net device on a tap netdev on the command line, or one added
 later (by vhostorch over QMP, or through libvirt); its tap and vhost fds are
-claimed from the process's fds by number, by tap name, by the traced
+claimed from the process's fds by number, by tap name; its vhost fds, when not named, by the
+tap the kernel holds as each vhost device's backend now (check.live), else by the traced
 VHOST_NET_SET_BACKEND, else by order. A tap fd is a /dev/net/tun queue or, for
 libvirt's type='direct', a macvtap's /dev/tapN. NICs vhost-net cannot serve are
 ``check.applicable``'s, not found here.
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from vhostorch.check.observe import Observation
     from vhostorch.check.report import Cause, Status
     from vhostorch.kernel.rtnl import Link
+    from vhostorch.kernel.vhoststate import KernelView
     from vhostorch.libvirt.domxml import Interface
     from vhostorch.qemu.monitor import VirtioNet
     from vhostorch.vm.state import NicState
@@ -108,8 +110,9 @@ def find(obs: Observation) -> list[Nic]:
             iface.netdev_id, device_id, iface.target, iface.queues, wants, iface.mac
         )
         nics.append(Nic(netdev, device, device_id, BY_LIBVIRT, iface, None))
+    # The kernel's present backends first (exact), then the trace's (the past), then fd order.
     backends = obs.wiring.backend_fds() if obs.wiring else {}
-    _claim_fds(obs.process, nics, backends, lambda fd: link_of(obs, fd))
+    _claim_fds(obs.process, nics, backends, lambda fd: link_of(obs, fd), live_backends(obs.live))
     return nics
 
 
@@ -145,16 +148,43 @@ def _declared(
     )
 
 
+BY_KERNEL = "the kernel (live)"
+BY_TRACE = "VHOST_NET_SET_BACKEND (traced)"
+BY_ORDER = "fd order (QEMU opens each after its tap)"
+
+
+def live_backends(view: KernelView | None) -> dict[int, int]:
+    """vhost fd -> the tap fd the kernel holds as its backend now: the fd of QEMU's whose
+    file is every vring's backend socket's file (vhost_net's ``vq.private_data``). A device
+    with a vring unjoined (paused, guest driver not up) or joined to two fds says nothing;
+    two reads that disagreed say nothing."""
+    if view is None or not view.stable:
+        return {}
+    found = {}
+    for device in view.vhost:
+        files = {q.backend_file for q in device.queues}
+        if len(files) != 1 or None in files:
+            continue
+        taps = view.fd_of_file(files.pop())
+        if len(taps) == 1:  # a file dup'ed to two fds would not say which is the NIC's
+            found[device.fd] = taps[0]
+    return found
+
+
 def _claim_fds(
     process: procfs.Process,
     nics: list[Nic],
     backends: dict[int, int],
     link: Callable[[procfs.Fd], str | None],
+    live: dict[int, int] | None = None,
 ) -> None:
-    """Give each NIC its tap and vhost fds: those named on the command line, else by order.
+    """Give each NIC its tap and vhost fds: those named on the command line; else each vhost
+    fd to the NIC of the tap fd its device's backend is, as the kernel holds it now
+    (``live``), else as the trace saw it set (``backends``); else by order.
 
     QEMU opening taps itself (``ifname=``) opens each queue's /dev/vhost-net right
-    after its tap, so a vhost fd belongs to the NIC of the nearest tap fd below it.
+    after its tap, so a vhost fd belongs to the NIC of the nearest tap fd below it: a
+    guess, which a fd number reused after a hot-unplug breaks.
     """
     claimed: set[int] = set()
     for nic in nics:
@@ -179,13 +209,18 @@ def _claim_fds(
             ]
             claimed |= {fd.num for fd in nic.tap_fds}
     tap_owner = {fd.num: nic for nic in nics for fd in nic.tap_fds}
-    # The trace says exactly which tap each vhost fd serves (VHOST_NET_SET_BACKEND).
-    traced = sorted(backends.items(), key=lambda item: item[1])
-    for vhost_fd, tap_fd in traced:
+    # The kernel (now), else the trace (the past), says exactly which tap each vhost fd
+    # serves. In tap fd order: a NIC's vhost fds are listed by queue pair, as its taps are.
+    joined = {**backends, **(live or {})}
+    by = {fd: BY_KERNEL if fd in (live or {}) else BY_TRACE for fd in joined}
+    sources: dict[Nic, list[str]] = {}
+    for vhost_fd, tap_fd in sorted(joined.items(), key=lambda item: item[1]):
         fd = process.fd(vhost_fd)
         if vhost_fd not in claimed and tap_fd in tap_owner and fd is not None:
-            tap_owner[tap_fd].vhost_fds.append(fd)
-            tap_owner[tap_fd].vhost_assigned_by = "VHOST_NET_SET_BACKEND (traced)"
+            nic = tap_owner[tap_fd]
+            nic.vhost_fds.append(fd)
+            sources.setdefault(nic, []).append(by[vhost_fd])
+            nic.vhost_assigned_by = " and ".join(dict.fromkeys(sources[nic]))
             claimed.add(vhost_fd)
     owner: Nic | None = None
     for fd in process.fds:
@@ -199,7 +234,7 @@ def _claim_fds(
             and not owner.netdev.vhostfds
         ):
             owner.vhost_fds.append(fd)
-            owner.vhost_assigned_by = "fd order (QEMU opens each after its tap)"
+            owner.vhost_assigned_by = BY_ORDER
             claimed.add(fd.num)
 
 

@@ -136,20 +136,39 @@ def kvm_check(paths: Paths) -> Check:
     return Check(ids.HOST_KVM, PASS, f"/dev/kvm is usable ({', '.join(modules)})", evidence)
 
 
-def _worker_model() -> Check:
+# vhost's fork-owner control (CONFIG_VHOST_ENABLE_FORK_OWNER_CONTROL: Linux 6.16, and Debian's
+# 6.12 backport): N makes each new device's worker a kernel thread again, as before 6.4.
+FORK_FROM_OWNER = "module/vhost/parameters/fork_from_owner_default"
+
+
+def _worker_model(sysfs: str = "/sys") -> Check:
     release = os.uname().release
     parts = release.split(".")
     try:
         version = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
     except (ValueError, IndexError):
         return Check(ids.HOST_WORKER_MODEL, UNKNOWN, f"cannot read kernel version {release!r}")
-    if version >= (6, 4):
+    try:
+        with open(os.path.join(sysfs, FORK_FROM_OWNER)) as f:
+            fork_owner: str | None = f.read().strip()
+    except OSError:
+        fork_owner = None  # no such control, or vhost not loaded: the kernel's default
+    evidence: dict[str, object] = {"kernel": release}
+    if fork_owner is not None:
+        evidence["fork_from_owner_default"] = fork_owner
+    if version >= (6, 4) and fork_owner == "N":
+        message = (
+            "vhost workers are kernel threads named vhost-<QEMU pid>: vhost's "
+            "fork_from_owner_default is N (the fork-owner mode, off)"
+        )
+        model = "kthread"
+    elif version >= (6, 4):
         message = "vhost workers are threads inside each QEMU (vhost_task, Linux 6.4 and later)"
         model = "task"
     else:
         message = "vhost workers are kernel threads named vhost-<QEMU pid> (before Linux 6.4)"
         model = "kthread"
-    return Check(ids.HOST_WORKER_MODEL, PASS, message, {"kernel": release, "model": model})
+    return Check(ids.HOST_WORKER_MODEL, PASS, message, {**evidence, "model": model})
 
 
 def _trace(paths: Paths) -> Check:
@@ -315,7 +334,7 @@ def _nofile() -> Check:
 def doctor(paths: Paths | None = None) -> Report:
     """Validate this host for vhost-net before any VM runs."""
     paths = paths or Paths()
-    checks = [*vhost_net_checks(paths), _tun(paths), kvm_check(paths), _worker_model()]
+    checks = [*vhost_net_checks(paths), _tun(paths), kvm_check(paths), _worker_model(paths.sys)]
     from vhostorch.check import live  # host.live: reading the kernel's state, not a trace
 
     checks += [live.host_check(), _trace(paths), trace_at_boot(paths), root_code()]

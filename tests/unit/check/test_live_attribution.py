@@ -1,0 +1,145 @@
+"""check.nics and check.verify from the kernel's present state: which vhost fd serves which NIC
+and queue pair, and which worker, as the kernel holds them (issue 23).
+
+The observations are recorded ones (tests/fixtures/observations, replayed through the real
+``observe``); the kernel's state is a constructed ``vhoststate.KernelView``, as the BPF reader
+would decode it: the reader itself needs root and real vhost-net, which only the test host has
+(tests/testhost/test_vhoststate_testhost.py and test_check_testhost.py prove it there).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from tests.support import observations
+from vhostorch.check import live, nics, verify
+from vhostorch.check.observe import Observation
+from vhostorch.kernel import procfs, vhoststate
+from vhostorch.kernel.vhoststate import KernelView, OpenFile, VhostNet, Virtqueue
+
+TUN_FILE, VHOST_FILE = 0xFFFF_8880_0000_0000, 0xFFFF_8881_0000_0000  # made-up kernel addresses
+
+
+def view(obs: Observation, backends: dict[int, int | None], stable: bool = True) -> KernelView:
+    """The kernel's view of ``obs``'s QEMU: each vhost fd's two vrings joined to the tap fd
+    ``backends`` names (None: unjoined), its worker tid 1000 + the vhost fd."""
+    files = tuple(
+        OpenFile(fd.num, TUN_FILE + fd.num if fd.device == procfs.TUN else VHOST_FILE + fd.num,
+                 0, 0, "", None)
+        for fd in obs.process.fds
+    )  # fmt: skip
+
+    def queue(index: int, tap: int | None) -> Virtqueue:
+        backend = None if tap is None else TUN_FILE + tap
+        return Virtqueue(index, None, (), None, backend, None, None, None, None)
+
+    vhost = tuple(
+        VhostNet(vfd, (queue(0, tap), queue(1, tap)), 1, 1000 + vfd, "kthread")
+        for vfd, tap in sorted(backends.items())
+    )
+    return KernelView(obs.process.pid, files, vhost, (), stable)
+
+
+def fds_of(obs: Observation, kind: str) -> list[int]:
+    return [fd.num for fd in obs.process.fds_to(kind)]
+
+
+def test_each_vhost_fd_goes_to_the_tap_the_kernel_holds_as_its_backend(
+    tmp_path: pathlib.Path,
+) -> None:
+    """healthy-4q untraced: fd order alone would pair vhost fd 11 with queue pair 0. The kernel
+    joins them the other way round here (as after a hot-unplug reused fd numbers): the queue
+    pairs follow the kernel, and the evidence says so."""
+    obs = observations.observed("healthy-4q", tmp_path, trace=False)
+    taps, vhosts = fds_of(obs, procfs.TUN), fds_of(obs, procfs.VHOST_NET)
+    assert len(taps) == len(vhosts) == 4
+    live = obs.replace(live=view(obs, dict(zip(vhosts, reversed(taps), strict=True))))
+    (nic,) = nics.find(live)
+    assert [fd.num for fd in nic.tap_fds] == taps
+    assert [fd.num for fd in nic.vhost_fds] == list(reversed(vhosts))
+    assert nic.vhost_assigned_by == "the kernel (live)"
+    # Without the kernel's state, the guess by fd order.
+    (guessed,) = nics.find(obs)
+    assert [fd.num for fd in guessed.vhost_fds] == vhosts
+    assert guessed.vhost_assigned_by == "fd order (QEMU opens each after its tap)"
+    # The report says so, and each queue pair's worker is its own device's.
+    report = verify.verify(live).to_json()
+    (fds,) = [c for c in report["checks"] if c["id"] == "nic.vhost.fds"]  # type: ignore[union-attr]
+    assert fds["evidence"]["assigned_by"] == "the kernel (live)"
+    (worker,) = [c for c in report["checks"] if c["id"] == "nic.vhost.worker"]  # type: ignore[union-attr]
+    assert worker["evidence"]["kernel_models"] == dict.fromkeys(vhosts, "kthread")
+    assert worker["message"].endswith(
+        "; the kernel keeps this NIC's as kernel threads (vhost_dev.worker) (live)"
+    )
+    (reported,) = report["nics"]  # type: ignore[misc]
+    assert [(w["queue_pair"], w["vhost_fd"], w["tid"]) for w in reported["workers"]] == [
+        (pair, vfd, 1000 + vfd) for pair, vfd in enumerate(reversed(vhosts))
+    ]
+
+
+def test_the_kernel_is_preferred_to_the_trace(tmp_path: pathlib.Path) -> None:
+    """healthy-4q traced: the trace saw each vhost fd joined in fd order; where the kernel
+    holds it otherwise now, the present wins (the trace is the past)."""
+    obs = observations.observed("healthy-4q", tmp_path)
+    taps, vhosts = fds_of(obs, procfs.TUN), fds_of(obs, procfs.VHOST_NET)
+    (traced,) = nics.find(obs)
+    assert traced.vhost_assigned_by == "VHOST_NET_SET_BACKEND (traced)"
+    assert [fd.num for fd in traced.vhost_fds] == vhosts
+    swapped = {vhosts[0]: taps[1], vhosts[1]: taps[0], vhosts[2]: taps[2], vhosts[3]: taps[3]}
+    (nic,) = nics.find(obs.replace(live=view(obs, swapped)))
+    assert [fd.num for fd in nic.vhost_fds] == [vhosts[1], vhosts[0], vhosts[2], vhosts[3]]
+    assert nic.vhost_assigned_by == "the kernel (live)"
+
+
+def test_unjoined_or_unstable_kernel_state_says_nothing(tmp_path: pathlib.Path) -> None:
+    """A device with no backend now (VM paused, guest driver not up) names no tap, and two
+    reads that disagreed are not relied on: the trace, else fd order, decides."""
+    obs = observations.observed("healthy-4q", tmp_path, trace=False)
+    taps, vhosts = fds_of(obs, procfs.TUN), fds_of(obs, procfs.VHOST_NET)
+    unjoined = view(obs, dict.fromkeys(vhosts))
+    reversed_ = dict(zip(vhosts, reversed(taps), strict=True))
+    for state in (unjoined, view(obs, reversed_, stable=False)):
+        (nic,) = nics.find(obs.replace(live=state))
+        assert [fd.num for fd in nic.vhost_fds] == vhosts, state
+        assert nic.vhost_assigned_by == "fd order (QEMU opens each after its tap)"
+
+
+def test_a_vhost_fd_joined_to_no_tap_of_a_nic_is_not_given_to_one(tmp_path: pathlib.Path) -> None:
+    """second-nic-vhost-off untraced: net0 has vhost, net1 asked for none. The kernel joins the
+    one vhost device to net0's tap: net0 gets it from the kernel, net1 nothing."""
+    obs = observations.observed("second-nic-vhost-off", tmp_path, trace=False)
+    (vfd,) = fds_of(obs, procfs.VHOST_NET)
+    first = nics.find(obs)
+    net0 = next(n for n in first if n.name == "net0")
+    (tap,) = [fd.num for fd in net0.tap_fds]
+    found = {n.name: n for n in nics.find(obs.replace(live=view(obs, {vfd: tap})))}
+    assert [fd.num for fd in found["net0"].vhost_fds] == [vfd]
+    assert found["net0"].vhost_assigned_by == "the kernel (live)"
+    assert found["net1"].vhost_fds == []
+
+
+def test_every_qemu_is_read_in_one_call_of_the_reader(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check --all (check.targets) gives check.live.gather every observation at once, and it
+    asks the reader once for every QEMU holding a vhost-net fd (one program load per
+    ``MAX_PIDS`` of them, tests/kernel/test_check_live.py), none for a QEMU holding none."""
+    names = ("healthy-1q", "healthy-4q", "second-nic-vhost-off", "bridge-1q")
+    observed = [observations.observed(n, tmp_path / n, trace=False) for n in names]
+    holders = [o.process.pid for o in observed if o.process.fds_to(procfs.VHOST_NET)]
+    assert len(holders) == len(names)
+    without = observed[0].replace(process=observed[0].process.replace(pid=99999, fds=()))
+    calls: list[list[int]] = []
+
+    def read(pids: list[int]) -> dict[int, KernelView]:
+        calls.append(list(pids))
+        return {o.process.pid: view(o, {}) for o in observed}
+
+    monkeypatch.setattr(vhoststate, "available", lambda: (True, ""))
+    monkeypatch.setattr(vhoststate, "read", read)
+    monkeypatch.setattr(vhoststate, "symbols", lambda names: {})
+    gathered = live.gather([*observed, without])
+    assert calls == [holders]
+    assert [o.live is not None for o in gathered] == [True] * len(names) + [False]
