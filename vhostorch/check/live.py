@@ -6,9 +6,11 @@ at the queue's notify address signals it in the kernel) and vhost polls it (a wa
 function is ``vhost_poll_wakeup``); its call passes when its context is a KVM irqfd (the
 GSI is evidence). A vring whose backend (the tap) is unset is not started now: QEMU unsets
 it while the VM is paused, and before the guest driver starts the device; that is judged
-from the present (warn), never from a past trace. A call that is no irqfd while other
-vrings of the same VM are irqfds is a masked vector (warn); when none is, QEMU injects the
-interrupts itself (fail). Two reads that disagreed give unknown.
+from the present (warn), never from a past trace. A backend that is a tap queue on no device
+is a tap deleted under the VM (fail: the wiring is intact, the data path dead). A call that
+is no irqfd while other vrings of the same VM are irqfds is a masked vector (warn); when
+none is, QEMU injects the interrupts itself (fail).
+Two reads that disagreed give unknown.
 
 `gather` reads every QEMU at once (one program load, one iterator pass), and only when
 some QEMU holds a vhost-net fd.
@@ -27,6 +29,7 @@ from vhostorch.check.report import (
     PASS,
     RELAYED_INTERRUPT,
     RELAYED_KICK,
+    TAP_GONE,
     UNKNOWN,
     UNSTABLE_READ,
     WARN,
@@ -192,7 +195,9 @@ def _devices(obs: Observation, nic: Nic) -> dict[int, VhostNet | None]:
 
 def started(obs: Observation, nic: Nic) -> Check:
     """nic.vhost.started from the kernel: every vring of the NIC's vhost devices has a backend,
-    and it is one of the NIC's own tap fds."""
+    it is one of the NIC's own tap fds, and that tap queue is on a device."""
+    from vhostorch.kernel.vhoststate import TUN_GONE
+
     assert obs.live is not None
     devices = _devices(obs, nic)
     taps = {fd.num for fd in nic.tap_fds}
@@ -218,6 +223,18 @@ def started(obs: Observation, nic: Nic) -> Check:
     if not joined <= taps or any(not fds for pair in backends.values() if pair for fds in pair):
         message = "a vring's backend is not one of this NIC's tap fds"
         return nic.check(VHOST_STARTED, FAIL, message, evidence)
+    queues = {f.fd: f.tun_queue for f in obs.live.files if f.fd in joined and f.tun_queue}
+    evidence["tap_queues"] = queues
+    gone = sorted(fd for fd, state in queues.items() if state == TUN_GONE)
+    if gone:
+        # ip link del of a tap QEMU holds: the kernel detaches every queue (tun_detach_all),
+        # QEMU keeps its fds and vhost its sockets, and nothing tells either: KVM still
+        # signals vhost, which has nowhere to send or receive.
+        message = (
+            f"the tap is gone: vhost's backend, tap fd(s) {gone}, is a tap queue on no device "
+            "(the tap was deleted under the running VM): no packet can flow"
+        )
+        return nic.check(VHOST_STARTED, FAIL, message, evidence, cause=TAP_GONE)
     message = "every vring is joined to this NIC's tap now: vhost runs the data path (live)"
     return nic.check(VHOST_STARTED, PASS, message, evidence)
 
