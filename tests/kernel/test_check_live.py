@@ -1,11 +1,13 @@
 """check.live on this host (root, a BTF kernel, KVM unusable, no /dev/vhost-net): doctor's
 host.live says what loading the reader here gives, a check over QEMUs that hold no vhost-net fd
-loads no program, and a live kick's count and ring indices become metrics. The verdicts from
+loads no program, a live kick's count and ring indices become metrics, and a tap deleted
+under a QEMU that opened it itself is named as such. The verdicts from
 a real vhost-net VM are proved in the test host (test_check_testhost.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -70,3 +72,21 @@ def test_the_metrics_families_of_the_live_state_are_documented() -> None:
     text = (pathlib.Path(__file__).parents[2] / "docs" / "check.md").read_text()
     for family in ("vring_kicks_total", "vring_last_avail_index", "vring_last_used_index"):
         assert f"vhostorch_{family}" in text and f"vhostorch_{family}" in metrics.__doc__  # type: ignore[operator]
+
+
+def test_a_tap_deleted_under_qemu_is_said_to_be_gone() -> None:
+    """`ip link del` of the tap a running QEMU opened by name (ifname=): its fds stay open on
+    no device (fdinfo's iff: is empty), so none names the tap; nic.tap.fds says QEMU holds
+    them on no device, not that it holds none (the message before)."""
+    with tap() as dev, plain_qemu(dev, "off") as pid:
+        kernel.run("ip", "link", "del", dev)
+        done = kernel.vhostorch("check", "--pid", str(pid), "--json")
+        (found,) = [c for c in json.loads(done.stdout)["checks"] if c["id"] == "nic.tap.fds"]
+        tun = [fd for fd in os.listdir(f"/proc/{pid}/fd")
+               if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/net/tun"]  # fmt: skip
+    assert found["status"] == "fail", found
+    assert found["evidence"]["orphans"] == [int(fd) for fd in tun], found
+    assert found["message"] == (
+        f"QEMU holds /dev/net/tun fd(s) [{tun[0]}] on no device: the tap {dev} was deleted "
+        "under the running VM"
+    ), found

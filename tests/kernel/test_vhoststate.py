@@ -235,3 +235,44 @@ def test_two_reads_that_disagree_are_not_stable(tmp_path: pathlib.Path) -> None:
     assert vhoststate.compared(before, same)[proc.pid].stable
     assert not vhoststate.compared(before, after)[proc.pid].stable
     assert vhoststate.compared(before, {}) == {proc.pid: before[proc.pid].replace(stable=False)}
+
+
+@needs_btf
+def test_a_tap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pathlib.Path) -> None:
+    """A process holding two queues of a multi-queue tap, the second detached (TUNSETQUEUE
+    IFF_DETACH_QUEUE, as QEMU does for queue pairs the guest leaves off): read as attached and
+    detached; after `ip link del` of the tap under it, both are on no device: gone."""
+    code = (
+        "import fcntl, os, struct, sys\n"
+        "TUNSETIFF, TUNSETQUEUE = 0x400454CA, 0x400454D9\n"
+        "IFF_TAP, IFF_NO_PI, IFF_MULTI_QUEUE, IFF_DETACH_QUEUE = 2, 0x1000, 0x100, 0x400\n"
+        "fds = []\n"
+        "for _ in range(2):\n"
+        "    fd = os.open('/dev/net/tun', os.O_RDWR)\n"
+        "    fcntl.ioctl(fd, TUNSETIFF, struct.pack('16sH22x', b'vhotunq', "
+        "IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE))\n"
+        "    fds.append(fd)\n"
+        "fcntl.ioctl(fds[1], TUNSETQUEUE, struct.pack('16sH22x', b'', IFF_DETACH_QUEUE))\n"
+        "print(*fds, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin and proc.stdout
+    try:
+        attached, detached = (int(n) for n in proc.stdout.readline().split())
+
+        def queues() -> dict[int, str | None]:
+            view = vhoststate.read([proc.pid], cache_dir=str(tmp_path))[proc.pid]
+            found = {f.fd: f.tun_queue for f in view.files if f.fd in (attached, detached)}
+            assert all(f.tun_queue is None for f in view.files if f.fd not in found), view
+            return found
+
+        assert queues() == {attached: "attached", detached: "detached"}
+        subprocess.run(["ip", "-n", ns, "link", "del", "vhotunq"], check=True)
+        assert queues() == {attached: "gone", detached: "gone"}
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)

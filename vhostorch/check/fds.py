@@ -32,6 +32,17 @@ def tap_fds(obs: Observation, nic: Nic) -> Check:
         "fds": [fd.num for fd in nic.tap_fds],
         "taps": taps,
     }
+    # A tap deleted under QEMU leaves its fds open on no device (fdinfo's iff: is empty):
+    # they name no tap, so those QEMU opened by name (ifname=) are not even found as the NIC's.
+    orphans = [fd.num for fd in nic.tap_fds or obs.process.fds if fd.tap == ""]
+    if orphans and (nic.tap_fds or nic.netdev.ifname):
+        evidence["orphans"] = orphans
+        name = f" {nic.netdev.ifname}" if nic.netdev.ifname else ""
+        message = (
+            f"QEMU holds /dev/net/tun fd(s) {orphans} on no device: the tap{name} was deleted "
+            "under the running VM"
+        )
+        return nic.check(TAP_FDS, FAIL, message, evidence)
     if len(nic.tap_fds) != pairs:
         message = f"{len(nic.tap_fds)} tap fd(s) open for {pairs} queue pair(s)"
         return nic.check(TAP_FDS, FAIL, message, evidence)

@@ -6,9 +6,12 @@ at the queue's notify address signals it in the kernel) and vhost polls it (a wa
 function is ``vhost_poll_wakeup``); its call passes when its context is a KVM irqfd (the
 GSI is evidence). A vring whose backend (the tap) is unset is not started now: QEMU unsets
 it while the VM is paused, and before the guest driver starts the device; that is judged
-from the present (warn), never from a past trace. A call that is no irqfd while other
-vrings of the same VM are irqfds is a masked vector (warn); when none is, QEMU injects the
-interrupts itself (fail). Two reads that disagreed give unknown.
+from the present (warn), never from a past trace; where QEMU's monitor was read, it says
+which. A backend that is a tap queue on no device is a tap deleted under the VM (fail: the
+wiring is intact, the data path dead). A call that is no irqfd while other vrings of the
+same VM are irqfds, or while KVM keeps QEMU's irqfds that no vring calls (every vector
+masked), is a masked vector (warn); else QEMU injects the interrupts itself (fail).
+Two reads that disagreed give unknown.
 
 `gather` reads every QEMU at once (one program load, one iterator pass), and only when
 some QEMU holds a vhost-net fd.
@@ -27,6 +30,7 @@ from vhostorch.check.report import (
     PASS,
     RELAYED_INTERRUPT,
     RELAYED_KICK,
+    TAP_GONE,
     UNKNOWN,
     UNSTABLE_READ,
     WARN,
@@ -107,11 +111,27 @@ def _unjudgeable(obs: Observation, nic: Nic, queue: int, check_id: str) -> Check
         return nic.check(check_id, UNKNOWN, message, base, queue=queue, cause=NOT_WIRED)
     if not vq.backend_file:
         message = (
-            "not started now: vhost has no backend (tap) on this vring: the VM is paused, "
-            "or the guest driver is not up (QEMU unsets it until the driver starts the device)"
+            f"not started now: vhost has no backend (tap) on this vring: {_why_stopped(obs, nic)}"
         )
         return nic.check(check_id, WARN, message, base, queue=queue, cause=NOT_WIRED)
     return None
+
+
+def _why_stopped(obs: Observation, nic: Nic) -> str:
+    """Why QEMU has stopped vhost, as far as is known. The kernel alone cannot tell a paused
+    VM from a guest whose driver is not up (both leave every vring without its backend);
+    QEMU's monitor, where it was read, can."""
+    from vhostorch.check.nics import virtio
+
+    device = virtio(obs, nic)
+    if device is not None and not device.vm_running:
+        return "the VM is paused (QEMU's monitor says so); QEMU starts vhost again on cont"
+    if device is not None and not device.driver_ok:
+        return "the guest driver has not started the device (QEMU's monitor: no DRIVER_OK)"
+    return (
+        "the VM is paused, or the guest driver is not up (QEMU unsets it until the driver "
+        "starts the device, and again at a pause, a reset or the driver's removal)"
+    )
 
 
 def kick(obs: Observation, nic: Nic, queue: int) -> Check:
@@ -162,6 +182,12 @@ def call(obs: Observation, nic: Nic, queue: int) -> Check:
     # Any vhost vring of this VM whose call is an irqfd: MSI-X and the irqchip work here.
     calls = {q.call for d in obs.live.vhost for q in d.queues if q.call}
     others = any(i.eventfd in calls for i in irqfds)
+    # QEMU keeps a masked vector's irqfd (virtio-pci's vector mask: vhost signals QEMU's
+    # masked notifier meanwhile), so a guest that masked every vector at once (MSI-X's
+    # function mask) leaves one irqfd of QEMU's per vring that no vring calls; a QEMU that
+    # injects the interrupts itself has none.
+    kept = [i for i in irqfds if i.eventfd not in calls and obs.live.eventfd_fds(i.eventfd)]
+    unmatched = calls - {i.eventfd for i in irqfds}
     evidence = {**base, "call": _counts(obs, vq.call), "irqfd": {"gsi": mine[0]} if mine else None}
     if mine:
         message = f"the call eventfd is KVM's irqfd for GSI {mine[0]} (live)"
@@ -169,9 +195,10 @@ def call(obs: Observation, nic: Nic, queue: int) -> Check:
     if not all(k.complete for k in obs.live.kvm):
         message = "unknown: KVM's irqfd list is longer than the reader walks"
         return nic.check(CALL, UNKNOWN, message, evidence, queue=queue, cause=BEYOND_READER)
-    if others:
+    if others or (kept and len(kept) >= len(unmatched)):
+        which = "other vrings' are" if others else "KVM keeps QEMU's irqfds of masked vectors"
         message = (
-            "the call eventfd is no KVM irqfd while other vrings' are: QEMU's masked notifier "
+            f"the call eventfd is no KVM irqfd while {which}: QEMU's masked notifier "
             "(the guest has masked this queue's MSI-X vector right now); check again"
         )
         return nic.check(CALL, WARN, message, {**evidence, "masked": True}, queue=queue,
@@ -192,7 +219,9 @@ def _devices(obs: Observation, nic: Nic) -> dict[int, VhostNet | None]:
 
 def started(obs: Observation, nic: Nic) -> Check:
     """nic.vhost.started from the kernel: every vring of the NIC's vhost devices has a backend,
-    and it is one of the NIC's own tap fds."""
+    it is one of the NIC's own tap fds, and that tap queue is on a device."""
+    from vhostorch.kernel.vhoststate import TUN_GONE
+
     assert obs.live is not None
     devices = _devices(obs, nic)
     taps = {fd.num for fd in nic.tap_fds}
@@ -209,15 +238,24 @@ def started(obs: Observation, nic: Nic) -> Check:
         return nic.check(VHOST_STARTED, UNKNOWN, message, evidence)
     vqs = [q for d in devices.values() if d for q in d.queues]
     if not all(q.backend_file for q in vqs):
-        message = (
-            "not started now: a vring has no backend (tap): the VM is paused, or the guest "
-            "driver is not up (QEMU joins the taps when the driver starts the device)"
-        )
+        message = f"not started now: a vring has no backend (tap): {_why_stopped(obs, nic)}"
         return nic.check(VHOST_STARTED, WARN, message, evidence, cause=NOT_WIRED)
     joined = {fd for pair in backends.values() if pair for fds in pair for fd in fds}
     if not joined <= taps or any(not fds for pair in backends.values() if pair for fds in pair):
         message = "a vring's backend is not one of this NIC's tap fds"
         return nic.check(VHOST_STARTED, FAIL, message, evidence)
+    queues = {f.fd: f.tun_queue for f in obs.live.files if f.fd in joined and f.tun_queue}
+    evidence["tap_queues"] = queues
+    gone = sorted(fd for fd, state in queues.items() if state == TUN_GONE)
+    if gone:
+        # ip link del of a tap QEMU holds: the kernel detaches every queue (tun_detach_all),
+        # QEMU keeps its fds and vhost its sockets, and nothing tells either: KVM still
+        # signals vhost, which has nowhere to send or receive.
+        message = (
+            f"the tap is gone: vhost's backend, tap fd(s) {gone}, is a tap queue on no device "
+            "(the tap was deleted under the running VM): no packet can flow"
+        )
+        return nic.check(VHOST_STARTED, FAIL, message, evidence, cause=TAP_GONE)
     message = "every vring is joined to this NIC's tap now: vhost runs the data path (live)"
     return nic.check(VHOST_STARTED, PASS, message, evidence)
 

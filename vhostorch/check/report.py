@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         "relayed-interrupt",  # the call eventfd is no KVM irqfd: QEMU injects interrupts
         "unstable-read",  # two reads of the kernel's live state disagreed: kick/call unknown
         "beyond-reader",  # the vring's eventfd is past what the live reader walks of KVM's lists
+        "tap-gone",  # vhost's backend is a tap queue on no device: the tap was deleted under QEMU
         "not-paused",  # vm.rewire: the VM was not paused (nothing was touched)
         "left-paused",  # vm.rewire: the VM was paused and could not be resumed
     ]
@@ -66,6 +67,7 @@ MASKED: Final = "masked"
 RELAYED_INTERRUPT: Final = "relayed-interrupt"
 UNSTABLE_READ: Final = "unstable-read"
 BEYOND_READER: Final = "beyond-reader"
+TAP_GONE: Final = "tap-gone"
 NOT_PAUSED: Final = "not-paused"
 LEFT_PAUSED: Final = "left-paused"
 

@@ -6,7 +6,10 @@ is freed under the program) and the program writes fixed-size records (`read` de
 
 - every file: its ``struct file`` address, ``private_data``, device number and anon inode name,
   and for an eventfd its context's id (fdinfo's ``eventfd-id``, so Python maps contexts back to
-  QEMU's fd numbers);
+  QEMU's fd numbers); for a ``/dev/net/tun`` file (misc 10:200), whose ``private_data`` is
+  ``struct tun_file``, whether the queue is on a device (``tun``; one detached with
+  TUNSETQUEUE's IFF_DETACH_QUEUE keeps it and has ``detached`` set) or on none (the device
+  was deleted under it);
 - a ``/dev/vhost-net`` file (misc 10:238, known by its inode's device number, so a container's
   mknod'ed node counts and vhost-vsock, 10:241, or vhost-vdpa do not), whose ``private_data``
   is ``struct vhost_net``: per virtqueue (RX 0, TX 1) the kick eventfd's context and the
@@ -63,7 +66,9 @@ from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
-    from typing import TypeVar
+    from typing import Final, Literal, TypeVar
+
+    TunQueue = Literal["attached", "detached", "gone"]
 
     _T = TypeVar("_T")
 
@@ -78,6 +83,12 @@ IRQFD_WAKEUP = "irqfd_wakeup"
 _MINOR_BITS = 20
 VHOST_NET_RDEV = 10 << _MINOR_BITS | 238
 VHOST_VSOCK_RDEV = 10 << _MINOR_BITS | 241  # VHOST_VSOCK_MINOR: another vhost, not a NIC
+TUN_RDEV = 10 << _MINOR_BITS | 200  # TUN_MINOR: /dev/net/tun, a tap queue's file
+# A tap queue's state: on its device; detached from it (TUNSETQUEUE's IFF_DETACH_QUEUE: QEMU
+# detaches the queues of pairs the guest has not enabled); on none (the tap was deleted).
+TUN_ATTACHED: Final = "attached"
+TUN_DETACHED: Final = "detached"
+TUN_GONE: Final = "gone"
 _S_IFMT, _S_IFCHR = 0o170000, 0o020000
 VHOST_NET_VQS = 2  # VHOST_NET_VQ_RX, VHOST_NET_VQ_TX
 MAX_PIDS = 256  # per program: the pid filter is a chain of comparisons
@@ -95,7 +106,7 @@ FILE, VQ, IOEVENTFD, IRQFD, TRUNCATED = 1, 2, 3, 4, 5
 
 # Slots per kind
 F_FILE, F_PRIVATE, F_INODE, F_RDEV, F_MODE, F_DENTRY, F_NAME, F_NAMEP = range(2, 10)
-F_EVENTFD_ID, F_EVENTFD_COUNT = 10, 11
+F_EVENTFD_ID, F_EVENTFD_COUNT, F_TUN, F_TUN_DETACHED = 10, 11, 12, 13
 (V_KICK_FILE, V_KICK, V_WAITER0) = (2, 3, 4)
 V_CALL, V_BACKEND, V_BACKEND_FILE, V_FEATURES, V_AVAIL, V_USED = 8, 9, 10, 11, 12, 13
 V_REGIONS, V_UMEM, V_TID, V_KTID = 14, 15, 16, 17
@@ -122,7 +133,7 @@ def _paths() -> list[str]:
         "inode.i_mode", "dentry.d_name.name", "eventfd_ctx.id", "eventfd_ctx.count",
         "eventfd_ctx.wqh.head", "list_head.next", "wait_queue_entry.func",
         "wait_queue_entry.entry", "socket.file", "vhost_net.dev.umem", "vhost_net.dev.worker",
-        "vhost_iotlb.nmaps",
+        "vhost_iotlb.nmaps", "tun_file.tun", "tun_file.detached",
         "vhost_worker.vtsk", "vhost_worker.kthread_task", "vhost_task.task",
         *(f"{q}.{member}" for q in vq for member in per_vq),
         "kvm.ioeventfds", "_ioeventfd.list", "_ioeventfd.addr", "_ioeventfd.length",
@@ -209,6 +220,9 @@ class OpenFile(Record):
     name: str
     eventfd_id: int | None
     eventfd_count: int | None = None
+    # A /dev/net/tun file's queue (TUN_ATTACHED, TUN_DETACHED, TUN_GONE); None: not a tun
+    # file, or this kernel's BTF has no struct tun_file.
+    tun_queue: TunQueue | None = None
 
     @property
     def kind(self) -> str | None:
@@ -499,6 +513,17 @@ def program(found: btf.Layout, pids: Sequence[int]) -> Program:
         w.read_path(F_EVENTFD_ID, R9, "eventfd_ctx.id")
         w.read_path(F_EVENTFD_COUNT, R9, "eventfd_ctx.count")
         p.label("not_eventfd")
+    if w.has("tun_file.tun") and w.has("tun_file.detached"):
+        w.get(R1, F_MODE)
+        p.alu(bpf.AND, R1, _S_IFMT)
+        p.jump(JNE, R1, _S_IFCHR, "not_tun")
+        w.get(R1, F_RDEV)
+        p.jump(JNE, R1, TUN_RDEV, "not_tun")
+        w.get(R9, F_PRIVATE)  # struct tun_file (tun_chr_open)
+        p.jump(JEQ, R9, 0, "not_tun")
+        w.read_path(F_TUN, R9, "tun_file.tun")
+        w.read_path(F_TUN_DETACHED, R9, "tun_file.detached")
+        p.label("not_tun")
     w.write()
     # Which file is it? Its device, or its anon inode name; FILE's slots are still there.
     w.get(R8, F_PRIVATE)
@@ -652,6 +677,20 @@ def _ioeventfd_span(members: dict[str, btf.Field | None]) -> int:
     return span
 
 
+def _tun_queue(
+    rdev: int, private: int, tun: int, detached: int, found: btf.Layout
+) -> TunQueue | None:
+    """OpenFile.tun_queue from a FILE record's slots."""
+    known = found.members.get("tun_file.tun") and found.members.get("tun_file.detached")
+    if rdev != TUN_RDEV or not private or not known:
+        return None
+    # A detached queue keeps its tun pointer (__tun_detach without clean); the deletion of
+    # the device clears it on every queue, detached ones included (tun_detach_all).
+    if not tun:
+        return TUN_GONE
+    return TUN_DETACHED if detached else TUN_ATTACHED
+
+
 def _member(raw: bytes, members: dict[str, btf.Field | None], path: str) -> int | None:
     """A member of a struct copied whole into ``raw``; None where this kernel has none."""
     field = members.get(path)
@@ -697,6 +736,7 @@ def decode(data: bytes, found: btf.Layout) -> dict[int, KernelView]:
                 fd, s[F_FILE], s[F_PRIVATE], s[F_RDEV], name,
                 s[F_EVENTFD_ID] & 0xFFFFFFFF if is_eventfd else None,
                 s[F_EVENTFD_COUNT] if is_eventfd and f.get("eventfd_ctx.count") else None,
+                _tun_queue(s[F_RDEV], s[F_PRIVATE], s[F_TUN], s[F_TUN_DETACHED], found),
             )  # fmt: skip
         elif kind == VQ:
             vq = f"vhost_net.vqs[{index}].vq"
