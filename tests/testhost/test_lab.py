@@ -219,10 +219,40 @@ def test_lab_run_boots_the_chosen_kernel(kernel: str, tmp_path: Path) -> None:
     assert done.stdout.strip() == image["kver"]
 
 
+@pytest.mark.testhost(outside=True)
+def test_lab_run_boots_a_debian_13_userland_with_its_kernel_and_the_checkouts_venv(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    built = json.loads(vhostorch("lab", "build", "--userland", "trixie", "--json").stdout)
+    land, image = built["userland"], built["image"]
+    assert image["kver"].startswith("6.12.")  # Debian 13's series by default
+    probe = (
+        "cat /etc/debian_version; .venv/bin/python -c 'import sys, vhostorch; "
+        "print(sys.version_info[:2], vhostorch.__file__)'; qemu-system-x86_64 --version; "
+        "uname -r; test -c /dev/vhost-net && echo vhost-net"
+    )
+    done = vhostorch(
+        "lab", "run", "--userland", "trixie", "--results", str(tmp_path), "--", "sh", "-c", probe
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("13."), lines
+    # Python 3.13 from the userland's virtualenv, running this checkout's code.
+    root = Path(__file__).resolve().parents[2]
+    assert lines[1] == f"(3, 13) {root}/vhostorch/__init__.py", lines
+    assert lines[2].startswith("QEMU emulator version 10."), lines
+    assert lines[-2] == image["kver"] and lines[-1] == "vhost-net", lines
+    # The results directory's mount point, made in the cached root for the boot, is gone.
+    assert not os.path.exists(land["root"] + str(tmp_path.resolve()))
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["lab", "run"], "lab run: COMMAND is required"),
+        (["lab", "build", "--userland", "sid"], "--userland takes one of default, trixie, not"),
         (["lab", "build", "--kernel", "6"], "--kernel takes a series such as 6.12"),
         (["lab", "build", "--kernel", "latest"], "--kernel takes a series such as 6.12"),
         (["lab", "build", "--kernel", "6.1.0"], "--kernel takes a series such as 6.12"),
