@@ -399,6 +399,7 @@ def test_a_test_host_whose_cpus_stop_is_stopped_at_once_with_their_state(
 def test_testhost_tests_get_one_id_per_kernel() -> None:
     assert testhost.kernel_id("test_x", "6.12") == "test_x[linux-6.12]"
     assert testhost.kernel_id("test_x[qmp-4]", "6.1") == "test_x[qmp-4-linux-6.1]"
+    assert testhost.kernel_id("test_x", "6.12@trixie") == "test_x[linux-6.12@trixie]"
 
 
 def test_testhost_kernels_come_from_the_option_then_the_environment() -> None:
@@ -424,7 +425,11 @@ def test_testhost_kernels_come_from_the_option_then_the_environment() -> None:
         assert "K=6.12" in run(env="6.12").stdout
         assert "K=6.1" in run("--testhost-kernels", "6.1", env="6.12").stdout
         assert "K=6.12,default" in run("--testhost-kernels", "6.12,default 6.12").stdout
+        # Another userland is a session of its own beside the same kernel on this machine's.
+        assert "K=6.12,6.12@trixie" in run("--testhost-kernels", "6.12 6.12@trixie").stdout
         bad = run("--testhost-kernels", "six")
         assert bad.returncode == 4 and "--kernel takes a series" in bad.stderr
+        bad = run("--testhost-kernels", "6.12@sid")
+        assert bad.returncode == 4 and "--userland takes one of default, trixie" in bad.stderr
     finally:
         probe.unlink()
