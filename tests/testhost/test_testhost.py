@@ -171,3 +171,34 @@ def test_ping_is_carried_by_the_vhost_worker_not_by_qemu(in_testhost: None) -> N
     packets_off, syscalls_off, _ = _ping_through("off")
     assert packets_off >= 120
     assert syscalls_off >= packets_off
+
+
+def test_a_qemu_without_virtio_devices_has_no_virtio_nic_to_read(in_testhost: None) -> None:
+    """QEMU 7.2 answers x-query-virtio with [] when there is no virtio device; 10.0 (Debian
+    13) with GenericError "No virtio devices found", which made `check` call the monitor of
+    such a QEMU unreadable. Run in each userland's session, against its own QEMU."""
+    from vhostorch.qemu import monitor
+
+    workdir = tempfile.mkdtemp(prefix="vho-novirtio-")
+    sock = os.path.join(workdir, "qmp.sock")
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-accel", "tcg", "-S", "-display", "none", "-nodefaults",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert qemu.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        qmp = monitor.QmpSocket(sock, 10.0)
+        qmp.open()
+        try:
+            view = monitor.read_virtio(qmp.execute, sock)
+        finally:
+            qmp.close()
+        assert view.nics == ()
+    finally:
+        qemu.kill()  # our own child, by pid
+        qemu.wait()
+        subprocess.run(["rm", "-rf", workdir], check=False)
