@@ -248,6 +248,24 @@ def test_lab_run_boots_a_debian_13_userland_with_its_kernel_and_the_checkouts_ve
     assert not os.path.exists(land["root"] + str(tmp_path.resolve()))
 
 
+@pytest.mark.testhost(outside=True)
+def test_a_debian_13_test_host_run_from_above_its_results_directory_still_reports(
+    tmp_path: Path,
+) -> None:
+    # The working directory is shown copy-on-write over the Debian root: over /tmp, it hid
+    # the results share below it, and the exit status written there never came back.
+    from tests.support.kernel import EXE
+
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [EXE, "lab", "run", "--userland", "trixie", "--results", str(results), "--", "pwd"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path)
+    assert (results / "exit-status").read_text().strip() == "0"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
