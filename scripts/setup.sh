@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 packages=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config iproute2
   busybox-static cpio kmod strace python3 python3-venv python3-dev python3-apt gcc
+  debootstrap    # makes the test host's Debian 13 userland (lab --userland trixie)
   zstd xz-utils  # Debian's 6.12 test-host kernel is zstd, its modules .ko.xz
   systemd        # systemd-analyze verifies the boot unit
 )

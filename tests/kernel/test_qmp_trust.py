@@ -27,7 +27,9 @@ from vhostorch.errors import MonitorError
 pytestmark = pytest.mark.kernel
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
-PYTHON = "/usr/bin/python3.11"  # the system's: nobody cannot read a python under /root
+# The system's interpreter, whichever version the release has (3.11 on Debian 12, 3.13 on
+# Debian 13): nobody cannot read one under /root, where a virtualenv's base may be (pyenv's).
+PYTHON = os.path.realpath("/usr/bin/python3")
 QEMU_ARGS = [QEMU, "-accel", "tcg", "-S", "-display", "none", "-nodefaults", "-qmp"]
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 FAKE = r"""

@@ -10,6 +10,10 @@ kernel (``test_x[linux-6.12]``, ``test_x[a-linux-6.12]`` for a parametrized
 one) whose result is read from that kernel's boot report, so it passes or fails
 here with the inner failure text and output; a failure on any kernel fails the
 run. For a quick loop on one kernel: ``pytest -m testhost --testhost-kernels 6.12``.
+A word ``SERIES@USERLAND`` boots that kernel on another userland than this
+machine's root (lab.userland): ``6.12@trixie`` runs the tests on Debian 13's
+QEMU 10, libvirt 11 and Python 3.13 (``test_x[linux-6.12@trixie]``); it is not in
+the default set.
 Inside (VHOSTORCH_IN_TESTHOST=1), the same tests run for real and this plugin
 writes the report. ``@pytest.mark.testhost(outside=True)`` marks a slow test
 that runs here and may use the ``testhost_boot`` fixture (the outcome of the
@@ -46,20 +50,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--testhost-kernels",
         default=None,
         help=f"kernel series the testhost tests run on, one boot each (default: "
-        f"${KERNELS_ENV} or {DEFAULT_KERNELS!r}); e.g. '6.12' for a quick loop on one",
+        f"${KERNELS_ENV} or {DEFAULT_KERNELS!r}); e.g. '6.12' for a quick loop on one; "
+        "SERIES@USERLAND boots another userland, e.g. '6.12@trixie' (Debian 13)",
     )
 
 
 def kernels(config: pytest.Config) -> list[str]:
-    """The kernel series to boot, in order, each once; a bad value stops the session."""
+    """The kernel series to boot (``SERIES`` or ``SERIES@USERLAND``), in order, each once;
+    a bad value stops the session."""
     from vhostorch.errors import InvalidSpec
     from vhostorch.lab.image import kernel_series
+    from vhostorch.lab.userland import userland_name
 
     given = config.getoption("--testhost-kernels") or os.environ.get(KERNELS_ENV)
     chosen: list[str] = []
     for word in (given or DEFAULT_KERNELS).replace(",", " ").split():
         try:
-            series = kernel_series(word)
+            kernel, at, land = word.partition("@")
+            series = kernel_series(kernel) + (f"@{userland_name(land)}" if at else "")
         except InvalidSpec as err:
             raise pytest.UsageError(str(err)) from None
         if series not in chosen:
@@ -85,9 +93,13 @@ class Boot:
     """One kernel's boot in this session: which tests it runs and, once run, their results."""
 
     def __init__(self, config: pytest.Config, nodeids: list[str], kernel: str) -> None:
+        from vhostorch.lab.userland import DEFAULT_USERLAND
+
         self.config = config
         self.nodeids = nodeids
-        self.kernel = kernel
+        self.kernel = kernel  # as given: SERIES or SERIES@USERLAND
+        self.series, _, land = kernel.partition("@")
+        self.userland = land or DEFAULT_USERLAND
         self.outcome: Any = None
         self.error: str | None = None
         self.report: dict[str, dict[str, Any]] = {}
@@ -169,7 +181,8 @@ class Boot:
                 results=self.results,
                 output=_Lines(f"[{self.kernel}] "),
                 log=print,
-                kernel=self.kernel,
+                kernel=self.series,
+                userland=self.userland,
             )
         except run.LabFrozen as err:
             self._load(report)
@@ -222,6 +235,7 @@ def _together(config: pytest.Config) -> dict[str, Boot]:
     first, one at a time, as they share a cache."""
     from vhostorch.errors import VhostorchError
     from vhostorch.lab.image import ensure_image
+    from vhostorch.lab.userland import ensure_userland
 
     boots = config.stash[BOOTS]
     if not config.stash.get(STARTED, False):
@@ -229,7 +243,8 @@ def _together(config: pytest.Config) -> dict[str, Boot]:
         for boot in boots.values():
             if boot.nodeids:
                 try:
-                    ensure_image(log=print, kernel=boot.kernel)
+                    ensure_userland(boot.userland, log=print)
+                    ensure_image(log=print, kernel=boot.series)
                 except VhostorchError as err:  # its tests fail with it; the others still run
                     boot.error = f"the test host's image could not be made: {err}"
         parallel = int(os.environ.get(PARALLEL_ENV, "0")) or os.cpu_count() or 1

@@ -219,10 +219,58 @@ def test_lab_run_boots_the_chosen_kernel(kernel: str, tmp_path: Path) -> None:
     assert done.stdout.strip() == image["kver"]
 
 
+@pytest.mark.testhost(outside=True)
+def test_lab_run_boots_a_debian_13_userland_with_its_kernel_and_the_checkouts_venv(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    built = json.loads(vhostorch("lab", "build", "--userland", "trixie", "--json").stdout)
+    land, image = built["userland"], built["image"]
+    assert image["kver"].startswith("6.12.")  # Debian 13's series by default
+    probe = (
+        "cat /etc/debian_version; .venv/bin/python -c 'import sys, vhostorch; "
+        "print(sys.version_info[:2], vhostorch.__file__)'; qemu-system-x86_64 --version; "
+        "uname -r; test -c /dev/vhost-net && echo vhost-net"
+    )
+    done = vhostorch(
+        "lab", "run", "--userland", "trixie", "--results", str(tmp_path), "--", "sh", "-c", probe
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("13."), lines
+    # Python 3.13 from the userland's virtualenv, running this checkout's code.
+    root = Path(__file__).resolve().parents[2]
+    assert lines[1] == f"(3, 13) {root}/vhostorch/__init__.py", lines
+    assert lines[2].startswith("QEMU emulator version 10."), lines
+    assert lines[-2] == image["kver"] and lines[-1] == "vhost-net", lines
+    # The results directory's mount point, made in the cached root for the boot, is gone.
+    assert not os.path.exists(land["root"] + str(tmp_path.resolve()))
+
+
+@pytest.mark.testhost(outside=True)
+def test_a_debian_13_test_host_run_from_above_its_results_directory_still_reports(
+    tmp_path: Path,
+) -> None:
+    # The working directory is shown copy-on-write over the Debian root: over /tmp, it hid
+    # the results share below it, and the exit status written there never came back.
+    from tests.support.kernel import EXE
+
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [EXE, "lab", "run", "--userland", "trixie", "--results", str(results), "--", "pwd"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path)
+    assert (results / "exit-status").read_text().strip() == "0"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["lab", "run"], "lab run: COMMAND is required"),
+        (["lab", "build", "--userland", "sid"], "--userland takes one of default, trixie, not"),
         (["lab", "build", "--kernel", "6"], "--kernel takes a series such as 6.12"),
         (["lab", "build", "--kernel", "latest"], "--kernel takes a series such as 6.12"),
         (["lab", "build", "--kernel", "6.1.0"], "--kernel takes a series such as 6.12"),
@@ -369,6 +417,7 @@ def test_a_test_host_whose_cpus_stop_is_stopped_at_once_with_their_state(
 def test_testhost_tests_get_one_id_per_kernel() -> None:
     assert testhost.kernel_id("test_x", "6.12") == "test_x[linux-6.12]"
     assert testhost.kernel_id("test_x[qmp-4]", "6.1") == "test_x[qmp-4-linux-6.1]"
+    assert testhost.kernel_id("test_x", "6.12@trixie") == "test_x[linux-6.12@trixie]"
 
 
 def test_testhost_kernels_come_from_the_option_then_the_environment() -> None:
@@ -394,7 +443,11 @@ def test_testhost_kernels_come_from_the_option_then_the_environment() -> None:
         assert "K=6.12" in run(env="6.12").stdout
         assert "K=6.1" in run("--testhost-kernels", "6.1", env="6.12").stdout
         assert "K=6.12,default" in run("--testhost-kernels", "6.12,default 6.12").stdout
+        # Another userland is a session of its own beside the same kernel on this machine's.
+        assert "K=6.12,6.12@trixie" in run("--testhost-kernels", "6.12 6.12@trixie").stdout
         bad = run("--testhost-kernels", "six")
         assert bad.returncode == 4 and "--kernel takes a series" in bad.stderr
+        bad = run("--testhost-kernels", "6.12@sid")
+        assert bad.returncode == 4 and "--userland takes one of default, trixie" in bad.stderr
     finally:
         probe.unlink()

@@ -29,7 +29,7 @@ ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("contract", "process", "qmp", "libvirt", "__init__")),
     ("orchestrate", ("decision", "settle", "__init__")),
     ("hook", ("metadata", "state", "program", "__init__", "install")),
-    ("lab", ("image", "watch", "run", "__init__")),
+    ("lab", ("image", "userland", "watch", "run", "__init__")),
     ("cli", ("argv", "output", "taps", "check", "vm", "hook", "lab", "__init__")),
     ("__main__", ()),
 ]  # fmt: skip

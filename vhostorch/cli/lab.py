@@ -23,7 +23,14 @@ KERNEL = Option(
     "--kernel",
     VALUE,
     "kernel series to boot, e.g. 6.12: the newest Debian package of it "
-    "(default: linux-image-amd64's)",
+    "(default: linux-image-amd64's; 6.12 with --userland trixie)",
+)
+USERLAND = Option(
+    "--userland",
+    VALUE,
+    "root the test host boots: default (this machine's, shared read-only) or trixie "
+    "(Debian 13's, made with debootstrap and cached; `lab build` remakes it when the archive "
+    "has newer packages)",
 )
 
 COMMANDS = (
@@ -32,7 +39,7 @@ COMMANDS = (
         "fetch the test host's kernel and build its boot files (cached; rebuilt on change)",
         "",
         "0",
-        (KERNEL, JSON),
+        (KERNEL, USERLAND, JSON),
         LAB_EXIT_CODES,
     ),
     Command(
@@ -42,6 +49,7 @@ COMMANDS = (
         "...",
         (
             KERNEL,
+            USERLAND,
             Option(
                 "--timeout",
                 INT,
@@ -76,10 +84,12 @@ def _log(line: str) -> None:
 
 
 def _lab(args: Parsed) -> int:
-    from vhostorch.lab import image, run
+    from vhostorch.lab import image, run, userland
 
-    kernel = image.kernel_series(args.text("kernel") or image.DEFAULT_KERNEL)
+    land = userland.userland_name(args.text("userland") or userland.DEFAULT_USERLAND)
+    kernel = image.kernel_series(args.text("kernel") or userland.default_kernel(land))
     if args.command.path[1] == "build":
+        root = userland.ensure_userland(land, log=_log, refresh=True)
         built = image.ensure_image(log=_log, kernel=kernel)
         # What a VM started inside the test host boots (scripts/demo-vm.sh reads it here, so
         # that no script has to import vhostorch's modules).
@@ -89,10 +99,11 @@ def _lab(args: Parsed) -> int:
             "cmdline": image.GUEST_APPEND,
         }
         emit(
-            {"ok": True, "image": built.asdict(), "guest": guest},
+            {"ok": True, "image": built.asdict(), "guest": guest, "userland": root.asdict()},
             args.flag("json"),
             "\n".join(f"{k}: {v}" for k, v in built.asdict().items())
-            + f"\nguest_cmdline: {image.GUEST_APPEND}",
+            + f"\nguest_cmdline: {image.GUEST_APPEND}"
+            + "".join(f"\nuserland_{k}: {v}" for k, v in root.asdict().items() if v),
         )
         return EXIT_OK
     env = {}
@@ -110,6 +121,7 @@ def _lab(args: Parsed) -> int:
         results=args.text("results"),
         log=_log,
         kernel=kernel,
+        userland=land,
     )
     boot = "?" if outcome.boot_seconds is None else f"{outcome.boot_seconds:.1f}"
     _log(

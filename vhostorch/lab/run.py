@@ -28,6 +28,7 @@ from vhostorch.errors import LabFrozen as LabFrozen
 from vhostorch.errors import LabTimeout as LabTimeout
 from vhostorch.lab import watch
 from vhostorch.lab.image import DEFAULT_KERNEL, FILES, IMAGE_ENV, Image, ensure_image
+from vhostorch.lab.userland import DEFAULT_USERLAND, Userland, ensure_userland
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 QEMU = "qemu-system-x86_64"
 MONITOR = "monitor.sock"  # in the results directory
+USERLAND_ENV = "VHOSTORCH_LAB_USERLAND"  # inside: the userland the test host booted
 # sun_path holds 108 bytes with its NUL.
 _SOCKET_PATH_MAX = 107
 # Passed into the test host; the rest of the environment is this machine's own business.
@@ -76,9 +78,12 @@ def _job(command: Sequence[str], cwd: str, env: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list[str]:
-    """The outer VM: no network device, the root shared read-only, ``results`` read-write,
-    QEMU's monitor on ``results``/monitor.sock.
+def qemu_command(
+    image: Image, results: str, memory_mib: int, cpus: int, userland: Userland | None = None
+) -> list[str]:
+    """The outer VM: no network device, the userland's root shared read-only (this
+    machine's by default; with another, this machine's root too, as ``machine``),
+    ``results`` read-write, QEMU's monitor on ``results``/monitor.sock.
 
     Two bugs of Debian's QEMU 7.2 TCG (there is no newer one) shape it:
 
@@ -109,6 +114,13 @@ def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list
         "nohz=off highres=off cryptomgr.notests rdinit=/init "
         f"vho.results={results}"
     )
+    root = userland.root if userland is not None else "/"
+    machine = []
+    if root != "/":
+        machine = [
+            "-virtfs",
+            "local,path=/,mount_tag=machine,security_model=none,readonly=on,multidevs=remap",
+        ]
     return [
         QEMU,
         "-accel",
@@ -138,7 +150,8 @@ def qemu_command(image: Image, results: str, memory_mib: int, cpus: int) -> list
         "-append",
         append,
         "-virtfs",
-        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        f"local,path={root},mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        *machine,
         "-virtfs",
         f"local,path={results},mount_tag=results,security_model=none,multidevs=remap",
         "-qmp",
@@ -175,12 +188,14 @@ def run(
     image: Image | None = None,
     stalled_after: float = watch.STALLED_AFTER,
     kernel: str = DEFAULT_KERNEL,
+    userland: str = DEFAULT_USERLAND,
 ) -> Outcome:
     """Run ``command`` in a fresh test host and return its outcome.
 
     ``results`` is the directory shared back (a new one under /tmp if None; it is
     kept either way). ``image`` defaults to the cached one of ``kernel`` (a series such
-    as ``6.12``, or the default kernel), built if missing.
+    as ``6.12``, or the default kernel), built if missing; ``userland`` names the root
+    it boots (this machine's, or a Debian release's: lab.userland), built if missing.
     Raises InvalidSpec when ``results`` cannot be made, LabError when the host cannot be
     built or booted or does not reach the command, LabTimeout when ``timeout`` runs out,
     LabFrozen when it stops making progress: a CPU stuck in its kernel for
@@ -207,6 +222,7 @@ def run(
         except OSError as err:
             raise InvalidSpec(f"the results directory {results!r} cannot be made: "
                               f"{err.strerror or err}") from None  # fmt: skip
+    land = ensure_userland(userland, log=log)
     image = image or ensure_image(log=log, kernel=kernel)
     results = os.path.realpath(results or tempfile.mkdtemp(prefix="vhostorch-lab-", dir="/tmp"))
     monitor = os.path.join(results, MONITOR)
@@ -215,22 +231,30 @@ def run(
         if os.path.exists(os.path.join(results, stale)):
             os.unlink(os.path.join(results, stale))
     shutil.copy(os.path.join(FILES, "stage2"), os.path.join(results, "stage2"))
+    workdir = os.path.realpath(cwd or os.getcwd())
     with open(os.path.join(results, "lab.env"), "w") as f:
         f.write(f"LAB_ROOT={shlex.quote(image.root)}\nLAB_KVER={shlex.quote(image.kver)}\n")
+        f.write(_carried(land, workdir, image))
     passed = {k: v for k, v in os.environ.items() if k in ENV_PASSED or k.startswith("VHOSTORCH_")}
     passed.update(env or {})
     passed["VHOSTORCH_IN_TESTHOST"] = "1"
+    passed[USERLAND_ENV] = land.name
     passed[IMAGE_ENV] = json.dumps(image.asdict())
     passed["VHOSTORCH_LAB_RESULTS"] = results
     console = os.path.join(results, "console.log")
     with open(os.path.join(results, "job.sh"), "w") as f:
-        f.write(_job(command, cwd or os.getcwd(), passed))
+        f.write(_job(command, workdir, passed))
+    # host-init mounts the results share at its own path, which must exist in the root.
+    mountpoint = os.path.join(land.root, results.lstrip("/"))
+    made = land.root != "/" and not os.path.exists(mountpoint)
+    if made:
+        os.makedirs(mountpoint)
 
     write = output or _stdout
     start = time.monotonic()
     boot: float | None = None
     proc = subprocess.Popen(
-        qemu_command(image, results, memory_mib, cpus),
+        qemu_command(image, results, memory_mib, cpus, land),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         preexec_fn=_die_with_parent,
@@ -266,6 +290,8 @@ def run(
             proc.kill()  # the QEMU we started, by its pid
             proc.wait()
         proc.stdout.close()
+        if made:
+            os.rmdir(mountpoint)
     seconds = time.monotonic() - start
     try:
         with open(os.path.join(results, "exit-status")) as f:
@@ -276,6 +302,26 @@ def run(
             f"the test host {where} (QEMU exit {proc.returncode}; console: {_tail(console)})"
         ) from None
     return Outcome(status, boot, seconds, results)
+
+
+def _carried(userland: Userland, workdir: str, image: Image) -> str:
+    """lab.env's lines for stage2: with a userland other than this machine's root, the paths
+    shown from this machine at their own (the working directory, the checkout, the lab cache
+    the image is in; none inside another) and the virtualenv that is the checkout's .venv."""
+    if userland.root == "/":
+        return ""
+    cache = os.path.dirname(os.path.dirname(image.kernel))
+    paths: list[str] = []
+    for path in sorted({workdir, userland.project, cache}, key=len):
+        if path != "/" and not any(path.startswith(p.rstrip("/") + "/") for p in paths):
+            paths.append(path)
+    for path in paths:
+        if any(c.isspace() for c in path):
+            raise LabError(f"{path!r} must not contain spaces to be shown in the test host")
+    return (
+        f"LAB_CARRY={shlex.quote(' '.join(paths))}\nLAB_PROJECT={shlex.quote(userland.project)}\n"
+        f"LAB_VENV={shlex.quote(userland.venv)}\n"
+    )
 
 
 def _check_results(results: str) -> None:

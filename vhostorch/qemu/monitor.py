@@ -8,7 +8,8 @@ QEMU 7.2 facts relied on: ``x-query-virtio-status`` reports ``vhost-dev`` only
 while vhost is started, and only for queue pair 0's vhost device (each queue
 pair has its own; QEMU starts them all or none). Status and feature strings
 read ``"NAME: description"``. ``x-query-virtio-vhost-queue-status`` returns 0
-for ``kick`` and ``call``, so it is not used.
+for ``kick`` and ``call``, so it is not used. QEMU 10.0 (Debian 13) answers the same, except
+``x-query-virtio`` on a machine without virtio devices (``_virtio_devices``).
 """
 
 from __future__ import annotations
@@ -92,9 +93,21 @@ def read_virtio(execute: Execute, source: str) -> MonitorView:
         raise MonitorError(f"{source}: a malformed answer ({type(err).__name__}: {err})") from err
 
 
+def _virtio_devices(execute: Execute) -> Any:
+    """x-query-virtio's list. QEMU 7.2 answers [] for a machine with no virtio device; 10.0
+    (Debian 13) answers GenericError "No virtio devices found" instead, the command's only
+    error (it takes no argument): read as the empty list it means."""
+    try:
+        return execute("x-query-virtio", None)
+    except MonitorError as err:
+        if err.error_class == "GenericError":
+            return []
+        raise
+
+
 def _read_virtio(execute: Execute, source: str) -> MonitorView:
     nics = []
-    for entry in execute("x-query-virtio", None):
+    for entry in _virtio_devices(execute):
         if entry.get("name") != "virtio-net":
             continue
         backend = str(entry["path"])
