@@ -304,6 +304,11 @@ def test_containerised_vm_with_vhost_passes_every_check(traced: None) -> None:
                 code_all, every = check("--all", "--strict")
                 (mine,) = [r for r in every["reports"] if r["target"].get("pid") == c.pid]
                 assert code_all == 0 and mine["ok"] is True, json.dumps(every, indent=1)
+                # Untraced: the kernel's objects are the same whatever namespace QEMU runs in.
+                code, untraced = check_untraced("--pid", str(c.pid), "--strict")
+                failed = [x for x in untraced["checks"] if x["status"] != "pass"]
+                assert code == 0 and untraced["ok"] is True, json.dumps(failed, indent=1)
+                assert live_sources(untraced) == {"live"}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
