@@ -8,6 +8,7 @@ here); in the test host it runs on the real files. Every test ends with nothing 
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -341,6 +342,19 @@ def test_role_and_vhost_vms_pass_the_check_in_the_test_host(
         code, out, recap = ansible.play(play)
         assert code == 0 and recap["failed"] == 0, out[-4000:]
         print(f"\nansible in the test host: {recap}")
+        # Untraced (issue 23): the play's VM passes --strict from the kernel's live state.
+        started = state.load(vm)
+        assert started is not None
+        wiring.disarm()
+        try:
+            argv = ["check", "--pid", str(started.pid), "--strict", "--json"]
+            done = subprocess.run([f"{BIN}/vhostorch", *argv], capture_output=True, text=True)
+        finally:
+            wiring.arm()
+        assert done.returncode == 0, done.stdout[-3000:] or done.stderr
+        checks = json.loads(done.stdout)["checks"]
+        wired = [c for c in checks if c["id"] in ("nic.kick", "nic.call")]
+        assert wired and {c["evidence"]["source"] for c in wired} == {"live"}, wired
     finally:
         teardown(ansible, vm, [])
         teardown(ansible, domain, [])

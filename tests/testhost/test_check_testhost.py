@@ -32,6 +32,21 @@ def check(*args: str) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(done.stdout)
 
 
+def check_untraced(*args: str) -> tuple[int, dict[str, Any]]:
+    """The same `check` with the wiring trace disarmed (issue 23: from the kernel's live state
+    alone), armed again after: the module's VM is running, so no second boot is needed."""
+    wiring.disarm()
+    try:
+        return check(*args)
+    finally:
+        wiring.arm()
+
+
+def live_sources(report: dict[str, Any]) -> set[str]:
+    wired = [c for c in report["checks"] if c["id"] in ("nic.kick", "nic.call")]
+    return {c["evidence"]["source"] for c in wired}
+
+
 def by_id(report: dict[str, Any], nic: str | None = None) -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {}
     for c in report["checks"]:
@@ -110,6 +125,11 @@ def test_healthy_vhost_nic_passes_every_check(traced: None, queues: int) -> None
             assert [(c["id"], c["queue"], c["status"]) for c in by_socket["checks"]] == [
                 (c["id"], c["queue"], c["status"]) for c in report["checks"]
             ]
+            # Untraced: the same verdicts, kick and call from the kernel's live state.
+            code, untraced = check_untraced("--pid", str(g.pid), "--strict")
+            failed = [c for c in untraced["checks"] if c["status"] != "pass"]
+            assert code == 0 and untraced["ok"] is True, json.dumps(failed, indent=1)
+            assert live_sources(untraced) == {"live"}
 
 
 def test_guest_without_its_virtio_net_driver_warns_and_fails_strict(traced: None) -> None:
@@ -127,6 +147,15 @@ def test_guest_without_its_virtio_net_driver_warns_and_fails_strict(traced: None
             assert code == 0 and report["ok"] is True  # a warning is not a failure...
             strict_code, strict = check("--pid", str(g.pid), "--strict")
             assert strict_code == 1 and strict["ok"] is False  # ...unless --strict
+            # Untraced: the kernel shows vhost's vrings with no backend now (QEMU joins the
+            # tap when the driver starts the device): warn, not-wired, from the live state.
+            code, untraced = check_untraced("--pid", str(g.pid))
+            live = by_id(untraced)
+            assert code == 0 and live["nic.vhost.started"][0]["status"] == "warn", live
+            kc = live["nic.kick"] + live["nic.call"]
+            assert {(c["status"], c["evidence"]["source"]) for c in kc} == {("warn", "live")}, kc
+            assert all("not started now" in c["message"] for c in kc), kc
+            assert check_untraced("--pid", str(g.pid), "--strict")[0] == 1
 
 
 def test_tap_with_fewer_queues_than_the_device_fails(traced: None) -> None:
@@ -137,6 +166,9 @@ def test_tap_with_fewer_queues_than_the_device_fails(traced: None) -> None:
         assert code == 1 and queues["status"] == "fail"
         expected = "sized for 4 queue pair(s) (vectors=10) but its tap netdev has 2"
         assert expected in queues["message"]
+        code, untraced = check_untraced("--pid", str(g.pid))
+        queues = by_id(untraced)["nic.queues"][0]
+        assert code == 1 and queues["status"] == "fail" and expected in queues["message"]
 
 
 def test_vhost_on_one_nic_of_two_fails_only_that_nic(traced: None) -> None:
@@ -158,6 +190,17 @@ def test_vhost_on_one_nic_of_two_fails_only_that_nic(traced: None) -> None:
             assert by_id(unread, "net0")["nic.vhost.fds"][-1]["evidence"]["assigned_by"].startswith(
                 "VHOST_NET_SET_BACKEND"
             )
+            # Untraced: the same verdicts; net0's kick and call from the live state.
+            code, untraced = check_untraced("--pid", str(g.pid))
+            assert code == 1
+            good, bad = by_id(untraced, "net0"), by_id(untraced, "net1")
+            failed = [c for cs in good.values() for c in cs if c["nic"] and c["status"] != "pass"]
+            assert failed == [], json.dumps(failed, indent=1)
+            assert {c["evidence"]["source"] for c in good["nic.kick"] + good["nic.call"]} == {
+                "live"
+            }
+            assert bad["nic.vhost.requested"][-1]["status"] == "fail"
+            assert bad["nic.vhost.fds"][-1]["status"] == "fail"
 
 
 def test_libvirt_domain_with_vhost_passes_with_the_monitor(traced: None, libvirtd: str) -> None:
@@ -264,6 +307,11 @@ def test_containerised_vm_with_vhost_passes_every_check(traced: None) -> None:
                 code_all, every = check("--all", "--strict")
                 (mine,) = [r for r in every["reports"] if r["target"].get("pid") == c.pid]
                 assert code_all == 0 and mine["ok"] is True, json.dumps(every, indent=1)
+                # Untraced: the kernel's objects are the same whatever namespace QEMU runs in.
+                code, untraced = check_untraced("--pid", str(c.pid), "--strict")
+                failed = [x for x in untraced["checks"] if x["status"] != "pass"]
+                assert code == 0 and untraced["ok"] is True, json.dumps(failed, indent=1)
+                assert live_sources(untraced) == {"live"}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

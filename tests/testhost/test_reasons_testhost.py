@@ -35,6 +35,31 @@ def report_of(pid: int) -> dict[str, Any]:
     return report
 
 
+def untraced_report_of(pid: int) -> dict[str, Any]:
+    """`report_of` with the wiring trace disarmed (issue 23: kick and call from the kernel's
+    live state), armed again after: the same running VM, no second boot."""
+    from vhostorch.check import wiring
+
+    wiring.disarm()
+    try:
+        return report_of(pid)
+    finally:
+        wiring.arm()
+
+
+def judged_alike(traced: dict[str, Any], untraced: dict[str, Any]) -> None:
+    """The untraced report gives every check the verdict the traced one gave, and the same
+    reason, with kick and call decided by the live source."""
+    verdicts = [[(c["id"], c["nic"], c["queue"], c["status"]) for c in r["checks"]]
+                for r in (traced, untraced)]  # fmt: skip
+    assert verdicts[0] == verdicts[1], json.dumps(untraced["checks"], indent=1)
+    assert [n["reason"] and n["reason"]["code"] for n in traced["nics"]] == [
+        n["reason"] and n["reason"]["code"] for n in untraced["nics"]
+    ], untraced["nics"]
+    wired = [c for c in untraced["checks"] if c["id"] in ("nic.kick", "nic.call")]
+    assert wired and {c["evidence"]["source"] for c in wired} == {"live"}, wired
+
+
 def reason_of(pid: int, nic: str = "net0") -> dict[str, Any] | None:
     reasons = {n["name"]: n["reason"] for n in report_of(pid)["nics"]}
     return reasons[nic]
@@ -81,6 +106,7 @@ def test_healthy_vhost_has_no_reason_and_metrics_count_worker_cpu(traced: None) 
         time.sleep(1)
         after = {w["tid"]: w["cpu_seconds"] for w in report_of(g.pid)["nics"][0]["workers"]}
         assert all(after[t] >= before[t] for t in before)
+        judged_alike(report, untraced_report_of(g.pid))
 
 
 @pytest.mark.parametrize(
@@ -104,6 +130,12 @@ def test_without_msix_every_interrupt_goes_through_qemu(
                 assert why["evidence"] == {"vectors": 0}
             else:
                 assert why["evidence"]["queues"] == [0, 1]
+            # Untraced: no call eventfd is a KVM irqfd now; the same failures, from the kernel.
+            untraced = untraced_report_of(g.pid)
+            judged_alike(report, untraced)
+            for c in untraced["checks"]:
+                if c["id"] == "nic.call":
+                    assert "QEMU injects the interrupts itself" in c["message"], c
 
 
 def _modprobe(*argv: str) -> None:
@@ -134,7 +166,9 @@ def vhost_without_memory_slots(in_testhost: None) -> Iterator[None]:
             assert f.read().strip() == "64"
 
 
-def test_qemu_that_fell_back_on_userspace_virtio(vhost_without_memory_slots: None) -> None:
+def test_qemu_that_fell_back_on_userspace_virtio(
+    traced: None, vhost_without_memory_slots: None
+) -> None:
     """QEMU opens /dev/vhost-net (it reads max_mem_regions=0 as invalid and assumes 64),
     the kernel refuses its memory table when the driver starts the device, and QEMU
     carries on in userspace: its stderr (a file) and its monitor both say so."""
@@ -155,6 +189,7 @@ def test_qemu_that_fell_back_on_userspace_virtio(vhost_without_memory_slots: Non
             assert "unable to start vhost net: 7: falling back on userspace virtio" in line
             fds = [c for c in report["checks"] if c["id"] == "nic.vhost.fds"]
             assert [c["status"] for c in fds] == ["pass"]  # it does hold the device
+            judged_alike(report, untraced_report_of(g.pid))
             # The monitor alone says it too: driver up, vhost not started.
             done = vhostorch("check", "--qmp", sock, "--json")
             by_qmp = json.loads(done.stdout)["nics"][0]["reason"]
@@ -223,6 +258,7 @@ def test_kernel_irqchip(traced: None, machine: str, cpu: str | None, code: str |
                 assert why is not None and why["code"] == code, why
                 assert why["evidence"] == {"kernel_irqchip": "off"}
                 assert calls == {"fail"}
+            judged_alike(report, untraced_report_of(g.pid))
         finally:
             guests.stop(proc)
             subprocess.run(["rm", "-rf", workdir], check=False)

@@ -195,6 +195,15 @@ def test_vhost_vm_lifecycle_passes_every_check(
     done = vhostorch("check", "--pid", str(pid), "--strict", "--json")
     assert done.returncode == 0, done.stdout[-3000:]
     assert len(json.loads(done.stdout)["nics"]) == 2
+    # Untraced (issue 23): both NICs, the hot-plugged one too, pass from the live state.
+    wiring.disarm()
+    try:
+        done = vhostorch("check", "--pid", str(pid), "--strict", "--json")
+    finally:
+        wiring.arm()
+    assert done.returncode == 0, done.stdout[-3000:]
+    wired = [c for c in json.loads(done.stdout)["checks"] if c["id"] in ("nic.kick", "nic.call")]
+    assert len(wired) == 8 * queues and {c["evidence"]["source"] for c in wired} == {"live"}
 
     if machine == "q35":
         assert root_ports(pid) == 4 - 1  # 4 spare (the default), one taken by the hot-plug

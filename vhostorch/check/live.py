@@ -62,7 +62,9 @@ def gather(observed: Sequence[Observation]) -> list[Observation]:
     if not ok:
         return [o.replace(live_note=why) for o in observed]
     try:
-        views = vhoststate.read(holders)
+        # KVM's lists are walked as far as each QEMU's eventfds allow, counted as observed.
+        held = {o.process.pid: len(o.process.fds_to(procfs.EVENTFD)) for o in observed}
+        views = vhoststate.read(holders, held=held)
         polls = vhoststate.symbols([vhoststate.VHOST_POLL_WAKEUP])
     except (vhoststate.LiveUnavailable, OSError) as err:
         return [o.replace(live_note=str(err) or type(err).__name__) for o in observed]
@@ -134,6 +136,17 @@ def _why_stopped(obs: Observation, nic: Nic) -> str:
     )
 
 
+def _walked(obs: Observation) -> str:
+    """The bounds the reader walked KVM's lists to, for a message."""
+    assert obs.live is not None
+    for k in obs.live.kvm:
+        if not k.complete and k.walked:
+            w = k.walked
+            return (f" ({w.ioeventfds} ioeventfds and {w.irqfds} irqfds: as many as the "
+                    "process's eventfds allow, at most the reader's caps)")  # fmt: skip
+    return ""
+
+
 def kick(obs: Observation, nic: Nic, queue: int) -> Check:
     """nic.kick from the kernel: KVM's ioeventfd, polled by vhost."""
     assert obs.live is not None
@@ -152,7 +165,7 @@ def kick(obs: Observation, nic: Nic, queue: int) -> Check:
     polled = bool(set(vq.kick_waiters) & set(obs.vhost_poll)) if obs.vhost_poll else None
     evidence = {**base, "kick": _counts(obs, vq.kick), "ioeventfds": notify, "polled": polled}
     if not notify and not all(k.complete for k in obs.live.kvm):
-        message = "unknown: KVM's ioeventfd list is longer than the reader walks"
+        message = f"unknown: KVM's ioeventfd list is longer than the reader walks{_walked(obs)}"
         return nic.check(KICK, UNKNOWN, message, evidence, queue=queue, cause=BEYOND_READER)
     if not notify:
         message = (
@@ -193,7 +206,7 @@ def call(obs: Observation, nic: Nic, queue: int) -> Check:
         message = f"the call eventfd is KVM's irqfd for GSI {mine[0]} (live)"
         return nic.check(CALL, PASS, message, evidence, queue=queue)
     if not all(k.complete for k in obs.live.kvm):
-        message = "unknown: KVM's irqfd list is longer than the reader walks"
+        message = f"unknown: KVM's irqfd list is longer than the reader walks{_walked(obs)}"
         return nic.check(CALL, UNKNOWN, message, evidence, queue=queue, cause=BEYOND_READER)
     if others or (kept and len(kept) >= len(unmatched)):
         which = "other vrings' are" if others else "KVM keeps QEMU's irqfds of masked vectors"

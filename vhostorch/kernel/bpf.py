@@ -156,7 +156,8 @@ class Program:
     def assemble(self) -> bytes:
         """The instructions as the kernel takes them.
 
-        :raises ValueError: a jump to a label never placed, or not ahead of the jump.
+        :raises ValueError: a jump to a label never placed, not ahead of the jump, or
+            farther than a jump's 16-bit offset reaches.
         """
         out = bytearray()
         for at, (code, dst, src, off, imm, target) in enumerate(self._insns):
@@ -166,6 +167,8 @@ class Program:
                 off = self._labels[target] - at - 1
                 if off < 0:
                     raise ValueError(f"jump back to label {target}: programs have no loops")
+                if off >= 1 << 15:
+                    raise ValueError(f"jump to label {target} spans {off} instructions: too far")
             out += _INSN.pack(code, (src << 4) | dst, off, imm)
         return bytes(out)
 

@@ -40,7 +40,7 @@ import struct
 
 from vhostorch.errors import BpfRefused as BpfRefused
 from vhostorch.errors import LiveUnavailable as LiveUnavailable
-from vhostorch.kernel import bpf, btf
+from vhostorch.kernel import bpf, btf, procfs
 from vhostorch.kernel.bpf import (
     ADD,
     DW,
@@ -65,7 +65,7 @@ from vhostorch.kernel.bpf import (
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
     from typing import Final, Literal, TypeVar
 
     TunQueue = Literal["attached", "detached", "gone"]
@@ -94,14 +94,30 @@ VHOST_NET_VQS = 2  # VHOST_NET_VQ_RX, VHOST_NET_VQ_TX
 MAX_PIDS = 256  # per program: the pid filter is a chain of comparisons
 MAX_WAITERS = 4  # waiters looked at per kick eventfd (vhost's poll is one)
 MAX_IRQ_WAITERS = 2  # per irqfd's eventfd (KVM's irqfd_wakeup is one)
-MAX_IOEVENTFDS = 128  # three per virtio queue (MMIO, fast MMIO, legacy port) on QEMU 7.2
-MAX_IRQFDS = 32
+# KVM's lists are walked as far as the chosen processes can hold (`Bounds.sized`): every
+# irqfd and ioeventfd names an eventfd; KVM refuses a second irqfd on one eventfd
+# (kvm_irqfd_assign: -EBUSY), and QEMU's virtio-pci puts a queue's notifier on at most
+# IOEVENTFDS_PER_EVENTFD entries (modern MMIO notify, whose length-0 entry KVM keeps on two
+# buses, MMIO and fast MMIO; PIO notify; the legacy port with the queue's index as datamatch).
+IOEVENTFDS_PER_EVENTFD = 4
+BOUNDS_SLACK = 8  # eventfds made between counting them and reading
+# Hard caps, past which a longer list is reported as truncated (beyond-reader), never cut
+# silently: each entry is unrolled in the program (about 28 instructions an ioeventfd, 57 an
+# irqfd), costs verifier time at every check and must stay within a BPF jump's 32,767
+# instructions; and one VM's records must fit the iterator's buffer (SEQ_BUFFER: 64 bytes
+# an ioeventfd, 48 an irqfd; `fitted` cuts further where a kernel's records are longer).
+MAX_IOEVENTFDS = 384
+MAX_IRQFDS = 128
 _NAME_BYTES = 8  # the anon inode names told apart fit in 8 bytes with their NUL
 _EVENTFD_NAME = int.from_bytes(b"[eventf\0", "little")  # "[eventfd]" read as 7 bytes + NUL
 _KVM_VM_NAME = int.from_bytes(b"kvm-vm\0\0", "little")
 
-# Record kinds, and the record: SLOTS little-endian u64, slot 0 = kind | fd << 32,
-# slot 1 = tgid | index << 32 (the virtqueue or list entry), then the kind's slots.
+# Record kinds, and the record: little-endian u64 slots, slot 0 = kind | fd << 32,
+# slot 1 = tgid | index << 32 (the virtqueue or list entry), then the kind's slots. Each
+# kind writes only its own slots (its length follows from its kind): a VM's KVM lists go
+# out in one visit of its kvm-vm file, and the iterator fails the whole read (E2BIG) when
+# one visit writes more than its seq_file buffer holds.
+SEQ_BUFFER = 4096 << 3  # kernel/bpf/bpf_iter.c: seq->size = PAGE_SIZE << 3 (x86_64 pages)
 FILE, VQ, IOEVENTFD, IRQFD, TRUNCATED = 1, 2, 3, 4, 5
 
 # Slots per kind
@@ -110,12 +126,12 @@ F_EVENTFD_ID, F_EVENTFD_COUNT, F_TUN, F_TUN_DETACHED = 10, 11, 12, 13
 (V_KICK_FILE, V_KICK, V_WAITER0) = (2, 3, 4)
 V_CALL, V_BACKEND, V_BACKEND_FILE, V_FEATURES, V_AVAIL, V_USED = 8, 9, 10, 11, 12, 13
 V_REGIONS, V_UMEM, V_TID, V_KTID = 14, 15, 16, 17
-IO_COPY = 2  # struct _ioeventfd's first bytes, copied whole, from here to IO_NEXT
+IO_COPY = 2  # struct _ioeventfd's members read, copied whole, from here to IO_NEXT at most
 IRQ_GSI, IRQ_EVENTFD, IRQ_WAITER0, IRQ_NEXT = 2, 3, 4, 6  # waiters in 4..5 (MAX_IRQ_WAITERS)
 SLOTS = V_KTID + 1  # the largest kind's
 IO_NEXT = SLOTS - 1
+FILE_SLOTS, IRQ_SLOTS, TRUNCATED_SLOTS = F_TUN_DETACHED + 1, IRQ_WAITER0 + MAX_IRQ_WAITERS, 2
 IOEVENTFD_MEMBERS = ("addr", "length", "eventfd", "datamatch", "bus_idx", "wildcard")
-_RECORD = struct.Struct(f"<{SLOTS}Q")
 # The stack: the record, then scratch slots (fd, tgid, seq_file, list node, waiter node).
 _SCRATCH = -6 * 8
 _BASE = _SCRATCH - SLOTS * 8
@@ -197,14 +213,45 @@ class IrqFd(Record):
     waiters: tuple[int, ...]  # functions waiting on the eventfd (KVM's: irqfd_wakeup)
 
 
+class Bounds(Record):
+    """How many entries of KVM's ioeventfd and irqfd lists a program walks per ``kvm-vm`` file."""
+
+    ioeventfds: int
+    irqfds: int
+
+
+def bounds(eventfds: int) -> Bounds:
+    """The walk that covers whatever a process holding ``eventfds`` open eventfds can have
+    registered with KVM (and some slack), up to the hard caps."""
+    n = max(eventfds, 0) + BOUNDS_SLACK
+    return Bounds(min(n * IOEVENTFDS_PER_EVENTFD, MAX_IOEVENTFDS), min(n, MAX_IRQFDS))
+
+
+def eventfds(pid: int, proc: str = procfs.PROC) -> int:
+    """How many eventfds process ``pid`` holds open now (0 when it is gone)."""
+    base = f"{proc}/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    count = 0
+    for name in names:
+        try:
+            count += os.readlink(f"{base}/{name}") == procfs.EVENTFD
+        except OSError:
+            continue  # closed while we looked
+    return count
+
+
 class Kvm(Record):
     """One open ``kvm-vm`` file of the process; ``complete`` False when a list was longer than
-    the program walks."""
+    the program walks (``walked``: its bounds)."""
 
     fd: int
     ioeventfds: tuple[IoEventFd, ...]
     irqfds: tuple[IrqFd, ...]
     complete: bool
+    walked: Bounds | None = None
 
 
 class OpenFile(Record):
@@ -395,12 +442,13 @@ class _Writer:
             p.alu_reg(bpf.OR, R1, R2)
         p.store(DW, FP, self.slot(1), R1)
 
-    def write(self) -> None:
+    def write(self, slots: int = SLOTS) -> None:
+        """Write the record's first ``slots`` slots."""
         p = self.p
         p.load(DW, R1, FP, _SEQ)
         p.mov_reg(R2, FP)
         p.alu(ADD, R2, _BASE)
-        p.mov(R3, _RECORD.size)
+        p.mov(R3, slots * 8)
         p.call(SEQ_WRITE)
 
     def waiters(self, ctx_slot: int, first: int, count: int = MAX_WAITERS) -> None:
@@ -457,8 +505,9 @@ def worker_model(found: btf.Layout) -> str:
     return "kthread"
 
 
-def program(found: btf.Layout, pids: Sequence[int]) -> Program:
-    """The iterator program for processes ``pids`` with this kernel's offsets.
+def program(found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None) -> Program:
+    """The iterator program for processes ``pids`` with this kernel's offsets, walking KVM's
+    lists as far as ``walk`` says (the hard caps when None).
 
     :raises LiveUnavailable: this kernel's BTF lacks what every record needs.
     """
@@ -524,7 +573,7 @@ def program(found: btf.Layout, pids: Sequence[int]) -> Program:
         w.read_path(F_TUN, R9, "tun_file.tun")
         w.read_path(F_TUN_DETACHED, R9, "tun_file.detached")
         p.label("not_tun")
-    w.write()
+    w.write(FILE_SLOTS)
     # Which file is it? Its device, or its anon inode name; FILE's slots are still there.
     w.get(R8, F_PRIVATE)
     p.jump(JEQ, R8, 0, "out")
@@ -539,7 +588,7 @@ def program(found: btf.Layout, pids: Sequence[int]) -> Program:
     _vhost(w)
     p.goto("out")
     p.label("kvm")
-    _kvm(w)
+    _kvm(w, walk or Bounds(MAX_IOEVENTFDS, MAX_IRQFDS))
     p.label("out")
     p.mov(R0, 0)
     p.exit()
@@ -609,13 +658,15 @@ def _worker(w: _Writer, vq: str | None) -> None:
 
 def _walk(
     w: _Writer, head_path: str, node_path: str, kind: int, limit: int, fill: Sequence[str],
-    next_slot: int, waiters: tuple[int, int, int] | None = None, copy: int = 0,
+    next_slot: int, slots: int, waiters: tuple[int, int, int] | None = None,
+    copy: tuple[int, int] = (0, 0),
 ) -> None:  # fmt: skip
-    """Records of ``kind`` for the first ``limit`` entries of the list at R8 + head_path
-    whose entries link through ``node_path``; a TRUNCATED record when there are more.
+    """Records of ``kind`` (``slots`` long) for the first ``limit`` entries of the list at
+    R8 + head_path whose entries link through ``node_path``; a TRUNCATED record when there
+    are more.
 
-    Each entry's ``fill`` members go to slots 2.., one read each; with ``copy``, the
-    entry's first ``copy`` bytes go to slot 2 on in one read instead (decoded in Python by
+    Each entry's ``fill`` members go to slots 2.., one read each; with ``copy`` (offset,
+    size), those bytes of the entry go to slot 2 on in one read instead (decoded in Python by
     the same offsets), which keeps a long list's program short."""
     if not (w.has(head_path) and w.has(node_path)):
         return
@@ -632,9 +683,9 @@ def _walk(
         p.jump_reg(JEQ, R9, R2, done)
         p.jump(JEQ, R9, 0, done)
         p.alu(SUB, R9, node)
-        if copy:  # the whole record was zeroed by FILE; this kind's slots are all written
+        if copy[1]:  # the whole record was zeroed by FILE; this kind's slots are all written
             w.header(kind, index)
-            w.read(2, R9, 0, copy)
+            w.read(2, R9, copy[0], copy[1])
         else:
             used = next_slot if waiters is None else max(next_slot, waiters[1] + waiters[2])
             w.zero(used + 1)
@@ -646,35 +697,49 @@ def _walk(
         p.store(DW, FP, _NODE, R1)
         if waiters is not None:
             w.waiters(*waiters)
-        w.write()
+        w.write(slots)
     p.load(DW, R9, FP, _NODE)  # exactly ``limit`` entries: the next node is the head
     p.mov_reg(R2, R8)
     p.alu(ADD, R2, head)
     p.jump_reg(JEQ, R9, R2, done)
-    w.zero(2)
+    w.zero(TRUNCATED_SLOTS)
     w.header(TRUNCATED, kind)
-    w.write()
+    w.write(TRUNCATED_SLOTS)
     p.label(done)
 
 
-def _kvm(w: _Writer) -> None:
+def _kvm(w: _Writer, walk: Bounds) -> None:
     """IOEVENTFD and IRQFD records for the struct kvm in R8."""
-    _walk(w, "kvm.ioeventfds", "_ioeventfd.list", IOEVENTFD, MAX_IOEVENTFDS, (), IO_NEXT,
-          copy=_ioeventfd_span(w.fields))  # fmt: skip
-    _walk(w, "kvm.irqfds.items", "kvm_kernel_irqfd.list", IRQFD, MAX_IRQFDS,
-          ("gsi", "eventfd"), IRQ_NEXT, (IRQ_EVENTFD, IRQ_WAITER0, MAX_IRQ_WAITERS))  # fmt: skip
+    walk = fitted(w.fields, walk)
+    copy = _ioeventfd_copy(w.fields)
+    _walk(w, "kvm.ioeventfds", "_ioeventfd.list", IOEVENTFD, walk.ioeventfds, (), IO_NEXT,
+          _ioeventfd_slots(copy), copy=copy)  # fmt: skip
+    _walk(w, "kvm.irqfds.items", "kvm_kernel_irqfd.list", IRQFD, walk.irqfds,
+          ("gsi", "eventfd"), IRQ_NEXT, IRQ_SLOTS,
+          (IRQ_EVENTFD, IRQ_WAITER0, MAX_IRQ_WAITERS))  # fmt: skip
 
 
-def _ioeventfd_span(members: dict[str, btf.Field | None]) -> int:
-    """How many of struct _ioeventfd's first bytes hold the members read.
+def fitted(members: dict[str, btf.Field | None], walk: Bounds) -> Bounds:
+    """``walk``, cut where one kvm-vm file's records (its FILE, every entry, two TRUNCATED)
+    would not fit the iterator's buffer with this kernel's layout; the irqfds, fewer, first."""
+    io_bytes = _ioeventfd_slots(_ioeventfd_copy(members)) * 8
+    room = SEQ_BUFFER - (FILE_SLOTS + 2 * TRUNCATED_SLOTS) * 8
+    irqfds = min(walk.irqfds, room // (IRQ_SLOTS * 8))
+    ioeventfds = min(walk.ioeventfds, (room - irqfds * IRQ_SLOTS * 8) // io_bytes)
+    return Bounds(ioeventfds, irqfds)
+
+
+def _ioeventfd_copy(members: dict[str, btf.Field | None]) -> tuple[int, int]:
+    """Where in struct _ioeventfd the members read start, and how many bytes they span.
 
     :raises LiveUnavailable: more than a record holds (no kernel so far comes close).
     """
-    ends = [f.offset + f.size for m in IOEVENTFD_MEMBERS if (f := members.get(f"_ioeventfd.{m}"))]
-    span = max(ends, default=0)
+    found = [f for m in IOEVENTFD_MEMBERS if (f := members.get(f"_ioeventfd.{m}"))]
+    start = min((f.offset for f in found), default=0)
+    span = max((f.offset + f.size for f in found), default=0) - start
     if span > (IO_NEXT - IO_COPY) * 8:
         raise LiveUnavailable(f"struct _ioeventfd's members span {span} bytes, more than read")
-    return span
+    return start, span
 
 
 def _tun_queue(
@@ -691,12 +756,20 @@ def _tun_queue(
     return TUN_DETACHED if detached else TUN_ATTACHED
 
 
-def _member(raw: bytes, members: dict[str, btf.Field | None], path: str) -> int | None:
-    """A member of a struct copied whole into ``raw``; None where this kernel has none."""
+def _ioeventfd_slots(copy: tuple[int, int]) -> int:
+    return IO_COPY + -(-copy[1] // 8)
+
+
+def _member(
+    raw: bytes, members: dict[str, btf.Field | None], path: str, start: int = 0
+) -> int | None:
+    """A member of a struct whose bytes from ``start`` on were copied whole into ``raw``;
+    None where this kernel has none."""
     field = members.get(path)
     if field is None:
         return None
-    return int.from_bytes(raw[field.offset : field.offset + field.size], "little")
+    at = field.offset - start
+    return int.from_bytes(raw[at : at + field.size], "little")
 
 
 def _in_order(entries: dict[int, _T]) -> tuple[_T, ...]:
@@ -707,14 +780,35 @@ def _opt(value: int, present: bool) -> int | None:
     return value if present else None
 
 
-def decode(data: bytes, found: btf.Layout) -> dict[int, KernelView]:
-    """The records an iterator wrote, by process (``stable`` left True).
+def _records(data: bytes, sizes: dict[int, int]) -> Iterator[tuple[int, ...]]:
+    """Each record's slots, padded with zeros to SLOTS.
+
+    :raises LiveUnavailable: the output is not whole records, or a kind is unknown.
+    """
+    at = 0
+    while at < len(data):
+        if len(data) - at < 8:
+            raise LiveUnavailable(f"BPF iterator wrote {len(data)} bytes, not whole records")
+        kind = int.from_bytes(data[at : at + 4], "little")
+        if kind not in sizes:
+            raise LiveUnavailable(f"BPF iterator wrote a record of unknown kind {kind}")
+        n = sizes[kind]
+        if at + n * 8 > len(data):
+            raise LiveUnavailable(f"BPF iterator wrote {len(data)} bytes, not whole records")
+        yield struct.unpack_from(f"<{n}Q", data, at) + (0,) * (SLOTS - n)
+        at += n * 8
+
+
+def decode(data: bytes, found: btf.Layout, walk: Bounds | None = None) -> dict[int, KernelView]:
+    """The records an iterator wrote, by process (``stable`` left True); ``walk``: the
+    program's bounds, kept in each Kvm.
 
     :raises LiveUnavailable: the output is not whole records.
     """
-    if len(data) % _RECORD.size:
-        raise LiveUnavailable(f"BPF iterator wrote {len(data)} bytes, not whole records")
     f = found.members
+    copy = _ioeventfd_copy(f)
+    sizes = {FILE: FILE_SLOTS, VQ: SLOTS, IOEVENTFD: _ioeventfd_slots(copy), IRQFD: IRQ_SLOTS,
+             TRUNCATED: TRUNCATED_SLOTS}  # fmt: skip
     per_vq = f.get("vhost_net.vqs[0].vq.worker") is not None
     model = worker_model(found)
     files: dict[int, dict[int, OpenFile]] = {}
@@ -725,7 +819,7 @@ def decode(data: bytes, found: btf.Layout) -> dict[int, KernelView]:
     ios: dict[tuple[int, int], dict[int, IoEventFd]] = {}
     irqs: dict[tuple[int, int], dict[int, IrqFd]] = {}
     truncated: set[tuple[int, int]] = set()
-    for s in _RECORD.iter_unpack(data):
+    for s in _records(data, sizes):
         kind, fd = s[0] & 0xFFFFFFFF, s[0] >> 32
         tgid, index = s[1] & 0xFFFFFFFF, s[1] >> 32
         key = (tgid, fd)
@@ -758,13 +852,14 @@ def decode(data: bytes, found: btf.Layout) -> dict[int, KernelView]:
             )  # fmt: skip
         elif kind == IOEVENTFD:
             raw = struct.pack(f"<{IO_NEXT - IO_COPY}Q", *s[IO_COPY:IO_NEXT])
+            at = copy[0]
             ios.setdefault(key, {})[index] = IoEventFd(
-                _member(raw, f, "_ioeventfd.addr") or 0,
-                _member(raw, f, "_ioeventfd.length") or 0,
-                None if _member(raw, f, "_ioeventfd.wildcard") else
-                _member(raw, f, "_ioeventfd.datamatch"),
-                _member(raw, f, "_ioeventfd.eventfd") or 0,
-                _member(raw, f, "_ioeventfd.bus_idx"),
+                _member(raw, f, "_ioeventfd.addr", at) or 0,
+                _member(raw, f, "_ioeventfd.length", at) or 0,
+                None if _member(raw, f, "_ioeventfd.wildcard", at) else
+                _member(raw, f, "_ioeventfd.datamatch", at),
+                _member(raw, f, "_ioeventfd.eventfd", at) or 0,
+                _member(raw, f, "_ioeventfd.bus_idx", at),
             )  # fmt: skip
         elif kind == IRQFD:
             waiters = tuple(w for w in s[IRQ_WAITER0 : IRQ_WAITER0 + MAX_IRQ_WAITERS] if w)
@@ -773,8 +868,6 @@ def decode(data: bytes, found: btf.Layout) -> dict[int, KernelView]:
             )
         elif kind == TRUNCATED:
             truncated.add(key)
-        else:
-            raise LiveUnavailable(f"BPF iterator wrote a record of unknown kind {kind}")
     views: dict[int, KernelView] = {}
     for tgid, by_fd in files.items():
         vhost = tuple(
@@ -784,7 +877,7 @@ def decode(data: bytes, found: btf.Layout) -> dict[int, KernelView]:
         )  # fmt: skip
         kvm = tuple(
             Kvm(fd, _in_order(ios.get((tgid, fd), {})), _in_order(irqs.get((tgid, fd), {})),
-                (tgid, fd) not in truncated)
+                (tgid, fd) not in truncated, walk)
             for fd, file in sorted(by_fd.items()) if file.name == "kvm-vm"
         )  # fmt: skip
         views[tgid] = KernelView(tgid, tuple(v for _, v in sorted(by_fd.items())), vhost, kvm, True)
@@ -803,10 +896,14 @@ def layout(root: str = btf.BTF_ROOT, cache_dir: str | None = btf.CACHE_DIR) -> b
 
 
 def read(
-    pids: Sequence[int], root: str = btf.BTF_ROOT, cache_dir: str | None = btf.CACHE_DIR
-) -> dict[int, KernelView]:
+    pids: Sequence[int], root: str = btf.BTF_ROOT, cache_dir: str | None = btf.CACHE_DIR,
+    held: Mapping[int, int] | None = None,
+) -> dict[int, KernelView]:  # fmt: skip
     """What the kernel holds for each of ``pids`` now (a pid with no open file, or gone, is
     left out), read twice; ``stable`` False where the two reads disagreed on the wiring.
+
+    KVM's lists are walked as far as the processes' eventfds allow (`bounds`): ``held``
+    gives each pid's count where the caller has just read it, else it is counted here.
 
     :raises LiveUnavailable: not possible here (`available`'s reasons, or BTF lacking).
     :raises BpfRefused: the kernel refused the program (message: the verifier's verdict).
@@ -821,10 +918,12 @@ def read(
     views: dict[int, KernelView] = {}
     for start in range(0, len(chosen), MAX_PIDS):
         chunk = chosen[start : start + MAX_PIDS]
-        prog = program(found, chunk)
+        counts = [held[pid] if held and pid in held else eventfds(pid) for pid in chunk]
+        walk = fitted(found.members, bounds(max(counts)))
+        prog = program(found, chunk, walk)
         # One pid: the link's filter (Linux >= 6.1) spares the walk over every task.
         runs = [chunk[0]] * 2 if len(chunk) == 1 else [None, None]
-        first, second = (decode(out, found) for out in bpf.iterate(prog, func, runs))
+        first, second = (decode(out, found, walk) for out in bpf.iterate(prog, func, runs))
         views.update(compared(first, second))
     return views
 

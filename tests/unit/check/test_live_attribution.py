@@ -10,6 +10,7 @@ would decode it: the reader itself needs root and real vhost-net, which only the
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping
 
 import pytest
 
@@ -133,8 +134,9 @@ def test_every_qemu_is_read_in_one_call_of_the_reader(
     without = observed[0].replace(process=observed[0].process.replace(pid=99999, fds=()))
     calls: list[list[int]] = []
 
-    def read(pids: list[int]) -> dict[int, KernelView]:
+    def read(pids: list[int], held: Mapping[int, int]) -> dict[int, KernelView]:
         calls.append(list(pids))
+        assert set(pids) <= set(held)  # each walk sized from the eventfds the QEMU holds
         return {o.process.pid: view(o, {}) for o in observed}
 
     monkeypatch.setattr(vhoststate, "available", lambda: (True, ""))
