@@ -145,3 +145,34 @@ def test_every_qemu_is_read_in_one_call_of_the_reader(
     gathered = live.gather([*observed, without])
     assert calls == [holders]
     assert [o.live is not None for o in gathered] == [True] * len(names) + [False]
+
+
+def test_a_nics_call_is_judged_by_its_own_vrings_not_another_nics(tmp_path: pathlib.Path) -> None:
+    """healthy-4q's NIC with every vring's call no KVM irqfd (QEMU injects its interrupts: no
+    MSI-X for it), beside another vhost device of the same QEMU whose call is an irqfd (a second
+    NIC that has MSI-X): this NIC's calls are relayed (fail), not 'masked' because some other
+    NIC's vring has an irqfd. Constructed: one QEMU with one NIC of each kind was not recorded."""
+    from vhostorch.check import live as live_check
+    from vhostorch.kernel.vhoststate import IrqFd, Kvm
+
+    obs = observations.observed("healthy-4q", tmp_path, trace=False)
+    taps, vhosts = fds_of(obs, procfs.TUN), fds_of(obs, procfs.VHOST_NET)
+    state = view(obs, dict(zip(vhosts, taps, strict=True)))
+    calls = iter(range(0xC000, 0xD000, 8))
+    mine = tuple(
+        d.replace(queues=tuple(q.replace(call=next(calls)) for q in d.queues)) for d in state.vhost
+    )
+    other_call = 0xE000
+    other = VhostNet(999, (Virtqueue(0, None, (), other_call, None, None, None, None, None),),
+                     1, 1999, "kthread")  # fmt: skip
+    kvm = Kvm(998, (), (IrqFd(24, other_call, ()),), True)
+    live = obs.replace(live=state.replace(vhost=(*mine, other), kvm=(kvm,)))
+    (nic,) = nics.find(live)
+    verdict = live_check.call(live, nic, 0)
+    assert (verdict.status, verdict.cause) == ("fail", "relayed-interrupt"), verdict
+    # One vring of the NIC's own with an irqfd: its other vrings' calls are masked vectors.
+    own = mine[0].queues[1].call
+    assert own is not None
+    kvm_own = kvm.replace(irqfds=(*kvm.irqfds, IrqFd(25, own, ())))
+    masked = live_check.call(live.replace(live=live.live.replace(kvm=(kvm_own,))), nic, 0)
+    assert (masked.status, masked.cause) == ("warn", "masked"), masked
