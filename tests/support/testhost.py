@@ -34,7 +34,8 @@ from typing import Any
 import pytest
 
 INSIDE = os.environ.get("VHOSTORCH_IN_TESTHOST") == "1"
-TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "1500"))
+# A whole session's bound: ~18 min on an idle core, more when sessions share the cores.
+TIMEOUT = float(os.environ.get("VHOSTORCH_LAB_TIMEOUT", "2700"))
 TEST_TIMEOUT = 240
 KERNELS_ENV = "VHOSTORCH_LAB_KERNELS"
 PARALLEL_ENV = "VHOSTORCH_LAB_PARALLEL"
@@ -105,24 +106,30 @@ class Boot:
         self.report: dict[str, dict[str, Any]] = {}
         self.results = ""
         self.frozen: list[str] = []
-        self._thread: threading.Thread | None = None
+        self._started = False
+        # Waited on, not Thread.join: a join interrupted by an exception (pytest-timeout's
+        # SIGALRM) marks the still running thread stopped, and every later join returns at
+        # once (CPython's bpo-45274 handling), so each later test would find no result.
+        self._done = threading.Event()
 
     def start(self, slots: threading.Semaphore) -> None:
         """Run this boot in the background once a slot is free (see `_together`)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run_in, args=(slots,), daemon=True)
-            self._thread.start()
+        if not self._started:
+            self._started = True
+            threading.Thread(target=self._run_in, args=(slots,), daemon=True).start()
 
     def _run_in(self, slots: threading.Semaphore) -> None:
-        with slots:
-            try:
+        try:
+            with slots:
                 self.run()
-            except BaseException as err:  # reported by the tests waiting for it
-                self.error = f"the test-host session crashed: {type(err).__name__}: {err}"
+        except BaseException as err:  # reported by the tests waiting for it
+            self.error = f"the test-host session crashed: {type(err).__name__}: {err}"
+        finally:
+            self._done.set()
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        if self._started:
+            self._done.wait()
         else:
             self.run()
 
@@ -326,7 +333,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for kernel in chosen:
             remote = Remote.from_parent(item.parent, name=kernel_id(item.name, kernel))
             remote.kernel, remote.inner = kernel, item.nodeid
-            remote.own_markers.extend(item.iter_markers())
+            # Not its timeout: the test has it inside; outside, the first test of a session
+            # waits for the whole boot (bounded by TIMEOUT).
+            remote.own_markers.extend(m for m in item.iter_markers() if m.name != "timeout")
             expanded.append(remote)
     items[:] = expanded
 
