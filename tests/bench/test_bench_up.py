@@ -115,9 +115,10 @@ def test_up_reaches_the_guest_driver_as_fast_as_a_shell_script(in_testhost: None
         f"vhostorch {', '.join(f'{t:.1f}' for t in ours)}"
     )
     # The guard is on what vhostorch adds, not on the ratio: the extra is a fixed cost (the
-    # interpreter, its imports and qemu.qmp's, under TCG: 2.2-3.3 s over five CI runs), and
-    # since inner guests boot in about 7 s the 1.2x target is missed by it (README,
-    # Benchmarks); a ratio bound would then fail on the baseline's noise alone (6.0-7.8 s
-    # within one run).
+    # interpreter, its imports and qemu.qmp's, under TCG: 2.2-3.3 s over five CI runs with one
+    # test host at a time, 3.7 s and 4.4 s with two side by side, each slowing the other's
+    # file reads over 9p), and since inner guests boot in about 7 s the 1.2x target is missed
+    # by it (README, Benchmarks); a ratio bound would then fail on the baseline's noise alone
+    # (6.0-7.8 s within one run).
     extra = statistics.median(ours) - statistics.median(shell)
-    assert extra < 4.0, f"vhostorch took {extra:.2f} s more than the shell script"
+    assert extra < 5.5, f"vhostorch took {extra:.2f} s more than the shell script"
