@@ -82,6 +82,46 @@ def test_live_read_maps_eventfd_contexts_to_fdinfo(
 
 
 @needs_btf
+def test_a_thread_with_its_own_fd_table_does_not_stand_in_for_the_process(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A thread that unshared its fd table (unshare(CLONE_FILES)) and put another eventfd at
+    fd 100, and one at fd 101 the process does not have: the view is the process's own table,
+    as /proc/PID/fd shows it and every fd number a check names (before the fix the thread's
+    table overwrote it: fd 100 read as the thread's eventfd, and 101 was there)."""
+    code = (
+        "import ctypes, os, sys, threading\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "os.dup2(os.eventfd(0), 100)\n"
+        "ready = threading.Event()\n"
+        "def thread():\n"
+        "    assert libc.unshare(0x400) == 0, ctypes.get_errno()  # CLONE_FILES\n"
+        "    other = os.eventfd(0)\n"
+        "    os.dup2(other, 100)\n"
+        "    os.dup2(other, 101)\n"
+        "    ready.set()\n"
+        "    threading.Event().wait()\n"
+        "threading.Thread(target=thread, daemon=True).start()\n"
+        "ready.wait()\n"
+        "print(flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin and proc.stdout
+    try:
+        proc.stdout.readline()
+        view = vhoststate.read([proc.pid], cache_dir=str(tmp_path))[proc.pid]
+        by_fd = {f.fd: f for f in view.files}
+        assert sorted(by_fd) == sorted(int(n) for n in os.listdir(f"/proc/{proc.pid}/fd"))
+        assert by_fd[100].eventfd_id == _eventfd_id(proc.pid, 100)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+@needs_btf
 def test_one_pass_reads_many_processes(
     child: tuple[int, list[int]], tmp_path: pathlib.Path
 ) -> None:

@@ -2,7 +2,9 @@
 by a BPF ``task_file`` iterator: no trace armed before, no pause, nothing left attached.
 
 For each chosen process the iterator visits every open file with a reference held (so nothing
-is freed under the program) and the program writes fixed-size records (`read` decodes them):
+is freed under the program), of its group leader's fd table only (the one /proc/PID/fd shows;
+a thread that unshared its table is passed over), and the program writes fixed-size records
+(`read` decodes them):
 
 - every file: its ``struct file`` address, ``private_data``, device number and anon inode name,
   and for an eventfd its context's id (fdinfo's ``eventfd-id``, so Python maps contexts back to
@@ -145,6 +147,7 @@ def _paths() -> list[str]:
     return [
         "bpf_iter__task_file.meta", "bpf_iter__task_file.task", "bpf_iter__task_file.fd",
         "bpf_iter__task_file.file", "bpf_iter_meta.seq", "task_struct.tgid", "task_struct.pid",
+        "task_struct.files", "task_struct.group_leader",
         "file.private_data", "file.f_inode", "file.f_path.dentry", "inode.i_rdev",
         "inode.i_mode", "dentry.d_name.name", "eventfd_ctx.id", "eventfd_ctx.count",
         "eventfd_ctx.wqh.head", "list_head.next", "wait_queue_entry.func",
@@ -534,6 +537,20 @@ def program(found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None) 
         p.jump(JEQ, R1, pid, "chosen")
     p.goto("out")
     p.label("chosen")
+    if w.has("task_struct.files") and w.has("task_struct.group_leader"):
+        # A thread that unshared its fd table (unshare(CLONE_FILES)) is visited with its own
+        # table, whose numbers are not the process's: /proc/PID/fd, and so every fd number a
+        # check names, is the group leader's table. Records carry the tgid alone, so a
+        # thread's table would overwrite the leader's fds in the view; only tasks on the
+        # leader's table are read. (Slots F_FILE and F_PRIVATE serve as scratch: FILE zeroes
+        # them next.)
+        w.read(F_FILE, R8, w.off("task_struct.files"))
+        w.read(F_PRIVATE, R8, w.off("task_struct.group_leader"))
+        w.get(R9, F_PRIVATE)
+        w.read(F_PRIVATE, R9, w.off("task_struct.files"))
+        w.get(R1, F_FILE)
+        w.get(R2, F_PRIVATE)
+        p.jump_reg(JNE, R1, R2, "out")
     # FILE: every file, for the fd <-> file and context mapping.
     w.zero()
     w.header(FILE)
