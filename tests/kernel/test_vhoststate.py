@@ -321,6 +321,51 @@ def test_a_tap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pathli
         proc.wait(timeout=10)
 
 
+@needs_btf
+def test_a_macvtap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pathlib.Path) -> None:
+    """libvirt's type='direct': vhost's backend is a macvtap queue (/dev/tapN, whose
+    private_data is struct tap_queue). Two queues, the second detached (TUNSETQUEUE): read as
+    attached and detached; after `ip link del` of the macvtap under them, gone (before, a
+    macvtap queue was read as no tap at all, so a deleted macvtap passed nic.vhost.started)."""
+    subprocess.run(["ip", "-n", ns, "link", "add", "vhorvlow", "type", "veth", "peer", "vhorvpeer"],
+                   check=True)  # fmt: skip
+    subprocess.run(
+        ["ip", "-n", ns, "link", "add", "link", "vhorvlow", "name", "vhorvtap", "type",
+         "macvtap", "mode", "bridge"], check=True,
+    )  # fmt: skip
+    code = (
+        "import fcntl, os, struct, sys\n"
+        "TUNSETQUEUE, IFF_DETACH_QUEUE = 0x400454D9, 0x400\n"
+        "net = '/sys/class/net/vhorvtap'\n"
+        "index = open(net + '/ifindex').read().strip()\n"
+        "major, minor = open(f'{net}/macvtap/tap{index}/dev').read().split(':')\n"
+        f"node = '{tmp_path}/tap' + index\n"
+        "os.mknod(node, 0o600 | 0o020000, os.makedev(int(major), int(minor)))\n"
+        "fds = [os.open(node, os.O_RDWR) for _ in range(2)]\n"
+        "fcntl.ioctl(fds[1], TUNSETQUEUE, struct.pack('16sH22x', b'', IFF_DETACH_QUEUE))\n"
+        "print(*fds, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin and proc.stdout
+    try:
+        attached, detached = (int(n) for n in proc.stdout.readline().split())
+
+        def queues() -> dict[int, str | None]:
+            view = vhoststate.read([proc.pid], cache_dir=str(tmp_path / "btf"))[proc.pid]
+            return {f.fd: f.tun_queue for f in view.files if f.fd in (attached, detached)}
+
+        assert queues() == {attached: "attached", detached: "detached"}
+        subprocess.run(["ip", "-n", ns, "link", "del", "vhorvtap"], check=True)
+        assert queues() == {attached: "gone", detached: "gone"}
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
 # KVM's UAPI (include/uapi/linux/kvm.h): this machine's KVM cannot run a guest, but it makes
 # VMs whose ioeventfd and irqfd lists are the kernel's own, which is all the walk reads.
 _KVM_CREATE_VM, _KVM_CREATE_IRQCHIP = 0xAE01, 0xAE60

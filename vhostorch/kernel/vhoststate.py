@@ -11,7 +11,9 @@ a thread that unshared its table is passed over), and the program writes fixed-s
   QEMU's fd numbers); for a ``/dev/net/tun`` file (misc 10:200), whose ``private_data`` is
   ``struct tun_file``, whether the queue is on a device (``tun``; one detached with
   TUNSETQUEUE's IFF_DETACH_QUEUE keeps it and has ``detached`` set) or on none (the device
-  was deleted under it);
+  was deleted under it); the same for a macvtap queue (``/dev/tapN``, of the dynamic major
+  ``read`` finds in /proc/devices), whose ``private_data`` is ``struct tap_queue``: its
+  ``tap`` (cleared when the macvtap is deleted) and ``enabled`` (off when detached);
 - a ``/dev/vhost-net`` file (misc 10:238, known by its inode's device number, so a container's
   mknod'ed node counts and vhost-vsock, 10:241, or vhost-vdpa do not), whose ``private_data``
   is ``struct vhost_net``: per virtqueue (RX 0, TX 1) the kick eventfd's context and the
@@ -76,7 +78,7 @@ if TYPE_CHECKING:
 
 KALLSYMS = "/proc/kallsyms"
 LOCKDOWN = "/sys/kernel/security/lockdown"
-MODULES = ("vhost", "vhost_net", "kvm", "kvm_amd", "kvm_intel", "tun")
+MODULES = ("vhost", "vhost_net", "kvm", "kvm_amd", "kvm_intel", "tun", "tap")
 ITERATOR = "bpf_iter_task_file"
 VHOST_POLL_WAKEUP = "vhost_poll_wakeup"
 IRQFD_WAKEUP = "irqfd_wakeup"
@@ -152,7 +154,8 @@ def _paths() -> list[str]:
         "inode.i_mode", "dentry.d_name.name", "eventfd_ctx.id", "eventfd_ctx.count",
         "eventfd_ctx.wqh.head", "list_head.next", "wait_queue_entry.func",
         "wait_queue_entry.entry", "socket.file", "vhost_net.dev.umem", "vhost_net.dev.worker",
-        "vhost_iotlb.nmaps", "tun_file.tun", "tun_file.detached",
+        "vhost_iotlb.nmaps", "tun_file.tun", "tun_file.detached", "tap_queue.tap",
+        "tap_queue.enabled",
         "vhost_worker.vtsk", "vhost_worker.kthread_task", "vhost_task.task",
         *(f"{q}.{member}" for q in vq for member in per_vq),
         "kvm.ioeventfds", "_ioeventfd.list", "_ioeventfd.addr", "_ioeventfd.length",
@@ -270,8 +273,8 @@ class OpenFile(Record):
     name: str
     eventfd_id: int | None
     eventfd_count: int | None = None
-    # A /dev/net/tun file's queue (TUN_ATTACHED, TUN_DETACHED, TUN_GONE); None: not a tun
-    # file, or this kernel's BTF has no struct tun_file.
+    # A /dev/net/tun or macvtap file's queue (TUN_ATTACHED, TUN_DETACHED, TUN_GONE); None:
+    # neither, or this kernel's BTF has no struct tun_file (tap_queue).
     tun_queue: TunQueue | None = None
 
     @property
@@ -508,9 +511,13 @@ def worker_model(found: btf.Layout) -> str:
     return "kthread"
 
 
-def program(found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None) -> Program:
+def program(
+    found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None,
+    macvtap_major: int | None = None,
+) -> Program:  # fmt: skip
     """The iterator program for processes ``pids`` with this kernel's offsets, walking KVM's
-    lists as far as ``walk`` says (the hard caps when None).
+    lists as far as ``walk`` says (the hard caps when None); a char device of
+    ``macvtap_major`` is read as a macvtap queue.
 
     :raises LiveUnavailable: this kernel's BTF lacks what every record needs.
     """
@@ -590,6 +597,21 @@ def program(found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None) 
         w.read_path(F_TUN, R9, "tun_file.tun")
         w.read_path(F_TUN_DETACHED, R9, "tun_file.detached")
         p.label("not_tun")
+    if macvtap_major is not None and w.has("tap_queue.tap") and w.has("tap_queue.enabled"):
+        w.get(R1, F_MODE)
+        p.alu(bpf.AND, R1, _S_IFMT)
+        p.jump(JNE, R1, _S_IFCHR, "not_macvtap")
+        w.get(R1, F_RDEV)
+        p.alu(bpf.RSH, R1, _MINOR_BITS)
+        p.jump(JNE, R1, macvtap_major, "not_macvtap")
+        w.get(R9, F_PRIVATE)  # struct tap_queue (tap_open)
+        p.jump(JEQ, R9, 0, "not_macvtap")
+        w.read_path(F_TUN, R9, "tap_queue.tap")
+        w.read_path(F_TUN_DETACHED, R9, "tap_queue.enabled")  # a bool: detached = !enabled
+        w.get(R1, F_TUN_DETACHED)
+        p.alu(bpf.XOR, R1, 1)
+        p.store(DW, FP, w.slot(F_TUN_DETACHED), R1)
+        p.label("not_macvtap")
     w.write(FILE_SLOTS)
     # Which file is it? Its device, or its anon inode name; FILE's slots are still there.
     w.get(R8, F_PRIVATE)
@@ -760,14 +782,30 @@ def _ioeventfd_copy(members: dict[str, btf.Field | None]) -> tuple[int, int]:
 
 
 def _tun_queue(
-    rdev: int, private: int, tun: int, detached: int, found: btf.Layout
+    mode: int,
+    rdev: int,
+    private: int,
+    tun: int,
+    detached: int,
+    found: btf.Layout,
+    macvtap_major: int | None = None,
 ) -> TunQueue | None:
-    """OpenFile.tun_queue from a FILE record's slots."""
-    known = found.members.get("tun_file.tun") and found.members.get("tun_file.detached")
-    if rdev != TUN_RDEV or not private or not known:
+    """OpenFile.tun_queue from a FILE record's slots (a tun or, of ``macvtap_major``, a
+    macvtap queue; ``tun``: its device, ``detached``: the program's flag)."""
+    f = found.members
+    if mode & _S_IFMT != _S_IFCHR or not private:
+        return None
+    if rdev == TUN_RDEV:
+        known = f.get("tun_file.tun") and f.get("tun_file.detached")
+    elif macvtap_major is not None and rdev >> _MINOR_BITS == macvtap_major:
+        known = f.get("tap_queue.tap") and f.get("tap_queue.enabled")
+    else:
+        return None
+    if not known:
         return None
     # A detached queue keeps its tun pointer (__tun_detach without clean); the deletion of
-    # the device clears it on every queue, detached ones included (tun_detach_all).
+    # the device clears it on every queue, detached ones included (tun_detach_all). So for
+    # a macvtap: tap_disable_queue keeps q->tap, tap_del_queues clears it.
     if not tun:
         return TUN_GONE
     return TUN_DETACHED if detached else TUN_ATTACHED
@@ -816,9 +854,12 @@ def _records(data: bytes, sizes: dict[int, int]) -> Iterator[tuple[int, ...]]:
         at += n * 8
 
 
-def decode(data: bytes, found: btf.Layout, walk: Bounds | None = None) -> dict[int, KernelView]:
+def decode(
+    data: bytes, found: btf.Layout, walk: Bounds | None = None,
+    macvtap_major: int | None = None,
+) -> dict[int, KernelView]:  # fmt: skip
     """The records an iterator wrote, by process (``stable`` left True); ``walk``: the
-    program's bounds, kept in each Kvm.
+    program's bounds, kept in each Kvm; ``macvtap_major``: the program's.
 
     :raises LiveUnavailable: the output is not whole records.
     """
@@ -847,7 +888,8 @@ def decode(data: bytes, found: btf.Layout, walk: Bounds | None = None) -> dict[i
                 fd, s[F_FILE], s[F_PRIVATE], s[F_RDEV], name,
                 s[F_EVENTFD_ID] & 0xFFFFFFFF if is_eventfd else None,
                 s[F_EVENTFD_COUNT] if is_eventfd and f.get("eventfd_ctx.count") else None,
-                _tun_queue(s[F_RDEV], s[F_PRIVATE], s[F_TUN], s[F_TUN_DETACHED], found),
+                _tun_queue(s[F_MODE], s[F_RDEV], s[F_PRIVATE], s[F_TUN], s[F_TUN_DETACHED],
+                           found, macvtap_major),
             )  # fmt: skip
         elif kind == VQ:
             vq = f"vhost_net.vqs[{index}].vq"
@@ -932,15 +974,16 @@ def read(
     func = found.funcs[ITERATOR]
     assert func is not None
     chosen = sorted(set(pids))
+    macvtap = procfs.char_major(procfs.MACVTAP_DRIVER)
     views: dict[int, KernelView] = {}
     for start in range(0, len(chosen), MAX_PIDS):
         chunk = chosen[start : start + MAX_PIDS]
         counts = [held[pid] if held and pid in held else eventfds(pid) for pid in chunk]
         walk = fitted(found.members, bounds(max(counts)))
-        prog = program(found, chunk, walk)
+        prog = program(found, chunk, walk, macvtap)
         # One pid: the link's filter (Linux >= 6.1) spares the walk over every task.
         runs = [chunk[0]] * 2 if len(chunk) == 1 else [None, None]
-        first, second = (decode(out, found, walk) for out in bpf.iterate(prog, func, runs))
+        first, second = (decode(out, found, walk, macvtap) for out in bpf.iterate(prog, func, runs))
         views.update(compared(first, second))
     return views
 
