@@ -281,6 +281,44 @@ def test_two_reads_that_disagree_are_not_stable(tmp_path: pathlib.Path) -> None:
 
 
 @needs_btf
+def test_an_eventfd_signalled_between_the_two_reads_is_still_stable(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A busy VM's kick eventfd counts every guest kick (vhost polls it and never reads it),
+    so its count may differ between the two reads while its wiring does not: a process that
+    signals an eventfd between two runs of the program (told by a line on its stdin) stands in
+    for a guest's kick landing there. The view is stable (before, a kick between the reads made
+    kick, call and started unknown: 'two reads of the kernel's state disagreed')."""
+    code = (
+        "import os, sys\nfd = os.eventfd(0)\nprint(fd, flush=True)\nsys.stdin.readline()\n"
+        "os.eventfd_write(fd, 1)\nprint(flush=True)\nsys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin and proc.stdout
+    found = vhoststate.layout(cache_dir=str(tmp_path))
+    func = found.funcs[vhoststate.ITERATOR]
+    assert func
+    fd = bpf.load(vhoststate.program(found, [proc.pid]), func)
+    try:
+        eventfd = int(proc.stdout.readline())
+        before = vhoststate.decode(bpf.run(fd, proc.pid), found)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        after = vhoststate.decode(bpf.run(fd, proc.pid), found)
+    finally:
+        os.close(fd)
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    counts = [next(f.eventfd_count for f in v[proc.pid].files if f.fd == eventfd) for v in
+              (before, after)]  # fmt: skip
+    assert counts == [0, 1]
+    assert vhoststate.compared(before, after)[proc.pid].stable
+
+
+@needs_btf
 def test_a_tap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pathlib.Path) -> None:
     """A process holding two queues of a multi-queue tap, the second detached (TUNSETQUEUE
     IFF_DETACH_QUEUE, as QEMU does for queue pairs the guest leaves off): read as attached and

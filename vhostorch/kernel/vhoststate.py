@@ -309,13 +309,16 @@ class KernelView(Record):
         return [f.fd for f in self.files if file and f.file == file]
 
     def wiring(self) -> tuple[object, ...]:
-        """What two reads of a healthy VM must agree on: everything but ring progress."""
+        """What two reads of a healthy VM must agree on: everything but progress, the rings'
+        indices and the eventfds' counts (a kick eventfd counts the guest's kicks: one landing
+        between the reads of a VM with traffic changes nothing of its wiring)."""
+        files = tuple(f.replace(eventfd_count=None) for f in self.files)
         queues = tuple(
             (v.fd, v.memory_regions, v.worker_tid,
              tuple(q.replace(last_avail_idx=None, last_used_idx=None) for q in v.queues))
             for v in self.vhost
         )  # fmt: skip
-        return self.files, queues, self.kvm
+        return files, queues, self.kvm
 
 
 def symbols(names: Iterable[str], path: str = KALLSYMS) -> dict[str, set[int]]:
