@@ -122,6 +122,38 @@ def test_a_thread_with_its_own_fd_table_does_not_stand_in_for_the_process(
 
 
 @needs_btf
+def test_files_merely_named_like_kvm_or_eventfd_are_neither(tmp_path: pathlib.Path) -> None:
+    """QEMU may hold files whose names a VM's user chose (a disk image, a FIFO, on NFS or
+    FUSE): a FIFO named ``kvm-vm`` (private_data: its pipe) and one named ``[eventfd]``. Only
+    an anonymous inode's name says what a file is: before, the pipe was walked as KVM's lists
+    (a Kvm from garbage, incomplete, which turns a relayed kick's fail into unknown) and the
+    other read as an eventfd."""
+    names = ("kvm-vm", "[eventfd]")
+    for name in names:
+        os.mkfifo(tmp_path / name)
+    code = (
+        "import os, sys\n"
+        f"fds = [os.open(os.path.join({str(tmp_path)!r}, n), os.O_RDWR) for n in {names!r}]\n"
+        "print(*fds, flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin and proc.stdout
+    try:
+        fds = [int(n) for n in proc.stdout.readline().split()]
+        view = vhoststate.read([proc.pid], cache_dir=str(tmp_path / "btf"))[proc.pid]
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    by_fd = {f.fd: f for f in view.files}
+    assert view.kvm == ()
+    assert [by_fd[fd].kind for fd in fds] == [None, None]
+    assert [by_fd[fd].eventfd_id for fd in fds] == [None, None]
+
+
+@needs_btf
 def test_one_pass_reads_many_processes(
     child: tuple[int, list[int]], tmp_path: pathlib.Path
 ) -> None:

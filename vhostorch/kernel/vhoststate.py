@@ -6,7 +6,8 @@ is freed under the program), of its group leader's fd table only (the one /proc/
 a thread that unshared its table is passed over), and the program writes fixed-size records
 (`read` decodes them):
 
-- every file: its ``struct file`` address, ``private_data``, device number and anon inode name,
+- every file: its ``struct file`` address, ``private_data``, device number and anon inode name
+  (a name only for a file of the anon inode filesystem: any other may be called anything),
   and for an eventfd its context's id (fdinfo's ``eventfd-id``, so Python maps contexts back to
   QEMU's fd numbers); for a ``/dev/net/tun`` file (misc 10:200), whose ``private_data`` is
   ``struct tun_file``, whether the queue is on a device (``tun``; one detached with
@@ -115,6 +116,9 @@ MAX_IRQFDS = 128
 _NAME_BYTES = 8  # the anon inode names told apart fit in 8 bytes with their NUL
 _EVENTFD_NAME = int.from_bytes(b"[eventf\0", "little")  # "[eventfd]" read as 7 bytes + NUL
 _KVM_VM_NAME = int.from_bytes(b"kvm-vm\0\0", "little")
+# The anon inode filesystem's magic (include/uapi/linux/magic.h): only there does a name say
+# what a file is; a disk image or FIFO QEMU holds may be called "kvm-vm" or "[eventfd]".
+ANON_INODE_FS_MAGIC = 0x09041934
 
 # Record kinds, and the record: little-endian u64 slots, slot 0 = kind | fd << 32,
 # slot 1 = tgid | index << 32 (the virtqueue or list entry), then the kind's slots. Each
@@ -150,7 +154,8 @@ def _paths() -> list[str]:
         "bpf_iter__task_file.meta", "bpf_iter__task_file.task", "bpf_iter__task_file.fd",
         "bpf_iter__task_file.file", "bpf_iter_meta.seq", "task_struct.tgid", "task_struct.pid",
         "task_struct.files", "task_struct.group_leader",
-        "file.private_data", "file.f_inode", "file.f_path.dentry", "inode.i_rdev",
+        "file.private_data", "file.f_inode", "file.f_path.dentry", "inode.i_rdev", "inode.i_sb",
+        "super_block.s_magic",
         "inode.i_mode", "dentry.d_name.name", "eventfd_ctx.id", "eventfd_ctx.count",
         "eventfd_ctx.wqh.head", "list_head.next", "wait_queue_entry.func",
         "wait_queue_entry.entry", "socket.file", "vhost_net.dev.umem", "vhost_net.dev.worker",
@@ -580,6 +585,20 @@ def program(
     p.jump(JEQ, R9, 0, "no_name")
     w.read(F_NAME, R9, 0, _NAME_BYTES, string=True)
     p.label("no_name")
+    if w.has("inode.i_sb") and w.has("super_block.s_magic"):
+        # F_NAMEP (not decoded) is scratch from here: the inode's super block, its magic.
+        w.get(R9, F_INODE)
+        p.jump(JEQ, R9, 0, "not_anon")
+        w.read_path(F_NAMEP, R9, "inode.i_sb")
+        w.get(R9, F_NAMEP)
+        p.store_imm(DW, FP, w.slot(F_NAMEP), 0)
+        p.jump(JEQ, R9, 0, "not_anon")
+        w.read_path(F_NAMEP, R9, "super_block.s_magic")
+        w.get(R1, F_NAMEP)
+        p.jump(JEQ, R1, ANON_INODE_FS_MAGIC, "anon")
+        p.label("not_anon")
+        p.store_imm(DW, FP, w.slot(F_NAME), 0)
+        p.label("anon")
     if w.has("eventfd_ctx.id"):
         w.get(R1, F_NAME)
         p.ld_imm64(R2, _EVENTFD_NAME)
