@@ -82,6 +82,78 @@ def test_live_read_maps_eventfd_contexts_to_fdinfo(
 
 
 @needs_btf
+def test_a_thread_with_its_own_fd_table_does_not_stand_in_for_the_process(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A thread that unshared its fd table (unshare(CLONE_FILES)) and put another eventfd at
+    fd 100, and one at fd 101 the process does not have: the view is the process's own table,
+    as /proc/PID/fd shows it and every fd number a check names (before the fix the thread's
+    table overwrote it: fd 100 read as the thread's eventfd, and 101 was there)."""
+    code = (
+        "import ctypes, os, sys, threading\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "os.dup2(os.eventfd(0), 100)\n"
+        "ready = threading.Event()\n"
+        "def thread():\n"
+        "    assert libc.unshare(0x400) == 0, ctypes.get_errno()  # CLONE_FILES\n"
+        "    other = os.eventfd(0)\n"
+        "    os.dup2(other, 100)\n"
+        "    os.dup2(other, 101)\n"
+        "    ready.set()\n"
+        "    threading.Event().wait()\n"
+        "threading.Thread(target=thread, daemon=True).start()\n"
+        "ready.wait()\n"
+        "print(flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin and proc.stdout
+    try:
+        proc.stdout.readline()
+        view = vhoststate.read([proc.pid], cache_dir=str(tmp_path))[proc.pid]
+        by_fd = {f.fd: f for f in view.files}
+        assert sorted(by_fd) == sorted(int(n) for n in os.listdir(f"/proc/{proc.pid}/fd"))
+        assert by_fd[100].eventfd_id == _eventfd_id(proc.pid, 100)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+@needs_btf
+def test_files_merely_named_like_kvm_or_eventfd_are_neither(tmp_path: pathlib.Path) -> None:
+    """QEMU may hold files whose names a VM's user chose (a disk image, a FIFO, on NFS or
+    FUSE): a FIFO named ``kvm-vm`` (private_data: its pipe) and one named ``[eventfd]``. Only
+    an anonymous inode's name says what a file is: before, the pipe was walked as KVM's lists
+    (a Kvm from garbage, incomplete, which turns a relayed kick's fail into unknown) and the
+    other read as an eventfd."""
+    names = ("kvm-vm", "[eventfd]")
+    for name in names:
+        os.mkfifo(tmp_path / name)
+    code = (
+        "import os, sys\n"
+        f"fds = [os.open(os.path.join({str(tmp_path)!r}, n), os.O_RDWR) for n in {names!r}]\n"
+        "print(*fds, flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin and proc.stdout
+    try:
+        fds = [int(n) for n in proc.stdout.readline().split()]
+        view = vhoststate.read([proc.pid], cache_dir=str(tmp_path / "btf"))[proc.pid]
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    by_fd = {f.fd: f for f in view.files}
+    assert view.kvm == ()
+    assert [by_fd[fd].kind for fd in fds] == [None, None]
+    assert [by_fd[fd].eventfd_id for fd in fds] == [None, None]
+
+
+@needs_btf
 def test_one_pass_reads_many_processes(
     child: tuple[int, list[int]], tmp_path: pathlib.Path
 ) -> None:
@@ -241,6 +313,44 @@ def test_two_reads_that_disagree_are_not_stable(tmp_path: pathlib.Path) -> None:
 
 
 @needs_btf
+def test_an_eventfd_signalled_between_the_two_reads_is_still_stable(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A busy VM's kick eventfd counts every guest kick (vhost polls it and never reads it),
+    so its count may differ between the two reads while its wiring does not: a process that
+    signals an eventfd between two runs of the program (told by a line on its stdin) stands in
+    for a guest's kick landing there. The view is stable (before, a kick between the reads made
+    kick, call and started unknown: 'two reads of the kernel's state disagreed')."""
+    code = (
+        "import os, sys\nfd = os.eventfd(0)\nprint(fd, flush=True)\nsys.stdin.readline()\n"
+        "os.eventfd_write(fd, 1)\nprint(flush=True)\nsys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin and proc.stdout
+    found = vhoststate.layout(cache_dir=str(tmp_path))
+    func = found.funcs[vhoststate.ITERATOR]
+    assert func
+    fd = bpf.load(vhoststate.program(found, [proc.pid]), func)
+    try:
+        eventfd = int(proc.stdout.readline())
+        before = vhoststate.decode(bpf.run(fd, proc.pid), found)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        after = vhoststate.decode(bpf.run(fd, proc.pid), found)
+    finally:
+        os.close(fd)
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    counts = [next(f.eventfd_count for f in v[proc.pid].files if f.fd == eventfd) for v in
+              (before, after)]  # fmt: skip
+    assert counts == [0, 1]
+    assert vhoststate.compared(before, after)[proc.pid].stable
+
+
+@needs_btf
 def test_a_tap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pathlib.Path) -> None:
     """A process holding two queues of a multi-queue tap, the second detached (TUNSETQUEUE
     IFF_DETACH_QUEUE, as QEMU does for queue pairs the guest leaves off): read as attached and
@@ -275,6 +385,51 @@ def test_a_tap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pathli
 
         assert queues() == {attached: "attached", detached: "detached"}
         subprocess.run(["ip", "-n", ns, "link", "del", "vhotunq"], check=True)
+        assert queues() == {attached: "gone", detached: "gone"}
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+@needs_btf
+def test_a_macvtap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pathlib.Path) -> None:
+    """libvirt's type='direct': vhost's backend is a macvtap queue (/dev/tapN, whose
+    private_data is struct tap_queue). Two queues, the second detached (TUNSETQUEUE): read as
+    attached and detached; after `ip link del` of the macvtap under them, gone (before, a
+    macvtap queue was read as no tap at all, so a deleted macvtap passed nic.vhost.started)."""
+    subprocess.run(["ip", "-n", ns, "link", "add", "vhorvlow", "type", "veth", "peer", "vhorvpeer"],
+                   check=True)  # fmt: skip
+    subprocess.run(
+        ["ip", "-n", ns, "link", "add", "link", "vhorvlow", "name", "vhorvtap", "type",
+         "macvtap", "mode", "bridge"], check=True,
+    )  # fmt: skip
+    code = (
+        "import fcntl, os, struct, sys\n"
+        "TUNSETQUEUE, IFF_DETACH_QUEUE = 0x400454D9, 0x400\n"
+        "net = '/sys/class/net/vhorvtap'\n"
+        "index = open(net + '/ifindex').read().strip()\n"
+        "major, minor = open(f'{net}/macvtap/tap{index}/dev').read().split(':')\n"
+        f"node = '{tmp_path}/tap' + index\n"
+        "os.mknod(node, 0o600 | 0o020000, os.makedev(int(major), int(minor)))\n"
+        "fds = [os.open(node, os.O_RDWR) for _ in range(2)]\n"
+        "fcntl.ioctl(fds[1], TUNSETQUEUE, struct.pack('16sH22x', b'', IFF_DETACH_QUEUE))\n"
+        "print(*fds, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin and proc.stdout
+    try:
+        attached, detached = (int(n) for n in proc.stdout.readline().split())
+
+        def queues() -> dict[int, str | None]:
+            view = vhoststate.read([proc.pid], cache_dir=str(tmp_path / "btf"))[proc.pid]
+            return {f.fd: f.tun_queue for f in view.files if f.fd in (attached, detached)}
+
+        assert queues() == {attached: "attached", detached: "detached"}
+        subprocess.run(["ip", "-n", ns, "link", "del", "vhorvtap"], check=True)
         assert queues() == {attached: "gone", detached: "gone"}
     finally:
         proc.stdin.close()

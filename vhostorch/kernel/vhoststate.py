@@ -2,14 +2,19 @@
 by a BPF ``task_file`` iterator: no trace armed before, no pause, nothing left attached.
 
 For each chosen process the iterator visits every open file with a reference held (so nothing
-is freed under the program) and the program writes fixed-size records (`read` decodes them):
+is freed under the program), of its group leader's fd table only (the one /proc/PID/fd shows;
+a thread that unshared its table is passed over), and the program writes fixed-size records
+(`read` decodes them):
 
-- every file: its ``struct file`` address, ``private_data``, device number and anon inode name,
+- every file: its ``struct file`` address, ``private_data``, device number and anon inode name
+  (a name only for a file of the anon inode filesystem: any other may be called anything),
   and for an eventfd its context's id (fdinfo's ``eventfd-id``, so Python maps contexts back to
   QEMU's fd numbers); for a ``/dev/net/tun`` file (misc 10:200), whose ``private_data`` is
   ``struct tun_file``, whether the queue is on a device (``tun``; one detached with
   TUNSETQUEUE's IFF_DETACH_QUEUE keeps it and has ``detached`` set) or on none (the device
-  was deleted under it);
+  was deleted under it); the same for a macvtap queue (``/dev/tapN``, of the dynamic major
+  ``read`` finds in /proc/devices), whose ``private_data`` is ``struct tap_queue``: its
+  ``tap`` (cleared when the macvtap is deleted) and ``enabled`` (off when detached);
 - a ``/dev/vhost-net`` file (misc 10:238, known by its inode's device number, so a container's
   mknod'ed node counts and vhost-vsock, 10:241, or vhost-vdpa do not), whose ``private_data``
   is ``struct vhost_net``: per virtqueue (RX 0, TX 1) the kick eventfd's context and the
@@ -74,7 +79,7 @@ if TYPE_CHECKING:
 
 KALLSYMS = "/proc/kallsyms"
 LOCKDOWN = "/sys/kernel/security/lockdown"
-MODULES = ("vhost", "vhost_net", "kvm", "kvm_amd", "kvm_intel", "tun")
+MODULES = ("vhost", "vhost_net", "kvm", "kvm_amd", "kvm_intel", "tun", "tap")
 ITERATOR = "bpf_iter_task_file"
 VHOST_POLL_WAKEUP = "vhost_poll_wakeup"
 IRQFD_WAKEUP = "irqfd_wakeup"
@@ -111,6 +116,9 @@ MAX_IRQFDS = 128
 _NAME_BYTES = 8  # the anon inode names told apart fit in 8 bytes with their NUL
 _EVENTFD_NAME = int.from_bytes(b"[eventf\0", "little")  # "[eventfd]" read as 7 bytes + NUL
 _KVM_VM_NAME = int.from_bytes(b"kvm-vm\0\0", "little")
+# The anon inode filesystem's magic (include/uapi/linux/magic.h): only there does a name say
+# what a file is; a disk image or FIFO QEMU holds may be called "kvm-vm" or "[eventfd]".
+ANON_INODE_FS_MAGIC = 0x09041934
 
 # Record kinds, and the record: little-endian u64 slots, slot 0 = kind | fd << 32,
 # slot 1 = tgid | index << 32 (the virtqueue or list entry), then the kind's slots. Each
@@ -145,11 +153,14 @@ def _paths() -> list[str]:
     return [
         "bpf_iter__task_file.meta", "bpf_iter__task_file.task", "bpf_iter__task_file.fd",
         "bpf_iter__task_file.file", "bpf_iter_meta.seq", "task_struct.tgid", "task_struct.pid",
-        "file.private_data", "file.f_inode", "file.f_path.dentry", "inode.i_rdev",
+        "task_struct.files", "task_struct.group_leader",
+        "file.private_data", "file.f_inode", "file.f_path.dentry", "inode.i_rdev", "inode.i_sb",
+        "super_block.s_magic",
         "inode.i_mode", "dentry.d_name.name", "eventfd_ctx.id", "eventfd_ctx.count",
         "eventfd_ctx.wqh.head", "list_head.next", "wait_queue_entry.func",
         "wait_queue_entry.entry", "socket.file", "vhost_net.dev.umem", "vhost_net.dev.worker",
-        "vhost_iotlb.nmaps", "tun_file.tun", "tun_file.detached",
+        "vhost_iotlb.nmaps", "tun_file.tun", "tun_file.detached", "tap_queue.tap",
+        "tap_queue.enabled",
         "vhost_worker.vtsk", "vhost_worker.kthread_task", "vhost_task.task",
         *(f"{q}.{member}" for q in vq for member in per_vq),
         "kvm.ioeventfds", "_ioeventfd.list", "_ioeventfd.addr", "_ioeventfd.length",
@@ -267,8 +278,8 @@ class OpenFile(Record):
     name: str
     eventfd_id: int | None
     eventfd_count: int | None = None
-    # A /dev/net/tun file's queue (TUN_ATTACHED, TUN_DETACHED, TUN_GONE); None: not a tun
-    # file, or this kernel's BTF has no struct tun_file.
+    # A /dev/net/tun or macvtap file's queue (TUN_ATTACHED, TUN_DETACHED, TUN_GONE); None:
+    # neither, or this kernel's BTF has no struct tun_file (tap_queue).
     tun_queue: TunQueue | None = None
 
     @property
@@ -303,13 +314,16 @@ class KernelView(Record):
         return [f.fd for f in self.files if file and f.file == file]
 
     def wiring(self) -> tuple[object, ...]:
-        """What two reads of a healthy VM must agree on: everything but ring progress."""
+        """What two reads of a healthy VM must agree on: everything but progress, the rings'
+        indices and the eventfds' counts (a kick eventfd counts the guest's kicks: one landing
+        between the reads of a VM with traffic changes nothing of its wiring)."""
+        files = tuple(f.replace(eventfd_count=None) for f in self.files)
         queues = tuple(
             (v.fd, v.memory_regions, v.worker_tid,
              tuple(q.replace(last_avail_idx=None, last_used_idx=None) for q in v.queues))
             for v in self.vhost
         )  # fmt: skip
-        return self.files, queues, self.kvm
+        return files, queues, self.kvm
 
 
 def symbols(names: Iterable[str], path: str = KALLSYMS) -> dict[str, set[int]]:
@@ -505,9 +519,13 @@ def worker_model(found: btf.Layout) -> str:
     return "kthread"
 
 
-def program(found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None) -> Program:
+def program(
+    found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None,
+    macvtap_major: int | None = None,
+) -> Program:  # fmt: skip
     """The iterator program for processes ``pids`` with this kernel's offsets, walking KVM's
-    lists as far as ``walk`` says (the hard caps when None).
+    lists as far as ``walk`` says (the hard caps when None); a char device of
+    ``macvtap_major`` is read as a macvtap queue.
 
     :raises LiveUnavailable: this kernel's BTF lacks what every record needs.
     """
@@ -534,6 +552,20 @@ def program(found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None) 
         p.jump(JEQ, R1, pid, "chosen")
     p.goto("out")
     p.label("chosen")
+    if w.has("task_struct.files") and w.has("task_struct.group_leader"):
+        # A thread that unshared its fd table (unshare(CLONE_FILES)) is visited with its own
+        # table, whose numbers are not the process's: /proc/PID/fd, and so every fd number a
+        # check names, is the group leader's table. Records carry the tgid alone, so a
+        # thread's table would overwrite the leader's fds in the view; only tasks on the
+        # leader's table are read. (Slots F_FILE and F_PRIVATE serve as scratch: FILE zeroes
+        # them next.)
+        w.read(F_FILE, R8, w.off("task_struct.files"))
+        w.read(F_PRIVATE, R8, w.off("task_struct.group_leader"))
+        w.get(R9, F_PRIVATE)
+        w.read(F_PRIVATE, R9, w.off("task_struct.files"))
+        w.get(R1, F_FILE)
+        w.get(R2, F_PRIVATE)
+        p.jump_reg(JNE, R1, R2, "out")
     # FILE: every file, for the fd <-> file and context mapping.
     w.zero()
     w.header(FILE)
@@ -553,6 +585,20 @@ def program(found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None) 
     p.jump(JEQ, R9, 0, "no_name")
     w.read(F_NAME, R9, 0, _NAME_BYTES, string=True)
     p.label("no_name")
+    if w.has("inode.i_sb") and w.has("super_block.s_magic"):
+        # F_NAMEP (not decoded) is scratch from here: the inode's super block, its magic.
+        w.get(R9, F_INODE)
+        p.jump(JEQ, R9, 0, "not_anon")
+        w.read_path(F_NAMEP, R9, "inode.i_sb")
+        w.get(R9, F_NAMEP)
+        p.store_imm(DW, FP, w.slot(F_NAMEP), 0)
+        p.jump(JEQ, R9, 0, "not_anon")
+        w.read_path(F_NAMEP, R9, "super_block.s_magic")
+        w.get(R1, F_NAMEP)
+        p.jump(JEQ, R1, ANON_INODE_FS_MAGIC, "anon")
+        p.label("not_anon")
+        p.store_imm(DW, FP, w.slot(F_NAME), 0)
+        p.label("anon")
     if w.has("eventfd_ctx.id"):
         w.get(R1, F_NAME)
         p.ld_imm64(R2, _EVENTFD_NAME)
@@ -573,6 +619,21 @@ def program(found: btf.Layout, pids: Sequence[int], walk: Bounds | None = None) 
         w.read_path(F_TUN, R9, "tun_file.tun")
         w.read_path(F_TUN_DETACHED, R9, "tun_file.detached")
         p.label("not_tun")
+    if macvtap_major is not None and w.has("tap_queue.tap") and w.has("tap_queue.enabled"):
+        w.get(R1, F_MODE)
+        p.alu(bpf.AND, R1, _S_IFMT)
+        p.jump(JNE, R1, _S_IFCHR, "not_macvtap")
+        w.get(R1, F_RDEV)
+        p.alu(bpf.RSH, R1, _MINOR_BITS)
+        p.jump(JNE, R1, macvtap_major, "not_macvtap")
+        w.get(R9, F_PRIVATE)  # struct tap_queue (tap_open)
+        p.jump(JEQ, R9, 0, "not_macvtap")
+        w.read_path(F_TUN, R9, "tap_queue.tap")
+        w.read_path(F_TUN_DETACHED, R9, "tap_queue.enabled")  # a bool: detached = !enabled
+        w.get(R1, F_TUN_DETACHED)
+        p.alu(bpf.XOR, R1, 1)
+        p.store(DW, FP, w.slot(F_TUN_DETACHED), R1)
+        p.label("not_macvtap")
     w.write(FILE_SLOTS)
     # Which file is it? Its device, or its anon inode name; FILE's slots are still there.
     w.get(R8, F_PRIVATE)
@@ -743,14 +804,30 @@ def _ioeventfd_copy(members: dict[str, btf.Field | None]) -> tuple[int, int]:
 
 
 def _tun_queue(
-    rdev: int, private: int, tun: int, detached: int, found: btf.Layout
+    mode: int,
+    rdev: int,
+    private: int,
+    tun: int,
+    detached: int,
+    found: btf.Layout,
+    macvtap_major: int | None = None,
 ) -> TunQueue | None:
-    """OpenFile.tun_queue from a FILE record's slots."""
-    known = found.members.get("tun_file.tun") and found.members.get("tun_file.detached")
-    if rdev != TUN_RDEV or not private or not known:
+    """OpenFile.tun_queue from a FILE record's slots (a tun or, of ``macvtap_major``, a
+    macvtap queue; ``tun``: its device, ``detached``: the program's flag)."""
+    f = found.members
+    if mode & _S_IFMT != _S_IFCHR or not private:
+        return None
+    if rdev == TUN_RDEV:
+        known = f.get("tun_file.tun") and f.get("tun_file.detached")
+    elif macvtap_major is not None and rdev >> _MINOR_BITS == macvtap_major:
+        known = f.get("tap_queue.tap") and f.get("tap_queue.enabled")
+    else:
+        return None
+    if not known:
         return None
     # A detached queue keeps its tun pointer (__tun_detach without clean); the deletion of
-    # the device clears it on every queue, detached ones included (tun_detach_all).
+    # the device clears it on every queue, detached ones included (tun_detach_all). So for
+    # a macvtap: tap_disable_queue keeps q->tap, tap_del_queues clears it.
     if not tun:
         return TUN_GONE
     return TUN_DETACHED if detached else TUN_ATTACHED
@@ -799,9 +876,12 @@ def _records(data: bytes, sizes: dict[int, int]) -> Iterator[tuple[int, ...]]:
         at += n * 8
 
 
-def decode(data: bytes, found: btf.Layout, walk: Bounds | None = None) -> dict[int, KernelView]:
+def decode(
+    data: bytes, found: btf.Layout, walk: Bounds | None = None,
+    macvtap_major: int | None = None,
+) -> dict[int, KernelView]:  # fmt: skip
     """The records an iterator wrote, by process (``stable`` left True); ``walk``: the
-    program's bounds, kept in each Kvm.
+    program's bounds, kept in each Kvm; ``macvtap_major``: the program's.
 
     :raises LiveUnavailable: the output is not whole records.
     """
@@ -830,7 +910,8 @@ def decode(data: bytes, found: btf.Layout, walk: Bounds | None = None) -> dict[i
                 fd, s[F_FILE], s[F_PRIVATE], s[F_RDEV], name,
                 s[F_EVENTFD_ID] & 0xFFFFFFFF if is_eventfd else None,
                 s[F_EVENTFD_COUNT] if is_eventfd and f.get("eventfd_ctx.count") else None,
-                _tun_queue(s[F_RDEV], s[F_PRIVATE], s[F_TUN], s[F_TUN_DETACHED], found),
+                _tun_queue(s[F_MODE], s[F_RDEV], s[F_PRIVATE], s[F_TUN], s[F_TUN_DETACHED],
+                           found, macvtap_major),
             )  # fmt: skip
         elif kind == VQ:
             vq = f"vhost_net.vqs[{index}].vq"
@@ -915,15 +996,16 @@ def read(
     func = found.funcs[ITERATOR]
     assert func is not None
     chosen = sorted(set(pids))
+    macvtap = procfs.char_major(procfs.MACVTAP_DRIVER)
     views: dict[int, KernelView] = {}
     for start in range(0, len(chosen), MAX_PIDS):
         chunk = chosen[start : start + MAX_PIDS]
         counts = [held[pid] if held and pid in held else eventfds(pid) for pid in chunk]
         walk = fitted(found.members, bounds(max(counts)))
-        prog = program(found, chunk, walk)
+        prog = program(found, chunk, walk, macvtap)
         # One pid: the link's filter (Linux >= 6.1) spares the walk over every task.
         runs = [chunk[0]] * 2 if len(chunk) == 1 else [None, None]
-        first, second = (decode(out, found, walk) for out in bpf.iterate(prog, func, runs))
+        first, second = (decode(out, found, walk, macvtap) for out in bpf.iterate(prog, func, runs))
         views.update(compared(first, second))
     return views
 
