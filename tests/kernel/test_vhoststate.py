@@ -369,26 +369,7 @@ def test_a_tap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pathli
         "print(*fds, flush=True)\n"
         "sys.stdin.read()\n"
     )
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdin and proc.stdout
-    try:
-        attached, detached = (int(n) for n in proc.stdout.readline().split())
-
-        def queues() -> dict[int, str | None]:
-            view = vhoststate.read([proc.pid], cache_dir=str(tmp_path))[proc.pid]
-            found = {f.fd: f.tun_queue for f in view.files if f.fd in (attached, detached)}
-            assert all(f.tun_queue is None for f in view.files if f.fd not in found), view
-            return found
-
-        assert queues() == {attached: "attached", detached: "detached"}
-        subprocess.run(["ip", "-n", ns, "link", "del", "vhotunq"], check=True)
-        assert queues() == {attached: "gone", detached: "gone"}
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=10)
+    _attached_detached_then_gone(ns, code, "vhotunq", str(tmp_path), others_none=True)
 
 
 @needs_btf
@@ -416,6 +397,15 @@ def test_a_macvtap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pa
         "print(*fds, flush=True)\n"
         "sys.stdin.read()\n"
     )
+    _attached_detached_then_gone(ns, code, "vhorvtap", str(tmp_path / "btf"))
+
+
+def _attached_detached_then_gone(
+    ns: str, code: str, link: str, cache: str, others_none: bool = False
+) -> None:
+    """Run ``code`` (it prints the fds of an attached and a detached queue of ``link``, then
+    waits on stdin) in ``ns``: the reader says attached and detached, then, after `ip link del`
+    of ``link``, gone for both (``others_none``: and no queue state for any other fd)."""
     proc = subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-c", code],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -425,11 +415,14 @@ def test_a_macvtap_queue_is_read_attached_detached_or_gone(ns: str, tmp_path: pa
         attached, detached = (int(n) for n in proc.stdout.readline().split())
 
         def queues() -> dict[int, str | None]:
-            view = vhoststate.read([proc.pid], cache_dir=str(tmp_path / "btf"))[proc.pid]
-            return {f.fd: f.tun_queue for f in view.files if f.fd in (attached, detached)}
+            view = vhoststate.read([proc.pid], cache_dir=cache)[proc.pid]
+            found = {f.fd: f.tun_queue for f in view.files if f.fd in (attached, detached)}
+            if others_none:
+                assert all(f.tun_queue is None for f in view.files if f.fd not in found), view
+            return found
 
         assert queues() == {attached: "attached", detached: "detached"}
-        subprocess.run(["ip", "-n", ns, "link", "del", "vhorvtap"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "del", link], check=True)
         assert queues() == {attached: "gone", detached: "gone"}
     finally:
         proc.stdin.close()
