@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything vhostorch and its tests need on Debian 12, as root. Idempotent.
+# Install everything vhostorch and its tests need on Debian 12 or 13, as root. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

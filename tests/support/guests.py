@@ -63,6 +63,20 @@ class Guest:
         return " | ".join(self.text().strip().splitlines()[-lines:])
 
 
+_QEMU_VERSION: list[tuple[int, int]] = []
+
+
+def qemu_version() -> tuple[int, int]:
+    """This userland's QEMU (major, minor): 7.2 on Debian 12, 10.0 on Debian 13. Where the two
+    behave differently a test says what each does; versions between were not run."""
+    if not _QEMU_VERSION:
+        out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+        found = re.search(r"version (\d+)\.(\d+)", out.stdout)
+        assert found, out.stdout + out.stderr
+        _QEMU_VERSION.append((int(found.group(1)), int(found.group(2))))
+    return _QEMU_VERSION[0]
+
+
 def qemu_argv(
     console: str, append: str, extra: Sequence[str], memory: int = 256, cpus: int = 1
 ) -> list[str]:

@@ -3,17 +3,17 @@ per session, the boots side by side (one vCPU each: as many at once as this mach
 CPUs, or $VHOSTORCH_LAB_PARALLEL), each line of their output prefixed with the kernel.
 
 The kernels are ``--testhost-kernels`` (or $VHOSTORCH_LAB_KERNELS), series
-separated by spaces or commas, "6.1 6.12" by default: 6.1 (Debian 12's default,
-vhost workers are kernel threads) and 6.12 (vhost workers are vhost_task
-threads inside QEMU). Outside, each such test is replaced by one stand-in per
+separated by spaces or commas; by default (on Debian 12, DEFAULT_KERNELS) "6.1 6.12
+6.12@trixie": 6.1 (Debian 12's default, vhost workers are kernel threads), 6.12
+(vhost workers are vhost_task threads inside QEMU), and 6.12 on Debian 13's userland.
+Outside, each such test is replaced by one stand-in per
 kernel (``test_x[linux-6.12]``, ``test_x[a-linux-6.12]`` for a parametrized
 one) whose result is read from that kernel's boot report, so it passes or fails
 here with the inner failure text and output; a failure on any kernel fails the
 run. For a quick loop on one kernel: ``pytest -m testhost --testhost-kernels 6.12``.
 A word ``SERIES@USERLAND`` boots that kernel on another userland than this
 machine's root (lab.userland): ``6.12@trixie`` runs the tests on Debian 13's
-QEMU 10, libvirt 11 and Python 3.13 (``test_x[linux-6.12@trixie]``); it is not in
-the default set.
+QEMU 10, libvirt 11 and Python 3.13 (``test_x[linux-6.12@trixie]``).
 Inside (VHOSTORCH_IN_TESTHOST=1), the same tests run for real and this plugin
 writes the report. ``@pytest.mark.testhost(outside=True)`` marks a slow test
 that runs here and may use the ``testhost_boot`` fixture (the outcome of the
@@ -40,9 +40,23 @@ TEST_TIMEOUT = 240
 KERNELS_ENV = "VHOSTORCH_LAB_KERNELS"
 PARALLEL_ENV = "VHOSTORCH_LAB_PARALLEL"
 SLOWEST = 12  # tests listed per session at the end, with their seconds
-# 6.1: Debian 12's default kernel (linux-image-amd64), vhost workers are kernel threads.
-# 6.12: Debian 12's newer series, vhost workers are vhost_task threads of QEMU (>= 6.4).
-DEFAULT_KERNELS = "6.1 6.12"
+# The sessions of a whole run, by this machine's Debian release (its root is the default
+# userland; kernels come from its archive). On Debian 12: 6.1 (its default kernel, vhost
+# workers are kernel threads), 6.12 (its newer series, workers are vhost_task threads of QEMU,
+# >= 6.4), and Debian 13's userland (QEMU 10, libvirt 11, Python 3.13) with 6.12. On Debian
+# 13, whose archive has no 6.1: its own root with 6.12. Elsewhere: the archive's default.
+DEFAULT_KERNELS = {"bookworm": "6.1 6.12 6.12@trixie", "trixie": "6.12"}
+OS_RELEASE = "/etc/os-release"
+
+
+def default_kernels(os_release: str = OS_RELEASE) -> str:
+    """The default sessions for the Debian release this machine runs."""
+    try:
+        with open(os_release) as f:
+            fields = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+    except OSError:
+        fields = {}
+    return DEFAULT_KERNELS.get(fields.get("VERSION_CODENAME", "").strip('"'), "default")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,7 +65,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--testhost-kernels",
         default=None,
         help=f"kernel series the testhost tests run on, one boot each (default: "
-        f"${KERNELS_ENV} or {DEFAULT_KERNELS!r}); e.g. '6.12' for a quick loop on one; "
+        f"${KERNELS_ENV} or, on this machine, {default_kernels()!r}); e.g. '6.12' for a "
+        "quick loop on one; "
         "SERIES@USERLAND boots another userland, e.g. '6.12@trixie' (Debian 13)",
     )
 
@@ -65,7 +80,7 @@ def kernels(config: pytest.Config) -> list[str]:
 
     given = config.getoption("--testhost-kernels") or os.environ.get(KERNELS_ENV)
     chosen: list[str] = []
-    for word in (given or DEFAULT_KERNELS).replace(",", " ").split():
+    for word in (given or default_kernels()).replace(",", " ").split():
         try:
             kernel, at, land = word.partition("@")
             series = kernel_series(kernel) + (f"@{userland_name(land)}" if at else "")
@@ -254,11 +269,23 @@ def _together(config: pytest.Config) -> dict[str, Boot]:
                     ensure_image(log=print, kernel=boot.series)
                 except VhostorchError as err:  # its tests fail with it; the others still run
                     boot.error = f"the test host's image could not be made: {err}"
-        parallel = int(os.environ.get(PARALLEL_ENV, "0")) or os.cpu_count() or 1
-        slots = threading.Semaphore(max(1, parallel))
+        slots = threading.Semaphore(_parallel(len(boots)))
         for boot in boots.values():
             boot.start(slots)
     return boots
+
+
+def _parallel(sessions: int) -> int:
+    """How many sessions boot at once: all of them, as memory allows (a test host takes 3 GiB
+    and its QEMU a little more). More than the CPUs pays: a session often waits (a guest's
+    timer, a paused VM, a 60 s bound), and the others use the CPU meanwhile (3 sessions on 2
+    cores end in about 1.5 times the time of one, not 2 times)."""
+    chosen = int(os.environ.get(PARALLEL_ENV, "0"))
+    if chosen > 0:
+        return chosen
+    from vhostorch.lab.run import available_mib
+
+    return max(1, min(sessions, available_mib() // (3072 + 1024)))
 
 
 class _Lines:
@@ -311,6 +338,23 @@ class Remote(pytest.Item):
         return self.path, None, f"{self.name} (in the test host)"
 
 
+def _waits_for_boots(item: pytest.Item) -> bool:
+    return isinstance(item, Remote) or "testhost_boot" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Outside: the sessions start at the first test that is not a benchmark of this machine
+    (those are timed on an idle one, first), and run while the other tests here do; the
+    stand-ins, last, wait for them."""
+    if INSIDE or item.config.stash.get(STARTED, False):
+        return
+    if not any(b.nodeids for b in item.config.stash.get(BOOTS, {}).values()):
+        return
+    if _waits_for_boots(item) or not item.get_closest_marker("bench"):
+        _together(item.config)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if INSIDE:
@@ -337,6 +381,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # waits for the whole boot (bounded by TIMEOUT).
             remote.own_markers.extend(m for m in item.iter_markers() if m.name != "timeout")
             expanded.append(remote)
+    # The tests here first, the sessions running meanwhile; then what waits for them.
+    expanded.sort(key=_waits_for_boots)
     items[:] = expanded
 
 

@@ -284,6 +284,41 @@ def test_a_bad_argument_fails_clearly_and_leaves_nothing(ansible: Ansible, case:
     assert not os.path.exists(f"/sys/class/net/{tap}") and state.load(vm) is None
 
 
+@pytest.mark.parametrize(
+    ("services", "named", "restarted"),
+    [
+        ({}, "", "libvirtd"),  # no service manager seen
+        ({"libvirtd.service": {"state": "running", "status": "enabled"}}, "", "libvirtd"),
+        # Modular daemons: libvirtd.service disabled (or absent), virtqemud socket-activated.
+        ({"libvirtd.service": {"state": "stopped", "status": "disabled"},
+          "virtqemud.service": {"state": "stopped", "status": "enabled"}}, "", "virtqemud"),
+        ({"virtqemud.service": {"state": "running", "status": "enabled"}}, "", "virtqemud"),
+        # Both installed, the monolithic one in use (Fedora's packages before a switch).
+        ({"libvirtd.service": {"state": "running", "status": "enabled"},
+          "virtqemud.service": {"state": "stopped", "status": "disabled"}}, "", "libvirtd"),
+        ({"virtqemud.service": {"state": "running", "status": "enabled"}}, "mine", "mine"),
+    ],
+)  # fmt: skip
+def test_the_role_restarts_the_daemon_that_serves_qemu(
+    ansible: Ansible, services: dict[str, dict[str, str]], named: str, restarted: str
+) -> None:
+    """The service the handler restarts, from service_facts as systemd reports it. Constructed
+    services: no Debian release packages the modular daemons (virtqemud), and this machine
+    has no service manager, so a real switch cannot be made here."""
+    role = os.path.join(COLLECTION, "roles", "vhost_host")
+    play = f"""
+- hosts: localhost
+  gather_facts: false
+  vars_files: [{role}/defaults/main.yml, {role}/vars/main.yml]
+  tasks:
+    - ansible.builtin.debug: {{msg: "RESTART={{{{ vhost_host_restart_service }}}}"}}
+"""
+    extra = json.dumps({"vhost_host_seen_services": services, "vhost_host_libvirtd_service": named})
+    code, out, _ = ansible.play(play, "-e", extra)
+    assert code == 0, out[-2000:]
+    assert re.findall(r'"msg": "RESTART=([^"]*)"', out) == [restarted], out[-2000:]
+
+
 def test_ansible_lint_is_clean() -> None:
     done = subprocess.run(
         [os.path.join(BIN, "ansible-lint"), "--offline", "--profile", "production"],

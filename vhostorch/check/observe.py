@@ -59,13 +59,14 @@ class Logs(Record):
     """The log lines that tell why vhost is not used by this QEMU, with where they were read.
 
     libvirt (9.0) opens /dev/vhost-net itself and, when it cannot, only warns in
-    libvirtd's own log ('Unable to open vhost-net. Opened so far 0, requested 1'),
+    its daemon's own log, libvirtd's or virtqemud's ('Unable to open vhost-net. Opened
+    so far 0, requested 1'),
     with no domain name: the lines kept are those written in the minute before this
     QEMU started. QEMU writes 'unable to start vhost net: N: falling back on
     userspace virtio' to its stderr: libvirt's per-domain log, or the file fd 2 is.
     """
 
-    libvirtd_log: str | None  # the path read ("" when not looked at)
+    libvirtd_log: str | None  # the daemon log the lines are from (None: no line)
     libvirtd_lines: tuple[str, ...]
     qemu_log: str | None
     qemu_lines: tuple[str, ...]
@@ -73,9 +74,12 @@ class Logs(Record):
 
 # libvirt's QEMU driver writes each running domain's pid here (qemu:///system).
 PID_DIR = "/run/libvirt/qemu"
-# libvirtd's own log (log_outputs' default when there is no journald) and the per-domain
-# logs where virtlogd keeps each QEMU's stderr (qemu:///system).
+# The log of the daemon that runs libvirt's QEMU driver (log_outputs' default when there is
+# no journald): libvirtd's, or virtqemud's where the modular daemons serve qemu:///system (a
+# host moved from one to the other has both); and the per-domain logs where virtlogd keeps
+# each QEMU's stderr (qemu:///system).
 LIBVIRTD_LOG = "/var/log/libvirt/libvirtd.log"
+VIRTQEMUD_LOG = "/var/log/libvirt/virtqemud.log"
 DOMAIN_LOG_DIR = "/var/log/libvirt/qemu"
 # The most of a log's end that is read: enough for a day of libvirtd at its default level.
 LOG_TAIL = 4 << 20
@@ -112,23 +116,32 @@ def libvirt_time(line: str) -> float | None:
 
 
 class LibvirtdLog:
-    """libvirtd's log: its 'Unable to open vhost-net' warnings with their times, read at most
-    once however many QEMUs ask (check --all)."""
+    """The QEMU driver's daemon logs (libvirtd's, virtqemud's): their 'Unable to open
+    vhost-net' warnings with their times and files, read at most once however many QEMUs ask
+    (check --all)."""
 
-    def __init__(self, path: str = LIBVIRTD_LOG) -> None:
-        self.path = path
-        self._warnings: list[tuple[float, str]] | None = None
+    def __init__(self, *paths: str) -> None:
+        self.paths = paths or (LIBVIRTD_LOG, VIRTQEMUD_LOG)
+        self._warnings: list[tuple[float, str, str]] | None = None
 
-    def warnings(self) -> list[tuple[float, str]]:
-        """Raises OSError when the log cannot be read."""
+    def warnings(self) -> list[tuple[float, str, str]]:
+        """(time, line, file) in time order. Raises OSError when no log can be read."""
         if self._warnings is None:
-            found = []
-            for line in tail_lines(self.path):
-                if UNABLE_TO_OPEN in line:
-                    when = libvirt_time(line)
-                    if when is not None:
-                        found.append((when, line))
-            self._warnings = found
+            found, unread = [], []
+            for path in self.paths:
+                try:
+                    lines = tail_lines(path)
+                except OSError as err:
+                    unread.append(err)
+                    continue
+                for line in lines:
+                    if UNABLE_TO_OPEN in line:
+                        when = libvirt_time(line)
+                        if when is not None:
+                            found.append((when, line, path))
+            if len(unread) == len(self.paths):
+                raise unread[0]
+            self._warnings = sorted(found)
         return self._warnings
 
 
@@ -380,11 +393,12 @@ def observe(
             try:
                 started = boot_time(proc) + since
                 warned = libvirtd_log.warnings()
-                source = libvirtd_log.path
-                near = [t for w, t in warned if started - OPEN_WINDOW <= w <= started + 1]
+                near = [(t, f) for w, t, f in warned if started - OPEN_WINDOW <= w <= started + 1]
                 # The start's own worker thread wrote the last of them (one per NIC it could
                 # not give vhost); other domains starting meanwhile come from other threads.
-                lines = tuple(t for t in near if _thread(t) == _thread(near[-1])) if near else ()
+                if near:
+                    last, source = near[-1]
+                    lines = tuple(t for t, f in near if f == source and _thread(t) == _thread(last))
             except OSError:
                 pass
         qlog: str | None = None

@@ -24,7 +24,8 @@ them); the README's check section says what each means:
 
 A NIC whose vhost is attached and wired has no reason (None).
 
-What the real thing does (QEMU 7.2, Linux 6.1 and 6.12, in the test host):
+What the real thing does (QEMU 7.2 on Linux 6.1 and 6.12, QEMU 10.0 on 6.12, in the test
+host; versions between were not run):
 
 - qemu-fallback: virtio_net_vhost_status (hw/net/virtio-net.c) prints the words at
   DRIVER_OK when vhost_net_start fails, and the NIC runs in QEMU. ``ioeventfd=off``
@@ -37,11 +38,13 @@ What the real thing does (QEMU 7.2, Linux 6.1 and 6.12, in the test host):
   APIC is deprecated for KVM') with its default CPU model, but with ``-cpu host``
   (also ``kvm-poll-control=off``) it aborts before the guest runs: 'failed to set MSR
   0x4b564d06 to 0x0', kvm_buf_set_msrs' assertion. So this reason is seen only with
-  a named CPU model.
+  a named CPU model. QEMU 10.0 refuses kernel_irqchip=off with KVM ('KVM does not support
+  userspace APIC', exit 1) whatever the model: it never gives this reason.
 - There is no code for a /dev/vhost-net QEMU may not open: such a QEMU never runs.
   net_init_tap_one (net/tap.c) opens the device itself and, when it cannot, QEMU 7.2
   warns 'tap: open vhost char device failed: Permission denied' and aborts
-  (net_client_init1's assertion; with vhostforce=on it exits 1). libvirtd opens it as
+  (net_client_init1's assertion; with vhostforce=on it exits 1); QEMU 10.0 says the same
+  words as an error and exits 1. libvirtd opens it as
   root, which a mode 000 device does not stop, and when it cannot it logs 'Unable to
   open vhost-net' (libvirt-open-failed) or, with <driver name='vhost'/>, refuses the
   domain. ``doctor`` checks the device's access (host.vhost-net.access).

@@ -155,6 +155,12 @@ def _fetch_kernel(base: str, log: object, series: str = DEFAULT_KERNEL) -> str:
             )
         root = os.path.join(work, "root")
         _run(["dpkg-deb", "-x", os.path.join(work, debs[0]), root], "unpacking the kernel")
+        # Debian 13's kernel packages hold their modules in /usr/lib/modules (merged /usr)
+        # where kmod (34 there, 30 in Debian 12) reads ROOT/lib/modules: lib is made the
+        # link a merged-/usr system has.
+        lib = os.path.join(root, "lib")
+        if not os.path.lexists(lib) and os.path.isdir(os.path.join(root, "usr", "lib", "modules")):
+            os.symlink("usr/lib", lib)
         _run(["depmod", "-b", root, kver], "depmod")
         os.unlink(os.path.join(work, debs[0]))
         open(os.path.join(work, ".complete"), "w").close()

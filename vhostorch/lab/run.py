@@ -63,7 +63,7 @@ class Outcome(Record):
     results: str
 
 
-def _available_mib() -> int:
+def available_mib() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -210,10 +210,10 @@ def run(
     if not os.path.exists("/dev/net/tun"):
         raise LabError("/dev/net/tun is missing on this machine")
     need = memory_mib + 256
-    if _available_mib() < need:
+    if available_mib() < need:
         raise LabError(
             f"not enough memory: the test host needs {need} MiB, "
-            f"{_available_mib()} MiB are available"
+            f"{available_mib()} MiB are available"
         )
     if results is not None:
         _check_results(os.path.realpath(results))

@@ -29,11 +29,12 @@ DEFAULT_USERLAND = "default"
 # its own (Debian 13 ships Linux 6.12).
 RELEASES = {"trixie": "6.12"}
 # What scripts/setup.sh installs (tests/unit/lab/test_userland.py keeps the two lists alike),
-# and ca-certificates, for pip.
+# and ca-certificates, for pip. A root made with another list is made again.
 PACKAGES = (
     "qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-dev", "pkg-config",
     "iproute2", "busybox-static", "cpio", "kmod", "strace", "python3", "python3-venv",
-    "python3-dev", "python3-apt", "gcc", "zstd", "xz-utils", "systemd", "ca-certificates",
+    "python3-dev", "python3-apt", "gcc", "debootstrap", "zstd", "xz-utils", "systemd",
+    "ca-certificates",
 )  # fmt: skip
 # The machine's CA bundle: pip in the root verifies TLS with it (the root's own bundle lacks
 # whatever authority this machine adds), bound over the root's for the build only.
@@ -105,6 +106,8 @@ def _build_root(base: str, release: str, log: object) -> str:
         os.chmod(work, 0o755)  # mkdtemp made it 0700: the test host's QEMU reads it
         final = os.path.join(base, key)
         if not os.path.exists(os.path.join(final, ".complete")):
+            with open(os.path.join(work, "packages"), "w") as f:
+                f.write(" ".join(PACKAGES) + "\n")
             open(os.path.join(work, ".complete"), "w").close()
             shutil.rmtree(final, ignore_errors=True)
             os.rename(work, final)
@@ -157,6 +160,9 @@ def ensure_userland(
     keydir = os.path.join(base, key)
     if not key or not os.path.exists(os.path.join(keydir, ".complete")):
         key = ""
+    elif _read_first_line(os.path.join(keydir, "packages")) != " ".join(PACKAGES):
+        _say(log, f"the {name} root was made with another package list")
+        key = ""
     elif refresh and _outdated(os.path.join(keydir, "root"), name):
         _say(log, f"the archive has newer packages for the {name} root")
         key = ""
@@ -168,3 +174,16 @@ def ensure_userland(
         keydir = os.path.join(base, key)
     venv = _ensure_venv(keydir, checkout, name, log)
     return Userland(name, os.path.join(keydir, "root"), checkout, venv)
+
+
+def chrooted(userland: Userland, *argv: str) -> list[str]:
+    """The command line that runs ``argv`` as root in the checkout, chrooted into a throwaway
+    copy of ``userland``'s root on this machine's kernel: the release's Python, QEMU and
+    libvirt without booting the test host (tests/kernel/test_userland_python.py,
+    tests/testhost/test_demo.py). Its /var/cache/vhostorch is kept beside the release's roots,
+    so that its own test host's kernel is fetched once."""
+    if userland.root == "/":
+        return list(argv)
+    keydir = os.path.dirname(userland.root)
+    cache = os.path.join(os.path.dirname(keydir), "machine-cache")
+    return _isolated("run", userland.root, userland.project, userland.venv, cache, *argv)

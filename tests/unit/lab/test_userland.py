@@ -17,8 +17,9 @@ def test_a_debian_userland_installs_what_setup_sh_installs() -> None:
     block = re.search(r"^packages=\((.*?)^\)", SETUP.read_text(), re.M | re.S)
     assert block is not None
     words = re.sub(r"#.*", "", block.group(1)).split()
-    # setup.sh's debootstrap makes the userland; ca-certificates is for pip inside it.
-    assert set(userland.PACKAGES) == {*words, "ca-certificates"} - {"debootstrap"}
+    # ca-certificates is for pip inside it. The root is a Debian 13 machine too: setup.sh
+    # there finds every package it wants (debootstrap included) already installed.
+    assert set(userland.PACKAGES) == {*words, "ca-certificates"}
 
 
 def test_the_userland_choice_and_its_default_kernel() -> None:
@@ -29,3 +30,24 @@ def test_the_userland_choice_and_its_default_kernel() -> None:
         userland.userland_name("sid")
     default = userland.ensure_userland()
     assert (default.root, default.venv) == ("/", "")
+
+
+@pytest.mark.parametrize(
+    ("codename", "sessions"),
+    [
+        ('"bookworm"', "6.1 6.12 6.12@trixie"),
+        ("trixie", "6.12"),
+        ("noble", "default"),
+        ("", "default"),
+    ],
+)
+def test_the_default_sessions_follow_this_machines_release(
+    tmp_path: Path, codename: str, sessions: str
+) -> None:
+    """A Debian 13 machine's archive has no 6.1 kernel and its root is Debian 13's already."""
+    from tests.support.testhost import default_kernels
+
+    release = tmp_path / "os-release"
+    release.write_text(f'PRETTY_NAME="Debian"\nVERSION_CODENAME={codename}\nID=debian\n')
+    assert default_kernels(str(release)) == sessions
+    assert default_kernels(str(tmp_path / "missing")) == "default"
