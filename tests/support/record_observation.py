@@ -5,7 +5,9 @@ One command re-records them all (about five minutes on two cores)::
     .venv/bin/python -m tests.support.record_observation
 
 ``--kernel 6.12`` records in a test host of that kernel series instead, into
-files named ``NAME-linux-6.12.json`` (the default kernel's keep their plain names).
+files named ``NAME-linux-6.12.json`` (the default kernel's keep their plain names);
+``--userland trixie`` on Debian 13's root (QEMU 10, libvirt 11), into
+``NAME-linux-6.12-trixie.json``.
 
 Outside the test host it boots one (``vhostorch lab run``), runs itself there
 with ``--inside``, and copies the recordings it made into the fixtures
@@ -36,6 +38,7 @@ from tests.support.observations import FIXTURES, Recording, snapshot
 from vhostorch.check import observe, verify, wiring
 from vhostorch.check.observe import Observation
 from vhostorch.lab.image import DEFAULT_KERNEL, kernel_series
+from vhostorch.lab.userland import DEFAULT_USERLAND, default_kernel, userland_name
 from vhostorch.libvirt import connection
 from vhostorch.qemu import monitor
 
@@ -213,12 +216,16 @@ def inside(out: str, names: Sequence[str]) -> int:
     return 0
 
 
-def fixture_name(setup: str, kernel: str) -> str:
-    """``healthy-1q`` on the default kernel, ``healthy-1q-linux-6.12`` on another."""
-    return setup if kernel == DEFAULT_KERNEL else f"{setup}-linux-{kernel}"
+def fixture_name(setup: str, kernel: str, userland: str = DEFAULT_USERLAND) -> str:
+    """``healthy-1q`` on the default kernel, ``healthy-1q-linux-6.12`` on another,
+    ``healthy-1q-linux-6.12-trixie`` on another userland."""
+    name = setup if kernel == DEFAULT_KERNEL else f"{setup}-linux-{kernel}"
+    return name if userland == DEFAULT_USERLAND else f"{name}-{userland}"
 
 
-def outside(names: Sequence[str], kernel: str = DEFAULT_KERNEL) -> int:
+def outside(
+    names: Sequence[str], kernel: str = DEFAULT_KERNEL, userland: str = DEFAULT_USERLAND
+) -> int:
     from vhostorch.lab import run
 
     results = tempfile.mkdtemp(prefix="vho-record-", dir="/tmp")
@@ -227,13 +234,17 @@ def outside(names: Sequence[str], kernel: str = DEFAULT_KERNEL) -> int:
     command = [sys.executable, "-m", "tests.support.record_observation", "--inside", out, *names]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        done = run.run(command, cwd=root, results=results, timeout=900, log=print, kernel=kernel)
+        if userland != DEFAULT_USERLAND and kernel == DEFAULT_KERNEL:
+            kernel = default_kernel(userland)
+        done = run.run(command, cwd=root, results=results, timeout=900, log=print,
+                       kernel=kernel, userland=userland)  # fmt: skip
         if done.status != 0:
             print(f"the recorder failed in the test host (exit {done.status})", file=sys.stderr)
             return 1
         FIXTURES.mkdir(parents=True, exist_ok=True)
         for name in sorted(os.listdir(out)):
-            target = FIXTURES / f"{fixture_name(name.removesuffix('.json'), kernel)}.json"
+            stem = fixture_name(name.removesuffix(".json"), kernel, userland)
+            target = FIXTURES / f"{stem}.json"
             shutil.copy(os.path.join(out, name), target)
             print("wrote", target)
     finally:
@@ -247,11 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--kernel", default=DEFAULT_KERNEL, help="kernel series of the test host (e.g. 6.12)"
     )
+    parser.add_argument(
+        "--userland", default=DEFAULT_USERLAND, help="the test host's root (e.g. trixie)"
+    )
     parser.add_argument("names", nargs="*", help="setups to record (default: all)")
     args = parser.parse_args(argv)
     if args.inside:
         return inside(args.inside, args.names)
-    return outside(args.names, kernel_series(args.kernel))
+    return outside(args.names, kernel_series(args.kernel), userland_name(args.userland))
 
 
 if __name__ == "__main__":

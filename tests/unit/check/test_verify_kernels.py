@@ -1,8 +1,10 @@
-"""The same healthy VMs recorded on Linux 6.1 and 6.12: what changes between the kernels,
-and that every check still finds what it needs on both.
+"""The same healthy VMs recorded on Linux 6.1 and 6.12 (and on 6.12 with Debian 13's QEMU
+10.0): what changes between the kernels and the QEMUs, and that every check still finds what
+it needs on each.
 
 Recorded in the test host (tests/support/record_observation.py; ``--kernel 6.12`` for the
-``*-linux-6.12`` files). The kernel facts they pin:
+``*-linux-6.12`` files, ``--userland trixie`` for ``*-linux-6.12-trixie``). The kernel facts
+they pin:
 
 - vhost workers: on 6.1 a kernel thread per vhost device, ``vhost-<QEMU pid>``, with
   its own /proc/<pid> and an empty cmdline; on 6.12 (from 6.4) a vhost_task thread
@@ -32,6 +34,9 @@ HEALTHY = [
     ("healthy-4q", "6.1", "kthread", 4),
     ("healthy-1q-linux-6.12", "6.12", "task", 1),
     ("healthy-4q-linux-6.12", "6.12", "task", 4),
+    # Debian 13's userland: QEMU 10.0 (--userland trixie).
+    ("healthy-1q-linux-6.12-trixie", "6.12", "task", 1),
+    ("healthy-4q-linux-6.12-trixie", "6.12", "task", 4),
 ]
 NIC_CHECKS = {
     "nic.vhost.requested", "nic.queues", "nic.tap.fds", "nic.vhost.fds", "nic.vhost.worker",
@@ -130,6 +135,34 @@ def test_new_kernels_put_other_workers_in_qemu_too(tmp_path: pathlib.Path) -> No
     assert "kvm-nx-lpage-re" in comms and len(obs.workers) == 1
     old = observations.observed("healthy-1q", tmp_path / "old")
     assert "kvm-nx-lpage-re" not in {t.comm for t in old.process.threads}
+
+
+def test_qemu_10_holds_the_fds_qemu_7_2_does_and_its_vcpu_stats(tmp_path: pathlib.Path) -> None:
+    """QEMU 10.0 (Debian 13) beside 7.2 (Debian 12), both on 6.12, one NIC with one queue
+    pair: the same tun and vhost-net fds; two more eventfds of QEMU's own (15 against 13:
+    the checks find the vrings' among them by the trace or the kernel's lists, never by
+    number or order, and every check passes on both, above); and one KVM binary-stats fd
+    per vCPU (``anon_inode:kvm-vcpu-stats:N``), which nothing reads."""
+    old = observations.load("healthy-1q-linux-6.12")
+    new = observations.load("healthy-1q-linux-6.12-trixie")
+    assert old["about"]["qemu"].startswith("QEMU emulator version 7.2.")
+    assert new["about"]["qemu"].startswith("QEMU emulator version 10.0.")
+
+    def kinds(name: str, where: pathlib.Path) -> dict[str, int]:
+        """How many fds of each kind (device or anon inode) the QEMU holds."""
+        found: dict[str, int] = {}
+        for fd in observations.observed(name, where).process.fds:
+            if fd.device is not None:
+                found[fd.device] = found.get(fd.device, 0) + 1
+        return found
+
+    before = kinds("healthy-1q-linux-6.12", tmp_path / "7.2")
+    after = kinds("healthy-1q-linux-6.12-trixie", tmp_path / "10.0")
+    for kind in (procfs.TUN, procfs.VHOST_NET):
+        assert before.get(kind) == after.get(kind) == 1, (kind, before, after)
+    assert (before[procfs.EVENTFD], after[procfs.EVENTFD]) == (13, 15)
+    assert "anon_inode:kvm-vcpu-stats:0" not in before
+    assert after.get("anon_inode:kvm-vcpu-stats:0") == 1
 
 
 @pytest.mark.parametrize("traced", [True, False], ids=["traced", "untraced"])

@@ -26,7 +26,9 @@ from vhostorch.check.report import FAIL, PASS, UNKNOWN
 from vhostorch.kernel import procfs
 from vhostorch.libvirt import domxml
 
-DIRECT = [("direct-1q", 1), ("direct-4q", 4)]
+# (recording, queue pairs): libvirt 9.0 and QEMU 7.2 on 6.1; libvirt 11.3 and QEMU 10.0 on 6.12.
+DIRECT = [("direct-1q", 1), ("direct-4q", 4), ("direct-1q-linux-6.12-trixie", 1)]
+BRIDGE = ["bridge-1q", "bridge-1q-linux-6.12-trixie"]
 
 
 def _fds(rec: observations.Recording, prefix: str) -> dict[int, str]:
@@ -41,7 +43,7 @@ def _fds(rec: observations.Recording, prefix: str) -> dict[int, str]:
 @pytest.mark.parametrize(("name", "queues"), DIRECT)
 def test_macvtap_queues_are_dev_tap_ifindex_fds_without_iff(name: str, queues: int) -> None:
     rec = observations.load(name)
-    assert rec["about"]["kernel"].startswith("6.1.")
+    assert rec["about"]["kernel"].startswith("6.12." if "6.12" in name else "6.1.")
     (iface,) = domxml.parse(rec["domain_xml"]).interfaces
     assert iface.type == "direct" and iface.target is not None
     link = rec["taps"][iface.target]
@@ -105,17 +107,18 @@ def test_a_macvtap_seen_without_its_domain_is_unknown_not_failed(tmp_path: pathl
     assert report.ok(strict=False) and not report.ok(strict=True)
 
 
+@pytest.mark.parametrize("name", BRIDGE)
 @pytest.mark.parametrize("monitor", [True, False], ids=["monitor", "no-monitor"])
 def test_bridge_is_a_tun_tap_on_the_bridge_and_passes_strict(
-    monitor: bool, tmp_path: pathlib.Path
+    name: str, monitor: bool, tmp_path: pathlib.Path
 ) -> None:
-    rec = observations.load("bridge-1q")
+    rec = observations.load(name)
     (iface,) = domxml.parse(rec["domain_xml"]).interfaces
     assert iface.type == "bridge" and iface.target is not None
     (info,) = [rec["files"][f"{rec['pid']}/fdinfo/{num}"] for num in _fds(rec, procfs.TUN)]
     assert procfs.parse_fdinfo(info)["iff"] == iface.target
     link = rec["taps"][iface.target]
     assert link is not None and link["kind"] == "tun" and link["master"] is not None
-    report = verify.verify(observations.observed("bridge-1q", tmp_path, monitor=monitor))
+    report = verify.verify(observations.observed(name, tmp_path, monitor=monitor))
     bad = [c for c in report.checks if c.status != PASS]
     assert report.ok(strict=True) and not bad, bad
