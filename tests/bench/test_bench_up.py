@@ -40,7 +40,7 @@ qemu-system-x86_64 -name guest="$NAME" -machine pc -accel kvm -m 256 -smp 1 -dis
 """
 
 
-def _wait_for_marker(console: str, began: float, timeout: float = 90) -> float:
+def _wait_for_marker(console: str, began: float, timeout: float = 180) -> float:
     while True:
         try:
             with open(console, errors="replace") as f:
