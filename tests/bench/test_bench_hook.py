@@ -15,10 +15,14 @@ import subprocess
 import tempfile
 import time
 
+import pytest
+
 from tests.support import kernel
 from vhostorch.hook import install
 from vhostorch.hook.metadata import NAMESPACE
 from vhostorch.kernel import netns
+
+pytestmark = [pytest.mark.bench, pytest.mark.kernel]
 
 ROUNDS = 15
 NICS = 4

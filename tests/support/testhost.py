@@ -353,7 +353,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     if not any(b.nodeids for b in item.config.stash.get(BOOTS, {}).values()):
         return
-    if _waits_for_boots(item) or not item.get_closest_marker("bench"):
+    benchmark = item.get_closest_marker("bench") or "bench" in item.path.parts
+    if _waits_for_boots(item) or not benchmark:
         _together(item.config)
 
 
