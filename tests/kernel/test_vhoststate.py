@@ -187,32 +187,6 @@ def test_many_pids_are_read_with_one_program_per_max_pids(
     assert set(views) == {pid, os.getpid()}
 
 
-def test_symbols_are_functions_found_by_their_whole_name(tmp_path: pathlib.Path) -> None:
-    """kallsyms' lines: "ADDRESS TYPE NAME" and a module's "\t[MODULE]"; a name that only
-    begins another, data symbols, and zero addresses (kptr_restrict) are not taken."""
-    kallsyms = tmp_path / "kallsyms"
-    kallsyms.write_text(
-        "ffffffff81000000 T _stext\n"
-        "ffffffffc0a01000 t vhost_poll_wakeup_other\t[vhost]\n"
-        "ffffffffc0a02000 t vhost_poll_wakeup\t[vhost]\n"
-        "ffffffffc0b02000 d vhost_poll_wakeup\t[vhost]\n"
-        "ffffffff812883e0 T irqfd_wakeup\n"
-        "0000000000000000 t hidden\n"
-        "ffffffff81300000 T irqfd_wakeup"
-    )
-    found = vhoststate.symbols(["vhost_poll_wakeup", "irqfd_wakeup", "hidden", "absent"],
-                               str(kallsyms))  # fmt: skip
-    assert found == {
-        "vhost_poll_wakeup": {0xFFFFFFFFC0A02000},
-        "irqfd_wakeup": {0xFFFFFFFF812883E0, 0xFFFFFFFF81300000},
-    }
-    # The running kernel's, as a line-by-line reading finds them.
-    with open(vhoststate.KALLSYMS) as f:
-        lines = [line.split() for line in f if line.split()[2:3] == ["_stext"]]
-    expected = {int(p[0], 16) for p in lines if p[1] in "tT" and int(p[0], 16)}
-    assert vhoststate.symbols(["_stext"]).get("_stext", set()) == expected
-
-
 @needs_btf
 def test_the_program_is_accepted_and_bounded() -> None:
     found = vhoststate.layout(cache_dir=None)

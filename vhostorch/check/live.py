@@ -1,16 +1,17 @@
 """nic.kick and nic.call from what the kernel holds now (kernel.vhoststate), no trace needed.
 
 Virtqueue q of a NIC is queue q % 2 (RX 0, TX 1) of the ``/dev/vhost-net`` file of queue pair
-q // 2. Its kick passes when its eventfd context is in KVM's ioeventfd list (a guest write
-at the queue's notify address signals it in the kernel) and vhost polls it (a waiter whose
-function is ``vhost_poll_wakeup``); its call passes when its context is a KVM irqfd (the
-GSI is evidence). A vring whose backend (the tap) is unset is not started now: QEMU unsets
-it while the VM is paused, and before the guest driver starts the device; that is judged
-from the present (warn), never from a past trace; where QEMU's monitor was read, it says
-which. A backend that is a tap queue on no device is a tap deleted under the VM (fail: the
-wiring is intact, the data path dead). A call that is no irqfd while other vrings of the
-same VM are irqfds, or while KVM keeps QEMU's irqfds that no vring calls (every vector
-masked), is a masked vector (warn); else QEMU injects the interrupts itself (fail).
+q // 2. Its kick passes when its eventfd context is in KVM's ioeventfd list (a guest write at
+the queue's notify address signals it in the kernel) and vhost polls it (a waiter whose
+function is vhost's own, ``vhost_poll_wakeup`` as vhost's virtqueues hold it); its call passes
+when its context is a KVM irqfd (the GSI is evidence). A vring whose backend (the tap) is
+unset is not started now: QEMU unsets it while the VM is paused, and before the guest driver
+starts the device; that is judged from the present (warn), never from a past trace; where
+QEMU's monitor was read, it says which. A backend that is a tap queue on no device is a tap
+deleted under the VM (fail: the wiring is intact, the data path dead). A call that is no irqfd
+while other vrings of the same VM are irqfds, or while KVM keeps QEMU's irqfds that no vring
+calls (every vector masked), is a masked vector (warn); else QEMU injects the interrupts
+itself (fail).
 Two reads that disagreed give unknown.
 
 `gather` reads every QEMU at once (one program load, one iterator pass), and only when
@@ -65,11 +66,9 @@ def gather(observed: Sequence[Observation]) -> list[Observation]:
         # KVM's lists are walked as far as each QEMU's eventfds allow, counted as observed.
         held = {o.process.pid: len(o.process.fds_to(procfs.EVENTFD)) for o in observed}
         views = vhoststate.read(holders, held=held)
-        polls = vhoststate.symbols([vhoststate.VHOST_POLL_WAKEUP])
     except (vhoststate.LiveUnavailable, OSError) as err:
         return [o.replace(live_note=str(err) or type(err).__name__) for o in observed]
-    poll = tuple(sorted(polls.get(vhoststate.VHOST_POLL_WAKEUP, ())))
-    return [o.replace(live=views.get(o.process.pid), vhost_poll=poll) for o in observed]
+    return [o.replace(live=views.get(o.process.pid)) for o in observed]
 
 
 def _queue(obs: Observation, nic: Nic, queue: int) -> tuple[Virtqueue | None, dict[str, object]]:
@@ -161,8 +160,14 @@ def kick(obs: Observation, nic: Nic, queue: int) -> Check:
         for e in kvm.ioeventfds
         if vq.kick and e.eventfd == vq.kick
     ]
-    # /proc/kallsyms shows no address (kptr_restrict=2): whether vhost polls it is not known.
-    polled = bool(set(vq.kick_waiters) & set(obs.vhost_poll)) if obs.vhost_poll else None
+    # vhost's waiter function as its own virtqueues hold it (vhost_poll_wakeup, from
+    # poll.wait.func), not /proc/kallsyms: reading that made the kernel format 100,000+
+    # symbols at every check (0.4-0.7 s under the test host's TCG), and kptr_restrict does
+    # not hide a pointer BPF reads. Any of the QEMU's virtqueues will do: the function is
+    # the module's. None (the BTF has no such member: no kernel met so far): not known, and
+    # said so; kallsyms is not read instead.
+    poll = {q.poll_func for d in obs.live.vhost for q in d.queues if q.poll_func}
+    polled = bool(set(vq.kick_waiters) & poll) if poll else None
     evidence = {**base, "kick": _counts(obs, vq.kick), "ioeventfds": notify, "polled": polled}
     if not notify and not all(k.complete for k in obs.live.kvm):
         message = f"unknown: KVM's ioeventfd list is longer than the reader walks{_walked(obs)}"
@@ -177,7 +182,11 @@ def kick(obs: Observation, nic: Nic, queue: int) -> Check:
         message = "the kick eventfd is KVM's ioeventfd but vhost does not poll it now"
         return nic.check(KICK, FAIL, message, evidence, queue=queue, cause=RELAYED_KICK)
     where = ", ".join(f"{n['addr']:#x}" for n in notify)
-    polls = "vhost polls it" if polled else "whether vhost polls it is hidden (kallsyms)"
+    polls = (
+        "vhost polls it"
+        if polled
+        else "whether vhost polls it is not known (the kernel's BTF has no vhost_poll.wait)"
+    )
     message = f"the kick eventfd is KVM's ioeventfd ({where}) and {polls} (live)"
     return nic.check(KICK, PASS, message, evidence, queue=queue)
 

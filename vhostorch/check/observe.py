@@ -52,7 +52,6 @@ class Observation(Record):
     stopped: str | None = None  # why QEMU runs no code now (procfs.STOPPED_STATES), if it does not
     live: KernelView | None = None  # what the kernel holds now (check.live), where it was read
     live_note: str | None = None  # why it could not be read, when it was tried
-    vhost_poll: tuple[int, ...] = ()  # vhost_poll_wakeup's addresses: vhost's waiter on a kick
 
 
 class Logs(Record):

@@ -18,7 +18,8 @@ a thread that unshared its table is passed over), and the program writes fixed-s
 - a ``/dev/vhost-net`` file (misc 10:238, known by its inode's device number, so a container's
   mknod'ed node counts and vhost-vsock, 10:241, or vhost-vdpa do not), whose ``private_data``
   is ``struct vhost_net``: per virtqueue (RX 0, TX 1) the kick eventfd's context and the
-  functions of the waiters on it (vhost polls it with ``vhost_poll_wakeup``), the call context
+  functions of the waiters on it, vhost's own waiter function (the virtqueue's
+  ``poll.wait.func``, ``vhost_poll_wakeup``: which of those waiters is vhost's), the call context
   (``call_ctx.ctx``), the backend socket's file (the tap's), ``acked_features``, the ring
   indices, the worker's tid, and the number of memory regions in ``dev.umem``;
 - a ``kvm-vm`` file (``private_data``: ``struct kvm``): its ``ioeventfds`` (address, length,
@@ -70,19 +71,16 @@ from vhostorch.kernel.bpf import (
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
     from typing import Final, Literal, TypeVar
 
     TunQueue = Literal["attached", "detached", "gone"]
 
     _T = TypeVar("_T")
 
-KALLSYMS = "/proc/kallsyms"
 LOCKDOWN = "/sys/kernel/security/lockdown"
 MODULES = ("vhost", "vhost_net", "kvm", "kvm_amd", "kvm_intel", "tun", "tap")
 ITERATOR = "bpf_iter_task_file"
-VHOST_POLL_WAKEUP = "vhost_poll_wakeup"
-IRQFD_WAKEUP = "irqfd_wakeup"
 # The kernel's internal dev_t of /dev/vhost-net: MKDEV(MISC_MAJOR 10, VHOST_NET_MINOR 238),
 # major << 20 | minor (include/linux/kdev_t.h), as struct inode's i_rdev holds it.
 _MINOR_BITS = 20
@@ -133,10 +131,10 @@ F_FILE, F_PRIVATE, F_INODE, F_RDEV, F_MODE, F_DENTRY, F_NAME, F_NAMEP = range(2,
 F_EVENTFD_ID, F_EVENTFD_COUNT, F_TUN, F_TUN_DETACHED = 10, 11, 12, 13
 (V_KICK_FILE, V_KICK, V_WAITER0) = (2, 3, 4)
 V_CALL, V_BACKEND, V_BACKEND_FILE, V_FEATURES, V_AVAIL, V_USED = 8, 9, 10, 11, 12, 13
-V_REGIONS, V_UMEM, V_TID, V_KTID = 14, 15, 16, 17
+V_REGIONS, V_UMEM, V_TID, V_KTID, V_POLL = 14, 15, 16, 17, 18
 IO_COPY = 2  # struct _ioeventfd's members read, copied whole, from here to IO_NEXT at most
 IRQ_GSI, IRQ_EVENTFD, IRQ_WAITER0, IRQ_NEXT = 2, 3, 4, 6  # waiters in 4..5 (MAX_IRQ_WAITERS)
-SLOTS = V_KTID + 1  # the largest kind's
+SLOTS = V_POLL + 1  # the largest kind's
 IO_NEXT = SLOTS - 1
 FILE_SLOTS, IRQ_SLOTS, TRUNCATED_SLOTS = F_TUN_DETACHED + 1, IRQ_WAITER0 + MAX_IRQ_WAITERS, 2
 IOEVENTFD_MEMBERS = ("addr", "length", "eventfd", "datamatch", "bus_idx", "wildcard")
@@ -149,7 +147,7 @@ _FD, _TGID, _SEQ, _NODE, _WAITER = (_SCRATCH + 8 * i for i in range(5))
 def _paths() -> list[str]:
     vq = [f"vhost_net.vqs[{i}].vq" for i in range(VHOST_NET_VQS)]
     per_vq = ("kick", "call_ctx.ctx", "private_data", "acked_features", "last_avail_idx",
-              "last_used_idx", "worker")  # fmt: skip
+              "last_used_idx", "worker", "poll.wait.func")  # fmt: skip
     return [
         "bpf_iter__task_file.meta", "bpf_iter__task_file.task", "bpf_iter__task_file.fd",
         "bpf_iter__task_file.file", "bpf_iter_meta.seq", "task_struct.tgid", "task_struct.pid",
@@ -187,13 +185,19 @@ class Virtqueue(Record):
 
     index: int  # 0 RX, 1 TX within its vhost-net device
     kick: int | None  # the kick eventfd's context
-    kick_waiters: tuple[int, ...]  # functions waiting on it (vhost's poll: vhost_poll_wakeup)
+    kick_waiters: tuple[int, ...]  # functions waiting on it (vhost's poll: `poll_func`)
     call: int | None  # the call eventfd's context
     backend_file: int | None  # the backend socket's struct file: the tap's
     acked_features: int | None
     last_avail_idx: int | None
     last_used_idx: int | None
     worker_tid: int | None  # where the worker is per virtqueue (Linux >= 6.5)
+    # vhost's own waiter function, its poll's wait.func: vhost_poll_init sets it to
+    # vhost_poll_wakeup when the device is opened, and vhost_poll_start queues that entry on
+    # the kick eventfd. Read as a pointer, it is the value a waiter's func holds (the same
+    # stored function pointer, whatever kptr_restrict hides in /proc/kallsyms); None: this
+    # kernel's BTF has no such member.
+    poll_func: int | None = None
 
 
 class VhostNet(Record):
@@ -324,30 +328,6 @@ class KernelView(Record):
             for v in self.vhost
         )  # fmt: skip
         return files, queues, self.kvm
-
-
-def symbols(names: Iterable[str], path: str = KALLSYMS) -> dict[str, set[int]]:
-    """Addresses of functions by name from /proc/kallsyms (root sees them unless
-    ``kptr_restrict`` is 2); a name shown only as zeros is left out.
-
-    The file is searched for each name rather than split into its lines: it has 100,000 lines
-    or more, and splitting them all was half of this step (75 ms natively, 46 ms searched, of
-    which the kernel's formatting is 39 ms; ten times that under the test host's TCG)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    found: dict[str, set[int]] = {}
-    for name in set(names):
-        token = b" " + name.encode()
-        at = data.find(token)
-        while at >= 0:
-            end = at + len(token)
-            # "ADDRESS TYPE NAME", then "\t[MODULE]" for a module's symbol, or the line's end.
-            if data[end : end + 1] in (b"\n", b"\t", b""):
-                parts = data[data.rfind(b"\n", 0, at) + 1 : end].split()
-                if len(parts) == 3 and parts[1] in (b"t", b"T") and int(parts[0], 16):
-                    found.setdefault(name, set()).add(int(parts[0], 16))
-            at = data.find(token, end)
-    return found
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
@@ -679,6 +659,7 @@ def _vhost(w: _Writer) -> None:
             p.jump(JEQ, R9, 0, skip)
             w.read_path(V_BACKEND_FILE, R9, "socket.file")
             p.label(skip)
+        w.read_path(V_POLL, R8, f"{vq}.poll.wait.func")
         w.read_path(V_FEATURES, R8, f"{vq}.acked_features")
         w.read_path(V_AVAIL, R8, f"{vq}.last_avail_idx")
         w.read_path(V_USED, R8, f"{vq}.last_used_idx")
@@ -924,6 +905,7 @@ def decode(
                 _opt(s[V_AVAIL], f.get(f"{vq}.last_avail_idx") is not None),
                 _opt(s[V_USED], f.get(f"{vq}.last_used_idx") is not None),
                 tid if per_vq else None,
+                s[V_POLL] or None,
             )  # fmt: skip
             kthread = bool(s[V_KTID]) and not s[V_TID]
             devices[key] = (
