@@ -118,11 +118,11 @@ def test_up_reaches_the_guest_driver_as_fast_as_a_shell_script(in_testhost: None
         f"rounds: shell {', '.join(f'{t:.1f}' for t in shell)}, "
         f"vhostorch {', '.join(f'{t:.1f}' for t in ours)}"
     )
-    # The guard is on what vhostorch adds, not on the ratio: the extra is a fixed cost (the
-    # interpreter, its imports and qemu.qmp's, under TCG: 2.2-3.3 s over five CI runs with one
-    # test host at a time, 3.7 s and 4.4 s with two side by side, each slowing the other's
-    # file reads over 9p), and since inner guests boot in about 7 s the 1.2x target is missed
-    # by it (README, Benchmarks); a ratio bound would then fail on the baseline's noise alone
-    # (6.0-7.8 s within one run).
-    extra = statistics.median(ours) - statistics.median(shell)
-    assert extra < 5.5, f"vhostorch took {extra:.2f} s more than the shell script"
+    # The guard is on the ratio. What vhostorch adds is a fixed amount of work (the
+    # interpreter, its imports and qemu.qmp's, under TCG), so its seconds follow the CPU share
+    # the test host gets: 2.2-3.3 s with one test host at a time, 3.7-4.4 s with two side by
+    # side, 3.5-7.1 s with three beside the tests outside (clean-clone CI, 2 cores), where the
+    # shell script's rounds took 11-17 s. Against the baseline measured in the same rounds it
+    # stayed at 1.23x-1.50x in all of them. Inner guests boot in about 7 s alone, so the 1.2x
+    # target is missed by that fixed cost (README, Benchmarks).
+    assert ratio < 1.8, f"vhostorch took {ratio:.2f}x the shell script's time"

@@ -10,7 +10,12 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from vhostorch.lab import userland
+
+# Root (chroot, mounts); slow the first time (debootstrap of Debian 13's root, minutes).
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ them); the README's check section says what each means:
                         <driver name='qemu'/>, a type='qemu' (TCG) libvirt domain, or a
                         vhostorch spec with vhost = "off"
   libvirt-open-failed   libvirt could not open /dev/vhost-net and started the NIC without
-                        it ('Unable to open vhost-net' in libvirtd's log)
+                        it ('Unable to open vhost-net' in libvirtd's or virtqemud's log)
   vhost-net-missing     vhost was asked for but the host has no /dev/vhost-net (the
                         vhost_net module is not loaded, or not built)
   qemu-fallback         QEMU holds vhost fds but could not start vhost and fell back on

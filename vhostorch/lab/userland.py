@@ -72,9 +72,16 @@ def project() -> str:
     if not os.path.exists(os.path.join(top, "pyproject.toml")):
         raise LabError(f"a Debian userland needs vhostorch run from its checkout: no "
                        f"pyproject.toml in {top}")  # fmt: skip
-    if any(c.isspace() for c in top):
-        raise LabError(f"the checkout's path {top!r} must not contain spaces")
+    # The path goes into overlay mount options (',' and ':' separate them) and shell words.
+    if any(c.isspace() or c in ",:'\"\\" for c in top):
+        raise LabError(f"the checkout's path {top!r} must not contain spaces, quotes, ',' or ':'")
+    if top.split("/")[1] in ("proc", "sys", "dev"):
+        raise LabError(f"the checkout's path {top!r} is under a kernel filesystem")
     return top
+
+
+def _packages() -> str:
+    return " ".join(sorted(set(PACKAGES)))
 
 
 def _isolated(*args: str) -> list[str]:
@@ -102,12 +109,14 @@ def _build_root(base: str, release: str, log: object) -> str:
         _run(_isolated("root", release, root), f"debootstrap {release}")
         _say(log, f"installing {len(PACKAGES)} packages in the {release} root")
         _run(_isolated("packages", root, *PACKAGES), f"installing packages in the {release} root")
-        key = _digest(_versions(root).encode())
+        # The list asked for is part of the key: a root of the same versions made from
+        # another list (a package that came in as a dependency) is another root.
+        key = _digest(_versions(root).encode(), _packages().encode())
         os.chmod(work, 0o755)  # mkdtemp made it 0700: the test host's QEMU reads it
         final = os.path.join(base, key)
         if not os.path.exists(os.path.join(final, ".complete")):
             with open(os.path.join(work, "packages"), "w") as f:
-                f.write(" ".join(PACKAGES) + "\n")
+                f.write(_packages() + "\n")
             open(os.path.join(work, ".complete"), "w").close()
             shutil.rmtree(final, ignore_errors=True)
             os.rename(work, final)
@@ -160,7 +169,7 @@ def ensure_userland(
     keydir = os.path.join(base, key)
     if not key or not os.path.exists(os.path.join(keydir, ".complete")):
         key = ""
-    elif _read_first_line(os.path.join(keydir, "packages")) != " ".join(PACKAGES):
+    elif _read_first_line(os.path.join(keydir, "packages")) != _packages():
         _say(log, f"the {name} root was made with another package list")
         key = ""
     elif refresh and _outdated(os.path.join(keydir, "root"), name):
