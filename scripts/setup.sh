@@ -9,6 +9,7 @@ packages=(
   debootstrap    # makes the test host's Debian 13 userland (lab --userland trixie)
   zstd xz-utils  # Debian's 6.12 test-host kernel is zstd, its modules .ko.xz
   systemd        # systemd-analyze verifies the boot unit
+  git            # tests read the 0.1.0 release from this checkout's history
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -54,12 +54,9 @@ OS_RELEASE = "/etc/os-release"
 
 def default_kernels(os_release: str = OS_RELEASE) -> str:
     """The default sessions for the Debian release this machine runs."""
-    try:
-        with open(os_release) as f:
-            fields = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
-    except OSError:
-        fields = {}
-    return DEFAULT_KERNELS.get(fields.get("VERSION_CODENAME", "").strip('"'), "default")
+    from vhostorch.lab.userland import codename
+
+    return DEFAULT_KERNELS.get(codename(os_release), "default")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

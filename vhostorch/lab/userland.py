@@ -33,7 +33,7 @@ RELEASES = {"trixie": "6.12"}
 PACKAGES = (
     "qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-dev", "pkg-config",
     "iproute2", "busybox-static", "cpio", "kmod", "strace", "python3", "python3-venv",
-    "python3-dev", "python3-apt", "gcc", "debootstrap", "zstd", "xz-utils", "systemd",
+    "python3-dev", "python3-apt", "gcc", "debootstrap", "zstd", "xz-utils", "systemd", "git",
     "ca-certificates",
 )  # fmt: skip
 # The machine's CA bundle: pip in the root verifies TLS with it (the root's own bundle lacks
@@ -50,6 +50,16 @@ class Userland(Record):
     root: str  # "/" for this machine's own
     project: str = ""  # the checkout shown at its own path, its .venv being ``venv``
     venv: str = ""
+
+
+def codename(os_release: str = "/etc/os-release") -> str:
+    """This machine's release (VERSION_CODENAME: bookworm, trixie), "" when unknown."""
+    try:
+        with open(os_release) as f:
+            fields = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+    except OSError:
+        return ""
+    return fields.get("VERSION_CODENAME", "").strip('"')
 
 
 def userland_name(value: str) -> str:
