@@ -43,7 +43,7 @@ class Guest:
         except FileNotFoundError:
             return ""
 
-    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match[str]:
         """Wait for a console line matching ``pattern``; fail with the console's tail."""
         regex = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout

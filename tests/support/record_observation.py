@@ -134,7 +134,7 @@ def record(setup: Setup, out: str) -> str:
     else:
         sock = os.path.join(tempfile.mkdtemp(prefix="vho-rec-"), "qmp.sock")
         with _running(setup, sock) as g:
-            g.wait_for(setup.marker, timeout=60)
+            g.wait_for(setup.marker, timeout=120)
             time.sleep(1)  # the last vrings are wired right after the marker
 
             def ask() -> monitor.MonitorView:

@@ -79,7 +79,7 @@ def test_healthy_vhost_nic_passes_every_check(traced: None, queues: int) -> None
     with guests.tap(queues) as name:
         extra = [*guests.vhost_netdev(name, queues), "-qmp", f"unix:{sock},server=on,wait=off"]
         with guests.guest(extra) as g:
-            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=30)
+            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=120)
             # --pid finds the QMP socket on QEMU's command line; --strict: nothing unknown.
             code, report = check("--pid", str(g.pid), "--strict")
             failed = [c for c in report["checks"] if c["status"] != "pass"]
@@ -137,7 +137,7 @@ def test_guest_without_its_virtio_net_driver_warns_and_fails_strict(traced: None
     with guests.tap(1) as name:
         extra = [*guests.vhost_netdev(name, 1), "-qmp", f"unix:{sock},server=on,wait=off"]
         with guests.guest(extra, append="vho.nodriver=1") as g:
-            g.wait_for(r"VHOSTORCH-GUEST: ready", timeout=30)
+            g.wait_for(r"VHOSTORCH-GUEST: ready", timeout=120)
             code, report = check("--pid", str(g.pid))
             checks = by_id(report)
             assert checks["nic.vhost.started"][0]["status"] == "warn"
@@ -160,7 +160,7 @@ def test_guest_without_its_virtio_net_driver_warns_and_fails_strict(traced: None
 
 def test_tap_with_fewer_queues_than_the_device_fails(traced: None) -> None:
     with guests.tap(2) as name, guests.guest(guests.vhost_netdev(name, 2, device_queues=4)) as g:
-        g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=30)
+        g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=120)
         code, report = check("--pid", str(g.pid))
         queues = by_id(report)["nic.queues"][0]
         assert code == 1 and queues["status"] == "fail"
@@ -175,7 +175,7 @@ def test_vhost_on_one_nic_of_two_fails_only_that_nic(traced: None) -> None:
     with guests.tap(1) as fast, guests.tap(1) as slow:
         extra = [*guests.vhost_netdev(fast, 1), *guests.vhost_netdev(slow, 1, "off", nic=1)]
         with guests.guest(extra) as g:
-            g.wait_for(r"VHOSTORCH-GUEST: nic eth1 up", timeout=30)
+            g.wait_for(r"VHOSTORCH-GUEST: nic eth1 up", timeout=120)
             code, report = check("--pid", str(g.pid))
             assert code == 1
             good, bad = by_id(report, "net0"), by_id(report, "net1")
@@ -286,7 +286,7 @@ def test_containerised_vm_with_vhost_passes_every_check(traced: None) -> None:
             with container.qemu(argv, os.path.join(workdir, "qemu.log")) as c:
                 g = guests.Guest(c.proc, console, workdir)
                 # Slower than a plain guest's 30 s when the machine is loaded (seen: 25 s).
-                g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=60)
+                g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=120)
                 # Its devices read <its root>/dev/... from here (the test host, itself chrooted,
                 # prefixes /root: the path the issue saw).
                 targets = guests.fd_targets(c.pid).values()

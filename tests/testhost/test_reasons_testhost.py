@@ -67,7 +67,7 @@ def reason_of(pid: int, nic: str = "net0") -> dict[str, Any] | None:
 
 def test_healthy_vhost_has_no_reason_and_metrics_count_worker_cpu(traced: None) -> None:
     with guests.tap(2) as name, guests.guest(guests.vhost_netdev(name, 2)) as g:
-        g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=30)
+        g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=120)
         report = report_of(g.pid)
         (nic,) = report["nics"]
         assert nic["reason"] is None
@@ -120,7 +120,7 @@ def test_without_msix_every_interrupt_goes_through_qemu(
         if vectors is not None:
             device += f",vectors={vectors}"
         with guests.guest(["-netdev", netdev, "-device", device], append=append) as g:
-            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=30)
+            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=120)
             report = report_of(g.pid)
             why = report["nics"][0]["reason"]
             assert why is not None and why["code"] == "no-msix", why
@@ -177,7 +177,7 @@ def test_qemu_that_fell_back_on_userspace_virtio(
         extra = [*guests.vhost_netdev(name, 1), "-qmp", f"unix:{sock},server=on,wait=off"]
         with guests.guest(extra) as g:
             # The guest's NIC comes up all the same: QEMU moves its packets.
-            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=30)
+            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=120)
             assert "unable to start vhost net: 7: falling back on userspace virtio" in (
                 guests.qemu_log(g)
             )
@@ -260,7 +260,7 @@ def test_kernel_irqchip(traced: None, machine: str, cpu: str | None, code: str |
             )
         try:
             g = guests.Guest(proc, console, workdir)
-            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=40)
+            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=120)
             report = report_of(g.pid)
             why = report["nics"][0]["reason"]
             calls = {c["status"] for c in report["checks"] if c["id"] == "nic.call"}

@@ -81,7 +81,7 @@ def test_rewire_proves_a_qemu_started_before_the_trace(untraced: None) -> None:
     with guests.tap(1, "10.77.0.1/24") as name:
         extra = [*guests.vhost_netdev(name, 1), "-qmp", f"unix:{sock},server=on,wait=off"]
         with guests.guest(extra, append="vho.addr=10.77.0.2/24") as g:
-            g.wait_for(r"VHOSTORCH-GUEST: addr 10\.77\.0\.2", timeout=60)
+            g.wait_for(r"VHOSTORCH-GUEST: addr 10\.77\.0\.2", timeout=120)
             report = unwired_then_rewired(["--pid", str(g.pid)], g.pid, "10.77.0.2")
             (rewired,) = [c for c in report["checks"] if c["id"] == "vm.rewire"]
             assert rewired["evidence"]["via"] == f"qmp:{sock}"
@@ -238,7 +238,7 @@ def test_rewire_resumes_a_vm_whose_stop_outlasts_the_qmp_timeout(untraced: None)
                  "-qmp", f"unix:{seen},server=on,wait=off",
                  "-qmp", f"unix:{sock},server=on,wait=off"]  # fmt: skip
         with guests.guest(extra, append="vho.addr=10.77.2.2/24") as g:
-            g.wait_for(r"VHOSTORCH-GUEST: addr 10\.77\.2\.2", timeout=60)
+            g.wait_for(r"VHOSTORCH-GUEST: addr 10\.77\.2\.2", timeout=120)
             observer = Observer(seen)
             try:
                 assert ping("10.77.2.2") == 5

@@ -67,7 +67,7 @@ def test_qemu_vhost_on_holds_a_vhost_fd_and_worker_per_queue_pair(
     with guests.tap(queues) as name:
         start = time.monotonic()
         with guests.guest(guests.vhost_netdev(name, queues)) as g:
-            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=30)
+            g.wait_for(r"VHOSTORCH-GUEST: nic eth0 up", timeout=120)
             up = time.monotonic() - start
             targets = guests.fd_targets(g.pid)
             assert count(targets, "/dev/vhost-net") == queues, targets
@@ -75,7 +75,7 @@ def test_qemu_vhost_on_holds_a_vhost_fd_and_worker_per_queue_pair(
             assert count(targets, "anon_inode:kvm-vm") == 1, targets
             assert len(guests.vhost_workers(g.pid)) == queues
             # The guest sees MSI-X vectors per queue (irqfd needs them).
-            g.wait_for(r"irq .*PCI-MSI.*virtio0-input\.0", timeout=10)
+            g.wait_for(r"irq .*PCI-MSI.*virtio0-input\.0", timeout=60)
             print(f"guest driver up {up:.1f} s after QEMU started ({queues} queue pairs)")
 
 
@@ -140,13 +140,15 @@ def _packets(dev: str) -> int:
     return total
 
 
-def _settle(pid: int, quiet: float = 1.0, within: float = 6.0) -> None:
+def _settle(pid: int, quiet: float = 1.0, within: float = 30.0) -> None:
     """Wait (bounded) until QEMU's own threads have made no syscall for ``quiet`` s.
 
     QEMU 10.0 (Debian 13) keeps waking its main loop for a second or two after the guest's
     driver is up (read/write pairs on an eventfd of its own, seen with strace; none on the
     tap), which 7.2 did not: counted in the pings' window, they once made 138 syscalls for
-    133 packets. Measured after it: none, as on 7.2.
+    133 packets. Measured after it: none, as on 7.2. With three test hosts and the tests
+    outside sharing two cores those seconds stretch: a 6 s bound let 34 of them into the
+    window (clean-clone CI), hence 30 s.
     """
     deadline = time.monotonic() + within
     last = _syscalls(pid)
@@ -163,13 +165,13 @@ def _ping_through(vhost: str) -> tuple[int, int, int]:
     with guests.tap(1) as name:
         append = "vho.addr=10.77.0.2/24 vho.ping=10.77.0.1 vho.count=60"
         with guests.guest(guests.vhost_netdev(name, 1, vhost), append=append) as g:
-            g.wait_for(r"VHOSTORCH-GUEST: addr", timeout=30)
+            g.wait_for(r"VHOSTORCH-GUEST: addr", timeout=120)
             workers = guests.vhost_workers(g.pid)
             assert len(workers) == (1 if vhost == "on" else 0)
             _settle(g.pid)
             before = (_packets(name), _syscalls(g.pid), sum(map(guests.runtime_ns, workers)))
             kernel.run("ip", "addr", "add", "10.77.0.1/24", "dev", name)
-            g.wait_for(r"VHOSTORCH-GUEST: ping ok 10\.77\.0\.1 received=60", timeout=60)
+            g.wait_for(r"VHOSTORCH-GUEST: ping ok 10\.77\.0\.1 received=60", timeout=120)
             after = (_packets(name), _syscalls(g.pid), sum(map(guests.runtime_ns, workers)))
     packets, syscalls, worker_ns = (b - a for a, b in zip(before, after, strict=True))
     print(
