@@ -134,6 +134,14 @@ class Worker(Record):
     tid: int
     cpu_seconds: float | None  # None: its stat was unreadable
     attributed_by: str  # which order tied workers to vhost fds (check.verify.workers)
+    # Where it runs (check.placement; None where it could not be read): its model
+    # ("kthread", "vhost_task", "kthread_task"; "task" where only its name told), its
+    # cgroup (v2 path, or v1 cpuset path), the CPUs it may run on (the kernel's list
+    # format, "0-1,4") and the CPU it last ran on.
+    model: str | None = None
+    cgroup: str | None = None
+    cpus: str | None = None
+    last_cpu: int | None = None
 
 
 class JudgedNic(Record):
