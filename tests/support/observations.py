@@ -107,10 +107,11 @@ def proc_tree(
     worker = f"vhost-{pid}"[:15]
     for tid in os.listdir(f"{proc}/{pid}/task"):
         keep_file(f"{pid}/task/{tid}/comm")
-        if (files.get(f"{pid}/task/{tid}/comm") or "").strip() == worker:
-            # A vhost_task worker's own CPU time (observe.worker_cpu): /proc/TID/stat would
-            # be the whole thread group's.
-            keep_file(f"{pid}/task/{tid}/stat")
+        # Where each thread may run and ran (kernel.cpus.place); a vhost_task worker's own
+        # CPU time (observe.worker_cpu) is in its stat too: /proc/TID/stat would be the
+        # whole thread group's.
+        for name in ("stat", "status", "cgroup"):
+            keep_file(f"{pid}/task/{tid}/{name}")
     # The vhost workers that are kernel threads (Linux < 6.4), as vhost_kthreads finds them.
     for entry in os.listdir(proc):
         kthread = entry.isdigit() and _read(f"{proc}/{entry}/cmdline") == ""
@@ -118,6 +119,8 @@ def proc_tree(
             keep_file(f"{entry}/comm")
             keep_file(f"{entry}/cmdline")
             keep_file(f"{entry}/stat")
+            for name in ("stat", "status", "cgroup"):
+                keep_file(f"{entry}/task/{entry}/{name}")
     return files, links, rdevs
 
 
@@ -269,6 +272,12 @@ def snapshot(
     return rec
 
 
+def records_places(name: str) -> bool:
+    """Whether recording ``name`` holds where QEMU's threads run (recordings made before
+    nic.vhost.placement do not: its verdict is then unknown)."""
+    return any(rel.endswith("/status") for rel in load(name)["files"])
+
+
 def load(name: str) -> Recording:
     with open(FIXTURES / f"{name}.json") as f:
         return cast("Recording", json.load(f))
@@ -332,6 +341,7 @@ def replay(rec: Recording, root: pathlib.Path, *, monitor: bool = True) -> Obser
         monitor=ask if monitor and recorded_monitor else None,
         char=char,
         sys=str(root / "sys"),  # none: a macvtap's ifindex is its recorded node's name
+        pins_dir=str(root / "pins"),  # none: no pin was asked for a recorded QEMU
     )
 
 

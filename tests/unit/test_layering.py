@@ -16,21 +16,21 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "vhostorch"
 # facade, last in its own list.
 ORDER: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ()), ("record", ()), ("signals", ()), ("lockfile", ()), ("files", ()),
-    ("rundir", ()), ("claims", ()), ("inputs", ()), ("rootcode", ()),
-    ("kernel", ("rtnl", "tun", "netns", "procfs", "btf", "bpf", "vhoststate", "__init__")),
+    ("rundir", ()), ("claims", ()), ("pins", ()), ("inputs", ()), ("rootcode", ()),
+    ("kernel", ("rtnl", "tun", "netns", "procfs", "cpus", "btf", "bpf", "vhoststate", "__init__")),
     ("taps", ("spec", "plan", "apply", "teardown", "__init__")),
     ("vm", ("spec", "state", "__init__")),
     ("qemu", ("args", "monitor", "__init__")),
     ("libvirt", ("domxml", "qemuconf", "connection", "__init__")),
     ("check", ("ids", "report", "wiring", "observe", "applicable", "nics", "machine", "request",
-               "fds", "running", "live", "vrings", "reasons", "verify", "metrics", "targets",
+               "fds", "running", "live", "vrings", "reasons", "placement", "verify", "metrics", "targets",
                "rewire", "__init__")),
     ("host", ("bootunit", "doctor", "__init__")),
     ("backends", ("contract", "process", "qmp", "libvirt", "__init__")),
-    ("orchestrate", ("decision", "settle", "__init__")),
+    ("orchestrate", ("decision", "settle", "pinning", "__init__")),
     ("hook", ("metadata", "state", "program", "__init__", "install")),
     ("lab", ("image", "userland", "watch", "run", "__init__")),
-    ("cli", ("argv", "output", "taps", "check", "vm", "hook", "lab", "__init__")),
+    ("cli", ("argv", "output", "taps", "check", "vm", "pin", "hook", "lab", "__init__")),
     ("__main__", ()),
 ]  # fmt: skip
 AREAS = [area for area, _ in ORDER]

@@ -20,6 +20,9 @@ one family module, listed above its ids:
   check.vrings
     nic.kick            per virtqueue: the kick eventfd is a KVM ioeventfd
     nic.call            per virtqueue: the call eventfd is a KVM irqfd (MSI-X, in-kernel irqchip)
+  check.placement
+    nic.vhost.placement where the NIC's workers may run: off the CPUs of pinned vCPUs, and
+                        on the CPUs a pin asked for (vhostorch pin)
   check.rewire (check --rewire only)
     vm.rewire           the VM was paused and resumed so QEMU wired vhost again (pause_ms)
   hook.program (when the domain's QEMU cannot be looked at)
@@ -55,6 +58,7 @@ VHOST_MEMTABLE = "nic.vhost.memtable"
 FEATURES = "nic.features"
 KICK = "nic.kick"
 CALL = "nic.call"
+VHOST_PLACEMENT = "nic.vhost.placement"
 VM_INSPECT = "vm.inspect"
 VM_REWIRE = "vm.rewire"
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 
 from vhostorch.check import wiring
-from vhostorch.kernel import procfs
+from vhostorch import pins
+from vhostorch.kernel import cpus, procfs
 from vhostorch.kernel.rtnl import Link, Rtnl
 from vhostorch.qemu import args
 from vhostorch.qemu.monitor import MonitorError
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from vhostorch.check.wiring import Wiring
+    from vhostorch.kernel.cpus import Place
     from vhostorch.kernel.vhoststate import KernelView
+    from vhostorch.pins import Pin
     from vhostorch.libvirt.domxml import Domain
     from vhostorch.qemu.args import QemuArgs
     from vhostorch.qemu.monitor import MonitorView
@@ -52,6 +55,10 @@ class Observation(Record):
     stopped: str | None = None  # why QEMU runs no code now (procfs.STOPPED_STATES), if it does not
     live: KernelView | None = None  # what the kernel holds now (check.live), where it was read
     live_note: str | None = None  # why it could not be read, when it was tried
+    # Where each of QEMU's threads and vhost workers may run and ran, by tid (kernel.cpus);
+    # None when none could be read (a recording made before they were recorded).
+    places: dict[int, Place] | None = None
+    pin: Pin | None = None  # the CPUs its vhost-net workers were asked to run on (pins)
 
 
 class Logs(Record):
@@ -311,6 +318,7 @@ def observe(
     pid_dir: str = PID_DIR,
     char: Callable[[int, str], int | None] | None = None,
     sys: str = procfs.SYS,
+    pins_dir: str = pins.PINS,
 ) -> Observation:
     """Look at QEMU ``pid``. Raises procfs.CannotInspect when it cannot be read or is no QEMU.
 
@@ -325,6 +333,7 @@ def observe(
     libvirt's per-domain logs (None: not looked at), ``dev`` is where /dev/vhost-net is,
     ``pid_dir`` where libvirt writes its QEMUs' pids (its log is read only for those).
     ``char`` and ``sys`` tell what QEMU's fds are (procfs.read: device numbers, sysfs).
+    ``pins_dir`` holds the pins asked for its vhost-net workers (vhostorch.pins).
     The logs and the device are read only for a QEMU they can tell something about.
     """
     process = procfs.read(pid, proc, char=char, sys=sys)
@@ -410,8 +419,22 @@ def observe(
     cpu = worker_cpu(workers, pid, proc) if workers else None
     return Observation(
         process, parsed, model, tuple(workers), taps, seen, present, domain, view, error, wired,
-        note, plan, logs, device, cpu, halted,
+        note, plan, logs, device, cpu, halted, places=thread_places(process, workers, proc),
+        pin=pins.load(pid, process.start_ticks, pins_dir) if workers else None,
     )  # fmt: skip
+
+
+def thread_places(
+    process: procfs.Process, workers: Iterable[int], proc: str = procfs.PROC
+) -> dict[int, Place] | None:
+    """Where each thread of QEMU and each vhost worker may run and ran (kernel.cpus); None
+    when not one could be read."""
+    found = {}
+    for tid in [*(t.tid for t in process.threads), *workers]:
+        where = cpus.place(process.pid, tid, proc)
+        if where is not None:
+            found[tid] = where
+    return found or None
 
 
 def domain_pid(name: str, proc: str = procfs.PROC, pid_dir: str = PID_DIR) -> int:

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
         "unstable-read",  # two reads of the kernel's live state disagreed: kick/call unknown
         "beyond-reader",  # the vring's eventfd is past what the live reader walks of KVM's lists
         "tap-gone",  # vhost's backend is a tap queue on no device: the tap was deleted under QEMU
+        "on-vcpu-cpu",  # nic.vhost.placement: a worker may run on a pinned vCPU's CPU
+        "not-pinned",  # nic.vhost.placement: a worker may run off the CPUs a pin asked for
         "not-paused",  # vm.rewire: the VM was not paused (nothing was touched)
         "left-paused",  # vm.rewire: the VM was paused and could not be resumed
     ]
@@ -68,6 +70,8 @@ RELAYED_INTERRUPT: Final = "relayed-interrupt"
 UNSTABLE_READ: Final = "unstable-read"
 BEYOND_READER: Final = "beyond-reader"
 TAP_GONE: Final = "tap-gone"
+ON_VCPU_CPU: Final = "on-vcpu-cpu"
+NOT_PINNED: Final = "not-pinned"
 NOT_PAUSED: Final = "not-paused"
 LEFT_PAUSED: Final = "left-paused"
 

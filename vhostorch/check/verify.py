@@ -16,6 +16,7 @@ from vhostorch.check import (
     live,
     machine,
     nics,
+    placement,
     reasons,
     request,
     running,
@@ -31,8 +32,9 @@ if TYPE_CHECKING:
     from vhostorch.check.report import Check, Reason, ReportedNic
 
 
-def nic_checks(obs: Observation, nic: Nic) -> list[Check]:
-    """Every check of one NIC, in the order a report lists them."""
+def nic_checks(obs: Observation, nic: Nic, placed: tuple[Worker, ...] | None = None) -> list[Check]:
+    """Every check of one NIC, in the order a report lists them (``placed``: its workers
+    with where they run, as ``workers`` gives them; read when None)."""
     checks = [request.requested(obs, nic), request.queues(obs, nic), fds.tap_fds(obs, nic)]
     if nic.state is not None and not nic.state.vhost_on and not nic.netdev.wants_vhost:
         return checks  # vhost is off or fell back as the spec allows: nothing to attach
@@ -45,6 +47,7 @@ def nic_checks(obs: Observation, nic: Nic) -> list[Check]:
     checks += [judge.started(obs, nic), judge.memtable(obs, nic)]
     checks += vrings.vrings(obs, nic)
     checks.append(judge.features(obs, nic))
+    checks.append(placement.placement(obs, nic, workers(obs, nic) if placed is None else placed))
     return checks
 
 
@@ -53,8 +56,9 @@ def verify(obs: Observation) -> Report:
     checks = [machine.host_vhost_net(obs), machine.vm_kvm(obs)]
     found = nics.find(obs)
     why: list[Reason | None] = []
-    for nic in found:
-        mine = nic_checks(obs, nic)
+    placed = [workers(obs, nic) for nic in found]
+    for nic, theirs in zip(found, placed, strict=True):
+        mine = nic_checks(obs, nic, theirs)
         checks += mine
         why.append(reasons.reason(obs, nic, mine))
     not_applicable = applicable.find(obs)  # listed in nics, never judged
@@ -77,9 +81,9 @@ def verify(obs: Observation) -> Report:
             nic.netdev.queue_pairs,
             nic.netdev.wants_vhost,
             reason,
-            workers(obs, nic),
+            theirs,
         )
-        for nic, reason in zip(found, why, strict=True)
+        for nic, reason, theirs in zip(found, why, placed, strict=True)
     )
     nic_info += tuple(not_applicable)
     return Report(target, nic_info, tuple(checks))
@@ -95,7 +99,12 @@ def workers(obs: Observation, nic: Nic) -> tuple[Worker, ...]:
     reused after a hot-unplug can break, so each entry says which order it used. No
     worker is attributed unless there are as many workers as vhost fds. Where the kernel's
     state was read (check.live), it names each device's worker and nothing is inferred.
+    Each says where it runs (check.placement.placed).
     """
+    return placement.placed(obs, _attributed(obs, nic))
+
+
+def _attributed(obs: Observation, nic: Nic) -> tuple[Worker, ...]:
     kernel = _live_workers(obs, nic)
     if kernel:
         return kernel

@@ -34,6 +34,9 @@ class Domain(Record):
     name: str
     type: str
     interfaces: tuple[Interface, ...]
+    # <cputune>: each <vcpupin vcpu= cpuset=> and <emulatorpin cpuset=> (None: none)
+    vcpupin: tuple[tuple[int, frozenset[int]], ...] = ()
+    emulatorpin: frozenset[int] | None = None
 
 
 class _Element:
@@ -167,7 +170,30 @@ def domain(element: Any) -> Domain:
             )
         )
     name = element.findtext("name")
-    return Domain(name or "", element.get("type") or "", tuple(interfaces))
+    vcpupin, emulatorpin = _cputune(element)
+    return Domain(name or "", element.get("type") or "", tuple(interfaces), vcpupin, emulatorpin)
+
+
+def _cputune(element: Any) -> tuple[tuple[tuple[int, frozenset[int]], ...], frozenset[int] | None]:
+    """``<cputune>``'s vcpupin and emulatorpin CPU sets. libvirt's cpuset syntax also allows
+    ``^N`` exclusions; a set this reader cannot take is left out (the threads' own affinity,
+    read from /proc, is what the placement check judges)."""
+    from vhostorch.kernel.cpus import parse_list
+
+    pins = []
+    for pin in element.iterfind("cputune/vcpupin"):
+        try:
+            pins.append((int(pin.get("vcpu") or ""), parse_list(pin.get("cpuset") or "")))
+        except (ValueError, InvalidSpec):
+            continue
+    emulator = None
+    found = element.find("cputune/emulatorpin")
+    if found is not None:
+        try:
+            emulator = parse_list(found.get("cpuset") or "")
+        except InvalidSpec:
+            emulator = None
+    return tuple(sorted(pins, key=lambda p: p[0])), emulator
 
 
 def _attr(parent: object, child: str, attr: str) -> str | None:

@@ -25,7 +25,8 @@ import pytest
 
 from tests.support import observations
 from vhostorch.check import fds, verify
-from vhostorch.check.report import FAIL, PASS, JudgedNic
+from vhostorch.check.ids import VHOST_PLACEMENT
+from vhostorch.check.report import FAIL, PASS, UNKNOWN, JudgedNic
 from vhostorch.kernel import procfs
 
 # (recording, kernel series, worker model, queue pairs)
@@ -52,6 +53,14 @@ def test_every_check_passes_on_both_kernels(
     report = verify.verify(observations.observed(name, tmp_path))
     checks = report.to_json()["checks"]
     assert isinstance(checks, list)
+    placed = [c for c in checks if c["id"] == VHOST_PLACEMENT]
+    if observations.records_places(name):
+        assert [c["status"] for c in placed] == [PASS]
+    else:  # recorded before where threads run was: said, never guessed
+        assert [(c["status"], c["message"][:20]) for c in placed] == [
+            (UNKNOWN, "where QEMU's threads")
+        ]
+    checks = [c for c in checks if c["id"] != VHOST_PLACEMENT]
     assert {c["status"] for c in checks} == {PASS}, [c for c in checks if c["status"] != PASS]
     assert {c["id"] for c in checks} == NIC_CHECKS | {"host.vhost-net", "vm.kvm"}
     # Kick and call proved from the kprobe trace for every virtqueue.

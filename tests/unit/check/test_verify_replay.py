@@ -10,6 +10,7 @@ import pytest
 
 from tests.support import observations
 from vhostorch.check import verify
+from vhostorch.check.ids import VHOST_PLACEMENT
 
 RECORDED = sorted(path.stem for path in observations.FIXTURES.glob("*.json"))
 
@@ -40,6 +41,15 @@ def test_replayed_verdicts_are_the_live_ones(name: str, tmp_path: pathlib.Path) 
         for key in NIC_KEYS_ADDED:
             if not all(key in live for live in rec["report"]["nics"]):  # type: ignore[attr-defined]
                 nic.pop(key)
+    # Where workers run (issue 22: nic.vhost.placement, a worker's model, cgroup and CPUs)
+    # was not recorded before it was judged: the replay says unknown, checked in
+    # test_verify_kernels; the rest matches.
+    if not observations.records_places(name):
+        replayed["checks"] = [c for c in replayed["checks"] if c["id"] != VHOST_PLACEMENT]
+        for nic in replayed["nics"]:
+            for worker in nic.get("workers", []):
+                for key in WORKER_KEYS_ADDED:
+                    worker.pop(key)
     # Which source decided kick/call was added to their evidence after these were recorded
     # (issue 23); a recording's checks otherwise match one for one.
     for mine, recorded in zip(replayed["checks"], rec["report"]["checks"], strict=False):  # type: ignore[call-overload]
@@ -50,6 +60,7 @@ def test_replayed_verdicts_are_the_live_ones(name: str, tmp_path: pathlib.Path) 
 
 
 NIC_KEYS_ADDED = ("reason", "workers")
+WORKER_KEYS_ADDED = ("model", "cgroup", "cpus", "last_cpu")
 KICK_CALL = ("nic.kick", "nic.call")
 
 

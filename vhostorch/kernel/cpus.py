@@ -1,0 +1,173 @@
+"""Where a thread may run and where it ran: CPU lists, affinity, cgroup and cpuset, from /proc
+and the cgroup filesystem; and setting a thread's affinity.
+
+The kernel's list format ("0-3,8,10-11") is Cpus_allowed_list's in /proc/PID/status and
+cpuset.cpus's. A vhost worker is found at two places: a kernel thread (Linux < 6.4, or
+6.12's fork-owner mode off) is a process of its own, /proc/TID; a vhost_task (>= 6.4) is a
+thread of QEMU, /proc/PID/task/TID. Every reader takes the /proc and /sys roots, so trees
+recorded on real hosts drive the tests.
+
+sched_setaffinity(2) on a thread in a cpuset cgroup keeps only the CPUs the cpuset allows
+(kernel/sched/core.c: __sched_setaffinity intersects the mask with cpuset_cpus_allowed) and
+fails with EINVAL only when nothing is left: a request partly outside the cpuset would be
+cut silently, so ``allowed_by_cpuset`` is asked first.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vhostorch.errors import InvalidSpec
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+PROC = "/proc"
+SYS = "/sys"
+CGROUP_FS = "/sys/fs/cgroup"
+# comm of a QEMU vCPU thread: "CPU <index>/<accelerator>" (QEMU's qemu_thread_create name,
+# "CPU %d/KVM"; TCG's "CPU %d/TCG").
+VCPU_PREFIX = "CPU "
+MAX_CPUS = 8192  # include/linux/threads.h NR_CPUS can be 8192 on distribution kernels
+
+
+def parse_list(text: str) -> frozenset[int]:
+    """The CPUs of a list in the kernel's format ("0-3,8"). Raises InvalidSpec."""
+    cpus: set[int] = set()
+    text = text.strip()
+    if not text:
+        return frozenset()
+    for part in text.split(","):
+        low, sep, high = part.strip().partition("-")
+        try:
+            first = int(low)
+            last = int(high) if sep else first
+        except ValueError:
+            raise InvalidSpec(f"{text!r} is not a CPU list (such as 0-3,8)") from None
+        if first < 0 or last < first or last >= MAX_CPUS or not low.strip().isdigit():
+            raise InvalidSpec(f"{text!r} is not a CPU list (such as 0-3,8)")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def format_list(cpus: Iterable[int]) -> str:
+    """``cpus`` in the kernel's list format, ranges joined ("0-3,8")."""
+    out: list[str] = []
+    run: list[int] = []
+    for cpu in sorted(set(cpus)):
+        if run and cpu == run[-1] + 1:
+            run.append(cpu)
+            continue
+        if run:
+            out.append(_range(run))
+        run = [cpu]
+    if run:
+        out.append(_range(run))
+    return ",".join(out)
+
+
+def _range(run: list[int]) -> str:
+    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+
+
+class Place(Record):
+    """Where one thread may run and ran: its comm, allowed CPUs, last CPU and cgroup."""
+
+    tid: int
+    comm: str
+    cpus: frozenset[int]  # Cpus_allowed_list
+    last_cpu: int | None  # stat's processor field
+    cgroup: str | None  # the v2 path, else the v1 cpuset hierarchy's
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def task_dir(pid: int, tid: int, proc: str = PROC) -> str | None:
+    """/proc's directory of thread ``tid``: as a thread of ``pid``, else as a process of its
+    own (a kernel thread); None when it is gone."""
+    for path in (f"{proc}/{pid}/task/{tid}", f"{proc}/{tid}/task/{tid}"):
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def place(pid: int, tid: int, proc: str = PROC) -> Place | None:
+    """Where thread ``tid`` (of QEMU ``pid``, or a kernel thread) runs; None when it is gone
+    or cannot be read."""
+    where = task_dir(pid, tid, proc)
+    if where is None:
+        return None
+    try:
+        status = _read(f"{where}/status")
+        stat = _read(f"{where}/stat")
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    try:
+        cpus = parse_list(fields["Cpus_allowed_list"])
+        comm = fields.get("Name", "").strip()
+    except (KeyError, InvalidSpec):
+        return None
+    after = stat.rsplit(")", 1)[-1].split()
+    # Field 39 (processor) is the 37th after the comm.
+    last = int(after[36]) if len(after) > 36 and after[36].isdigit() else None
+    return Place(tid, comm, cpus, last, cgroup(where))
+
+
+def cgroup(task: str) -> str | None:
+    """A task's cgroup from its /proc directory's ``cgroup`` file: the v2 path ("0::/x"), else
+    the v1 cpuset hierarchy's."""
+    try:
+        lines = _read(f"{task}/cgroup").splitlines()
+    except OSError:
+        return None
+    v1 = None
+    for line in lines:
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if number == "0" and not controllers:
+            return path
+        if "cpuset" in controllers.split(","):
+            v1 = path
+    return v1
+
+
+def cpuset(path: str, cgroup_fs: str = CGROUP_FS) -> frozenset[int] | None:
+    """The CPUs cgroup ``path``'s cpuset allows (cpuset.cpus.effective on cgroup v2,
+    cpuset.effective_cpus on v1); None where no cpuset applies or it cannot be read."""
+    rel = path.lstrip("/")
+    for file in (
+        os.path.join(cgroup_fs, rel, "cpuset.cpus.effective"),
+        os.path.join(cgroup_fs, "cpuset", rel, "cpuset.effective_cpus"),
+    ):
+        try:
+            return parse_list(_read(file))
+        except (OSError, InvalidSpec):
+            continue
+    return None
+
+
+def online(sys: str = SYS) -> frozenset[int] | None:
+    """The CPUs online now; None when sysfs cannot say."""
+    try:
+        return parse_list(_read(f"{sys}/devices/system/cpu/online"))
+    except (OSError, InvalidSpec):
+        return None
+
+
+def vcpu_index(comm: str) -> int | None:
+    """The vCPU index of a QEMU thread named ``CPU <n>/<accel>``, else None."""
+    if not comm.startswith(VCPU_PREFIX):
+        return None
+    number, sep, _ = comm[len(VCPU_PREFIX) :].partition("/")
+    return int(number) if sep and number.isdigit() else None
+
+
+def set_affinity(tid: int, cpus: frozenset[int]) -> None:
+    """Let thread ``tid`` run on ``cpus`` only. Raises OSError (ESRCH: gone; EINVAL: none of
+    them allowed by its cpuset; EPERM)."""
+    os.sched_setaffinity(tid, cpus)
