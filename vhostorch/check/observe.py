@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from vhostorch.check import wiring
 from vhostorch import pins
+from vhostorch.check import wiring
 from vhostorch.kernel import cpus, procfs
 from vhostorch.kernel.rtnl import Link, Rtnl
 from vhostorch.qemu import args
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from vhostorch.check.wiring import Wiring
     from vhostorch.kernel.cpus import Place
     from vhostorch.kernel.vhoststate import KernelView
-    from vhostorch.pins import Pin
     from vhostorch.libvirt.domxml import Domain
+    from vhostorch.pins import Pin
     from vhostorch.qemu.args import QemuArgs
     from vhostorch.qemu.monitor import MonitorView
     from vhostorch.vm.state import VmState

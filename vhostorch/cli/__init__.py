@@ -12,7 +12,7 @@ import os
 import sys
 
 from vhostorch import __version__
-from vhostorch.cli import check, hook, lab, taps, vm
+from vhostorch.cli import check, hook, lab, pin, taps, vm
 from vhostorch.cli.argv import parse
 from vhostorch.cli.output import EXIT_CODES
 from vhostorch.errors import (
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from vhostorch.cli.argv import Parsed
 
-_GROUPS = (taps, check, vm, hook, lab)
+_GROUPS = (taps, check, vm, pin, hook, lab)
 COMMANDS = tuple(c for group in _GROUPS for c in group.COMMANDS)
 HANDLERS: dict[str, Callable[[Parsed], int]] = {
     word: handler for group in _GROUPS for word, handler in group.HANDLERS.items()

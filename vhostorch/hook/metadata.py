@@ -19,12 +19,15 @@ A declared tap must be the target of an ``ethernet`` interface with
 ``managed='no'`` (libvirt then opens it and leaves it alone); its queue mode comes
 from that interface's ``<driver queues=>``, as libvirt will open it. ``verify``
 (on the element or per tap) is ``warn`` (report only) or ``enforce`` (a failed
-check stops the domain). Errors are one line naming the element (InvalidSpec).
+check stops the domain). ``worker-cpus`` (on the element, a CPU list such as ``2-3``) pins
+the domain's vhost-net workers there when it has started (vhostorch pin). Errors are one
+line naming the element (InvalidSpec).
 """
 
 from __future__ import annotations
 
 from vhostorch.errors import InvalidSpec
+from vhostorch.kernel.cpus import cpu_list
 from vhostorch.libvirt import qemuconf
 from vhostorch.libvirt.domxml import driver_queues
 from vhostorch.libvirt.domxml import root as domain_root
@@ -44,7 +47,7 @@ DEFAULT_OWNER = qemuconf.DEFAULT_USERS[0]  # Debian's qemu.conf default user
 # queues are the interface's, as libvirt will open the tap.
 _TAP_KEYS = {"name": "dev", "bridge": "bridge", "mtu": "mtu", "owner": "owner", "group": "group"}
 _TAP_ATTRS = {*_TAP_KEYS.values(), "verify"}
-_VM_ATTRS = {"verify"}
+_VM_ATTRS = {"verify", "worker-cpus"}
 
 
 class ManagedTap(Record):
@@ -59,6 +62,7 @@ class Declared(Record):
     domain: str
     verify: str | None
     taps: tuple[ManagedTap, ...]
+    worker_cpus: str | None = None  # the CPUs its vhost-net workers are pinned to at start
 
     @property
     def enforce(self) -> bool:
@@ -141,7 +145,9 @@ def declared(root: Any, default_owner: str | None = DEFAULT_OWNER) -> Declared:
     names = [t.spec.name for t in taps]
     if len(set(names)) != len(names):
         raise InvalidSpec("metadata: a tap is declared twice")
-    return Declared(name, policy, tuple(taps))
+    pin = vm.get("worker-cpus")
+    worker_cpus = None if pin is None else cpu_list(pin, "<vhostorch:vm> worker-cpus")
+    return Declared(name, policy, tuple(taps), worker_cpus)
 
 
 def render(taps: Sequence[ManagedTap], verify: str = "warn") -> str:

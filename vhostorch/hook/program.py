@@ -203,8 +203,11 @@ def started(
     from vhostorch.check.report import FAIL, UNKNOWN, Check, DomainTarget, JudgedNic, Report
     from vhostorch.kernel import procfs
 
+    pinned = []
     try:
         pid = observe.domain_pid(declared.domain)
+        if declared.worker_cpus is not None:
+            pinned = _pin(pid, declared)
         report = verify.verify(observe.observe(pid, domain=domain))
     except procfs.CannotInspect as err:
         # Nothing proved: every verdict is unknown. Enforcing means proving, so it fails.
@@ -214,7 +217,7 @@ def started(
             return report, _record(declared, report, [f"cannot check: {err}"], places)
         return report, _record(declared, report, [], places)
     taps_of = {n.name: n.tap for n in report.nics if isinstance(n, JudgedNic)}
-    enforced = []
+    enforced = [f"worker-cpus: {e}" for e in pinned] if declared.enforce else []
     for c in report.checks:
         if c.status != FAIL:
             continue
@@ -226,11 +229,30 @@ def started(
         if applies:
             where = f" {c.nic}" + (f" queue {c.queue}" if c.queue is not None else "")
             enforced.append(f"{c.id}{where if c.nic else ''}: {c.message}")
-    return report, _record(declared, report, enforced, places)
+    return report, _record(declared, report, enforced, places, pinned)
+
+
+def _pin(pid: int, declared: metadata.Declared) -> list[str]:
+    """Pin the domain's vhost-net workers to its ``worker-cpus``; why it could not be done
+    (the check then says where they run: nic.vhost.placement)."""
+    from vhostorch.errors import InvalidSpec, OperationFailed
+    from vhostorch.kernel.cpus import parse_list
+    from vhostorch.orchestrate import pinning
+
+    assert declared.worker_cpus is not None
+    try:
+        pinning.apply(pid, parse_list(declared.worker_cpus), "domain metadata", declared.domain)
+    except (InvalidSpec, OperationFailed) as err:
+        return [str(err)]
+    return []
 
 
 def _record(
-    declared: metadata.Declared, report: Report, enforced: list[str], places: Places
+    declared: metadata.Declared,
+    report: Report,
+    enforced: list[str],
+    places: Places,
+    unpinned: list[str] | None = None,
 ) -> list[str]:
     """Write the started check's result (``places.result``); return ``enforced``."""
     import json
@@ -242,6 +264,9 @@ def _record(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "policy": {"vm": declared.verify, "taps": {t.spec.name: t.verify for t in declared.taps}},
         "enforced_failures": enforced,
+        "worker_cpus": None
+        if declared.worker_cpus is None
+        else {"cpus": declared.worker_cpus, "not_pinned": unpinned or []},
         "note": (
             "checked when libvirt started the vCPUs: the guest driver has not started vhost "
             "yet, so kick/call are not wired yet (vhostorch check --domain tells later)"

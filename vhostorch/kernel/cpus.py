@@ -51,6 +51,20 @@ def parse_list(text: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
+def cpu_list(value: object, what: str) -> str:
+    """A CPU list a user gave as ``what`` (a spec key, a metadata attribute), in the kernel's
+    list format, normalised ("3,2,1" -> "1-3"). Raises InvalidSpec naming ``what``."""
+    if not isinstance(value, str):
+        raise InvalidSpec(f'{what} must be a CPU list such as "2-3", not {value!r}')
+    try:
+        found = parse_list(value)
+    except InvalidSpec as err:
+        raise InvalidSpec(f"{what}: {err}") from None
+    if not found:
+        raise InvalidSpec(f"{what}: no CPU given")
+    return format_list(found)
+
+
 def format_list(cpus: Iterable[int]) -> str:
     """``cpus`` in the kernel's list format, ranges joined ("0-3,8")."""
     out: list[str] = []

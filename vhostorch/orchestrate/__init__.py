@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import backends, claims, signals, taps, vm
+from vhostorch import backends, claims, pins, signals, taps, vm
 from vhostorch.check import wiring
 from vhostorch.errors import InvalidSpec, OperationFailed, RollbackFailed, VhostorchError
 from vhostorch.kernel import procfs
+from vhostorch.kernel.cpus import parse_list
+from vhostorch.orchestrate import pinning
 from vhostorch.orchestrate.decision import Host, decide
 from vhostorch.orchestrate.settle import WAIT_DRIVER, Outcome, check, wait_for_vhost
 from vhostorch.record import TYPE_CHECKING, Record
@@ -306,8 +308,20 @@ class _Up:
             (self._taps, self._make_taps, lambda: _delete_made(self.state, self.making)),
             (self._vm, self._run, self._stop),  # the VM then holds the taps
             ("state file", self._record_running, None),
+            ("vhost worker pin", self._pin, self._unpin),
             ("wait", lambda: self._wait(wait), None),
         ]
+
+    def _pin(self) -> None:
+        """The spec's worker_cpus, applied to the vhost-net workers QEMU has now (they start
+        with its netdevs) and recorded, so `nic add` and `pin --reapply` apply it again."""
+        if self.spec.worker_cpus is None or not any(n.vhost_on for n in self.state.nics):
+            return
+        wanted = parse_list(self.spec.worker_cpus)
+        pinning.apply(self.state.pid, wanted, "spec", self.spec.name)
+
+    def _unpin(self) -> None:
+        pins.forget(self.state.pid)
 
     def _vm(self) -> str:
         return "VM" if self.begun is None else self.begun.what
@@ -416,6 +430,7 @@ def down(name: str, *, root: str = vm.state.STATE_DIR) -> Removed:
         if state.status == STARTING:
             return _recover(state, root)
         backends.of(state).stop(state)
+        pins.forget(state.pid)
         deleted, replaced = _delete_made(state, _made(state))
         _release_all(state)
         vm.state.remove(name, root)
@@ -485,6 +500,10 @@ def nic_add(
             state = state.with_nics((*state.nics, added)).replace(making=(), plugging=None)
             vm.state.save(state, root)
             undo.push("state file", lambda: vm.state.save(plugged, root))  # on record again
+            # The VM's pin (vhostorch pin, the spec's worker_cpus) on the new NIC's workers.
+            _, failed = pinning.reapply(only=state.pid)
+            if failed:
+                raise OperationFailed(failed[0])
             return wait_for_vhost(state, wait, runner)
         except BaseException as err:
             # Undone last-first, stopping at the first step that cannot be undone (a NIC the

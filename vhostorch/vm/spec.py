@@ -10,6 +10,7 @@ errors that name the field (``nic[1].queues``).
     machine = "pc"            # QEMU machine type: pc (i440fx) or q35 (PCIe)
     accel = "kvm"             # kvm | tcg
     spare_ports = 4           # q35 only: free PCIe root ports for NICs hot-plugged later
+    worker_cpus = "2-3"       # the CPUs its vhost-net workers run on (vhostorch pin)
 
     [boot]                    # a kernel (and initrd, cmdline), or a disk image
     kernel = "/srv/vm1/vmlinuz"
@@ -169,6 +170,7 @@ class VmSpec(Record):
     disk: str | None
     nics: tuple[NicSpec, ...]
     spare_ports: int  # free pcie-root-ports for hot-plug (q35; 0 on other machines)
+    worker_cpus: str | None  # the CPUs its vhost-net workers are pinned to (kernel list format)
 
     @property
     def pcie(self) -> bool:
@@ -192,6 +194,7 @@ class VmSpec(Record):
         cmdline: str | None = None,
         disk: str | None = None,
         spare_ports: int | None = None,
+        worker_cpus: str | None = None,
     ) -> None:
         check_vm_name(name)
         check_int(memory, "memory (MiB)", 16, MAX_MEMORY_MIB)
@@ -218,6 +221,10 @@ class VmSpec(Record):
                 raise InvalidSpec(f"{what} must be an absolute path, not {shown(path)}")
         if cmdline is not None and not isinstance(cmdline, str):
             raise InvalidSpec("cmdline must be a string")
+        if worker_cpus is not None:
+            from vhostorch.kernel.cpus import cpu_list
+
+            worker_cpus = cpu_list(worker_cpus, "worker_cpus")
         if not nics:
             raise InvalidSpec("a VM needs at least one nic")
         taps.check_batch([n.tap for n in nics])
@@ -227,10 +234,13 @@ class VmSpec(Record):
         self._init(
             name=name, memory=memory, cpus=cpus, machine=machine, accel=accel, kernel=kernel,
             initrd=initrd, cmdline=cmdline, disk=disk, nics=tuple(nics), spare_ports=spare_ports,
+            worker_cpus=worker_cpus,
         )  # fmt: skip
 
 
-_VM_KEYS = {"name", "memory", "cpus", "machine", "accel", "boot", "nic", "spare_ports"}
+_VM_KEYS = {
+    "name", "memory", "cpus", "machine", "accel", "boot", "nic", "spare_ports", "worker_cpus",
+}  # fmt: skip
 _BOOT_KEYS = {"kernel", "initrd", "cmdline", "disk"}
 # The [[nic]] keys that spell a tap's attributes (taps.spec.ATTRS; `mac` is the guest's).
 _TAP_KEYS = {"name": "tap", "queues": "queues", "mtu": "mtu", "bridge": "bridge",
@@ -268,6 +278,7 @@ def from_mapping(data: Mapping[str, Any]) -> VmSpec:
         cmdline=boot.get("cmdline"),
         disk=boot.get("disk"),
         spare_ports=data.get("spare_ports"),
+        worker_cpus=data.get("worker_cpus"),
     )
 
 

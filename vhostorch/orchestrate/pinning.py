@@ -1,0 +1,187 @@
+"""Pin a QEMU's vhost-net workers to CPUs, record the pin, and apply it again later.
+
+Which threads are vhost-net's: the check ties each NIC's queue pairs to their workers
+(check.verify.workers; exactly where the kernel's live state is read, check.live). A QEMU
+whose vhost workers include others (vhost-vsock's, also named ``vhost-PID``) and whose
+vhost-net workers cannot be told apart is refused, never guessed at.
+
+Before anything changes, every worker's cpuset (its cgroup's cpuset.cpus.effective) must
+allow every CPU asked for, and they must be online: sched_setaffinity would otherwise keep
+the part its cpuset allows without a word (kernel.cpus). Workers are pinned together under
+signals.Held, each one's affinity read back; if one fails, those done are put back.
+
+The record (vhostorch.pins) is what ``check`` judges against and what ``reapply`` applies
+to workers that appeared since (a NIC hot-plugged, vhost started anew).
+"""
+
+from __future__ import annotations
+
+import os
+
+from vhostorch import pins, signals
+from vhostorch.check import live, nics, observe, verify
+from vhostorch.errors import InvalidSpec, OperationFailed
+from vhostorch.kernel import cpus, procfs
+from vhostorch.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from vhostorch.pins import Source
+
+
+class Pinned(Record):
+    """What a pin did: the QEMU, the CPUs, and each worker's CPUs before and after."""
+
+    pid: int
+    vm: str | None
+    cpus: str
+    source: str
+    workers: tuple[tuple[int, str, str], ...]  # (tid, CPUs before, CPUs after)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "pid": self.pid,
+            "vm": self.vm,
+            "cpus": self.cpus,
+            "source": self.source,
+            "workers": [{"tid": t, "before": b, "after": a} for t, b, a in self.workers],
+        }
+
+
+def vhost_net_workers(pid: int, proc: str = procfs.PROC) -> list[int]:
+    """The tids of QEMU ``pid``'s vhost-net workers. Raises CannotInspect, OperationFailed."""
+    obs = observe.observe(pid, proc=proc, pins_dir=os.devnull)
+    gathered = live.gather([obs])
+    obs = gathered[0] if gathered else obs
+    found: list[int] = []
+    complete = True
+    for nic in nics.find(obs):
+        if not nic.vhost_fds:
+            continue
+        tied = verify.workers(obs, nic)
+        complete &= len(tied) == len(nic.vhost_fds)
+        found += [w.tid for w in tied]
+    vhost_fds = len(obs.process.fds_to(procfs.VHOST_NET))
+    if not complete:
+        if len(obs.workers) != vhost_fds:
+            raise OperationFailed(
+                f"QEMU {pid}: cannot tell its vhost-net workers from its other vhost workers "
+                f"({len(obs.workers)} vhost-{pid} worker(s), {vhost_fds} /dev/vhost-net fd(s)); "
+                "nothing changed"
+            )
+        found = list(obs.workers)  # every vhost worker is one of its vhost-net devices'
+    if not found:
+        raise OperationFailed(f"QEMU {pid} has no vhost-net worker to pin (no NIC uses vhost)")
+    return sorted(set(found))
+
+
+def _allowed(pid: int, tids: list[int], wanted: frozenset[int], proc: str, cgroup_fs: str) -> None:
+    """Raise InvalidSpec unless every worker's cpuset and the online CPUs allow ``wanted``."""
+    online = cpus.online()
+    if online is not None and not wanted <= online:
+        raise InvalidSpec(
+            f"--cpus: CPU {cpus.format_list(wanted - online)} is not online on this host "
+            f"(online: {cpus.format_list(online)}); nothing changed"
+        )
+    for tid in tids:
+        where = cpus.place(pid, tid, proc)
+        if where is None:
+            raise OperationFailed(f"QEMU {pid}: worker {tid} is gone; nothing changed")
+        allowed = None if where.cgroup is None else cpus.cpuset(where.cgroup, cgroup_fs)
+        if allowed is not None and not wanted <= allowed:
+            raise InvalidSpec(
+                f"--cpus: CPU {cpus.format_list(wanted - allowed)} is outside the cpuset of "
+                f"worker {tid}'s cgroup {where.cgroup} ({cpus.format_list(allowed)}); "
+                "nothing changed"
+            )
+
+
+def apply(
+    pid: int,
+    wanted: frozenset[int],
+    source: Source,
+    vm: str | None = None,
+    *,
+    proc: str = procfs.PROC,
+    cgroup_fs: str = cpus.CGROUP_FS,
+    pins_dir: str = pins.PINS,
+    record: bool = True,
+) -> Pinned:
+    """Pin QEMU ``pid``'s vhost-net workers to ``wanted`` and record it (``record``).
+
+    Raises InvalidSpec (CPUs not allowed: nothing changed), OperationFailed, CannotInspect.
+    """
+    if not wanted:
+        raise InvalidSpec("--cpus: no CPU given")
+    start = procfs.start_time(pid, proc)
+    if start is None:
+        raise procfs.CannotInspect(f"no QEMU process {pid}")
+    tids = vhost_net_workers(pid, proc)
+    _allowed(pid, tids, wanted, proc, cgroup_fs)
+    done: list[tuple[int, frozenset[int]]] = []
+    result = []
+    with signals.Held():  # all pinned, or all as they were
+        try:
+            for tid in tids:
+                before = frozenset(os.sched_getaffinity(tid))
+                cpus.set_affinity(tid, wanted)
+                done.append((tid, before))
+                after = cpus.place(pid, tid, proc)
+                if after is None or after.cpus != wanted:
+                    got = "gone" if after is None else cpus.format_list(after.cpus)
+                    raise OperationFailed(
+                        f"QEMU {pid}: worker {tid} may run on {got} after the pin, not "
+                        f"{cpus.format_list(wanted)}; put back as it was"
+                    )
+                result.append((tid, cpus.format_list(before), cpus.format_list(wanted)))
+            if record:
+                pins.save(pins.Pin(pid, start, cpus.format_list(wanted), source, vm), pins_dir)
+        except OSError as err:
+            _restore(done)
+            raise OperationFailed(f"QEMU {pid}: pinning its workers: {err.strerror}") from None
+        except BaseException:
+            _restore(done)
+            raise
+    return Pinned(pid, vm, cpus.format_list(wanted), source, tuple(result))
+
+
+def _restore(done: list[tuple[int, frozenset[int]]]) -> None:
+    for tid, before in reversed(done):
+        try:
+            cpus.set_affinity(tid, before)
+        except OSError:
+            pass  # gone meanwhile: nothing of it to put back
+
+
+def clear(pid: int, *, proc: str = procfs.PROC, pins_dir: str = pins.PINS) -> Pinned:
+    """Forget QEMU ``pid``'s pin and let its vhost-net workers run where its main thread may
+    (where a vhost_task starts; a kernel thread's cpuset still bounds it)."""
+    start = procfs.start_time(pid, proc)
+    if start is None:
+        raise procfs.CannotInspect(f"no QEMU process {pid}")
+    main = frozenset(os.sched_getaffinity(pid))
+    known = pins.load(pid, start, pins_dir)
+    pinned = apply(pid, main, "vhostorch pin", known.vm if known else None, proc=proc,
+                   record=False)  # fmt: skip
+    pins.forget(pid, pins_dir)
+    return pinned
+
+
+def reapply(
+    *, proc: str = procfs.PROC, pins_dir: str = pins.PINS, only: int | None = None
+) -> tuple[list[Pinned], list[str]]:
+    """Apply every recorded pin again (``only``: QEMU ``only``'s); a record whose QEMU is gone
+    is removed. Returns what was pinned and one line per QEMU that could not be."""
+    done, failed = [], []
+    for pid in pins.listed(pins_dir) if only is None else [only]:
+        start = procfs.start_time(pid, proc)
+        pin = None if start is None else pins.load(pid, start, pins_dir)
+        if pin is None:
+            if only is None:
+                pins.forget(pid, pins_dir)  # its QEMU is gone (or the pid is another's now)
+            continue
+        try:
+            wanted = cpus.parse_list(pin.cpus)
+            done.append(apply(pid, wanted, pin.source, pin.vm, proc=proc, pins_dir=pins_dir))
+        except (InvalidSpec, OperationFailed, procfs.CannotInspect) as err:
+            failed.append(str(err))
+    return done, failed
