@@ -31,6 +31,7 @@ from typing import Any
 
 from tests.support import guests, vms
 from tests.support.kernel import vhostorch
+from vhostorch.kernel import cpus
 from vhostorch.qemu import monitor
 
 VM = "vho-place"
@@ -50,9 +51,10 @@ def placements(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def taskset(tid: int) -> str:
-    """A thread's affinity as util-linux's taskset reads it (not vhostorch's reader)."""
+    """A thread's affinity as util-linux's taskset reads it (not vhostorch's reader), written
+    as the kernel writes lists (taskset says "0,1" for "0-1")."""
     out = subprocess.run(["taskset", "-pc", str(tid)], capture_output=True, text=True).stdout
-    return out.rsplit(":", 1)[-1].strip()
+    return cpus.format_list(cpus.parse_list(out.rsplit(":", 1)[-1]))
 
 
 def vcpu_thread(pid: int) -> int:

@@ -133,21 +133,22 @@ def place(pid: int, tid: int, proc: str = PROC) -> Place | None:
 
 
 def cgroup(task: str) -> str | None:
-    """A task's cgroup from its /proc directory's ``cgroup`` file: the v2 path ("0::/x"), else
-    the v1 cpuset hierarchy's."""
+    """A task's cgroup from its /proc directory's ``cgroup`` file, where its cpuset is: the v1
+    cpuset hierarchy's path where one is mounted (a hybrid host has a v2 line too, without
+    the cpuset controller), else the v2 path ("0::/x")."""
     try:
         lines = _read(f"{task}/cgroup").splitlines()
     except OSError:
         return None
-    v1 = None
+    v2 = None
     for line in lines:
         number, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
-        if number == "0" and not controllers:
-            return path
         if "cpuset" in controllers.split(","):
-            v1 = path
-    return v1
+            return path
+        if number == "0" and not controllers:
+            v2 = path
+    return v2
 
 
 def cpuset(path: str, cgroup_fs: str = CGROUP_FS) -> frozenset[int] | None:
@@ -155,8 +156,8 @@ def cpuset(path: str, cgroup_fs: str = CGROUP_FS) -> frozenset[int] | None:
     cpuset.effective_cpus on v1); None where no cpuset applies or it cannot be read."""
     rel = path.lstrip("/")
     for file in (
-        os.path.join(cgroup_fs, rel, "cpuset.cpus.effective"),
         os.path.join(cgroup_fs, "cpuset", rel, "cpuset.effective_cpus"),
+        os.path.join(cgroup_fs, rel, "cpuset.cpus.effective"),
     ):
         try:
             return parse_list(_read(file))
