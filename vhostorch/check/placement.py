@@ -181,13 +181,14 @@ def placement(obs: Observation, nic: Nic, workers: tuple[Worker, ...]) -> Check:
                 evidence,
                 cause=ON_VCPU_CPU,
             )
-    spread = format_list(frozenset().union(*(places[t].cpus for t in tids)))
+    every = frozenset().union(*(places[t].cpus for t in tids))
+    spread = f"CPU{'s' if len(every) > 1 else ''} {format_list(every)}"
     apart = f"apart from the pinned vCPUs' CPUs {format_list(on)}" if on else "no vCPU is pinned"
     pinned = f", as {obs.pin.source} asked" if obs.pin is not None else ""
     return nic.check(
         VHOST_PLACEMENT,
         PASS,
-        f"{len(tids)} {who}(s) may run on CPUs {spread}{pinned}; {apart}",
+        f"{len(tids)} {who}(s) may run on {spread}{pinned}; {apart}",
         evidence,
     )
 
