@@ -102,7 +102,7 @@ def main(out: str) -> None:
         seen["pin"]["workers"] = workers(pid)
         seen["pin"]["report"] = check(pid)
 
-        code, added, err = vms.run(
+        code, _, err = vms.run(
             "nic", "add", VM, "--tap", TAP1, "--queues", "2", "--wait", "180"
         )
         seen["nic_add"] = {"exit": code, "stderr": err, "workers": workers(pid)}

@@ -68,8 +68,11 @@ def _target(args: Parsed) -> tuple[int, str | None]:
 
 
 def _pin(args: Parsed) -> int:
+    import contextlib
+
     from vhostorch.kernel import cpus
     from vhostorch.orchestrate import pinning
+    from vhostorch.vm import state
 
     if args.flag("reapply"):
         if args.texts("VM") or args.number("pid") is not None or args.text("domain"):
@@ -87,12 +90,14 @@ def _pin(args: Parsed) -> int:
     given = args.text("cpus")
     if (given is None) == (not args.flag("clear")):
         raise InvalidSpec("pin: give --cpus LIST or --clear")
+    wanted = None if given is None else cpus.parse_list(given)
     pid, vm = _target(args)
-    if given is None:
-        pinned = pinning.clear(pid)
-    else:
-        wanted = cpus.parse_list(given)
-        pinned = pinning.apply(pid, wanted, "vhostorch pin", vm)
+    # A VM vhostorch started: under its lock, as `nic add` (which pins its new workers) is.
+    with state.Lock(vm) if args.texts("VM") and vm else contextlib.nullcontext():
+        if wanted is None:
+            pinned = pinning.clear(pid)
+        else:
+            pinned = pinning.apply(pid, wanted, "vhostorch pin", vm)
     emit({"ok": True, **pinned.to_json()}, args.flag("json"), _line(pinned, cleared=given is None))
     return EXIT_OK
 

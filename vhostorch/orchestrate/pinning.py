@@ -23,6 +23,7 @@ from vhostorch.check import live, nics, observe, verify
 from vhostorch.errors import InvalidSpec, OperationFailed
 from vhostorch.kernel import cpus, procfs
 from vhostorch.record import TYPE_CHECKING, Record
+from vhostorch.vm import state
 
 if TYPE_CHECKING:
     from vhostorch.pins import Source
@@ -49,7 +50,9 @@ class Pinned(Record):
 
 def vhost_net_workers(pid: int, proc: str = procfs.PROC) -> list[int]:
     """The tids of QEMU ``pid``'s vhost-net workers. Raises CannotInspect, OperationFailed."""
-    obs = observe.observe(pid, proc=proc, pins_dir=os.devnull)
+    # A VM vhostorch started may have NICs only QMP added (not on its command line): its
+    # state says which.
+    obs = observe.observe(pid, proc=proc, plan=state.by_pid(pid), pins_dir=os.devnull)
     gathered = live.gather([obs])
     obs = gathered[0] if gathered else obs
     found: list[int] = []
