@@ -283,7 +283,9 @@ def test_started_reports_what_it_cannot_prove_and_enforce_refuses_it(
         log.bind(places.syslog)
         log.settimeout(5)
         for policy, code, priority in (("warn", 0, 30), ("enforce", 1, 28)):  # daemon.info/warning
-            xml = domain("d1", [("va", 1)], "<vhostorch:tap dev='va'/>", f"verify='{policy}'")
+            xml = domain(
+                "d1", [("va", 1)], "<vhostorch:tap dev='va'/>", f"verify='{policy}' worker-cpus='0'"
+            )
             got, err = hook(ns, places, "d1", "started", "begin", "-", xml=xml)
             assert got == code, err
             with open(places.result("d1")) as f:
@@ -292,6 +294,8 @@ def test_started_reports_what_it_cannot_prove_and_enforce_refuses_it(
             [check] = result["check"]["checks"]
             assert (check["id"], check["status"]) == ("vm.inspect", "unknown")
             assert "no QEMU process found for domain 'd1'" in check["message"]
+            # Its worker-cpus could not be applied either: said so, never as pinned.
+            assert result["worker_cpus"] == {"cpus": "0", "pinned": False, "errors": []}
             line = log.recv(4096).decode()
             assert line.startswith(f"<{priority}>vhostorch-hook[") and "domain d1" in line, line
             if policy == "enforce":

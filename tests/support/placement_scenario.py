@@ -102,9 +102,7 @@ def main(out: str) -> None:
         seen["pin"]["workers"] = workers(pid)
         seen["pin"]["report"] = check(pid)
 
-        code, _, err = vms.run(
-            "nic", "add", VM, "--tap", TAP1, "--queues", "2", "--wait", "180"
-        )
+        code, _, err = vms.run("nic", "add", VM, "--tap", TAP1, "--queues", "2", "--wait", "180")
         seen["nic_add"] = {"exit": code, "stderr": err, "workers": workers(pid)}
         seen["nic_add"]["report"] = check(pid)
 

@@ -42,6 +42,14 @@ def test_workers_are_placed_pinned_and_warned_in_a_two_cpu_test_host(
     )  # fmt: skip
     assert out.exists(), f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     seen = json.loads(out.read_text())
+    for step in ("up", "vcpupin", "pin", "nic_add", "reset", "cpuset", "clear"):
+        report = seen.get(step, {}).get("report")
+        said = [(c["status"], c["message"]) for c in _placed(report)] if report else None
+        print(f"linux-{kernel} {step}: {said}")
+    print(f"linux-{kernel} reset: workers {seen['reset']['before']} -> {seen['reset']['after']}")
+    print(
+        f"linux-{kernel} cpuset: {seen['cpuset']['stderr'].strip()} (moved {seen['cpuset']['moved']})"
+    )
     assert done.returncode == 0, (done.stderr[-3000:], seen)
     assert seen["cpus"] == [0, 1]
 

@@ -203,11 +203,11 @@ def started(
     from vhostorch.check.report import FAIL, UNKNOWN, Check, DomainTarget, JudgedNic, Report
     from vhostorch.kernel import procfs
 
-    pinned = []
+    unpinned: list[str] | None = None  # why the pin failed; None: not tried
     try:
         pid = observe.domain_pid(declared.domain)
         if declared.worker_cpus is not None:
-            pinned = _pin(pid, declared)
+            unpinned = _pin(pid, declared)
         report = verify.verify(observe.observe(pid, domain=domain))
     except procfs.CannotInspect as err:
         # Nothing proved: every verdict is unknown. Enforcing means proving, so it fails.
@@ -217,7 +217,7 @@ def started(
             return report, _record(declared, report, [f"cannot check: {err}"], places)
         return report, _record(declared, report, [], places)
     taps_of = {n.name: n.tap for n in report.nics if isinstance(n, JudgedNic)}
-    enforced = [f"worker-cpus: {e}" for e in pinned] if declared.enforce else []
+    enforced = [f"worker-cpus: {e}" for e in unpinned or []] if declared.enforce else []
     for c in report.checks:
         if c.status != FAIL:
             continue
@@ -229,7 +229,7 @@ def started(
         if applies:
             where = f" {c.nic}" + (f" queue {c.queue}" if c.queue is not None else "")
             enforced.append(f"{c.id}{where if c.nic else ''}: {c.message}")
-    return report, _record(declared, report, enforced, places, pinned)
+    return report, _record(declared, report, enforced, places, unpinned)
 
 
 def _pin(pid: int, declared: metadata.Declared) -> list[str]:
@@ -266,7 +266,11 @@ def _record(
         "enforced_failures": enforced,
         "worker_cpus": None
         if declared.worker_cpus is None
-        else {"cpus": declared.worker_cpus, "not_pinned": unpinned or []},
+        else {
+            "cpus": declared.worker_cpus,
+            "pinned": unpinned == [],
+            "errors": unpinned or [],
+        },
         "note": (
             "checked when libvirt started the vCPUs: the guest driver has not started vhost "
             "yet, so kick/call are not wired yet (vhostorch check --domain tells later)"

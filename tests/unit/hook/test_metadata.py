@@ -96,3 +96,13 @@ def test_any_input_parses_or_is_refused_cleanly(
             metadata.parse(xml)
         except InvalidSpec as err:
             assert "\n" not in str(err)
+
+
+def test_worker_cpus_are_a_cpu_list_on_the_vm_element() -> None:
+    xml = domain(f"<v:vm xmlns:v='{NS}' worker-cpus='3,2'><v:tap dev='t0'/></v:vm>", ethernet("t0"))
+    assert metadata.parse(xml).worker_cpus == "2-3"  # the kernel's list form
+    assert metadata.parse(domain(f"<v:vm xmlns:v='{NS}'/>", "")).worker_cpus is None
+    for bad, says in (("x", "not a CPU list"), ("", "no CPU given"), ("3-1", "not a CPU list")):
+        with pytest.raises(InvalidSpec) as err:
+            metadata.parse(domain(f"<v:vm xmlns:v='{NS}' worker-cpus='{bad}'/>", ""))
+        assert str(err.value).startswith("<vhostorch:vm> worker-cpus: ") and says in str(err.value)

@@ -83,6 +83,8 @@ def test_full_spec_loads_with_defaults_filled_in(tmp_path: pathlib.Path) -> None
         (("cpus = 2", "cpus = 2\ncolour = 3"), "vm: unknown key 'colour'"),
         (("mtu = 9000", "mtu = 9000\nqueue = 2"), "nic[0]: unknown key 'queue'"),
         (('initrd = "/srv/vm1/initrd.img"', 'disk = "/srv/vm1/d.qcow2"'), "exactly one of kernel"),
+        (("cpus = 2", 'cpus = 2\nworker_cpus = "0-"'), "worker_cpus: '0-' is not a CPU list"),
+        (("cpus = 2", "cpus = 2\nworker_cpus = 3"), "worker_cpus must be a CPU list"),
     ],
 )
 def test_bad_specs_are_refused_in_one_line_naming_the_field(
@@ -180,3 +182,9 @@ def test_only_a_regular_file_of_bounded_size_is_read_as_a_spec(tmp_path: pathlib
     ok = tmp_path / "ok.toml"
     ok.write_text(FULL + "#" * (spec.MAX_SPEC_BYTES - len(FULL.encode())))
     assert spec.load(str(ok)).name == "vm1"  # exactly the bound: still a spec
+
+
+def test_worker_cpus_are_kept_in_the_kernels_list_form(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, FULL.replace("cpus = 2", 'cpus = 2\nworker_cpus = "5,2-3,4"', 1))
+    assert spec.load(path).worker_cpus == "2-5"
+    assert spec.load(write(tmp_path, FULL)).worker_cpus is None
