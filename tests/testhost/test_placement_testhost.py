@@ -47,9 +47,8 @@ def test_workers_are_placed_pinned_and_warned_in_a_two_cpu_test_host(
         said = [(c["status"], c["message"]) for c in _placed(report)] if report else None
         print(f"linux-{kernel} {step}: {said}")
     print(f"linux-{kernel} reset: workers {seen['reset']['before']} -> {seen['reset']['after']}")
-    print(
-        f"linux-{kernel} cpuset: {seen['cpuset']['stderr'].strip()} (moved {seen['cpuset']['moved']})"
-    )
+    refused = seen["cpuset"]
+    print(f"linux-{kernel} cpuset: {refused['stderr'].strip()} (moved {refused['moved']})")
     assert done.returncode == 0, (done.stderr[-3000:], seen)
     assert seen["cpus"] == [0, 1]
 
