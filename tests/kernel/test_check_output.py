@@ -181,12 +181,14 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_sigterm_while_the_file_is_written_leaves_no_temporary_file(
-    qemu_pid: int, textdir: pathlib.Path
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
+def test_a_signal_while_the_file_is_written_leaves_no_temporary_file(
+    sig: int, code: int, qemu_pid: int, textdir: pathlib.Path
 ) -> None:
     """strace delays the file's fsync by a second (a real process, a real signal: only the
-    timing is arranged); SIGTERM comes as soon as the new file appears. The signal waits
-    until the file is renamed into place, then ends the command."""
+    timing is arranged); the signal comes as soon as the new file appears. It waits until
+    the file is renamed into place, then ends the command (SIGTERM's default action; SIGINT
+    as an interruption, exit 130)."""
     target = textdir / "vhostorch.prom"
     tracer = subprocess.Popen(
         ["strace", "-f", "-o", "/dev/null", "-e", "trace=fsync",
@@ -200,11 +202,12 @@ def test_sigterm_while_the_file_is_written_leaves_no_temporary_file(
             assert tracer.poll() is None and time.monotonic() < deadline, "no file written"
             time.sleep(0.005)
         (command,) = children(tracer.pid)
-        os.kill(command, signal.SIGTERM)  # the vhostorch this test started
-        tracer.wait(60)
+        os.kill(command, sig)  # the vhostorch this test started
+        tracer.wait(60)  # strace ends as the command did (a signal's death is its own)
     finally:
         if tracer.poll() is None:
             tracer.kill()  # the strace this test started
             tracer.wait()
+    assert tracer.returncode == code, tracer.stderr.read() if tracer.stderr else ""
     assert [p.name for p in textdir.iterdir()] == ["vhostorch.prom"]
     assert LAST in families(target.read_text())
