@@ -26,8 +26,8 @@ _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open(path: str, exclusive: bool) -> int:
-    return os.open(path, _FLAGS | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
+def _open(path: str, exclusive: bool, dir_fd: int | None = None) -> int:
+    return os.open(path, _FLAGS | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600, dir_fd=dir_fd)
 
 
 def _fill(fd: int, data: bytes, mode: int, durable: bool) -> None:
@@ -48,7 +48,13 @@ def write(path: str, data: bytes, mode: int) -> None:
 
 
 def replace(
-    path: str, data: bytes, mode: int, *, temporary: str | None = None, durable: bool = False
+    path: str,
+    data: bytes,
+    mode: int,
+    *,
+    temporary: str | None = None,
+    durable: bool = False,
+    dir_fd: int | None = None,
 ) -> None:
     """Put ``data`` at ``path`` with ``mode`` by renaming a new file over it: rename
     replaces ``path`` itself, never what a symlink there points to.
@@ -57,28 +63,30 @@ def replace(
     (a kill may leave it there, and the caller knows it by name); otherwise a random name
     beside ``path``, made with O_EXCL, so nothing already in the directory is written
     through. ``durable``: on disk before the rename (files under /run, on tmpfs, are not
-    kept across a crash, so they need not be).
+    kept across a crash, so they need not be). ``dir_fd``: ``path`` (and ``temporary``)
+    are relative to that open directory, which a rename of the directory's path meanwhile
+    cannot change.
     """
     if temporary is None:
-        tmp, fd = _beside(path)
+        tmp, fd = _beside(path, dir_fd)
     else:
-        tmp, fd = temporary, _open(temporary, exclusive=False)
+        tmp, fd = temporary, _open(temporary, exclusive=False, dir_fd=dir_fd)
     try:
         _fill(fd, data, mode, durable)
-        os.rename(tmp, path)
+        os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        remove(tmp)  # gone already when a signal came after the rename
+        remove(tmp, dir_fd)  # gone already when a signal came after the rename
         raise
 
 
-def _beside(path: str) -> tuple[str, int]:
+def _beside(path: str, dir_fd: int | None = None) -> tuple[str, int]:
     """A new file of a random name beside ``path``, made with O_EXCL, and its fd."""
     directory, base = os.path.split(path)
     while True:
         # os.urandom, not secrets.token_hex: the same bytes, without importing random
         tmp = os.path.join(directory, f".{base}.{os.urandom(8).hex()}.new")
         try:
-            return tmp, _open(tmp, exclusive=True)
+            return tmp, _open(tmp, exclusive=True, dir_fd=dir_fd)
         except FileExistsError:
             continue  # someone's file has that name: draw another
 
@@ -146,10 +154,10 @@ def read(path: str, limit: int = 1 << 20) -> bytes:
         os.close(fd)
 
 
-def remove(path: str) -> None:
-    """Unlink ``path``; one already gone is no error."""
+def remove(path: str, dir_fd: int | None = None) -> None:
+    """Unlink ``path`` (relative to ``dir_fd`` when given); one already gone is no error."""
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 

@@ -58,10 +58,10 @@ def test_a_live_kick_gives_its_count_and_ring_progress_as_metrics() -> None:
     report = Report(QemuTarget(123, "vm1"), (), (kick, traced))
     for form in metrics.FORMATS:
         lines = metrics.render([report], 0.1, form).splitlines()
-        where = '{vm="vm1",pid="123",nic="net0",queue="0"}'
-        assert f"vhostorch_vring_kicks_total{where} 42" in lines
-        assert f"vhostorch_vring_last_avail_index{where} 256" in lines
-        assert f"vhostorch_vring_last_used_index{where} 250" in lines
+        where = '{nic="net0",pid="123",queue="0",vm="vm1"}'
+        assert f"vhostorch_vring_kicks_total{where} 42.0" in lines
+        assert f"vhostorch_vring_last_avail_index{where} 256.0" in lines
+        assert f"vhostorch_vring_last_used_index{where} 250.0" in lines
         # Only the live one: a traced kick has no count.
         assert sum("vhostorch_vring_kicks_total{" in line for line in lines) == 1
         counter = "vhostorch_vring_kicks" + ("_total" if form == "prometheus" else "")

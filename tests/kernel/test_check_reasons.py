@@ -48,7 +48,7 @@ PARSERS = {"openmetrics": text_string_to_metric_families, "prometheus": classic_
 
 def parse(text: str, form: str) -> dict[str, Any]:
     families = {f.name: f for f in PARSERS[form](text)}
-    assert len(families) == 6 and set(metrics.FORMATS) == set(PARSERS), sorted(families)
+    assert len(families) == 9 and set(metrics.FORMATS) == set(PARSERS), sorted(families)
     return families
 
 
@@ -150,8 +150,9 @@ def test_openmetrics_says_what_the_json_says(libvirtd: str) -> None:
         assert code == 1  # the exit code is the check's, whatever the format
         assert set(families) == {
             "vhostorch_check_status", "vhostorch_nic_vhost_reason",
-            "vhostorch_vhost_worker_cpu_seconds", "vhostorch_vm_ok", "vhostorch_check_vms",
-            "vhostorch_check_duration_seconds",
+            "vhostorch_vhost_worker_cpu_seconds", "vhostorch_vhost_worker_info",
+            "vhostorch_vhost_worker_last_cpu", "vhostorch_vm_ok", "vhostorch_check_vms",
+            "vhostorch_check_duration_seconds", "vhostorch_check_last_run_timestamp_seconds",
         }  # fmt: skip
         assert families["vhostorch_vhost_worker_cpu_seconds"].type == "counter"
         status: dict[tuple[str, ...], dict[str, float]] = {}
@@ -175,6 +176,8 @@ def test_openmetrics_says_what_the_json_says(libvirtd: str) -> None:
         assert vms.value == len(every["reports"])
         (took,) = families["vhostorch_check_duration_seconds"].samples
         assert 0 < took.value < 30 and math.isfinite(took.value)
+        (finished,) = families["vhostorch_check_last_run_timestamp_seconds"].samples
+        assert abs(finished.value - time.time()) < 60
         oks = {s.labels["pid"]: s.value for s in families["vhostorch_vm_ok"].samples}
         assert oks[str(pid)] == 0
         # --pid gives the one QEMU's series only.

@@ -323,8 +323,11 @@ def test_the_metric_samples_are_what_check_renders() -> None:
         elif name == "vhostorch_nic_vhost_reason":
             code: Any = labels["reason"]  # a reason code, as the README shows it
             nic = nic.replace(reason=Reason(code, "", {}))
-        else:
+        else:  # a worker's CPU time, or where it runs
             worker = Worker(int(labels["queue_pair"]), 3, int(labels["tid"]), float(value), "")
+            if name == "vhostorch_vhost_worker_info":
+                place = {k: labels[k] for k in ("model", "cgroup", "cpus")}
+                worker = worker.replace(cpu_seconds=None, **place)
             nic = nic.replace(workers=(worker,))
         report = Report(target=target, nics=(nic,), checks=checks)
         assert line in metrics.render([report], 0.1, "prometheus").splitlines()

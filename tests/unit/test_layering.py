@@ -40,6 +40,7 @@ THIRD_PARTY = {
     "libvirt": "libvirt.connection",
     "libvirt_qemu": "libvirt.connection",
     "qemu": "qemu.monitor",
+    "prometheus_client": "check.metrics",
 }
 
 
@@ -131,7 +132,8 @@ def test_provisioning_path_imports_nothing_slow() -> None:
     code = (
         "import sys, vhostorch.cli, vhostorch.taps;"
         "print(' '.join(sorted(m for m in ('dataclasses', 'typing', 'socket', 'inspect',"
-        " 'pyroute2', 'contextlib', 'json', 'argparse', 're') if m in sys.modules)))"
+        " 'pyroute2', 'contextlib', 'json', 'argparse', 're', 'prometheus_client')"
+        " if m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
@@ -143,7 +145,8 @@ def test_hook_path_imports_nothing_slow() -> None:
     slow = ("dataclasses", "typing", "socket", "inspect", "pyroute2", "contextlib", "json",
             "argparse", "re", "xml.etree", "asyncio", "libvirt", "qemu",
             "vhostorch.libvirt.connection", "vhostorch.qemu.monitor", "vhostorch.check.verify",
-            "vhostorch.check.observe")  # fmt: skip
+            "vhostorch.check.observe", "prometheus_client",
+            "vhostorch.check.metrics")  # fmt: skip
     xml = (
         "<domain><name>d</name><metadata><v:vm xmlns:v='http://vhostorch.org/xmlns/libvirt/1'>"
         "<v:tap dev='t'/></v:vm></metadata><devices><interface type='ethernet'>"

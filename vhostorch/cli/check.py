@@ -21,6 +21,15 @@ exit codes:
      that is not running (paused, migrating) or cannot be paused, refused untouched, and
      a VM left paused (vm.rewire fails and says how to resume it)
   2  the target could not be inspected (no such process or domain, permission, bad usage)"""
+CHECK_OUTPUT_EXIT_CODES = (
+    CHECK_EXIT_CODES
+    + """, or
+     --output refused or not written
+
+With --output, the file is written whatever the verdicts (exit 0 or 1); on exit 2 it is
+left as it was, and no temporary file is left beside it (a signal waits until the file is
+renamed into place)."""
+)
 
 UNIT = "vhostorch-trace.service"
 PID_MAX_LIMIT = 1 << 22  # include/linux/threads.h on 64-bit: no pid is larger
@@ -73,8 +82,16 @@ COMMANDS = (
                 "table (default), json (as --json), prometheus (the classic text format, for "
                 "node_exporter's textfile collector) or openmetrics (for OpenMetrics scrapers)",
             ),
+            Option(
+                "--output",
+                PATH,
+                "write the output (any format) to this file instead of stdout, atomically (a "
+                "new file beside it, fsync'd, mode 0644, renamed over it): for node_exporter's "
+                "textfile directory; refused when its directory is a symlink or others may "
+                "write it without the sticky bit; not with --watch",
+            ),
         ),
-        CHECK_EXIT_CODES,
+        CHECK_OUTPUT_EXIT_CODES,
     ),
     Command(
         ("trace", "arm"),
@@ -152,38 +169,123 @@ def _format(args: Parsed) -> str:
     return chosen or "table"
 
 
-def _print_reports(reports: list[Report], args: Parsed, took: float = 0.0) -> bool:
-    """Print ``reports`` (one JSON document, their tables, or their metrics); return whether
-    all are ok. ``took``: how long checking them took, in seconds (for the metrics)."""
+def _print_reports(
+    reports: list[Report], args: Parsed, took: float = 0.0, output: Output | None = None
+) -> bool:
+    """Print ``reports`` (one JSON document, their tables, or their metrics), or write them
+    to ``output``; return whether all are ok. ``took``: how long checking them took, in
+    seconds (for the metrics)."""
     strict = args.flag("strict")
     ok = all(r.ok(strict) for r in reports)
     chosen = _format(args)
     if chosen in METRICS:
         from vhostorch.check import metrics
 
-        sys.stdout.write(metrics.render(reports, took, chosen))
-        return ok
-    if chosen == "json":
+        text = metrics.render(reports, took, chosen)
+    elif chosen == "json":
+        import json
+
         if args.command.path == ("check",) and args.flag("all"):
             data: object = {"ok": ok, "reports": [r.to_json(strict) for r in reports]}
         else:
             data = reports[0].to_json(strict)
-        emit(data, True, "")
+        text = json.dumps(data, indent=2) + "\n"  # as output.emit prints it
     else:
         texts = [report_text(r, strict) for r in reports]
-        print("\n\n".join(texts) if texts else "no QEMU processes")
+        text = ("\n\n".join(texts) if texts else "no QEMU processes") + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write(text)
     return ok
+
+
+class Output:
+    """Where `check --output PATH` puts its text: PATH's directory, opened (without following
+    a symlink) and judged when the command starts, before anything is checked or paused; the
+    text is renamed into place relative to that open directory, so a rename or symlink put
+    on its path meanwhile cannot send the file elsewhere.
+
+    It is meant for node_exporter's textfile directory, written by root: a directory that is
+    a symlink, or that others may write without the sticky bit (they could rename the file,
+    or plant what root then replaces), is refused. A symlink at PATH itself is replaced, as
+    rename does, never followed. Call ``close`` when done.
+    """
+
+    def __init__(self, path: str) -> None:
+        import errno
+        import os
+        import stat
+
+        self.path = path
+        directory, self.name = os.path.split(path)
+        if self.name in ("", ".", ".."):
+            raise InvalidSpec(f"check: --output {path}: names a directory, not a file")
+        directory = directory or "."
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self.dir_fd = os.open(directory, flags)
+        except OSError as err:
+            # O_NOFOLLOW with O_DIRECTORY fails a symlink with ENOTDIR (ELOOP without it)
+            if err.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.islink(directory):
+                why = "is a symlink; not writing through it"
+            else:
+                why = f"cannot be opened: {err.strerror}"
+            raise InvalidSpec(f"check: --output {path}: its directory {directory} {why}") from err
+        mode = os.fstat(self.dir_fd).st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            self.close()
+            raise InvalidSpec(
+                f"check: --output {path}: its directory {directory} is writable by others "
+                f"without the sticky bit (mode {stat.S_IMODE(mode):04o}); not writing there"
+            )
+
+    def write(self, text: str) -> None:
+        """Put ``text`` at the path, whole (files.replace: a temporary file beside it, fsync'd,
+        mode 0644, renamed over it), the stopping signals held meanwhile so that none leaves
+        the temporary file behind: they act once it is renamed (or removed on an error).
+        Raises InvalidSpec (exit 2) when it cannot be written."""
+        from vhostorch import files, signals
+
+        data = text.encode(errors="surrogateescape")  # the bytes stdout would have had
+        try:
+            with signals.Held():
+                files.replace(self.name, data, 0o644, durable=True, dir_fd=self.dir_fd)
+        except OSError as err:
+            why = err.strerror or str(err)
+            raise InvalidSpec(f"check: --output {self.path}: cannot write it: {why}") from err
+
+    def close(self) -> None:
+        import os
+
+        os.close(self.dir_fd)
 
 
 def _check(args: Parsed) -> int:
     watch = args.number("watch")
     if watch is not None and (chosen := _format(args)) in METRICS:
         raise InvalidSpec(f"check: --watch prints changes, not metrics (--format {chosen})")
+    path = args.text("output")
+    if path is None:
+        return _check_to(args, watch, None)
+    if watch is not None:
+        raise InvalidSpec(
+            "check: --watch prints changes as they come, --output writes one report (run the "
+            "check again, from a timer, to rewrite it)"
+        )
+    output = Output(path)
+    try:
+        return _check_to(args, watch, output)
+    finally:
+        output.close()
+
+
+def _check_to(args: Parsed, watch: int | None, output: Output | None) -> int:
     import time
 
     begun = time.perf_counter()
     reports = _reports(args, with_rewire=args.flag("rewire"))  # only the first round pauses
-    ok = _print_reports(reports, args, time.perf_counter() - begun)
+    ok = _print_reports(reports, args, time.perf_counter() - begun, output)
     if watch is None:
         return EXIT_OK if ok else EXIT_FAILED
 

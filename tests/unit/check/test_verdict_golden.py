@@ -38,6 +38,7 @@ RECORDED = sorted(path.stem for path in observations.FIXTURES.glob("*.json"))
 # (suffix, monitor, trace): as checked with everything, without --qmp/--monitor, unarmed
 VARIANTS = (("", True, True), ("-nomonitor", False, True), ("-notrace", True, False))
 CASES = [(name, *variant) for name in RECORDED for variant in VARIANTS]
+FINISHED = 1_767_225_600.0  # the check's end in the metrics: 2026-01-01 00:00 UTC
 
 
 def rendered(report: Report) -> dict[str, str]:
@@ -48,7 +49,7 @@ def rendered(report: Report) -> dict[str, str]:
         "json": json.dumps(report.to_json(), indent=2) + "\n",
     }
     for form in metrics.FORMATS:
-        out[form] = metrics.render([report], 0.25, form)
+        out[form] = metrics.render([report], 0.25, form, finished=FINISHED)
     return out
 
 
