@@ -183,7 +183,8 @@ def placement(obs: Observation, nic: Nic, workers: tuple[Worker, ...]) -> Check:
             )
     every = frozenset().union(*(places[t].cpus for t in tids))
     spread = f"CPU{'s' if len(every) > 1 else ''} {format_list(every)}"
-    apart = f"apart from the pinned vCPUs' CPUs {format_list(on)}" if on else "no vCPU is pinned"
+    held = f"CPU{'s' if len(on) > 1 else ''} {format_list(on)}"
+    apart = f"apart from the pinned vCPUs' {held}" if on else "no vCPU is pinned"
     pinned = f", as {obs.pin.source} asked" if obs.pin is not None else ""
     return nic.check(
         VHOST_PLACEMENT,

@@ -82,7 +82,7 @@ CPUTUNE = """<domain type='kvm'><name>vm1</name><cputune>
         # <vcpupin> to CPU 3, emulator free: the worker (its thread) may run on CPU 3.
         ("3", "0-7", "0-7", None, WARN, ON_VCPU_CPU, "worker ... may run on CPU 3, which pinned vCPU 0 has (CPU 3)..."),  # noqa: E501
         # <emulatorpin> keeps the emulator and its vhost_task off the vCPU's CPU.
-        ("3", "0-1", "0-1", None, PASS, None, "1 worker(s) may run on CPUs 0-1; apart from the pinned vCPUs' CPUs 3"),  # noqa: E501
+        ("3", "0-1", "0-1", None, PASS, None, "1 worker(s) may run on CPUs 0-1; apart from the pinned vCPUs' CPU 3"),  # noqa: E501
         # A VM-wide cpuset every thread shares reserves nothing.
         ("2-3", "2-3", "2-3", None, PASS, None, "... no vCPU is pinned"),
         # The domain says vCPU 0 is pinned (to every CPU QEMU has): the worker shares them.
