@@ -259,6 +259,7 @@ def test_the_spec_block_loads_through_the_spec_loader(tmp_path: Path) -> None:
         given["boot"]["kernel"],
     )
     assert loaded.spare_ports == given["spare_ports"] and loaded.pcie
+    assert loaded.worker_cpus == given["worker_cpus"]
     [nic] = loaded.nics
     [shown] = given["nic"]
     tap = nic.tap
