@@ -364,7 +364,7 @@ def test_role_and_vhost_vms_pass_the_check_in_the_test_host(
         vhost_host_restart_libvirtd: false
         vhost_host_vhostorch_command: {BIN}/vhostorch
   tasks:
-{vm_task(vm, tap, "required", "kvm")}
+{vm_task(vm, tap, "required", "kvm", '        worker_cpus: "0"' + chr(10))}
     - name: Every NIC and queue of it passes, strictly
       vhostorch.vhost.check: {{pid: "{{{{ vm.vm.pid }}}}", strict: true}}
       register: checked
@@ -392,6 +392,11 @@ def test_role_and_vhost_vms_pass_the_check_in_the_test_host(
         checks = json.loads(done.stdout)["checks"]
         wired = [c for c in checks if c["id"] in ("nic.kick", "nic.call")]
         assert wired and {c["evidence"]["source"] for c in wired} == {"live"}, wired
+        # Its workers pinned as the task's worker_cpus asked (one CPU here: the pin is recorded
+        # and judged; the two-CPU test host proves workers moving, test_placement_testhost).
+        [placed] = [c for c in checks if c["id"] == "nic.vhost.placement"]
+        assert placed["status"] == "pass", placed
+        assert placed["evidence"]["pin"] == {"cpus": "0", "source": "spec", "vm": vm}, placed
     finally:
         teardown(ansible, vm, [])
         teardown(ansible, domain, [])

@@ -75,6 +75,11 @@ options:
   disk:
     description: Absolute path of a disk image to boot (raw or qcow2).
     type: path
+  worker_cpus:
+    description:
+      - CPUs (a list such as V(2-3)) to pin the VM's vhost-net workers to, as C(vhostorch pin)
+        does; applied to a running VM whose pin differs. Unset leaves the workers as they are.
+    type: str
   nics:
     description: The VM's virtio-net NICs, each on a tap vhostorch makes.
     type: list
@@ -205,8 +210,28 @@ def _spec(p):
             "accel": p["accel"],
             "boot": boot,
             "nic": nics,
+            **({"worker_cpus": p["worker_cpus"]} if p["worker_cpus"] is not None else {}),
         }
     )
+
+
+def _repin(module, current, asked):
+    """Pin a running VM's vhost-net workers where the task asks, unless its pin says so
+    already; whether that changed anything."""
+    from vhostorch import pins
+    from vhostorch.kernel import procfs
+    from vhostorch.kernel.cpus import parse_list
+    from vhostorch.orchestrate import pinning
+
+    if asked.worker_cpus is None:
+        return False
+    start = procfs.start_time(current.pid)
+    pin = None if start is None else pins.load(current.pid, start)
+    if pin is not None and pin.cpus == asked.worker_cpus:
+        return False
+    if not module.check_mode:
+        pinning.apply(current.pid, parse_list(asked.worker_cpus), "spec", current.name)
+    return True
 
 
 def _checked(module, report, result):
@@ -241,6 +266,7 @@ def main():
             initrd=dict(type="path"),
             cmdline=dict(type="str"),
             disk=dict(type="path"),
+            worker_cpus=dict(type="str"),
             nics=dict(type="list", elements="dict", options=nic, default=[]),
             wait=dict(type="int", default=60),
             strict=dict(type="bool", default=False),
@@ -275,9 +301,11 @@ def main():
                     "(state=absent first, or vhostorch nic add/del)",
                     vm=current.asdict(),
                 )
+            changed = _repin(module, current, asked)
             if module.check_mode:
-                module.exit_json(changed=False, vm=current.asdict())
-            _checked(module, orchestrate.check(current), {"changed": False, "vm": current.asdict()})
+                module.exit_json(changed=changed, vm=current.asdict())
+            result = {"changed": changed, "vm": current.asdict()}
+            _checked(module, orchestrate.check(current), result)
         if module.check_mode:
             module.exit_json(changed=True, vm={})
         if current is not None:
