@@ -90,7 +90,7 @@ def _pin(args: Parsed) -> int:
     given = args.text("cpus")
     if (given is None) == (not args.flag("clear")):
         raise InvalidSpec("pin: give --cpus LIST or --clear")
-    wanted = None if given is None else cpus.parse_list(given)
+    wanted = None if given is None else cpus.parse_list(cpus.cpu_list(given, "--cpus"))
     pid, vm = _target(args)
     # A VM vhostorch started: under its lock, as `nic add` (which pins its new workers) is.
     with state.Lock(vm) if args.texts("VM") and vm else contextlib.nullcontext():

@@ -40,15 +40,19 @@ def parse_list(text: str) -> frozenset[int]:
         return frozenset()
     for part in text.split(","):
         low, sep, high = part.strip().partition("-")
-        try:
-            first = int(low)
-            last = int(high) if sep else first
-        except ValueError:
-            raise InvalidSpec(f"{text!r} is not a CPU list (such as 0-3,8)") from None
-        if first < 0 or last < first or last >= MAX_CPUS or not low.strip().isdigit():
+        # ASCII digits only: int() also takes other scripts' digits (U+0661), '1_0', '+1', ' 1'.
+        if not _digits(low) or (sep and not _digits(high)):
+            raise InvalidSpec(f"{text!r} is not a CPU list (such as 0-3,8)")
+        first = int(low)
+        last = int(high) if sep else first
+        if last < first or last >= MAX_CPUS:
             raise InvalidSpec(f"{text!r} is not a CPU list (such as 0-3,8)")
         cpus.update(range(first, last + 1))
     return frozenset(cpus)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def cpu_list(value: object, what: str) -> str:
