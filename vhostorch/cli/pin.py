@@ -109,6 +109,8 @@ def _line(p: object, cleared: bool = False) -> str:
     who = shown(p.vm) if p.vm else f"QEMU {p.pid}"
     moved = ", ".join(f"{t} ({b} -> {a})" for t, b, a in p.workers)
     what = "unpinned" if cleared else f"vhost-net workers pinned to CPUs {p.cpus}"
+    if not p.workers:
+        return f"{who}: pin forgotten (no NIC uses vhost now)"
     return f"{who}: {what}: {moved}"
 
 

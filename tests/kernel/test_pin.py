@@ -1,0 +1,40 @@
+"""`vhostorch pin` on a real QEMU of this machine, with the real pin records under
+/run/vhostorch/pins (each test's own QEMU pid names its record)."""
+
+from __future__ import annotations
+
+from tests.support.kernel import vhostorch
+from tests.support.observer import qemu
+from vhostorch import pins
+from vhostorch.kernel import procfs
+
+
+def test_a_pin_whose_qemu_has_no_vhost_worker_now_can_be_cleared_and_does_not_fail_reapply() -> (
+    None
+):
+    """A VM pinned while it had a vhost NIC, whose vhost NICs were unplugged since: the
+    record must neither fail every `pin --reapply` (the metrics timer's) nor outlive
+    `pin --clear`. This machine has no /dev/vhost-net, so no pin can be made here: the record
+    the pin left is written as pins.save wrote it (the only stand-in)."""
+    with qemu() as (pid, _, _):
+        start = procfs.start_time(pid)
+        assert start is not None
+        pins.save(pins.Pin(pid, start, "0", "vhostorch pin", None))
+        try:
+            done = vhostorch("pin", "--reapply")
+            assert done.returncode == 0, done
+            assert f"QEMU {pid}" not in done.stdout + done.stderr, done
+            assert pins.load(pid, start) is not None  # kept for a vhost NIC added later
+
+            done = vhostorch("pin", "--pid", str(pid), "--clear")
+            assert done.returncode == 0, done
+            assert done.stdout.strip() == f"QEMU {pid}: pin forgotten (no NIC uses vhost now)"
+            assert pins.load(pid, start) is None
+
+            # Nothing recorded, nothing to unpin: one line, exit 1.
+            done = vhostorch("pin", "--pid", str(pid), "--clear")
+            assert done.returncode == 1, done
+            [line] = done.stderr.splitlines()
+            assert "has no vhost-net worker to pin" in line, line
+        finally:
+            pins.forget(pid)
