@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tests.support import vms
 from tests.support.kernel import vhostorch
 from tests.support.observer import qemu
 from vhostorch import pins
+from vhostorch.check import observe
 from vhostorch.kernel import procfs
 
 VM = "vhorevpin"
@@ -68,3 +72,41 @@ def test_nic_add_without_vhost_to_a_pinned_vm_with_no_vhost_worker_is_not_undone
         pins.forget(pid)
         vhostorch("down", VM)
     assert vms.left(VM, [f"{VM}0", f"{VM}1"]) == []
+
+
+ZOMBIE = """
+import ctypes, os, sys, time
+child = os.fork()
+if child == 0:
+    ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)  # never reaps it
+"""
+
+
+def test_a_users_zombie_named_vhost_pid_is_not_a_worker_of_that_qemu() -> None:
+    """A kernel-thread worker (Linux < 6.4) was told by its name and an empty command line;
+    a zombie has an empty one too, and any user names a process `vhost-<QEMU's pid>` before
+    it exits. It was taken for the QEMU's worker: placed, judged (a worker count that no
+    longer matches the vhost fds, its own CPUs) and, where its workers stand in, pinned by
+    root. Here QEMU has no vhost_task of its own (no /dev/vhost-net), as on 6.1."""
+    with qemu() as (pid, _, _):
+        parent = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+             sys.executable, "-c", ZOMBIE, f"vhost-{pid}"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert parent.stdout is not None
+            zombie = int(parent.stdout.readline())
+            while procfs.alive(zombie):
+                time.sleep(0.01)  # until it has named itself and exited
+            assert Path(f"/proc/{zombie}/comm").read_text().strip() == f"vhost-{pid}"
+            assert Path(f"/proc/{zombie}/cmdline").read_bytes() == b""
+            obs = observe.observe(pid)
+            assert obs.workers == ()
+            assert zombie not in (obs.places or {})
+        finally:
+            parent.kill()
+            parent.wait()
