@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.support import vms
 from tests.support.kernel import vhostorch
 from tests.support.observer import qemu
 from vhostorch import pins
 from vhostorch.check import observe
+from vhostorch.errors import OperationFailed
 from vhostorch.kernel import procfs
+from vhostorch.orchestrate import pinning
 
 VM = "vhorevpin"
 
@@ -110,3 +115,25 @@ def test_a_users_zombie_named_vhost_pid_is_not_a_worker_of_that_qemu() -> None:
         finally:
             parent.kill()
             parent.wait()
+
+
+def test_a_worker_tid_now_anothers_is_not_pinned(tmp_path: Path) -> None:
+    """A worker listed, then gone (its NIC unplugged, its QEMU stopping) before its affinity
+    is set: its tid may be any thread's by then, and sched_setaffinity takes a tid. The reuse
+    cannot be timed from outside, so the tid handed to apply is another user's process from
+    the start (the stand-in); root must neither pin it nor record the pin."""
+    with qemu() as (pid, _, _):
+        other = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                                  "--clear-groups", "sleep", "600"])  # fmt: skip
+        try:
+            while Path(f"/proc/{other.pid}/comm").read_text().strip() != "sleep":
+                time.sleep(0.01)
+            before = os.sched_getaffinity(other.pid)
+            with pytest.raises(OperationFailed, match=f"worker {other.pid} is gone"):
+                pinning.apply(pid, frozenset({0}), "vhostorch pin", tids=[other.pid],
+                              pins_dir=str(tmp_path))  # fmt: skip
+            assert os.sched_getaffinity(other.pid) == before
+            assert os.listdir(tmp_path) == []
+        finally:
+            other.kill()
+            other.wait()

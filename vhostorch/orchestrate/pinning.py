@@ -80,6 +80,26 @@ def _none(pid: int) -> OperationFailed:
     return OperationFailed(f"QEMU {pid} has no vhost-net worker to pin (no NIC uses vhost)")
 
 
+def _still_worker(pid: int, tid: int, proc: str) -> bool:
+    """Whether ``tid`` is still one of QEMU ``pid``'s vhost workers: a thread of QEMU named
+    ``vhost-PID`` (a vhost_task) or a kernel thread so named. A worker that exited since it
+    was listed (its NIC unplugged, QEMU stopping) leaves its tid to be reused by any thread;
+    sched_setaffinity takes a tid, not a pidfd, so root would pin that thread instead."""
+    name = f"vhost-{pid}"[:15]
+    for where, own in ((f"{proc}/{pid}/task/{tid}", True), (f"{proc}/{tid}", False)):
+        try:
+            with open(f"{where}/comm") as f:
+                if f.read().strip() != name:
+                    continue
+            if own:
+                return True
+            with open(f"{where}/stat") as f:
+                return procfs.is_kthread(f.read())
+        except OSError:
+            continue
+    return False
+
+
 def _allowed(pid: int, tids: list[int], wanted: frozenset[int], proc: str, cgroup_fs: str) -> None:
     """Raise InvalidSpec unless every worker's cpuset and the online CPUs allow ``wanted``."""
     online = cpus.online()
@@ -90,7 +110,7 @@ def _allowed(pid: int, tids: list[int], wanted: frozenset[int], proc: str, cgrou
         )
     for tid in tids:
         where = cpus.place(pid, tid, proc)
-        if where is None:
+        if where is None or not _still_worker(pid, tid, proc):
             raise OperationFailed(f"QEMU {pid}: worker {tid} is gone; nothing changed")
         allowed = None if where.cgroup is None else cpus.cpuset(where.cgroup, cgroup_fs)
         if allowed is not None and not wanted <= allowed:
@@ -132,6 +152,8 @@ def apply(
     with signals.Held():  # all pinned, or all as they were
         try:
             for tid in tids:
+                if not _still_worker(pid, tid, proc):  # as late as can be: see _still_worker
+                    raise OperationFailed(f"QEMU {pid}: worker {tid} is gone; put back as it was")
                 before = frozenset(os.sched_getaffinity(tid))
                 cpus.set_affinity(tid, wanted)
                 done.append((tid, before))
