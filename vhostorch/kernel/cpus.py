@@ -157,17 +157,25 @@ def cgroup(task: str) -> str | None:
 
 def cpuset(path: str, cgroup_fs: str = CGROUP_FS) -> frozenset[int] | None:
     """The CPUs cgroup ``path``'s cpuset allows (cpuset.cpus.effective on cgroup v2,
-    cpuset.effective_cpus on v1); None where no cpuset applies or it cannot be read."""
-    rel = path.lstrip("/")
-    for file in (
-        os.path.join(cgroup_fs, "cpuset", rel, "cpuset.effective_cpus"),
-        os.path.join(cgroup_fs, rel, "cpuset.cpus.effective"),
-    ):
+    cpuset.effective_cpus on v1); None where no cpuset applies or it cannot be read.
+
+    On v2 a controller's files exist only in the cgroups whose parent enabled it
+    (cgroup.subtree_control): one without them is bounded by its nearest ancestor that has
+    them (the root always has), so that ancestor's is read."""
+    rel = path.strip("/")
+    try:
+        return parse_list(_read(os.path.join(cgroup_fs, "cpuset", rel, "cpuset.effective_cpus")))
+    except (OSError, InvalidSpec):
+        pass
+    parts = rel.split("/") if rel else []
+    while True:
         try:
-            return parse_list(_read(file))
+            return parse_list(_read(os.path.join(cgroup_fs, *parts, "cpuset.cpus.effective")))
         except (OSError, InvalidSpec):
-            continue
-    return None
+            pass
+        if not parts:
+            return None
+        parts.pop()
 
 
 def online(sys: str = SYS) -> frozenset[int] | None:
