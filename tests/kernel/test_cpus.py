@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.kernel import vhostorch
 from vhostorch.errors import InvalidSpec
 from vhostorch.kernel import cpus
 
@@ -87,11 +88,27 @@ def test_cpu_lists_read_as_the_kernel_writes_them(text: str, cpus_: set[int]) ->
     assert cpus.parse_list(cpus.format_list(cpus_)) == cpus_
 
 
-@pytest.mark.parametrize("text", ["a", "1-", "-1", "3-1", "1,,2", "0x1", "1-9999", "+1", "1.5"])
+# Python's int() takes what the kernel's list format does not: other scripts' digits
+# (ARABIC-INDIC ONE and THREE, FULLWIDTH ONE), '_' between digits, a sign or spaces after '-'.
+ODD = ["\u0661", "0-\u0663", "\uff11", "0-1_0", "0-+1", "1- 2", "1 -2"]
+
+
+@pytest.mark.parametrize(
+    "text", ["a", "1-", "-1", "3-1", "1,,2", "0x1", "1-9999", "+1", "1.5", *ODD]
+)
 def test_bad_cpu_lists_are_one_line_errors(text: str) -> None:
     with pytest.raises(InvalidSpec) as err:
         cpus.cpu_list(text, "worker_cpus")
     assert str(err.value).startswith("worker_cpus: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", [*ODD, " "])
+def test_pin_refuses_a_bad_cpu_list_before_looking_at_the_process(text: str, sleeper: int) -> None:
+    done = vhostorch("pin", "--pid", str(sleeper), "--cpus", text)
+    assert done.returncode == 2, done
+    [line] = done.stderr.splitlines()
+    assert line.startswith("vhostorch: error: --cpus: "), line
+    assert "not a CPU list" in line or "no CPU given" in line, line
 
 
 def test_a_cpu_list_is_normalised() -> None:

@@ -9,10 +9,12 @@ cpuset allows; a vhost_task (>= 6.4) is a thread of QEMU, made by the thread tha
 VHOST_SET_OWNER, and inherits that thread's affinity and cgroup (under libvirt: the emulator
 thread's, so it follows ``<emulatorpin>``). So both are read, never assumed.
 
-A vCPU counts as pinned when its thread may run on fewer CPUs than QEMU's other threads
-together (pinned by libvirt's ``<vcpupin>``, by ``<cputune>``'s emulatorpin leaving it
-elsewhere, or by hand with taskset), or when the domain's ``<vcpupin>`` says so. A VM-wide
-cpuset (``<vcpu cpuset=>``, a cgroup) that every thread shares reserves nothing.
+A vCPU counts as pinned when its thread may run on fewer CPUs than QEMU's threads together
+(pinned by libvirt's ``<vcpupin>``, by ``<cputune>``'s emulatorpin leaving it elsewhere, or
+by hand with taskset), or when the domain's ``<vcpupin>`` gives it fewer. A VM-wide cpuset
+(``<vcpu cpuset=>``, a cgroup) that every thread shares reserves nothing, nor does a
+``<vcpupin>`` to all of those CPUs (OpenStack Nova writes one per vCPU, a guest NUMA node's
+shared CPUs): the worker sharing them takes no CPU the vCPU has for itself.
 
   warn     a worker may run on a CPU a pinned vCPU has (cause ``on-vcpu-cpu``)
   fail     a pin was asked for (check.pins) and a worker may run elsewhere (``not-pinned``)
@@ -87,7 +89,7 @@ def reserved(obs: Observation) -> dict[int, list[int]]:
     configured = _domain_pins(obs)
     found: dict[int, list[int]] = {}
     for index, where in vcpus(obs):
-        if where.cpus < whole or index in configured:
+        if where.cpus < whole or configured.get(index, whole) < whole:
             for cpu in where.cpus:
                 found.setdefault(cpu, []).append(index)
     return found

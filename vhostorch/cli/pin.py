@@ -90,7 +90,7 @@ def _pin(args: Parsed) -> int:
     given = args.text("cpus")
     if (given is None) == (not args.flag("clear")):
         raise InvalidSpec("pin: give --cpus LIST or --clear")
-    wanted = None if given is None else cpus.parse_list(given)
+    wanted = None if given is None else cpus.parse_list(cpus.cpu_list(given, "--cpus"))
     pid, vm = _target(args)
     # A VM vhostorch started: under its lock, as `nic add` (which pins its new workers) is.
     with state.Lock(vm) if args.texts("VM") and vm else contextlib.nullcontext():
@@ -109,6 +109,8 @@ def _line(p: object, cleared: bool = False) -> str:
     who = shown(p.vm) if p.vm else f"QEMU {p.pid}"
     moved = ", ".join(f"{t} ({b} -> {a})" for t, b, a in p.workers)
     what = "unpinned" if cleared else f"vhost-net workers pinned to CPUs {p.cpus}"
+    if not p.workers:
+        return f"{who}: pin forgotten (no NIC uses vhost now)"
     return f"{who}: {what}: {moved}"
 
 

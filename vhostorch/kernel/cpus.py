@@ -40,15 +40,19 @@ def parse_list(text: str) -> frozenset[int]:
         return frozenset()
     for part in text.split(","):
         low, sep, high = part.strip().partition("-")
-        try:
-            first = int(low)
-            last = int(high) if sep else first
-        except ValueError:
-            raise InvalidSpec(f"{text!r} is not a CPU list (such as 0-3,8)") from None
-        if first < 0 or last < first or last >= MAX_CPUS or not low.strip().isdigit():
+        # ASCII digits only: int() also takes other scripts' digits (U+0661), '1_0', '+1', ' 1'.
+        if not _digits(low) or (sep and not _digits(high)):
+            raise InvalidSpec(f"{text!r} is not a CPU list (such as 0-3,8)")
+        first = int(low)
+        last = int(high) if sep else first
+        if last < first or last >= MAX_CPUS:
             raise InvalidSpec(f"{text!r} is not a CPU list (such as 0-3,8)")
         cpus.update(range(first, last + 1))
     return frozenset(cpus)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def cpu_list(value: object, what: str) -> str:
@@ -153,17 +157,25 @@ def cgroup(task: str) -> str | None:
 
 def cpuset(path: str, cgroup_fs: str = CGROUP_FS) -> frozenset[int] | None:
     """The CPUs cgroup ``path``'s cpuset allows (cpuset.cpus.effective on cgroup v2,
-    cpuset.effective_cpus on v1); None where no cpuset applies or it cannot be read."""
-    rel = path.lstrip("/")
-    for file in (
-        os.path.join(cgroup_fs, "cpuset", rel, "cpuset.effective_cpus"),
-        os.path.join(cgroup_fs, rel, "cpuset.cpus.effective"),
-    ):
+    cpuset.effective_cpus on v1); None where no cpuset applies or it cannot be read.
+
+    On v2 a controller's files exist only in the cgroups whose parent enabled it
+    (cgroup.subtree_control): one without them is bounded by its nearest ancestor that has
+    them (the root always has), so that ancestor's is read."""
+    rel = path.strip("/")
+    try:
+        return parse_list(_read(os.path.join(cgroup_fs, "cpuset", rel, "cpuset.effective_cpus")))
+    except (OSError, InvalidSpec):
+        pass
+    parts = rel.split("/") if rel else []
+    while True:
         try:
-            return parse_list(_read(file))
+            return parse_list(_read(os.path.join(cgroup_fs, *parts, "cpuset.cpus.effective")))
         except (OSError, InvalidSpec):
-            continue
-    return None
+            pass
+        if not parts:
+            return None
+        parts.pop()
 
 
 def online(sys: str = SYS) -> frozenset[int] | None:

@@ -346,13 +346,27 @@ def vhost_kthreads(proc: str = PROC) -> dict[str, list[int]]:
             continue
         try:
             comm = _read(f"{proc}/{entry}/comm").strip()
-            # Kernel threads have an empty command line.
+            # Kernel threads have an empty command line, but so has a zombie, whose name any
+            # user sets (PR_SET_NAME "vhost-<a QEMU's pid>", then exit): the kernel's flag.
             if not comm.startswith("vhost-") or _read(f"{proc}/{entry}/cmdline"):
+                continue
+            if not is_kthread(_read(f"{proc}/{entry}/stat")):
                 continue
         except (FileNotFoundError, ProcessLookupError):
             continue
         found.setdefault(comm, []).append(int(entry))
     return found
+
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
+
+
+def is_kthread(stat: str) -> bool:
+    """Whether /proc/PID/stat's ``stat`` is a kernel thread's (field 9, flags, has PF_KTHREAD)."""
+    try:
+        return bool(int(stat.rsplit(")", 1)[1].split()[6]) & PF_KTHREAD)
+    except (IndexError, ValueError):
+        return False
 
 
 def vhost_workers(process: Process, kthreads: dict[str, list[int]]) -> tuple[str, list[int]]:

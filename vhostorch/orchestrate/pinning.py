@@ -49,7 +49,8 @@ class Pinned(Record):
 
 
 def vhost_net_workers(pid: int, proc: str = procfs.PROC) -> list[int]:
-    """The tids of QEMU ``pid``'s vhost-net workers. Raises CannotInspect, OperationFailed."""
+    """The tids of QEMU ``pid``'s vhost-net workers (none when no NIC uses vhost). Raises
+    CannotInspect, OperationFailed."""
     # A VM vhostorch started may have NICs only QMP added (not on its command line): its
     # state says which.
     obs = observe.observe(pid, proc=proc, plan=state.by_pid(pid), pins_dir=os.devnull)
@@ -72,9 +73,31 @@ def vhost_net_workers(pid: int, proc: str = procfs.PROC) -> list[int]:
                 "nothing changed"
             )
         found = list(obs.workers)  # every vhost worker is one of its vhost-net devices'
-    if not found:
-        raise OperationFailed(f"QEMU {pid} has no vhost-net worker to pin (no NIC uses vhost)")
     return sorted(set(found))
+
+
+def _none(pid: int) -> OperationFailed:
+    return OperationFailed(f"QEMU {pid} has no vhost-net worker to pin (no NIC uses vhost)")
+
+
+def _still_worker(pid: int, tid: int, proc: str) -> bool:
+    """Whether ``tid`` is still one of QEMU ``pid``'s vhost workers: a thread of QEMU named
+    ``vhost-PID`` (a vhost_task) or a kernel thread so named. A worker that exited since it
+    was listed (its NIC unplugged, QEMU stopping) leaves its tid to be reused by any thread;
+    sched_setaffinity takes a tid, not a pidfd, so root would pin that thread instead."""
+    name = f"vhost-{pid}"[:15]
+    for where, own in ((f"{proc}/{pid}/task/{tid}", True), (f"{proc}/{tid}", False)):
+        try:
+            with open(f"{where}/comm") as f:
+                if f.read().strip() != name:
+                    continue
+            if own:
+                return True
+            with open(f"{where}/stat") as f:
+                return procfs.is_kthread(f.read())
+        except OSError:
+            continue
+    return False
 
 
 def _allowed(pid: int, tids: list[int], wanted: frozenset[int], proc: str, cgroup_fs: str) -> None:
@@ -87,7 +110,7 @@ def _allowed(pid: int, tids: list[int], wanted: frozenset[int], proc: str, cgrou
         )
     for tid in tids:
         where = cpus.place(pid, tid, proc)
-        if where is None:
+        if where is None or not _still_worker(pid, tid, proc):
             raise OperationFailed(f"QEMU {pid}: worker {tid} is gone; nothing changed")
         allowed = None if where.cgroup is None else cpus.cpuset(where.cgroup, cgroup_fs)
         if allowed is not None and not wanted <= allowed:
@@ -108,8 +131,10 @@ def apply(
     cgroup_fs: str = cpus.CGROUP_FS,
     pins_dir: str = pins.PINS,
     record: bool = True,
+    tids: list[int] | None = None,
 ) -> Pinned:
-    """Pin QEMU ``pid``'s vhost-net workers to ``wanted`` and record it (``record``).
+    """Pin QEMU ``pid``'s vhost-net workers (``tids``: as vhost_net_workers found them) to
+    ``wanted`` and record it (``record``).
 
     Raises InvalidSpec (CPUs not allowed: nothing changed), OperationFailed, CannotInspect.
     """
@@ -118,13 +143,17 @@ def apply(
     start = procfs.start_time(pid, proc)
     if start is None:
         raise procfs.CannotInspect(f"no QEMU process {pid}")
-    tids = vhost_net_workers(pid, proc)
+    tids = vhost_net_workers(pid, proc) if tids is None else tids
+    if not tids:
+        raise _none(pid)
     _allowed(pid, tids, wanted, proc, cgroup_fs)
     done: list[tuple[int, frozenset[int]]] = []
     result = []
     with signals.Held():  # all pinned, or all as they were
         try:
             for tid in tids:
+                if not _still_worker(pid, tid, proc):  # as late as can be: see _still_worker
+                    raise OperationFailed(f"QEMU {pid}: worker {tid} is gone; put back as it was")
                 before = frozenset(os.sched_getaffinity(tid))
                 cpus.set_affinity(tid, wanted)
                 done.append((tid, before))
@@ -157,14 +186,21 @@ def _restore(done: list[tuple[int, frozenset[int]]]) -> None:
 
 def clear(pid: int, *, proc: str = procfs.PROC, pins_dir: str = pins.PINS) -> Pinned:
     """Forget QEMU ``pid``'s pin and let its vhost-net workers run where its main thread may
-    (where a vhost_task starts; a kernel thread's cpuset still bounds it)."""
+    (where a vhost_task starts; a kernel thread's cpuset still bounds it). A pin whose QEMU
+    has no vhost-net worker now (its vhost NICs unplugged) is forgotten all the same."""
     start = procfs.start_time(pid, proc)
     if start is None:
         raise procfs.CannotInspect(f"no QEMU process {pid}")
     main = frozenset(os.sched_getaffinity(pid))
     known = pins.load(pid, start, pins_dir)
-    pinned = apply(pid, main, "vhostorch pin", known.vm if known else None, proc=proc,
-                   record=False)  # fmt: skip
+    vm = known.vm if known else None
+    tids = vhost_net_workers(pid, proc)
+    if tids:
+        pinned = apply(pid, main, "vhostorch pin", vm, proc=proc, record=False, tids=tids)
+    elif known is None:
+        raise _none(pid)
+    else:
+        pinned = Pinned(pid, vm, cpus.format_list(main), "vhostorch pin", ())
     pins.forget(pid, pins_dir)
     return pinned
 
@@ -173,7 +209,8 @@ def reapply(
     *, proc: str = procfs.PROC, pins_dir: str = pins.PINS, only: int | None = None
 ) -> tuple[list[Pinned], list[str]]:
     """Apply every recorded pin again (``only``: QEMU ``only``'s); a record whose QEMU is gone
-    is removed. Returns what was pinned and one line per QEMU that could not be."""
+    is removed, one whose QEMU has no vhost-net worker now is kept for a NIC added later.
+    Returns what was pinned and one line per QEMU that could not be."""
     done, failed = [], []
     for pid in pins.listed(pins_dir) if only is None else [only]:
         start = procfs.start_time(pid, proc)
@@ -184,7 +221,12 @@ def reapply(
             continue
         try:
             wanted = cpus.parse_list(pin.cpus)
-            done.append(apply(pid, wanted, pin.source, pin.vm, proc=proc, pins_dir=pins_dir))
+            tids = vhost_net_workers(pid, proc)
+            if not tids:
+                continue  # nothing to pin now (no NIC uses vhost): not a failure
+            done.append(
+                apply(pid, wanted, pin.source, pin.vm, proc=proc, pins_dir=pins_dir, tids=tids)
+            )
         except (InvalidSpec, OperationFailed, procfs.CannotInspect) as err:
             failed.append(str(err))
     return done, failed
