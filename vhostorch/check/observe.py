@@ -59,6 +59,8 @@ class Observation(Record):
     # None when none could be read (a recording made before they were recorded).
     places: dict[int, Place] | None = None
     pin: Pin | None = None  # the CPUs its vhost-net workers were asked to run on (pins)
+    # CPU -> the CPUs sharing its core (SMT siblings), for the CPUs its vCPUs may run on
+    siblings: dict[int, frozenset[int]] | None = None
 
 
 class Logs(Record):
@@ -417,11 +419,20 @@ def observe(
         if short:
             device = device_access(pid, proc, dev)
     cpu = worker_cpu(workers, pid, proc) if workers else None
+    places = thread_places(process, workers, proc)
     return Observation(
         process, parsed, model, tuple(workers), taps, seen, present, domain, view, error, wired,
-        note, plan, logs, device, cpu, halted, places=thread_places(process, workers, proc),
+        note, plan, logs, device, cpu, halted, places=places, siblings=_siblings(places, sys),
         pin=pins.load(pid, process.start_ticks, pins_dir) if workers else None,
     )  # fmt: skip
+
+
+def _siblings(places: dict[int, Place] | None, sys: str) -> dict[int, frozenset[int]] | None:
+    """The SMT siblings of every CPU a vCPU thread may run on (check.placement)."""
+    if places is None:
+        return None
+    used = {c for p in places.values() if cpus.vcpu_index(p.comm) is not None for c in p.cpus}
+    return {c: cpus.siblings(c, sys) for c in sorted(used)}
 
 
 def thread_places(

@@ -16,7 +16,8 @@ by hand with taskset), or when the domain's ``<vcpupin>`` gives it fewer. A VM-w
 ``<vcpupin>`` to all of those CPUs (OpenStack Nova writes one per vCPU, a guest NUMA node's
 shared CPUs): the worker sharing them takes no CPU the vCPU has for itself.
 
-  warn     a worker may run on a CPU a pinned vCPU has (cause ``on-vcpu-cpu``)
+  warn     a worker may run on a CPU a pinned vCPU has (cause ``on-vcpu-cpu``), or on an
+           SMT sibling of one (the same core: ``on-vcpu-core``)
   fail     a pin was asked for (check.pins) and a worker may run elsewhere (``not-pinned``)
   unknown  where the threads run could not be read, or no worker is known
   pass     otherwise, with every worker's and vCPU's CPUs as evidence
@@ -25,7 +26,15 @@ shared CPUs): the worker sharing them takes no CPU the vCPU has for itself.
 from __future__ import annotations
 
 from vhostorch.check.ids import VHOST_PLACEMENT
-from vhostorch.check.report import FAIL, NOT_PINNED, ON_VCPU_CPU, PASS, UNKNOWN, WARN
+from vhostorch.check.report import (
+    FAIL,
+    NOT_PINNED,
+    ON_VCPU_CORE,
+    ON_VCPU_CPU,
+    PASS,
+    UNKNOWN,
+    WARN,
+)
 from vhostorch.kernel.cpus import format_list, parse_list, vcpu_index
 from vhostorch.record import TYPE_CHECKING
 
@@ -182,6 +191,27 @@ def placement(obs: Observation, nic: Nic, workers: tuple[Worker, ...]) -> Check:
                 f"elsewhere (vhostorch pin)",
                 evidence,
                 cause=ON_VCPU_CPU,
+            )
+    # Hyperthreads of one core share its execution units: a worker on the sibling of a
+    # pinned vCPU's CPU still takes that vCPU's time.
+    cores: dict[int, tuple[int, int]] = {}  # sibling CPU -> (the pinned CPU, its vCPU)
+    for cpu in sorted(on):
+        for sibling in sorted((obs.siblings or {}).get(cpu, frozenset()) - on.keys()):
+            cores.setdefault(sibling, (cpu, on[cpu][0]))
+    if cores:
+        evidence["siblings"] = {str(s): cpu for s, (cpu, _) in sorted(cores.items())}
+    for t in tids:
+        near = sorted(cpu for cpu in places[t].cpus if cpu in cores)
+        if near:
+            cpu, vcpu = cores[near[0]]
+            return nic.check(
+                VHOST_PLACEMENT,
+                WARN,
+                f"{who} {t}{_pair(pairs, t)} may run on CPU {format_list(near)}, on the core "
+                f"of CPU {cpu}, which pinned vCPU {vcpu} has (SMT siblings): it takes that "
+                f"vCPU's time; pin the workers elsewhere (vhostorch pin)",
+                evidence,
+                cause=ON_VCPU_CORE,
             )
     every = frozenset().union(*(places[t].cpus for t in tids))
     spread = f"CPU{'s' if len(every) > 1 else ''} {format_list(every)}"

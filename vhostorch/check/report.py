@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         "beyond-reader",  # the vring's eventfd is past what the live reader walks of KVM's lists
         "tap-gone",  # vhost's backend is a tap queue on no device: the tap was deleted under QEMU
         "on-vcpu-cpu",  # nic.vhost.placement: a worker may run on a pinned vCPU's CPU
+        "on-vcpu-core",  # nic.vhost.placement: ... on an SMT sibling of a pinned vCPU's CPU
         "not-pinned",  # nic.vhost.placement: a worker may run off the CPUs a pin asked for
         "not-paused",  # vm.rewire: the VM was not paused (nothing was touched)
         "left-paused",  # vm.rewire: the VM was paused and could not be resumed
@@ -71,6 +72,7 @@ UNSTABLE_READ: Final = "unstable-read"
 BEYOND_READER: Final = "beyond-reader"
 TAP_GONE: Final = "tap-gone"
 ON_VCPU_CPU: Final = "on-vcpu-cpu"
+ON_VCPU_CORE: Final = "on-vcpu-core"
 NOT_PINNED: Final = "not-pinned"
 NOT_PAUSED: Final = "not-paused"
 LEFT_PAUSED: Final = "left-paused"

@@ -80,12 +80,17 @@ def _pin(args: Parsed) -> int:
         if args.text("cpus") or args.flag("clear"):
             raise InvalidSpec("pin: --reapply goes alone (without --cpus or --clear)")
         done, failed = pinning.reapply()
-        lines = [_line(p) for p in done] + [f"vhostorch: {shown(f)}" for f in failed]
+        lines = [_line(p) for p in done]
         emit(
             {"ok": not failed, "pinned": [p.to_json() for p in done], "failed": failed},
             args.flag("json"),
-            "\n".join(lines) if lines else "no recorded pin to apply",
+            "\n".join(lines) if lines or failed else "no recorded pin to apply",
         )
+        if not args.flag("json"):
+            import sys
+
+            for line in failed:  # as every command's errors: one line each, on stderr
+                print(f"vhostorch: error: {shown(line)}", file=sys.stderr)
         return EXIT_FAILED if failed else EXIT_OK
     given = args.text("cpus")
     if (given is None) == (not args.flag("clear")):

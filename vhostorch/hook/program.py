@@ -241,7 +241,13 @@ def _pin(pid: int, declared: metadata.Declared) -> list[str]:
 
     assert declared.worker_cpus is not None
     try:
-        pinning.apply(pid, parse_list(declared.worker_cpus), "domain metadata", declared.domain)
+        pinning.apply(
+            pid,
+            parse_list(declared.worker_cpus),
+            "domain metadata",
+            declared.domain,
+            what="worker-cpus",
+        )
     except (InvalidSpec, OperationFailed) as err:
         return [str(err)]
     return []

@@ -186,6 +186,24 @@ def online(sys: str = SYS) -> frozenset[int] | None:
         return None
 
 
+_SIBLINGS: dict[tuple[str, int], frozenset[int]] = {}
+
+
+def siblings(cpu: int, sys: str = SYS) -> frozenset[int]:
+    """The CPUs that share ``cpu``'s core (SMT siblings, itself included: its topology's
+    thread_siblings_list); just ``cpu`` where sysfs cannot say. Read once per CPU (the
+    topology does not change while a host runs; check --all asks for every QEMU)."""
+    key = (sys, cpu)
+    if key not in _SIBLINGS:
+        path = f"{sys}/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+        try:
+            found = parse_list(_read(path)) | {cpu}
+        except (OSError, InvalidSpec):
+            found = frozenset({cpu})
+        _SIBLINGS[key] = found
+    return _SIBLINGS[key]
+
+
 def vcpu_index(comm: str) -> int | None:
     """The vCPU index of a QEMU thread named ``CPU <n>/<accel>``, else None."""
     if not comm.startswith(VCPU_PREFIX):

@@ -249,6 +249,8 @@ def up(
                 else f"VM {spec.name} has a state file from a start whose QEMU is gone; "
                 f"vhostorch down {spec.name} cleans it up"
             )
+        if spec.worker_cpus is not None:  # before anything starts, as the spec's other checks
+            pinning.online(parse_list(spec.worker_cpus), "worker_cpus")
         decided = decide(spec.nics, spec.accel, backend, host or Host.probe())
         start = _Up(spec, backends.name_of(backend), runner, decided, root)
         _take(start.steps(uri, user, warn, wait))
@@ -318,7 +320,7 @@ class _Up:
         if self.spec.worker_cpus is None or not any(n.vhost_on for n in self.state.nics):
             return
         wanted = parse_list(self.spec.worker_cpus)
-        pinning.apply(self.state.pid, wanted, "spec", self.spec.name)
+        pinning.apply(self.state.pid, wanted, "spec", self.spec.name, what="worker_cpus")
 
     def _unpin(self) -> None:
         pins.forget(self.state.pid)

@@ -100,14 +100,21 @@ def _still_worker(pid: int, tid: int, proc: str) -> bool:
     return False
 
 
-def _allowed(pid: int, tids: list[int], wanted: frozenset[int], proc: str, cgroup_fs: str) -> None:
-    """Raise InvalidSpec unless every worker's cpuset and the online CPUs allow ``wanted``."""
-    online = cpus.online()
-    if online is not None and not wanted <= online:
+def online(wanted: frozenset[int], what: str = "--cpus") -> None:
+    """Raise InvalidSpec unless every CPU of ``wanted`` is online (``what`` asked for them)."""
+    up = cpus.online()
+    if up is not None and not wanted <= up:
         raise InvalidSpec(
-            f"--cpus: CPU {cpus.format_list(wanted - online)} is not online on this host "
-            f"(online: {cpus.format_list(online)}); nothing changed"
+            f"{what}: CPU {cpus.format_list(wanted - up)} is not online on this host "
+            f"(online: {cpus.format_list(up)}); nothing changed"
         )
+
+
+def _allowed(
+    pid: int, tids: list[int], wanted: frozenset[int], proc: str, cgroup_fs: str, what: str
+) -> None:
+    """Raise InvalidSpec unless every worker's cpuset and the online CPUs allow ``wanted``."""
+    online(wanted, what)
     for tid in tids:
         where = cpus.place(pid, tid, proc)
         if where is None or not _still_worker(pid, tid, proc):
@@ -115,7 +122,7 @@ def _allowed(pid: int, tids: list[int], wanted: frozenset[int], proc: str, cgrou
         allowed = None if where.cgroup is None else cpus.cpuset(where.cgroup, cgroup_fs)
         if allowed is not None and not wanted <= allowed:
             raise InvalidSpec(
-                f"--cpus: CPU {cpus.format_list(wanted - allowed)} is outside the cpuset of "
+                f"{what}: CPU {cpus.format_list(wanted - allowed)} is outside the cpuset of "
                 f"worker {tid}'s cgroup {where.cgroup} ({cpus.format_list(allowed)}); "
                 "nothing changed"
             )
@@ -132,6 +139,7 @@ def apply(
     pins_dir: str = pins.PINS,
     record: bool = True,
     tids: list[int] | None = None,
+    what: str = "--cpus",
 ) -> Pinned:
     """Pin QEMU ``pid``'s vhost-net workers (``tids``: as vhost_net_workers found them) to
     ``wanted`` and record it (``record``).
@@ -139,14 +147,14 @@ def apply(
     Raises InvalidSpec (CPUs not allowed: nothing changed), OperationFailed, CannotInspect.
     """
     if not wanted:
-        raise InvalidSpec("--cpus: no CPU given")
+        raise InvalidSpec(f"{what}: no CPU given")
     start = procfs.start_time(pid, proc)
     if start is None:
         raise procfs.CannotInspect(f"no QEMU process {pid}")
     tids = vhost_net_workers(pid, proc) if tids is None else tids
     if not tids:
         raise _none(pid)
-    _allowed(pid, tids, wanted, proc, cgroup_fs)
+    _allowed(pid, tids, wanted, proc, cgroup_fs, what)
     done: list[tuple[int, frozenset[int]]] = []
     result = []
     with signals.Held():  # all pinned, or all as they were
@@ -225,7 +233,16 @@ def reapply(
             if not tids:
                 continue  # nothing to pin now (no NIC uses vhost): not a failure
             done.append(
-                apply(pid, wanted, pin.source, pin.vm, proc=proc, pins_dir=pins_dir, tids=tids)
+                apply(
+                    pid,
+                    wanted,
+                    pin.source,
+                    pin.vm,
+                    proc=proc,
+                    pins_dir=pins_dir,
+                    tids=tids,
+                    what=f"the recorded pin ({pin.source})",
+                )
             )
         except (InvalidSpec, OperationFailed, procfs.CannotInspect) as err:
             failed.append(str(err))

@@ -230,7 +230,8 @@ def _repin(module, current, asked):
     if pin is not None and pin.cpus == asked.worker_cpus:
         return False
     if not module.check_mode:
-        pinning.apply(current.pid, parse_list(asked.worker_cpus), "spec", current.name)
+        wanted = parse_list(asked.worker_cpus)
+        pinning.apply(current.pid, wanted, "spec", current.name, what="worker_cpus")
     return True
 
 

@@ -15,7 +15,16 @@ from tests.support import observations
 from vhostorch import pins
 from vhostorch.check import verify
 from vhostorch.check.ids import VHOST_PLACEMENT
-from vhostorch.check.report import FAIL, NOT_PINNED, ON_VCPU_CPU, PASS, UNKNOWN, WARN, Check
+from vhostorch.check.report import (
+    FAIL,
+    NOT_PINNED,
+    ON_VCPU_CORE,
+    ON_VCPU_CPU,
+    PASS,
+    UNKNOWN,
+    WARN,
+    Check,
+)
 from vhostorch.kernel import procfs
 from vhostorch.libvirt import domxml
 
@@ -48,6 +57,7 @@ def _judge(
     others: str,
     xml: str | None = None,
     pin: str | None = None,
+    siblings: dict[int, str] | None = None,
 ) -> Check:
     rec = observations.load(NAME)
     pid = rec["pid"]
@@ -56,6 +66,10 @@ def _judge(
         _allow(rec, f"{pid}/task/{tid}/status", cpus)
     for tid in tids[2]:
         _allow(rec, f"{pid}/task/{tid}/status", others)
+    for cpu, listed in (siblings or {}).items():
+        topology = tmp_path / "sys" / "devices" / "system" / "cpu" / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(listed + "\n")
     if pin is not None:
         start = int(rec["files"][f"{pid}/stat"].rsplit(")", 1)[1].split()[19])
         pins.save(pins.Pin(pid, start, pin, "vhostorch pin", "vm1"), str(tmp_path / "pins"))
@@ -151,3 +165,19 @@ def test_cputune_is_read_from_domain_xml() -> None:
 
 def test_procfs_start_time_is_what_pins_are_keyed_by() -> None:
     assert procfs.start_time(1) is not None
+
+
+def test_a_worker_on_the_other_hyperthread_of_a_pinned_vcpus_core_is_warned(
+    tmp_path: pathlib.Path,
+) -> None:
+    # CPUs 3 and 7 are one core's two threads (thread_siblings_list), vCPU 0 has CPU 3.
+    pairs = {c: f"{c % 4},{c % 4 + 4}" for c in range(8)}
+    near = _judge(tmp_path / "a", "3", "4-7", "0-7", siblings=pairs)
+    assert (near.status, near.cause) == (WARN, ON_VCPU_CORE), near
+    assert observations.says(near.message, "worker ... may run on CPU 7, on the core of CPU 3, ...")
+    assert near.evidence["siblings"] == {"7": 3}
+    apart = _judge(tmp_path / "b", "3", "0-2,4-6", "0-7", siblings=pairs)
+    assert apart.status == PASS, apart
+    # Where sysfs does not say (the recordings, a host without topology), no core is assumed.
+    unknown_topology = _judge(tmp_path / "c", "3", "4-7", "0-7")
+    assert unknown_topology.status == PASS and "siblings" not in unknown_topology.evidence
