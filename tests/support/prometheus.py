@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -51,6 +52,16 @@ def timer_command(program: str, directory: str) -> list[str]:
     words[0] = program
     words[output] = os.path.join(directory, TEXTFILE)
     return words
+
+
+def readme_alert() -> dict[str, Any]:
+    """The alert the README shows, as Prometheus' /api/v1/alerts returns it."""
+    text = (ROOT / "README.md").read_text()
+    [block] = [
+        b for b in re.findall(r"^```json\n(.*?)^```$", text, re.M | re.S) if "Vhostorch" in b
+    ]
+    shown: dict[str, Any] = json.loads(block)
+    return shown
 
 
 def free_port() -> int:

@@ -110,3 +110,19 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
             (fires if case["exp_alerts"] else quiet).add(case["alertname"])
     assert fires == alerts, alerts - fires
     assert quiet == alerts, alerts - quiet
+
+
+def test_the_readmes_alert_is_the_one_the_unit_test_expects() -> None:
+    """Its labels and annotations are those promtool checks the rules render (the labels
+    Prometheus adds aside); tests/kernel/test_prometheus.py compares its shape with a real one."""
+    shown = prometheus.readme_alert()
+    tests = yaml.safe_load(prometheus.RULES_TEST.read_text())["tests"]
+    expected = [
+        alert
+        for test in tests
+        for case in test["alert_rule_test"]
+        if case["alertname"] == shown["labels"]["alertname"]
+        for alert in case["exp_alerts"]
+    ]
+    labels = {k: v for k, v in shown["labels"].items() if k != "alertname"}
+    assert {"exp_labels": labels, "exp_annotations": shown["annotations"]} in expected
