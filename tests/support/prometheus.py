@@ -178,3 +178,39 @@ class Stack:
             up = 'up{job="node"} == 1'
             wait_until("node_exporter scraped", lambda: self.query(up), 60, log)
             yield
+
+
+# The service's sandboxing directives that hardened_argv reproduces, and those it leaves out,
+# which restrict no file, capability or device check reads (said per directive).
+EMULATED = {"CapabilityBoundingSet", "NoNewPrivileges"}
+NOT_EMULATED = {
+    "RestrictAddressFamilies": "a seccomp filter on socket(); check opens AF_UNIX and AF_NETLINK",
+    "RestrictRealtime": "realtime scheduling, never asked",
+    "RestrictSUIDSGID": "making set-uid files",
+    "LockPersonality": "personality(2)",
+    "SystemCallArchitectures": "non-native system calls",
+    "UMask": "the mode of files made; --output sets 0644 itself",
+}
+# The service's directives that are not sandboxing.
+UNSANDBOXING = {
+    "Description", "After", "Type", "ExecStart", "SuccessExitStatus", "TimeoutStartSec", "Nice",
+}  # fmt: skip
+
+
+def directives(path: Path) -> list[str]:
+    return [
+        line.partition("=")[0]
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    ]
+
+
+def hardened_argv(argv: list[str]) -> list[str]:
+    """``argv`` under what the service's sandboxing does to a root process, without systemd
+    as PID 1: setpriv's capability bounding set (CapabilityBoundingSet=) and no_new_privs.
+    Root's capabilities after exec are its bounding set, as under systemd."""
+    unknown = set(directives(SERVICE)) - EMULATED - set(NOT_EMULATED) - UNSANDBOXING
+    assert not unknown, f"say how the test emulates {unknown}, or why it need not"
+    [caps] = unit_values(SERVICE, "CapabilityBoundingSet")
+    bounding = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps.split())])
+    return ["setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--", *argv]
