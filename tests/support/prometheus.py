@@ -41,6 +41,12 @@ def unit_values(path: Path, key: str) -> list[str]:
     return found
 
 
+def with_program(text: str, program: str) -> str:
+    """A unit's text with ``program`` for the bare ``vhostorch`` its Exec*= lines run (after
+    their prefixes: ``-`` and the like), as the Ansible role puts its command there."""
+    return re.sub(r"(?m)^(Exec[A-Za-z]*=[-@:+!]*)vhostorch ", rf"\g<1>{program} ", text)
+
+
 def timer_command(program: str, directory: str) -> list[str]:
     """The service's ExecStart as systemd splits it, with its program and textfile directory
     replaced: the command line the timer runs, for this checkout's vhostorch and a test's
@@ -193,7 +199,8 @@ NOT_EMULATED = {
 }
 # The service's directives that are not sandboxing.
 UNSANDBOXING = {
-    "Description", "After", "Type", "ExecStart", "SuccessExitStatus", "TimeoutStartSec", "Nice",
+    "Description", "After", "Type", "ExecStartPre", "ExecStart", "SuccessExitStatus",
+    "TimeoutStartSec", "Nice",
 }  # fmt: skip
 
 

@@ -238,9 +238,13 @@ def test_the_role_installs_the_metrics_timer_as_deploy_ships_it(ansible: Ansible
     code, out, recap = ansible.play(play())
     assert code == 0 and recap["changed"] == 0, out[-3000:]
 
+    # A command under a directory with a blank and a '%': quoted as systemd reads it.
+    odd = pathlib.Path(ansible.root, "v env 100%")
+    odd.mkdir()
+    (odd / "vhostorch").symlink_to(f"{BIN}/vhostorch")
     other = play(
         vhost_host_metrics_textfile_dir=str(textfiles), vhost_host_metrics_interval="30s",
-        vhost_host_vhostorch_command=f"{BIN}/vhostorch",
+        vhost_host_vhostorch_command=str(odd / "vhostorch"),
     )  # fmt: skip
     code, out, recap = ansible.play(other, "--check")
     assert code == 0 and recap["changed"] >= 2 and not textfiles.exists(), out[-3000:]
@@ -250,7 +254,8 @@ def test_the_role_installs_the_metrics_timer_as_deploy_ships_it(ansible: Ansible
     assert code == 0 and recap["failed"] == 0, out[-3000:]
     assert textfiles.is_dir() and textfiles.stat().st_mode & 0o777 == 0o755
     service = (units / names[0]).read_text()
-    assert f"ExecStart={BIN}/vhostorch check --all " in service
+    quoted = str(odd / "vhostorch").replace("%", "%%")
+    assert f'ExecStart="{quoted}" check --all ' in service
     assert f"--output {textfiles}/vhostorch.prom\n" in service
     assert "OnUnitActiveSec=30s\n" in (units / names[1]).read_text()
     done = subprocess.run(

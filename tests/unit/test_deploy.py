@@ -30,7 +30,7 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     # The program as an absolute path: systemd-analyze looks for a bare `vhostorch` on
     # systemd's own path, where this checkout's virtualenv is not.
     service = tmp_path / SERVICE.name
-    service.write_text(SERVICE.read_text().replace("ExecStart=vhostorch ", f"ExecStart={EXE} "))
+    service.write_text(prometheus.with_program(SERVICE.read_text(), EXE))
     shutil.copy(TIMER, tmp_path / TIMER.name)
     done = verify(service, tmp_path / TIMER.name)
     assert done.returncode == 0 and done.stdout + done.stderr == "", done.stderr
