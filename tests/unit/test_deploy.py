@@ -126,3 +126,13 @@ def test_the_readmes_alert_is_the_one_the_unit_test_expects() -> None:
     ]
     labels = {k: v for k, v in shown["labels"].items() if k != "alertname"}
     assert {"exp_labels": labels, "exp_annotations": shown["annotations"]} in expected
+
+
+def test_deploys_units_are_the_ansible_roles_files() -> None:
+    """One source: deploy/systemd's units link to the role's files/ (which the collection
+    ships; ansible-test allows no link out of it), so an operator and the role install the
+    same text."""
+    role = prometheus.ROOT / "ansible" / "roles" / "vhost_host" / "files"
+    for unit in (SERVICE, TIMER):
+        assert unit.is_symlink() and unit.resolve() == role / unit.name, unit
+        assert not (role / unit.name).is_symlink()
