@@ -8,7 +8,8 @@ The broken VM: libvirt's silent fallback. This machine has no /dev/vhost-net, an
 type='kvm' domain with no <driver> starts without vhost, libvirtd only logging it (its NIC
 not on vhost: reason libvirt-open-failed, failing checks). The rules' `for:` (three
 minutes: a file refreshed every minute must agree three runs in a row) is waited out, so the
-test takes about four minutes and is marked slow.
+test takes about four minutes and is marked slow. Last, the file is removed, as when the check
+stops reporting, and VhostorchCheckStale is pending.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import kernel, prometheus
 from tests.support.domains import domain, domain_xml, tap, wait_for_tap_fd
@@ -42,6 +44,10 @@ def write_textfile(directory: Path) -> None:
     # 1: a VM's check failed, which the file reports (the unit's SuccessExitStatus=1).
     assert done.returncode in (0, 1), done.stderr
     assert (directory / prometheus.TEXTFILE).stat().st_mode & 0o777 == 0o644
+
+
+def stale(stack: prometheus.Stack) -> list[dict[str, Any]]:
+    return [a for a in stack.alerts() if a["labels"]["alertname"] == "VhostorchCheckStale"]
 
 
 def ours(alerts: list[dict[str, Any]], name: str, pid: int) -> list[dict[str, Any]]:
@@ -113,6 +119,13 @@ def test_prometheus_scrapes_the_timers_file_and_alerts_on_a_nic_not_on_vhost(lib
                 lambda: not [a for a in stack.alerts() if a["labels"].get("pid") == str(pid)],
                 30,
             )
+            # The check stops reporting (its file gone): VhostorchCheckStale is pending at
+            # once for this node_exporter, from the hour it did report (firing after `for:`).
+            assert not stale(stack), "the check reports"
+            (textfiles / prometheus.TEXTFILE).unlink()
+            [silent] = prometheus.wait_until("the stale alert", lambda: stale(stack), 30)
+            assert silent["state"] == "pending", silent
+            assert silent["labels"]["instance"] == f"127.0.0.1:{stack.node_port}", silent
     print(f"real Prometheus test: {time.monotonic() - started:.0f} s")
 
 
@@ -145,7 +158,12 @@ def test_the_hardened_service_reports_what_a_plain_root_run_does(libvirtd: str) 
         done = subprocess.run(timer, capture_output=True, text=True, timeout=120)
         assert done.returncode in (0, 1), done.stderr
         written = Path(textfiles, prometheus.TEXTFILE).read_text()
-        assert f'vhostorch_nic_vhost_reason{{vm="{name}",' in written
+        samples = [s for f in text_string_to_metric_families(written) for s in f.samples]
+        assert [
+            s.labels["reason"]
+            for s in samples
+            if s.name == "vhostorch_nic_vhost_reason" and s.labels["vm"] == name
+        ] == [report["nics"][0]["reason"]["code"]], written
         # The sandbox is there: capabilities are the bounding set's.
         caps = prometheus.hardened_argv(["grep", "CapEff", "/proc/self/status"])
         effective = int(subprocess.run(caps, capture_output=True, text=True).stdout.split()[1], 16)
