@@ -11,6 +11,7 @@ packages=(
   systemd        # systemd-analyze verifies the boot unit
   git            # tests read the 0.1.0 release from this checkout's history
 )
+# prometheus and prometheus-node-exporter: installed below with their services kept stopped.
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,6 +21,36 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The real-components test starts its own Prometheus and node_exporter on loopback; the
+# packages' postinst would start the system's services on this machine (it still enables them).
+# A policy-rc.d that denies (invoke-rc.d and deb-systemd-invoke obey it, policy-rc.d(8)) keeps
+# them stopped during this install only; one already there (a container's) is left alone.
+services=(prometheus prometheus-node-exporter)
+missing=()
+for p in "${services[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages, their services not started: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  policy=/usr/sbin/policy-rc.d
+  made_policy=
+  if [[ ! -e $policy && ! -L $policy ]]; then
+    # Removed again on any exit, a failed install's or an interrupted one's included.
+    trap 'rm -f "$policy"' EXIT
+    trap 'exit 130' INT TERM
+    made_policy=1
+    printf '#!/bin/sh\n# vhostorch setup.sh: no service starts during its install\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [[ $made_policy ]]; then
+    rm -f "$policy"
+    trap - EXIT INT TERM
+  fi
 fi
 
 # Debian's udev rule gives /dev/kvm to the kvm group (mode 0660); a machine running without

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -416,6 +417,44 @@ def test_paths_shown_are_where_vhostorch_puts_things(tmp_path: Path) -> None:
     assert not (tmp_path / "qemu.d" / install.DEFAULT_NAME).exists()
     assert cli.check.UNIT == "vhostorch-trace.service" and cli.check.UNIT in shown
     assert bootunit  # the boot unit's module, which `trace install-unit` writes
+
+
+def test_the_operate_block_installs_the_timer_and_rules_and_runs_promtool(tmp_path: Path) -> None:
+    """The Operate section's commands, as shown, into ``tmp_path`` as the root: /etc/ is
+    under it, and systemctl acts on it with --root. No systemd runs here: daemon-reload has
+    nothing to tell and --now nothing to start (the kernel test runs the timer's command)."""
+    [block] = [b for b in blocks("sh") if "vhostorch-metrics.timer" in b]
+    units = tmp_path / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)  # as on any host with systemd
+    shim = f"""set -euo pipefail
+systemctl() {{
+  case $1 in
+    daemon-reload) ;;
+    enable) shift; [[ $1 == --now ]] && shift; command systemctl --root={tmp_path} enable "$@" ;;
+    *) echo "not shimmed: systemctl $*" >&2; exit 99 ;;
+  esac
+}}
+"""
+    done = subprocess.run(
+        ["bash", "-c", shim + block.replace(" /etc/", f" {tmp_path}/etc/")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("SUCCESS") == 2, done.stdout  # promtool check, promtool test
+    for name in ("vhostorch-metrics.service", "vhostorch-metrics.timer"):
+        assert (units / name).read_bytes() == (ROOT / "deploy" / "systemd" / name).read_bytes()
+    # Enabled: linked from the timer's WantedBy=, as the root's systemd will read it.
+    link = units / "timers.target.wants" / "vhostorch-metrics.timer"
+    assert os.readlink(link) == "/etc/systemd/system/vhostorch-metrics.timer"
+    rules = tmp_path / "etc" / "prometheus" / "rules" / "vhostorch.rules.yml"
+    assert (
+        rules.read_bytes() == (ROOT / "deploy" / "prometheus" / "vhostorch.rules.yml").read_bytes()
+    )
+    # The configuration shown names the file installed.
+    import yaml
+
+    [config] = [yaml.safe_load(b) for b in blocks("yaml") if "rule_files" in b]
+    assert config["rule_files"] == ["/etc/prometheus/rules/vhostorch.rules.yml"]
 
 
 def test_files_and_links_shown_exist() -> None:

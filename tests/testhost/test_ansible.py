@@ -205,6 +205,68 @@ def test_role_tap_and_vm_converge_and_check_mode_changes_nothing(ansible: Ansibl
     assert not os.path.exists(f"/sys/class/net/{vm_tap}")
 
 
+def test_the_role_installs_the_metrics_timer_as_deploy_ships_it(ansible: Ansible) -> None:
+    """The role's units are deploy/systemd's, byte for byte with its defaults; its variables
+    put the command, textfile directory and interval in them; check mode changes nothing and
+    a second run nothing either. (No systemd runs here: the timer is enabled by its link.)"""
+    units = pathlib.Path(ansible.root, "systemd")
+    textfiles = pathlib.Path(ansible.root, "textfile")
+    deploy = pathlib.Path(REPO, "deploy", "systemd")
+    names = ("vhostorch-metrics.service", "vhostorch-metrics.timer")
+    link = units / "timers.target.wants" / names[1]
+
+    def play(**more: str) -> str:
+        settings = {
+            "vhost_host_install_packages": False, "vhost_host_require_vhost": False,
+            "vhost_host_trace_at_boot": False, "vhost_host_install_hook": False,
+            "vhost_host_configure_qemu_conf": False, "vhost_host_restart_libvirtd": False,
+            "vhost_host_systemd_dir": str(units), **more,
+        }  # fmt: skip
+        return (
+            "- hosts: localhost\n  gather_facts: false\n  roles:\n"
+            f"    - role: vhostorch.vhost.vhost_host\n      vars: {json.dumps(settings)}\n"
+        )
+
+    code, out, recap = ansible.play(play(), "--check")
+    assert code == 0 and recap["changed"] >= 2 and not units.exists(), out[-3000:]
+    code, out, recap = ansible.play(play())
+    assert code == 0 and recap["failed"] == 0, out[-3000:]
+    for name in names:
+        assert (units / name).read_bytes() == (deploy / name).read_bytes(), name
+        assert (units / name).stat().st_mode & 0o777 == 0o644
+    assert os.readlink(link) == str(units / names[1])
+    code, out, recap = ansible.play(play())
+    assert code == 0 and recap["changed"] == 0, out[-3000:]
+
+    # A command under a directory with a blank and a '%': quoted as systemd reads it.
+    odd = pathlib.Path(ansible.root, "v env 100%")
+    odd.mkdir()
+    (odd / "vhostorch").symlink_to(f"{BIN}/vhostorch")
+    other = play(
+        vhost_host_metrics_textfile_dir=str(textfiles), vhost_host_metrics_interval="30s",
+        vhost_host_vhostorch_command=str(odd / "vhostorch"),
+    )  # fmt: skip
+    code, out, recap = ansible.play(other, "--check")
+    assert code == 0 and recap["changed"] >= 2 and not textfiles.exists(), out[-3000:]
+    before = [(units / name).read_bytes() for name in names]
+    assert before == [(deploy / name).read_bytes() for name in names]
+    code, out, recap = ansible.play(other)
+    assert code == 0 and recap["failed"] == 0, out[-3000:]
+    assert textfiles.is_dir() and textfiles.stat().st_mode & 0o777 == 0o755
+    service = (units / names[0]).read_text()
+    quoted = str(odd / "vhostorch").replace("%", "%%")
+    assert f'ExecStart="{quoted}" check --all ' in service
+    assert f"--output {textfiles}/vhostorch.prom\n" in service
+    assert "OnUnitActiveSec=30s\n" in (units / names[1]).read_text()
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(str(units / n) for n in names)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout + done.stderr == "", done.stderr
+    code, out, recap = ansible.play(other)
+    assert code == 0 and recap["changed"] == 0, out[-3000:]
+
+
 BAD = {
     "unknown option": (
         "vhostorch.vhost.tap: {name: TAP, colour: red}",

@@ -34,7 +34,7 @@ PACKAGES = (
     "qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-dev", "pkg-config",
     "iproute2", "busybox-static", "cpio", "kmod", "strace", "python3", "python3-venv",
     "python3-dev", "python3-apt", "gcc", "debootstrap", "zstd", "xz-utils", "systemd", "git",
-    "ca-certificates",
+    "ca-certificates", "prometheus", "prometheus-node-exporter",
 )  # fmt: skip
 # The machine's CA bundle: pip in the root verifies TLS with it (the root's own bundle lacks
 # whatever authority this machine adds), bound over the root's for the build only.

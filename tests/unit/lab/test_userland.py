@@ -14,9 +14,12 @@ SETUP = Path(__file__).resolve().parents[3] / "scripts" / "setup.sh"
 
 
 def test_a_debian_userland_installs_what_setup_sh_installs() -> None:
-    block = re.search(r"^packages=\((.*?)^\)", SETUP.read_text(), re.M | re.S)
-    assert block is not None
-    words = re.sub(r"#.*", "", block.group(1)).split()
+    # packages=(...) and services=(...), the ones installed with their services kept stopped.
+    text = SETUP.read_text()
+    block = re.search(r"^packages=\((.*?)^\)", text, re.M | re.S)
+    services = re.search(r"^services=\((.*)\)$", text, re.M)
+    assert block is not None and services is not None
+    words = re.sub(r"#.*", "", block.group(1)).split() + services.group(1).split()
     # ca-certificates is for pip inside it. The root is a Debian 13 machine too: setup.sh
     # there finds every package it wants (debootstrap included) already installed.
     assert set(userland.PACKAGES) == {*words, "ca-certificates"}
