@@ -157,15 +157,22 @@ class CharDevices:
         return st.st_rdev if stat.S_ISCHR(st.st_mode) else None
 
     def _fs_types(self, pid: int) -> dict[int, str]:
-        """Mount id -> filesystem type, for the mounts of ``pid``'s mount namespace and ours.
+        """Mount id -> filesystem type, for the mounts of ``pid``'s mount namespace, ours and
+        the host's (PID 1's).
 
         Mount ids are unique across namespaces. A fd another process opened and passed
         (libvirtd opens the taps and /dev/vhost-net in the host's namespace for a QEMU in
-        its own) is on a mount of the opener's namespace: ours, when that is the host's.
+        its own) is on a mount of the opener's namespace: the host's. Ours is not always
+        the host's: a systemd service with ProtectSystem=, PrivateTmp= and their kin runs in
+        a namespace of its own, where a domain's tap fd was on no known mount and the
+        check said "?" (nic.tap.fds failed on a healthy domain).
         """
         if pid not in self._mounts:
             if self._own is None:
-                self._own = _mount_types(f"{self.proc}/self/mountinfo")
+                self._own = {
+                    **_mount_types(f"{self.proc}/1/mountinfo"),
+                    **_mount_types(f"{self.proc}/self/mountinfo"),
+                }
             self._mounts[pid] = {**self._own, **_mount_types(f"{self.proc}/{pid}/mountinfo")}
         return self._mounts[pid]
 
