@@ -5,6 +5,7 @@ from __future__ import annotations
 from vhostorch.cli.argv import FLAG, INT, VALUE, Command, Option, Parsed
 from vhostorch.cli.check import PID_MAX_LIMIT
 from vhostorch.cli.output import JSON, emit, shown
+from vhostorch.cli.vm import vm_name
 from vhostorch.errors import EXIT_FAILED, EXIT_OK, InvalidSpec
 
 PIN_EXIT_CODES = """A pin is recorded (/run/vhostorch/pins) so that `pin --reapply` (the metrics
@@ -50,13 +51,13 @@ COMMANDS = (
 def _target(args: Parsed) -> tuple[int, str | None]:
     """The QEMU pid and VM name that VM, --pid or --domain names."""
     from vhostorch.check import observe
-    from vhostorch.vm import spec, state
+    from vhostorch.vm import state
 
     vm, pid, domain = args.texts("VM"), args.number("pid"), args.text("domain")
     if sum((bool(vm), pid is not None, domain is not None)) != 1:
         raise InvalidSpec("pin: give one of VM, --pid or --domain (or --reapply alone)")
     if vm:
-        name = spec.check_vm_name(vm[0])
+        name = vm_name(vm[0])
         known = state.load(name)
         if known is None:
             raise InvalidSpec(f"pin: no VM {name!r} started by vhostorch (see --pid, --domain)")
@@ -92,6 +93,8 @@ def _pin(args: Parsed) -> int:
             for line in failed:  # as every command's errors: one line each, on stderr
                 print(f"vhostorch: error: {shown(line)}", file=sys.stderr)
         return EXIT_FAILED if failed else EXIT_OK
+    if args.texts("VM"):
+        vm_name(args.texts("VM")[0])  # a bad name (or spec file) is named before the rest
     given = args.text("cpus")
     if (given is None) == (not args.flag("clear")):
         raise InvalidSpec("pin: give --cpus LIST or --clear")

@@ -157,7 +157,7 @@ def _up(args: Parsed) -> int:
     return _outcome(outcome, args, "up")
 
 
-def _vm_name(given: str) -> str:
+def vm_name(given: str) -> str:
     """A VM name, or the name in a spec file (``down spec.toml`` as well as ``down vm1``)."""
     from vhostorch.vm import spec
 
@@ -169,7 +169,7 @@ def _vm_name(given: str) -> str:
 def _down(args: Parsed) -> int:
     from vhostorch import orchestrate
 
-    done = orchestrate.down(_vm_name(args.texts("VM")[0]))
+    done = orchestrate.down(vm_name(args.texts("VM")[0]))
     state, removed, replaced = done.state, list(done.deleted), list(done.replaced)
     text = f"{state.name}: down (pid {state.pid} stopped"
     text += f"; taps removed: {', '.join(removed)}" if removed else "; no tap to remove"
@@ -192,12 +192,12 @@ def _nic(args: Parsed) -> int:
 
     if args.command.path[1] == "del":
         name, tap = args.texts("VM TAP")
-        after = orchestrate.nic_del(_vm_name(name), check_ifname(tap, "tap name"))
+        after = orchestrate.nic_del(vm_name(name), check_ifname(tap, "tap name"))
         emit(
             {"ok": True, "vm": after.asdict()}, args.flag("json"), f"{after.name}: {tap} unplugged"
         )
         return EXIT_OK
-    name = _vm_name(args.texts("VM")[0])
+    name = vm_name(args.texts("VM")[0])
     current = state.load(name)
     index = spec.next_nic_index(name, current.nics if current else ())
     entry = {
