@@ -150,12 +150,22 @@ def test_started_check_passes_with_real_vhost(
 ) -> None:
     if not traced:
         wiring.disarm()  # put back by trace_armed
-    name, tap = define(domains, "kvm", "enforce")
+    # With worker-cpus (issue 22): the hook pins the domain's vhost-net workers at `started`,
+    # (one CPU here: the pin is applied, recorded and judged; the two-CPU test host proves
+    # workers moving, test_placement_testhost), from /proc and the trace, or fd order
+    # untraced, without a BPF load on libvirt's start path.
+    element = render([ManagedTap(TapSpec("TAP"), "enforce")], "enforce")
+    meta = element.replace("<vhostorch:vm ", "<vhostorch:vm worker-cpus='0' ", 1)
+    name, tap = define(domains, "kvm", "enforce", meta)
     done = virsh("start", name)
     assert done.returncode == 0, done.stderr
     data = result(name)
     report = data["check"]
     assert data["enforced_failures"] == [] and report["ok"] is True, report
+    assert data["worker_cpus"] == {"cpus": "0", "pinned": True, "errors": []}, data["worker_cpus"]
+    [placed] = [c for c in report["checks"] if c["id"] == "nic.vhost.placement"]
+    assert placed["status"] == "pass", placed
+    assert placed["evidence"]["pin"] == {"cpus": "0", "source": "domain metadata", "vm": name}
     for check_id in ("nic.vhost.requested", "nic.tap.fds", "nic.vhost.fds", "nic.vhost.worker"):
         assert statuses(report, check_id) == {"pass"}, check_id
     if not traced:

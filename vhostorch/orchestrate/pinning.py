@@ -50,12 +50,30 @@ class Pinned(Record):
 
 def vhost_net_workers(pid: int, proc: str = procfs.PROC) -> list[int]:
     """The tids of QEMU ``pid``'s vhost-net workers (none when no NIC uses vhost). Raises
-    CannotInspect, OperationFailed."""
+    CannotInspect, OperationFailed.
+
+    From what /proc and the wiring trace say first; the kernel's live state (a BPF program
+    loaded, seconds under TCG: the hook runs this on libvirt's start path) only where they
+    cannot tie every worker to its device (vhost-vsock's workers beside vhost-net's)."""
     # A VM vhostorch started may have NICs only QMP added (not on its command line): its
     # state says which.
     obs = observe.observe(pid, proc=proc, plan=state.by_pid(pid), pins_dir=os.devnull)
-    gathered = live.gather([obs])
-    obs = gathered[0] if gathered else obs
+    found = _tied(obs)
+    if found is None:
+        gathered = live.gather([obs])
+        found = _tied(gathered[0]) if gathered else None
+    if found is None:
+        vhost_fds = len(obs.process.fds_to(procfs.VHOST_NET))
+        raise OperationFailed(
+            f"QEMU {pid}: cannot tell its vhost-net workers from its other vhost workers "
+            f"({len(obs.workers)} vhost-{pid} worker(s), {vhost_fds} /dev/vhost-net fd(s)); "
+            "nothing changed"
+        )
+    return found
+
+
+def _tied(obs: observe.Observation) -> list[int] | None:
+    """The vhost-net workers of ``obs``, each tied to its device; None where some cannot be."""
     found: list[int] = []
     complete = True
     for nic in nics.find(obs):
@@ -64,14 +82,9 @@ def vhost_net_workers(pid: int, proc: str = procfs.PROC) -> list[int]:
         tied = verify.workers(obs, nic)
         complete &= len(tied) == len(nic.vhost_fds)
         found += [w.tid for w in tied]
-    vhost_fds = len(obs.process.fds_to(procfs.VHOST_NET))
     if not complete:
-        if len(obs.workers) != vhost_fds:
-            raise OperationFailed(
-                f"QEMU {pid}: cannot tell its vhost-net workers from its other vhost workers "
-                f"({len(obs.workers)} vhost-{pid} worker(s), {vhost_fds} /dev/vhost-net fd(s)); "
-                "nothing changed"
-            )
+        if len(obs.workers) != len(obs.process.fds_to(procfs.VHOST_NET)):
+            return None
         found = list(obs.workers)  # every vhost worker is one of its vhost-net devices'
     return sorted(set(found))
 
