@@ -23,6 +23,7 @@ VHOST_SET_OWNER = 0xAF01  # _IO(VHOST_VIRTIO, 0x01)
 NIC_CHECKS = {
     "nic.vhost.requested", "nic.queues", "nic.tap.fds", "nic.vhost.fds", "nic.vhost.worker",
     "nic.vhost.started", "nic.vhost.memtable", "nic.kick", "nic.call", "nic.features",
+    "nic.vhost.placement",
 }  # fmt: skip
 
 
@@ -110,6 +111,12 @@ def test_healthy_vhost_nic_passes_every_check(traced: None, queues: int) -> None
             assert [w["queue_pair"] for w in nic["workers"]] == list(range(queues))
             assert sorted(w["tid"] for w in nic["workers"]) == guests.vhost_workers(g.pid)
             assert {w["attributed_by"] for w in nic["workers"]} == {"the kernel (live)"}
+            # Where each runs (issue 22): one CPU in the test host, so CPU 0; its model as the
+            # kernel keeps it, its cgroup as /proc says.
+            for w in nic["workers"]:
+                assert (w["cpus"], w["last_cpu"]) == ("0", 0), w
+                assert w["model"] == ("kthread" if model == "kthread" else "vhost_task"), w
+                assert w["cgroup"] is not None and w["tid"] in guests.vhost_workers(g.pid), w
             # ...and the same pairing from the traced owner order when the kernel is not read.
             _, traced_only = check("--pid", str(g.pid), "--strict", "--no-live")
             [by_trace] = traced_only["nics"]

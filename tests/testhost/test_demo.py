@@ -34,6 +34,7 @@ PER_NIC = (
     ids.VHOST_STARTED,
     ids.VHOST_MEMTABLE,
     ids.FEATURES,
+    ids.VHOST_PLACEMENT,
 )
 PER_QUEUE = (ids.KICK, ids.CALL)
 

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.testhost
 NIC_CHECKS = {
     "nic.vhost.requested", "nic.queues", "nic.tap.fds", "nic.vhost.fds", "nic.vhost.worker",
     "nic.vhost.started", "nic.vhost.memtable", "nic.kick", "nic.call", "nic.features",
+    "nic.vhost.placement",
 }  # fmt: skip
 TYPES = ("ethernet", "ethernet-unmanaged", "bridge", "network", "network-nat", "direct")
 

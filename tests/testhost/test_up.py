@@ -32,6 +32,7 @@ BACKENDS = ["qmp", "libvirt"]
 NIC_CHECKS = {
     "nic.vhost.requested", "nic.queues", "nic.tap.fds", "nic.vhost.fds", "nic.vhost.worker",
     "nic.vhost.started", "nic.vhost.memtable", "nic.kick", "nic.call", "nic.features",
+    "nic.vhost.placement",
 }  # fmt: skip
 
 
