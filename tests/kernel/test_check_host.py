@@ -166,7 +166,10 @@ def test_watch_reports_a_qemu_that_appears_and_goes() -> None:
             wait_for(f"pid {qemu.pid} nic.vhost.requested net0: fail -> gone")
     finally:
         watch.send_signal(signal.SIGINT)
-        assert watch.wait(timeout=10) in (0, 1)  # the last verdict, not an error
+        assert watch.wait(timeout=60) in (
+            0,
+            1,
+        )  # the last verdict, not an error (10 s was missed under CI's load)
 
 
 @pytest.mark.parametrize(

@@ -185,14 +185,15 @@ def children(pid: int) -> list[int]:
 def test_a_signal_while_the_file_is_written_leaves_no_temporary_file(
     sig: int, code: int, qemu_pid: int, textdir: pathlib.Path
 ) -> None:
-    """strace delays the file's fsync by a second (a real process, a real signal: only the
-    timing is arranged); the signal comes as soon as the new file appears. It waits until
+    """strace delays the file's fsync by five seconds (one was missed under CI's load): a
+    real process, a real signal, only the timing is arranged; the signal comes as soon as the
+    new file appears. It waits until
     the file is renamed into place, then ends the command (SIGTERM's default action; SIGINT
     as an interruption, exit 130)."""
     target = textdir / "vhostorch.prom"
     tracer = subprocess.Popen(
         ["strace", "-f", "-o", "/dev/null", "-e", "trace=fsync",
-         "-e", "inject=fsync:delay_enter=1000000",
+         "-e", "inject=fsync:delay_enter=5000000",
          EXE, "check", "--all", "--format", "prometheus", "--output", str(target)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip

@@ -100,7 +100,7 @@ def test_an_interrupted_install_removes_the_policy_too(tmp_path: Path) -> None:
         assert policy.exists()  # there while apt-get runs
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # the group this test started (its own session)
-        code = proc.wait(timeout=30)
+        code = proc.wait(timeout=90)
     assert code == 130 and not policy.exists()
 
 

@@ -31,14 +31,14 @@ def start() -> list[int]:
         if _alive(pidfile):
             continue
         subprocess.run([name, "-d"], check=True, capture_output=True)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while not _alive(pidfile):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start (no live pid in {pidfile})")
             time.sleep(0.05)
         with open(pidfile) as f:
             started.append(int(f.read().strip()))
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while not os.path.exists(SOCKET):
         if time.monotonic() > deadline:
             raise RuntimeError(f"libvirtd did not open {SOCKET}")

@@ -339,7 +339,8 @@ class Remote(pytest.Item):
 
 
 def _waits_for_boots(item: pytest.Item) -> bool:
-    return isinstance(item, Remote) or "testhost_boot" in getattr(item, "fixturenames", ())
+    names = getattr(item, "fixturenames", ())
+    return isinstance(item, Remote) or "testhost_boot" in names or "testhost_sessions" in names
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -411,6 +412,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for boot in config.stash.get(BOOTS, {}).values():
         boot.cleanup()
+
+
+@pytest.fixture(scope="session")
+def testhost_sessions(request: pytest.FixtureRequest) -> None:
+    """Wait until every session's test host has finished (whatever their outcome): for a
+    test that boots a test host of its own with more than one CPU, which must not take the
+    sessions' CPUs (their benchmarks) while they run."""
+    boots = request.config.stash.get(BOOTS, {})
+    if not any(b.nodeids for b in boots.values()):
+        return  # no session was asked for (this test alone): nothing to wait for
+    for boot in _together(request.config).values():
+        if boot.nodeids:
+            boot.wait()
 
 
 @pytest.fixture(scope="session")
