@@ -246,8 +246,10 @@ def test_a_guest_not_running_again_in_time_is_reported_left_paused() -> None:
 def test_a_signal_during_a_slow_stop_acts_after_the_resume(sig: signal.Signals) -> None:
     """The stop hangs on slow storage and the command is told to stop (what an operator does
     when check seems stuck): the guest is resumed first, then the signal acts. The QMP timeout
-    is 1 s here (5 s by default) so that a 6 s stop outlasts it in a short test."""
-    with qemu(*slow_drive(3)) as (pid, sock, observer):
+    is 1 s here (5 s by default) so that the stop, which waits for an 8 s write, outlasts it.
+    (A 3 s write was done, and the child gone, before this test read the STOP event, once
+    under CI's load: the signal then found no process to act on.)"""
+    with qemu(*slow_drive(8)) as (pid, sock, observer):
         script = (
             "from vhostorch.check import rewire\n"
             "from vhostorch.qemu import monitor\n"
