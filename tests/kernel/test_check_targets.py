@@ -119,3 +119,28 @@ def test_a_stopped_qemu_is_reported_not_waited_for(nobody_qemu: UserQemu) -> Non
     # Running again, it is asked as before.
     os.kill(pid, signal.SIGCONT)
     assert observe.observe(pid, monitor=targets._own_qmp(pid)).monitor is not None
+
+
+def test_a_qemu_whose_command_line_is_not_utf8_is_checked(tmp_path: pathlib.Path) -> None:
+    """A -name of bytes that are not UTF-8 (any user may start such a QEMU) beside its own
+    -qmp socket: `check --pid` was 'internal error: UnicodeDecodeError', exit 1."""
+    sock = tmp_path / "qmp.sock"
+    argv = [
+        QEMU.encode(), b"-accel", b"tcg", b"-M", b"none", b"-S", b"-display", b"none",
+        b"-nodefaults", b"-name", b"guest=vho\xff-latin1", b"-qmp",
+        f"unix:{sock},server=on,wait=off".encode(),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        done = vhostorch("check", "--pid", str(proc.pid), "--json")
+        assert done.returncode in (0, 1) and "internal error" not in done.stderr, done.stderr
+        report = json.loads(done.stdout)
+        assert report["target"]["name"] == "vho\ufffd-latin1", report["target"]
+        assert report["checks"], report
+    finally:
+        proc.kill()  # the QEMU this test started
+        proc.wait()

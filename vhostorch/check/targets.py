@@ -123,7 +123,9 @@ def _own_qmp(qemu: int, proc: str = procfs.PROC) -> Callable[[], monitor.Monitor
     socket is not trusted, reading the monitor fails with the reason (checks say unknown).
     """
     try:
-        with open(f"{proc}/{qemu}/cmdline") as f:
+        # Any bytes: a -name that is not UTF-8 was an internal error here (the socket path's
+        # own bytes are kept, surrogate-escaped, as the kernel has them).
+        with open(f"{proc}/{qemu}/cmdline", errors="surrogateescape") as f:
             path = args.parse(f.read().split("\0")).qmp
     except OSError:
         return None
