@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,17 @@ settings.register_profile("vhostorch", deadline=None)
 settings.load_profile("vhostorch")
 
 pytest_plugins = ["tests.support.testhost"]
+
+# The tests send SIGINT and SIGHUP to processes they start and expect them to act as they do
+# for an operator. A run started by `nohup`, or as `cmd &` from a script (a non-interactive
+# shell starts background commands with SIGINT ignored), hands its children those signals
+# ignored, and an ignored disposition survives exec: five signal tests then saw their SIGINT
+# or SIGHUP do nothing (a vhostorch run so started rightly ignores them, as nohup asks). Here
+# they act by default again, for every process the tests start.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
