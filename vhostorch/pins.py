@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
     Source = Literal["vhostorch pin", "spec", "domain metadata"]
 
-PINS = f"{rundir.RUN}/pins"
-LEVELS = (0o700, rundir.RUN_MODE)
+PINS = rundir.PINS
+LEVELS = (rundir.PINS_MODE, rundir.RUN_MODE)
 _LIMIT = 4096
 
 

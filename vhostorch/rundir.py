@@ -9,10 +9,14 @@ mode, and the one function that makes or checks it (`ensure`).
       hook/             0755  each domain's record of its taps (DOMAIN.taps) and lock
         taps/           0700  one claim file per tap (vhostorch.claims)
       taps/             0700  the per-namespace tap-delete locks (vhostorch.taps.teardown)
+      btf/              0700  the live reader's per-boot cache of structure offsets
+                              (vhostorch.kernel.btf)
+      pins/             0700  each pinned QEMU's worker CPUs (PID.json, 0600; vhostorch.pins)
 
-Whichever command makes a directory first (`up`, the hook's prepare, a tap delete), it gets
-its mode from here, whatever the umask, and one found with another mode is given its own
-(a run directory made under umask 077 by an older version heals). Root then works with
+Whichever command makes a directory first (`up`, the hook's prepare, a tap delete, `check`
+reading the live state, `pin`), it gets its mode from here, whatever the umask, and one
+found with another mode is given its own (a run directory made under umask 077 by an older
+version heals). Root then works with
 paths inside these directories, so each one, and every directory above it, must be one that
 nobody else can change: a symlink, a directory owned by another user, or one that others
 can write (above the run directory, only a sticky one such as /tmp may be) is refused, in
@@ -34,6 +38,7 @@ HOOK = f"{RUN}/hook"
 CLAIMS = f"{HOOK}/taps"
 TAP_LOCKS = f"{RUN}/taps"
 BTF = f"{RUN}/btf"  # kernel.btf's per-boot cache of structure offsets
+PINS = f"{RUN}/pins"
 
 RUN_MODE = 0o755
 VMS_MODE = 0o711
@@ -41,6 +46,7 @@ HOOK_MODE = 0o755
 CLAIMS_MODE = 0o700
 TAP_LOCKS_MODE = 0o700
 BTF_MODE = 0o700
+PINS_MODE = 0o700
 # A directory made above the run directory because it was missing (a test's root, say).
 ABOVE_MODE = 0o755
 

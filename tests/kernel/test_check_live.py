@@ -14,8 +14,7 @@ import pytest
 
 from tests.support import kernel
 from tests.support.domains import plain_qemu, tap
-from vhostorch.check import live, metrics
-from vhostorch.check import observe as inspect
+from vhostorch.check import live, metrics, observe
 from vhostorch.check.ids import HOST_LIVE, KICK
 from vhostorch.check.report import PASS, Check, QemuTarget, Report
 from vhostorch.kernel import vhoststate
@@ -41,7 +40,7 @@ def test_a_qemu_holding_no_vhost_net_fd_loads_no_program(
 
     monkeypatch.setattr(vhoststate, "read", refused)
     with tap() as dev, plain_qemu(dev, "off") as pid:
-        observed = inspect.observe(pid)
+        observed = observe.observe(pid)
         [after] = live.gather([observed])
     assert after.live is None and after.live_note is None
     assert after == observed

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import guests, kernel
+from tests.support import kernel
+from tests.support.guests import tcg_spec
 from tests.support.kernel import EXE
 from tests.support.vms import left, state_of
 from vhostorch.backends import process
@@ -34,13 +35,11 @@ QEMU_USER = process.default_user() or "libvirt-qemu"
 AS_QEMU = ["setpriv", f"--reuid={QEMU_USER}", "--regid=kvm", "--init-groups"]
 
 
-def spec(directory: str, name: str, tap: str) -> str:
-    return guests.spec_file(directory, name, [{"tap": tap, "vhost": "preferred"}], accel="tcg")
-
-
 def up(specs: str, name: str, tap: str) -> dict[str, Any]:
     done = subprocess.run(
-        [EXE, "up", spec(specs, name, tap), "--wait", "0", "--json"], capture_output=True, text=True
+        [EXE, "up", tcg_spec(specs, name, tap), "--wait", "0", "--json"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     vm: dict[str, Any] = json.loads(done.stdout)["vm"]
@@ -117,7 +116,7 @@ def test_a_libvirt_start_never_reuses_a_work_directory_its_user_filled(
     names.append(name)
     with planted(name, "console.log") as (_, workdir):
         done = subprocess.run(
-            [EXE, "up", spec(specs, name, tap), "--backend", "libvirt", "--wait", "0"],
+            [EXE, "up", tcg_spec(specs, name, tap), "--backend", "libvirt", "--wait", "0"],
             capture_output=True, text=True,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr

@@ -546,3 +546,73 @@ def test_each_usage_parses_as_written() -> None:
             argv += {"0": [], "?": [], "2": ["x", "y"]}.get(found.arity, ["x"])
             parsed = parse(cli.COMMANDS, argv, "")
             assert parsed.command is found, usage
+
+
+# Every fenced block of the README, by its language and a text it holds, and the test that
+# runs or reads it (an sh block's `vhostorch` lines are also each parsed by the usage tests
+# above). A block added without a test fails here, so the documented job cannot drift.
+BLOCK_TESTS = {
+    ("sh", "bash scripts/demo.sh"): "tests/testhost/test_demo.py::"
+    "test_demo_runs_as_a_new_user_runs_it_and_leaves_nothing_behind",  # test.sh: CI itself
+    (
+        "sh",
+        "vhostorch tap create NAME",
+    ): "tests/kernel/test_readme.py::test_each_usage_parses_as_written",
+    ("python", "from vhostorch import taps"): "tests/kernel/test_readme.py::"
+    "test_the_python_block_runs_as_shown_in_a_throwaway_namespace",
+    (
+        "sh",
+        "vhostorch doctor [--strict]",
+    ): "tests/kernel/test_readme.py::test_each_usage_parses_as_written",
+    ("sh", "vhostorch pin VM"): "tests/kernel/test_readme.py::test_each_usage_parses_as_written",
+    ("", "vhostorch_check_status{"): "tests/kernel/test_readme.py::"
+    "test_the_metric_samples_are_what_check_renders",
+    ("sh", "install -m 0644"): "tests/kernel/test_readme.py::"
+    "test_the_operate_block_installs_the_timer_and_rules_and_runs_promtool",
+    ("yaml", "rule_files:"): "tests/kernel/test_readme.py::"
+    "test_the_operate_block_installs_the_timer_and_rules_and_runs_promtool",
+    ("json", '"alertname": "VhostorchNicNotOnVhost"'): "tests/kernel/test_prometheus.py::"
+    "test_prometheus_scrapes_the_timers_file_and_alerts_on_a_nic_not_on_vhost",
+    (
+        "sh",
+        "vhostorch up SPEC.toml",
+    ): "tests/kernel/test_readme.py::test_each_usage_parses_as_written",
+    ("toml", 'name = "vm1"'): "tests/kernel/test_readme.py::"
+    "test_the_spec_block_loads_through_the_spec_loader",
+    ("xml", "<metadata>"): "tests/kernel/test_readme.py::"
+    "test_the_hook_block_is_read_by_the_metadata_parser",
+    ("sh", "vhostorch lab build"): "tests/kernel/test_readme.py::test_each_usage_parses_as_written",
+}
+
+
+def test_every_fenced_block_is_one_a_test_runs() -> None:
+    found = FENCE.findall(README)
+    for lang, body in found:
+        claims = [
+            t for (language, holds), t in BLOCK_TESTS.items() if language == lang and holds in body
+        ]
+        assert len(claims) == 1, f"a ```{lang} block no test is named for: {body[:200]}"
+    for (language, holds), test in BLOCK_TESTS.items():
+        matching = [b for lang, b in found if lang == language and holds in b]
+        assert len(matching) == 1, f"BLOCK_TESTS names a block the README no longer has: {holds}"
+        path, _, name = test.partition("::")
+        assert f"\ndef {name}(" in (ROOT / path).read_text(), test
+    # An sh line that is not a vhostorch usage is run by its block's test (the demo, the
+    # operate block): none other may appear unnoticed.
+    other = {
+        line.split("#")[0].strip()
+        for body in blocks("sh")
+        for line in body.splitlines()
+        if line.strip() and not line.startswith((" ", "vhostorch ")) and not line.startswith("#")
+    }
+    assert other == {
+        "bash scripts/demo.sh",
+        "bash scripts/test.sh",
+        "install -m 0644 -t /etc/systemd/system deploy/systemd/vhostorch-metrics.service "
+        "deploy/systemd/vhostorch-metrics.timer",
+        "systemctl daemon-reload",
+        "systemctl enable --now vhostorch-metrics.timer",
+        "install -m 0644 -D -t /etc/prometheus/rules deploy/prometheus/vhostorch.rules.yml",
+        "promtool check rules /etc/prometheus/rules/vhostorch.rules.yml",
+        "promtool test rules deploy/prometheus/vhostorch.rules.test.yml",
+    }, other

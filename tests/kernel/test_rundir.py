@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
-from tests.support import guests, kernel
+from tests.support import kernel
+from tests.support.guests import tcg_spec
 from tests.support.hook import HOOK, domain
 from tests.support.kernel import EXE
 from vhostorch import taps
 
 pytestmark = pytest.mark.kernel
-
-
-def spec(directory: str, name: str, tap: str) -> str:
-    return guests.spec_file(directory, name, [{"tap": tap, "vhost": "preferred"}], accel="tcg")
 
 
 # --- item 2: one mode per run directory, whichever command makes it first ------------------
@@ -93,13 +91,39 @@ def test_every_run_directory_has_its_mode_whichever_command_makes_it_first(
     )  # fmt: skip
     listing = os.path.join(specs, "listing")
     done = fresh_boot(
-        ns, script, EXE=EXE, HOOK=HOOK, SPEC=spec(specs, name, tap), NAME=name, DOMAIN=dom,
+        ns, script, EXE=EXE, HOOK=HOOK, SPEC=tcg_spec(specs, name, tap), NAME=name, DOMAIN=dom,
         XML=xml, TAP3=tap3, LISTING=listing,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     found = _listing(listing)
     assert found == {p: (f"{m:o}", "root") for p, m in MODES.items()}, found
     assert {t.name for t in taps.show(netns=ns)} == set()
+
+
+# The levels added since (issues 22, 23), made first by what makes them: `pin` records a pin,
+# `check` caches the live reader's offsets. Python's calls, as `pin` needs a QEMU with vhost
+# workers and the cache a kernel with BTF and vhost; the directory code is what is proved.
+FIRST_LEVEL = {
+    "pins": "from vhostorch import pins; pins.save(pins.Pin(1, 1, '0', 'vhostorch pin', None))",
+    "btf": "from vhostorch.kernel import btf; assert btf._own_directory(btf.CACHE_DIR)",
+}
+
+
+@pytest.mark.parametrize("umask", ["077", "000"])
+@pytest.mark.parametrize("level", sorted(FIRST_LEVEL))
+def test_the_later_run_directories_have_their_mode_when_made_first(
+    level: str, umask: str, ns: str, specs: str
+) -> None:
+    """/run/vhostorch/pins and /run/vhostorch/btf made first on a fresh boot, under umask 077
+    and 000: each 0700, root's, and /run/vhostorch 0755 (QEMU's user must still reach vms/)."""
+    listing = os.path.join(specs, "listing")
+    code = FIRST_LEVEL[level]
+    done = fresh_boot(ns, f'umask {umask}\n"$PY" -c "{code}"', PY=sys.executable, LISTING=listing)
+    assert done.returncode == 0, done.stderr
+    assert _listing(listing) == {
+        "/run/vhostorch": ("755", "root"),
+        f"/run/vhostorch/{level}": ("700", "root"),
+    }
 
 
 REFUSED = {
@@ -152,7 +176,9 @@ def test_a_run_directory_an_older_version_made_0700_is_given_its_mode(ns: str, s
         '"$EXE" up "$SPEC" --wait 0 > /dev/null\n"$EXE" down "$NAME" > /dev/null'
     )
     listing = os.path.join(specs, "listing")
-    done = fresh_boot(ns, script, EXE=EXE, SPEC=spec(specs, name, tap), NAME=name, LISTING=listing)
+    done = fresh_boot(
+        ns, script, EXE=EXE, SPEC=tcg_spec(specs, name, tap), NAME=name, LISTING=listing
+    )
     assert done.returncode == 0, done.stderr
     found = _listing(listing)
     assert found["/run/vhostorch"] == ("755", "root")
@@ -187,7 +213,7 @@ def test_a_fifo_planted_in_a_claims_directory_others_could_write_hangs_nothing(
     ])  # fmt: skip
     err, code = os.path.join(specs, "err"), os.path.join(specs, "code")
     done = fresh_boot(
-        ns, script, EXE=EXE, HOOK=HOOK, SPEC=spec(specs, name, tap), NAME=name, DOMAIN=dom,
+        ns, script, EXE=EXE, HOOK=HOOK, SPEC=tcg_spec(specs, name, tap), NAME=name, DOMAIN=dom,
         XML=xml, ERR=err, CODE=code,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

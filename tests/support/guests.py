@@ -255,6 +255,11 @@ def spec_file(
     return path
 
 
+def tcg_spec(directory: str, name: str, tap: str) -> str:
+    """A one-NIC TCG VM's spec (vhost preferred): what runs on this machine, without KVM."""
+    return spec_file(directory, name, [{"tap": tap, "vhost": "preferred"}], accel="tcg")
+
+
 # What libvirt's NAT network and type='direct' need beyond what the test host loads: the
 # kernel's own module autoload cannot find modules there (they live in the unpacked kernel
 # tree), so they are loaded by name. iptables here is iptables-nft: its xtables matches and

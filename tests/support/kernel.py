@@ -266,3 +266,8 @@ def qemu_can_open(ns: str, name: str, queues: int, vnet_hdr: bool = True) -> str
 def vhostorch(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run the installed command line as a user would."""
     return subprocess.run([EXE, *args], capture_output=True, text=True, check=check)
+
+
+def statuses(report: dict[str, Any], check_id: str) -> set[str]:
+    """The statuses a `check --json` report gives ``check_id`` (one per NIC or queue)."""
+    return {c["status"] for c in report["checks"] if c["id"] == check_id}

@@ -33,6 +33,11 @@ from vhostorch.libvirt import domxml
 from vhostorch.qemu.monitor import MonitorError, MonitorView, VirtioNet
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "observations"
+# The recorded observations' names, and each replayed as checked with everything, without
+# --qmp/--monitor, and unarmed: (name, suffix, monitor, trace).
+RECORDED = sorted(path.stem for path in FIXTURES.glob("*.json"))
+VARIANTS = (("", True, True), ("-nomonitor", False, True), ("-notrace", True, False))
+REPLAYS = [(name, *variant) for name in RECORDED for variant in VARIANTS]
 
 
 class Recording(TypedDict):

@@ -18,17 +18,23 @@ QEMU 10, libvirt 11 and Python 3.13 (``test_x[linux-6.12@trixie]``).
 Inside (VHOSTORCH_IN_TESTHOST=1), the same tests run for real and this plugin
 writes the report. ``@pytest.mark.testhost(outside=True)`` marks a slow test
 that runs here and may use the ``testhost_boot`` fixture (the outcome of the
-first kernel's boot) or boot the test host itself.
+first kernel's boot) or boot the test host itself. ``@pytest.mark.testhost(each_once=True)``
+marks a test that depends on the kernel or on the userland but not on the two together
+(an Ansible play, QMP timing): it runs in the fewest sessions that boot every kernel series
+and every userland of the run (`covering`: of "6.1 6.12 6.12@trixie", 6.1 and
+6.12@trixie), to keep CI inside its budget.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,6 +106,29 @@ def kernel_id(name: str, kernel: str) -> str:
     return f"{name}[linux-{kernel}]"
 
 
+def covering(sessions: list[str]) -> list[str]:
+    """The fewest of ``sessions`` (``SERIES`` or ``SERIES@USERLAND``) that boot every kernel
+    series and every userland among them, the earliest such in their order."""
+    from vhostorch.lab.userland import DEFAULT_USERLAND
+
+    def parts(session: str) -> tuple[str, str]:
+        series, _, land = session.partition("@")
+        return series, land or DEFAULT_USERLAND
+
+    every = {parts(s)[0] for s in sessions}, {parts(s)[1] for s in sessions}
+    for size in range(1, len(sessions)):
+        for chosen in itertools.combinations(sessions, size):
+            if ({parts(s)[0] for s in chosen}, {parts(s)[1] for s in chosen}) == every:
+                return list(chosen)
+    return list(sessions)
+
+
+def _sessions(item: pytest.Item, chosen: list[str]) -> list[str]:
+    """The sessions ``item`` runs in: all, or `covering` for ``each_once``."""
+    marker = item.get_closest_marker("testhost")
+    return covering(chosen) if marker and marker.kwargs.get("each_once") else chosen
+
+
 def _outside_only(item: pytest.Item) -> bool:
     marker = item.get_closest_marker("testhost")
     return marker is not None and bool(marker.kwargs.get("outside"))
@@ -141,6 +170,23 @@ class Boot:
             self.error = f"the test-host session crashed: {type(err).__name__}: {err}"
         finally:
             self._done.set()
+
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def benchmarks_done(self) -> bool:
+        """Whether this running boot has reported every benchmark it runs."""
+        benchmarks = [n for n in self.nodeids if n.startswith("tests/bench/")]
+        if not benchmarks:
+            return True
+        if not self.results:
+            return False
+        try:
+            with open(os.path.join(self.results, "report-1.json")) as f:
+                reported = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return all(n in reported for n in benchmarks)
 
     def wait(self) -> None:
         if self._started:
@@ -343,6 +389,12 @@ def _waits_for_boots(item: pytest.Item) -> bool:
     return isinstance(item, Remote) or "testhost_boot" in names or "testhost_sessions" in names
 
 
+def _order(item: pytest.Item) -> int:
+    if not _waits_for_boots(item):
+        return 0
+    return 1 if "testhost_sessions" in getattr(item, "fixturenames", ()) else 2
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Outside: the sessions start at the first test that is not a benchmark of this machine
@@ -370,21 +422,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     inner = [i for i in items if i.get_closest_marker("testhost") and not _outside_only(i)]
     chosen = kernels(config)
-    config.stash[BOOTS] = {k: Boot(config, [i.nodeid for i in inner], k) for k in chosen}
+    runs_in = {i.nodeid: _sessions(i, chosen) for i in inner}
+    config.stash[BOOTS] = {
+        k: Boot(config, [i.nodeid for i in inner if k in runs_in[i.nodeid]], k) for k in chosen
+    }
     expanded: list[pytest.Item] = []
     for item in items:
         if item not in inner:
             expanded.append(item)
             continue
-        for kernel in chosen:
+        for kernel in runs_in[item.nodeid]:
             remote = Remote.from_parent(item.parent, name=kernel_id(item.name, kernel))
             remote.kernel, remote.inner = kernel, item.nodeid
             # Not its timeout: the test has it inside; outside, the first test of a session
             # waits for the whole boot (bounded by TIMEOUT).
             remote.own_markers.extend(m for m in item.iter_markers() if m.name != "timeout")
             expanded.append(remote)
-    # The tests here first, the sessions running meanwhile; then what waits for them.
-    expanded.sort(key=_waits_for_boots)
+    # The tests here first, the sessions running meanwhile; then the tests that boot their
+    # own test host once a session is done; then the sessions' stand-ins.
+    expanded.sort(key=_order)
     items[:] = expanded
 
 
@@ -416,15 +472,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def testhost_sessions(request: pytest.FixtureRequest) -> None:
-    """Wait until every session's test host has finished (whatever their outcome): for a
-    test that boots a test host of its own with more than one CPU, which must not take the
-    sessions' CPUs (their benchmarks) while they run."""
-    boots = request.config.stash.get(BOOTS, {})
-    if not any(b.nodeids for b in boots.values()):
+    """Wait until one session's test host has finished and every other is past its
+    benchmarks (they run first in each): for a test that boots a test host of its own with
+    more than one CPU, which must not share the cores with a benchmark, and need not wait
+    for the last session (its tail ran alone for two minutes)."""
+    boots = [b for b in request.config.stash.get(BOOTS, {}).values() if b.nodeids]
+    if not boots:
         return  # no session was asked for (this test alone): nothing to wait for
-    for boot in _together(request.config).values():
-        if boot.nodeids:
-            boot.wait()
+    _together(request.config)
+    while not any(b.finished() for b in boots):
+        time.sleep(2)
+    while not all(b.finished() or b.benchmarks_done() for b in boots):
+        time.sleep(2)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from tests.support import guests, kernel
 from tests.support.kernel import vhostorch
 from vhostorch import claims
 from vhostorch.kernel import procfs
-from vhostorch.vm import state as vmstate
+from vhostorch.vm import state
 
 
 def run(*args: str) -> tuple[int, dict[str, Any], str]:
@@ -37,7 +37,7 @@ def spec(directory: str, name: str, tap: str, queues: int = 2) -> str:
 
 def state_of(name: str) -> dict[str, Any] | None:
     try:
-        with open(os.path.join(vmstate.STATE_DIR, f"{name}.json")) as f:
+        with open(os.path.join(state.STATE_DIR, f"{name}.json")) as f:
             data: dict[str, Any] = json.load(f)
             return data
     except FileNotFoundError:
@@ -46,7 +46,7 @@ def state_of(name: str) -> dict[str, Any] | None:
 
 def qemus_of(name: str) -> list[int]:
     """QEMU processes whose command line names this VM's work directory."""
-    mark = f"{vmstate.STATE_DIR}/{name}.d/".encode()
+    mark = f"{state.STATE_DIR}/{name}.d/".encode()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -66,7 +66,7 @@ def left(name: str, taps: list[str]) -> list[str]:
     found = [f"tap {t}" for t in taps if link_exists(t)]
     found += [f"claim {t}" for t in taps if claims.holder(t) is not None]
     found += [f"QEMU {p}" for p in qemus_of(name)]
-    found += [f for f in os.listdir(vmstate.STATE_DIR) if f.startswith(f"{name}.")]
+    found += [f for f in os.listdir(state.STATE_DIR) if f.startswith(f"{name}.")]
     return found
 
 
@@ -97,19 +97,19 @@ class Booted:
         wait_for("the guest", ready, timeout=180)
 
     def nics(self) -> list[str]:
-        state = state_of(self.name)
-        assert state is not None
-        return [n["tap"] for n in state["nics"]]
+        saved = state_of(self.name)
+        assert saved is not None
+        return [n["tap"] for n in saved["nics"]]
 
     def as_before(self, tap: str) -> list[str]:
         """What differs from the VM as `up` left it, with ``tap`` hot-plugged and gone again."""
         found = [f"tap {tap}"] if link_exists(tap) else []
         found += [f"claim {tap}"] if claims.holder(tap) is not None else []
-        state = state_of(self.name) or {}
-        if [n["tap"] for n in state.get("nics", [])] != [self.tap]:
-            found.append(f"NICs {state.get('nics')}")
-        if state.get("claimed") != [self.tap] or state.get("making") or state.get("plugging"):
-            found.append(f"record {state.get('claimed')} {state.get('making')}")
+        saved = state_of(self.name) or {}
+        if [n["tap"] for n in saved.get("nics", [])] != [self.tap]:
+            found.append(f"NICs {saved.get('nics')}")
+        if saved.get("claimed") != [self.tap] or saved.get("making") or saved.get("plugging"):
+            found.append(f"record {saved.get('claimed')} {saved.get('making')}")
         if not procfs.alive(self.pid):
             found.append("QEMU gone")
         return found

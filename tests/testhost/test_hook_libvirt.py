@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support import daemons, guests, kernel
+from tests.support.kernel import statuses
 from vhostorch import taps
 from vhostorch.check import wiring
 from vhostorch.hook import install
@@ -85,10 +86,6 @@ def nothing_left(name: str, tap: str) -> list[str]:
     left += [p for p in (places.result(name), places.held(name), places.claim(tap))
              if os.path.exists(p)]  # fmt: skip
     return left
-
-
-def statuses(report: dict[str, Any], check_id: str) -> set[str]:
-    return {c["status"] for c in report["checks"] if c["id"] == check_id}
 
 
 def test_the_tap_lives_from_prepare_to_release_and_warn_only_reports(

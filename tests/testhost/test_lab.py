@@ -431,6 +431,25 @@ def test_testhost_tests_get_one_id_per_kernel() -> None:
     assert testhost.kernel_id("test_x", "6.12@trixie") == "test_x[linux-6.12@trixie]"
 
 
+@pytest.mark.parametrize(
+    ("sessions", "each_once"),
+    [
+        ("6.1 6.12 6.12@trixie", "6.1 6.12@trixie"),  # the default on Debian 12
+        ("6.12 6.1 6.12@trixie", "6.1 6.12@trixie"),
+        ("6.12 6.12@trixie", "6.12 6.12@trixie"),  # two userlands: both
+        ("6.1 6.12", "6.1 6.12"),  # two kernels: both
+        ("6.12", "6.12"),  # a quick loop on one: it runs there
+        ("6.12@trixie", "6.12@trixie"),
+        ("6.1 6.12@trixie 6.12", "6.1 6.12@trixie"),
+        ("6.1 6.12 6.1@trixie 6.12@trixie", "6.1 6.12@trixie"),
+    ],
+)
+def test_a_test_marked_each_once_runs_in_the_fewest_sessions_covering_kernels_and_userlands(
+    sessions: str, each_once: str
+) -> None:
+    assert testhost.covering(sessions.split()) == each_once.split()
+
+
 def test_testhost_kernels_come_from_the_option_then_the_environment() -> None:
     script = (
         "import sys\nfrom tests.support import testhost\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 from vhostorch.errors import InvalidSpec
+from vhostorch.kernel.procfs import read_text
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -99,11 +100,6 @@ class Place(Record):
     cgroup: str | None  # the v2 path, else the v1 cpuset hierarchy's
 
 
-def _read(path: str) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()
-
-
 def task_dir(pid: int, tid: int, proc: str = PROC) -> str | None:
     """/proc's directory of thread ``tid``: as a thread of ``pid``, else as a process of its
     own (a kernel thread); None when it is gone."""
@@ -120,8 +116,8 @@ def place(pid: int, tid: int, proc: str = PROC) -> Place | None:
     if where is None:
         return None
     try:
-        status = _read(f"{where}/status")
-        stat = _read(f"{where}/stat")
+        status = read_text(f"{where}/status")
+        stat = read_text(f"{where}/stat")
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -141,7 +137,7 @@ def cgroup(task: str) -> str | None:
     cpuset hierarchy's path where one is mounted (a hybrid host has a v2 line too, without
     the cpuset controller), else the v2 path ("0::/x")."""
     try:
-        lines = _read(f"{task}/cgroup").splitlines()
+        lines = read_text(f"{task}/cgroup").splitlines()
     except OSError:
         return None
     v2 = None
@@ -164,13 +160,15 @@ def cpuset(path: str, cgroup_fs: str = CGROUP_FS) -> frozenset[int] | None:
     them (the root always has), so that ancestor's is read."""
     rel = path.strip("/")
     try:
-        return parse_list(_read(os.path.join(cgroup_fs, "cpuset", rel, "cpuset.effective_cpus")))
+        return parse_list(
+            read_text(os.path.join(cgroup_fs, "cpuset", rel, "cpuset.effective_cpus"))
+        )
     except (OSError, InvalidSpec):
         pass
     parts = rel.split("/") if rel else []
     while True:
         try:
-            return parse_list(_read(os.path.join(cgroup_fs, *parts, "cpuset.cpus.effective")))
+            return parse_list(read_text(os.path.join(cgroup_fs, *parts, "cpuset.cpus.effective")))
         except (OSError, InvalidSpec):
             pass
         if not parts:
@@ -181,7 +179,7 @@ def cpuset(path: str, cgroup_fs: str = CGROUP_FS) -> frozenset[int] | None:
 def online(sys: str = SYS) -> frozenset[int] | None:
     """The CPUs online now; None when sysfs cannot say."""
     try:
-        return parse_list(_read(f"{sys}/devices/system/cpu/online"))
+        return parse_list(read_text(f"{sys}/devices/system/cpu/online"))
     except (OSError, InvalidSpec):
         return None
 
@@ -197,7 +195,7 @@ def siblings(cpu: int, sys: str = SYS) -> frozenset[int]:
     if key not in _SIBLINGS:
         path = f"{sys}/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
         try:
-            found = parse_list(_read(path)) | {cpu}
+            found = parse_list(read_text(path)) | {cpu}
         except (OSError, InvalidSpec):
             found = frozenset({cpu})
         _SIBLINGS[key] = found

@@ -100,7 +100,8 @@ class Process(Record):
         return None
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
+    """A /proc, /sys or cgroup file's text, bytes that are not UTF-8 replaced."""
     with open(path, errors="replace") as f:
         return f.read()
 
@@ -147,7 +148,7 @@ class CharDevices:
 
         base = f"{self.proc}/{pid}"
         try:
-            mnt = parse_fdinfo(_read(f"{base}/fdinfo/{fd}")).get("mnt_id", "")
+            mnt = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}")).get("mnt_id", "")
             if self._fs_types(pid).get(int(mnt) if mnt.isdigit() else -1) not in LOCAL_FS:
                 return None
             # stat() follows the magic link to the open inode, in whatever mount namespace.
@@ -191,7 +192,7 @@ def open_regular(pid: int, fd: int, proc: str = PROC) -> int | None:
 
     base = f"{proc}/{pid}"
     try:
-        mnt = parse_fdinfo(_read(f"{base}/fdinfo/{fd}")).get("mnt_id", "")
+        mnt = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}")).get("mnt_id", "")
         mount_id = int(mnt) if mnt.isdigit() else -1
         ours = _mount_types(f"{proc}/self/mountinfo")
         kind = ours.get(mount_id) or _mount_types(f"{base}/mountinfo").get(mount_id)
@@ -217,7 +218,7 @@ def _mount_types(path: str) -> dict[int, str]:
     """Mount id -> filesystem type, from a mountinfo file ({} when it is gone)."""
     found: dict[int, str] = {}
     try:
-        text = _read(path)
+        text = read_text(path)
     except FileNotFoundError:
         return found
     for line in text.splitlines():
@@ -232,7 +233,7 @@ def _mount_types(path: str) -> dict[int, str]:
 def char_major(driver: str, proc: str = PROC) -> int | None:
     """The major number of character device driver ``driver`` (/proc/devices), if loaded."""
     try:
-        text = _read(f"{proc}/devices")
+        text = read_text(f"{proc}/devices")
     except OSError:
         return None
     chars = text.split("Block devices:")[0]
@@ -281,9 +282,9 @@ def read(
     """
     base = f"{proc}/{pid}"
     try:
-        argv = tuple(_read(f"{base}/cmdline").split("\0"))
-        comm = _read(f"{base}/comm").strip()
-        stat = _read(f"{base}/stat")
+        argv = tuple(read_text(f"{base}/cmdline").split("\0"))
+        comm = read_text(f"{base}/comm").strip()
+        stat = read_text(f"{base}/stat")
         names = os.listdir(f"{base}/fd")
     except FileNotFoundError:
         raise CannotInspect(f"no process {pid}") from None
@@ -304,7 +305,7 @@ def read(
             # Sockets, pipes and anon inodes show no path: no device node to stat.
             number = number_of(pid, name) if target.startswith("/") else None
             device = identify(target, number, macvtap, sys)
-            info = parse_fdinfo(_read(f"{base}/fdinfo/{name}")) if wants_fdinfo(device) else {}
+            info = parse_fdinfo(read_text(f"{base}/fdinfo/{name}")) if wants_fdinfo(device) else {}
         except FileNotFoundError:
             continue  # closed while we looked
         except PermissionError:
@@ -320,7 +321,7 @@ def start_time(pid: int, proc: str = PROC) -> int | None:
     """Field 22 of /proc/PID/stat, the start time in clock ticks after boot (after the
     command name, which may hold spaces): with the pid, it names one process. None: gone."""
     try:
-        return int(_read(f"{proc}/{pid}/stat").rsplit(")", 1)[1].split()[19])
+        return int(read_text(f"{proc}/{pid}/stat").rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
 
@@ -340,7 +341,7 @@ def threads(pid: int, proc: str = PROC) -> Iterator[Thread]:
         return
     for tid in tids:
         try:
-            yield Thread(tid, _read(f"{base}/{tid}/comm").strip())
+            yield Thread(tid, read_text(f"{base}/{tid}/comm").strip())
         except FileNotFoundError:
             continue
 
@@ -352,12 +353,12 @@ def vhost_kthreads(proc: str = PROC) -> dict[str, list[int]]:
         if not entry.isdigit():
             continue
         try:
-            comm = _read(f"{proc}/{entry}/comm").strip()
+            comm = read_text(f"{proc}/{entry}/comm").strip()
             # Kernel threads have an empty command line, but so has a zombie, whose name any
             # user sets (PR_SET_NAME "vhost-<a QEMU's pid>", then exit): the kernel's flag.
-            if not comm.startswith("vhost-") or _read(f"{proc}/{entry}/cmdline"):
+            if not comm.startswith("vhost-") or read_text(f"{proc}/{entry}/cmdline"):
                 continue
-            if not is_kthread(_read(f"{proc}/{entry}/stat")):
+            if not is_kthread(read_text(f"{proc}/{entry}/stat")):
                 continue
         except (FileNotFoundError, ProcessLookupError):
             continue
@@ -400,7 +401,7 @@ def program(pid: int | str, proc: str = PROC) -> str:
         return os.path.basename(os.readlink(f"{proc}/{pid}/exe")).removesuffix(" (deleted)")
     except OSError:
         try:
-            return os.path.basename(_read(f"{proc}/{pid}/cmdline").split("\0")[0])
+            return os.path.basename(read_text(f"{proc}/{pid}/cmdline").split("\0")[0])
         except OSError:
             return ""
 

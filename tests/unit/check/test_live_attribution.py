@@ -162,7 +162,6 @@ def test_a_nics_call_is_judged_by_its_own_vrings_not_another_nics(tmp_path: path
     MSI-X for it), beside another vhost device of the same QEMU whose call is an irqfd (a second
     NIC that has MSI-X): this NIC's calls are relayed (fail), not 'masked' because some other
     NIC's vring has an irqfd. Constructed: one QEMU with one NIC of each kind was not recorded."""
-    from vhostorch.check import live as live_check
     from vhostorch.kernel.vhoststate import IrqFd, Kvm
 
     obs = observations.observed("healthy-4q", tmp_path, trace=False)
@@ -176,15 +175,15 @@ def test_a_nics_call_is_judged_by_its_own_vrings_not_another_nics(tmp_path: path
     other = VhostNet(999, (Virtqueue(0, None, (), other_call, None, None, None, None, None),),
                      1, 1999, "kthread")  # fmt: skip
     kvm = Kvm(998, (), (IrqFd(24, other_call, ()),), True)
-    live = obs.replace(live=state.replace(vhost=(*mine, other), kvm=(kvm,)))
-    (nic,) = nics.find(live)
-    verdict = live_check.call(live, nic, 0)
+    seen = obs.replace(live=state.replace(vhost=(*mine, other), kvm=(kvm,)))
+    (nic,) = nics.find(seen)
+    verdict = live.call(seen, nic, 0)
     assert (verdict.status, verdict.cause) == ("fail", "relayed-interrupt"), verdict
     # One vring of the NIC's own with an irqfd: its other vrings' calls are masked vectors.
     own = mine[0].queues[1].call
     assert own is not None
     kvm_own = kvm.replace(irqfds=(*kvm.irqfds, IrqFd(25, own, ())))
-    masked = live_check.call(live.replace(live=live.live.replace(kvm=(kvm_own,))), nic, 0)
+    masked = live.call(seen.replace(live=seen.live.replace(kvm=(kvm_own,))), nic, 0)
     assert (masked.status, masked.cause) == ("warn", "masked"), masked
 
 
@@ -207,7 +206,6 @@ def test_a_kick_is_polled_when_vhosts_own_waiter_function_waits_on_it(
     from vhost_poll.wait.func), any of the QEMU's: a kick eventfd with it among its waiters is
     polled; without it, KVM's ioeventfd signals nobody (fail); a kernel whose BTF gave none
     leaves it unknown, said so, with no kallsyms read instead."""
-    from vhostorch.check import live as live_check
     from vhostorch.kernel.vhoststate import IoEventFd, Kvm
 
     obs = observations.observed("healthy-1q", tmp_path, trace=False)
@@ -220,8 +218,8 @@ def test_a_kick_is_polled_when_vhosts_own_waiter_function_waits_on_it(
     rx = rx.replace(kick=kick, kick_waiters=waiters)
     tx = tx.replace(poll_func=poll_func)
     kvm = Kvm(998, (IoEventFd(0xFE00_3000, 0, None, kick, 3),), (), True)
-    live = obs.replace(live=state.replace(vhost=(device.replace(queues=(rx, tx)),), kvm=(kvm,)))
-    (nic,) = nics.find(live)
-    verdict = live_check.kick(live, nic, 0)
+    seen = obs.replace(live=state.replace(vhost=(device.replace(queues=(rx, tx)),), kvm=(kvm,)))
+    (nic,) = nics.find(seen)
+    verdict = live.kick(seen, nic, 0)
     assert (verdict.status, verdict.evidence["polled"]) == (status, polled), verdict
     assert says in verdict.message, verdict

@@ -16,7 +16,6 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as classic
 
 from tests.support import observations
-from tests.unit.check.test_verdict_golden import CASES
 from vhostorch.check import metrics, verify
 from vhostorch.check.report import STATUSES, JudgedNic, QemuTarget, Report, Worker
 
@@ -62,7 +61,7 @@ def value(samples: Samples, name: str, **labels: str) -> list[float]:
     return [v for n, ls, v in samples if n == name and labels.items() <= dict(ls).items()]
 
 
-@pytest.mark.parametrize(("name", "suffix", "monitor", "trace"), CASES)
+@pytest.mark.parametrize(("name", "suffix", "monitor", "trace"), observations.REPLAYS)
 def test_every_recorded_report_reads_back_from_both_formats(
     name: str, suffix: str, monitor: bool, trace: bool, tmp_path: pathlib.Path
 ) -> None:

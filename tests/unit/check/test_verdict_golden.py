@@ -34,10 +34,7 @@ from vhostorch.qemu import args
 
 GOLDEN = pathlib.Path(__file__).parents[2] / "fixtures" / "verdicts"
 README = pathlib.Path(__file__).parents[3] / "README.md"
-RECORDED = sorted(path.stem for path in observations.FIXTURES.glob("*.json"))
-# (suffix, monitor, trace): as checked with everything, without --qmp/--monitor, unarmed
-VARIANTS = (("", True, True), ("-nomonitor", False, True), ("-notrace", True, False))
-CASES = [(name, *variant) for name in RECORDED for variant in VARIANTS]
+RECORDED = observations.RECORDED
 FINISHED = 1_767_225_600.0  # the check's end in the metrics: 2026-01-01 00:00 UTC
 
 
@@ -65,7 +62,7 @@ def compare(stem: str, report: Report, root: pathlib.Path | None = None) -> None
     assert strict == {**report.to_json(), "ok": report.ok(True)}
 
 
-@pytest.mark.parametrize(("name", "suffix", "monitor", "trace"), CASES)
+@pytest.mark.parametrize(("name", "suffix", "monitor", "trace"), observations.REPLAYS)
 def test_recorded_verdicts_render_as_before(
     name: str, suffix: str, monitor: bool, trace: bool, tmp_path: pathlib.Path
 ) -> None:

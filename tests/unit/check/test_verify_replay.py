@@ -12,7 +12,7 @@ from tests.support import observations
 from vhostorch.check import verify
 from vhostorch.check.ids import VHOST_PLACEMENT
 
-RECORDED = sorted(path.stem for path in observations.FIXTURES.glob("*.json"))
+RECORDED = observations.RECORDED
 
 
 def test_the_recordings_cover_healthy_and_broken_setups() -> None:

@@ -17,7 +17,7 @@ from vhostorch.inputs import check_ifname, parse_mac
 from vhostorch.taps.spec import ATTRS, MAX_MTU, MAX_TAP_QUEUES, MIN_MTU, TapSpec
 from vhostorch.vm import spec
 
-ANSIBLE_TAP = pathlib.Path(__file__).resolve().parents[2] / "ansible/plugins/modules/tap.py"
+ANSIBLE_TAP = pathlib.Path(__file__).resolve().parents[3] / "ansible/plugins/modules/tap.py"
 
 FORBIDDEN = "/:% \t\n\x0b\x0c\r"
 valid_char = st.characters(
