@@ -101,18 +101,46 @@ def test_a_reader_never_sees_a_part_of_the_file(qemu_pid: int, textdir: pathlib.
     assert [p.name for p in textdir.iterdir()] == ["vhostorch.prom"]
 
 
-def test_a_symlink_at_the_path_is_replaced_not_followed(
-    qemu_pid: int, textdir: pathlib.Path, tmp_path: pathlib.Path
+@pytest.mark.parametrize("kind", ["symlink", "character device", "FIFO", "directory"])
+def test_only_a_regular_file_at_the_path_is_replaced(
+    kind: str, qemu_pid: int, textdir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
+    """`check --output /dev/null` replaced the system's /dev/null with a regular file, and a
+    symlink there (/dev/stdout) was replaced too (the fresh attack of issue 19): whatever is
+    at the path but a regular file is refused in one line, left as it was, nothing written."""
     victim = tmp_path / "vhometrics-victim"
     victim.write_text("root's file\n")
     target = textdir / "vhostorch.prom"
-    target.symlink_to(victim)
+    if kind == "symlink":
+        target.symlink_to(victim)
+    elif kind == "character device":
+        os.mknod(target, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    elif kind == "FIFO":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    before = os.lstat(target)
+    done = vhostorch("check", "--pid", str(qemu_pid), "--format", "prometheus",
+                     "--output", str(target))  # fmt: skip
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == (
+        f"vhostorch: error: check: --output {target}: is a {kind}, not a regular file; "
+        "not replacing it\n"
+    )
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode,
+                                                             before.st_rdev)  # fmt: skip
+    assert victim.read_text() == "root's file\n"
+    assert [p.name for p in textdir.iterdir()] == ["vhostorch.prom"]  # no temporary file
+
+
+def test_a_regular_file_at_the_path_is_replaced(qemu_pid: int, textdir: pathlib.Path) -> None:
+    target = textdir / "vhostorch.prom"
+    target.write_text("last minute's\n")
     done = vhostorch("check", "--pid", str(qemu_pid), "--format", "prometheus",
                      "--output", str(target))  # fmt: skip
     assert done.returncode == 1, done.stderr
-    assert victim.read_text() == "root's file\n"
-    assert not target.is_symlink() and LAST in families(target.read_text())
+    assert LAST in families(target.read_text())
 
 
 @pytest.mark.parametrize("hostile", ["symlink", "world-writable"])

@@ -7,12 +7,14 @@ domain's QEMU), and one that is SIGSTOPped must not make a check wait for its mo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
 import pwd
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -144,3 +146,72 @@ def test_a_qemu_whose_command_line_is_not_utf8_is_checked(tmp_path: pathlib.Path
     finally:
         proc.kill()  # the QEMU this test started
         proc.wait()
+
+
+def test_a_users_qemu_named_out_of_libvirts_directories_is_not_followed(
+    libvirtd: str, tmp_path: pathlib.Path
+) -> None:
+    """A QEMU any user starts with ``-name guest=../../../../tmp/DIR/evil`` and a tap NIC
+    short of vhost: `check` opened /run/libvirt/qemu/<that>.pid as root, which was the FIFO
+    the user put there, and hung for ever (the metrics unit, every minute), and read
+    /var/log/libvirt/qemu/<that>.log through the user's symlink to a root-only file (the
+    fresh attack of issue 19). libvirt refuses a '/' in a domain's name: such a name is no
+    domain's, and the files are not opened."""
+    from vhostorch import taps
+    from vhostorch.taps.spec import TapSpec
+
+    nobody = pwd.getpwnam("nobody")
+    root = tempfile.mkdtemp(prefix="vhoname-")
+    os.chown(root, nobody.pw_uid, nobody.pw_gid)
+    secret = tmp_path / "root-only"
+    secret.write_text("vhost: root's secret line\n")
+    secret.chmod(0o600)
+    os.mkfifo(os.path.join(root, "evil.pid"))
+    os.symlink(secret, os.path.join(root, "evil.log"))
+    name = "../../../.." + root + "/evil"
+    dev = kernel.unique("vn")
+    taps.ensure([TapSpec(dev, owner=nobody.pw_uid)])
+    # The tap's queue opened here and passed (/dev/net/tun may be root's only, as here).
+    tun = os.open("/dev/net/tun", os.O_RDWR)
+    iff_tap, iff_no_pi, iff_vnet_hdr = 0x0002, 0x1000, 0x4000
+    fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH", dev.encode(),
+                                             iff_tap | iff_no_pi | iff_vnet_hdr))  # fmt: skip
+    argv = [
+        QEMU, "-accel", "tcg", "-M", "none", "-S", "-display", "none", "-nodefaults",
+        "-name", f"guest={name}", "-netdev", f"tap,id=n0,fd={tun}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        AS_NOBODY + argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(tun,)
+    )
+    os.close(tun)
+    try:
+        deadline = time.monotonic() + 10
+        while not any(t.endswith("/dev/net/tun") for t in _fd_targets(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        started = time.monotonic()
+        done = subprocess.run(
+            [kernel.EXE, "check", "--pid", str(proc.pid), "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert done.returncode == 1 and "error" not in done.stderr, done.stderr
+        assert "root's secret" not in done.stdout
+        assert took < 20, took
+        with pytest.raises(procfs.CannotInspect, match="not a domain name"):
+            observe.domain_pid(name)
+    finally:
+        proc.kill()  # our own child, by its pid
+        proc.wait()
+        taps.delete([dev])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _fd_targets(pid: int) -> list[str]:
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return found

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from vhostorch import pins
+from vhostorch import files, pins
 from vhostorch.check import wiring
 from vhostorch.kernel import cpus, procfs
 from vhostorch.kernel.rtnl import Link, Rtnl
@@ -98,7 +98,16 @@ UNABLE_TO_OPEN = "Unable to open vhost-net"
 
 def tail_lines(file: str | int, limit: int = LOG_TAIL) -> list[str]:
     """The last ``limit`` bytes of ``file`` (a path, or a descriptor it closes) as lines (the
-    first, cut, dropped). Raises OSError."""
+    first, cut, dropped). A path is opened without following a symlink or waiting on a FIFO
+    and must be a regular file. Raises OSError."""
+    if isinstance(file, str):
+        import errno
+        import stat
+
+        file = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(file).st_mode):
+            os.close(file)
+            raise OSError(errno.EINVAL, "not a regular file")
     with open(file, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - limit))
@@ -158,11 +167,27 @@ def _thread(line: str) -> str:
     return line[29:].split(":", 1)[0].strip()
 
 
+def libvirt_file(directory: str, name: str, suffix: str) -> str | None:
+    """libvirt's file of domain ``name`` in ``directory`` (``NAME.pid``, ``NAME.log``); None
+    for a name no domain can have. libvirt refuses a '/' in a domain's name, while any
+    user's QEMU may call itself ``-name guest=../../../tmp/x``: root opened the FIFO put there
+    and hung (check --all, the metrics unit), or read a root-only file through a symlink."""
+    if not name or "/" in name or "\0" in name:
+        return None
+    return os.path.join(directory, f"{name}{suffix}")
+
+
+def _pid_in(path: str) -> int:
+    """The pid in libvirt's pid file at ``path`` (regular, no link followed, no FIFO waited
+    on). Raises OSError or ValueError."""
+    return int(files.read(path, 64).decode("ascii").strip())
+
+
 def by_libvirt(pid: int, name: str, pid_dir: str = PID_DIR) -> bool:
     """Whether libvirt started QEMU ``pid`` as domain ``name`` (its pid file holds ``pid``)."""
+    path = libvirt_file(pid_dir, name, ".pid")
     try:
-        with open(os.path.join(pid_dir, f"{name}.pid")) as f:
-            return int(f.read().strip()) == pid
+        return path is not None and _pid_in(path) == pid
     except (OSError, ValueError):
         return False
 
@@ -176,13 +201,19 @@ def boot_time(proc: str = procfs.PROC) -> float:
 
 
 def _qemu_log_lines(
-    pid: int, name: str | None, process: procfs.Process, domain_log_dir: str | None, proc: str
+    pid: int,
+    name: str | None,
+    process: procfs.Process,
+    domain_log_dir: str | None,
+    proc: str,
+    pid_dir: str,
 ) -> tuple[str | None, tuple[str, ...]]:
-    """QEMU's own log (libvirt's per-domain log, else the regular file its stderr is) and
-    its lines about vhost since this QEMU started."""
-    if name and domain_log_dir:
-        path = os.path.join(domain_log_dir, f"{name}.log")  # libvirt's, in a root-only place
-        found = _vhost_lines(path, by_libvirt=True)
+    """QEMU's own log (libvirt's per-domain log when libvirt started it as that domain, else
+    the regular file its stderr is) and its lines about vhost since this QEMU started."""
+    path = libvirt_file(domain_log_dir, name, ".log") if name and domain_log_dir else None
+    # Only libvirt's QEMU of that domain: another QEMU may take a domain's name.
+    if path is not None and name and by_libvirt(pid, name, pid_dir):
+        found = _vhost_lines(path, by_libvirt=True)  # libvirt's, in a root-only place
         if found is not None:
             return path, found
     stderr = process.fd(2)
@@ -414,7 +445,7 @@ def observe(
         qlog: str | None = None
         qlines: tuple[str, ...] = ()
         if vhost_fds:
-            qlog, qlines = _qemu_log_lines(pid, parsed.name, process, domain_log_dir, proc)
+            qlog, qlines = _qemu_log_lines(pid, parsed.name, process, domain_log_dir, proc, pid_dir)
         logs = Logs(source, lines, qlog, qlines)
         if short:
             device = device_access(pid, proc, dev)
@@ -458,10 +489,14 @@ def domain_pid(name: str, proc: str = procfs.PROC, pid_dir: str = PID_DIR) -> in
     for the domain when the pid file was missing. The pid must still run a QEMU of that
     name (a stale file whose pid was reused is refused).
     """
-    path = os.path.join(pid_dir, f"{name}.pid")
+    path = libvirt_file(pid_dir, name, ".pid")
+    if path is None:
+        raise procfs.CannotInspect(
+            f"no QEMU process found for domain {name!r}: not a domain name (libvirt refuses "
+            "'/' in one)"
+        )
     try:
-        with open(path) as f:
-            pid = int(f.read().strip())
+        pid = _pid_in(path)
     except (OSError, ValueError) as err:
         why = err.strerror if isinstance(err, OSError) else "no pid in it"
         raise procfs.CannotInspect(

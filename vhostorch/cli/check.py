@@ -208,8 +208,10 @@ class Output:
 
     It is meant for node_exporter's textfile directory, written by root: a directory that is
     a symlink, or that others may write without the sticky bit (they could rename the file,
-    or plant what root then replaces), is refused. A symlink at PATH itself is replaced, as
-    rename does, never followed. Call ``close`` when done.
+    or plant what root then replaces), is refused. Only a regular file at PATH is replaced:
+    anything else there (a device node: `--output /dev/null` replaced the system's /dev/null
+    with a file; a symlink such as /dev/stdout; a FIFO, a socket) is refused, when the
+    command starts and again just before the rename. Call ``close`` when done.
     """
 
     def __init__(self, path: str) -> None:
@@ -239,6 +241,32 @@ class Output:
                 f"check: --output {path}: its directory {directory} is writable by others "
                 f"without the sticky bit (mode {stat.S_IMODE(mode):04o}); not writing there"
             )
+        try:
+            self._only_a_file()
+        except InvalidSpec:
+            self.close()
+            raise
+
+    def _only_a_file(self) -> None:
+        """Refuse (InvalidSpec) when something other than a regular file is at the path."""
+        import os
+        import stat
+
+        try:
+            found = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            why = err.strerror
+            raise InvalidSpec(f"check: --output {self.path}: cannot look at it: {why}") from err
+        if not stat.S_ISREG(found.st_mode):
+            kinds = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory",
+                     stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                     stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}  # fmt: skip
+            kind = kinds.get(stat.S_IFMT(found.st_mode), "not a regular file")
+            raise InvalidSpec(
+                f"check: --output {self.path}: is {kind}, not a regular file; not replacing it"
+            )
 
     def write(self, text: str) -> None:
         """Put ``text`` at the path, whole (files.replace: a temporary file beside it, fsync'd,
@@ -248,6 +276,7 @@ class Output:
         from vhostorch import files, signals
 
         data = text.encode(errors="surrogateescape")  # the bytes stdout would have had
+        self._only_a_file()  # again: the check took seconds
         try:
             with signals.Held():
                 files.replace(self.name, data, 0o644, durable=True, dir_fd=self.dir_fd)
