@@ -4,7 +4,8 @@ by the path readlink shows, which is a name in QEMU's own mount namespace (issue
 On this machine (tun and macvtap, no vhost-net): a real QEMU (TCG, paused) contained as
 container runtimes run it, its /dev/net/tun a node made with mknod in a private tmpfs;
 and a real macvtap queue opened through a node of another name. The same with vhost-net
-and a running guest is in tests/testhost/test_check_testhost.py (the test host).
+and a running guest is in tests/testhost/test_check_testhost.py (the test host). An fd opened
+with O_PATH on any such node, which any user may hold, is none of them.
 """
 
 from __future__ import annotations
@@ -92,13 +93,17 @@ def test_a_macvtap_queue_under_another_name_is_known_by_its_device(
     node = tmp_path / "queue0"  # a runtime's name for it, not tap<ifindex>
     os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
     fd = os.open(node, os.O_RDWR)
+    path = os.open(node, os.O_PATH)  # the node's name held, no queue opened: no device
     try:
-        seen = procfs.read(os.getpid()).fd(fd)
+        process = procfs.read(os.getpid())
+        seen, named = process.fd(fd), process.fd(path)
     finally:
         os.close(fd)
+        os.close(path)
     assert seen is not None and seen.target == str(node)
     assert seen.macvtap_index == index and seen.device == f"/dev/tap{index}"
     assert seen.tap is None  # no iff: for a macvtap
+    assert named is not None and named.device is None and named.macvtap_index is None
 
 
 def test_a_log_is_read_through_the_process_fd_never_its_path(tmp_path: pathlib.Path) -> None:
@@ -154,3 +159,75 @@ def test_a_stderr_that_is_a_fifo_or_a_device_is_never_opened(tmp_path: pathlib.P
         for p in procs:
             p.kill()
             p.wait()
+
+
+# A look-alike QEMU any user can run: a copy of the system's python named like QEMU (nobody
+# cannot run a virtualenv's under /root), its command line giving a NIC the fds it holds.
+PYTHON = os.path.realpath("/usr/bin/python3")
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+HOLDER = r"""
+import os, sys, time
+def at(fd, num):
+    os.dup2(fd, num)
+    os.close(fd)
+vhost_node = sys.argv[1]
+at(os.open("/dev/net/tun", os.O_PATH), 10)
+at(os.open(vhost_node, os.O_PATH), 11)
+at(os.open("/dev/kvm", os.O_PATH), 12)
+at(os.eventfd(0), 13)
+at(os.open("/proc/self/fd/13", os.O_PATH), 14)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_o_path_fd_on_a_device_node_is_not_that_device() -> None:
+    """open(O_PATH) needs only search permission on /dev, never permission on the node, and
+    calls no driver: any user holds an "fd to /dev/vhost-net" that can do no ioctl. Known by
+    its device number alone, it was counted: nobody's look-alike QEMU naming it as its
+    NIC's vhostfd got nic.vhost.fds pass, "1 /dev/vhost-net fd(s)" (and with it the checks
+    that follow a vhost fd). This machine has no /dev/vhost-net: a node root made with mknod
+    (10:238, mode 0600, on the same ext4 the attack used) stands in, as a container's /dev
+    would. /dev/net/tun (root's, 0600 here: nobody could not open it for real), /dev/kvm
+    and an eventfd reopened through /proc are refused alike; the eventfd itself is one."""
+    import pwd
+    import subprocess
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="vhod2-")  # pytest's tmp_path is root's only
+    try:
+        os.chmod(root, 0o755)
+        node = os.path.join(root, "vhost-net")
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(10, 238))
+        exe = os.path.join(root, "qemu-system-x86_64")
+        shutil.copy(PYTHON, exe)
+        nobody = pwd.getpwnam("nobody")
+        os.chown(exe, nobody.pw_uid, nobody.pw_gid)
+        netdev = "tap,id=n0,fd=10,vhost=on,vhostfd=11"
+        argv = [exe, "-c", HOLDER, node, "-netdev", netdev, "-device",
+                "virtio-net-pci,netdev=n0,id=net0"]  # fmt: skip
+        proc = subprocess.Popen(
+            AS_NOBODY + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready", proc.communicate()
+            with open(f"/proc/{proc.pid}/fdinfo/11") as f:
+                assert int(procfs.parse_fdinfo(f.read())["flags"], 8) & os.O_PATH
+            process = procfs.read(proc.pid)
+            devices = {fd.num: fd.device for fd in process.fds}
+            assert [devices[n] for n in (10, 11, 12, 14)] == [None] * 4, devices
+            assert devices[13] == procfs.EVENTFD
+            assert process.fds_to(procfs.VHOST_NET) == []
+            done = vhostorch("check", "--pid", str(proc.pid), "--json")
+            checks = {c["id"]: c for c in json.loads(done.stdout)["checks"]}
+            vhost = checks["nic.vhost.fds"]
+            assert vhost["status"] == "fail", vhost
+            assert vhost["evidence"]["fds"] == [] and vhost["evidence"]["not_vhost_net"] == [11]
+            assert vhost["message"].startswith("0 /dev/vhost-net fd(s) for 1 queue pair(s)")
+            assert checks["nic.tap.fds"]["status"] == "fail", checks["nic.tap.fds"]
+        finally:
+            proc.kill()  # our own child, by its pid
+            proc.wait()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import pathlib
+import stat
 import struct
 import subprocess
 import sys
@@ -489,3 +490,42 @@ def test_a_list_longer_than_the_walk_is_truncated_never_cut_silently(
     (kvm,) = view.kvm
     assert not kvm.complete and kvm.walked == walk
     assert len(kvm.ioeventfds) == walk.ioeventfds and len(kvm.irqfds) == 1
+
+
+@needs_btf
+def test_o_path_files_on_devices_and_anon_inodes_are_none_of_them(tmp_path: pathlib.Path) -> None:
+    """An O_PATH open needs only search permission on the directories, so any user may hold
+    one on /dev/vhost-net (a node made with mknod stands in: this machine has none) or
+    /dev/net/tun, and through /proc/self/fd on an eventfd or a kvm-vm of its own. No driver
+    opened it: it has no ``private_data``. Before, the node's file was kind "vhost-net" (by
+    its device number), the eventfd's an "eventfd" of id 0, and the kvm-vm's a Kvm with
+    empty lists beside the real one."""
+    node = tmp_path / "vhost-net"
+    os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(10, 238))
+    paths = [
+        os.open(node, os.O_PATH | os.O_CLOEXEC),
+        os.open("/dev/net/tun", os.O_PATH | os.O_CLOEXEC),
+    ]
+    try:
+        with opened_eventfds(1) as (efd,), kvm_vm([efd], []) as vm:
+            reopened = [
+                os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC) for fd in (efd, vm)
+            ]
+            try:
+                view = vhoststate.read([os.getpid()], cache_dir=str(tmp_path / "btf"))
+            finally:
+                for fd in reopened:
+                    os.close(fd)
+    finally:
+        for fd in paths:
+            os.close(fd)
+    mine = view[os.getpid()]
+    by_fd = {f.fd: f for f in mine.files}
+    assert [by_fd[fd].rdev for fd in paths] == [10 << 20 | 238, 10 << 20 | 200]
+    assert [by_fd[fd].name for fd in reopened] == ["[eventf", "kvm-vm"]
+    for fd in paths + reopened:
+        f = by_fd[fd]
+        assert (f.private_data, f.kind, f.eventfd_id, f.tun_queue) == (0, None, None, None), f
+    assert mine.vhost == ()
+    assert [k.fd for k in mine.kvm] == [vm]  # the VM itself, not its O_PATH twin
+    assert (by_fd[efd].kind, by_fd[vm].kind) == ("eventfd", "kvm-vm")

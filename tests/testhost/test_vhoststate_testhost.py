@@ -308,3 +308,36 @@ def test_vhost_vsock_is_told_apart_from_vhost_net(in_testhost: None) -> None:
             (net,) = [fd for fd, t in targets.items() if t == "/dev/vhost-net"]
             assert (kinds[vsock], kinds[net]) == ("vhost-vsock", "vhost-net")
             assert [d.fd for d in view.vhost] == [net]
+
+
+def test_an_o_path_fd_on_the_real_vhost_net_is_no_vhost_device(in_testhost: None) -> None:
+    """Any user may open /dev/vhost-net with O_PATH (search permission on /dev is all it
+    needs): nobody's fd on the real node is no vhost-net fd to /proc's reader (before: its
+    device number, 10:238, made it one) nor to the live reader (no private_data: no driver
+    opened it). The same on a mknod'ed node on this machine: tests/kernel/test_fd_identity.py."""
+    import subprocess
+
+    from vhostorch.kernel import procfs
+
+    code = (
+        "import os, sys\n"
+        "print(os.open('/dev/vhost-net', os.O_PATH), flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         "/usr/bin/python3", "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin and proc.stdout
+    try:
+        fd = int(proc.stdout.readline())
+        assert os.stat(f"/proc/{proc.pid}/fd/{fd}").st_rdev == os.makedev(10, 238)
+        seen = procfs.read(proc.pid).fd(fd)
+        view = read_one(proc.pid)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    assert seen is not None and seen.target == "/dev/vhost-net" and seen.device is None
+    (file,) = [f for f in view.files if f.fd == fd]
+    assert file.rdev == vhoststate.VHOST_NET_RDEV and file.kind is None and view.vhost == ()

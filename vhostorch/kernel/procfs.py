@@ -48,7 +48,7 @@ class Fd(Record):
     """One open file of a process: its number, what readlink shows, its fdinfo lines, and
     ``device``: what it is, known by device number (TUN, VHOST_NET, KVM, or
     ``/dev/tap<ifindex>`` for a macvtap queue) or anon inode name (namespace-independent);
-    None for anything else."""
+    None for anything else, an O_PATH fd on any of them included (`path_only`)."""
 
     num: int
     target: str
@@ -118,6 +118,24 @@ def parse_fdinfo(text: str) -> dict[str, str]:
 
 # fdinfo is read only for the fds whose identity lives there.
 _FDINFO_FOR = (TUN, EVENTFD, VHOST_NET, KVM_VM)
+# An fd opened with O_PATH holds a name, not an open device: open(2) with O_PATH needs only
+# search permission on the directories, never permission on the node, and calls no driver's
+# open (fs/open.c do_dentry_open: f_op = empty_fops, no private_data), so it can do no ioctl.
+# Any user may hold one on /dev/vhost-net, /dev/net/tun or /dev/kvm (or, through
+# /proc/self/fd, on an eventfd or a kvm-vm of its own); its fdinfo ``flags:`` (the file's
+# f_flags, in octal) has O_PATH: os.O_PATH is this architecture's value (010000000 on x86
+# and arm64), the one the kernel prints here.
+O_PATH = os.O_PATH
+
+
+def path_only(info: dict[str, str]) -> bool:
+    """Whether fdinfo ``info`` is an O_PATH fd's (False when it has no ``flags:`` line, as
+    recordings may lack it)."""
+    flags = info.get("flags", "")
+    try:
+        return bool(int(flags, 8) & O_PATH)
+    except ValueError:
+        return False
 
 
 def wants_fdinfo(device: str | None) -> bool:
@@ -133,9 +151,10 @@ LOCAL_FS = frozenset({"devtmpfs", "tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs
 
 
 class CharDevices:
-    """The device number of a char device fd of a process (None: not one, or on a
-    filesystem not in LOCAL_FS or on a mount neither its namespace nor ours has, or
-    closed meanwhile), read from the file itself."""
+    """The device number of a char device fd of a process (None: not one, an O_PATH fd
+    (a node's name held, no device opened: `path_only`), on a filesystem not in LOCAL_FS or
+    on a mount neither its namespace nor ours has, or closed meanwhile), read from the file
+    itself."""
 
     def __init__(self, proc: str = PROC) -> None:
         self.proc = proc
@@ -148,7 +167,10 @@ class CharDevices:
 
         base = f"{self.proc}/{pid}"
         try:
-            mnt = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}")).get("mnt_id", "")
+            info = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}"))
+            if path_only(info):
+                return None
+            mnt = info.get("mnt_id", "")
             if self._fs_types(pid).get(int(mnt) if mnt.isdigit() else -1) not in LOCAL_FS:
                 return None
             # stat() follows the magic link to the open inode, in whatever mount namespace.
@@ -306,6 +328,10 @@ def read(
             number = number_of(pid, name) if target.startswith("/") else None
             device = identify(target, number, macvtap, sys)
             info = parse_fdinfo(read_text(f"{base}/fdinfo/{name}")) if wants_fdinfo(device) else {}
+            if path_only(info):
+                # No device at all (an anon inode reopened O_PATH through /proc, or a
+                # recording's table, which gives the number whatever the fd's flags).
+                device, info = None, {}
         except FileNotFoundError:
             continue  # closed while we looked
         except PermissionError:

@@ -17,8 +17,9 @@ a thread that unshared its table is passed over), and the program writes fixed-s
   ``tap`` (cleared when the macvtap is deleted) and ``enabled`` (off when detached);
 - a ``/dev/vhost-net`` file (misc 10:238, known by its inode's device number, so a container's
   mknod'ed node counts and vhost-vsock, 10:241, or vhost-vdpa do not), whose ``private_data``
-  is ``struct vhost_net``: per virtqueue (RX 0, TX 1) the kick eventfd's context and the
-  functions of the waiters on it, vhost's own waiter function (the virtqueue's
+  is ``struct vhost_net`` (a file without one, such as an O_PATH file on the node, is no
+  device: the program reads no virtqueue of it): per virtqueue (RX 0, TX 1) the kick eventfd's
+  context and the functions of the waiters on it, vhost's own waiter function (the virtqueue's
   ``poll.wait.func``, ``vhost_poll_wakeup``: which of those waiters is vhost's), the call context
   (``call_ctx.ctx``), the backend socket's file (the tap's), ``acked_features``, the ring
   indices, the worker's tid, and the number of memory regions in ``dev.umem``;
@@ -288,7 +289,11 @@ class OpenFile(Record):
 
     @property
     def kind(self) -> str | None:
-        """ "vhost-net", "vhost-vsock", "eventfd", "kvm-vm", or None for anything else."""
+        """ "vhost-net", "vhost-vsock", "eventfd", "kvm-vm", or None for anything else (a file
+        with no ``private_data`` included: each of those gets its own at open, and an O_PATH
+        file, which any user may hold on the device node, has none: no driver opened it)."""
+        if not self.private_data:
+            return None
         if self.rdev == VHOST_NET_RDEV:
             return "vhost-net"
         if self.rdev == VHOST_VSOCK_RDEV:
@@ -886,7 +891,11 @@ def decode(
         key = (tgid, fd)
         if kind == FILE:
             name = s[F_NAME].to_bytes(8, "little").split(b"\0")[0].decode(errors="replace")
-            is_eventfd = name == "[eventf" and f.get("eventfd_ctx.id") is not None
+            # An O_PATH file on an eventfd (reopened through /proc/self/fd) has the name and
+            # no context: the program read no id for it.
+            is_eventfd = (
+                name == "[eventf" and bool(s[F_PRIVATE]) and f.get("eventfd_ctx.id") is not None
+            )
             files.setdefault(tgid, {})[fd] = OpenFile(
                 fd, s[F_FILE], s[F_PRIVATE], s[F_RDEV], name,
                 s[F_EVENTFD_ID] & 0xFFFFFFFF if is_eventfd else None,
@@ -941,7 +950,7 @@ def decode(
         kvm = tuple(
             Kvm(fd, _in_order(ios.get((tgid, fd), {})), _in_order(irqs.get((tgid, fd), {})),
                 (tgid, fd) not in truncated, walk)
-            for fd, file in sorted(by_fd.items()) if file.name == "kvm-vm"
+            for fd, file in sorted(by_fd.items()) if file.kind == "kvm-vm"
         )  # fmt: skip
         views[tgid] = KernelView(tgid, tuple(v for _, v in sorted(by_fd.items())), vhost, kvm, True)
     return views

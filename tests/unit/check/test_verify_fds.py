@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ from tests.support import observations
 from tests.support.observations import says
 from vhostorch.check import fds
 from vhostorch.check.report import FAIL, PASS
+from vhostorch.kernel import procfs
 
 
 def test_tap_fds(tmp_path: pathlib.Path) -> None:
@@ -54,6 +56,31 @@ def test_vhost_fds(nic: str, status: str, message: str, tmp_path: pathlib.Path) 
     assert check.evidence["fds"] == held
     if status == FAIL:
         assert check.evidence == {"expected": 1, "fds": []}
+
+
+@pytest.mark.parametrize(
+    ("flags", "status"),
+    [
+        pytest.param("flags:\t012000000\n", FAIL, id="o-path"),  # O_PATH | O_CLOEXEC
+        pytest.param("", PASS, id="no-flags-line"),
+    ],
+)
+def test_an_o_path_vhost_fd_is_none(flags: str, status: str, tmp_path: pathlib.Path) -> None:
+    """A recording's vhost-net fd with O_PATH in its fdinfo flags (what any user's
+    open(O_PATH) of /dev/vhost-net shows: tests/kernel/test_fd_identity.py holds one for real)
+    is no vhost fd, whatever its device number; without a flags: line it counts as before."""
+    rec = observations.load("healthy-1q")
+    pid = rec["pid"]
+    (vhost,) = [k for k, v in rec["symlinks"].items() if v == "/dev/vhost-net"]
+    info = f"{pid}/fdinfo/{vhost.rsplit('/', 1)[1]}"
+    rec["files"][info] = re.sub(r"flags:\t\d+\n", flags, rec["files"][info])
+    obs = observations.replay(rec, tmp_path)
+    check = fds.vhost_fds(obs, observations.nic_named(obs, "net0"))
+    assert check.status == status, check
+    if status == FAIL:
+        num = int(vhost.rsplit("/", 1)[1])
+        assert check.evidence["not_vhost_net"] == [num] and check.evidence["fds"] == []
+        assert obs.process.fd(num) == procfs.Fd(num, "/dev/vhost-net", {}, None)
 
 
 @pytest.mark.parametrize(
