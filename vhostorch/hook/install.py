@@ -20,9 +20,7 @@ from vhostorch.errors import InvalidSpec, NotManaged, OperationFailed
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from typing import Literal
-
-    Action = Literal["installed", "updated", "unchanged", "removed", "absent"]
+    from vhostorch.host.bootunit import Action  # the same words for the boot unit's install
 
 HOOKS_DIR = "/etc/libvirt/hooks"
 DEFAULT_NAME = "vhostorch"
