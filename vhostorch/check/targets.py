@@ -4,6 +4,7 @@ each observed with what tells most about it, and checked."""
 from __future__ import annotations
 
 import os
+import time
 
 from vhostorch.check import live, observe, verify
 from vhostorch.errors import InvalidSpec
@@ -17,6 +18,54 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from vhostorch.check.report import Report
+
+
+# check --all reads QEMUs' monitors one after another, each within monitor.READ_WITHIN; all
+# the reads together get this long. A user can start QEMUs whose monitors take their whole
+# time (the real binary, its socket answered by the user's code), and the metrics unit runs
+# check --all every minute with TimeoutStartSec=50s: ten such QEMUs took it past that
+# (issue 19, D3). The rest of the run (/proc, the kernel's live state) takes seconds.
+MONITORS_WITHIN = 20.0
+# Less time left than this is not worth a connection: the read is not started.
+LEAST_READ = 0.1
+
+
+class MonitorTime:
+    """What ``check --all`` may still spend reading monitors, over all its QEMUs."""
+
+    def __init__(self, seconds: float = MONITORS_WITHIN) -> None:
+        self.seconds = seconds
+        self.spent = 0.0
+        self.asked = 0  # monitors asked so far
+
+    def read_within(self) -> float:
+        """How long the next read may take. Raises MonitorError once the time is spent."""
+        left = self.seconds - self.spent
+        if left < LEAST_READ:
+            raise monitor.MonitorError(f"QMP not asked: {self._why()}")
+        return min(monitor.READ_WITHIN, left)
+
+    def _why(self) -> str:
+        return (
+            f"check --all's {self.seconds:.3g} s for reading all QEMUs' monitors are spent "
+            f"({self.asked} asked before this one)"
+        )
+
+    def read(self, ask: Callable[[float], monitor.MonitorView]) -> monitor.MonitorView:
+        """``ask(within)``, its time counted. Raises MonitorError."""
+        within = self.read_within()
+        started = time.monotonic()
+        try:
+            return ask(within)
+        except monitor.MonitorError as err:
+            # The read took all it was given, which was less than its own bound: the
+            # budget cut it (asyncio's timers may fire a clock tick early).
+            if within < monitor.READ_WITHIN and time.monotonic() - started >= within - 0.01:
+                raise monitor.MonitorError(f"{err} (cut short: {self._why()})") from err
+            raise
+        finally:
+            self.spent += time.monotonic() - started
+            self.asked += 1
 
 
 class Target(Record):
@@ -76,12 +125,16 @@ def reports(target: Target) -> list[Report]:
         return _verified([observed], target.live)
     kthreads = procfs.vhost_kthreads()
     found = []
-    for qemu in procfs.qemu_pids():
+    budget = MonitorTime()
+    every = procfs.qemu_pids()
+    # The VMs vhostorch started (root's records) are read first, so that QEMUs a user
+    # started cannot spend the monitors' time before them; the reports keep pid order.
+    for qemu in sorted(every, key=lambda pid: pid not in plans):
         try:
             observed = observe.observe(
                 qemu,
                 kthreads=kthreads,
-                monitor=_own_qmp(qemu),
+                monitor=_own_qmp(qemu, budget=budget),
                 plan=plans.get(qemu),
                 libvirtd_log=log,
                 domain_log_dir=logdir,
@@ -89,6 +142,8 @@ def reports(target: Target) -> list[Report]:
         except procfs.CannotInspect:
             continue  # it exited while we looked
         found.append(observed)
+    order = {pid: i for i, pid in enumerate(every)}
+    found.sort(key=lambda o: order[o.process.pid])
     return _verified(found, target.live)
 
 
@@ -115,12 +170,16 @@ def _domain(
     return _verified([observed], use_live)[0]
 
 
-def _own_qmp(qemu: int, proc: str = procfs.PROC) -> Callable[[], monitor.MonitorView] | None:
-    """A QEMU started with -qmp unix:PATH is asked over that socket, when it is its own.
+def _own_qmp(
+    qemu: int, proc: str = procfs.PROC, budget: MonitorTime | None = None
+) -> Callable[[], monitor.MonitorView] | None:
+    """A QEMU started with -qmp unix:PATH is asked over that socket, when it is its own,
+    within monitor.READ_WITHIN (and what is left of ``budget``, when given: check --all).
 
     Any user can start a process called qemu-system-x86_64 whose command line names a
     socket it serves (or someone else's): root must not talk to it on that word. When the
-    socket is not trusted, reading the monitor fails with the reason (checks say unknown).
+    socket is not trusted, or the budget is spent, reading the monitor fails with the
+    reason (checks say unknown).
     """
     try:
         # Any bytes: a -name that is not UTF-8 was an internal error here (the socket path's
@@ -132,8 +191,11 @@ def _own_qmp(qemu: int, proc: str = procfs.PROC) -> Callable[[], monitor.Monitor
     if not path:
         return None
 
+    def ask(within: float) -> monitor.MonitorView:
+        return monitor.read_qmp(trusted_qmp(qemu, path, proc), within, served_by=qemu)
+
     def read() -> monitor.MonitorView:
-        return monitor.read_qmp(trusted_qmp(qemu, path, proc), served_by=qemu)
+        return ask(monitor.READ_WITHIN) if budget is None else budget.read(ask)
 
     return read
 

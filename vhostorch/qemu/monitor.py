@@ -78,6 +78,17 @@ class MonitorView(Record):
         return None
 
 
+# How long one read of a QEMU's monitor over QMP may take in all (read_qmp: the connection,
+# the greeting and every question): one deadline for the whole read, not one per question.
+# Whoever holds QEMU's socket chooses how many questions a read asks (two per device
+# x-query-virtio lists) and can answer each just inside a per-question timeout: 20 devices
+# answered after 4.5 s each kept check --all busy for minutes (issue 19, D3).
+READ_WITHIN = 5.0
+# The most virtio-net devices one read asks about (two questions each); a QEMU that lists
+# more is not read (MonitorError), so its checks say unknown, never pass. Above one PCI
+# bus's 32 slots; vhostorch's own VMs have far fewer.
+MAX_NICS = 64
+
 # What reading a QMP answer of an unexpected shape raises: QEMU's user can answer root in
 # QEMU's place (pidfd_getfd of QEMU's listening socket passes the SO_PEERCRED check, and a
 # guest that escapes into QEMU is that user), so an answer is input like any other.
@@ -85,8 +96,9 @@ MALFORMED = (AttributeError, KeyError, TypeError, ValueError, IndexError)
 
 
 def read_virtio(execute: Execute, source: str) -> MonitorView:
-    """Ask the monitor about every virtio-net device. Raises MonitorError (an answer of
-    another shape than QEMU's too: one hostile VM ended check --all, 'internal error')."""
+    """Ask the monitor about every virtio-net device, MAX_NICS at most. Raises MonitorError
+    (more devices than that listed, or an answer of another shape than QEMU's too: one
+    hostile VM ended check --all, 'internal error')."""
     try:
         return _read_virtio(execute, source)
     except MALFORMED as err:
@@ -107,9 +119,13 @@ def _virtio_devices(execute: Execute) -> Any:
 
 def _read_virtio(execute: Execute, source: str) -> MonitorView:
     nics = []
-    for entry in _virtio_devices(execute):
-        if entry.get("name") != "virtio-net":
-            continue
+    listed = [e for e in _virtio_devices(execute) if e.get("name") == "virtio-net"]
+    if len(listed) > MAX_NICS:
+        raise MonitorError(
+            f"{source}: QEMU lists {len(listed)} virtio-net devices, more than the {MAX_NICS} "
+            "vhostorch asks about: not read"
+        )
+    for entry in listed:
         backend = str(entry["path"])
         path = backend.removesuffix("/virtio-backend")
         status = execute("x-query-virtio-status", {"path": backend})
@@ -182,20 +198,33 @@ class Sent(Record):
 
 
 class QmpSocket:
-    """A synchronous face on qemu.qmp's asyncio client, for one socket."""
+    """A synchronous face on qemu.qmp's asyncio client, for one socket.
 
-    def __init__(self, path: str, timeout: float) -> None:
+    Each exchange (the connection, one command) waits ``timeout`` s at most; with
+    ``deadline`` (a time.monotonic() value), all of them together end by then too.
+    """
+
+    def __init__(self, path: str, timeout: float, deadline: float | None = None) -> None:
         import asyncio
 
         from qemu.qmp import QMPClient
 
         self.path = path
         self.timeout = timeout
+        self.deadline = deadline
         self.loop = asyncio.new_event_loop()
         self.client = QMPClient("vhostorch")
         self.pending: set[asyncio.Task[Any]] = set()
 
-    def _run(self, coro: Any) -> Any:
+    def _within(self) -> float:
+        """How long the next exchange may wait: ``timeout``, or less as ``deadline`` nears."""
+        import time
+
+        if self.deadline is None:
+            return self.timeout
+        return max(0.0, min(self.timeout, self.deadline - time.monotonic()))
+
+    def _run(self, coro: Any, within: float) -> Any:
         import asyncio
 
         from vhostorch import signals
@@ -205,7 +234,7 @@ class QmpSocket:
         # connection open, and QEMU's monitor serves one client at a time, so a rollback
         # (a hot-plug's unplug) could not reach it; it acts as soon as this returns.
         with signals.Held():
-            return self.loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
+            return self.loop.run_until_complete(asyncio.wait_for(coro, within))
 
     def connected(self) -> bool:
         """Whether the connection still stands (QEMU may still answer what was sent on it)."""
@@ -226,7 +255,8 @@ class QmpSocket:
         """
         from qemu.qmp import QMPError
 
-        sock = connect_unix(self.path, self.timeout, follow)
+        within = self._within()
+        sock = connect_unix(self.path, within, follow)
         try:
             pid = peer(sock)[0]
             if served_by is not None and pid != served_by:
@@ -239,7 +269,7 @@ class QmpSocket:
                     f"QMP at {self.path} is served by process {pid}, which is not the QEMU of "
                     "that pid vhostorch started (gone, its pid reused): not asked"
                 )
-            self._run(self.client.connect(sock))
+            self._run(self.client.connect(sock), self._within())
         except BaseException as err:
             # Closed whatever cut the connect short (a stopping signal too): QEMU's monitor
             # serves one client at a time, so a connection left open here would keep the
@@ -252,16 +282,21 @@ class QmpSocket:
                 raise
             # QEMU greets and negotiates in its main loop, which a command may hold (stop
             # draining block devices): then the connection stands and nothing answers.
-            why = (
-                f"no answer within {self.timeout:.3g} s"
-                if isinstance(err, TimeoutError)
-                else _why(err)
-            )
+            why = f"no answer within {within:.3g} s" if isinstance(err, TimeoutError) else _why(err)
             raise MonitorError(f"cannot reach QMP at {self.path}: {why}") from err
 
     def execute(self, command: str, arguments: dict[str, Any] | None) -> Any:
-        """Send ``command`` and wait for its answer (``timeout`` s). Raises MonitorError."""
-        return self.answer(self.send(command, arguments), self.timeout)
+        """Send ``command`` and wait for its answer (``timeout`` s, or until ``deadline``;
+        nothing is sent once it has passed). Raises MonitorError."""
+        within = self._within()
+        if within <= 0:
+            raise MonitorError(
+                f"QMP {command}: not asked, {self._spent()}", sent=qmp_request(command, arguments)
+            )
+        return self.answer(self.send(command, arguments), within)
+
+    def _spent(self) -> str:
+        return f"the {self.timeout:.3g} s all questions of this read share are spent"
 
     def qom_names(self, path: str) -> list[str]:
         """The names of the properties ``qom-list`` gives for ``path``. Raises MonitorError,
@@ -309,9 +344,10 @@ class QmpSocket:
                 f"QMP {command}: {err}", error_class=err.error_class, sent=sent.request
             ) from err
         except TimeoutError as err:
-            raise MonitorError(
-                f"QMP {command}: no answer within {within:.1f} s", sent=sent.request
-            ) from err
+            why = f"no answer within {within:.1f} s"
+            if self.deadline is not None and self._within() <= 0:
+                why += f": {self._spent()}"
+            raise MonitorError(f"QMP {command}: {why}", sent=sent.request) from err
         except (QMPError, OSError, EOFError, RecursionError) as err:
             # RecursionError: json's decoder recurses once per level, and QEMU's user can
             # answer in QEMU's place (MALFORMED): 100,000 nested brackets ended check --all.
@@ -333,7 +369,8 @@ class QmpSocket:
         for task in list(self.pending):
             task.cancel()  # QEMU still runs a command it read; its answer is not awaited
         try:
-            self._run(self.client.disconnect())
+            # Not bound by ``deadline``: closing waits for nothing QEMU does.
+            self._run(self.client.disconnect(), self.timeout)
         except (QMPError, OSError, EOFError, TimeoutError, RecursionError):
             pass  # closing a connection that may already be gone (or that sent too deep)
         self.loop.close()
@@ -513,10 +550,12 @@ def _why(err: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
-def read_qmp(path: str, timeout: float = 5.0, served_by: int | None = None) -> MonitorView:
+def read_qmp(path: str, timeout: float = READ_WITHIN, served_by: int | None = None) -> MonitorView:
     """read_virtio over the QMP socket at ``path`` (served by process ``served_by``, when
-    given: see QmpSocket.open). Raises MonitorError."""
-    sock = QmpSocket(path, timeout)
+    given: see QmpSocket.open), all of it within ``timeout`` s. Raises MonitorError."""
+    import time
+
+    sock = QmpSocket(path, timeout, deadline=time.monotonic() + timeout)
     sock.open(served_by)
     try:
         return read_virtio(sock.execute, f"qmp:{path}")
