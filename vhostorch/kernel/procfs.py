@@ -163,21 +163,42 @@ class CharDevices:
 
     def __call__(self, pid: int, fd: str) -> int | None:
         """Raises PermissionError when the fd may not be followed."""
+        found = self.file(pid, fd)
+        return found[0] if found is not None else None
+
+    def file(self, pid: int, fd: str) -> tuple[int | None, dict[str, str]] | None:
+        """fd ``fd``'s device number (None: not a char device) and its fdinfo, both of one
+        file; None as for ``__call__``, or when the fd named another file meanwhile.
+
+        The process may swap what fd N is while it is read (dup2 of an O_PATH fd on the
+        node, then of a real open of /dev/null, in a loop: a look-alike QEMU's vhost fd
+        passed 3 times in 12, the fresh attack's re-attack), so the fdinfo kept is read
+        after the stat and must name the inode stat saw (``ino:``, Linux >= 5.14; before
+        it, the same mount and flags as the fdinfo read before the stat). Raises
+        PermissionError when the fd may not be followed."""
         import stat
 
         base = f"{self.proc}/{pid}"
         try:
-            info = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}"))
-            if path_only(info):
+            before = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}"))
+            if path_only(before):
                 return None
-            mnt = info.get("mnt_id", "")
+            mnt = before.get("mnt_id", "")
             if self._fs_types(pid).get(int(mnt) if mnt.isdigit() else -1) not in LOCAL_FS:
                 return None
             # stat() follows the magic link to the open inode, in whatever mount namespace.
             st = os.stat(f"{base}/fd/{fd}")
+            after = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}"))
         except FileNotFoundError:
             return None
-        return st.st_rdev if stat.S_ISCHR(st.st_mode) else None
+        if path_only(after) or after.get("mnt_id") != mnt:
+            return None
+        if "ino" in after:
+            if after["ino"] != str(st.st_ino):
+                return None
+        elif after.get("flags") != before.get("flags"):
+            return None
+        return (st.st_rdev if stat.S_ISCHR(st.st_mode) else None), after
 
     def _fs_types(self, pid: int) -> dict[int, str]:
         """Mount id -> filesystem type, for the mounts of ``pid``'s mount namespace, ours and
@@ -319,15 +340,25 @@ def read(
     # Field 22 (starttime) follows the parenthesised comm, which may itself hold spaces.
     start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
     macvtap = char_major(MACVTAP_DRIVER, proc)
-    number_of = CharDevices(proc) if char is None else char
+    live = CharDevices(proc) if char is None else None
     fds = []
     for name in names:
         try:
             target = os.readlink(f"{base}/fd/{name}")
+            number, checked = None, None
             # Sockets, pipes and anon inodes show no path: no device node to stat.
-            number = number_of(pid, name) if target.startswith("/") else None
+            if target.startswith("/") and live is not None:
+                # The fdinfo of the very file whose number it is (CharDevices.file).
+                number, checked = live.file(pid, name) or (None, None)
+            elif target.startswith("/") and char is not None:
+                number = char(pid, name)
             device = identify(target, number, macvtap, sys)
-            info = parse_fdinfo(read_text(f"{base}/fdinfo/{name}")) if wants_fdinfo(device) else {}
+            if not wants_fdinfo(device):
+                info = {}
+            elif checked is not None:
+                info = checked
+            else:
+                info = parse_fdinfo(read_text(f"{base}/fdinfo/{name}"))
             if path_only(info):
                 # No device at all (an anon inode reopened O_PATH through /proc, or a
                 # recording's table, which gives the number whatever the fd's flags).
