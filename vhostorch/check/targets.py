@@ -111,13 +111,12 @@ def reports(target: Target) -> list[Report]:
         observed = observe.observe(
             qemu,
             monitor=lambda: monitor.read_qmp(qmp, served_by=qemu),
-            plan=state.by_pid(qemu),
+            plan=_plans().get(qemu),
             libvirtd_log=log,
             domain_log_dir=logdir,
         )
         return _verified([observed], target.live)
-    # A VM vhostorch started is checked against what it set up (NICs added over QMP).
-    plans = {known.pid: known for known in state.every()}
+    plans = _plans()
     if pid is not None:
         observed = observe.observe(
             pid, monitor=_own_qmp(pid), plan=plans.get(pid), libvirtd_log=log, domain_log_dir=logdir
@@ -147,6 +146,18 @@ def reports(target: Target) -> list[Report]:
     return _verified(found, target.live)
 
 
+def _plans(root: str = state.STATE_DIR) -> dict[int, state.VmState]:
+    """vhostorch's VMs by pid, each only while its QEMU runs: the process with its pid must
+    have the start time recorded (a VM that died without ``down`` leaves its state, and
+    any user's QEMU may get its pid; a file from before start times were recorded names
+    no process). A VM's plan is what it set up (NICs added over QMP)."""
+    return {
+        known.pid: known
+        for known in state.every(root)
+        if known.start_time is not None and procfs.start_time(known.pid) == known.start_time
+    }
+
+
 def _verified(observed: list[observe.Observation], use_live: bool) -> list[Report]:
     """Each observation checked, with what the kernel holds now for all of them, read at once
     (check.live: one program load and one pass, whatever the number of QEMUs)."""
@@ -163,7 +174,7 @@ def _domain(
         pid,
         domain=domain,
         monitor=reader,
-        plan=state.by_pid(pid),
+        plan=_plans().get(pid),
         libvirtd_log=log,
         domain_log_dir=observe.DOMAIN_LOG_DIR,
     )
