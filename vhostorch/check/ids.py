@@ -25,8 +25,9 @@ one family module, listed above its ids:
                         on the CPUs a pin asked for (vhostorch pin)
   check.rewire (check --rewire only)
     vm.rewire           the VM was paused and resumed so QEMU wired vhost again (pause_ms)
-  hook.program (when the domain's QEMU cannot be looked at)
-    vm.inspect          the QEMU of the domain could be found and read
+  hook.program (when the domain's QEMU cannot be looked at), check.targets (check --all:
+  a QEMU its time ran out before)
+    vm.inspect          the QEMU of the domain could be found and read (check --all: was read)
 
 and the host checks ``doctor`` makes before any VM runs:
 

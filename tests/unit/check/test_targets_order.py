@@ -11,7 +11,6 @@ import pytest
 
 from vhostorch.check import observe, targets
 from vhostorch.kernel import procfs
-from vhostorch.vm import state
 
 
 def test_vhostorchs_own_vms_are_observed_first_and_reported_in_pid_order(
@@ -21,11 +20,11 @@ def test_vhostorchs_own_vms_are_observed_first_and_reported_in_pid_order(
 
     def look(pid: int, **_: Any) -> Any:
         observed.append(pid)
-        return SimpleNamespace(process=SimpleNamespace(pid=pid))
+        return SimpleNamespace(pid=pid, process=SimpleNamespace(pid=pid))  # report-like too
 
     monkeypatch.setattr(procfs, "qemu_pids", lambda: [10, 20, 30, 40])
     monkeypatch.setattr(procfs, "vhost_kthreads", lambda: {})
-    monkeypatch.setattr(state, "every", lambda: [SimpleNamespace(pid=30)])
+    monkeypatch.setattr(targets, "_plans", lambda: {30: SimpleNamespace(pid=30)})
     monkeypatch.setattr(observe, "observe", look)
     monkeypatch.setattr(targets, "_verified", lambda found, live: found)
     reports = targets.reports(targets.Target(every=True))
