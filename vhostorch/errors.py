@@ -15,6 +15,7 @@
           +-- LeftPaused           a VM vhostorch paused may still be paused (.resume: how)
           +-- TraceUnavailable     the wiring trace cannot be armed or read here
           +-- CannotInspect        the process is gone, not readable or no QEMU      (exit 2)
+          |    +-- TooManyFds      it holds more fds than one read takes (MAX_FDS)
           +-- DomainUnavailable    the libvirt domain cannot be inspected            (exit 2)
           +-- LabError             the test host did not boot or reach its command   (exit 125)
                +-- LabTimeout      the command ran out of time; the host was stopped (exit 124)
@@ -167,6 +168,11 @@ class CannotInspect(OperationFailed):
     """The process cannot be inspected: gone, not readable (not root), or not a QEMU."""
 
     exit_code = EXIT_CANNOT_INSPECT
+
+
+class TooManyFds(CannotInspect):
+    """A process holds more fds than one read takes (procfs.MAX_FDS): not read, and said
+    (unlike a process that exited while looked at, which check --all passes over)."""
 
 
 class DomainUnavailable(OperationFailed):

@@ -144,14 +144,15 @@ def every_qemu(
     by then is reported unknown (vm.inspect) with the reason. The reports keep pid order."""
     deadline = time.monotonic() + within
     kthreads = procfs.vhost_kthreads()
-    found, unread = [], []
+    found: list[observe.Observation] = []
+    unread: list[tuple[int, str | None]] = []  # (pid, why; None: the time ran out)
     budget = MonitorTime()
     every = procfs.qemu_pids()
     # The VMs vhostorch started (root's records) are read first, so that QEMUs a user
     # started cannot spend the time before them.
     for qemu in sorted(every, key=lambda pid: pid not in plans):
         if time.monotonic() >= deadline:
-            unread.append(qemu)
+            unread.append((qemu, None))
             continue
         try:
             observed = observe.observe(
@@ -162,11 +163,16 @@ def every_qemu(
                 libvirtd_log=log,
                 domain_log_dir=observe.DOMAIN_LOG_DIR,
             )
+        except procfs.TooManyFds as err:
+            unread.append((qemu, f"unknown: {err}"))
+            continue
         except procfs.CannotInspect:
             continue  # it exited while we looked
         found.append(observed)
-    why = f"unknown: check --all's {within:g} s ran out before this QEMU was read"
-    reports = _verified(found, use_live) + [_unread(qemu, plans.get(qemu), why) for qemu in unread]
+    late = f"unknown: check --all's {within:g} s ran out before this QEMU was read"
+    reports = _verified(found, use_live) + [
+        _unread(qemu, plans.get(qemu), why or late) for qemu, why in unread
+    ]
     order = {pid: i for i, pid in enumerate(every)}
     reports.sort(key=lambda r: order[r.pid or 0])
     return reports
@@ -184,11 +190,7 @@ def _plans(root: str = state.STATE_DIR) -> dict[int, state.VmState]:
     have the start time recorded (a VM that died without ``down`` leaves its state, and
     any user's QEMU may get its pid; a file from before start times were recorded names
     no process). A VM's plan is what it set up (NICs added over QMP)."""
-    return {
-        known.pid: known
-        for known in state.every(root)
-        if known.start_time is not None and procfs.start_time(known.pid) == known.start_time
-    }
+    return {known.pid: known for known in state.every(root) if state.running(known)}
 
 
 def _verified(observed: list[observe.Observation], use_live: bool) -> list[Report]:

@@ -11,6 +11,7 @@ import os
 
 # The error raised here, also importable from here (the tree is in vhostorch.errors).
 from vhostorch.errors import CannotInspect as CannotInspect
+from vhostorch.errors import TooManyFds as TooManyFds
 from vhostorch.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
@@ -311,10 +312,17 @@ def identify(
     return None
 
 
+# The most fds one process's read takes (about 27 us each here: 1.8 s). A QEMU holds hundreds
+# to a few thousand; any user's look-alike may hold as many as its limit allows (524,288 under
+# systemd's default: 14 s, past what check --all has in the metrics unit).
+MAX_FDS = 65_536
+
+
 def read(
     pid: int,
     proc: str = PROC,
     *,
+    max_fds: int = MAX_FDS,
     char: Callable[[int, str], int | None] | None = None,
     sys: str = SYS,
 ) -> Process:
@@ -333,6 +341,11 @@ def read(
         raise CannotInspect(f"no process {pid}") from None
     except PermissionError:
         raise CannotInspect(f"not allowed to read the fds of process {pid} (run as root)") from None
+    if len(names) > max_fds:
+        raise TooManyFds(
+            f"process {pid} holds {len(names)} fds, more than the {max_fds} vhostorch reads "
+            "of one process: not read"
+        )
     if argv and argv[-1] == "":
         argv = argv[:-1]
     if not argv:

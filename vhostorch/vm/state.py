@@ -147,8 +147,18 @@ def every(root: str = STATE_DIR) -> Iterator[VmState]:
             yield state
 
 
+def running(known: VmState) -> bool:
+    """Whether ``known``'s QEMU still runs: the process with its pid has the start time
+    recorded (a VM that died without ``down`` leaves its state, and any user's QEMU may get
+    its pid; a state from before start times were recorded names no process)."""
+    from vhostorch.kernel import procfs
+
+    return known.start_time is not None and procfs.start_time(known.pid) == known.start_time
+
+
 def by_pid(pid: int, root: str = STATE_DIR) -> VmState | None:
-    return next((s for s in every(root) if s.pid == pid), None)
+    """vhostorch's VM whose QEMU is process ``pid`` now (`running`)."""
+    return next((s for s in every(root) if s.pid == pid and running(s)), None)
 
 
 class Lock(lockfile.Lock):

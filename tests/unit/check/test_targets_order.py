@@ -44,3 +44,29 @@ def test_the_monitors_budget_is_shared_and_says_when_it_is_spent() -> None:
         "QMP not asked: check --all's 7 s for reading all QEMUs' monitors are spent "
         "(2 asked before this one)"
     )
+
+
+def test_a_qemu_holding_more_fds_than_a_read_takes_is_reported_unknown_not_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """procfs.TooManyFds (a process over procfs.MAX_FDS; tests/kernel/test_check_all_deadline.py
+    raises it for real) is said in that QEMU's report; a QEMU that exited meanwhile
+    (CannotInspect) is passed over, as before."""
+
+    def look(pid: int, **_: Any) -> Any:
+        if pid == 20:
+            raise procfs.TooManyFds("process 20 holds 70000 fds, more than the 65536 ...")
+        if pid == 30:
+            raise procfs.CannotInspect("no process 30")
+        return SimpleNamespace(pid=pid, process=SimpleNamespace(pid=pid))
+
+    monkeypatch.setattr(procfs, "qemu_pids", lambda: [10, 20, 30])
+    monkeypatch.setattr(procfs, "vhost_kthreads", lambda: {})
+    monkeypatch.setattr(targets, "_plans", lambda: {})
+    monkeypatch.setattr(observe, "observe", look)
+    monkeypatch.setattr(targets, "_verified", lambda found, live: found)
+    reports = targets.reports(targets.Target(every=True))
+    assert [r.pid for r in reports] == [10, 20]  # type: ignore[attr-defined]
+    [check] = reports[1].checks
+    assert (check.id, check.status) == ("vm.inspect", "unknown")
+    assert check.message == "unknown: process 20 holds 70000 fds, more than the 65536 ..."

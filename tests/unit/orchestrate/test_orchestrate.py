@@ -17,6 +17,7 @@ from vhostorch.backends import process, qmp
 from vhostorch.backends.contract import Begun, Description, Plugged
 from vhostorch.check.report import FAIL, PASS, WARN
 from vhostorch.errors import OperationFailed
+from vhostorch.kernel import procfs
 from vhostorch.libvirt import domxml
 from vhostorch.orchestrate import Host, decide
 from vhostorch.taps import TapSpec
@@ -141,11 +142,18 @@ def test_state_round_trips_and_the_lock_leaves_nothing_without_state(tmp_path: P
     root = str(tmp_path)  # pytest's, removed with its other runs (a mkdtemp here was left behind)
     nics = (state.NicState("t0", "nic.t0", "tap.t0", 2, "52:54:00:00:00:01", "preferred",
                              False, "no vhost", True),)  # fmt: skip
-    saved = state.VmState("vm1", "qmp", 123, "tcg", "/q", None, "/w", nics)
+    # This test's own process stands for the VM's QEMU: by_pid wants its pid and start time.
+    me, started = os.getpid(), procfs.start_time(os.getpid())
+    saved = state.VmState("vm1", "qmp", me, "tcg", "/q", None, "/w", nics, start_time=started)
     with state.Lock("vm1", root):
         state.save(saved, root)
     assert state.load("vm1", root) == saved
-    assert state.by_pid(123, root) == saved and state.by_pid(124, root) is None
+    assert state.by_pid(me, root) == saved and state.by_pid(me + 1, root) is None
+    # The same pid with another start time (a VM that died without down, its pid reused by
+    # any user's process; issue 19, B3) is not that VM.
+    with state.Lock("vm1", root):
+        state.save(saved.replace(start_time=(started or 0) + 1), root)
+    assert state.by_pid(me, root) is None
     with state.Lock("vm1", root):
         state.remove("vm1", root)
     assert os.listdir(root) == []
