@@ -29,7 +29,9 @@ import pytest
 
 from tests.support import guests
 
-pytestmark = [pytest.mark.bench, pytest.mark.testhost]
+# On this machine's userland (Debian 12: 6.1 and 6.12), to keep CI inside its budget; Debian
+# 13's figures in the README were measured at 10b9dfe (tests/support/testhost.py).
+pytestmark = [pytest.mark.bench, pytest.mark.testhost(own_userland=True)]
 
 ROUNDS = 2  # of each mode; a round is a guest boot (~15 s here) and its window
 WINDOW = 8.0  # seconds of traffic measured, after the warm-up

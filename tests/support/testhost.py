@@ -18,11 +18,15 @@ QEMU 10, libvirt 11 and Python 3.13 (``test_x[linux-6.12@trixie]``).
 Inside (VHOSTORCH_IN_TESTHOST=1), the same tests run for real and this plugin
 writes the report. ``@pytest.mark.testhost(outside=True)`` marks a slow test
 that runs here and may use the ``testhost_boot`` fixture (the outcome of the
-first kernel's boot) or boot the test host itself. ``@pytest.mark.testhost(each_once=True)``
-marks a test that depends on the kernel or on the userland but not on the two together
-(an Ansible play, QMP timing): it runs in the fewest sessions that boot every kernel series
-and every userland of the run (`covering`: of "6.1 6.12 6.12@trixie", 6.1 and
-6.12@trixie), to keep CI inside its budget.
+first kernel's boot) or boot the test host itself. To keep CI inside its budget, three
+keywords run a test in fewer sessions: ``testhost(each_once=True)``, a test that depends on
+the kernel or on the userland but not on the two together (the Ansible play), runs in the
+fewest sessions that boot every kernel series and every userland of the run (`covering`: of
+"6.1 6.12 6.12@trixie", 6.1 and 6.12@trixie); ``testhost(userland_once=True)``, one that
+depends on the userland alone (QEMU's answers while a stop drains slow storage), in one
+session per userland (`userland_once`: 6.12 and 6.12@trixie); ``testhost(own_userland=True)``,
+a benchmark, in the sessions on this machine's own userland (`own_userland`: 6.1 and 6.12),
+whose QEMU and Python its baselines are measured with.
 """
 
 from __future__ import annotations
@@ -123,10 +127,37 @@ def covering(sessions: list[str]) -> list[str]:
     return list(sessions)
 
 
+def _userland(session: str) -> str:
+    from vhostorch.lab.userland import DEFAULT_USERLAND
+
+    return session.partition("@")[2] or DEFAULT_USERLAND
+
+
+def userland_once(sessions: list[str]) -> list[str]:
+    """One session per userland among ``sessions``: the last of each, in their order (of
+    "6.1 6.12 6.12@trixie", 6.12 and 6.12@trixie: 6.1 runs what `covering` picks)."""
+    last = {_userland(s): s for s in sessions}
+    return [s for s in sessions if last[_userland(s)] == s]
+
+
+def own_userland(sessions: list[str]) -> list[str]:
+    """The sessions on this machine's own userland (all, when none is)."""
+    from vhostorch.lab.userland import DEFAULT_USERLAND
+
+    return [s for s in sessions if _userland(s) == DEFAULT_USERLAND] or list(sessions)
+
+
 def _sessions(item: pytest.Item, chosen: list[str]) -> list[str]:
-    """The sessions ``item`` runs in: all, or `covering` for ``each_once``."""
+    """The sessions ``item`` runs in: all, or as its ``testhost`` marker's keyword says."""
     marker = item.get_closest_marker("testhost")
-    return covering(chosen) if marker and marker.kwargs.get("each_once") else chosen
+    kwargs = marker.kwargs if marker else {}
+    if kwargs.get("each_once"):
+        return covering(chosen)
+    if kwargs.get("userland_once"):
+        return userland_once(chosen)
+    if kwargs.get("own_userland"):
+        return own_userland(chosen)
+    return chosen
 
 
 def _outside_only(item: pytest.Item) -> bool:

@@ -368,6 +368,17 @@ def test_stall_evidence_blames_no_one_when_no_interrupt_was_lost(
     assert found.startswith("CPU 0: ") and state in found
 
 
+def test_a_stopped_emulator_is_no_lost_wakeup() -> None:
+    """The same state while QMP `stop` holds the emulator (its timer raises interrupts no CPU
+    may take then): in CI a stopped test host was called a lost wakeup, the emulator's fault."""
+    hmp = _hmp()
+    found = watch.stall_evidence(hmp["info registers -a"], {0: hmp["info lapic 0"]}, False)
+    assert found == (
+        "CPU 0: halted, interrupts on, RIP ffffffff81a592eb; "
+        "LAPIC timer one-shot not armed, IRR 236, ISR none"
+    )
+
+
 def test_stall_evidence_without_a_monitor_answer_says_so() -> None:
     assert watch.stall_evidence("", {}) == "no CPU state from the monitor"
 
@@ -429,6 +440,20 @@ def test_testhost_tests_get_one_id_per_kernel() -> None:
     assert testhost.kernel_id("test_x", "6.12") == "test_x[linux-6.12]"
     assert testhost.kernel_id("test_x[qmp-4]", "6.1") == "test_x[qmp-4-linux-6.1]"
     assert testhost.kernel_id("test_x", "6.12@trixie") == "test_x[linux-6.12@trixie]"
+
+
+@pytest.mark.parametrize(
+    ("sessions", "per_userland", "own"),
+    [
+        ("6.1 6.12 6.12@trixie", "6.12 6.12@trixie", "6.1 6.12"),  # the default on Debian 12
+        ("6.12", "6.12", "6.12"),
+        ("6.12@trixie", "6.12@trixie", "6.12@trixie"),  # no session on this machine's: all
+        ("6.1 6.12@trixie", "6.1 6.12@trixie", "6.1"),
+    ],
+)
+def test_per_userland_and_own_userland_sessions(sessions: str, per_userland: str, own: str) -> None:
+    assert testhost.userland_once(sessions.split()) == per_userland.split()
+    assert testhost.own_userland(sessions.split()) == own.split()
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,8 @@ from vhostorch.qemu import monitor
 
 pytestmark = pytest.mark.testhost
 # What QEMU does when its stop outlasts a timeout (slow storage) is the userland's, not the
-# kernel's: each kernel series and each userland once (about 80 s each per session).
-ONCE = pytest.mark.testhost(each_once=True)
+# kernel's: once per userland (about 80 s each per session; tests/support/testhost.py).
+ONCE = pytest.mark.testhost(userland_once=True)
 
 
 def check(*args: str) -> tuple[int, dict[str, Any]]:
