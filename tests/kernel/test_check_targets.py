@@ -7,14 +7,12 @@ domain's QEMU), and one that is SIGSTOPped must not make a check wait for its mo
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pathlib
 import pwd
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
 import time
@@ -22,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import kernel
+from tests.support import guests, kernel
 from tests.support.kernel import vhostorch
 from vhostorch.check import observe, targets
 from vhostorch.kernel import procfs
@@ -158,6 +156,7 @@ def test_a_users_qemu_named_out_of_libvirts_directories_is_not_followed(
     fresh attack of issue 19). libvirt refuses a '/' in a domain's name: such a name is no
     domain's, and the files are not opened."""
     from vhostorch import taps
+    from vhostorch.kernel.tun import open_queues
     from vhostorch.taps.spec import TapSpec
 
     nobody = pwd.getpwnam("nobody")
@@ -172,10 +171,7 @@ def test_a_users_qemu_named_out_of_libvirts_directories_is_not_followed(
     dev = kernel.unique("vn")
     taps.ensure([TapSpec(dev, owner=nobody.pw_uid)])
     # The tap's queue opened here and passed (/dev/net/tun may be root's only, as here).
-    tun = os.open("/dev/net/tun", os.O_RDWR)
-    iff_tap, iff_no_pi, iff_vnet_hdr = 0x0002, 0x1000, 0x4000
-    fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH", dev.encode(),
-                                             iff_tap | iff_no_pi | iff_vnet_hdr))  # fmt: skip
+    [tun] = open_queues(dev, 1)
     argv = [
         QEMU, "-accel", "tcg", "-M", "none", "-S", "-display", "none", "-nodefaults",
         "-name", f"guest={name}", "-netdev", f"tap,id=n0,fd={tun}",
@@ -186,7 +182,7 @@ def test_a_users_qemu_named_out_of_libvirts_directories_is_not_followed(
     os.close(tun)
     try:
         deadline = time.monotonic() + 10
-        while not any(t.endswith("/dev/net/tun") for t in _fd_targets(proc.pid)):
+        while "/dev/net/tun" not in guests.fd_targets(proc.pid).values():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
             time.sleep(0.05)
         started = time.monotonic()
@@ -205,13 +201,3 @@ def test_a_users_qemu_named_out_of_libvirts_directories_is_not_followed(
         proc.wait()
         taps.delete([dev])
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _fd_targets(pid: int) -> list[str]:
-    found = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            continue
-    return found

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -110,27 +110,25 @@ def kernel_id(name: str, kernel: str) -> str:
     return f"{name}[linux-{kernel}]"
 
 
-def covering(sessions: list[str]) -> list[str]:
-    """The fewest of ``sessions`` (``SERIES`` or ``SERIES@USERLAND``) that boot every kernel
-    series and every userland among them, the earliest such in their order."""
-    from vhostorch.lab.userland import DEFAULT_USERLAND
-
-    def parts(session: str) -> tuple[str, str]:
-        series, _, land = session.partition("@")
-        return series, land or DEFAULT_USERLAND
-
-    every = {parts(s)[0] for s in sessions}, {parts(s)[1] for s in sessions}
-    for size in range(1, len(sessions)):
-        for chosen in itertools.combinations(sessions, size):
-            if ({parts(s)[0] for s in chosen}, {parts(s)[1] for s in chosen}) == every:
-                return list(chosen)
-    return list(sessions)
-
-
 def _userland(session: str) -> str:
     from vhostorch.lab.userland import DEFAULT_USERLAND
 
     return session.partition("@")[2] or DEFAULT_USERLAND
+
+
+def covering(sessions: list[str]) -> list[str]:
+    """The fewest of ``sessions`` (``SERIES`` or ``SERIES@USERLAND``) that boot every kernel
+    series and every userland among them, the earliest such in their order."""
+
+    def covers(chosen: Iterable[str]) -> tuple[set[str], set[str]]:
+        return {s.partition("@")[0] for s in chosen}, {_userland(s) for s in chosen}
+
+    every = covers(sessions)
+    for size in range(1, len(sessions)):
+        for chosen in itertools.combinations(sessions, size):
+            if covers(chosen) == every:
+                return list(chosen)
+    return list(sessions)
 
 
 def userland_once(sessions: list[str]) -> list[str]:
