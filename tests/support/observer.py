@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ class Observer:
         self.sock.connect(path)
         self.buffer = b""
         self.events: list[str] = []
+        self.asked = 0
         self._read()  # greeting
         self.ask("qmp_capabilities")
 
@@ -36,11 +38,21 @@ class Observer:
             self.events.append(str(message["event"]))
         return message
 
-    def ask(self, command: str) -> object:
-        self.sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+    def send(self, command: str, arguments: dict[str, object] | None = None) -> int:
+        """Send a command; its reply carries the id returned (replies are told apart by it:
+        writing_slowly leaves some unread)."""
+        self.asked += 1
+        message: dict[str, object] = {"execute": command, "id": self.asked}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        return self.asked
+
+    def ask(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        asked = self.send(command, arguments)
         while True:
             reply = self._read()
-            if "return" in reply or "error" in reply:
+            if reply.get("id") == asked and ("return" in reply or "error" in reply):
                 return reply.get("return", reply.get("error"))
 
     def status(self) -> str:
@@ -91,12 +103,52 @@ def slow_drive(latency: float) -> list[str]:
     return ["-drive", f"if=none,id={SLOW},driver=null-co,size=1M,latency-ns={int(latency * 1e9)}"]
 
 
+_WRITE: tuple[str, dict[str, object]] = (
+    "human-monitor-command",
+    {"command-line": f'qemu-io {SLOW} "aio_write 0 512"'},
+)
+
+
 def write_slowly(observer: Observer) -> None:
     """Start a write on the slow drive (qemu-io's aio_write returns while it is in flight)."""
-    observer.sock.sendall(json.dumps({"execute": "human-monitor-command", "arguments": {
-        "command-line": f'qemu-io {SLOW} "aio_write 0 512"'}}).encode() + b"\n")  # fmt: skip
-    while True:
-        reply = observer._read()
-        if "return" in reply or "error" in reply:
-            assert reply.get("return") == "", reply
-            return
+    assert observer.ask(*_WRITE) == ""
+
+
+@contextmanager
+def writing_slowly(observer: Observer, every: float = 0.5) -> Iterator[None]:
+    """Keep a fresh write in flight on the slow drive until QEMU next says STOP, so that a
+    stop sent at any moment in the block waits out nearly a whole latency, then the flush:
+    about twice the latency, whatever the command under test does before it stops the guest.
+    (One write made before `check --rewire` started had nearly drained when, in a loaded test
+    host, its stop came about 20 s later: the stop was done within the 60 s bound.) The
+    observer is this block's alone; the thread reads its events and replies meanwhile."""
+    stops, done, failed = observer.events.count("STOP"), threading.Event(), []
+
+    def stopped() -> bool:
+        return done.is_set() or observer.events.count("STOP") > stops
+
+    def feed() -> None:
+        try:
+            while not stopped():
+                observer.send(*_WRITE)
+                until = time.monotonic() + every
+                while not stopped() and (left := until - time.monotonic()) > 0:
+                    observer.sock.settimeout(left)
+                    try:
+                        observer._read()
+                    except TimeoutError:
+                        pass
+        except BaseException as err:  # re-raised in the test's thread
+            failed.append(err)
+        finally:
+            observer.sock.settimeout(10)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    if failed:
+        raise failed[0]

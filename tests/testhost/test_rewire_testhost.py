@@ -224,12 +224,13 @@ def _is_libvirtd(pid: int) -> bool:
 @ONCE
 def test_rewire_resumes_a_vm_whose_stop_outlasts_the_qmp_timeout(untraced: None) -> None:
     """Issue 19 item 3, where it was found: a vhost VM on slow storage (QMP stop takes about
-    20 s, the QMP timeout is 5 s). `check --pid --rewire` resumes it and proves it (vm.rewire
-    warns with what happened, kick/call pass, the guest answers pings); it used to exit 1
-    "cannot reach QMP ...: CancelledError" and leave the guest paused. With --all, a second
-    QEMU that is SIGSTOPped is that VM's warning (not asked to pause), and the run goes on to
-    pause and prove the first; it used to end the run with no report."""
-    from tests.support.observer import Observer, qemu, slow_drive, write_slowly
+    30 s: a write kept in flight until it, then the flush; the QMP timeout is 5 s).
+    `check --pid --rewire` resumes it and proves it (vm.rewire warns with what happened,
+    kick/call pass, the guest answers pings); it used to exit 1 "cannot reach QMP ...:
+    CancelledError" and leave the guest paused. With --all, a second QEMU that is SIGSTOPped
+    is that VM's warning (not asked to pause), and the run goes on to pause and prove the
+    first; it used to end the run with no report."""
+    from tests.support.observer import Observer, qemu, slow_drive, writing_slowly
 
     workdir = tempfile.mkdtemp(prefix="vho-rwslow-")
     sock, seen = os.path.join(workdir, "qmp.sock"), os.path.join(workdir, "observer.sock")
@@ -242,8 +243,8 @@ def test_rewire_resumes_a_vm_whose_stop_outlasts_the_qmp_timeout(untraced: None)
             observer = Observer(seen)
             try:
                 assert ping("10.77.2.2") == 5
-                write_slowly(observer)
-                code, report = check("--pid", str(g.pid), "--rewire")
+                with writing_slowly(observer):
+                    code, report = check("--pid", str(g.pid), "--rewire")
                 assert "checks" in report, report  # it was {"error": "cannot reach QMP ..."}
                 (rewired,) = [c for c in report["checks"] if c["id"] == "vm.rewire"]
                 assert code == 0 and rewired["status"] == "warn", json.dumps(rewired)
@@ -258,8 +259,8 @@ def test_rewire_resumes_a_vm_whose_stop_outlasts_the_qmp_timeout(untraced: None)
                 with qemu() as (mute, _mute_sock, mute_observer):
                     os.kill(mute, signal.SIGSTOP)
                     try:
-                        write_slowly(observer)
-                        done = vhostorch("check", "--all", "--rewire", "--json")
+                        with writing_slowly(observer):
+                            done = vhostorch("check", "--all", "--rewire", "--json")
                     finally:
                         os.kill(mute, signal.SIGCONT)
                     assert done.stdout, done.stderr
@@ -286,11 +287,11 @@ def test_rewire_says_a_vm_left_paused_and_how_to_resume_it(untraced: None) -> No
     says at once on stderr, in one line, that the VM is left paused and how to resume it, and
     its report's vm.rewire fails with the same words; it is true (the guest is paused once the
     stop is done), and the way given resumes it."""
-    from tests.support.observer import qemu, slow_drive, write_slowly
+    from tests.support.observer import qemu, slow_drive, writing_slowly
 
     with qemu(*slow_drive(40)) as (pid, sock, observer):
-        write_slowly(observer)
-        done = vhostorch("check", "--pid", str(pid), "--rewire", "--json")
+        with writing_slowly(observer):
+            done = vhostorch("check", "--pid", str(pid), "--rewire", "--json")
         assert done.returncode == 1, done.stderr
         (line,) = done.stderr.strip().splitlines()
         assert line.startswith(f"vhostorch: warning: QEMU {pid} left paused: "), line
