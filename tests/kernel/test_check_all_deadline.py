@@ -24,6 +24,7 @@ import pytest
 
 from tests.support import kernel
 from tests.support.kernel import vhostorch
+from tests.support.nobody import paused_qemu, start_qemu
 from vhostorch.check import metrics, observe, targets
 from vhostorch.check.report import UNKNOWN
 from vhostorch.kernel import procfs
@@ -31,8 +32,6 @@ from vhostorch.vm import state
 
 pytestmark = pytest.mark.kernel
 
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
-AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 FDS = 19_900  # under this machine's hard limit of 20,000, as the attack's fakes
 
 
@@ -42,25 +41,12 @@ class FdQemu:
     def __init__(self, fds: int) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         held = [os.dup(null) for _ in range(fds)]
-        argv = [
-            QEMU, "-accel", "tcg", "-M", "none", "-S", "-display", "none", "-nodefaults",
-            "-name", f"guest={kernel.unique('vhob23-')}",
-        ]  # fmt: skip
         try:
-            self.proc = subprocess.Popen(
-                AS_NOBODY + argv,
-                stdin=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                pass_fds=held,
-            )
+            self.proc = _nobody_qemu(pass_fds=held)
         finally:
             for fd in (null, *held):
                 os.close(fd)
-        self.pid = self.proc.pid  # setpriv execs QEMU: the same pid
-        deadline = time.monotonic() + 20
-        while not procfs.program(self.pid).startswith("qemu"):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
-            time.sleep(0.05)
+        self.pid = self.proc.pid
 
     def stop(self) -> None:
         self.proc.kill()  # our own child, by its pid
@@ -119,17 +105,9 @@ def test_check_all_reports_the_qemus_its_time_ran_out_before(qemus: list[FdQemu]
         assert "vm.inspect" not in {c["id"] for c in read[pid]["checks"]}, read[pid]
 
 
-def _nobody_qemu() -> subprocess.Popen[bytes]:
-    argv = [
-        QEMU, "-accel", "tcg", "-M", "none", "-S", "-display", "none", "-nodefaults",
-        "-name", f"guest={kernel.unique('vhob23-')}",
-    ]  # fmt: skip
-    proc = subprocess.Popen(AS_NOBODY + argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not procfs.program(proc.pid).startswith("qemu"):
-        assert proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
-        time.sleep(0.05)
-    return proc
+def _nobody_qemu(pass_fds: list[int] | None = None) -> subprocess.Popen[bytes]:
+    argv = paused_qemu(kernel.unique("vhob23-"))
+    return start_qemu(argv, stderr=subprocess.DEVNULL, pass_fds=pass_fds or ())
 
 
 def test_a_users_qemu_with_a_dead_vms_pid_is_not_that_vm() -> None:

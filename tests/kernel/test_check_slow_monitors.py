@@ -25,15 +25,13 @@ import pytest
 
 from tests.support import kernel
 from tests.support.kernel import vhostorch
+from tests.support.nobody import paused_qemu, start_qemu
 from tests.support.observer import SLOW, Observer, slow_drive
 from vhostorch.check import observe, targets
-from vhostorch.kernel import procfs
 from vhostorch.qemu import monitor
 
 pytestmark = pytest.mark.kernel
 
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
-AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 LATENCY = 3.0  # each question waits about this long: under the old 5 s per question
 
 
@@ -48,23 +46,19 @@ class UserQemu:
         for i in range(nics):  # eight functions a slot: more NICs than one bus has slots
             addr = f"addr=0x{3 + i // 8:x}.{i % 8},multifunction=on"
             devices += ["-device", f"virtio-net-pci,id=net{i},{addr}"]
-        argv = [
-            QEMU, "-accel", "tcg", "-M", "pc" if nics else "none", "-S", "-display", "none",
-            "-nodefaults", "-name", kernel.unique("vhod3slow-"), *slow_drive(latency), *devices,
+        argv = paused_qemu(
+            kernel.unique("vhod3slow-"), *slow_drive(latency), *devices,
             "-qmp", f"unix:{theirs},server=on,wait=off",
             "-qmp", f"unix:{self.sock},server=on,wait=off",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            AS_NOBODY + argv,
-            stdin=subprocess.DEVNULL,
+            machine="pc" if nics else "none",
+        )  # fmt: skip
+        self.proc = start_qemu(
+            argv,
+            lambda _pid: os.path.exists(self.sock),
             stdout=subprocess.DEVNULL,  # qemu-io's reports
             stderr=subprocess.DEVNULL,  # "nic netN has no peer"
         )
-        self.pid = self.proc.pid  # setpriv execs QEMU: the same pid
-        deadline = time.monotonic() + 20
-        while not (os.path.exists(self.sock) and procfs.program(self.pid).startswith("qemu")):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
-            time.sleep(0.05)
+        self.pid = self.proc.pid
         self.observer = Observer(theirs)
 
     def hold(self, times: int) -> None:

@@ -22,13 +22,11 @@ import pytest
 
 from tests.support import guests, kernel
 from tests.support.kernel import vhostorch
+from tests.support.nobody import QEMU, paused_qemu, start_qemu
 from vhostorch.check import observe, targets
 from vhostorch.kernel import procfs
 
 pytestmark = pytest.mark.kernel
-
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
-AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
 class UserQemu:
@@ -36,18 +34,11 @@ class UserQemu:
 
     def __init__(self, root: str, name: str) -> None:
         self.sock = os.path.join(root, "qmp.sock")
-        argv = [
-            QEMU, "-accel", "tcg", "-M", "none", "-S", "-display", "none", "-nodefaults",
-            "-name", f"guest={name}", "-qmp", f"unix:{self.sock},server=on,wait=off",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            AS_NOBODY + argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+        argv = paused_qemu(name, "-qmp", f"unix:{self.sock},server=on,wait=off")
+        self.proc = start_qemu(
+            argv, lambda _pid: os.path.exists(self.sock), timeout=10, stderr=subprocess.PIPE
         )
-        self.pid = self.proc.pid  # setpriv execs QEMU: the same pid
-        deadline = time.monotonic() + 10
-        while not (os.path.exists(self.sock) and procfs.program(self.pid).startswith("qemu")):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.proc.stderr
-            time.sleep(0.05)
+        self.pid = self.proc.pid
 
     def stop(self) -> None:
         os.kill(self.pid, signal.SIGCONT)  # a stopped process acts on SIGKILL anyway
@@ -170,21 +161,18 @@ def test_a_users_qemu_named_out_of_libvirts_directories_is_not_followed(
     name = "../../../.." + root + "/evil"
     dev = kernel.unique("vn")
     taps.ensure([TapSpec(dev, owner=nobody.pw_uid)])
-    # The tap's queue opened here and passed (/dev/net/tun may be root's only, as here).
-    [tun] = open_queues(dev, 1)
-    argv = [
-        QEMU, "-accel", "tcg", "-M", "none", "-S", "-display", "none", "-nodefaults",
-        "-name", f"guest={name}", "-netdev", f"tap,id=n0,fd={tun}",
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        AS_NOBODY + argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(tun,)
-    )
-    os.close(tun)
+    proc = None
     try:
-        deadline = time.monotonic() + 10
-        while "/dev/net/tun" not in guests.fd_targets(proc.pid).values():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
-            time.sleep(0.05)
+        # The tap's queue opened here and passed (/dev/net/tun may be root's only, as here).
+        [tun] = open_queues(dev, 1)
+        try:
+            proc = start_qemu(
+                paused_qemu(name, "-netdev", f"tap,id=n0,fd={tun}"),
+                lambda pid: "/dev/net/tun" in guests.fd_targets(pid).values(),
+                timeout=10, stderr=subprocess.PIPE, pass_fds=(tun,),
+            )  # fmt: skip
+        finally:
+            os.close(tun)
         started = time.monotonic()
         done = subprocess.run(
             [kernel.EXE, "check", "--pid", str(proc.pid), "--json"],
@@ -197,7 +185,8 @@ def test_a_users_qemu_named_out_of_libvirts_directories_is_not_followed(
         with pytest.raises(procfs.CannotInspect, match="not a domain name"):
             observe.domain_pid(name)
     finally:
-        proc.kill()  # our own child, by its pid
-        proc.wait()
+        if proc is not None:
+            proc.kill()  # our own child, by its pid
+            proc.wait()
         taps.delete([dev])
         shutil.rmtree(root, ignore_errors=True)

@@ -21,11 +21,10 @@ import pytest
 
 from tests.support import container, kernel, observations
 from tests.support.kernel import vhostorch
+from tests.support.nobody import AS_NOBODY, PYTHON, QEMU
 from vhostorch.kernel import procfs
 
 pytestmark = pytest.mark.kernel
-
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 
 
 def _fd_targets(pid: int, wanted: str, timeout: float = 10) -> list[str]:
@@ -120,7 +119,7 @@ def test_a_log_is_read_through_the_process_fd_never_its_path(tmp_path: pathlib.P
     shutil.chown(log, "nobody")
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sleep", "60"],
+            [*AS_NOBODY, "sleep", "60"],
             stderr=err,
         )
     try:
@@ -161,10 +160,8 @@ def test_a_stderr_that_is_a_fifo_or_a_device_is_never_opened(tmp_path: pathlib.P
             p.wait()
 
 
-# A look-alike QEMU any user can run: a copy of the system's python named like QEMU (nobody
-# cannot run a virtualenv's under /root), its command line giving a NIC the fds it holds.
-PYTHON = os.path.realpath("/usr/bin/python3")
-AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+# A look-alike QEMU any user can run: a copy of the system's python named like QEMU, its
+# command line giving a NIC the fds it holds.
 HOLDER = r"""
 import os, sys, time
 def at(fd, num):

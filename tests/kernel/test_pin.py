@@ -13,6 +13,7 @@ import pytest
 
 from tests.support import vms
 from tests.support.kernel import vhostorch
+from tests.support.nobody import AS_NOBODY
 from tests.support.observer import qemu
 from vhostorch import pins
 from vhostorch.check import observe
@@ -98,8 +99,7 @@ def test_a_users_zombie_named_vhost_pid_is_not_a_worker_of_that_qemu() -> None:
     root. Here QEMU has no vhost_task of its own (no /dev/vhost-net), as on 6.1."""
     with qemu() as (pid, _, _):
         parent = subprocess.Popen(
-            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-             sys.executable, "-c", ZOMBIE, f"vhost-{pid}"],
+            [*AS_NOBODY, sys.executable, "-c", ZOMBIE, f"vhost-{pid}"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
@@ -123,8 +123,7 @@ def test_a_worker_tid_now_anothers_is_not_pinned(tmp_path: Path) -> None:
     cannot be timed from outside, so the tid handed to apply is another user's process from
     the start (the stand-in); root must neither pin it nor record the pin."""
     with qemu() as (pid, _, _):
-        other = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup",
-                                  "--clear-groups", "sleep", "600"])  # fmt: skip
+        other = subprocess.Popen([*AS_NOBODY, "sleep", "600"])
         try:
             while Path(f"/proc/{other.pid}/comm").read_text().strip() != "sleep":
                 time.sleep(0.01)

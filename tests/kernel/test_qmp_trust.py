@@ -21,17 +21,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.kernel import vhostorch
+from tests.support.nobody import AS_NOBODY, PYTHON, QEMU
 from vhostorch.check import observe, targets
 from vhostorch.errors import MonitorError
 
 pytestmark = pytest.mark.kernel
 
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
-# The system's interpreter, whichever version the release has (3.11 on Debian 12, 3.13 on
-# Debian 13): nobody cannot read one under /root, where a virtualenv's base may be (pyenv's).
-PYTHON = os.path.realpath("/usr/bin/python3")
 QEMU_ARGS = [QEMU, "-accel", "tcg", "-S", "-display", "none", "-nodefaults", "-qmp"]
-AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 FAKE = r"""
 import socket, struct, sys, threading
 with open("/proc/self/comm", "w") as f:

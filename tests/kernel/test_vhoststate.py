@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.nobody import AS_NOBODY
 from vhostorch import errors
 from vhostorch.kernel import bpf, btf, vhoststate
 
@@ -213,8 +214,7 @@ def test_not_root_is_a_reason_not_a_traceback() -> None:
         "except vhoststate.LiveUnavailable as err:\n    print('refused:', err)\n"
     )
     done = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
-         "-c", code],
+        [*AS_NOBODY, sys.executable, "-c", code],
         capture_output=True, text=True, check=False, cwd=str(pathlib.Path(__file__).parents[2]),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

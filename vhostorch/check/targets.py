@@ -119,18 +119,18 @@ def reports(target: Target) -> list[Report]:
         observed = observe.observe(
             qemu,
             monitor=lambda: monitor.read_qmp(qmp, served_by=qemu),
-            plan=_plans().get(qemu),
+            plan=state.by_pid(qemu),
             libvirtd_log=log,
             domain_log_dir=logdir,
         )
         return _verified([observed], target.live)
-    plans = _plans()
     if pid is not None:
         observed = observe.observe(
-            pid, monitor=_own_qmp(pid), plan=plans.get(pid), libvirtd_log=log, domain_log_dir=logdir
-        )
+            pid, monitor=_own_qmp(pid), plan=state.by_pid(pid), libvirtd_log=log,
+            domain_log_dir=logdir,
+        )  # fmt: skip
         return _verified([observed], target.live)
-    return every_qemu(plans, log, target.live)
+    return every_qemu(_plans(), log, target.live)
 
 
 def every_qemu(
@@ -186,10 +186,8 @@ def _unread(pid: int, plan: state.VmState | None, why: str) -> Report:
 
 
 def _plans(root: str = state.STATE_DIR) -> dict[int, state.VmState]:
-    """vhostorch's VMs by pid, each only while its QEMU runs: the process with its pid must
-    have the start time recorded (a VM that died without ``down`` leaves its state, and
-    any user's QEMU may get its pid; a file from before start times were recorded names
-    no process). A VM's plan is what it set up (NICs added over QMP)."""
+    """vhostorch's VMs whose QEMUs run (state.running), by pid: a VM's plan is what it set
+    up (NICs added over QMP)."""
     return {known.pid: known for known in state.every(root) if state.running(known)}
 
 
@@ -209,7 +207,7 @@ def _domain(
         pid,
         domain=domain,
         monitor=reader,
-        plan=_plans().get(pid),
+        plan=state.by_pid(pid),
         libvirtd_log=log,
         domain_log_dir=observe.DOMAIN_LOG_DIR,
     )

@@ -282,10 +282,10 @@ class QmpSocket:
                 raise
             # QEMU greets and negotiates in its main loop, which a command may hold (stop
             # draining block devices): then the connection stands and nothing answers.
-            # The read's own bound (its deadline began before the connect: within is a little
-            # less, and "4.97 s" said nothing more).
-            limit = self.timeout if self.deadline is not None else within
-            why = f"no answer within {limit:.3g} s" if isinstance(err, TimeoutError) else _why(err)
+            # The read's own bound, not ``within`` (a deadline began before the connect:
+            # within is a little less, and "4.97 s" said nothing more).
+            late = f"no answer within {self.timeout:.3g} s"
+            why = late if isinstance(err, TimeoutError) else _why(err)
             raise MonitorError(f"cannot reach QMP at {self.path}: {why}") from err
 
     def execute(self, command: str, arguments: dict[str, Any] | None) -> Any:
