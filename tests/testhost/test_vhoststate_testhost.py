@@ -319,6 +319,7 @@ def test_an_o_path_fd_on_the_real_vhost_net_is_no_vhost_device(in_testhost: None
     opened it). The same on a mknod'ed node on this machine: tests/kernel/test_fd_identity.py."""
     import subprocess
 
+    from tests.support.nobody import AS_NOBODY, PYTHON
     from vhostorch.kernel import procfs
 
     code = (
@@ -327,10 +328,8 @@ def test_an_o_path_fd_on_the_real_vhost_net_is_no_vhost_device(in_testhost: None
         "sys.stdin.readline()\n"
     )
     proc = subprocess.Popen(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-         "/usr/bin/python3", "-c", code],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [*AS_NOBODY, PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdin and proc.stdout
     try:
         fd = int(proc.stdout.readline())
